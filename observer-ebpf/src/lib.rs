@@ -1,0 +1,176 @@
+//! Types shared between the kernel programs and userspace.
+//!
+//! Everything here is `#[repr(C)]`, has no implicit padding (a hash key with padding bytes would
+//! hash garbage), and is `Copy`. With the `user` feature each type implements `aya::Pod` so
+//! userspace can read it straight out of maps and the ring buffer.
+#![no_std]
+
+/// Address family tags stored in [`FlowKey::family`].
+pub mod family {
+    /// The drop could not be parsed down to an IP header (no network header, ARP, ...).
+    pub const UNKNOWN: u8 = 0;
+    /// IPv4; addresses are stored IPv4-mapped (`::ffff:a.b.c.d`).
+    pub const INET: u8 = 4;
+    /// IPv6.
+    pub const INET6: u8 = 6;
+}
+
+/// Indexes into the per-CPU `LOSSES` array: each slot counts events the kernel side could not
+/// deliver in full. Userspace exports them as `deny_observer_events_lost_total{stage}`.
+pub mod loss {
+    /// `bpf_ringbuf_reserve` failed, so a sample event was not sent (counts stay exact).
+    pub const RINGBUF_FULL: u32 = 0;
+    /// A new flow key could not be inserted into the flow map (its packets are still in the
+    /// per-reason totals, so userspace sees them as unattributed loss).
+    pub const FLOW_INSERT: u32 = 1;
+    /// Reading the skb or its headers failed (odd packet, unexpected kernel layout).
+    pub const SKB_READ: u32 = 2;
+    /// Number of slots.
+    pub const COUNT: u32 = 4;
+}
+
+/// Highest drop-reason number the kernel side can account per reason. Reasons at or above this
+/// fold into the last slot; 6.18 has ~130 reasons, so 512 leaves room for future kernels.
+pub const MAX_REASONS: u32 = 512;
+
+/// Key of the per-CPU LRU flow map: one entry per distinct dropped flow.
+///
+/// The key deliberately leaves out the source port so that a SYN flood from random ports stays
+/// one key. For ICMP/ICMPv6, `dst_port` holds `type << 8 | code`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct FlowKey {
+    /// Source address; IPv4 is stored IPv4-mapped.
+    pub src_addr: [u8; 16],
+    /// Destination address; IPv4 is stored IPv4-mapped.
+    pub dst_addr: [u8; 16],
+    /// Inode of the network namespace of the device the skb was on (0 if unknown).
+    pub netns: u32,
+    /// Kernel `skb_drop_reason` number (kernel-specific; userspace maps it to a name).
+    pub reason: u32,
+    /// Destination port (host order) or ICMP `type << 8 | code`; 0 when not applicable.
+    pub dst_port: u16,
+    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP, 1 ICMP, 58 ICMPv6), 0 if unknown.
+    pub protocol: u8,
+    /// One of [`family`].
+    pub family: u8,
+}
+
+/// Per-CPU value of the flow map, and of the per-reason totals array.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    /// Dropped packets.
+    pub packets: u64,
+    /// Dropped bytes (`skb->len` at the drop point).
+    pub bytes: u64,
+}
+
+/// Sample event sent through the ring buffer the first time a CPU inserts a flow key.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SampleEvent {
+    /// `bpf_ktime_get_ns()` at the drop.
+    pub ts_ns: u64,
+    /// Kernel code address that freed the skb (`location` field of the tracepoint).
+    pub location: u64,
+    /// The flow the sample belongs to.
+    pub key: FlowKey,
+    /// ifindex of `skb->dev` (0 if none).
+    pub ifindex: u32,
+    /// `skb->len`.
+    pub len: u32,
+    /// Source port (host order), 0 when not applicable.
+    pub src_port: u16,
+    /// TCP flags byte, 0 when not TCP.
+    pub tcp_flags: u8,
+    /// Padding, always zero.
+    pub _pad: u8,
+}
+
+/// Layout facts the kernel program cannot know at compile time (Rust eBPF has no CO-RE).
+///
+/// Userspace computes them at start-up from `/sys/kernel/btf/vmlinux` and from the tracepoint's
+/// format file, and passes them in with `EbpfLoader::override_global("CONFIG", ...)`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct KernelLayout {
+    /// Offset of `skbaddr` in the kfree_skb tracepoint record.
+    pub tp_skbaddr: u32,
+    /// Offset of `location` in the tracepoint record.
+    pub tp_location: u32,
+    /// Offset of `protocol` (u16, big-endian ethertype) in the tracepoint record.
+    pub tp_protocol: u32,
+    /// Offset of `reason` in the tracepoint record; `u32::MAX` on kernels without it.
+    pub tp_reason: u32,
+    /// `offsetof(struct sk_buff, head)`.
+    pub skb_head: u32,
+    /// `offsetof(struct sk_buff, network_header)` (u16).
+    pub skb_network_header: u32,
+    /// `offsetof(struct sk_buff, transport_header)` (u16).
+    pub skb_transport_header: u32,
+    /// `offsetof(struct sk_buff, len)` (u32).
+    pub skb_len: u32,
+    /// `offsetof(struct sk_buff, dev)` (pointer).
+    pub skb_dev: u32,
+    /// `offsetof(struct net_device, ifindex)` (int).
+    pub dev_ifindex: u32,
+    /// `offsetof(struct net_device, nd_net)` + offset of the `net` pointer inside it.
+    pub dev_nd_net: u32,
+    /// `offsetof(struct net, ns) + offsetof(struct ns_common, inum)` (u32).
+    pub net_ns_inum: u32,
+}
+
+/// Runtime configuration of the kernel program, set once at load time.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ProgramConfig {
+    /// Kernel layout offsets.
+    pub layout: KernelLayout,
+    /// Non-zero: count every reason. Zero: only reasons whose bit is set in `reason_mask`.
+    pub all_reasons: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// Bitmap of reasons to capture when `all_reasons` is zero (bit `r % 64` of word `r / 64`).
+    pub reason_mask: [u64; (MAX_REASONS / 64) as usize],
+}
+
+impl Default for ProgramConfig {
+    fn default() -> Self {
+        Self {
+            layout: KernelLayout::default(),
+            all_reasons: 1,
+            _pad: 0,
+            reason_mask: [0; (MAX_REASONS / 64) as usize],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are #[repr(C)], Copy, made only of integers and integer arrays, and have
+    // no padding, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::SampleEvent {}
+    unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::ProgramConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn shared_types_have_no_padding() {
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 4 + 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<Counter>(), 16);
+        assert_eq!(
+            size_of::<SampleEvent>(),
+            8 + 8 + size_of::<FlowKey>() + 4 + 4 + 2 + 1 + 1
+        );
+        assert_eq!(size_of::<KernelLayout>(), 12 * 4);
+        assert_eq!(size_of::<ProgramConfig>(), 12 * 4 + 8 + 8 * 8);
+    }
+}

@@ -1,0 +1,10 @@
+//! Kernel side of deny-observer: a tracepoint on `skb:kfree_skb` that counts every dropped
+//! packet per flow, exactly, in a per-CPU LRU map.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod program;
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

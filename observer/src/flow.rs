@@ -1,0 +1,121 @@
+//! Vocabulary shared by every stage: protocols and traffic directions.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Transport protocol of a flow, as NetworkPolicy and the metrics name it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    /// TCP (IP protocol 6).
+    Tcp,
+    /// UDP (17).
+    Udp,
+    /// SCTP (132).
+    Sctp,
+    /// ICMP (1).
+    Icmp,
+    /// ICMPv6 (58).
+    Icmpv6,
+    /// Anything else, or unparsed.
+    Other,
+}
+
+impl Protocol {
+    /// Maps an IP protocol number.
+    pub fn from_ip_proto(proto: u8) -> Self {
+        match proto {
+            6 => Self::Tcp,
+            17 => Self::Udp,
+            132 => Self::Sctp,
+            1 => Self::Icmp,
+            58 => Self::Icmpv6,
+            _ => Self::Other,
+        }
+    }
+
+    /// Lower-case label value used on metrics (`tcp`, `udp`, ...).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+            Self::Icmp => "icmp",
+            Self::Icmpv6 => "icmpv6",
+            Self::Other => "other",
+        }
+    }
+
+    /// Upper-case name as NetworkPolicy spells it (`TCP`, `UDP`, `SCTP`).
+    pub fn k8s_name(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+            Self::Icmp => "ICMP",
+            Self::Icmpv6 => "ICMPv6",
+            Self::Other => "OTHER",
+        }
+    }
+
+    /// True for the protocols NetworkPolicy ports can name.
+    pub fn has_ports(self) -> bool {
+        matches!(self, Self::Tcp | Self::Udp | Self::Sctp)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.k8s_name())
+    }
+}
+
+/// Error for an unknown protocol name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown protocol {0:?} (expected TCP, UDP or SCTP)")]
+pub struct UnknownProtocol(pub String);
+
+impl FromStr for Protocol {
+    type Err = UnknownProtocol;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_uppercase().as_str() {
+            "TCP" => Ok(Self::Tcp),
+            "UDP" => Ok(Self::Udp),
+            "SCTP" => Ok(Self::Sctp),
+            "ICMP" => Ok(Self::Icmp),
+            "ICMPV6" => Ok(Self::Icmpv6),
+            _ => Err(UnknownProtocol(s.to_owned())),
+        }
+    }
+}
+
+/// Which side's policy decided (or would decide) a flow.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Egress policy at the source pod.
+    Egress,
+    /// Ingress policy at the destination pod.
+    Ingress,
+    /// Not known (no verdict).
+    Unknown,
+}
+
+impl Direction {
+    /// Label value (`ingress`, `egress`, `unknown`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Egress => "egress",
+            Self::Ingress => "ingress",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
