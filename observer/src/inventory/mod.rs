@@ -5,6 +5,10 @@
 //! the API server (`kube`, added by the in-cluster work). Everything downstream only sees the
 //! [`Inventory`] snapshot.
 
+pub mod convert;
 pub mod model;
+pub mod workload;
 
+pub use convert::ConvertError;
 pub use model::*;
+pub use workload::OwnerIndex;
