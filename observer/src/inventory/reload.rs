@@ -19,6 +19,9 @@ use tokio::sync::watch;
 use super::manifest::{self, LoadError};
 use super::model::{Inventory, ObjectCounts};
 
+/// Floor for the poll period.
+const MIN_POLL: Duration = Duration::from_millis(10);
+
 /// Outcome counters of the watcher, shared with whoever exports them.
 #[derive(Debug, Default)]
 pub struct ReloadStats {
@@ -139,7 +142,7 @@ fn fingerprint(dir: &Path) -> Fingerprint {
         .collect()
 }
 
-/// Loads `path` now, then polls it every `poll` and publishes each successful reload. Must run
+/// Loads `path` now, then polls it every `poll` (at least 10 ms) and publishes each successful reload. Must run
 /// inside a tokio runtime. Returns the initial load's error if it fails.
 pub async fn watch_dir(path: PathBuf, poll: Duration) -> Result<DirWatch, LoadError> {
     let stats = Arc::new(ReloadStats::default());
@@ -173,7 +176,8 @@ async fn poll_loop(
     stats: Arc<ReloadStats>,
     mut last: Fingerprint,
 ) {
-    let mut ticker = tokio::time::interval(poll);
+    // `interval` panics on a zero period; a bad flag value must not crash the daemon.
+    let mut ticker = tokio::time::interval(poll.max(MIN_POLL));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
