@@ -1,6 +1,9 @@
 //! Spike detector on synthetic deny-rate series with injected times.
 
-#![allow(clippy::unwrap_used, reason = "test helpers panic with context, like the tests")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers panic with context, like the tests"
+)]
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
