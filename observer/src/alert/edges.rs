@@ -159,6 +159,8 @@ pub struct EdgeTracker {
     dirty: bool,
     new_since_save: bool,
     last_save_ms: u64,
+    /// Edges evicted by the cap since the last `prune`, so their series go too.
+    evicted: Vec<(DeniedEdge, bool)>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -177,6 +179,7 @@ impl EdgeTracker {
             dirty: false,
             new_since_save: false,
             last_save_ms: now_ms,
+            evicted: Vec::new(),
         };
         if let Some(path) = tracker.state_path() {
             tracker.load_outcome = match read_state(&path) {
@@ -196,6 +199,8 @@ impl EdgeTracker {
                         }
                     }
                     tracker.enforce_cap();
+                    // No series exist yet for edges dropped while loading.
+                    tracker.evicted.clear();
                     tracing::info!(path = %path.display(), edges = tracker.edges.len(), "loaded denied-edge state");
                     LoadOutcome::Loaded(tracker.edges.len())
                 }
@@ -255,7 +260,8 @@ impl EdgeTracker {
     }
 
     /// Forgets edges not denied within the retention and returns them with their `expected`
-    /// flag, so their metric series can be removed.
+    /// flag, so their metric series can be removed; also returns edges the `max_edges` cap
+    /// evicted since the last call.
     pub fn prune(&mut self, now: SystemTime) -> Vec<(DeniedEdge, bool)> {
         let now_ms = unix_ms(now);
         let retention = ms(self.config.retention);
@@ -265,7 +271,7 @@ impl EdgeTracker {
             .filter(|(_, r)| now_ms.saturating_sub(r.last_ms) >= retention)
             .map(|(e, _)| e.clone())
             .collect();
-        let mut out = Vec::with_capacity(expired.len());
+        let mut out = std::mem::take(&mut self.evicted);
         for edge in expired {
             if let Some(rec) = self.edges.remove(&edge) {
                 out.push((edge, rec.expected));
@@ -363,7 +369,9 @@ impl EdgeTracker {
         by_age.sort_unstable_by_key(|(last, _)| *last);
         let excess = self.edges.len() - target;
         for (_, edge) in by_age.into_iter().take(excess) {
-            self.edges.remove(&edge);
+            if let Some(rec) = self.edges.remove(&edge) {
+                self.evicted.push((edge, rec.expected));
+            }
         }
         tracing::warn!(
             max_edges = max,
@@ -453,6 +461,10 @@ mod tests {
         let now = t0 + Duration::from_secs(20);
         assert!(!t.is_known(now, &edge(0)), "oldest must go first");
         assert!(t.is_known(now, &edge(10)), "newest must stay");
+        let evicted = t.prune(now);
+        assert!(evicted.contains(&(edge(0), false)), "{evicted:?}");
+        assert_eq!(evicted.len() + t.len(), 11);
+        assert!(t.prune(now).is_empty());
     }
 
     #[test]

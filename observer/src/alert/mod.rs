@@ -105,7 +105,12 @@ pub struct AlertStage {
     edges: EdgeTracker,
     expected: ExpectedDenies,
     metrics: AlertMetrics,
+    last_prune_ms: Option<u64>,
 }
+
+/// Forgetting expired edges scans the whole table; once per this often is plenty for a
+/// retention measured in days.
+const PRUNE_EVERY_MS: u64 = 10_000;
 
 impl AlertStage {
     /// Builds the stage: registers metrics into `registry`, loads the edge state (a bad state
@@ -124,6 +129,7 @@ impl AlertStage {
             edges,
             expected: ExpectedDenies::new(config.expected_edges),
             metrics,
+            last_prune_ms: None,
         })
     }
 
@@ -157,8 +163,15 @@ impl AlertStage {
     pub fn tick(&mut self, now: SystemTime) -> Vec<SpikeTransition> {
         let transitions = self.detector.tick(now);
         self.metrics.update_spikes(&mut self.detector);
-        let forgotten = self.edges.prune(now);
-        self.metrics.forget_edges(&forgotten);
+        let now_ms = spike::unix_ms(now);
+        if self
+            .last_prune_ms
+            .is_none_or(|last| now_ms.saturating_sub(last) >= PRUNE_EVERY_MS)
+        {
+            self.last_prune_ms = Some(now_ms);
+            let forgotten = self.edges.prune(now);
+            self.metrics.forget_edges(&forgotten);
+        }
         if let Err(err) = self.edges.maybe_save(now) {
             self.metrics.record_save_error();
             tracing::warn!(error = %err, "saving denied-edge state failed; will retry");

@@ -159,6 +159,36 @@ pub struct SpikeTransition {
     pub at: SystemTime,
 }
 
+impl SpikeTransition {
+    /// Kubernetes Event reason: `DenySpikeStarted` or `DenySpikeEnded`.
+    pub fn reason(&self) -> &'static str {
+        if self.started {
+            "DenySpikeStarted"
+        } else {
+            "DenySpikeEnded"
+        }
+    }
+}
+
+impl std::fmt::Display for SpikeTransition {
+    /// One line for the Event note and the log, e.g. `deny spike started: ingress denies of
+    /// workload db/postgres at 400.0 pkt/s, baseline 3.0 pkt/s, threshold 9.0 pkt/s`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "deny spike {}: {} denies of workload {}/{} at {:.1} pkt/s, baseline {:.1} pkt/s, \
+             threshold {:.1} pkt/s",
+            if self.started { "started" } else { "ended" },
+            self.key.direction,
+            self.key.workload_namespace,
+            self.key.workload,
+            self.rate,
+            self.baseline,
+            self.threshold
+        )
+    }
+}
+
 /// Read-only view of one key, for metrics and debugging.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SpikeStatus<'a> {
@@ -517,6 +547,34 @@ mod tests {
         d.tick(t0 + Duration::from_secs(20));
         let st = d.status(&key()).unwrap();
         assert!((st.rate - 7.3).abs() < 1e-9, "{}", st.rate);
+    }
+
+    #[test]
+    fn transitions_read_well() {
+        let t = SpikeTransition {
+            key: SpikeKey {
+                workload_namespace: "db".into(),
+                workload: "postgres".into(),
+                ..key()
+            },
+            started: true,
+            rate: 400.0,
+            baseline: 3.04,
+            threshold: 9.12,
+            at: UNIX_EPOCH,
+        };
+        assert_eq!(t.reason(), "DenySpikeStarted");
+        assert_eq!(
+            t.to_string(),
+            "deny spike started: ingress denies of workload db/postgres at 400.0 pkt/s, \
+             baseline 3.0 pkt/s, threshold 9.1 pkt/s"
+        );
+        let end = SpikeTransition {
+            started: false,
+            ..t
+        };
+        assert_eq!(end.reason(), "DenySpikeEnded");
+        assert!(end.to_string().starts_with("deny spike ended: "));
     }
 
     #[test]
