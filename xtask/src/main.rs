@@ -42,6 +42,9 @@ enum Task {
         /// Where the daemon serves /metrics.
         #[arg(long, default_value = "127.0.0.1:9965")]
         metrics_addr: SocketAddr,
+        /// Run this daemon binary instead of building target/release/deny-observer.
+        #[arg(long)]
+        bin: Option<PathBuf>,
     },
 }
 
@@ -78,9 +81,13 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Demo {
             duration,
             metrics_addr,
+            bin,
         } => {
             setup::run()?;
-            let bin = build(&root)?;
+            let bin = match bin {
+                Some(bin) => bin,
+                None => build(&root)?,
+            };
             demo::run(&demo::DemoOptions {
                 bin,
                 root,
