@@ -5,6 +5,14 @@
 //! the API server (`kube`, added by the in-cluster work). Everything downstream only sees the
 //! [`Inventory`] snapshot.
 
+pub mod attribution;
+pub mod convert;
+pub mod manifest;
 pub mod model;
+pub mod workload;
 
+pub use attribution::{Attributor, Endpoint, NodeAddrs};
+pub use convert::ConvertError;
+pub use manifest::{LoadError, load_dir};
 pub use model::*;
+pub use workload::OwnerIndex;
