@@ -98,13 +98,7 @@ impl NetPair {
             dst: format!("dobs-cap-{id}-d"),
             dst_inode: 0,
         };
-        // Remove leftovers of a crashed run with the same pid (unlikely but cheap).
-        let _ = Command::new("ip")
-            .args(["netns", "del", &pair.src])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &pair.dst])
-            .output();
+        remove_stale_namespaces();
         run(&["ip", "netns", "add", &pair.src]);
         let mut pair = pair;
         run(&["ip", "netns", "add", &pair.dst]);
@@ -255,6 +249,27 @@ impl NetPair {
                 .join()
                 .unwrap()
         })
+    }
+}
+
+/// Deletes namespaces left by test processes that died without running their guards (SIGKILL).
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("dobs-cap-")
+            .and_then(|rest| rest.split('x').next())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
     }
 }
 

@@ -33,6 +33,7 @@ struct Seen {
 #[derive(Debug)]
 pub(super) struct DrainState {
     labels: Vec<Arc<str>>,
+    other: Arc<str>,
     other_labels: HashMap<u32, Arc<str>>,
     seen: HashMap<FlowKey, Seen>,
     generation: u64,
@@ -63,6 +64,7 @@ impl DrainState {
         let labels = (0..MAX_REASONS).map(|r| reasons.label(r)).collect();
         Self {
             labels,
+            other: Arc::from("other"),
             other_labels: HashMap::new(),
             seen: HashMap::new(),
             generation: 0,
@@ -83,6 +85,16 @@ impl DrainState {
                 .or_insert_with(|| reasons.label(reason))
                 .clone(),
         }
+    }
+
+    /// Label of a per-reason total slot: the last slot also holds every reason beyond
+    /// `MAX_REASONS` (subsystem reasons carry high bits), so unless the kernel names it, it is
+    /// `other`.
+    pub(super) fn total_label(&mut self, reasons: &ReasonTable, slot: u32) -> Arc<str> {
+        if slot == MAX_REASONS - 1 && reasons.iter().all(|(n, _)| n != slot) {
+            return self.other.clone();
+        }
+        self.label(reasons, slot)
     }
 
     /// Starts a drain.
@@ -234,7 +246,7 @@ impl Capture {
         for (r, now) in (0..MAX_REASONS).zip(totals) {
             let d = self.state.account_total(r as usize, now);
             if d.packets != 0 || d.bytes != 0 {
-                let label = self.state.label(&self.reasons, r);
+                let label = self.state.total_label(&self.reasons, r);
                 report.reason_totals.push((label, d.packets, d.bytes));
             }
         }
@@ -566,5 +578,9 @@ mod tests {
         assert_eq!(s.account_loss(loss::RINGBUF_FULL, 3), 3);
         assert_eq!(s.account_loss(loss::RINGBUF_FULL, 7), 4);
         assert_eq!(&*s.label(&ReasonTable::default(), 12), "netfilter_drop");
+        let t = ReasonTable::default();
+        assert_eq!(&*s.total_label(&t, MAX_REASONS - 1), "other");
+        assert_eq!(&*s.total_label(&t, 12), "netfilter_drop");
+        assert_eq!(&*s.label(&t, 70000), "reason_70000");
     }
 }
