@@ -678,7 +678,7 @@ fn fifty_thousand_flows() {
         "a 65536-entry map lost {evicted} of {KEYS} keys"
     );
     assert!(
-        first_time < Duration::from_secs(3) && second_time < Duration::from_secs(3),
+        first_time < Duration::from_secs(5) && second_time < Duration::from_secs(5),
         "drain too slow: {first_time:?} / {second_time:?}"
     );
 }
