@@ -70,6 +70,7 @@ impl Endpoint {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeAddrs {
     addrs: HashSet<IpAddr>,
+    node_name: Option<String>,
 }
 
 impl NodeAddrs {
@@ -77,7 +78,21 @@ impl NodeAddrs {
     pub fn new(addrs: impl IntoIterator<Item = IpAddr>) -> Self {
         Self {
             addrs: addrs.into_iter().map(|ip| ip.to_canonical()).collect(),
+            node_name: None,
         }
+    }
+
+    /// Names this node (`NODE_NAME` from the downward API): the addresses of host-network pods
+    /// scheduled here (`spec.nodeName`) then count as this node's, even when the interface
+    /// list missed them.
+    pub fn with_node_name(mut self, name: impl Into<String>) -> Self {
+        self.node_name = Some(name.into());
+        self
+    }
+
+    /// The node name, if set.
+    pub fn node_name(&self) -> Option<&str> {
+        self.node_name.as_deref()
     }
 
     /// The addresses on this host's interfaces (`getifaddrs`). Run in the host network
@@ -107,7 +122,10 @@ impl NodeAddrs {
             }
             cur = ifa.ifa_next;
         }
-        Ok(Self { addrs })
+        Ok(Self {
+            addrs,
+            node_name: None,
+        })
     }
 
     /// Adds an address (for example the node IP from the downward API).
@@ -173,7 +191,14 @@ fn claim_rank(p: &Pod) -> (PodPhase, i64, std::cmp::Reverse<(&str, &str)>) {
 impl Attributor {
     /// Indexes the pods of `inv`. Host-network pods never own an IP (they share the node's):
     /// their addresses mark other nodes ([`Endpoint::Host`]) unless they are this node's.
-    pub fn new(inv: &Inventory, node: NodeAddrs) -> Self {
+    pub fn new(inv: &Inventory, mut node: NodeAddrs) -> Self {
+        if let Some(this) = node.node_name.clone() {
+            for pod in &inv.pods {
+                if pod.host_network && pod.node_name.as_deref() == Some(this.as_str()) {
+                    pod.ips.iter().for_each(|&ip| node.insert(ip));
+                }
+            }
+        }
         let mut pods: HashMap<IpAddr, Arc<Pod>> = HashMap::with_capacity(inv.pods.len());
         let mut hosts = HashSet::new();
         for pod in &inv.pods {
@@ -377,6 +402,22 @@ mod tests {
         assert_eq!(a.lookup(ip("fd00::11")), Endpoint::Host);
         assert_eq!(a.lookup(ip("192.168.1.12")), Endpoint::Private);
         assert_eq!(a.pod_ips(), 0);
+    }
+
+    #[test]
+    fn host_network_pods_on_this_node_are_node() {
+        let mut a_pod = (*pod("agent-a", &["192.168.1.10"], PodPhase::Running, 1, true)).clone();
+        a_pod.node_name = Some("node-a".into());
+        let mut b_pod = (*pod("agent-b", &["192.168.1.11"], PodPhase::Running, 1, true)).clone();
+        b_pod.node_name = Some("node-b".into());
+        let i = inv(vec![Arc::new(a_pod), Arc::new(b_pod)]);
+        let a = Attributor::new(&i, NodeAddrs::default().with_node_name("node-a"));
+        assert_eq!(a.lookup(ip("192.168.1.10")), Endpoint::Node);
+        assert_eq!(a.lookup(ip("192.168.1.11")), Endpoint::Host);
+        assert_eq!(a.node().node_name(), Some("node-a"));
+        // Without the node name, both are just other hosts.
+        let a = Attributor::new(&i, NodeAddrs::default());
+        assert_eq!(a.lookup(ip("192.168.1.10")), Endpoint::Host);
     }
 
     #[test]

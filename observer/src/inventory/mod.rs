@@ -10,10 +10,12 @@ pub mod convert;
 pub mod kube;
 pub mod manifest;
 pub mod model;
+pub mod reload;
 pub mod workload;
 
 pub use attribution::{Attributor, Endpoint, NodeAddrs};
 pub use convert::ConvertError;
 pub use manifest::{LoadError, load_dir};
 pub use model::*;
+pub use reload::{DirWatch, ReloadStats, watch_dir};
 pub use workload::OwnerIndex;
