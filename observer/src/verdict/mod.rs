@@ -416,24 +416,8 @@ impl Engine {
                     break;
                 }
                 if peer_ok || port_ok {
-                    misses.push(NearMiss {
-                        policy: policy.id.clone(),
-                        rule: i,
-                        miss: if peer_ok {
-                            MissKind::Port
-                        } else {
-                            MissKind::Peer
-                        },
-                        description: format!(
-                            "{} {}",
-                            policy.id,
-                            rule.describe(
-                                &policy.namespace,
-                                direction == Direction::Ingress,
-                                dst_pod
-                            )
-                        ),
-                    });
+                    // Worded only if the flow ends up denied: allowed flows are the hot path.
+                    misses.push((policy, i, rule, peer_ok));
                 }
             }
             if allowed {
@@ -447,6 +431,23 @@ impl Engine {
         if report.allows() {
             return report;
         }
+        let mut misses: Vec<NearMiss> = misses
+            .into_iter()
+            .map(|(policy, i, rule, peer_ok)| NearMiss {
+                policy: policy.id.clone(),
+                rule: i,
+                miss: if peer_ok {
+                    MissKind::Port
+                } else {
+                    MissKind::Peer
+                },
+                description: format!(
+                    "{} {}",
+                    policy.id,
+                    rule.describe(&policy.namespace, direction == Direction::Ingress, dst_pod)
+                ),
+            })
+            .collect();
         misses.sort_by(|a, b| (&a.policy, a.rule).cmp(&(&b.policy, b.rule)));
         report.nearest_misses = misses;
         report
