@@ -131,6 +131,11 @@ impl Capture {
     /// `config`, and attaches it to `skb:kfree_skb`.
     pub fn load(config: &CaptureConfig) -> Result<Self, CaptureError> {
         validate(config)?;
+        if EBPF_OBJECT.is_empty() {
+            return Err(CaptureError::Missing(
+                "kernel program: this binary was built with AYA_BUILD_SKIP=1 (run `cargo xtask build`)",
+            ));
+        }
         tracefs::ensure_mounted()?;
         let fmt = tracefs::read_kfree_skb_format(Path::new(tracefs::TRACEFS_ROOT))?;
         let fields = KfreeSkbFields::from_format(&fmt)?;
