@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// Publish Kubernetes Events (PolicyDenied, deny spikes); only with `--inventory kube`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub events: bool,
+    /// This node's IP addresses (comma-separated; downward API `status.hostIP`), in addition to
+    /// the addresses of the network namespace the daemon runs in.
+    #[arg(long, env = "NODE_IP", value_delimiter = ',')]
+    pub node_ip: Vec<IpAddr>,
     /// Node name (downward API), for logs and deny_observer_build_info.
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_name: String,
@@ -230,6 +234,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         warn!(error = %err, "cannot list this node's addresses; only loopback counts as node");
         NodeAddrs::new(std::iter::empty())
     });
+    for ip in &args.node_ip {
+        node.insert(*ip);
+    }
     if !args.node_name.is_empty() {
         node = node.with_node_name(args.node_name.clone());
     }
