@@ -66,7 +66,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1000)]
     pub drain_interval_ms: u64,
     /// Most label sets per attributed metric; the rest go to one `__overflow__` series.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 2_000)]
     pub series_limit: usize,
     /// Seconds a workload must be gone from the inventory before its series are removed.
     #[arg(long, default_value_t = 600)]
@@ -187,24 +187,20 @@ fn source(arg: Option<&str>) -> anyhow::Result<Source> {
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let source = source(args.inventory.as_deref())?;
-    let metrics = Arc::new(Metrics::new(MetricsConfig {
-        series_limit: args.series_limit,
-        expiry_grace: Duration::from_secs(args.series_expiry_secs),
-    })?);
+    let DaemonMetrics {
+        metrics,
+        open_namespaces,
+        events: event_metrics,
+        alert,
+    } = DaemonMetrics::build(
+        MetricsConfig {
+            series_limit: args.series_limit,
+            expiry_grace: Duration::from_secs(args.series_expiry_secs),
+        },
+        args.alert.to_config()?,
+    )?;
     let release = kernel_release();
     metrics.set_build_info(env!("CARGO_PKG_VERSION"), &release, &args.node_name);
-    let open_namespaces = IntGaugeVec::new(
-        Opts::new(
-            "deny_observer_audit_open_namespace",
-            "1 when the namespace has no NetworkPolicy at all (an open field), else 0.",
-        ),
-        &["target_namespace"],
-    )?;
-    metrics.register(Box::new(open_namespaces.clone()))?;
-    let event_metrics = EventMetrics::new()?;
-    event_metrics.register(metrics.registry())?;
-    let alert_config = args.alert.to_config()?;
-    let alert = AlertStage::new(alert_config, metrics.registry(), SystemTime::now())?;
 
     let http = Arc::new(HttpState::new(Arc::clone(&metrics)));
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
@@ -364,6 +360,50 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Every metric the daemon exports, assembled the one way `run` and the tests both use.
+struct DaemonMetrics {
+    metrics: Arc<Metrics>,
+    open_namespaces: IntGaugeVec,
+    events: EventMetrics,
+    alert: AlertStage,
+}
+
+impl DaemonMetrics {
+    fn build(config: MetricsConfig, alert: alert::AlertConfig) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new(config)?);
+        let open_namespaces = IntGaugeVec::new(
+            Opts::new(
+                "deny_observer_audit_open_namespace",
+                "1 when the namespace has no NetworkPolicy at all (an open field), else 0.",
+            ),
+            &["target_namespace"],
+        )?;
+        metrics.register(Box::new(open_namespaces.clone()))?;
+        let events = EventMetrics::new()?;
+        events.register(metrics.registry())?;
+        let alert = AlertStage::new(alert, metrics.registry(), SystemTime::now())?;
+        Ok(Self {
+            metrics,
+            open_namespaces,
+            events,
+            alert,
+        })
+    }
+}
+
+/// Names of every metric family the daemon can export, whether or not it has samples yet.
+/// Dashboards and alert rules must only read these (checked by a test).
+pub fn exported_metric_names() -> anyhow::Result<Vec<String>> {
+    let built = DaemonMetrics::build(MetricsConfig::default(), alert::AlertConfig::default())?;
+    let mut names = built.metrics.metric_names();
+    // Stages that register straight into the registry: their collectors' descriptors.
+    names.extend(alert::metric_names().into_iter().map(str::to_owned));
+    names.push(crate::export::events::EVENTS_TOTAL.to_owned());
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 /// What the pipeline asks the Event publisher to do.
