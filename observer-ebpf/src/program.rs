@@ -189,7 +189,12 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
                     Some(v) => add(v, bytes),
                     None => count_loss(loss::FLOW_INSERT),
                 },
-                Err(_) => count_loss(loss::FLOW_INSERT),
+                Err(e) => {
+                    count_loss(loss::FLOW_INSERT);
+                    // Rare (an LRU map evicts rather than fails), so a log line per failure is
+                    // affordable and says why, next to the counted loss.
+                    aya_log_ebpf::warn!(ctx, "flow map insert failed: error {}", e);
+                }
             }
         }
     }

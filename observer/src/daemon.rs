@@ -582,6 +582,7 @@ impl Pipeline {
                 error!(error = %err, "draining the flow map failed");
             }
         }
+        self.capture.flush_logs();
         for sample in self.capture.samples() {
             debug!(
                 reason = %sample.drop.reason,
@@ -594,6 +595,10 @@ impl Pipeline {
                 netns = sample.drop.netns,
                 "first drop of a new flow"
             );
+        }
+        let bad = self.capture.take_bad_samples();
+        if bad > 0 {
+            self.metrics.record_loss("sample_malformed", bad);
         }
         for transition in self.alert.tick(now) {
             self.on_spike(&transition);

@@ -34,6 +34,11 @@ pub struct Capture {
     pub(super) totals_batch: Batch,
     /// Reused buffer of flow entries.
     pub(super) scratch: Vec<(FlowKey, FlowValue)>,
+    /// Forwards the kernel program's aya-log records to `log` (and so to tracing); `None` when
+    /// the object has no log map.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Ring-buffer records too short to be a sample, since the last [`Capture::take_bad_samples`].
+    bad_samples: u64,
 }
 
 impl std::fmt::Debug for Capture {
@@ -189,6 +194,14 @@ impl Capture {
         )
         .map_err(map_err("SAMPLES"))?;
         let state = DrainState::new(&reasons);
+        // The log map exists only if the program logs; its absence is not an error.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(err) => {
+                tracing::debug!(error = %err, "no aya-log map in the kernel program");
+                None
+            }
+        };
         let nr_cpus = aya::util::nr_cpus().map_err(|(path, e)| {
             CaptureError::Config(format!("reading the CPU count from {path}: {e}"))
         })?;
@@ -206,7 +219,22 @@ impl Capture {
             flow_batch: Batch::new::<FlowValue>(nr_cpus, 4096),
             totals_batch: Batch::new::<Counter>(nr_cpus, MAX_REASONS as usize),
             scratch: Vec::new(),
+            logger,
+            bad_samples: 0,
         })
+    }
+
+    /// Ring-buffer records that were too short to be a sample, since the last call (the
+    /// daemon counts them as a loss).
+    pub fn take_bad_samples(&mut self) -> u64 {
+        std::mem::take(&mut self.bad_samples)
+    }
+
+    /// Forwards pending kernel log records (aya-log) to the `log` facade, without blocking.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
     }
 
     /// The running kernel's drop reasons, as this capture labels them.
@@ -219,6 +247,7 @@ impl Capture {
         let mut out = Vec::new();
         while let Some(item) = self.samples.next() {
             let Some(ev) = parse_sample(&item) else {
+                self.bad_samples += 1;
                 continue;
             };
             let reason = self.state.label(&self.reasons, ev.key.reason);
