@@ -5,6 +5,16 @@
 //! the API server (`kube`, added by the in-cluster work). Everything downstream only sees the
 //! [`Inventory`] snapshot.
 
+pub mod attribution;
+pub mod convert;
+pub mod manifest;
 pub mod model;
+pub mod reload;
+pub mod workload;
 
+pub use attribution::{Attributor, Endpoint, NodeAddrs};
+pub use convert::ConvertError;
+pub use manifest::{LoadError, load_dir};
 pub use model::*;
+pub use reload::{DirWatch, ReloadStats, watch_dir};
+pub use workload::OwnerIndex;

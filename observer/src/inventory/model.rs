@@ -92,3 +92,25 @@ pub struct Inventory {
     /// labels and the annotations deny-observer reads).
     pub policies: Vec<Arc<NetworkPolicy>>,
 }
+
+/// Object counts of an inventory (for `deny_observer_inventory_objects{kind}`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectCounts {
+    /// Namespaces (including those only implied by a pod or policy).
+    pub namespaces: usize,
+    /// Pods.
+    pub pods: usize,
+    /// NetworkPolicies.
+    pub policies: usize,
+}
+
+impl Inventory {
+    /// How many objects of each kind the snapshot holds.
+    pub fn counts(&self) -> ObjectCounts {
+        ObjectCounts {
+            namespaces: self.namespaces.len(),
+            pods: self.pods.len(),
+            policies: self.policies.len(),
+        }
+    }
+}

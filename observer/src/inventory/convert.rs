@@ -1,0 +1,460 @@
+//! Conversion of Kubernetes API objects into the trimmed inventory model.
+//!
+//! Both inventory sources (manifest directory, API server reflectors) go through these
+//! functions, so a pod means the same thing whichever way it arrived.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::model::{ContainerPort, Labels, Namespace, Pod, PodPhase};
+use super::workload::{self, OwnerIndex};
+use crate::flow::Protocol;
+
+/// Label the API server puts on every namespace (Kubernetes ≥ 1.21).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// Prefix of the annotations deny-observer reads from NetworkPolicies; all others are dropped.
+pub const ANNOTATION_PREFIX: &str = "deny-observer.io/";
+
+/// Why an object could not be converted. Messages name the object.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ConvertError {
+    /// `metadata.name` is missing or empty.
+    #[error("{kind} has no metadata.name")]
+    MissingName {
+        /// Object kind.
+        kind: &'static str,
+    },
+    /// `metadata.namespace` is missing or empty.
+    #[error("{kind} {name:?} has no metadata.namespace")]
+    MissingNamespace {
+        /// Object kind.
+        kind: &'static str,
+        /// Object name.
+        name: String,
+    },
+    /// An address in `status.podIP`/`podIPs` does not parse.
+    #[error("Pod {namespace}/{name}: status pod IP {ip:?} is not an IP address")]
+    BadPodIp {
+        /// Pod namespace.
+        namespace: String,
+        /// Pod name.
+        name: String,
+        /// The offending text.
+        ip: String,
+    },
+    /// A container port is outside 1..=65535.
+    #[error(
+        "Pod {namespace}/{name}: container {container:?} has containerPort {port} outside 1..65535"
+    )]
+    BadPort {
+        /// Pod namespace.
+        namespace: String,
+        /// Pod name.
+        name: String,
+        /// Container name.
+        container: String,
+        /// The offending number.
+        port: i32,
+    },
+    /// A container port protocol is not TCP, UDP or SCTP.
+    #[error(
+        "Pod {namespace}/{name}: container {container:?} port {port} has protocol {protocol:?} (expected TCP, UDP or SCTP)"
+    )]
+    BadProtocol {
+        /// Pod namespace.
+        namespace: String,
+        /// Pod name.
+        name: String,
+        /// Container name.
+        container: String,
+        /// Port number.
+        port: i32,
+        /// The offending protocol text.
+        protocol: String,
+    },
+}
+
+fn non_empty(s: &Option<String>) -> Option<&str> {
+    s.as_deref().filter(|s| !s.is_empty())
+}
+
+/// Converts a Namespace, adding the `kubernetes.io/metadata.name` label when it is absent (the
+/// API server always sets it; hand-written manifests usually do not, and policies select on it).
+pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
+    let name = non_empty(&ns.metadata.name)
+        .ok_or(ConvertError::MissingName { kind: "Namespace" })?
+        .to_owned();
+    let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+    labels
+        .entry(NAMESPACE_NAME_LABEL.to_owned())
+        .or_insert_with(|| name.clone());
+    Ok(Namespace { name, labels })
+}
+
+/// A namespace known only by name (referenced by a pod or policy but not listed).
+pub fn namespace_from_name(name: &str) -> Namespace {
+    let mut labels = Labels::new();
+    labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned());
+    Namespace {
+        name: name.to_owned(),
+        labels,
+    }
+}
+
+fn phase(p: Option<&str>) -> PodPhase {
+    match p {
+        Some("Running") => PodPhase::Running,
+        Some("Pending") => PodPhase::Pending,
+        Some("Succeeded") | Some("Failed") => PodPhase::Terminated,
+        _ => PodPhase::Unknown,
+    }
+}
+
+/// Converts a Pod: addresses, host networking, phase, creation time, container ports and its
+/// workload (resolved through `owners`, see [`workload::resolve`]).
+pub fn pod(pod: &core::Pod, owners: &OwnerIndex) -> Result<Pod, ConvertError> {
+    let meta = &pod.metadata;
+    let name = non_empty(&meta.name).ok_or(ConvertError::MissingName { kind: "Pod" })?;
+    let namespace = non_empty(&meta.namespace).ok_or_else(|| ConvertError::MissingNamespace {
+        kind: "Pod",
+        name: name.to_owned(),
+    })?;
+    let labels = meta.labels.clone().unwrap_or_default();
+    let spec = pod.spec.as_ref();
+    let status = pod.status.as_ref();
+
+    // podIPs is authoritative (dual-stack); podIP is its first entry, or the only field older
+    // manifests carry.
+    let mut ips: Vec<IpAddr> = Vec::new();
+    let texts = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .chain(status.and_then(|s| s.pod_ip.as_deref()));
+    for text in texts {
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let ip: IpAddr = text.parse().map_err(|_| ConvertError::BadPodIp {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            ip: text.to_owned(),
+        })?;
+        // An IPv4-mapped v6 address is the v4 pod on the wire.
+        let ip = ip.to_canonical();
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+
+    let mut ports = Vec::new();
+    if let Some(spec) = spec {
+        // Sidecar init containers serve traffic too, and named ports may point at them.
+        let containers = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter());
+        for c in containers {
+            for p in c.ports.iter().flatten() {
+                let bad_port = || ConvertError::BadPort {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    container: c.name.clone(),
+                    port: p.container_port,
+                };
+                let port = u16::try_from(p.container_port).map_err(|_| bad_port())?;
+                if port == 0 {
+                    return Err(bad_port());
+                }
+                let protocol = match non_empty(&p.protocol) {
+                    None => Protocol::Tcp,
+                    Some(text) => match text.parse::<Protocol>() {
+                        Ok(proto) if proto.has_ports() => proto,
+                        _ => {
+                            return Err(ConvertError::BadProtocol {
+                                namespace: namespace.to_owned(),
+                                name: name.to_owned(),
+                                container: c.name.clone(),
+                                port: p.container_port,
+                                protocol: text.to_owned(),
+                            });
+                        }
+                    },
+                };
+                ports.push(ContainerPort {
+                    name: non_empty(&p.name).map(str::to_owned),
+                    port,
+                    protocol,
+                });
+            }
+        }
+    }
+
+    let owner_refs = meta.owner_references.as_deref().unwrap_or_default();
+    let workload = workload::resolve(namespace, name, &labels, owner_refs, owners);
+
+    Ok(Pod {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        ips,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        node_name: spec
+            .and_then(|s| non_empty(&s.node_name))
+            .map(str::to_owned),
+        phase: phase(status.and_then(|s| s.phase.as_deref())),
+        created_unix: meta
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_second())
+            .unwrap_or(0),
+        ports,
+        workload,
+        labels,
+    })
+}
+
+/// Validates a NetworkPolicy and trims its metadata to name, namespace, labels and the
+/// `deny-observer.io/` annotations. The spec is kept whole: the verdict engine reads it.
+pub fn policy(np: NetworkPolicy) -> Result<Arc<NetworkPolicy>, ConvertError> {
+    let name = non_empty(&np.metadata.name)
+        .ok_or(ConvertError::MissingName {
+            kind: "NetworkPolicy",
+        })?
+        .to_owned();
+    let namespace = non_empty(&np.metadata.namespace)
+        .ok_or_else(|| ConvertError::MissingNamespace {
+            kind: "NetworkPolicy",
+            name: name.clone(),
+        })?
+        .to_owned();
+    let annotations: std::collections::BTreeMap<String, String> = np
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+        .collect();
+    Ok(Arc::new(NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(namespace),
+            labels: np.metadata.labels,
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            ..ObjectMeta::default()
+        },
+        spec: np.spec,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::model::Workload;
+
+    fn pod_json(v: serde_json::Value) -> core::Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn namespace_gets_name_label_only_when_absent() {
+        let ns: core::Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "prod", "labels": {"team": "a"}}
+        }))
+        .unwrap();
+        let n = namespace(&ns).unwrap();
+        assert_eq!(n.name, "prod");
+        assert_eq!(n.labels.get(NAMESPACE_NAME_LABEL).unwrap(), "prod");
+        assert_eq!(n.labels.get("team").unwrap(), "a");
+
+        // An explicit (odd) value is the cluster's truth; keep it.
+        let ns: core::Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "prod", "labels": {NAMESPACE_NAME_LABEL: "other"}}
+        }))
+        .unwrap();
+        assert_eq!(
+            namespace(&ns)
+                .unwrap()
+                .labels
+                .get(NAMESPACE_NAME_LABEL)
+                .unwrap(),
+            "other"
+        );
+        let err = namespace(&core::Namespace::default()).unwrap_err();
+        assert_eq!(err, ConvertError::MissingName { kind: "Namespace" });
+    }
+
+    #[test]
+    fn pod_fields_parsed() {
+        let p = pod_json(serde_json::json!({
+            "metadata": {
+                "name": "web-7d4b9c8f6-xk2lp", "namespace": "prod",
+                "labels": {"app": "web", "pod-template-hash": "7d4b9c8f6"},
+                "annotations": {"big": "dropped"},
+                "creationTimestamp": "2025-03-01T10:00:00Z",
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "name": "web-7d4b9c8f6", "uid": "1", "controller": true}]
+            },
+            "spec": {
+                "nodeName": "node-a",
+                "initContainers": [{"name": "proxy", "ports": [{"containerPort": 15001, "name": "proxy"}]}],
+                "containers": [
+                    {"name": "app", "ports": [
+                        {"containerPort": 8080, "name": "http"},
+                        {"containerPort": 53, "protocol": "UDP"}]},
+                    {"name": "metrics", "ports": [{"containerPort": 9090, "name": "metrics", "protocol": "SCTP"}]}
+                ]
+            },
+            "status": {"phase": "Running", "podIP": "10.0.1.5",
+                       "podIPs": [{"ip": "10.0.1.5"}, {"ip": "fd00::5"}]}
+        }));
+        let c = pod(&p, &OwnerIndex::default()).unwrap();
+        assert_eq!(c.namespace, "prod");
+        assert_eq!(c.name, "web-7d4b9c8f6-xk2lp");
+        assert_eq!(
+            c.ips,
+            vec![
+                "10.0.1.5".parse::<IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
+        assert!(!c.host_network);
+        assert_eq!(c.node_name.as_deref(), Some("node-a"));
+        assert_eq!(c.phase, PodPhase::Running);
+        assert_eq!(c.created_unix, 1_740_823_200);
+        assert_eq!(
+            c.workload,
+            Workload {
+                kind: "Deployment".into(),
+                name: "web".into()
+            }
+        );
+        assert_eq!(c.labels.len(), 2);
+        let ports: Vec<_> = c
+            .ports
+            .iter()
+            .map(|p| (p.name.as_deref(), p.port, p.protocol))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                (Some("proxy"), 15001, Protocol::Tcp),
+                (Some("http"), 8080, Protocol::Tcp),
+                (None, 53, Protocol::Udp),
+                (Some("metrics"), 9090, Protocol::Sctp),
+            ]
+        );
+    }
+
+    #[test]
+    fn pod_ip_only_and_phases() {
+        for (ph, want) in [
+            ("Pending", PodPhase::Pending),
+            ("Succeeded", PodPhase::Terminated),
+            ("Failed", PodPhase::Terminated),
+            ("Weird", PodPhase::Unknown),
+        ] {
+            let p = pod_json(serde_json::json!({
+                "metadata": {"name": "a", "namespace": "n"},
+                "spec": {"hostNetwork": true, "containers": []},
+                "status": {"phase": ph, "podIP": "192.168.0.10"}
+            }));
+            let c = pod(&p, &OwnerIndex::default()).unwrap();
+            assert_eq!(c.phase, want);
+            assert!(c.host_network);
+            assert_eq!(c.ips, vec!["192.168.0.10".parse::<IpAddr>().unwrap()]);
+            assert_eq!(c.created_unix, 0);
+            assert_eq!(c.workload.kind, "Pod");
+        }
+        // No status at all: a pod not yet scheduled.
+        let p = pod_json(serde_json::json!({"metadata": {"name": "a", "namespace": "n"}}));
+        let c = pod(&p, &OwnerIndex::default()).unwrap();
+        assert!(c.ips.is_empty());
+        assert_eq!(c.phase, PodPhase::Unknown);
+    }
+
+    #[test]
+    fn pod_errors_name_the_pod() {
+        let p = pod_json(serde_json::json!({"metadata": {"name": "a"}}));
+        assert_eq!(
+            pod(&p, &OwnerIndex::default()).unwrap_err(),
+            ConvertError::MissingNamespace {
+                kind: "Pod",
+                name: "a".into()
+            }
+        );
+        let p = pod_json(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "n"},
+            "status": {"podIP": "10.0.0.300"}
+        }));
+        let e = pod(&p, &OwnerIndex::default()).unwrap_err();
+        assert!(e.to_string().contains("n/a"), "{e}");
+        assert!(e.to_string().contains("10.0.0.300"), "{e}");
+        let p = pod_json(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "n"},
+            "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 70000}]}]}
+        }));
+        assert!(matches!(
+            pod(&p, &OwnerIndex::default()).unwrap_err(),
+            ConvertError::BadPort { port: 70000, .. }
+        ));
+        let p = pod_json(serde_json::json!({
+            "metadata": {"name": "a", "namespace": "n"},
+            "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80, "protocol": "ICMP"}]}]}
+        }));
+        let e = pod(&p, &OwnerIndex::default()).unwrap_err();
+        assert!(matches!(e, ConvertError::BadProtocol { .. }), "{e}");
+        assert!(e.to_string().contains("\"c\""), "{e}");
+    }
+
+    #[test]
+    fn policy_trimmed() {
+        let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "deny", "namespace": "prod", "uid": "x", "resourceVersion": "9",
+                "labels": {"team": "a"},
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{...huge...}",
+                    "deny-observer.io/owner": "sre"
+                },
+                "managedFields": [{"manager": "kubectl"}]
+            },
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
+        }))
+        .unwrap();
+        let spec = np.spec.clone();
+        let t = policy(np).unwrap();
+        assert_eq!(t.metadata.name.as_deref(), Some("deny"));
+        assert_eq!(t.metadata.namespace.as_deref(), Some("prod"));
+        assert_eq!(t.metadata.labels.as_ref().unwrap().len(), 1);
+        let ann = t.metadata.annotations.as_ref().unwrap();
+        assert_eq!(ann.len(), 1);
+        assert_eq!(ann.get("deny-observer.io/owner").unwrap(), "sre");
+        assert!(t.metadata.managed_fields.is_none());
+        assert!(t.metadata.uid.is_none());
+        assert_eq!(t.spec, spec);
+
+        let mut np = NetworkPolicy::default();
+        np.metadata.name = Some("x".into());
+        assert_eq!(
+            policy(np).unwrap_err(),
+            ConvertError::MissingNamespace {
+                kind: "NetworkPolicy",
+                name: "x".into()
+            }
+        );
+        assert_eq!(
+            policy(NetworkPolicy::default()).unwrap_err(),
+            ConvertError::MissingName {
+                kind: "NetworkPolicy"
+            }
+        );
+    }
+}
