@@ -150,10 +150,18 @@ fn explain_verdicts(
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {} explain", bin.display()))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(input.as_bytes())?;
-    }
+    let written = child
+        .stdin
+        .take()
+        .map(|mut stdin| stdin.write_all(input.as_bytes()));
     let out = child.wait_with_output()?;
+    // A binary without `explain --flows` exits before reading: its status and stderr say more
+    // than the broken pipe.
+    if out.status.success()
+        && let Some(Err(e)) = written
+    {
+        return Err(e).context("writing flows to explain");
+    }
     if !out.status.success() {
         bail!(
             "`deny-observer explain --flows -` failed ({}): {}",
@@ -562,7 +570,7 @@ fn print_table(
         }
     }
     let lost = m.sum("deny_observer_events_lost_total", &[]);
-    println!("\nevents lost: {lost}");
+    println!("\nevents lost: {}", lost as u64);
     std::io::stdout().flush()?;
     Ok(())
 }

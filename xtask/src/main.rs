@@ -42,7 +42,14 @@ enum Task {
         /// Where the daemon serves /metrics.
         #[arg(long, default_value = "127.0.0.1:9965")]
         metrics_addr: SocketAddr,
+        /// Run this daemon binary instead of building target/release/deny-observer.
+        #[arg(long)]
+        bin: Option<PathBuf>,
     },
+    /// Check deploy/: promtool rules and tests, kustomize renders, schemas, security properties.
+    DeployCheck,
+    /// Regenerate deploy/all-in-one.yaml and the PrometheusRule from their sources.
+    DeployRender,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +67,8 @@ fn run(task: Task) -> anyhow::Result<()> {
     let root = workspace_root();
     match task {
         Task::Setup => setup::run(),
+        Task::DeployCheck => deploycheck::run(&root),
+        Task::DeployRender => deploycheck::regenerate(&root),
         Task::Build => {
             setup::run()?;
             build(&root).map(|_| ())
@@ -78,9 +87,13 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Demo {
             duration,
             metrics_addr,
+            bin,
         } => {
             setup::run()?;
-            let bin = build(&root)?;
+            let bin = match bin {
+                Some(bin) => bin,
+                None => build(&root)?,
+            };
             demo::run(&demo::DemoOptions {
                 bin,
                 root,

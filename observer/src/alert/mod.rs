@@ -1,1 +1,204 @@
-//! TODO
+//! Deny-spike baselines, new-denied-edge detection, and expected denies.
+//!
+//! - [`spike::SpikeDetector`]: per (direction, workload namespace, workload) deny-rate baseline
+//!   and spike state machine with hysteresis.
+//! - [`edges::EdgeTracker`]: first deny of an edge within a retention window, persisted.
+//! - [`expected::ExpectedDenies`]: annotated policies and configured edges that never page.
+//! - [`metrics::AlertMetrics`]: the Prometheus side.
+//! - [`AlertStage`]: all of the above behind the two calls the daemon makes,
+//!   [`AlertStage::record_deny`] per drained deny and [`AlertStage::tick`] once per second.
+//!
+//! Time is always passed in; nothing here reads the clock, so tests use synthetic series.
+
+pub mod config;
+pub mod edges;
+pub mod expected;
+pub mod metrics;
+pub mod spike;
+
+use std::time::SystemTime;
+
+pub use config::{AlertArgs, AlertConfig};
+pub use edges::{DeniedEdge, EdgeConfig, EdgeStateError, EdgeTracker, LoadOutcome};
+pub use expected::{EXPECTED_DENIES_ANNOTATION, ExpectedDenies, ExpectedEdge};
+pub use metrics::{AlertMetrics, metric_names};
+pub use spike::{SpikeConfig, SpikeDetector, SpikeKey, SpikeTransition};
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use crate::flow::Direction;
+
+/// Errors of the alert stage.
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    /// A setting is out of range.
+    #[error("invalid {field}: {reason}")]
+    InvalidConfig {
+        /// Which setting.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A duration flag did not parse.
+    #[error("invalid duration {value:?}: {reason}")]
+    InvalidDuration {
+        /// The text given.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+    /// An `--expected-edge` did not parse.
+    #[error(
+        "invalid expected edge {value:?}: {reason} \
+         (syntax: SRC_NS/SRC_WORKLOAD->DST_NS/DST_WORKLOAD[:PROTO[/PORT]], '*' matches any)"
+    )]
+    InvalidExpectedEdge {
+        /// The text given.
+        value: String,
+        /// Why.
+        reason: String,
+    },
+    /// A metric could not be created or registered.
+    #[error("cannot register metric {name}: {source}")]
+    Metrics {
+        /// Metric name.
+        name: &'static str,
+        /// Cause.
+        source: prometheus::Error,
+    },
+    /// The state file could not be written.
+    #[error(transparent)]
+    State(#[from] EdgeStateError),
+}
+
+/// What [`AlertStage::record_deny`] concluded about one deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenyOutcome {
+    /// The deny is expected (annotated policy or configured edge).
+    pub expected: bool,
+    /// First deny of this edge within the retention window. The daemon logs it; alerting on it
+    /// is Prometheus' job (`deny_observer_new_denied_edges_total`).
+    pub new_edge: bool,
+}
+
+/// The spike key a deny counts towards: the workload whose policy denied, which is the
+/// destination for ingress and the source for egress (and the destination when unknown).
+pub fn spike_key(edge: &DeniedEdge, expected: bool) -> SpikeKey {
+    let (workload_namespace, workload) = match edge.direction {
+        Direction::Egress => (&edge.source_namespace, &edge.source_workload),
+        Direction::Ingress | Direction::Unknown => {
+            (&edge.destination_namespace, &edge.destination_workload)
+        }
+    };
+    SpikeKey {
+        direction: edge.direction,
+        workload_namespace: workload_namespace.clone(),
+        workload: workload.clone(),
+        expected,
+    }
+}
+
+/// The whole alert stage, as the daemon drives it.
+#[derive(Debug)]
+pub struct AlertStage {
+    detector: SpikeDetector,
+    edges: EdgeTracker,
+    expected: ExpectedDenies,
+    metrics: AlertMetrics,
+    last_prune_ms: Option<u64>,
+}
+
+/// Forgetting expired edges scans the whole table; once per this often is plenty for a
+/// retention measured in days.
+const PRUNE_EVERY_MS: u64 = 10_000;
+
+impl AlertStage {
+    /// Builds the stage: registers metrics into `registry`, loads the edge state (a bad state
+    /// file is logged and ignored). Fails only on invalid settings or duplicate metrics.
+    pub fn new(
+        config: AlertConfig,
+        registry: &prometheus::Registry,
+        now: SystemTime,
+    ) -> Result<Self, AlertError> {
+        config.edges.validate()?;
+        let detector = SpikeDetector::new(config.spike)?;
+        let metrics = AlertMetrics::register(registry)?;
+        let edges = EdgeTracker::open(config.edges, now);
+        Ok(Self {
+            detector,
+            edges,
+            expected: ExpectedDenies::new(config.expected_edges),
+            metrics,
+            last_prune_ms: None,
+        })
+    }
+
+    /// Re-reads which policies carry the expected-denies annotation (call on inventory change).
+    pub fn set_policies<'a>(&mut self, policies: impl IntoIterator<Item = &'a NetworkPolicy>) {
+        self.expected.set_policies(policies);
+    }
+
+    /// Records `packets` policy-denied packets of `edge` drained at `now`.
+    /// `isolating_policies` are `(namespace, name)` of the policies that denied it.
+    pub fn record_deny<'p>(
+        &mut self,
+        now: SystemTime,
+        edge: &DeniedEdge,
+        packets: u64,
+        isolating_policies: impl IntoIterator<Item = (&'p str, &'p str)>,
+    ) -> DenyOutcome {
+        let expected = self.expected.is_expected(edge, isolating_policies);
+        self.detector
+            .observe(now, &spike_key(edge, expected), packets);
+        let new_edge = self.edges.observe(now, edge, expected);
+        if new_edge {
+            self.metrics.record_new_edge(edge, expected);
+        }
+        DenyOutcome { expected, new_edge }
+    }
+
+    /// Once per second: advances the detector, updates gauges, forgets expired edges, saves the
+    /// edge state when due (a failed save is logged and counted, and retried later).
+    /// Returns the spike starts/ends to turn into Events and log lines.
+    pub fn tick(&mut self, now: SystemTime) -> Vec<SpikeTransition> {
+        let transitions = self.detector.tick(now);
+        self.metrics.update_spikes(&mut self.detector);
+        let now_ms = spike::unix_ms(now);
+        if self
+            .last_prune_ms
+            .is_none_or(|last| now_ms.saturating_sub(last) >= PRUNE_EVERY_MS)
+        {
+            self.last_prune_ms = Some(now_ms);
+            let forgotten = self.edges.prune(now);
+            self.metrics.forget_edges(&forgotten);
+        }
+        if let Err(err) = self.edges.maybe_save(now) {
+            self.metrics.record_save_error();
+            tracing::warn!(error = %err, "saving denied-edge state failed; will retry");
+        }
+        transitions
+    }
+
+    /// Saves the edge state; call at shutdown.
+    pub fn shutdown(&mut self, now: SystemTime) -> Result<(), AlertError> {
+        self.edges.save(now).map_err(|e| {
+            self.metrics.record_save_error();
+            AlertError::from(e)
+        })
+    }
+
+    /// The spike detector (read-only, e.g. for `/debug` or tests).
+    pub fn detector(&self) -> &SpikeDetector {
+        &self.detector
+    }
+
+    /// The edge tracker (read-only).
+    pub fn edges(&self) -> &EdgeTracker {
+        &self.edges
+    }
+
+    /// The expected-deny rules.
+    pub fn expected(&self) -> &ExpectedDenies {
+        &self.expected
+    }
+}

@@ -1,0 +1,209 @@
+//! Prometheus metrics of the alert stage, registered into a registry the caller owns.
+
+use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+
+use super::AlertError;
+use super::edges::DeniedEdge;
+use super::spike::{SpikeDetector, SpikeKey};
+
+/// `deny_observer_deny_spike_active`: 1 while a spike is active, else 0.
+pub const SPIKE_ACTIVE: &str = "deny_observer_deny_spike_active";
+/// `deny_observer_deny_rate_baseline`: baseline deny rate, packets per second.
+pub const RATE_BASELINE: &str = "deny_observer_deny_rate_baseline";
+/// `deny_observer_deny_rate`: current deny rate, packets per second.
+pub const RATE: &str = "deny_observer_deny_rate";
+/// `deny_observer_new_denied_edges_total`: new denied edges seen.
+pub const NEW_DENIED_EDGES: &str = "deny_observer_new_denied_edges_total";
+/// `deny_observer_spike_keys_overflow_total`: denies not tracked because the detector was full.
+pub const SPIKE_KEYS_OVERFLOW: &str = "deny_observer_spike_keys_overflow_total";
+/// `deny_observer_alert_state_save_errors_total`: failed writes of the denied-edge state file.
+pub const STATE_SAVE_ERRORS: &str = "deny_observer_alert_state_save_errors_total";
+
+/// Label names of the spike gauges, in order.
+pub const SPIKE_LABELS: [&str; 4] = ["direction", "workload_namespace", "workload", "expected"];
+/// Label names of the new-edge counter, in order.
+pub const EDGE_LABELS: [&str; 8] = [
+    "direction",
+    "source_namespace",
+    "source_workload",
+    "destination_namespace",
+    "destination_workload",
+    "protocol",
+    "port",
+    "expected",
+];
+
+/// Every metric name the alert stage exports.
+pub fn metric_names() -> Vec<&'static str> {
+    vec![
+        SPIKE_ACTIVE,
+        RATE_BASELINE,
+        RATE,
+        NEW_DENIED_EDGES,
+        SPIKE_KEYS_OVERFLOW,
+        STATE_SAVE_ERRORS,
+    ]
+}
+
+fn bool_label(b: bool) -> &'static str {
+    if b { "true" } else { "false" }
+}
+
+fn spike_labels(key: &SpikeKey) -> [&str; 4] {
+    [
+        key.direction.label(),
+        &key.workload_namespace,
+        &key.workload,
+        bool_label(key.expected),
+    ]
+}
+
+/// The alert stage's metric handles.
+#[derive(Clone, Debug)]
+pub struct AlertMetrics {
+    spike_active: GaugeVec,
+    rate_baseline: GaugeVec,
+    rate: GaugeVec,
+    new_edges: IntCounterVec,
+    overflow: prometheus::IntCounter,
+    save_errors: prometheus::IntCounter,
+    overflow_seen: u64,
+}
+
+impl AlertMetrics {
+    /// Creates the metrics and registers them into `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, AlertError> {
+        let reg = |name: &'static str| move |source| AlertError::Metrics { name, source };
+        let spike_active = GaugeVec::new(
+            Opts::new(
+                SPIKE_ACTIVE,
+                "1 while the policy-deny rate of a workload is in a spike above its baseline, else 0.",
+            ),
+            &SPIKE_LABELS,
+        )
+        .map_err(reg(SPIKE_ACTIVE))?;
+        let rate_baseline = GaugeVec::new(
+            Opts::new(
+                RATE_BASELINE,
+                "Exponentially weighted baseline of the policy-deny rate, packets per second.",
+            ),
+            &SPIKE_LABELS,
+        )
+        .map_err(reg(RATE_BASELINE))?;
+        let rate = GaugeVec::new(
+            Opts::new(
+                RATE,
+                "Policy-deny rate over the detector's short window, packets per second.",
+            ),
+            &SPIKE_LABELS,
+        )
+        .map_err(reg(RATE))?;
+        let new_edges = IntCounterVec::new(
+            Opts::new(
+                NEW_DENIED_EDGES,
+                "Denied edges not denied within the retention window before (first deny of a path).",
+            ),
+            &EDGE_LABELS,
+        )
+        .map_err(reg(NEW_DENIED_EDGES))?;
+        let overflow = prometheus::IntCounter::new(
+            SPIKE_KEYS_OVERFLOW,
+            "Denies of new workloads not tracked by the spike detector because it was full.",
+        )
+        .map_err(reg(SPIKE_KEYS_OVERFLOW))?;
+        let save_errors = prometheus::IntCounter::new(
+            STATE_SAVE_ERRORS,
+            "Failed writes of the denied-edge state file.",
+        )
+        .map_err(reg(STATE_SAVE_ERRORS))?;
+        registry
+            .register(Box::new(spike_active.clone()))
+            .map_err(reg(SPIKE_ACTIVE))?;
+        registry
+            .register(Box::new(rate_baseline.clone()))
+            .map_err(reg(RATE_BASELINE))?;
+        registry
+            .register(Box::new(rate.clone()))
+            .map_err(reg(RATE))?;
+        registry
+            .register(Box::new(new_edges.clone()))
+            .map_err(reg(NEW_DENIED_EDGES))?;
+        registry
+            .register(Box::new(overflow.clone()))
+            .map_err(reg(SPIKE_KEYS_OVERFLOW))?;
+        registry
+            .register(Box::new(save_errors.clone()))
+            .map_err(reg(STATE_SAVE_ERRORS))?;
+        Ok(Self {
+            spike_active,
+            rate_baseline,
+            rate,
+            new_edges,
+            overflow,
+            save_errors,
+            overflow_seen: 0,
+        })
+    }
+
+    /// Mirrors the detector into the gauges (call after each tick): sets every tracked key and
+    /// removes the series of keys the detector dropped.
+    pub fn update_spikes(&mut self, detector: &mut SpikeDetector) {
+        for key in detector.take_dropped() {
+            let labels = spike_labels(&key);
+            // A key may be dropped before it was ever exported; nothing to remove then.
+            let _ = self.spike_active.remove_label_values(&labels);
+            let _ = self.rate_baseline.remove_label_values(&labels);
+            let _ = self.rate.remove_label_values(&labels);
+        }
+        for st in detector.statuses() {
+            let labels = spike_labels(st.key);
+            self.spike_active
+                .with_label_values(&labels)
+                .set(if st.active { 1.0 } else { 0.0 });
+            self.rate_baseline
+                .with_label_values(&labels)
+                .set(st.baseline);
+            self.rate.with_label_values(&labels).set(st.rate);
+        }
+        let overflowed = detector.overflowed();
+        self.overflow
+            .inc_by(overflowed.saturating_sub(self.overflow_seen));
+        self.overflow_seen = overflowed;
+    }
+
+    /// Counts a new denied edge.
+    pub fn record_new_edge(&self, edge: &DeniedEdge, expected: bool) {
+        let port = edge.port.to_string();
+        self.new_edges
+            .with_label_values(&edge_labels(edge, &port, expected))
+            .inc();
+    }
+
+    /// Removes the counters of edges the tracker forgot (bounded series).
+    pub fn forget_edges(&self, edges: &[(DeniedEdge, bool)]) {
+        for (edge, expected) in edges {
+            let port = edge.port.to_string();
+            let _ = self
+                .new_edges
+                .remove_label_values(&edge_labels(edge, &port, *expected));
+        }
+    }
+
+    /// Counts a failed state-file write.
+    pub fn record_save_error(&self) {
+        self.save_errors.inc();
+    }
+}
+
+fn edge_labels<'a>(edge: &'a DeniedEdge, port: &'a str, expected: bool) -> [&'a str; 8] {
+    [
+        edge.direction.label(),
+        &edge.source_namespace,
+        &edge.source_workload,
+        &edge.destination_namespace,
+        &edge.destination_workload,
+        edge.protocol.label(),
+        port,
+        bool_label(expected),
+    ]
+}

@@ -1,0 +1,542 @@
+//! The daemon's Prometheus metrics: one [`Registry`] owned by [`Metrics`], no global state.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus::core::Collector;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use super::ExportError;
+use super::series::{Family, Recorded};
+use crate::flow::{Direction, Protocol};
+
+/// `deny_observer_drops_total`: packets dropped, attributed to workloads.
+pub const DROPS_TOTAL: &str = "deny_observer_drops_total";
+/// `deny_observer_drop_bytes_total`: bytes of those packets.
+pub const DROP_BYTES_TOTAL: &str = "deny_observer_drop_bytes_total";
+/// `deny_observer_policy_denies_total`: drops explained (or not) by NetworkPolicies.
+pub const POLICY_DENIES_TOTAL: &str = "deny_observer_policy_denies_total";
+/// `deny_observer_kernel_drops_total{reason}`: every drop on the node.
+pub const KERNEL_DROPS_TOTAL: &str = "deny_observer_kernel_drops_total";
+/// `deny_observer_kernel_drop_bytes_total{reason}`.
+pub const KERNEL_DROP_BYTES_TOTAL: &str = "deny_observer_kernel_drop_bytes_total";
+/// `deny_observer_events_lost_total{stage}`.
+pub const EVENTS_LOST_TOTAL: &str = "deny_observer_events_lost_total";
+/// `deny_observer_flow_map_entries`.
+pub const FLOW_MAP_ENTRIES: &str = "deny_observer_flow_map_entries";
+/// `deny_observer_flow_map_capacity`.
+pub const FLOW_MAP_CAPACITY: &str = "deny_observer_flow_map_capacity";
+/// `deny_observer_inventory_objects{kind}`.
+pub const INVENTORY_OBJECTS: &str = "deny_observer_inventory_objects";
+/// `deny_observer_inventory_reloads_total{result}`.
+pub const INVENTORY_RELOADS_TOTAL: &str = "deny_observer_inventory_reloads_total";
+/// `deny_observer_inventory_watch_errors_total{resource}`.
+pub const INVENTORY_WATCH_ERRORS_TOTAL: &str = "deny_observer_inventory_watch_errors_total";
+/// `deny_observer_build_info{version, kernel_release, node}`.
+pub const BUILD_INFO: &str = "deny_observer_build_info";
+/// `deny_observer_series_overflow_total{metric}`.
+pub const SERIES_OVERFLOW_TOTAL: &str = "deny_observer_series_overflow_total";
+/// `deny_observer_series{metric}`: series currently held below the limit.
+pub const SERIES: &str = "deny_observer_series";
+/// `deny_observer_series_limit`: the configured limit per labelled metric.
+pub const SERIES_LIMIT: &str = "deny_observer_series_limit";
+
+/// Label names of `deny_observer_drops_total` / `deny_observer_drop_bytes_total`, in order.
+pub const DROP_LABELS: [&str; 7] = [
+    "reason",
+    "direction",
+    "source_namespace",
+    "source_workload",
+    "destination_namespace",
+    "destination_workload",
+    "protocol",
+];
+
+/// Label names of `deny_observer_policy_denies_total`, in order.
+pub const POLICY_DENY_LABELS: [&str; 8] = [
+    "direction",
+    "source_namespace",
+    "source_workload",
+    "destination_namespace",
+    "destination_workload",
+    "protocol",
+    "policy",
+    "match",
+];
+
+/// `stage` value used when a sample lands in an overflow series.
+pub const STAGE_SERIES_OVERFLOW: &str = "series_overflow";
+
+/// Most policies named in one `policy` label value; the rest become `+N more`.
+pub const MAX_POLICIES_IN_LABEL: usize = 5;
+
+/// Tunables of [`Metrics`].
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    /// Most distinct label sets per labelled metric (drops, policy denies). Beyond it, new label
+    /// sets are counted on one overflow series per remaining bounded labels.
+    pub series_limit: usize,
+    /// How long a workload must stay absent from the inventory before its series are removed,
+    /// so that a rollout or a reload hiccup does not reset counters.
+    pub expiry_grace: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            series_limit: 10_000,
+            expiry_grace: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+/// Labels of one attributed drop sample.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DropLabels<'a> {
+    /// Kernel drop reason, lower case, without the `SKB_DROP_REASON_` prefix.
+    pub reason: &'a str,
+    /// Direction (from the verdict when there is one).
+    pub direction: Direction,
+    /// Source namespace ("" for addresses that are no pod's).
+    pub source_namespace: &'a str,
+    /// Source workload, or a non-pod value (`node`, `host`, `world`, `private`).
+    pub source_workload: &'a str,
+    /// Destination namespace.
+    pub destination_namespace: &'a str,
+    /// Destination workload.
+    pub destination_workload: &'a str,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+/// `match` label of `deny_observer_policy_denies_total`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PolicyMatch {
+    /// Isolated, and no rule allows the flow.
+    DefaultDeny,
+    /// Dropped for a policy-type reason although the policies allow it.
+    Unexplained,
+}
+
+impl PolicyMatch {
+    /// Label value (`default_deny`, `unexplained`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::DefaultDeny => "default_deny",
+            Self::Unexplained => "unexplained",
+        }
+    }
+}
+
+/// Labels of one policy-attributed deny sample.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyDenyLabels<'a> {
+    /// Deciding direction.
+    pub direction: Direction,
+    /// Source namespace.
+    pub source_namespace: &'a str,
+    /// Source workload.
+    pub source_workload: &'a str,
+    /// Destination namespace.
+    pub destination_namespace: &'a str,
+    /// Destination workload.
+    pub destination_workload: &'a str,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Isolating policies, as built by [`policy_label`].
+    pub policy: &'a str,
+    /// Why it counts as a deny.
+    pub policy_match: PolicyMatch,
+}
+
+/// Builds the `policy` label value: sorted `ns/name`, comma-joined, at most
+/// [`MAX_POLICIES_IN_LABEL`] names followed by `+N more`, so one label value stays bounded.
+pub fn policy_label<S: AsRef<str>>(policies: &[S]) -> String {
+    let mut names: Vec<&str> = policies.iter().map(AsRef::as_ref).collect();
+    names.sort_unstable();
+    names.dedup();
+    let extra = names.len().saturating_sub(MAX_POLICIES_IN_LABEL);
+    names.truncate(MAX_POLICIES_IN_LABEL);
+    let mut out = names.join(",");
+    if extra > 0 {
+        out.push_str(&format!(",+{extra} more"));
+    }
+    out
+}
+
+/// Series currently held by the bounded metrics.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SeriesCounts {
+    /// Label sets of drops (shared by drops and drop bytes), overflow series excluded.
+    pub drops: usize,
+    /// Overflow series of drops.
+    pub drops_overflow: usize,
+    /// Label sets of policy denies, overflow series excluded.
+    pub policy_denies: usize,
+    /// Overflow series of policy denies.
+    pub policy_denies_overflow: usize,
+}
+
+/// All metrics of the daemon, and the registry they (and other stages' metrics) live in.
+///
+/// Shared as `Arc<Metrics>`: recording takes `&self`.
+pub struct Metrics {
+    registry: Registry,
+    config: MetricsConfig,
+    names: Mutex<BTreeSet<String>>,
+    drops: Family<7>,
+    policy_denies: Family<8>,
+    kernel_drops: IntCounterVec,
+    kernel_drop_bytes: IntCounterVec,
+    events_lost: IntCounterVec,
+    flow_map_entries: IntGauge,
+    flow_map_capacity: IntGauge,
+    inventory_objects: IntGaugeVec,
+    inventory_reloads: IntCounterVec,
+    watch_errors: IntCounterVec,
+    build_info: IntGaugeVec,
+    series_overflow: IntCounterVec,
+    series: IntGaugeVec,
+    drops_handles: FamilyHandles,
+    policy_denies_handles: FamilyHandles,
+    lost_to_overflow: IntCounter,
+}
+
+/// Cached self-monitoring series of one bounded family, so recording does not look them up.
+struct FamilyHandles {
+    series: IntGauge,
+    overflow: IntCounter,
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, ExportError> {
+    IntCounterVec::new(Opts::new(name, help), labels).map_err(|source| ExportError::Register {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, ExportError> {
+    IntGaugeVec::new(Opts::new(name, help), labels).map_err(|source| ExportError::Register {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+fn gauge(name: &str, help: &str) -> Result<IntGauge, ExportError> {
+    IntGauge::new(name, help).map_err(|source| ExportError::Register {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+fn saturating_i64<T: TryInto<i64>>(n: T) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
+impl Metrics {
+    /// Creates every metric and registers it in a fresh registry.
+    pub fn new(config: MetricsConfig) -> Result<Self, ExportError> {
+        let drops = counter_vec(
+            DROPS_TOTAL,
+            "Packets dropped by the kernel, attributed to source and destination workloads.",
+            &DROP_LABELS,
+        )?;
+        let drop_bytes = counter_vec(
+            DROP_BYTES_TOTAL,
+            "Bytes of packets dropped by the kernel, attributed to workloads.",
+            &DROP_LABELS,
+        )?;
+        let policy_denies = counter_vec(
+            POLICY_DENIES_TOTAL,
+            "Dropped packets with a NetworkPolicy verdict: default_deny (isolated, no rule \
+             allows) or unexplained (policies allow it, yet a policy-type drop happened).",
+            &POLICY_DENY_LABELS,
+        )?;
+        let series_limit = gauge(
+            SERIES_LIMIT,
+            "Most label sets kept per labelled metric before the overflow series is used.",
+        )?;
+        series_limit.set(saturating_i64(config.series_limit));
+        let series_overflow = counter_vec(
+            SERIES_OVERFLOW_TOTAL,
+            "Samples counted on an __overflow__ series because the series limit was reached.",
+            &["metric"],
+        )?;
+        let series = gauge_vec(
+            SERIES,
+            "Label sets currently held per labelled metric (overflow series excluded).",
+            &["metric"],
+        )?;
+        let events_lost = counter_vec(
+            EVENTS_LOST_TOTAL,
+            "Events deny-observer could not count exactly or attribute, by pipeline stage.",
+            &["stage"],
+        )?;
+
+        let metrics = Self {
+            registry: Registry::new(),
+            names: Mutex::new(BTreeSet::new()),
+            drops: Family::new(
+                vec![drops.clone(), drop_bytes.clone()],
+                &[2, 3, 4, 5],
+                [(2, 3), (4, 5)],
+                config.series_limit,
+            ),
+            policy_denies: Family::new(
+                vec![policy_denies.clone()],
+                &[1, 2, 3, 4, 6],
+                [(1, 2), (3, 4)],
+                config.series_limit,
+            ),
+            kernel_drops: counter_vec(
+                KERNEL_DROPS_TOTAL,
+                "Every packet the kernel dropped on this node, by drop reason.",
+                &["reason"],
+            )?,
+            kernel_drop_bytes: counter_vec(
+                KERNEL_DROP_BYTES_TOTAL,
+                "Bytes of every packet the kernel dropped on this node, by drop reason.",
+                &["reason"],
+            )?,
+            flow_map_entries: gauge(
+                FLOW_MAP_ENTRIES,
+                "Entries in the kernel flow map at the last drain.",
+            )?,
+            flow_map_capacity: gauge(FLOW_MAP_CAPACITY, "Capacity of the kernel flow map.")?,
+            inventory_objects: gauge_vec(
+                INVENTORY_OBJECTS,
+                "Objects in the current inventory, by kind.",
+                &["kind"],
+            )?,
+            inventory_reloads: counter_vec(
+                INVENTORY_RELOADS_TOTAL,
+                "Inventory loads, by result (ok, error). On error the last good inventory stays.",
+                &["result"],
+            )?,
+            watch_errors: counter_vec(
+                INVENTORY_WATCH_ERRORS_TOTAL,
+                "Errors of API-server watches, by resource; each is retried with backoff.",
+                &["resource"],
+            )?,
+            build_info: gauge_vec(
+                BUILD_INFO,
+                "Always 1; labels give the deny-observer version, kernel release and node.",
+                &["version", "kernel_release", "node"],
+            )?,
+            drops_handles: FamilyHandles {
+                series: series.with_label_values(&[DROPS_TOTAL]),
+                overflow: series_overflow.with_label_values(&[DROPS_TOTAL]),
+            },
+            policy_denies_handles: FamilyHandles {
+                series: series.with_label_values(&[POLICY_DENIES_TOTAL]),
+                overflow: series_overflow.with_label_values(&[POLICY_DENIES_TOTAL]),
+            },
+            lost_to_overflow: events_lost.with_label_values(&[STAGE_SERIES_OVERFLOW]),
+            series_overflow,
+            series,
+            events_lost,
+            config,
+        };
+
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(drops),
+            Box::new(drop_bytes),
+            Box::new(policy_denies),
+            Box::new(metrics.kernel_drops.clone()),
+            Box::new(metrics.kernel_drop_bytes.clone()),
+            Box::new(metrics.events_lost.clone()),
+            Box::new(metrics.flow_map_entries.clone()),
+            Box::new(metrics.flow_map_capacity.clone()),
+            Box::new(metrics.inventory_objects.clone()),
+            Box::new(metrics.inventory_reloads.clone()),
+            Box::new(metrics.watch_errors.clone()),
+            Box::new(metrics.build_info.clone()),
+            Box::new(metrics.series_overflow.clone()),
+            Box::new(metrics.series.clone()),
+            Box::new(series_limit),
+        ];
+        for c in collectors {
+            metrics.register(c)?;
+        }
+
+        // Series that alerts compare over time exist from the start, at zero (the overflow and
+        // series-count handles above already created theirs).
+        for result in ["ok", "error"] {
+            metrics.inventory_reloads.with_label_values(&[result]);
+        }
+        Ok(metrics)
+    }
+
+    /// The registry: other stages register their metrics here (prefer [`Metrics::register`],
+    /// which also lists them in [`Metrics::metric_names`]).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The configuration this was built with.
+    pub fn config(&self) -> &MetricsConfig {
+        &self.config
+    }
+
+    /// Registers another stage's collector, and remembers its metric names.
+    pub fn register(&self, collector: Box<dyn Collector>) -> Result<(), ExportError> {
+        let names: Vec<String> = collector.desc().iter().map(|d| d.fq_name.clone()).collect();
+        self.registry
+            .register(collector)
+            .map_err(|source| ExportError::Register {
+                name: names.join(","),
+                source,
+            })?;
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(names);
+        Ok(())
+    }
+
+    /// Every metric family name the daemon can export, sorted: those registered through
+    /// [`Metrics::register`] (from their descriptors, so metrics without samples yet count
+    /// too), plus any family with samples registered directly in [`Metrics::registry`].
+    pub fn metric_names(&self) -> Vec<String> {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        names.extend(
+            self.registry
+                .gather()
+                .into_iter()
+                .map(|mf| mf.name().to_owned()),
+        );
+        names.into_iter().collect()
+    }
+
+    /// Counts an attributed drop sample (`packets`, `bytes`) on `deny_observer_drops_total`
+    /// and `deny_observer_drop_bytes_total`.
+    pub fn record_drop(&self, labels: &DropLabels<'_>, packets: u64, bytes: u64) {
+        let values = [
+            labels.reason,
+            labels.direction.label(),
+            labels.source_namespace,
+            labels.source_workload,
+            labels.destination_namespace,
+            labels.destination_workload,
+            labels.protocol.label(),
+        ];
+        let recorded = self.drops.record(values, &[packets, bytes]);
+        self.after_record(recorded, &self.drops_handles);
+    }
+
+    /// Counts a policy-attributed deny sample on `deny_observer_policy_denies_total`.
+    pub fn record_policy_deny(&self, labels: &PolicyDenyLabels<'_>, packets: u64) {
+        let values = [
+            labels.direction.label(),
+            labels.source_namespace,
+            labels.source_workload,
+            labels.destination_namespace,
+            labels.destination_workload,
+            labels.protocol.label(),
+            labels.policy,
+            labels.policy_match.label(),
+        ];
+        let recorded = self.policy_denies.record(values, &[packets]);
+        self.after_record(recorded, &self.policy_denies_handles);
+    }
+
+    fn after_record(&self, recorded: Recorded, handles: &FamilyHandles) {
+        match recorded {
+            Recorded::Existing => {}
+            Recorded::New(len) => handles.series.set(saturating_i64(len)),
+            Recorded::Overflow => {
+                handles.overflow.inc();
+                self.lost_to_overflow.inc();
+            }
+        }
+    }
+
+    /// Counts drops of one kernel reason, attributed or not.
+    pub fn record_kernel_drops(&self, reason: &str, packets: u64, bytes: u64) {
+        self.kernel_drops
+            .with_label_values(&[reason])
+            .inc_by(packets);
+        self.kernel_drop_bytes
+            .with_label_values(&[reason])
+            .inc_by(bytes);
+    }
+
+    /// Counts `n` lost events at `stage` (`ringbuf_full`, `flow_map_evicted`, ...). `n == 0`
+    /// creates the series at zero, which is how the daemon announces its stages up front.
+    pub fn record_loss(&self, stage: &str, n: u64) {
+        self.events_lost.with_label_values(&[stage]).inc_by(n);
+    }
+
+    /// Sets the flow-map fill.
+    pub fn set_flow_map(&self, entries: u64, capacity: u64) {
+        self.flow_map_entries.set(saturating_i64(entries));
+        self.flow_map_capacity.set(saturating_i64(capacity));
+    }
+
+    /// Sets the number of inventory objects of `kind` (`pods`, `namespaces`, `networkpolicies`).
+    pub fn set_inventory_objects(&self, kind: &str, n: usize) {
+        self.inventory_objects
+            .with_label_values(&[kind])
+            .set(saturating_i64(n));
+    }
+
+    /// Counts an inventory load (`result="ok"` or `result="error"`).
+    pub fn record_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.inventory_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// Counts a watch error of `resource` (`pods`, `namespaces`, `networkpolicies`).
+    pub fn record_watch_error(&self, resource: &str) {
+        self.watch_errors.with_label_values(&[resource]).inc();
+    }
+
+    /// Sets `deny_observer_build_info` to 1 for these labels (replacing earlier values).
+    pub fn set_build_info(&self, version: &str, kernel_release: &str, node: &str) {
+        self.build_info.reset();
+        self.build_info
+            .with_label_values(&[version, kernel_release, node])
+            .set(1);
+    }
+
+    /// Removes series whose source or destination workload has been gone for the grace period.
+    /// `live(namespace, workload)` says whether a workload is still in the inventory; it is not
+    /// asked about non-pod values (empty namespace or workload, `node`, `host`, `world`,
+    /// `private`, `unknown`, `__overflow__`), which never expire. Returns the number of label
+    /// sets removed. Call it after each inventory change and periodically.
+    pub fn retain_workloads(&self, live: &dyn Fn(&str, &str) -> bool) -> usize {
+        self.retain_workloads_at(Instant::now(), live)
+    }
+
+    /// [`Metrics::retain_workloads`] with an explicit clock, for tests.
+    pub fn retain_workloads_at(&self, now: Instant, live: &dyn Fn(&str, &str) -> bool) -> usize {
+        let grace = self.config.expiry_grace;
+        let removed =
+            self.drops.retain(now, grace, live) + self.policy_denies.retain(now, grace, live);
+        self.drops_handles
+            .series
+            .set(saturating_i64(self.drops.len()));
+        self.policy_denies_handles
+            .series
+            .set(saturating_i64(self.policy_denies.len()));
+        removed
+    }
+
+    /// Series currently held by the bounded metrics.
+    pub fn series_counts(&self) -> SeriesCounts {
+        SeriesCounts {
+            drops: self.drops.len(),
+            drops_overflow: self.drops.overflow_len(),
+            policy_denies: self.policy_denies.len(),
+            policy_denies_overflow: self.policy_denies.overflow_len(),
+        }
+    }
+
+    /// Renders every registered metric in the Prometheus text format (version 0.0.4).
+    pub fn encode_text(&self) -> Result<String, ExportError> {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .map_err(ExportError::Encode)
+    }
+}

@@ -1,0 +1,280 @@
+//! Bounded families of labelled counters: a cache of counter handles per label set, a series
+//! limit with an overflow bucket, and expiry of series whose workloads are gone.
+//!
+//! The cache is keyed by owned label values but looked up with borrowed `[&str; N]`, so
+//! recording into an existing series allocates nothing.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntCounterVec};
+
+/// Label value that replaces namespaces, workloads and policies in overflow series.
+pub const OVERFLOW: &str = "__overflow__";
+
+/// Workload values that name no pod (attribution's stable values for other addresses). Series
+/// carrying them are never expired.
+pub const NON_POD_WORKLOADS: &[&str] = &["node", "host", "world", "private", "unknown"];
+
+/// Label values of one series, owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct OwnedKey<const N: usize>([Box<str>; N]);
+
+/// A view of `N` label values, so that owned and borrowed keys hash and compare alike.
+trait KeyView<const N: usize> {
+    fn part(&self, i: usize) -> &str;
+}
+
+impl<const N: usize> KeyView<N> for OwnedKey<N> {
+    fn part(&self, i: usize) -> &str {
+        &self.0[i]
+    }
+}
+
+impl<const N: usize> KeyView<N> for [&str; N] {
+    fn part(&self, i: usize) -> &str {
+        self[i]
+    }
+}
+
+impl<'a, const N: usize> Borrow<dyn KeyView<N> + 'a> for OwnedKey<N> {
+    fn borrow(&self) -> &(dyn KeyView<N> + 'a) {
+        self
+    }
+}
+
+impl<const N: usize> Hash for dyn KeyView<N> + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        for i in 0..N {
+            self.part(i).hash(state);
+        }
+    }
+}
+
+impl<const N: usize> PartialEq for dyn KeyView<N> + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        (0..N).all(|i| self.part(i) == other.part(i))
+    }
+}
+
+impl<const N: usize> Eq for dyn KeyView<N> + '_ {}
+
+impl<const N: usize> Hash for OwnedKey<N> {
+    // Must hash exactly like `dyn KeyView<N>`, or borrowed lookups would miss.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self as &dyn KeyView<N>).hash(state);
+    }
+}
+
+impl<const N: usize> OwnedKey<N> {
+    fn new(values: &[&str; N]) -> Self {
+        Self(values.map(Box::from))
+    }
+
+    fn as_refs(&self) -> [&str; N] {
+        std::array::from_fn(|i| &*self.0[i])
+    }
+}
+
+/// One cached series: a handle per counter of the family, and since when its workloads are gone.
+struct Entry {
+    handles: Vec<IntCounter>,
+    gone_since: Option<Instant>,
+}
+
+struct State<const N: usize> {
+    entries: HashMap<OwnedKey<N>, Entry>,
+    overflow: HashMap<OwnedKey<N>, Vec<IntCounter>>,
+}
+
+/// What [`Family::record`] did with a sample.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Recorded {
+    /// Counted on its existing series.
+    Existing,
+    /// Counted on a new series; the family now holds this many.
+    New(usize),
+    /// The limit was reached: counted on the overflow series.
+    Overflow,
+}
+
+/// Positions of a (namespace, workload) label pair in a label set.
+pub(crate) type Endpoint = (usize, usize);
+
+/// Counters sharing one label set (e.g. drops and drop bytes), bounded and expiring together.
+pub(crate) struct Family<const N: usize> {
+    vecs: Vec<IntCounterVec>,
+    /// Label positions replaced by [`OVERFLOW`] in overflow series.
+    overflow_positions: &'static [usize],
+    /// (namespace, workload) positions checked by expiry.
+    endpoints: [Endpoint; 2],
+    limit: usize,
+    state: Mutex<State<N>>,
+}
+
+impl<const N: usize> Family<N> {
+    pub(crate) fn new(
+        vecs: Vec<IntCounterVec>,
+        overflow_positions: &'static [usize],
+        endpoints: [Endpoint; 2],
+        limit: usize,
+    ) -> Self {
+        Self {
+            vecs,
+            overflow_positions,
+            endpoints,
+            limit,
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                overflow: HashMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<N>> {
+        // A panic while holding the lock leaves consistent data (maps of handles), so keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handles(&self, values: &[&str; N]) -> Vec<IntCounter> {
+        self.vecs
+            .iter()
+            .map(|v| v.with_label_values(values.as_slice()))
+            .collect()
+    }
+
+    /// Adds `increments[i]` to counter `i` of the series `values`, or of its overflow series
+    /// when the family already holds `limit` series.
+    pub(crate) fn record(&self, values: [&str; N], increments: &[u64]) -> Recorded {
+        let mut state = self.lock();
+        let key: &dyn KeyView<N> = &values;
+        if let Some(entry) = state.entries.get(key) {
+            add(&entry.handles, increments);
+            return Recorded::Existing;
+        }
+        if state.entries.len() < self.limit {
+            let handles = self.handles(&values);
+            add(&handles, increments);
+            state.entries.insert(
+                OwnedKey::new(&values),
+                Entry {
+                    handles,
+                    gone_since: None,
+                },
+            );
+            return Recorded::New(state.entries.len());
+        }
+        let mut folded = values;
+        for &i in self.overflow_positions {
+            folded[i] = OVERFLOW;
+        }
+        let key: &dyn KeyView<N> = &folded;
+        if let Some(handles) = state.overflow.get(key) {
+            add(handles, increments);
+        } else {
+            let handles = self.handles(&folded);
+            add(&handles, increments);
+            state.overflow.insert(OwnedKey::new(&folded), handles);
+        }
+        Recorded::Overflow
+    }
+
+    /// Number of series below the limit (overflow series not included).
+    pub(crate) fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Number of overflow series.
+    pub(crate) fn overflow_len(&self) -> usize {
+        self.lock().overflow.len()
+    }
+
+    /// Marks series whose source or destination workload is not `live` as gone, and removes
+    /// those gone for at least `grace`. Returns how many were removed.
+    pub(crate) fn retain(
+        &self,
+        now: Instant,
+        grace: Duration,
+        live: &dyn Fn(&str, &str) -> bool,
+    ) -> usize {
+        let mut state = self.lock();
+        let before = state.entries.len();
+        state.entries.retain(|key, entry| {
+            let alive = self.endpoints.iter().all(|&(ns, wl)| {
+                let (ns, wl) = (key.part(ns), key.part(wl));
+                exempt(ns, wl) || live(ns, wl)
+            });
+            if alive {
+                entry.gone_since = None;
+                return true;
+            }
+            let since = *entry.gone_since.get_or_insert(now);
+            if now.saturating_duration_since(since) < grace {
+                return true;
+            }
+            let refs = key.as_refs();
+            for vec in &self.vecs {
+                // The series exists unless someone else removed it; nothing to do then.
+                let _ = vec.remove_label_values(refs.as_slice());
+            }
+            false
+        });
+        before - state.entries.len()
+    }
+}
+
+/// True for endpoints that are not pods of a workload: they are never expired.
+fn exempt(namespace: &str, workload: &str) -> bool {
+    namespace.is_empty()
+        || workload.is_empty()
+        || namespace == OVERFLOW
+        || workload == OVERFLOW
+        || NON_POD_WORKLOADS.contains(&workload)
+}
+
+fn add(handles: &[IntCounter], increments: &[u64]) {
+    for (h, &n) in handles.iter().zip(increments) {
+        h.inc_by(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Opts;
+
+    fn family(limit: usize) -> Family<3> {
+        let vec = IntCounterVec::new(Opts::new("t_total", "t"), &["ns", "wl", "r"])
+            .expect("valid metric");
+        Family::new(vec![vec], &[0, 1], [(0, 1), (0, 1)], limit)
+    }
+
+    #[test]
+    fn borrowed_lookup_finds_owned_key() {
+        let f = family(10);
+        assert_eq!(f.record(["a", "b", "c"], &[1]), Recorded::New(1));
+        assert_eq!(f.record(["a", "b", "c"], &[2]), Recorded::Existing);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f.vecs[0].with_label_values(&["a", "b", "c"]).get(), 3);
+        // Same concatenation, different split: must be a different series.
+        f.record(["ab", "", "c"], &[1]);
+        assert_eq!(f.len(), 2);
+    }
+
+    #[test]
+    fn overflow_keeps_bounded_labels() {
+        let f = family(1);
+        f.record(["a", "b", "x"], &[1]);
+        assert_eq!(f.record(["c", "d", "x"], &[5]), Recorded::Overflow);
+        assert_eq!(f.record(["e", "f", "y"], &[7]), Recorded::Overflow);
+        assert_eq!(f.record(["g", "h", "x"], &[1]), Recorded::Overflow);
+        assert_eq!(f.len(), 1);
+        assert_eq!(f.overflow_len(), 2);
+        let v = &f.vecs[0];
+        assert_eq!(v.with_label_values(&[OVERFLOW, OVERFLOW, "x"]).get(), 6);
+        assert_eq!(v.with_label_values(&[OVERFLOW, OVERFLOW, "y"]).get(), 7);
+    }
+}

@@ -1,0 +1,187 @@
+//! Export stage: `/metrics`, `/healthz`, `/readyz` served on an ephemeral 127.0.0.1 port, spoken
+//! to with plain HTTP/1.1 over a real socket.
+
+#![allow(
+    clippy::expect_used,
+    reason = "helpers of integration tests panic with context, like the tests"
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use observer::export::{HttpState, Metrics, MetricsConfig, ReadyCondition, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> Reply {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("reply in time")
+        .expect("read");
+    let raw = String::from_utf8(raw).expect("utf-8 reply");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("header/body split");
+    let mut lines = head.lines();
+    let status_line = lines.next().expect("status line");
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .expect("status code")
+        .parse()
+        .expect("numeric status");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+struct Server {
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), observer::export::ExportError>>,
+}
+
+async fn start(state: Arc<HttpState>) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, state, async move {
+        let _ = rx.await;
+    }));
+    Server {
+        addr,
+        stop: Some(tx),
+        task,
+    }
+}
+
+impl Server {
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server stops on shutdown")
+            .expect("server task")
+            .expect("serve returns Ok");
+    }
+}
+
+fn state() -> Arc<HttpState> {
+    let metrics = Arc::new(Metrics::new(MetricsConfig::default()).expect("metrics"));
+    Arc::new(HttpState::new(metrics))
+}
+
+#[tokio::test]
+async fn readyz_names_what_is_missing_until_both_conditions_hold() {
+    let state = state();
+    let server = start(state.clone()).await;
+
+    let r = get(server.addr, "/readyz").await;
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("programs_attached"), "{}", r.body);
+    assert!(r.body.contains("inventory_loaded"), "{}", r.body);
+
+    state.set_ready(ReadyCondition::ProgramsAttached, true);
+    let r = get(server.addr, "/readyz").await;
+    assert_eq!(r.status, 503);
+    assert!(!r.body.contains("programs_attached"), "{}", r.body);
+    assert!(r.body.contains("inventory_loaded"), "{}", r.body);
+
+    state.set_ready(ReadyCondition::InventoryLoaded, true);
+    let r = get(server.addr, "/readyz").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Losing a condition (e.g. programs detached) makes it unready again.
+    state.set_ready(ReadyCondition::ProgramsAttached, false);
+    assert_eq!(get(server.addr, "/readyz").await.status, 503);
+
+    // Liveness is independent of readiness.
+    assert_eq!(get(server.addr, "/healthz").await.status, 200);
+    assert_eq!(get(server.addr, "/nope").await.status, 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_serves_the_text_format() {
+    let state = state();
+    state.metrics().set_build_info("0.1.0", "6.18.0", "node-1");
+    state.metrics().record_kernel_drops("no_socket", 4, 240);
+    let server = start(state.clone()).await;
+
+    let r = get(server.addr, "/metrics").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4"));
+    assert!(
+        r.body
+            .contains("deny_observer_build_info{kernel_release=\"6.18.0\",node=\"node-1\",version=\"0.1.0\"} 1"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body
+            .contains("deny_observer_kernel_drops_total{reason=\"no_socket\"} 4"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body
+            .contains("# TYPE deny_observer_kernel_drops_total counter")
+    );
+
+    // Each scrape renders the current values.
+    state.metrics().record_kernel_drops("no_socket", 1, 60);
+    let r = get(server.addr, "/metrics").await;
+    assert!(
+        r.body
+            .contains("deny_observer_kernel_drops_total{reason=\"no_socket\"} 5"),
+        "{}",
+        r.body
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn healthz_fails_when_the_main_loop_stalls() {
+    let metrics = Arc::new(Metrics::new(MetricsConfig::default()).expect("metrics"));
+    let state = Arc::new(HttpState::new(metrics).with_stall_after(Duration::from_millis(200)));
+    let server = start(state.clone()).await;
+
+    // Before the first heartbeat: alive (startup is readiness' business).
+    assert_eq!(get(server.addr, "/healthz").await.status, 200);
+    state.heartbeat();
+    assert_eq!(get(server.addr, "/healthz").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = get(server.addr, "/healthz").await;
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("stalled"), "{}", r.body);
+    state.heartbeat();
+    assert_eq!(get(server.addr, "/healthz").await.status, 200);
+    server.stop().await;
+}
