@@ -9,8 +9,8 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -64,42 +64,98 @@ pub struct FloodStats {
     pub elapsed: Duration,
 }
 
-/// Sends until `stop` is set (or `limit` packets per thread, if given) and returns the totals.
-pub fn flood(
-    cfg: &FloodConfig,
-    stop: Arc<AtomicBool>,
-    limit: Option<u64>,
-) -> anyhow::Result<FloodStats> {
+/// When a flood ends.
+#[derive(Clone, Debug)]
+pub enum Until {
+    /// After this long (measured from the moment every thread is ready to send).
+    Elapsed(Duration),
+    /// When each thread has sent this many packets.
+    PacketsPerThread(u64),
+    /// When the flag is set.
+    Flag(Arc<AtomicBool>),
+}
+
+/// Floods until `until` and returns the totals. Threads build their packets and sockets first,
+/// then start together, so [`FloodStats::elapsed`] covers sending only.
+pub fn flood(cfg: &FloodConfig, until: Until) -> anyhow::Result<FloodStats> {
     if cfg.flows == 0 || cfg.threads == 0 || cfg.batch == 0 {
         bail!("flood needs at least one flow, thread and message per batch: {cfg:?}");
     }
-    let start = Instant::now();
+    if cfg.first_port == 0 || u32::from(cfg.first_port) + u32::from(cfg.flows) - 1 > 65_535 {
+        bail!(
+            "ports {}..{} are not all valid destination ports",
+            cfg.first_port,
+            u32::from(cfg.first_port) + u32::from(cfg.flows)
+        );
+    }
+    let start_line = Arc::new(Barrier::new(cfg.threads + 1));
+    let stop = match &until {
+        Until::Flag(flag) => flag.clone(),
+        _ => Arc::new(AtomicBool::new(false)),
+    };
+    let limit = match until {
+        Until::PacketsPerThread(n) => Some(n),
+        _ => None,
+    };
     let handles: Vec<_> = (0..cfg.threads)
         .map(|thread| {
             let cfg = cfg.clone();
             let stop = stop.clone();
-            std::thread::spawn(move || sender_thread(&cfg, thread, &stop, limit))
+            let start_line = start_line.clone();
+            std::thread::spawn(move || {
+                // Every thread reaches the start line, ready or not, so nobody waits forever.
+                let ready = prepare(&cfg, thread);
+                start_line.wait();
+                let result = ready.and_then(|sender| sender.run(&cfg, &stop, limit));
+                if result.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                result
+            })
         })
         .collect();
+    start_line.wait();
+    let start = Instant::now();
+    if let Until::Elapsed(d) = until {
+        while start.elapsed() < d && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5).min(d));
+        }
+        stop.store(true, Ordering::Relaxed);
+    }
     let mut total = FloodStats::default();
+    let mut first_error = None;
     for handle in handles {
-        let stats = handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("sender thread panicked"))??;
-        total.sent += stats.sent;
-        total.errors += stats.errors;
+        match handle.join() {
+            Ok(Ok(stats)) => {
+                total.sent += stats.sent;
+                total.errors += stats.errors;
+            }
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                first_error.get_or_insert(anyhow::anyhow!("a flood sender thread panicked"));
+            }
+        }
     }
     total.elapsed = start.elapsed();
-    Ok(total)
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
 }
 
-/// Sends exactly `count` packets (spread over the flows), for accuracy checks.
+/// Sends exactly `count` packets (cycling over the flows) from one thread, for accuracy checks.
 pub fn send_exact(cfg: &FloodConfig, count: u64) -> anyhow::Result<FloodStats> {
     let one = FloodConfig {
         threads: 1,
         ..cfg.clone()
     };
-    flood(&one, Arc::new(AtomicBool::new(false)), Some(count))
+    let stats = flood(&one, Until::PacketsPerThread(count))?;
+    if stats.sent != count {
+        bail!("sent {} of {count} packets", stats.sent);
+    }
+    Ok(stats)
 }
 
 /// Moves the calling thread into the named network namespace.
@@ -120,70 +176,98 @@ pub fn enter_netns(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sender_thread(
-    cfg: &FloodConfig,
-    thread: usize,
-    stop: &AtomicBool,
-    limit: Option<u64>,
-) -> anyhow::Result<FloodStats> {
+/// A thread's socket and packets, ready to send.
+struct Sender {
+    fd: OwnedFd,
+    packets: Vec<Packet>,
+}
+
+fn prepare(cfg: &FloodConfig, thread: usize) -> anyhow::Result<Sender> {
     if let Some(ns) = &cfg.netns {
         enter_netns(ns)?;
     }
     let src = source_address_for(cfg.dst)?;
     let packets = build_packets(cfg, src, thread)?;
     let fd = open_socket(cfg)?;
-    let mut stats = FloodStats::default();
-    let mut next = 0usize;
-    let mut storage: Vec<libc::sockaddr_storage> = Vec::with_capacity(cfg.batch);
-    let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(cfg.batch);
-    let mut headers: Vec<libc::mmsghdr> = Vec::with_capacity(cfg.batch);
-    while !stop.load(Ordering::Relaxed) {
-        let want = match limit {
-            Some(limit) if stats.sent >= limit => break,
-            Some(limit) => usize::try_from(limit - stats.sent)
-                .unwrap_or(usize::MAX)
-                .min(cfg.batch),
-            None => cfg.batch,
-        };
-        storage.clear();
-        iovecs.clear();
-        headers.clear();
-        for i in 0..want {
-            let packet = &packets[(next + i) % packets.len()];
-            storage.push(packet.addr);
-            iovecs.push(libc::iovec {
-                iov_base: packet.bytes.as_ptr() as *mut libc::c_void,
-                iov_len: packet.bytes.len(),
-            });
+    Ok(Sender { fd, packets })
+}
+
+impl Sender {
+    fn run(
+        &self,
+        cfg: &FloodConfig,
+        stop: &AtomicBool,
+        limit: Option<u64>,
+    ) -> anyhow::Result<FloodStats> {
+        let packets = &self.packets;
+        let mut stats = FloodStats::default();
+        let mut next = 0usize;
+        let mut storage: Vec<libc::sockaddr_storage> = Vec::with_capacity(cfg.batch);
+        let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(cfg.batch);
+        let mut headers: Vec<libc::mmsghdr> = Vec::with_capacity(cfg.batch);
+        while !stop.load(Ordering::Relaxed) {
+            let want = match limit {
+                Some(limit) if stats.sent >= limit => break,
+                Some(limit) => usize::try_from(limit - stats.sent)
+                    .unwrap_or(usize::MAX)
+                    .min(cfg.batch),
+                None => cfg.batch,
+            };
+            // The three vectors never grow past `batch`, so the pointers taken below stay
+            // valid: nothing reallocates between filling them and the system call.
+            storage.clear();
+            iovecs.clear();
+            headers.clear();
+            for i in 0..want {
+                let packet = &packets[(next + i) % packets.len()];
+                storage.push(packet.addr);
+                iovecs.push(libc::iovec {
+                    iov_base: packet.bytes.as_ptr() as *mut libc::c_void,
+                    iov_len: packet.bytes.len(),
+                });
+            }
+            for i in 0..want {
+                // SAFETY: mmsghdr is plain data; zero is a valid empty header.
+                let mut header: libc::mmsghdr = unsafe { zeroed() };
+                header.msg_hdr.msg_name = (&mut storage[i] as *mut libc::sockaddr_storage).cast();
+                header.msg_hdr.msg_namelen = packets[(next + i) % packets.len()].addr_len;
+                header.msg_hdr.msg_iov = &mut iovecs[i];
+                header.msg_hdr.msg_iovlen = 1;
+                headers.push(header);
+            }
+            // SAFETY: every header points into `storage`/`iovecs`/`packets`, which outlive the
+            // call and are not moved while it runs.
+            let n = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    headers.as_mut_ptr(),
+                    u32::try_from(want).unwrap_or(u32::MAX),
+                    0,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    // Transient: queues full, or a signal. Try again; count it.
+                    Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR) => {
+                        stats.errors += 1;
+                        continue;
+                    }
+                    // Anything else (EPERM from an egress rule, EINVAL, no route) repeats on
+                    // every call: looping would spin forever, so report it.
+                    _ => {
+                        return Err(err).with_context(|| {
+                            format!("sendmmsg of {} to {}", cfg.kind.name(), cfg.dst)
+                        });
+                    }
+                }
+            }
+            let n = usize::try_from(n).unwrap_or(0);
+            stats.sent += n as u64;
+            next = (next + n) % packets.len();
         }
-        for i in 0..want {
-            // SAFETY: mmsghdr is plain data; zero is a valid empty header.
-            let mut header: libc::mmsghdr = unsafe { zeroed() };
-            header.msg_hdr.msg_name = (&mut storage[i] as *mut libc::sockaddr_storage).cast();
-            header.msg_hdr.msg_namelen = packets[(next + i) % packets.len()].addr_len;
-            header.msg_hdr.msg_iov = &mut iovecs[i];
-            header.msg_hdr.msg_iovlen = 1;
-            headers.push(header);
-        }
-        // SAFETY: every header points into `storage`/`iovecs`/`packets`, which outlive the call
-        // and are not moved while it runs.
-        let n = unsafe {
-            libc::sendmmsg(
-                fd.as_raw_fd(),
-                headers.as_mut_ptr(),
-                u32::try_from(want).unwrap_or(u32::MAX),
-                0,
-            )
-        };
-        if n < 0 {
-            stats.errors += 1;
-            continue;
-        }
-        let n = usize::try_from(n).unwrap_or(0);
-        stats.sent += n as u64;
-        next = (next + n) % packets.len();
+        Ok(stats)
     }
-    Ok(stats)
 }
 
 struct Packet {
