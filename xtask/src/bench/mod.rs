@@ -224,6 +224,7 @@ struct Bench {
     dst: PodId,
     dst_ip: IpAddr,
     inventory: tempfile::TempDir,
+    logs: tempfile::TempDir,
     bin: PathBuf,
     threads: usize,
     window: Duration,
@@ -387,12 +388,17 @@ impl Bench {
         }
         manifests::write_list(inventory.path(), "bench.json", objects)
             .context("writing the inventory")?;
+        let logs = tempfile::Builder::new()
+            .prefix("deny-observer-bench-logs-")
+            .tempdir()
+            .context("creating the log directory")?;
         Ok(Self {
             node,
             src,
             dst,
             dst_ip,
             inventory,
+            logs,
             bin: bin.to_owned(),
             threads,
             window,
@@ -422,14 +428,7 @@ impl Bench {
     }
 
     fn log(&self, what: &str) -> PathBuf {
-        self.inventory
-            .path()
-            .parent()
-            .unwrap_or(Path::new("/tmp"))
-            .join(format!(
-                "deny-observer-bench-{}-{what}.log",
-                std::process::id()
-            ))
+        self.logs.path().join(format!("{what}.log"))
     }
 
     fn session(

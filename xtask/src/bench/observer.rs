@@ -79,10 +79,10 @@ impl Proc {
         Ok(())
     }
 
-    /// Sends `signal` and waits up to `grace` for the exit; then kills.
-    fn stop(&mut self, signal: i32, grace: Duration) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
-            return;
+    /// Sends `signal` and waits up to `grace` for the exit; then kills. Returns how it ended.
+    fn stop(&mut self, signal: i32, grace: Duration) -> String {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return format!("had already exited ({status}) before it was signalled");
         }
         if let Ok(pid) = i32::try_from(self.child.id()) {
             // SAFETY: signalling our own child, not yet reaped (we own its Child).
@@ -92,19 +92,23 @@ impl Proc {
         }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return format!("exited ({status}) after signal {signal}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        format!(
+            "killed: no exit within {} s of signal {signal}",
+            grace.as_secs()
+        )
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        self.stop(libc::SIGTERM, Duration::from_secs(5));
+        let _ = self.stop(libc::SIGTERM, Duration::from_secs(5));
     }
 }
 
@@ -221,11 +225,11 @@ impl Bpftrace {
 
     /// Stops bpftrace (SIGINT, as Ctrl-C) and returns its map: reason number → count.
     pub fn finish(mut self) -> anyhow::Result<BTreeMap<u64, u64>> {
-        self.proc.stop(libc::SIGINT, Duration::from_secs(20));
+        let ended = self.proc.stop(libc::SIGINT, Duration::from_secs(20));
         let out = self.proc.output();
         let counts = parse_bpftrace_counts(&out);
         if counts.is_empty() {
-            bail!("bpftrace printed no counts at exit:\n{out}");
+            bail!("bpftrace printed no counts; it {ended}; its output:\n{out}");
         }
         Ok(counts)
     }

@@ -207,7 +207,7 @@ pub fn machine() -> String {
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
     let virt = cmd::output(&mut cmd("systemd-detect-virt", Vec::<&str>::new()))
-        .map(|s| format!(", {} VM", s.trim()))
+        .map(|s| format!(", virtualization: {}", s.trim()))
         .unwrap_or_default();
     format!("{cores} cores ({cpu}){virt}, Linux {kernel}")
 }
