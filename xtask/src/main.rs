@@ -120,17 +120,17 @@ fn run(task: Task) -> anyhow::Result<()> {
     }
 }
 
-fn cargo(root: &Path) -> Command {
+fn cargo(root: &Path) -> anyhow::Result<Command> {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.current_dir(root);
-    c
+    c.current_dir(root).env("PATH", setup::build_path()?);
+    Ok(c)
 }
 
 /// `cargo build --release -p observer`; returns the daemon's path.
 fn build(root: &Path) -> anyhow::Result<PathBuf> {
     eprintln!("build: cargo build --release -p observer");
     cmd::interactive(
-        cargo(root)
+        cargo(root)?
             .args(["build", "--release", "-p", "observer"])
             // The eBPF object must be built and embedded, whatever the caller's shell says.
             .env_remove("AYA_BUILD_SKIP"),
@@ -160,9 +160,9 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
         }
     };
 
-    eprintln!("test: cargo test --workspace");
-    let mut c = cargo(root);
-    c.args(["test", "--workspace"]);
+    eprintln!("test: cargo test --workspace --no-fail-fast");
+    let mut c = cargo(root)?;
+    c.args(["test", "--workspace", "--no-fail-fast"]);
     with_env(&mut c);
     cmd::interactive(&mut c)?;
 
@@ -172,7 +172,7 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
     // Property tests run with proptest's default 256 cases above; this pass digs deeper into
     // the pure logic (library unit tests only, so the cost stays bounded).
     eprintln!("test: deeper property-test pass (PROPTEST_CASES=2048, library unit tests)");
-    let mut c = cargo(root);
+    let mut c = cargo(root)?;
     c.args(["test", "--workspace", "--lib"])
         .env("PROPTEST_CASES", "2048");
     with_env(&mut c);
@@ -181,7 +181,11 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
     if root.join("fuzz/Cargo.toml").is_file() {
         fuzz(root)?;
     }
-    eprintln!("test: all passed");
+    if skip_privileged {
+        eprintln!("test: all passed, but the privileged tests were SKIPPED (--skip-privileged)");
+    } else {
+        eprintln!("test: all passed");
+    }
     Ok(())
 }
 

@@ -110,13 +110,18 @@ impl KernelBtf {
         let mut any = false;
         for member in parts {
             any = true;
-            let (off, ty) =
-                self.find_member(&current, member)?
-                    .ok_or_else(|| BtfError::NoMember {
-                        path: path.to_owned(),
-                        ty: current_name.clone(),
-                        member: member.to_owned(),
-                    })?;
+            let found = self.find_member(&current, member).map_err(|e| match e {
+                BtfError::NotComposite { .. } => BtfError::NotComposite {
+                    path: path.to_owned(),
+                    member: current_name.clone(),
+                },
+                other => other,
+            })?;
+            let (off, ty) = found.ok_or_else(|| BtfError::NoMember {
+                path: path.to_owned(),
+                ty: current_name.clone(),
+                member: member.to_owned(),
+            })?;
             bits += u64::from(off);
             current_name = member.to_owned();
             current = ty;
@@ -331,6 +336,11 @@ mod tests {
         assert!(err.to_string().contains("no_such_struct_xyz"), "{err}");
         let err = btf.member_offset("sk_buff.len.x").unwrap_err();
         assert!(matches!(err, BtfError::NotComposite { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("sk_buff.len.x") && msg.contains("\"len\""),
+            "{msg}"
+        );
     }
 
     #[test]

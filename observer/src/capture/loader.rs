@@ -6,6 +6,7 @@ use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use observer_ebpf::{Counter, FlowKey, FlowValue, MAX_REASONS, ProgramConfig, SampleEvent};
 
+use super::batch::Batch;
 use super::btf::KernelBtf;
 use super::drain::DrainState;
 use super::tracefs::{self, KfreeSkbFields, ReasonTable};
@@ -27,6 +28,12 @@ pub struct Capture {
     pub(super) state: DrainState,
     pub(super) capacity: u32,
     pub(super) idle_drains: u32,
+    /// Batch lookups work on this kernel (cleared on the first failure).
+    pub(super) use_batch: bool,
+    pub(super) flow_batch: Batch,
+    pub(super) totals_batch: Batch,
+    /// Reused buffer of flow entries.
+    pub(super) scratch: Vec<(FlowKey, FlowValue)>,
 }
 
 impl std::fmt::Debug for Capture {
@@ -124,6 +131,11 @@ impl Capture {
     /// `config`, and attaches it to `skb:kfree_skb`.
     pub fn load(config: &CaptureConfig) -> Result<Self, CaptureError> {
         validate(config)?;
+        if EBPF_OBJECT.is_empty() {
+            return Err(CaptureError::Missing(
+                "kernel program: this binary was built with AYA_BUILD_SKIP=1 (run `cargo xtask build`)",
+            ));
+        }
         tracefs::ensure_mounted()?;
         let fmt = tracefs::read_kfree_skb_format(Path::new(tracefs::TRACEFS_ROOT))?;
         let fields = KfreeSkbFields::from_format(&fmt)?;
@@ -177,6 +189,9 @@ impl Capture {
         )
         .map_err(map_err("SAMPLES"))?;
         let state = DrainState::new(&reasons);
+        let nr_cpus = aya::util::nr_cpus().map_err(|(path, e)| {
+            CaptureError::Config(format!("reading the CPU count from {path}: {e}"))
+        })?;
         Ok(Self {
             _ebpf: ebpf,
             flows,
@@ -187,6 +202,10 @@ impl Capture {
             state,
             capacity: config.flow_map_entries,
             idle_drains: config.idle_drains,
+            use_batch: true,
+            flow_batch: Batch::new::<FlowValue>(nr_cpus, 4096),
+            totals_batch: Batch::new::<Counter>(nr_cpus, MAX_REASONS as usize),
+            scratch: Vec::new(),
         })
     }
 

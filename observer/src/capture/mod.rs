@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use crate::flow::Protocol;
 
+mod batch;
 pub mod btf;
 mod decode;
 mod drain;
