@@ -45,6 +45,12 @@ const OVERFLOW_FLOWS: u16 = 8192;
 const TINY_RINGBUF: u32 = 4096;
 /// How long the daemon may take to show a window's drops before we give up waiting.
 const CATCH_UP: Duration = Duration::from_secs(3);
+/// The daemon's drain interval (its `--drain-interval-ms` default) plus a margin: after this,
+/// a window's drops have been drained once more.
+const DRAIN_SETTLE: Duration = Duration::from_millis(1300);
+/// Packets in each latency burst, and bursts per daemon session.
+const BURST: u64 = 1000;
+const BURSTS: usize = 2;
 /// Batch of messages per `sendmmsg`.
 const BATCH: usize = 64;
 
@@ -129,8 +135,8 @@ pub struct Window {
     pub elapsed: Duration,
     /// What the observer counted for this window, when it can say per window (the daemon).
     pub counted: Option<u64>,
-    /// From the end of the flood until the daemon's /metrics showed every drop.
-    pub latency: Option<Duration>,
+    /// Packets the daemon reported lost to flow-map eviction meanwhile (whole node).
+    pub lost: Option<u64>,
     /// Observer CPU time over the window (including the catch-up).
     pub cpu: Option<Duration>,
 }
@@ -149,6 +155,10 @@ pub struct Session {
     pub windows: Vec<Window>,
     /// eBPF run time per program run, from the stats window.
     pub ns_per_drop: Option<f64>,
+    /// Drop → counter latency of small bursts: `None` where /metrics never showed the burst.
+    pub latencies: Vec<Option<Duration>>,
+    /// Observer CPU per second of wall time with no flood (its fixed cost).
+    pub idle_cpu: Option<f64>,
     /// Peak RSS of the observer.
     pub peak_rss: Option<u64>,
     /// Session-wide `(counted, actual)` when the observer can only say at the end (bpftrace).
@@ -456,11 +466,23 @@ impl Bench {
                     sizes,
                     self.log(&format!("daemon-{round}")),
                 )?;
+                let pid = daemon.proc.pid();
+                let cpu0 = sys::process_cpu(pid)?;
+                let idle = Instant::now();
+                std::thread::sleep(Duration::from_secs(1));
+                session.idle_cpu = Some(
+                    sys::process_cpu(pid)?.saturating_sub(cpu0).as_secs_f64()
+                        / idle.elapsed().as_secs_f64(),
+                );
                 for s in scenarios {
-                    let pid = daemon.proc.pid();
                     session
                         .windows
                         .push(self.window(s, Some(pid), Some(&mut daemon))?);
+                }
+                for i in 0..BURSTS {
+                    // Bursts at different phases of the drain cycle.
+                    std::thread::sleep(Duration::from_millis(330 * i as u64));
+                    session.latencies.push(self.burst_latency(&mut daemon)?);
                 }
                 session.ns_per_drop = self.stats_window(scenarios, &daemon.proc.progs)?;
                 session.peak_rss = sys::peak_rss(daemon.proc.pid()).ok();
@@ -495,7 +517,10 @@ impl Bench {
     ) -> anyhow::Result<Window> {
         let cfg = self.flood_config(scenario.kind, scenario.flows, FIRST_PORT)?;
         let base_counted = match daemon.as_deref_mut() {
-            Some(d) => Some(counted(&d.scrape()?.0)),
+            Some(d) => {
+                let m = d.scrape()?.0;
+                Some((counted(&m), lost_evicted(&m)))
+            }
             None => None,
         };
         let cpu0 = observer_pid.map(sys::process_cpu).transpose()?;
@@ -511,21 +536,41 @@ impl Bench {
             ..Window::default()
         };
         if let (Some(d), Some(base)) = (daemon, base_counted) {
-            let mut last = base;
-            while flood_end.elapsed() < CATCH_UP {
-                last = counted(&d.scrape()?.0);
-                if last.saturating_sub(base) >= actual {
-                    w.latency = Some(flood_end.elapsed());
+            // No polling during the drain: scrapes cost the daemon CPU, which would be billed
+            // to the drops. Wait for a drain, then look; poll only if it is not all there yet.
+            std::thread::sleep(DRAIN_SETTLE);
+            loop {
+                let m = d.scrape()?.0;
+                w.counted = Some(counted(&m).saturating_sub(base.0));
+                w.lost = Some(lost_evicted(&m).saturating_sub(base.1));
+                if w.counted >= Some(actual) || flood_end.elapsed() > CATCH_UP {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(25));
+                std::thread::sleep(Duration::from_millis(100));
             }
-            w.counted = Some(last.saturating_sub(base));
         }
         if let (Some(pid), Some(c0)) = (observer_pid, cpu0) {
             w.cpu = Some(sys::process_cpu(pid)?.saturating_sub(c0));
         }
         Ok(w)
+    }
+
+    /// Sends [`BURST`] datagrams and polls /metrics until they all show: the time from the
+    /// last one sent until then. Uses the few-flows ports, whose keys are already in the map.
+    fn burst_latency(&self, daemon: &mut Daemon) -> anyhow::Result<Option<Duration>> {
+        let cfg = self.flood_config(FloodKind::Udp, FEW_FLOWS, FIRST_PORT)?;
+        let base = counted(&daemon.scrape()?.0);
+        let before = self.dropped()?;
+        flood::send_exact(&cfg, BURST)?;
+        let sent = Instant::now();
+        let actual = self.dropped()? - before;
+        while sent.elapsed() < CATCH_UP {
+            if counted(&daemon.scrape()?.0).saturating_sub(base) >= actual {
+                return Ok(Some(sent.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(None)
     }
 
     /// A short few-flows flood with `bpf_stats_enabled` on: run time per program run.
