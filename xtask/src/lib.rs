@@ -2,9 +2,11 @@
 //! share with them: a simulated Kubernetes node on the real kernel ([`simnode`]), inventory
 //! manifests for it ([`manifests`]) and a `/metrics` reader ([`metrics`]).
 
+pub mod bench;
 pub mod cmd;
 pub mod daemon;
 pub mod demo;
+pub mod flood;
 pub mod manifests;
 pub mod metrics;
 pub mod setup;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
-use xtask::{BIN_ENV, SKIP_PRIVILEGED_ENV, cmd, demo, setup, workspace_root};
+use xtask::{BIN_ENV, SKIP_PRIVILEGED_ENV, bench, cmd, demo, setup, workspace_root};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "deny-observer developer tasks")]
@@ -50,6 +50,9 @@ enum Task {
     DeployCheck,
     /// Regenerate deploy/all-in-one.yaml and the PrometheusRule from their sources.
     DeployRender,
+    /// Benchmark (root): drops/s, CPU, eBPF ns/drop, memory, accuracy and latency of
+    /// deny-observer during a deny flood, against no observer and a bpftrace peer.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -100,6 +103,19 @@ fn run(task: Task) -> anyhow::Result<()> {
                 metrics_addr,
                 duration: duration.map(Duration::from_secs),
             })
+        }
+        Task::Bench(args) => {
+            if !cmd::is_root() {
+                bail!("cargo xtask bench needs root (netns, nftables, BPF); run it as root");
+            }
+            let bin = match &args.daemon {
+                Some(bin) => bin.clone(),
+                None => {
+                    setup::run()?;
+                    build(&root)?
+                }
+            };
+            bench::run(&args, &bin)
         }
     }
 }
