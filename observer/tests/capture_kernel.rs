@@ -31,7 +31,7 @@ const TCP_DROP: u16 = 8443;
 const UDP_ALLOW: u16 = 7000;
 const UDP_EXT_DROP: u16 = 5354;
 const FLOOD_LO: u16 = 20000;
-const FLOOD_HI: u16 = 20999;
+const FLOOD_HI: u16 = 29999;
 
 fn privileged(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -557,7 +557,12 @@ fn counts_nft_drops_exactly() {
     );
     let lost: u64 = reports.iter().map(|r| r.losses.evicted_packets).sum();
     assert_eq!(lost, 0);
-    assert!(reports.iter().all(|r| r.flow_map_capacity == 65536));
+    let kernel_size = observer::capture::lru_entries(65536, aya::util::nr_cpus().unwrap());
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.flow_map_capacity == u64::from(kernel_size))
+    );
     assert!(
         reports
             .iter()
@@ -595,19 +600,24 @@ fn tiny_flow_map_reports_evictions() {
     })
     .unwrap();
     let mut reports = Vec::new();
-    const PORTS: u16 = 300;
-    for chunk in 0..3u16 {
-        net.in_ns(&net.src, || {
-            for p in 0..PORTS / 3 {
-                let port = FLOOD_LO + chunk * (PORTS / 3) + p;
-                send_udp(IpAddr::V4(DST4), port, 3);
-            }
-        });
-        reports.push(capture.drain().unwrap());
-    }
+    // Twice what the kernel map holds (its size has headroom over the 16 asked for).
+    let nr_cpus = aya::util::nr_cpus().unwrap();
+    let ports = u16::try_from(observer::capture::lru_entries(16, nr_cpus) * 2).unwrap();
+    assert!(
+        ports <= FLOOD_HI - FLOOD_LO + 1,
+        "{ports} flows do not fit the nft flood range"
+    );
+    // All flows before one drain: evicting a key that a drain already read loses nothing, so
+    // only keys evicted before any drain saw them show up as loss.
+    net.in_ns(&net.src, || {
+        for p in 0..ports {
+            send_udp(IpAddr::V4(DST4), FLOOD_LO + p, 3);
+        }
+    });
+    reports.push(capture.drain().unwrap());
     reports.extend(drain_settled(&mut capture));
     let (nft_packets, nft_bytes) = net.counter("flood");
-    assert_eq!(nft_packets, u64::from(PORTS) * 3);
+    assert_eq!(nft_packets, u64::from(ports) * 3);
     let counted: u64 = reports
         .iter()
         .flat_map(|r| &r.drops)
@@ -617,7 +627,7 @@ fn tiny_flow_map_reports_evictions() {
     let evicted: u64 = reports.iter().map(|r| r.losses.evicted_packets).sum();
     let evicted_bytes: u64 = reports.iter().map(|r| r.losses.evicted_bytes).sum();
     eprintln!("counted {counted}, evicted {evicted}, nft {nft_packets}");
-    assert!(evicted > 0, "a 16-entry map cannot hold {PORTS} flows");
+    assert!(evicted > 0, "a 16-entry map cannot hold {ports} flows");
     assert_eq!(counted + evicted, nft_packets);
     assert_eq!(counted_bytes + evicted_bytes, nft_bytes);
     let kernel_total: u64 = reports
@@ -626,7 +636,8 @@ fn tiny_flow_map_reports_evictions() {
         .map(|(_, p, _)| p)
         .sum();
     assert_eq!(kernel_total, nft_packets, "per-reason totals are exact");
-    assert!(reports.iter().all(|r| r.flow_map_entries <= 16));
+    let kernel_size = u64::from(observer::capture::lru_entries(16, nr_cpus));
+    assert!(reports.iter().all(|r| r.flow_map_entries <= kernel_size));
 }
 
 /// 50,000 distinct flows: every packet is accounted (counted or reported lost), and a drain of a

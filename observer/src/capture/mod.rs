@@ -29,7 +29,7 @@ mod loader;
 pub mod tracefs;
 
 pub use decode::decode;
-pub use loader::Capture;
+pub use loader::{Capture, lru_entries};
 pub use tracefs::ReasonTable;
 
 /// Which drop reasons the kernel program counts.
