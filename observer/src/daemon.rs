@@ -327,9 +327,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     let interval = Duration::from_millis(args.drain_interval_ms.max(10));
     let pipeline_stop = Arc::clone(&stopping);
+    // Every pipeline log line carries the node, so logs aggregated from a DaemonSet say where.
+    let span = tracing::info_span!("pipeline", node = %args.node_name);
     let pipeline_thread = std::thread::Builder::new()
         .name("pipeline".into())
-        .spawn(move || pipeline.run(interval, &pipeline_stop))
+        .spawn(move || span.in_scope(|| pipeline.run(interval, &pipeline_stop)))
         .context("starting the pipeline thread")?;
 
     wait_for_signal().await;
