@@ -56,7 +56,7 @@ pub struct FlowKey {
     pub family: u8,
 }
 
-/// Per-CPU value of the flow map, and of the per-reason totals array.
+/// Packets and bytes: the per-CPU value of the per-reason totals array.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct Counter {
@@ -64,6 +64,23 @@ pub struct Counter {
     pub packets: u64,
     /// Dropped bytes (`skb->len` at the drop point).
     pub bytes: u64,
+}
+
+/// Per-CPU value of the flow map.
+///
+/// `created_ns` tells userspace that an entry was evicted and re-created between two drains even
+/// when the new counts are already larger than the old ones: the CPU that inserts a key stamps
+/// its slot with `bpf_ktime_get_ns()`, the other CPUs' slots start at zero, so the maximum over
+/// CPUs identifies one incarnation of the key.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    /// Dropped packets.
+    pub packets: u64,
+    /// Dropped bytes (`skb->len` at the drop point).
+    pub bytes: u64,
+    /// Insertion time of this incarnation of the key on the inserting CPU, 0 on the others.
+    pub created_ns: u64,
 }
 
 /// Sample event sent through the ring buffer the first time a CPU inserts a flow key.
@@ -129,8 +146,9 @@ pub struct ProgramConfig {
     pub layout: KernelLayout,
     /// Non-zero: count every reason. Zero: only reasons whose bit is set in `reason_mask`.
     pub all_reasons: u32,
-    /// Padding, always zero.
-    pub _pad: u32,
+    /// Non-zero: only count drops whose `skb->dev` is in the network namespace with this inode
+    /// (tests, debugging one namespace). Zero: all namespaces.
+    pub netns_filter: u32,
     /// Bitmap of reasons to capture when `all_reasons` is zero (bit `r % 64` of word `r / 64`).
     pub reason_mask: [u64; (MAX_REASONS / 64) as usize],
 }
@@ -140,7 +158,7 @@ impl Default for ProgramConfig {
         Self {
             layout: KernelLayout::default(),
             all_reasons: 1,
-            _pad: 0,
+            netns_filter: 0,
             reason_mask: [0; (MAX_REASONS / 64) as usize],
         }
     }
@@ -148,10 +166,11 @@ impl Default for ProgramConfig {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are #[repr(C)], Copy, made only of integers and integer arrays, and have
+    // SAFETY: all of them are #[repr(C)], Copy, made only of integers and integer arrays, and have
     // no padding, so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::SampleEvent {}
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::ProgramConfig {}
@@ -166,6 +185,7 @@ mod tests {
     fn shared_types_have_no_padding() {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 4 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<Counter>(), 16);
+        assert_eq!(size_of::<FlowValue>(), 24);
         assert_eq!(
             size_of::<SampleEvent>(),
             8 + 8 + size_of::<FlowKey>() + 4 + 4 + 2 + 1 + 1

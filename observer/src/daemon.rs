@@ -1,20 +1,817 @@
 //! `deny-observer run`: wires capture → inventory → verdict → export → alert.
+//!
+//! The pipeline (drain, attribute, judge, record) runs on one OS thread: every step is
+//! synchronous (map syscalls, hash lookups, counters) and must never wait on the network. The
+//! tokio runtime serves HTTP, follows the inventory and sends Kubernetes Events; the pipeline
+//! hands Events over through a bounded channel and counts what does not fit.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, bail};
+use prometheus::{IntGaugeVec, Opts};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::alert::{self, AlertStage, DeniedEdge, SpikeTransition};
+use crate::capture::{self, Capture, CaptureConfig, ReasonFilter};
+use crate::export::events::{
+    DeniedTraffic, EventMetrics, EventsConfig, PeerRef, PodRef, PolicyDeniedEvents, SpikeNotice,
+    SpikePhase,
+};
+use crate::export::{
+    self, DropLabels, HttpState, Metrics, MetricsConfig, PolicyDenyLabels, PolicyMatch,
+    ReadyCondition,
+};
+use crate::flow::{Direction, Protocol};
+use crate::inventory::kube::{KubeInventory, KubeInventoryConfig};
+use crate::inventory::{self, Attributor, Endpoint, Inventory, NodeAddrs, ReloadStats};
+use crate::verdict::{Engine, FlowQuery, Peer, Verdict, VerdictCache};
+
+/// Log output format.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Arguments of `deny-observer run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Inventory source: a directory of Kubernetes manifests (YAML or JSON).
-    #[arg(long)]
-    pub inventory: String,
+    /// Inventory source: a directory of Kubernetes manifests (YAML or JSON, reloaded when it
+    /// changes), or `kube` for the API server. Defaults to `kube` inside a pod.
+    #[arg(long, env = "DENY_OBSERVER_INVENTORY")]
+    pub inventory: Option<String>,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9965")]
-    pub metrics_addr: std::net::SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// Drop reasons to capture: `all`, or a comma-separated list of kernel names
+    /// (`netfilter_drop,tc_ingress`; case and the `SKB_DROP_REASON_` prefix are optional).
+    #[arg(long, default_value = "all")]
+    pub reasons: String,
+    /// Entries of the in-kernel flow map (distinct flows counted exactly between drains).
+    #[arg(long, default_value_t = 65536)]
+    pub flow_map_entries: u32,
+    /// Size of the sample ring buffer in bytes (a power of two, a multiple of the page size).
+    #[arg(long, default_value_t = 256 * 1024)]
+    pub ringbuf_bytes: u32,
+    /// How often the flow map is drained, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub drain_interval_ms: u64,
+    /// Most label sets per attributed metric; the rest go to one `__overflow__` series.
+    #[arg(long, default_value_t = 10_000)]
+    pub series_limit: usize,
+    /// Seconds a workload must be gone from the inventory before its series are removed.
+    #[arg(long, default_value_t = 600)]
+    pub series_expiry_secs: u64,
+    /// How often the manifest directory is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub inventory_poll_ms: u64,
+    /// Publish Kubernetes Events (PolicyDenied, deny spikes); only with `--inventory kube`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub events: bool,
+    /// Node name (downward API), for logs and deny_observer_build_info.
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// Log format.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "human",
+        env = "DENY_OBSERVER_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// Spike detection, new-denied-edge and expected-deny settings.
+    #[command(flatten)]
+    pub alert: alert::AlertArgs,
 }
+
+/// Kernel drop reasons that mean "a packet filter decided": the ones NetworkPolicy
+/// enforcement produces (iptables/nftables CNIs, tc-based eBPF datapaths, cgroup programs).
+const POLICY_REASONS: &[&str] = &[
+    "netfilter_drop",
+    "tc_ingress",
+    "tc_egress",
+    "bpf_cgroup_egress",
+    "bpf_cgroup_ingress",
+];
+
+/// Most Kubernetes Event summaries queued between the pipeline and the publisher.
+const EVENT_QUEUE: usize = 1024;
 
 /// Entry point of `deny-observer run`.
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let _ = args;
-    anyhow::bail!("not wired yet")
+    init_tracing(args.log_format);
+    raise_memlock_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("deny-observer")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run(args))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests calling main twice) is harmless; ignore its error.
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large flow maps load.
+fn raise_memlock_limit() {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+        debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)"
+        );
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+fn parse_reasons(s: &str) -> ReasonFilter {
+    if s.trim().eq_ignore_ascii_case("all") {
+        return ReasonFilter::All;
+    }
+    ReasonFilter::Names(
+        s.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+/// Where the inventory comes from.
+enum Source {
+    Dir(PathBuf),
+    Kube,
+}
+
+fn source(arg: Option<&str>) -> anyhow::Result<Source> {
+    match arg {
+        Some("kube") => Ok(Source::Kube),
+        Some(dir) => Ok(Source::Dir(PathBuf::from(dir))),
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => Ok(Source::Kube),
+        None => bail!("--inventory is required outside a cluster: a manifest directory or `kube`"),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let source = source(args.inventory.as_deref())?;
+    let metrics = Arc::new(Metrics::new(MetricsConfig {
+        series_limit: args.series_limit,
+        expiry_grace: Duration::from_secs(args.series_expiry_secs),
+    })?);
+    let release = kernel_release();
+    metrics.set_build_info(env!("CARGO_PKG_VERSION"), &release, &args.node_name);
+    let open_namespaces = IntGaugeVec::new(
+        Opts::new(
+            "deny_observer_audit_open_namespace",
+            "1 when the namespace has no NetworkPolicy at all (an open field), else 0.",
+        ),
+        &["target_namespace"],
+    )?;
+    metrics.register(Box::new(open_namespaces.clone()))?;
+    let event_metrics = EventMetrics::new()?;
+    event_metrics.register(metrics.registry())?;
+    let alert_config = args.alert.to_config()?;
+    let alert = AlertStage::new(alert_config, metrics.registry(), SystemTime::now())?;
+
+    let http = Arc::new(HttpState::new(Arc::clone(&metrics)));
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {}", args.metrics_addr))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let http_task = {
+        let http = Arc::clone(&http);
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(err) = export::serve(listener, http, shutdown).await {
+                error!(error = %err, "HTTP server stopped");
+            }
+        })
+    };
+    info!(
+        addr = %args.metrics_addr,
+        node = %args.node_name,
+        kernel = %release,
+        "serving /metrics, /healthz, /readyz"
+    );
+
+    let mut node = NodeAddrs::from_host().unwrap_or_else(|err| {
+        warn!(error = %err, "cannot list this node's addresses; only loopback counts as node");
+        NodeAddrs::new(std::iter::empty())
+    });
+    if !args.node_name.is_empty() {
+        node = node.with_node_name(args.node_name.clone());
+    }
+
+    // Inventory first: in a cluster its sync takes a while, during which the capture program
+    // is already counting (unattributed drops are still per-reason exact).
+    let mut _kube_inventory = None;
+    let mut _dir_watch = None;
+    let mut reload_stats = None;
+    let mut events = PolicyDeniedEvents::disabled(event_metrics.clone());
+    let inventory_rx = match &source {
+        Source::Dir(dir) => {
+            let watch =
+                inventory::watch_dir(dir.clone(), Duration::from_millis(args.inventory_poll_ms))
+                    .await
+                    .with_context(|| format!("loading the inventory from {}", dir.display()))?;
+            http.set_ready(ReadyCondition::InventoryLoaded, true);
+            reload_stats = Some(watch.stats());
+            let rx = watch.subscribe();
+            _dir_watch = Some(watch);
+            rx
+        }
+        Source::Kube => {
+            let client = inventory::kube::default_client().await?;
+            let counter_metrics = Arc::clone(&metrics);
+            let kube = KubeInventory::start(
+                client.clone(),
+                Arc::new(move |resource: &str| counter_metrics.record_watch_error(resource)),
+                KubeInventoryConfig {
+                    node_name: (!args.node_name.is_empty()).then(|| args.node_name.clone()),
+                    ..KubeInventoryConfig::default()
+                },
+            );
+            let rx = kube.subscribe();
+            {
+                let http = Arc::clone(&http);
+                let mut ready = kube.subscribe();
+                let kube_ready = kube.is_ready();
+                // Ready once the first full sync has produced a snapshot.
+                tokio::spawn(async move {
+                    if kube_ready || ready.changed().await.is_ok() {
+                        http.set_ready(ReadyCondition::InventoryLoaded, true);
+                    }
+                });
+            }
+            if args.events {
+                events = PolicyDeniedEvents::new(
+                    client,
+                    EventsConfig {
+                        instance: (!args.node_name.is_empty()).then(|| args.node_name.clone()),
+                        ..EventsConfig::default()
+                    },
+                    event_metrics.clone(),
+                );
+            }
+            _kube_inventory = Some(kube);
+            rx
+        }
+    };
+
+    let capture_config = CaptureConfig {
+        reasons: parse_reasons(&args.reasons),
+        flow_map_entries: args.flow_map_entries,
+        ringbuf_bytes: args.ringbuf_bytes,
+        ..CaptureConfig::default()
+    };
+    let capture = tokio::task::spawn_blocking(move || Capture::load(&capture_config))
+        .await
+        .context("capture loader task")?
+        .context("loading the kfree_skb capture program")?;
+    http.set_ready(ReadyCondition::ProgramsAttached, true);
+    info!(
+        reasons = capture.reasons().len(),
+        flow_map_entries = args.flow_map_entries,
+        "capture program attached to skb:kfree_skb"
+    );
+
+    let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
+    let events_task = tokio::spawn(publish_events(events, event_rx, stop_rx.clone()));
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    let pipeline = Pipeline::new(
+        capture,
+        Arc::clone(&metrics),
+        Arc::clone(&http),
+        inventory_rx,
+        node,
+        alert,
+        open_namespaces,
+        reload_stats,
+        event_tx,
+    );
+    let interval = Duration::from_millis(args.drain_interval_ms.max(10));
+    let pipeline_stop = Arc::clone(&stopping);
+    let pipeline_thread = std::thread::Builder::new()
+        .name("pipeline".into())
+        .spawn(move || pipeline.run(interval, &pipeline_stop))
+        .context("starting the pipeline thread")?;
+
+    wait_for_signal().await;
+    info!("shutting down");
+    stopping.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let pipeline_result = tokio::task::spawn_blocking(move || pipeline_thread.join())
+        .await
+        .context("joining the pipeline")?;
+    let _ = http_task.await;
+    let _ = events_task.await;
+    match pipeline_result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(_) => bail!("the pipeline thread panicked"),
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// What the pipeline asks the Event publisher to do.
+enum EventMsg {
+    Denied(DeniedTraffic),
+    Spike(SpikeNotice),
+}
+
+async fn publish_events(
+    events: PolicyDeniedEvents,
+    mut rx: mpsc::Receiver<EventMsg>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut flush = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(EventMsg::Denied(d)) => { events.record(d).await; }
+                Some(EventMsg::Spike(s)) => { events.spike(&s).await; }
+                None => break,
+            },
+            _ = flush.tick() => { events.flush().await; }
+            changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
+        }
+    }
+    events.flush().await;
+}
+
+/// The per-snapshot views: rebuilt together whenever the inventory changes.
+struct Views {
+    attributor: Attributor,
+    engine: Engine,
+}
+
+/// The synchronous heart of the daemon.
+struct Pipeline {
+    capture: Capture,
+    metrics: Arc<Metrics>,
+    http: Arc<HttpState>,
+    inventory_rx: watch::Receiver<Arc<Inventory>>,
+    node: NodeAddrs,
+    views: Views,
+    cache: VerdictCache,
+    alert: AlertStage,
+    open_namespaces: IntGaugeVec,
+    reload_stats: Option<Arc<ReloadStats>>,
+    reloads_seen: (u64, u64),
+    events: mpsc::Sender<EventMsg>,
+    /// Workload kinds by (namespace, workload), for spike Events.
+    kinds: HashMap<(String, String), String>,
+    last_retain: Instant,
+}
+
+/// Verdict cache size: distinct (source, destination, protocol, port) flows remembered.
+const VERDICT_CACHE: usize = 65_536;
+/// How often series of vanished workloads are looked for.
+const RETAIN_EVERY: Duration = Duration::from_secs(30);
+
+impl Pipeline {
+    #[allow(clippy::too_many_arguments, reason = "one-time wiring of the stages")]
+    fn new(
+        capture: Capture,
+        metrics: Arc<Metrics>,
+        http: Arc<HttpState>,
+        inventory_rx: watch::Receiver<Arc<Inventory>>,
+        node: NodeAddrs,
+        alert: AlertStage,
+        open_namespaces: IntGaugeVec,
+        reload_stats: Option<Arc<ReloadStats>>,
+        events: mpsc::Sender<EventMsg>,
+    ) -> Self {
+        let empty = Arc::new(Inventory::default());
+        let mut pipeline = Self {
+            capture,
+            metrics,
+            http,
+            inventory_rx,
+            views: Views {
+                attributor: Attributor::new(&empty, node.clone()),
+                engine: Engine::new(empty),
+            },
+            node,
+            cache: VerdictCache::new(VERDICT_CACHE),
+            alert,
+            open_namespaces,
+            reload_stats,
+            reloads_seen: (0, 0),
+            events,
+            kinds: HashMap::new(),
+            last_retain: Instant::now(),
+        };
+        pipeline.refresh_inventory(true);
+        pipeline
+    }
+
+    fn run(mut self, interval: Duration, stop: &AtomicBool) {
+        let mut next = Instant::now() + interval;
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now < next {
+                std::thread::sleep((next - now).min(Duration::from_millis(100)));
+                continue;
+            }
+            next += interval;
+            if next < now {
+                next = now + interval;
+            }
+            self.tick();
+        }
+        // A last drain so that drops right before shutdown are not lost from the counters.
+        self.tick();
+        if let Err(err) = self.alert.shutdown(SystemTime::now()) {
+            warn!(error = %err, "could not save the denied-edge state");
+        }
+    }
+
+    fn refresh_inventory(&mut self, force: bool) {
+        if !force && !self.inventory_rx.has_changed().unwrap_or(false) {
+            return;
+        }
+        let inv = Arc::clone(&self.inventory_rx.borrow_and_update());
+        let counts = inv.counts();
+        self.metrics
+            .set_inventory_objects("namespaces", counts.namespaces);
+        self.metrics.set_inventory_objects("pods", counts.pods);
+        self.metrics
+            .set_inventory_objects("networkpolicies", counts.policies);
+        self.alert
+            .set_policies(inv.policies.iter().map(|p| p.as_ref()));
+        let engine = Engine::new(Arc::clone(&inv));
+        self.open_namespaces.reset();
+        for ns in engine.audit() {
+            self.open_namespaces
+                .with_label_values(&[ns.name.as_str()])
+                .set(i64::from(ns.open));
+        }
+        for warning in engine.warnings() {
+            warn!(warning = %warning, "NetworkPolicy the engine cannot fully honour");
+        }
+        self.views = Views {
+            attributor: Attributor::new(&inv, self.node.clone()),
+            engine,
+        };
+        self.cache.clear();
+        debug!(
+            pods = counts.pods,
+            policies = counts.policies,
+            namespaces = counts.namespaces,
+            "inventory snapshot in use"
+        );
+    }
+
+    fn export_reload_stats(&mut self) {
+        let Some(stats) = &self.reload_stats else {
+            return;
+        };
+        let (ok, failed) = (stats.reloads_ok(), stats.reloads_failed());
+        for _ in self.reloads_seen.0..ok {
+            self.metrics.record_reload(true);
+        }
+        for _ in self.reloads_seen.1..failed {
+            self.metrics.record_reload(false);
+        }
+        self.reloads_seen = (ok, failed);
+    }
+
+    fn tick(&mut self) {
+        self.refresh_inventory(false);
+        self.export_reload_stats();
+        let now = SystemTime::now();
+        match self.capture.drain() {
+            Ok(report) => self.record(report, now),
+            Err(err) => {
+                // A failed drain loses nothing: the kernel keeps counting and the next drain
+                // takes the whole delta. Say so loudly anyway.
+                error!(error = %err, "draining the flow map failed");
+            }
+        }
+        for sample in self.capture.samples() {
+            debug!(
+                reason = %sample.drop.reason,
+                src = ?sample.drop.src,
+                src_port = sample.src_port,
+                dst = ?sample.drop.dst,
+                dst_port = sample.drop.dst_port,
+                protocol = sample.drop.protocol.label(),
+                ifindex = sample.ifindex,
+                netns = sample.drop.netns,
+                "first drop of a new flow"
+            );
+        }
+        for transition in self.alert.tick(now) {
+            self.on_spike(&transition);
+        }
+        if self.last_retain.elapsed() >= RETAIN_EVERY {
+            self.last_retain = Instant::now();
+            let engine = &self.views.engine;
+            let inv = engine.inventory();
+            let live: std::collections::HashSet<(&str, &str)> = inv
+                .pods
+                .iter()
+                .map(|p| (p.namespace.as_str(), p.workload.name.as_str()))
+                .collect();
+            let removed = self
+                .metrics
+                .retain_workloads(&|ns, workload| live.contains(&(ns, workload)));
+            if removed > 0 {
+                debug!(
+                    removed,
+                    "removed series of workloads gone from the inventory"
+                );
+            }
+        }
+        self.http.heartbeat();
+    }
+
+    fn record(&mut self, report: capture::DrainReport, now: SystemTime) {
+        for (reason, packets, bytes) in &report.reason_totals {
+            self.metrics.record_kernel_drops(reason, *packets, *bytes);
+        }
+        let losses = report.losses;
+        for (stage, n) in [
+            ("ringbuf_full", losses.ringbuf_full),
+            ("flow_insert", losses.flow_insert),
+            ("skb_read", losses.skb_read),
+            ("flow_map_evicted", losses.evicted_packets),
+        ] {
+            if n > 0 {
+                self.metrics.record_loss(stage, n);
+            }
+        }
+        self.metrics
+            .set_flow_map(report.flow_map_entries, report.flow_map_capacity);
+        for drop in &report.drops {
+            self.record_drop(drop, now);
+        }
+    }
+
+    fn endpoint(&self, ip: Option<IpAddr>) -> Option<Endpoint> {
+        ip.map(|ip| self.views.attributor.lookup(ip))
+    }
+
+    fn record_drop(&mut self, drop: &capture::Drop, now: SystemTime) {
+        let src = self.endpoint(drop.src);
+        let dst = self.endpoint(drop.dst);
+        let verdict = self.verdict(drop, src.as_ref(), dst.as_ref());
+        let (src_ns, src_wl) = labels_of(src.as_ref());
+        let (dst_ns, dst_wl) = labels_of(dst.as_ref());
+        let direction = verdict
+            .as_ref()
+            .filter(|v| !v.allowed)
+            .and_then(|v| v.direction)
+            .unwrap_or(Direction::Unknown);
+        self.metrics.record_drop(
+            &DropLabels {
+                reason: &drop.reason,
+                direction,
+                source_namespace: src_ns,
+                source_workload: src_wl,
+                destination_namespace: dst_ns,
+                destination_workload: dst_wl,
+                protocol: drop.protocol,
+            },
+            drop.packets,
+            drop.bytes,
+        );
+        let Some(verdict) = verdict else {
+            return;
+        };
+        if !POLICY_REASONS.contains(&drop.reason.as_ref()) {
+            return;
+        }
+        if verdict.allowed {
+            self.metrics.record_policy_deny(
+                &PolicyDenyLabels {
+                    direction: Direction::Unknown,
+                    source_namespace: src_ns,
+                    source_workload: src_wl,
+                    destination_namespace: dst_ns,
+                    destination_workload: dst_wl,
+                    protocol: drop.protocol,
+                    policy: "",
+                    policy_match: PolicyMatch::Unexplained,
+                },
+                drop.packets,
+            );
+            return;
+        }
+        let policy = verdict.policy_label();
+        self.metrics.record_policy_deny(
+            &PolicyDenyLabels {
+                direction,
+                source_namespace: src_ns,
+                source_workload: src_wl,
+                destination_namespace: dst_ns,
+                destination_workload: dst_wl,
+                protocol: drop.protocol,
+                policy: &policy,
+                policy_match: PolicyMatch::DefaultDeny,
+            },
+            drop.packets,
+        );
+        let edge = DeniedEdge {
+            direction,
+            source_namespace: src_ns.to_owned(),
+            source_workload: src_wl.to_owned(),
+            destination_namespace: dst_ns.to_owned(),
+            destination_workload: dst_wl.to_owned(),
+            protocol: drop.protocol,
+            port: if drop.protocol.has_ports() {
+                drop.dst_port
+            } else {
+                0
+            },
+        };
+        let isolating: Vec<(&str, &str)> = verdict
+            .deciding_side()
+            .map(|side| {
+                side.isolating_policies
+                    .iter()
+                    .filter_map(|id| id.split_once('/'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let outcome = self
+            .alert
+            .record_deny(now, &edge, drop.packets, isolating.iter().copied());
+        if outcome.new_edge {
+            info!(
+                direction = %direction,
+                source = %format!("{src_ns}/{src_wl}"),
+                destination = %format!("{dst_ns}/{dst_wl}"),
+                protocol = drop.protocol.label(),
+                port = edge.port,
+                policy = %policy,
+                expected = outcome.expected,
+                "new denied edge"
+            );
+        }
+        let denied_side = match direction {
+            Direction::Egress => src.as_ref(),
+            _ => dst.as_ref(),
+        };
+        let peer = match direction {
+            Direction::Egress => dst.as_ref(),
+            _ => src.as_ref(),
+        };
+        if let Some(Endpoint::Pod(pod)) = denied_side {
+            self.kinds.insert(
+                (pod.namespace.clone(), pod.workload.name.clone()),
+                pod.workload.kind.clone(),
+            );
+            let side = verdict.deciding_side();
+            let msg = EventMsg::Denied(DeniedTraffic {
+                pod: PodRef {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                    uid: None,
+                },
+                direction,
+                protocol: drop.protocol,
+                port: drop.protocol.has_ports().then_some(drop.dst_port),
+                peer: PeerRef {
+                    namespace: peer
+                        .map(|p| p.namespace_label().to_owned())
+                        .unwrap_or_default(),
+                    workload: peer
+                        .map(|p| p.workload_label().to_owned())
+                        .unwrap_or_else(|| "unknown".to_owned()),
+                    kind: peer
+                        .map(|p| p.workload_kind().to_owned())
+                        .unwrap_or_default(),
+                },
+                packets: drop.packets,
+                window: Duration::from_secs(1),
+                isolating_policies: side
+                    .map(|s| s.isolating_policies.clone())
+                    .unwrap_or_default(),
+                nearest_misses: side
+                    .map(|s| {
+                        s.nearest_misses
+                            .iter()
+                            .map(|m| m.description.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            });
+            if self.events.try_send(msg).is_err() {
+                self.metrics.record_loss("event_queue_full", 1);
+            }
+        }
+    }
+
+    fn verdict(
+        &self,
+        drop: &capture::Drop,
+        src: Option<&Endpoint>,
+        dst: Option<&Endpoint>,
+    ) -> Option<Arc<Verdict>> {
+        let (src, dst) = (src?, dst?);
+        // Policies only speak about pods; between two non-pod addresses there is nothing to judge.
+        if src.pod().is_none() && dst.pod().is_none() {
+            return None;
+        }
+        let peer = |ep: &Endpoint, ip: Option<IpAddr>| match ep {
+            Endpoint::Pod(pod) => Some(Peer::Pod(Arc::clone(pod))),
+            _ => ip.map(Peer::External),
+        };
+        let query = FlowQuery {
+            src: peer(src, drop.src)?,
+            dst: peer(dst, drop.dst)?,
+            protocol: match drop.protocol {
+                Protocol::Other => return None,
+                p => p,
+            },
+            port: drop.dst_port,
+        };
+        Some(self.cache.get_or_evaluate(&self.views.engine, &query))
+    }
+
+    fn on_spike(&mut self, t: &SpikeTransition) {
+        if t.started {
+            warn!(spike = %t, "deny spike started");
+        } else {
+            info!(spike = %t, "deny spike ended");
+        }
+        let kind = self
+            .kinds
+            .get(&(t.key.workload_namespace.clone(), t.key.workload.clone()))
+            .cloned()
+            .unwrap_or_default();
+        let notice = SpikeNotice {
+            namespace: t.key.workload_namespace.clone(),
+            kind,
+            name: t.key.workload.clone(),
+            phase: if t.started {
+                SpikePhase::Started
+            } else {
+                SpikePhase::Ended
+            },
+            denied_per_minute: t.rate * 60.0,
+            baseline_per_minute: t.baseline * 60.0,
+            detail: Some(format!("{} denies", t.key.direction)),
+        };
+        if self.events.try_send(EventMsg::Spike(notice)).is_err() {
+            self.metrics.record_loss("event_queue_full", 1);
+        }
+    }
+}
+
+/// `(namespace, workload)` label values of an endpoint; `("", "unknown")` when the packet had
+/// no parsable address.
+fn labels_of(ep: Option<&Endpoint>) -> (&str, &str) {
+    match ep {
+        Some(ep) => (ep.namespace_label(), ep.workload_label()),
+        None => ("", "unknown"),
+    }
 }

@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 /// Why is my Kubernetes traffic denied? Kernel drops → pods, workloads and NetworkPolicies.
@@ -19,12 +20,31 @@ struct Cli {
 enum Command {
     /// Run the node daemon: capture drops, attribute them, serve /metrics.
     Run(observer::daemon::RunArgs),
+    /// Explain why a flow is allowed or denied by the NetworkPolicies of an inventory.
+    Explain(observer::verdict::ExplainArgs),
+    /// List namespaces with no NetworkPolicy ("open fields"), unisolated pods, unused policies.
+    Audit(observer::verdict::AuditArgs),
+}
+
+/// The inventory of `explain` and `audit`: the same loader as the daemon's.
+fn load(dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<observer::inventory::Inventory>> {
+    let inventory = observer::inventory::load_dir(dir)
+        .with_context(|| format!("loading the inventory from {}", dir.display()))?;
+    Ok(std::sync::Arc::new(inventory))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => observer::daemon::main(args),
+        Command::Explain(args) => load(&args.inventory).and_then(|inv| {
+            let code = observer::verdict::explain(&args, inv, &mut std::io::stdout().lock())?;
+            Ok(ExitCode::from(code))
+        }),
+        Command::Audit(args) => load(&args.inventory).and_then(|inv| {
+            let code = observer::verdict::audit(&args, inv, &mut std::io::stdout().lock())?;
+            Ok(ExitCode::from(code))
+        }),
     };
     match result {
         Ok(code) => code,

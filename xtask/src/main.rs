@@ -1,11 +1,201 @@
+//! `cargo xtask <command>`: set-up, build, tests and the demo for deny-observer.
+
 mod deploycheck;
 
-fn main() -> anyhow::Result<()> {
-    // The repository root: xtask lives one level below it.
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    match std::env::args().nth(1).as_deref() {
-        Some("deploy-check") => deploycheck::run(&root),
-        Some("deploy-render") => deploycheck::regenerate(&root),
-        other => anyhow::bail!("unknown xtask {other:?}: deploy-check | deploy-render"),
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+use xtask::{BIN_ENV, SKIP_PRIVILEGED_ENV, cmd, demo, setup, workspace_root};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "deny-observer developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what is missing: apt and pip packages, nightly rust-src, bpf-linker built
+    /// against the nightly's libLLVM; mount tracefs and bpffs. Idempotent.
+    Setup,
+    /// Setup, then build target/release/deny-observer with the eBPF object embedded.
+    Build,
+    /// Setup, build, then every test: unit, integration, privileged end-to-end, deploy checks,
+    /// and a deeper property-test pass.
+    Test {
+        /// Skip the tests that need root (sets DENY_OBSERVER_SKIP_PRIVILEGED=1).
+        #[arg(long)]
+        skip_privileged: bool,
+    },
+    /// Setup, build, then run the daemon on a simulated node with live allowed and denied
+    /// traffic, and show what is denied. Ctrl-C stops and cleans up.
+    Demo {
+        /// Stop after this many seconds (default: run until Ctrl-C).
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Where the daemon serves /metrics.
+        #[arg(long, default_value = "127.0.0.1:9965")]
+        metrics_addr: SocketAddr,
+        /// Run this daemon binary instead of building target/release/deny-observer.
+        #[arg(long)]
+        bin: Option<PathBuf>,
+    },
+    /// Check deploy/: promtool rules and tests, kustomize renders, schemas, security properties.
+    DeployCheck,
+    /// Regenerate deploy/all-in-one.yaml and the PrometheusRule from their sources.
+    DeployRender,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    let root = workspace_root();
+    match task {
+        Task::Setup => setup::run(),
+        Task::DeployCheck => deploycheck::run(&root),
+        Task::DeployRender => deploycheck::regenerate(&root),
+        Task::Build => {
+            setup::run()?;
+            build(&root).map(|_| ())
+        }
+        Task::Test { skip_privileged } => {
+            if !skip_privileged && !cmd::is_root() {
+                bail!(
+                    "the end-to-end tests need root (netns, nftables, BPF); run as root, or pass \
+                     --skip-privileged to skip them explicitly"
+                );
+            }
+            setup::run()?;
+            let bin = build(&root)?;
+            test(&root, &bin, skip_privileged)
+        }
+        Task::Demo {
+            duration,
+            metrics_addr,
+            bin,
+        } => {
+            setup::run()?;
+            let bin = match bin {
+                Some(bin) => bin,
+                None => build(&root)?,
+            };
+            demo::run(&demo::DemoOptions {
+                bin,
+                root,
+                metrics_addr,
+                duration: duration.map(Duration::from_secs),
+            })
+        }
+    }
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root);
+    c
+}
+
+/// `cargo build --release -p observer`; returns the daemon's path.
+fn build(root: &Path) -> anyhow::Result<PathBuf> {
+    eprintln!("build: cargo build --release -p observer");
+    cmd::interactive(
+        cargo(root)
+            .args(["build", "--release", "-p", "observer"])
+            // The eBPF object must be built and embedded, whatever the caller's shell says.
+            .env_remove("AYA_BUILD_SKIP"),
+    )?;
+    let bin = target_dir(root).join("release/deny-observer");
+    if !bin.is_file() {
+        bail!("the build succeeded but {} is missing", bin.display());
+    }
+    eprintln!("build: {}", bin.display());
+    Ok(bin)
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
+    let with_env = |c: &mut Command| {
+        c.env(BIN_ENV, bin).env_remove("AYA_BUILD_SKIP");
+        if skip_privileged {
+            c.env(SKIP_PRIVILEGED_ENV, "1");
+        } else {
+            // An inherited value must not skip them silently.
+            c.env_remove(SKIP_PRIVILEGED_ENV);
+        }
+    };
+
+    eprintln!("test: cargo test --workspace");
+    let mut c = cargo(root);
+    c.args(["test", "--workspace"]);
+    with_env(&mut c);
+    cmd::interactive(&mut c)?;
+
+    eprintln!("test: deploy checks");
+    deploycheck::run(root).context("deploy checks")?;
+
+    // Property tests run with proptest's default 256 cases above; this pass digs deeper into
+    // the pure logic (library unit tests only, so the cost stays bounded).
+    eprintln!("test: deeper property-test pass (PROPTEST_CASES=2048, library unit tests)");
+    let mut c = cargo(root);
+    c.args(["test", "--workspace", "--lib"])
+        .env("PROPTEST_CASES", "2048");
+    with_env(&mut c);
+    cmd::interactive(&mut c)?;
+
+    if root.join("fuzz/Cargo.toml").is_file() {
+        fuzz(root)?;
+    }
+    eprintln!("test: all passed");
+    Ok(())
+}
+
+/// A bounded cargo-fuzz pass (30 s per target) when the workspace has fuzz targets and
+/// cargo-fuzz is installed.
+fn fuzz(root: &Path) -> anyhow::Result<()> {
+    let fuzz_dir = root.join("fuzz");
+    let mut list = Command::new("cargo");
+    list.args(["+nightly", "fuzz", "list"]).current_dir(root);
+    let Ok(targets) = cmd::output(&mut list) else {
+        eprintln!(
+            "test: {} exists but `cargo +nightly fuzz` is not installed; fuzzing skipped",
+            fuzz_dir.display()
+        );
+        return Ok(());
+    };
+    for target in targets.lines().map(str::trim).filter(|t| !t.is_empty()) {
+        eprintln!("test: fuzzing {target} for 30 s");
+        cmd::interactive(
+            Command::new("cargo")
+                .args([
+                    "+nightly",
+                    "fuzz",
+                    "run",
+                    target,
+                    "--",
+                    "-max_total_time=30",
+                ])
+                .current_dir(root),
+        )?;
+    }
+    Ok(())
 }

@@ -1,1 +1,193 @@
-//! TODO
+//! Capture: loads the `skb:kfree_skb` program and turns its per-CPU maps into exact drop deltas.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), observer::capture::CaptureError> {
+//! use observer::capture::{Capture, CaptureConfig};
+//! let mut capture = Capture::load(&CaptureConfig::default())?;
+//! loop {
+//!     std::thread::sleep(std::time::Duration::from_secs(1));
+//!     let report = capture.drain()?;
+//!     for drop in &report.drops { /* attribute, export */ }
+//! #   break;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The kernel counts per flow key in an LRU map and, separately, an exact total per reason.
+//! [`Capture::drain`] emits per-key deltas, and reports what eviction cost as
+//! [`Losses::evicted_packets`], so `sum(drops) + evicted == kernel drops` for each reason.
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::flow::Protocol;
+
+pub mod btf;
+mod decode;
+mod drain;
+mod loader;
+pub mod tracefs;
+
+pub use decode::decode;
+pub use loader::Capture;
+pub use tracefs::ReasonTable;
+
+/// Which drop reasons the kernel program counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ReasonFilter {
+    /// Every reason (the default).
+    #[default]
+    All,
+    /// Only these reasons, by label or kernel name (`netfilter_drop`, `NETFILTER_DROP`,
+    /// `SKB_DROP_REASON_NETFILTER_DROP`).
+    Names(Vec<String>),
+}
+
+/// How to load the capture program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// Drop reasons to count.
+    pub reasons: ReasonFilter,
+    /// Capacity of the per-CPU LRU flow map (distinct flow keys held between drains).
+    pub flow_map_entries: u32,
+    /// Size of the sample ring buffer in bytes: a power of two, a multiple of the page size.
+    pub ringbuf_bytes: u32,
+    /// A flow entry unchanged for this many drains is deleted from the map, so dead keys do
+    /// not push live ones out. 0 never deletes.
+    pub idle_drains: u32,
+    /// Only count drops on devices in the network namespace with this inode (tests and
+    /// debugging); `None` counts every namespace.
+    pub netns: Option<u32>,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            reasons: ReasonFilter::All,
+            flow_map_entries: 65536,
+            ringbuf_bytes: 256 * 1024,
+            idle_drains: 30,
+            netns: None,
+        }
+    }
+}
+
+/// Errors of the capture stage.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// tracefs/bpffs mounting or format-file parsing failed.
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+    /// A BTF lookup failed (the running kernel lacks a field the program needs).
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    /// The reason filter names reasons this kernel does not have.
+    #[error("unknown drop reason(s) {unknown:?}; this kernel's reasons are: {valid}")]
+    UnknownReasons {
+        /// The names that were not found.
+        unknown: Vec<String>,
+        /// Every valid label, comma separated.
+        valid: String,
+    },
+    /// The reason filter names a reason the kernel program cannot filter on.
+    #[error("drop reason {name:?} has number {number}, beyond the {max} the program can filter")]
+    ReasonOutOfRange {
+        /// The name.
+        name: String,
+        /// Its number.
+        number: u32,
+        /// `MAX_REASONS`.
+        max: u32,
+    },
+    /// A configuration value is invalid.
+    #[error("invalid capture config: {0}")]
+    Config(String),
+    /// Loading the eBPF object failed (verifier rejection, missing privileges, ...).
+    #[error("loading the kfree_skb program: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// Loading or attaching the program failed.
+    #[error("attaching skb:kfree_skb: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    /// A map operation failed.
+    #[error("map {map}: {source}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// aya's error.
+        source: aya::maps::MapError,
+    },
+    /// A map or program is missing from the object.
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+}
+
+/// Dropped packets of one flow key since the previous drain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drop {
+    /// Drop-reason label (`netfilter_drop`, `no_socket`, ...).
+    pub reason: Arc<str>,
+    /// Source address; `None` when the packet could not be parsed down to IP.
+    pub src: Option<IpAddr>,
+    /// Destination address; `None` when unknown.
+    pub dst: Option<IpAddr>,
+    /// Transport protocol.
+    pub protocol: Protocol,
+    /// Destination port for TCP/UDP/SCTP, otherwise 0.
+    pub dst_port: u16,
+    /// ICMP/ICMPv6 `(type, code)`.
+    pub icmp: Option<(u8, u8)>,
+    /// Inode of the network namespace of the device the packet was on (0 if unknown).
+    pub netns: u32,
+    /// Packets since the previous drain.
+    pub packets: u64,
+    /// Bytes since the previous drain.
+    pub bytes: u64,
+}
+
+/// What the kernel side could not deliver, as deltas since the previous drain.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// Sample events dropped because the ring buffer was full (counts stay exact).
+    pub ringbuf_full: u64,
+    /// Flow keys the kernel could not insert (their packets show up in `evicted_*`).
+    pub flow_insert: u64,
+    /// Drops whose skb could not be read in full (counted with partial or no addresses).
+    pub skb_read: u64,
+    /// Packets counted in the per-reason totals but lost from the flow map (evicted before a
+    /// drain saw them, or never inserted).
+    pub evicted_packets: u64,
+    /// Bytes of those packets.
+    pub evicted_bytes: u64,
+}
+
+/// Result of one [`Capture::drain`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Per-flow deltas (only keys that changed).
+    pub drops: Vec<Drop>,
+    /// Exact per-reason deltas `(reason label, packets, bytes)`: every counted drop, attributed
+    /// to a flow or not. Only reasons that changed.
+    pub reason_totals: Vec<(Arc<str>, u64, u64)>,
+    /// Losses since the previous drain.
+    pub losses: Losses,
+    /// Keys in the flow map at this drain.
+    pub flow_map_entries: u64,
+    /// Capacity of the flow map.
+    pub flow_map_capacity: u64,
+}
+
+/// Detail of the first packet of a new flow key on one CPU (from the ring buffer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// The flow (its `packets`/`bytes` are those of this one packet).
+    pub drop: Drop,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the drop.
+    pub ts_ns: u64,
+    /// Kernel address of the code that dropped the packet.
+    pub location: u64,
+    /// ifindex of the device the packet was on, 0 if none.
+    pub ifindex: u32,
+    /// Source port (TCP/UDP/SCTP), else 0.
+    pub src_port: u16,
+    /// TCP flags byte, else 0.
+    pub tcp_flags: u8,
+}

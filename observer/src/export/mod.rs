@@ -9,6 +9,7 @@
 //!   inventory for [`MetricsConfig::expiry_grace`] are removed by [`Metrics::retain_workloads`].
 //! - [`serve`] runs `/metrics`, `/healthz` and `/readyz` (see [`HttpState`]).
 
+pub mod events;
 mod http;
 mod metrics;
 mod series;

@@ -7,6 +7,7 @@
 
 pub mod attribution;
 pub mod convert;
+pub mod kube;
 pub mod manifest;
 pub mod model;
 pub mod reload;

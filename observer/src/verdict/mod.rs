@@ -1,1 +1,581 @@
-//! TODO
+//! The NetworkPolicy engine: given the inventory and a flow, decides `allow` or `deny` with
+//! `networking.k8s.io/v1` semantics, and names the policies behind a deny.
+//!
+//! NetworkPolicies only allow. A pod becomes *isolated* for a direction as soon as one policy
+//! selects it for that direction; an isolated pod then only accepts (ingress) or sends (egress)
+//! what at least one of those policies allows, and policies combine as a union. A flow passes
+//! when the egress side at the source and the ingress side at the destination both allow it.
+//! Egress is checked first, so it is the deciding direction when both would deny.
+//!
+//! The engine is pure: no I/O. [`Engine::new`] compiles the policies once and indexes them so
+//! that evaluating a flow only looks at policies whose pod selector can select the endpoint.
+//! [`VerdictCache`] memoizes verdicts per flow key for one engine generation.
+
+mod cache;
+pub mod cli;
+mod compile;
+mod selector;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+pub use self::cache::{EndpointKey, FlowKey, VerdictCache};
+pub use self::cli::{AuditArgs, ExplainArgs, audit, explain};
+use self::compile::{CompiledPolicy, PeerView, Rule, compile_policy};
+pub use crate::flow::{Direction, Protocol};
+use crate::inventory::{Inventory, Labels, Pod};
+
+/// Errors of the verdict commands.
+#[derive(Debug, thiserror::Error)]
+pub enum VerdictError {
+    /// `--from`/`--to` named a pod the inventory does not have.
+    #[error(
+        "unknown pod {0:?} (expected <namespace>/<pod> present in the inventory, or an IP address)"
+    )]
+    UnknownPod(String),
+    /// `--from`/`--to` was neither `<ns>/<pod>` nor an IP address.
+    #[error("invalid endpoint {0:?} (expected <namespace>/<pod> or an IP address)")]
+    BadEndpoint(String),
+    /// `--port` was neither a number nor a port name of the destination pod.
+    #[error("invalid port {port:?}: {reason}")]
+    BadPort {
+        /// The port as given.
+        port: String,
+        /// Why it does not resolve.
+        reason: String,
+    },
+    /// A protocol name was not TCP, UDP or SCTP.
+    #[error("invalid protocol {0:?} (expected TCP, UDP or SCTP)")]
+    BadProtocol(String),
+    /// Missing arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// Reading flows or writing the output failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being read or written.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// JSON output could not be encoded.
+    #[error("encoding JSON output: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// One end of a flow.
+#[derive(Clone, Debug)]
+pub enum Peer {
+    /// A pod of the inventory.
+    Pod(Arc<Pod>),
+    /// An address that belongs to no pod (outside the cluster, a node, a load balancer...).
+    External(IpAddr),
+}
+
+impl Peer {
+    /// `"ns/pod"` or the IP address.
+    pub fn display_name(&self) -> String {
+        match self {
+            Peer::Pod(p) => format!("{}/{}", p.namespace, p.name),
+            Peer::External(ip) => ip.to_string(),
+        }
+    }
+}
+
+/// The flow to judge. For protocols without ports (ICMP...), `port` is ignored and only rules
+/// that allow every port can allow the flow.
+#[derive(Clone, Debug)]
+pub struct FlowQuery {
+    /// Source endpoint.
+    pub src: Peer,
+    /// Destination endpoint.
+    pub dst: Peer,
+    /// Transport protocol.
+    pub protocol: Protocol,
+    /// Destination port.
+    pub port: u16,
+}
+
+/// Why a rule of an isolating policy did not allow the flow, although it came close.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissKind {
+    /// The peer matched; the port or protocol did not.
+    Port,
+    /// The port matched; the peer did not.
+    Peer,
+}
+
+/// A rule that would have allowed the flow but for the port, or but for the peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NearMiss {
+    /// `"ns/name"` of the policy.
+    pub policy: String,
+    /// Index of the rule in the policy's `ingress`/`egress` list.
+    pub rule: usize,
+    /// What did not match.
+    pub miss: MissKind,
+    /// The rule in words, e.g. `prod/allow-web-to-db allows TCP/5432 only from pods with
+    /// app=web in namespace prod`.
+    pub description: String,
+}
+
+/// The verdict of one side (egress at the source, or ingress at the destination).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SideReport {
+    /// Whether any policy selects the endpoint for this direction. External endpoints and
+    /// host-network pods are never isolated.
+    pub isolated: bool,
+    /// Every policy that selects the endpoint for this direction, `"ns/name"`, sorted.
+    pub isolating_policies: Vec<String>,
+    /// Isolating policies with a rule that allows the flow, sorted.
+    pub allowed_by: Vec<String>,
+    /// When denied: rules that would have matched but for the port, or but for the peer.
+    pub nearest_misses: Vec<NearMiss>,
+}
+
+impl SideReport {
+    /// Whether this side lets the flow through.
+    pub fn allows(&self) -> bool {
+        !self.isolated || !self.allowed_by.is_empty()
+    }
+}
+
+/// Maximum number of policies [`Verdict::policy_label`] names before summarizing.
+pub const POLICY_LABEL_MAX: usize = 5;
+
+/// The engine's answer for a flow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    /// Whether NetworkPolicy lets the flow through.
+    pub allowed: bool,
+    /// For a deny, the deciding direction (egress when the source already denies).
+    pub direction: Option<Direction>,
+    /// Egress at the source.
+    pub egress: SideReport,
+    /// Ingress at the destination.
+    pub ingress: SideReport,
+}
+
+impl Verdict {
+    /// The report of the deciding direction, if the flow is denied.
+    pub fn deciding_side(&self) -> Option<&SideReport> {
+        match self.direction {
+            Some(Direction::Egress) => Some(&self.egress),
+            Some(Direction::Ingress) => Some(&self.ingress),
+            _ => None,
+        }
+    }
+
+    /// The isolating policies of the deciding direction, sorted and comma-joined, bounded to
+    /// [`POLICY_LABEL_MAX`] names followed by `,+N more`. Empty for an allowed flow. This is
+    /// the `policy` label of `deny_observer_policy_denies_total`.
+    pub fn policy_label(&self) -> String {
+        bounded_policy_list(
+            self.deciding_side()
+                .map(|s| s.isolating_policies.as_slice())
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// Comma-joins sorted policy ids, at most [`POLICY_LABEL_MAX`] then `,+N more`.
+pub fn bounded_policy_list(ids: &[String]) -> String {
+    let mut out = ids
+        .iter()
+        .take(POLICY_LABEL_MAX)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(",");
+    if ids.len() > POLICY_LABEL_MAX {
+        out.push_str(&format!(",+{} more", ids.len() - POLICY_LABEL_MAX));
+    }
+    out
+}
+
+/// Index of the policies of one namespace by what their pod selector requires.
+#[derive(Debug, Default)]
+struct NamespaceIndex {
+    /// Policies whose selector cannot be indexed by one label (empty, or only NotIn/Exists...).
+    always: Vec<u32>,
+    /// label key → value → policies that require it (each policy appears under one key only,
+    /// so a pod, which has one value per key, finds each policy at most once).
+    by_label: HashMap<String, HashMap<String, Vec<u32>>>,
+}
+
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+
+/// Compiled policies plus indexes over one inventory snapshot.
+#[derive(Debug)]
+pub struct Engine {
+    inventory: Arc<Inventory>,
+    generation: u64,
+    policies: Vec<CompiledPolicy>,
+    by_namespace: HashMap<String, NamespaceIndex>,
+    warnings: Vec<String>,
+    empty_labels: Labels,
+}
+
+impl Engine {
+    /// Compiles the inventory's policies and builds the selector indexes.
+    pub fn new(inventory: Arc<Inventory>) -> Engine {
+        let mut warnings = Vec::new();
+        let mut policies = Vec::with_capacity(inventory.policies.len());
+        let mut by_namespace: HashMap<String, NamespaceIndex> = HashMap::new();
+        for np in &inventory.policies {
+            let compiled = compile_policy(np, &mut warnings);
+            let idx = u32::try_from(policies.len()).unwrap_or(u32::MAX);
+            let entry = by_namespace.entry(compiled.namespace.clone()).or_default();
+            let sel = &compiled.pod_selector;
+            if let Some((k, v)) = sel.labels.first() {
+                entry
+                    .by_label
+                    .entry(k.clone())
+                    .or_default()
+                    .entry(v.clone())
+                    .or_default()
+                    .push(idx);
+            } else if let Some((k, vs)) = sel.requirements.iter().find_map(|r| match r {
+                selector::Requirement::In(k, vs) => Some((k, vs)),
+                _ => None,
+            }) {
+                let mut seen: Vec<&String> = Vec::new();
+                for v in vs {
+                    if !seen.contains(&v) {
+                        seen.push(v);
+                        entry
+                            .by_label
+                            .entry(k.clone())
+                            .or_default()
+                            .entry(v.clone())
+                            .or_default()
+                            .push(idx);
+                    }
+                }
+            } else {
+                entry.always.push(idx);
+            }
+            policies.push(compiled);
+        }
+        Engine {
+            inventory,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            policies,
+            by_namespace,
+            warnings,
+            empty_labels: Labels::new(),
+        }
+    }
+
+    /// The inventory this engine judges against.
+    pub fn inventory(&self) -> &Arc<Inventory> {
+        &self.inventory
+    }
+
+    /// A number unique to this engine; a [`VerdictCache`] drops its entries when it changes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Problems met while compiling policies (invalid selectors, CIDRs, ports), each naming
+    /// its policy. Such parts match nothing.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Labels of a namespace (empty when the inventory does not know it).
+    pub fn namespace_labels(&self, ns: &str) -> &Labels {
+        self.inventory
+            .namespaces
+            .get(ns)
+            .map(|n| &n.labels)
+            .unwrap_or(&self.empty_labels)
+    }
+
+    /// Ids (`"ns/name"`, sorted) of the policies that select `pod` for `direction`. Empty for
+    /// host-network pods, which policies do not apply to.
+    pub fn isolating_policies(&self, pod: &Pod, direction: Direction) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .selecting(pod, direction)
+            .map(|p| p.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Ids of policies whose pod selector selects no (non-terminated) pod of the inventory,
+    /// sorted.
+    pub fn policies_selecting_no_pod(&self) -> Vec<String> {
+        let mut used = vec![false; self.policies.len()];
+        let live = self
+            .inventory
+            .pods
+            .iter()
+            .filter(|p| p.phase != crate::inventory::PodPhase::Terminated);
+        for pod in live {
+            for idx in self.candidates(pod) {
+                if let Some(p) = self.policies.get(idx as usize)
+                    && p.pod_selector.matches(&pod.labels)
+                {
+                    used[idx as usize] = true;
+                }
+            }
+        }
+        let mut ids: Vec<String> = self
+            .policies
+            .iter()
+            .zip(used)
+            .filter(|(_, u)| !u)
+            .map(|(p, _)| p.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Indexed candidates: policies of the pod's namespace whose selector may select it.
+    fn candidates<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = u32> + 'a {
+        let index = self.by_namespace.get(&pod.namespace);
+        let always = index.into_iter().flat_map(|i| i.always.iter().copied());
+        let labelled = index.into_iter().flat_map(move |i| {
+            pod.labels.iter().flat_map(move |(k, v)| {
+                i.by_label
+                    .get(k)
+                    .and_then(|values| values.get(v))
+                    .into_iter()
+                    .flatten()
+                    .copied()
+            })
+        });
+        always.chain(labelled)
+    }
+
+    fn selecting<'a>(
+        &'a self,
+        pod: &'a Pod,
+        direction: Direction,
+    ) -> impl Iterator<Item = &'a CompiledPolicy> + 'a {
+        let host = pod.host_network;
+        self.candidates(pod)
+            .filter(move |_| !host)
+            .filter_map(|i| self.policies.get(i as usize))
+            .filter(move |p| match direction {
+                Direction::Ingress => p.ingress.is_some(),
+                Direction::Egress => p.egress.is_some(),
+                Direction::Unknown => false,
+            })
+            .filter(|p| p.pod_selector.matches(&pod.labels))
+    }
+
+    fn view<'a>(&'a self, peer: &'a Peer) -> PeerView<'a> {
+        match peer {
+            Peer::Pod(pod) => PeerView::Pod {
+                pod,
+                ns_labels: self.namespace_labels(&pod.namespace),
+            },
+            Peer::External(ip) => PeerView::External(*ip),
+        }
+    }
+
+    /// Judges one side: `subject` is the endpoint whose policies apply, `other` the peer.
+    fn side(&self, flow: &FlowQuery, direction: Direction) -> SideReport {
+        let (subject, other) = match direction {
+            Direction::Egress => (&flow.src, &flow.dst),
+            _ => (&flow.dst, &flow.src),
+        };
+        let Peer::Pod(subject) = subject else {
+            return SideReport::default();
+        };
+        let dst_pod = match &flow.dst {
+            Peer::Pod(p) => Some(p.as_ref()),
+            Peer::External(_) => None,
+        };
+        let other = self.view(other);
+        // Port-less protocols can only be allowed by rules without ports.
+        let proto = flow.protocol;
+        let mut report = SideReport::default();
+        let mut misses = Vec::new();
+        for policy in self.selecting(subject, direction) {
+            report.isolated = true;
+            report.isolating_policies.push(policy.id.clone());
+            let rules: &[Rule] = match direction {
+                Direction::Egress => policy.egress.as_deref().unwrap_or_default(),
+                _ => policy.ingress.as_deref().unwrap_or_default(),
+            };
+            let mut allowed = false;
+            for (i, rule) in rules.iter().enumerate() {
+                let peer_ok = rule.peer_matches(&policy.namespace, other);
+                let port_ok = rule.port_matches(proto, flow.port, dst_pod);
+                if peer_ok && port_ok {
+                    allowed = true;
+                    break;
+                }
+                if peer_ok || port_ok {
+                    misses.push(NearMiss {
+                        policy: policy.id.clone(),
+                        rule: i,
+                        miss: if peer_ok {
+                            MissKind::Port
+                        } else {
+                            MissKind::Peer
+                        },
+                        description: format!(
+                            "{} {}",
+                            policy.id,
+                            rule.describe(
+                                &policy.namespace,
+                                direction == Direction::Ingress,
+                                dst_pod
+                            )
+                        ),
+                    });
+                }
+            }
+            if allowed {
+                report.allowed_by.push(policy.id.clone());
+            }
+        }
+        report.isolating_policies.sort();
+        report.isolating_policies.dedup();
+        report.allowed_by.sort();
+        report.allowed_by.dedup();
+        if report.allows() {
+            return report;
+        }
+        misses.sort_by(|a, b| (&a.policy, a.rule).cmp(&(&b.policy, b.rule)));
+        report.nearest_misses = misses;
+        report
+    }
+
+    /// Judges a flow.
+    pub fn evaluate(&self, flow: &FlowQuery) -> Verdict {
+        let egress = self.side(flow, Direction::Egress);
+        let ingress = self.side(flow, Direction::Ingress);
+        let direction = if !egress.allows() {
+            Some(Direction::Egress)
+        } else if !ingress.allows() {
+            Some(Direction::Ingress)
+        } else {
+            None
+        };
+        Verdict {
+            allowed: direction.is_none(),
+            direction,
+            egress,
+            ingress,
+        }
+    }
+
+    /// Finds a pod by `namespace/name`.
+    pub fn find_pod(&self, ns: &str, name: &str) -> Option<&Arc<Pod>> {
+        self.inventory
+            .pods
+            .iter()
+            .find(|p| p.namespace == ns && p.name == name)
+    }
+
+    /// The pod that owns `ip`, preferring the liveliest phase and then the newest pod when
+    /// an address was reused; host-network pods are skipped (they share the node's address).
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Arc<Pod>> {
+        self.inventory
+            .pods
+            .iter()
+            .filter(|p| !p.host_network && p.ips.contains(&ip))
+            .max_by_key(|p| (p.phase, p.created_unix))
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.direction {
+            None => f.write_str("allow"),
+            Some(d) => write!(f, "deny ({d})"),
+        }
+    }
+}
+
+/// Per-namespace summary used by `audit`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NamespaceAudit {
+    /// Namespace name.
+    pub name: String,
+    /// True when the namespace has no NetworkPolicy at all ("open field").
+    pub open: bool,
+    /// Number of NetworkPolicies in the namespace.
+    pub policies: usize,
+    /// Number of pods (terminated pods excluded).
+    pub pods: usize,
+    /// Pods no policy isolates for ingress (host-network pods included: policies never apply
+    /// to them).
+    pub pods_not_isolated_ingress: usize,
+    /// Pods no policy isolates for egress.
+    pub pods_not_isolated_egress: usize,
+    /// Host-network pods, which NetworkPolicy never isolates.
+    pub host_network_pods: usize,
+    /// Policies of this namespace whose pod selector selects no pod, `"ns/name"`, sorted.
+    pub policies_selecting_no_pod: Vec<String>,
+}
+
+impl Engine {
+    /// Audits every namespace the inventory knows (from namespaces, pods or policies), sorted
+    /// by name.
+    pub fn audit(&self) -> Vec<NamespaceAudit> {
+        let mut out: BTreeMap<String, NamespaceAudit> = BTreeMap::new();
+        let entry = |out: &mut BTreeMap<String, NamespaceAudit>, ns: &str| {
+            if !out.contains_key(ns) {
+                out.insert(
+                    ns.to_owned(),
+                    NamespaceAudit {
+                        name: ns.to_owned(),
+                        open: true,
+                        policies: 0,
+                        pods: 0,
+                        pods_not_isolated_ingress: 0,
+                        pods_not_isolated_egress: 0,
+                        host_network_pods: 0,
+                        policies_selecting_no_pod: Vec::new(),
+                    },
+                );
+            }
+        };
+        for ns in self.inventory.namespaces.keys() {
+            entry(&mut out, ns);
+        }
+        for p in &self.policies {
+            entry(&mut out, &p.namespace);
+            if let Some(a) = out.get_mut(&p.namespace) {
+                a.policies += 1;
+                a.open = false;
+            }
+        }
+        for pod in &self.inventory.pods {
+            if pod.phase == crate::inventory::PodPhase::Terminated {
+                continue;
+            }
+            entry(&mut out, &pod.namespace);
+            let ingress = self.selecting(pod, Direction::Ingress).next().is_some();
+            let egress = self.selecting(pod, Direction::Egress).next().is_some();
+            if let Some(a) = out.get_mut(&pod.namespace) {
+                a.pods += 1;
+                a.pods_not_isolated_ingress += usize::from(!ingress);
+                a.pods_not_isolated_egress += usize::from(!egress);
+                a.host_network_pods += usize::from(pod.host_network);
+            }
+        }
+        for id in self.policies_selecting_no_pod() {
+            let ns = id.split('/').next().unwrap_or_default().to_owned();
+            if let Some(a) = out.get_mut(&ns) {
+                a.policies_selecting_no_pod.push(id);
+            }
+        }
+        out.into_values().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,361 @@
+//! Struct member offsets and enum values from the running kernel's BTF.
+//!
+//! Rust eBPF has no CO-RE relocations, so the offsets the kernel program needs are computed here
+//! and passed to it as a global.
+use std::path::{Path, PathBuf};
+
+use btf_rs::{Btf, Type};
+use observer_ebpf::KernelLayout;
+
+use super::tracefs::KfreeSkbFields;
+
+/// The running kernel's BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    /// The BTF file could not be read or parsed.
+    #[error("loading BTF from {path}: {message}")]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// btf-rs's message.
+        message: String,
+    },
+    /// The first element of a member path names no struct or union.
+    #[error("BTF has no struct or union named {0:?}")]
+    NoType(String),
+    /// A member of the path does not exist (the kernel lacks that field).
+    #[error("BTF: {ty} has no member {member:?} (resolving {path:?}); this kernel lacks the field")]
+    NoMember {
+        /// The full path being resolved.
+        path: String,
+        /// The type that was searched.
+        ty: String,
+        /// The missing member.
+        member: String,
+    },
+    /// A member is a bitfield or otherwise not byte-addressable.
+    #[error("BTF: {path:?} is not at a byte offset")]
+    NotByteAligned {
+        /// The full path.
+        path: String,
+    },
+    /// A path element descends into something that is not a struct or union.
+    #[error("BTF: {path:?}: {member:?} is not a struct or union")]
+    NotComposite {
+        /// The full path.
+        path: String,
+        /// The member that is not a struct/union.
+        member: String,
+    },
+    /// The enum was not found.
+    #[error("BTF has no enum named {0:?}")]
+    NoEnum(String),
+    /// btf-rs failed while walking types.
+    #[error("BTF lookup for {what}: {message}")]
+    Lookup {
+        /// What was being looked up.
+        what: String,
+        /// btf-rs's message.
+        message: String,
+    },
+}
+
+/// Parsed kernel BTF.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl std::fmt::Debug for KernelBtf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelBtf")
+    }
+}
+
+impl KernelBtf {
+    /// Loads `/sys/kernel/btf/vmlinux`.
+    pub fn vmlinux() -> Result<Self, BtfError> {
+        Self::from_file(Path::new(VMLINUX_BTF))
+    }
+
+    /// Loads a raw BTF file.
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        let btf = Btf::from_file(path).map_err(|e| BtfError::Load {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Ok(Self { btf })
+    }
+
+    fn lookup_err(what: &str, e: impl std::fmt::Display) -> BtfError {
+        BtfError::Lookup {
+            what: what.to_owned(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Byte offset of a member path such as `sk_buff.network_header` or `net.ns.inum`.
+    ///
+    /// Members inside anonymous structs and unions are found as C finds them. Each element after
+    /// the first descends into the previous member's struct/union type (through typedefs and
+    /// qualifiers, never through pointers).
+    pub fn member_offset(&self, path: &str) -> Result<u32, BtfError> {
+        let mut parts = path.split('.');
+        let root = parts.next().unwrap_or_default();
+        let mut current = self.composite_by_name(root)?;
+        let mut current_name = root.to_owned();
+        let mut bits: u64 = 0;
+        let mut any = false;
+        for member in parts {
+            any = true;
+            let (off, ty) =
+                self.find_member(&current, member)?
+                    .ok_or_else(|| BtfError::NoMember {
+                        path: path.to_owned(),
+                        ty: current_name.clone(),
+                        member: member.to_owned(),
+                    })?;
+            bits += u64::from(off);
+            current_name = member.to_owned();
+            current = ty;
+        }
+        if !any {
+            return Err(BtfError::NoMember {
+                path: path.to_owned(),
+                ty: root.to_owned(),
+                member: String::new(),
+            });
+        }
+        if !bits.is_multiple_of(8) {
+            return Err(BtfError::NotByteAligned {
+                path: path.to_owned(),
+            });
+        }
+        u32::try_from(bits / 8).map_err(|e| Self::lookup_err(path, e))
+    }
+
+    /// The struct or union named `name` (skipping forward declarations).
+    fn composite_by_name(&self, name: &str) -> Result<Type, BtfError> {
+        let types = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|_| BtfError::NoType(name.to_owned()))?;
+        types
+            .into_iter()
+            .find(|t| matches!(t, Type::Struct(_) | Type::Union(_)))
+            .ok_or_else(|| BtfError::NoType(name.to_owned()))
+    }
+
+    /// Follows typedefs and qualifiers down to the underlying type.
+    fn strip(&self, mut t: Type) -> Result<Type, BtfError> {
+        for _ in 0..32 {
+            match &t {
+                Type::Typedef(_)
+                | Type::Const(_)
+                | Type::Volatile(_)
+                | Type::Restrict(_)
+                | Type::TypeTag(_) => {
+                    let bt = t.as_btf_type().ok_or_else(|| {
+                        Self::lookup_err("typedef", "qualifier without chained type")
+                    })?;
+                    t = self
+                        .btf
+                        .resolve_chained_type(bt)
+                        .map_err(|e| Self::lookup_err("typedef", e))?;
+                }
+                _ => return Ok(t),
+            }
+        }
+        Err(Self::lookup_err("typedef", "typedef chain too long"))
+    }
+
+    /// Finds `name` in a struct/union, descending into anonymous members. Returns the bit offset
+    /// from the start of `ty` and the member's (stripped) type.
+    fn find_member(&self, ty: &Type, name: &str) -> Result<Option<(u32, Type)>, BtfError> {
+        let ty = self.strip(ty.clone())?;
+        let members = match &ty {
+            Type::Struct(s) | Type::Union(s) => &s.members,
+            _ => {
+                return Err(BtfError::NotComposite {
+                    path: name.to_owned(),
+                    member: name.to_owned(),
+                });
+            }
+        };
+        for m in members {
+            let mname = self.btf.resolve_name(m).unwrap_or_default();
+            let mtype = self
+                .btf
+                .resolve_chained_type(m)
+                .map_err(|e| Self::lookup_err(name, e))?;
+            if mname == name {
+                if m.bitfield_size().is_some_and(|s| s != 0) {
+                    return Err(BtfError::NotByteAligned {
+                        path: name.to_owned(),
+                    });
+                }
+                return Ok(Some((m.bit_offset(), self.strip(mtype)?)));
+            }
+            if mname.is_empty() {
+                let inner = self.strip(mtype)?;
+                if matches!(inner, Type::Struct(_) | Type::Union(_))
+                    && let Some((off, t)) = self.find_member(&inner, name)?
+                {
+                    return Ok(Some((m.bit_offset() + off, t)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// `(NAME, value)` pairs of the enum `name` (32- or 64-bit enums).
+    pub fn enum_values(&self, name: &str) -> Result<Vec<(String, u32)>, BtfError> {
+        let types = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|_| BtfError::NoEnum(name.to_owned()))?;
+        for t in types {
+            match t {
+                Type::Enum(e) => {
+                    return e
+                        .members
+                        .iter()
+                        .map(|m| {
+                            let n = self
+                                .btf
+                                .resolve_name(m)
+                                .map_err(|e| Self::lookup_err(name, e))?;
+                            Ok((n, m.val()))
+                        })
+                        .collect();
+                }
+                Type::Enum64(e) => {
+                    return e
+                        .members
+                        .iter()
+                        .map(|m| {
+                            let n = self
+                                .btf
+                                .resolve_name(m)
+                                .map_err(|e| Self::lookup_err(name, e))?;
+                            Ok((n, u32::try_from(m.val()).unwrap_or(u32::MAX)))
+                        })
+                        .collect();
+                }
+                _ => {}
+            }
+        }
+        Err(BtfError::NoEnum(name.to_owned()))
+    }
+
+    /// All offsets the kernel program needs, for the tracepoint fields `tp`.
+    pub fn kernel_layout(&self, tp: &KfreeSkbFields) -> Result<KernelLayout, BtfError> {
+        Ok(KernelLayout {
+            tp_skbaddr: tp.skbaddr,
+            tp_location: tp.location,
+            tp_protocol: tp.protocol,
+            tp_reason: tp.reason.unwrap_or(u32::MAX),
+            skb_head: self.member_offset("sk_buff.head")?,
+            skb_network_header: self.member_offset("sk_buff.network_header")?,
+            skb_transport_header: self.member_offset("sk_buff.transport_header")?,
+            skb_len: self.member_offset("sk_buff.len")?,
+            skb_dev: self.member_offset("sk_buff.dev")?,
+            dev_ifindex: self.member_offset("net_device.ifindex")?,
+            dev_nd_net: self.member_offset("net_device.nd_net.net")?,
+            net_ns_inum: self.member_offset("net.ns.inum")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vmlinux() -> Option<KernelBtf> {
+        if !Path::new(VMLINUX_BTF).exists() {
+            assert!(
+                std::env::var_os("DENY_OBSERVER_SKIP_PRIVILEGED").is_some(),
+                "{VMLINUX_BTF} is missing; set DENY_OBSERVER_SKIP_PRIVILEGED=1 to skip"
+            );
+            eprintln!("skipped: no {VMLINUX_BTF}");
+            return None;
+        }
+        Some(KernelBtf::vmlinux().unwrap())
+    }
+
+    #[test]
+    fn sk_buff_offsets_are_plausible_and_distinct() {
+        let Some(btf) = vmlinux() else { return };
+        let head = btf.member_offset("sk_buff.head").unwrap();
+        let nh = btf.member_offset("sk_buff.network_header").unwrap();
+        let th = btf.member_offset("sk_buff.transport_header").unwrap();
+        let len = btf.member_offset("sk_buff.len").unwrap();
+        let dev = btf.member_offset("sk_buff.dev").unwrap();
+        // network_header and transport_header are adjacent u16s inside an anonymous struct
+        // (struct_group headers) in every kernel since 4.x.
+        assert_eq!(nh, th + 2);
+        // dev lives in the first anonymous union/struct, len and the headers after it.
+        assert!(
+            dev < len && len < nh && nh < head,
+            "{dev} {len} {nh} {head}"
+        );
+        assert!(head < 256);
+        let sk_buff_size = btf.member_offset("sk_buff.truesize").unwrap();
+        assert!(sk_buff_size > head);
+    }
+
+    #[test]
+    fn net_offsets_resolve_through_typedefs() {
+        let Some(btf) = vmlinux() else { return };
+        let nd_net = btf.member_offset("net_device.nd_net").unwrap();
+        // possible_net_t is a typedef'd struct whose only member is `net` at offset 0.
+        assert_eq!(btf.member_offset("net_device.nd_net.net").unwrap(), nd_net);
+        let ns = btf.member_offset("net.ns").unwrap();
+        let inum = btf.member_offset("net.ns.inum").unwrap();
+        assert!(inum >= ns);
+        assert!(btf.member_offset("net_device.ifindex").unwrap() > 0);
+    }
+
+    #[test]
+    fn missing_member_names_it() {
+        let Some(btf) = vmlinux() else { return };
+        let err = btf.member_offset("sk_buff.no_such_field").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no_such_field") && msg.contains("sk_buff"),
+            "{msg}"
+        );
+        let err = btf.member_offset("no_such_struct_xyz.len").unwrap_err();
+        assert!(err.to_string().contains("no_such_struct_xyz"), "{err}");
+        let err = btf.member_offset("sk_buff.len.x").unwrap_err();
+        assert!(matches!(err, BtfError::NotComposite { .. }), "{err}");
+    }
+
+    #[test]
+    fn drop_reason_enum_has_netfilter_drop() {
+        let Some(btf) = vmlinux() else { return };
+        let values = btf.enum_values("skb_drop_reason").unwrap();
+        let nf = values
+            .iter()
+            .find(|(n, _)| n == "SKB_DROP_REASON_NETFILTER_DROP")
+            .map(|(_, v)| *v);
+        assert!(nf.is_some(), "{values:?}");
+        assert!(btf.enum_values("no_such_enum_xyz").is_err());
+    }
+
+    #[test]
+    fn layout_from_real_btf() {
+        let Some(btf) = vmlinux() else { return };
+        let tp = KfreeSkbFields {
+            skbaddr: 8,
+            location: 16,
+            protocol: 32,
+            reason: None,
+        };
+        let l = btf.kernel_layout(&tp).unwrap();
+        assert_eq!(l.tp_reason, u32::MAX);
+        assert_eq!(l.skb_len, btf.member_offset("sk_buff.len").unwrap());
+    }
+}

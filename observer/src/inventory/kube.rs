@@ -1,0 +1,626 @@
+//! The inventory from the API server: kube-rs reflectors for Pods (all namespaces: peers
+//! matter, not only this node's pods), Namespaces and NetworkPolicies.
+//!
+//! Objects are trimmed before they enter the stores ([`trim_pod`], [`trim_namespace`],
+//! [`trim_policy`]): managedFields, annotations and most of the spec and status go, because a
+//! 10,000-pod cluster is watched by every node. The stores feed a snapshot task that converts
+//! them (through [`convert`](super::convert), the same code as the manifest loader) into an
+//! [`Inventory`] and publishes it on a `tokio::sync::watch` channel, at most once per debounce
+//! interval and only when the converted content changed.
+//!
+//! Watch errors are counted through the caller's callback (the daemon exports them as
+//! `deny_observer_inventory_watch_errors_total{resource}`), and the watchers reconnect with
+//! kube's default backoff. The stores and the last snapshot stay in use meanwhile, so drops
+//! are still attributed while the API server is unreachable.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort as K8sContainerPort, Namespace as K8sNamespace, Pod as K8sPod, PodIP,
+    PodSpec, PodStatus,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use super::convert::{self, ANNOTATION_PREFIX, ConvertError};
+use super::model::{Inventory, Pod};
+use super::workload::OwnerIndex;
+
+/// Value of the `resource` label for Pods.
+pub const RESOURCE_PODS: &str = "pods";
+/// Value of the `resource` label for Namespaces.
+pub const RESOURCE_NAMESPACES: &str = "namespaces";
+/// Value of the `resource` label for NetworkPolicies.
+pub const RESOURCE_NETWORKPOLICIES: &str = "networkpolicies";
+
+/// Environment variable (set from the downward API) that names this node.
+pub const NODE_NAME_ENV: &str = "NODE_NAME";
+
+/// Called with the `resource` label value (`pods`, `namespaces`, `networkpolicies`) for each
+/// watch error.
+pub type WatchErrorCounter = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Errors of the API-server inventory.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    /// Neither in-cluster config nor a kubeconfig gave a client.
+    #[error("no Kubernetes client configuration (in-cluster or kubeconfig): {0}")]
+    Client(#[source] kube::Error),
+    /// The inventory tasks ended before the first full sync.
+    #[error("the inventory watchers stopped before the first full sync")]
+    Stopped,
+}
+
+/// Settings of [`KubeInventory`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeInventoryConfig {
+    /// This node's name (from `NODE_NAME`), for logs.
+    pub node_name: Option<String>,
+    /// Minimum time between two published snapshots.
+    pub debounce: Duration,
+}
+
+impl Default for KubeInventoryConfig {
+    fn default() -> Self {
+        Self {
+            node_name: node_name_from_env(),
+            debounce: Duration::from_secs(1),
+        }
+    }
+}
+
+/// This node's name from `NODE_NAME` (the DaemonSet sets it from `spec.nodeName`).
+pub fn node_name_from_env() -> Option<String> {
+    std::env::var(NODE_NAME_ENV).ok().filter(|s| !s.is_empty())
+}
+
+/// A client from the in-cluster config, or from the kubeconfig outside a cluster.
+pub async fn default_client() -> Result<Client, KubeError> {
+    Client::try_default().await.map_err(KubeError::Client)
+}
+
+/// The three reflector stores.
+#[derive(Clone)]
+pub struct Stores {
+    /// Pods, all namespaces, trimmed by [`trim_pod`].
+    pub pods: Store<K8sPod>,
+    /// Namespaces, trimmed by [`trim_namespace`].
+    pub namespaces: Store<K8sNamespace>,
+    /// NetworkPolicies, trimmed by [`trim_policy`].
+    pub policies: Store<NetworkPolicy>,
+}
+
+/// Writers of the three stores (tests fill them directly with `apply_watcher_event`).
+pub struct Writers {
+    /// Pods.
+    pub pods: reflector::store::Writer<K8sPod>,
+    /// Namespaces.
+    pub namespaces: reflector::store::Writer<K8sNamespace>,
+    /// NetworkPolicies.
+    pub policies: reflector::store::Writer<NetworkPolicy>,
+}
+
+/// Three empty stores and their writers.
+pub fn stores() -> (Stores, Writers) {
+    let (pods, pods_w) = reflector::store();
+    let (namespaces, namespaces_w) = reflector::store();
+    let (policies, policies_w) = reflector::store();
+    (
+        Stores {
+            pods,
+            namespaces,
+            policies,
+        },
+        Writers {
+            pods: pods_w,
+            namespaces: namespaces_w,
+            policies: policies_w,
+        },
+    )
+}
+
+/// Drops what attribution and verdicts do not use from a Pod: managedFields, annotations and
+/// every other metadata field but name, namespace, uid, labels, owners and creation time; of
+/// the spec only nodeName, hostNetwork and the containers' names and ports; of the status only
+/// phase and addresses.
+pub fn trim_pod(pod: &mut K8sPod) {
+    trim_meta(&mut pod.metadata, false);
+    if let Some(owners) = pod.metadata.owner_references.as_mut() {
+        owners.retain(|o| o.controller == Some(true));
+        for o in owners.iter_mut() {
+            *o = OwnerReference {
+                api_version: std::mem::take(&mut o.api_version),
+                kind: std::mem::take(&mut o.kind),
+                name: std::mem::take(&mut o.name),
+                uid: String::new(),
+                controller: Some(true),
+                block_owner_deletion: None,
+            };
+        }
+    }
+    let spec = pod.spec.take().map(|spec| {
+        let trim_containers = |cs: Vec<Container>| -> Vec<Container> {
+            cs.into_iter()
+                .filter(|c| c.ports.as_ref().is_some_and(|p| !p.is_empty()))
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports.map(|ports| {
+                        ports
+                            .into_iter()
+                            .map(|p| K8sContainerPort {
+                                container_port: p.container_port,
+                                name: p.name,
+                                protocol: p.protocol,
+                                ..K8sContainerPort::default()
+                            })
+                            .collect()
+                    }),
+                    ..Container::default()
+                })
+                .collect()
+        };
+        let init = spec.init_containers.map(trim_containers);
+        PodSpec {
+            containers: trim_containers(spec.containers),
+            init_containers: init.filter(|c| !c.is_empty()),
+            host_network: spec.host_network,
+            node_name: spec.node_name,
+            ..PodSpec::default()
+        }
+    });
+    pod.spec = spec;
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        pod_ip: status.pod_ip,
+        pod_ips: status
+            .pod_ips
+            .map(|ips| ips.into_iter().map(|p| PodIP { ip: p.ip }).collect()),
+        ..PodStatus::default()
+    });
+}
+
+/// Keeps a Namespace's name and labels only.
+pub fn trim_namespace(ns: &mut K8sNamespace) {
+    trim_meta(&mut ns.metadata, false);
+    ns.metadata.uid = None;
+    ns.metadata.creation_timestamp = None;
+    ns.metadata.owner_references = None;
+    ns.spec = None;
+    ns.status = None;
+}
+
+/// Keeps a NetworkPolicy's name, namespace, labels, `deny-observer.io/` annotations and spec.
+pub fn trim_policy(np: &mut NetworkPolicy) {
+    trim_meta(&mut np.metadata, true);
+    np.metadata.uid = None;
+    np.metadata.creation_timestamp = None;
+    np.metadata.owner_references = None;
+}
+
+fn trim_meta(meta: &mut ObjectMeta, keep_own_annotations: bool) {
+    let annotations = if keep_own_annotations {
+        meta.annotations
+            .take()
+            .map(|a| {
+                a.into_iter()
+                    .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            })
+            .filter(|a| !a.is_empty())
+    } else {
+        None
+    };
+    *meta = ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        labels: meta.labels.take(),
+        owner_references: meta.owner_references.take(),
+        creation_timestamp: meta.creation_timestamp.take(),
+        annotations,
+        ..ObjectMeta::default()
+    };
+}
+
+/// Converts store contents into [`Inventory`] snapshots, reusing the conversion of every pod
+/// whose stored object did not change since the last build.
+#[derive(Default)]
+pub struct SnapshotBuilder {
+    pods: HashMap<ObjectRef<K8sPod>, (Arc<K8sPod>, Arc<Pod>)>,
+    policies: HashMap<ObjectRef<NetworkPolicy>, (Arc<NetworkPolicy>, Arc<NetworkPolicy>)>,
+    owners: OwnerIndex,
+    current: Option<Arc<Inventory>>,
+}
+
+/// The result of one [`SnapshotBuilder::build`].
+pub struct Build {
+    /// The snapshot (the previous `Arc` when nothing changed).
+    pub inventory: Arc<Inventory>,
+    /// True when the content differs from the previous build (or this is the first).
+    pub changed: bool,
+    /// Objects left out because they could not be converted.
+    pub errors: Vec<ConvertError>,
+}
+
+impl SnapshotBuilder {
+    /// An empty builder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Converts the stores' current contents.
+    pub fn build(&mut self, stores: &Stores) -> Build {
+        let mut errors = Vec::new();
+
+        let mut namespaces = std::collections::BTreeMap::new();
+        for ns in stores.namespaces.state() {
+            match convert::namespace(&ns) {
+                Ok(n) => {
+                    namespaces.insert(n.name.clone(), n);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+
+        let mut pod_cache = HashMap::with_capacity(self.pods.len());
+        let mut pods = Vec::with_capacity(stores.pods.len());
+        for obj in stores.pods.state() {
+            let key = ObjectRef::from_obj(obj.as_ref());
+            let converted = match self.pods.remove(&key) {
+                Some((old, model)) if Arc::ptr_eq(&old, &obj) => Ok(model),
+                _ => convert::pod(&obj, &self.owners).map(Arc::new),
+            };
+            match converted {
+                Ok(model) => {
+                    pods.push(Arc::clone(&model));
+                    pod_cache.insert(key, (obj, model));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        self.pods = pod_cache;
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for p in &pods {
+            if !namespaces.contains_key(&p.namespace) {
+                let ns = convert::namespace_from_name(&p.namespace);
+                namespaces.insert(ns.name.clone(), ns);
+            }
+        }
+
+        let mut policy_cache = HashMap::with_capacity(self.policies.len());
+        let mut policies = Vec::with_capacity(stores.policies.len());
+        for obj in stores.policies.state() {
+            let key = ObjectRef::from_obj(obj.as_ref());
+            let converted = match self.policies.remove(&key) {
+                Some((old, model)) if Arc::ptr_eq(&old, &obj) => Ok(model),
+                _ => convert::policy(obj.as_ref().clone()),
+            };
+            match converted {
+                Ok(model) => {
+                    policies.push(Arc::clone(&model));
+                    policy_cache.insert(key, (obj, model));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        self.policies = policy_cache;
+        policies.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+
+        let next = Inventory {
+            namespaces,
+            pods,
+            policies,
+        };
+        let changed = self
+            .current
+            .as_ref()
+            .is_none_or(|cur| !same_content(cur, &next));
+        let inventory = match (&self.current, changed) {
+            (Some(cur), false) => Arc::clone(cur),
+            _ => {
+                let inv = Arc::new(next);
+                self.current = Some(Arc::clone(&inv));
+                inv
+            }
+        };
+        Build {
+            inventory,
+            changed,
+            errors,
+        }
+    }
+}
+
+fn same_content(a: &Inventory, b: &Inventory) -> bool {
+    fn same_arcs<T: PartialEq>(x: &[Arc<T>], y: &[Arc<T>]) -> bool {
+        x.len() == y.len()
+            && x.iter()
+                .zip(y)
+                .all(|(p, q)| Arc::ptr_eq(p, q) || p.as_ref() == q.as_ref())
+    }
+    a.namespaces == b.namespaces
+        && same_arcs(&a.pods, &b.pods)
+        && same_arcs(&a.policies, &b.policies)
+}
+
+/// The API-server inventory: watchers, stores and the snapshot channel. Dropping it stops its
+/// tasks.
+pub struct KubeInventory {
+    stores: Stores,
+    snapshots: watch::Receiver<Arc<Inventory>>,
+    ready: watch::Receiver<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl KubeInventory {
+    /// Starts the three watchers and the snapshot task on the current Tokio runtime.
+    /// `on_watch_error` is called with the resource label for every watch error.
+    pub fn start(
+        client: Client,
+        on_watch_error: WatchErrorCounter,
+        config: KubeInventoryConfig,
+    ) -> Self {
+        let (stores, writers) = stores();
+        let changed = Arc::new(Notify::new());
+        let mut tasks = Vec::with_capacity(4);
+        tasks.push(tokio::spawn(reflect(
+            Api::<K8sPod>::all(client.clone()),
+            writers.pods,
+            trim_pod,
+            RESOURCE_PODS,
+            Arc::clone(&on_watch_error),
+            Arc::clone(&changed),
+        )));
+        tasks.push(tokio::spawn(reflect(
+            Api::<K8sNamespace>::all(client.clone()),
+            writers.namespaces,
+            trim_namespace,
+            RESOURCE_NAMESPACES,
+            Arc::clone(&on_watch_error),
+            Arc::clone(&changed),
+        )));
+        tasks.push(tokio::spawn(reflect(
+            Api::<NetworkPolicy>::all(client),
+            writers.policies,
+            trim_policy,
+            RESOURCE_NETWORKPOLICIES,
+            on_watch_error,
+            Arc::clone(&changed),
+        )));
+        let (snap_tx, snapshots) = watch::channel(Arc::new(Inventory::default()));
+        let (ready_tx, ready) = watch::channel(false);
+        tasks.push(tokio::spawn(snapshot_loop(
+            stores.clone(),
+            changed,
+            snap_tx,
+            ready_tx,
+            config,
+        )));
+        Self {
+            stores,
+            snapshots,
+            ready,
+            tasks,
+        }
+    }
+
+    /// Waits for the first full sync of all three resources and the first snapshot.
+    pub async fn wait_until_ready(&self) -> Result<(), KubeError> {
+        let mut ready = self.ready.clone();
+        ready
+            .wait_for(|r| *r)
+            .await
+            .map(|_| ())
+            .map_err(|_| KubeError::Stopped)
+    }
+
+    /// True once the first full sync is done (for `/readyz`).
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// A receiver of snapshots; the value is empty until [`is_ready`](Self::is_ready).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Inventory>> {
+        self.snapshots.clone()
+    }
+
+    /// The latest snapshot.
+    pub fn current(&self) -> Arc<Inventory> {
+        Arc::clone(&self.snapshots.borrow())
+    }
+
+    /// The stores (object counts for self-monitoring).
+    pub fn stores(&self) -> &Stores {
+        &self.stores
+    }
+}
+
+impl Drop for KubeInventory {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Watches one resource into its store, trimming each object, until the task is aborted.
+fn reflect<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    trim: fn(&mut K),
+    resource: &'static str,
+    on_error: WatchErrorCounter,
+    changed: Arc<Notify>,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    // `any_semantic`: the initial list is served from the API server's watch cache, which
+    // matters when every node of a large cluster lists all pods at once.
+    let stream = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(trim)
+        .reflect(writer);
+    drive(stream, resource, on_error, changed)
+}
+
+async fn drive<K, S>(
+    stream: S,
+    resource: &'static str,
+    on_error: WatchErrorCounter,
+    changed: Arc<Notify>,
+) where
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                changed.notify_one();
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            Err(error) => {
+                on_error(resource);
+                tracing::warn!(%error, resource, "inventory watch failed; retrying with backoff");
+            }
+        }
+    }
+}
+
+async fn snapshot_loop(
+    stores: Stores,
+    changed: Arc<Notify>,
+    snapshots: watch::Sender<Arc<Inventory>>,
+    ready: watch::Sender<bool>,
+    config: KubeInventoryConfig,
+) {
+    let node = config.node_name.as_deref().unwrap_or("");
+    let synced = tokio::try_join!(
+        stores.pods.wait_until_ready(),
+        stores.namespaces.wait_until_ready(),
+        stores.policies.wait_until_ready(),
+    );
+    if synced.is_err() {
+        tracing::error!(node, "inventory watchers stopped before the first sync");
+        return;
+    }
+    let mut builder = SnapshotBuilder::new();
+    let mut first = true;
+    loop {
+        let build = builder.build(&stores);
+        if let Some(error) = build.errors.first() {
+            tracing::warn!(
+                node,
+                %error,
+                skipped = build.errors.len(),
+                "objects left out of the inventory"
+            );
+        }
+        if build.changed {
+            tracing::debug!(
+                node,
+                pods = build.inventory.pods.len(),
+                namespaces = build.inventory.namespaces.len(),
+                policies = build.inventory.policies.len(),
+                "inventory snapshot"
+            );
+            snapshots.send_replace(build.inventory);
+        }
+        if first {
+            first = false;
+            ready.send_replace(true);
+            tracing::info!(
+                node,
+                pods = stores.pods.len(),
+                namespaces = stores.namespaces.len(),
+                policies = stores.policies.len(),
+                "inventory synced from the API server"
+            );
+        }
+        tokio::time::sleep(config.debounce).await;
+        changed.notified().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_trim_keeps_what_convert_reads() {
+        let mut pod: K8sPod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-7d4b9c8f6-xk2lp", "namespace": "prod", "uid": "u",
+                "resourceVersion": "42", "generateName": "web-7d4b9c8f6-",
+                "labels": {"app": "web", "pod-template-hash": "7d4b9c8f6"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+                "creationTimestamp": "2025-03-01T10:00:00Z",
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "name": "web-7d4b9c8f6", "uid": "1", "controller": true,
+                    "blockOwnerDeletion": true}]
+            },
+            "spec": {
+                "nodeName": "node-a", "serviceAccountName": "web",
+                "volumes": [{"name": "v", "emptyDir": {}}],
+                "containers": [
+                    {"name": "app", "image": "nginx", "args": ["a"],
+                     "env": [{"name": "X", "value": "y"}],
+                     "ports": [{"containerPort": 8080, "name": "http", "hostPort": 80}]},
+                    {"name": "sidecar", "image": "envoy"}
+                ]
+            },
+            "status": {"phase": "Running", "podIP": "10.0.1.5", "hostIP": "192.168.1.1",
+                       "podIPs": [{"ip": "10.0.1.5"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .unwrap();
+        let before = convert::pod(&pod, &OwnerIndex::default()).unwrap();
+        trim_pod(&mut pod);
+        assert_eq!(convert::pod(&pod, &OwnerIndex::default()).unwrap(), before);
+        assert!(pod.metadata.annotations.is_none());
+        assert!(pod.metadata.managed_fields.is_none());
+        assert!(pod.metadata.resource_version.is_none());
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.containers.len(), 1);
+        assert!(spec.containers[0].image.is_none());
+        assert!(spec.containers[0].env.is_none());
+        assert!(spec.volumes.is_none());
+        let status = pod.status.as_ref().unwrap();
+        assert!(status.conditions.is_none());
+        assert!(status.host_ip.is_none());
+    }
+
+    #[test]
+    fn policy_trim_keeps_own_annotations() {
+        let mut np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "n", "labels": {"a": "b"},
+                "annotations": {"deny-observer.io/owner": "team-a", "other": "x"},
+                "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
+        }))
+        .unwrap();
+        trim_policy(&mut np);
+        let ann = np.metadata.annotations.as_ref().unwrap();
+        assert_eq!(ann.len(), 1);
+        assert_eq!(ann["deny-observer.io/owner"], "team-a");
+        assert!(np.metadata.managed_fields.is_none());
+        assert_eq!(
+            np.spec.as_ref().unwrap().policy_types.as_ref().unwrap()[0],
+            "Ingress"
+        );
+    }
+}

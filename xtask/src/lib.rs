@@ -1,0 +1,39 @@
+//! Developer tasks for deny-observer (`cargo xtask ...`), and the pieces the integration tests
+//! share with them: a simulated Kubernetes node on the real kernel ([`simnode`]), inventory
+//! manifests for it ([`manifests`]) and a `/metrics` reader ([`metrics`]).
+
+pub mod cmd;
+pub mod daemon;
+pub mod demo;
+pub mod manifests;
+pub mod metrics;
+pub mod setup;
+pub mod simnode;
+
+use std::path::PathBuf;
+
+/// Environment variable that skips privileged tests (set by `cargo xtask test --skip-privileged`).
+pub const SKIP_PRIVILEGED_ENV: &str = "DENY_OBSERVER_SKIP_PRIVILEGED";
+/// Environment variable naming the release daemon binary for end-to-end tests.
+pub const BIN_ENV: &str = "DENY_OBSERVER_BIN";
+
+/// Gate for privileged tests: returns `false` (after saying so) when
+/// `DENY_OBSERVER_SKIP_PRIVILEGED=1`; panics, loudly, when not root; `true` otherwise.
+pub fn privileged(test: &str) -> bool {
+    if std::env::var(SKIP_PRIVILEGED_ENV).is_ok_and(|v| v == "1") {
+        eprintln!("SKIPPED {test}: {SKIP_PRIVILEGED_ENV}=1");
+        return false;
+    }
+    assert!(
+        cmd::is_root(),
+        "{test} needs root (netns, nftables, BPF); run it as root, or set \
+         {SKIP_PRIVILEGED_ENV}=1 to skip it explicitly"
+    );
+    true
+}
+
+/// The workspace root (the parent of this crate's directory).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
