@@ -70,6 +70,17 @@ impl Daemon {
         addr: SocketAddr,
         log: PathBuf,
     ) -> Result<Self, DaemonError> {
+        Self::start_with_args(bin, inventory, addr, log, &[])
+    }
+
+    /// [`Daemon::start`] with more `run` arguments (e.g. a small flow map for a flood test).
+    pub fn start_with_args(
+        bin: &Path,
+        inventory: &Path,
+        addr: SocketAddr,
+        log: PathBuf,
+        extra: &[&str],
+    ) -> Result<Self, DaemonError> {
         let io = |what: String| move |source| DaemonError::Io { what, source };
         let out = std::fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?;
         let err = out
@@ -82,6 +93,7 @@ impl Daemon {
             .arg(inventory)
             .arg("--metrics-addr")
             .arg(addr.to_string())
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -67,10 +67,17 @@ fn observed(m: &Metrics, k: &(&str, &str, &str, &str, &str)) -> f64 {
     )
 }
 
+/// Drops of any reason to or from the client, whose traffic is all allowed.
 fn allowed_traffic_counted(m: &Metrics) -> f64 {
     m.sum(
         DROPS,
         &[("source_namespace", APP_NS), ("source_workload", "client")],
+    ) + m.sum(
+        DROPS,
+        &[
+            ("destination_namespace", APP_NS),
+            ("destination_workload", "client"),
+        ],
     )
 }
 
@@ -126,7 +133,7 @@ fn assert_settles(daemon: &mut Daemon, expected: &Expected, phase: &str) {
     assert_eq!(
         allowed_traffic_counted(&m),
         0.0,
-        "{phase}: allowed traffic (from {APP_NS}/client) was counted as dropped\n{}",
+        "{phase}: allowed traffic (to or from {APP_NS}/client) was counted as dropped\n{}",
         dump(&m, daemon)
     );
 }
