@@ -1,7 +1,6 @@
 //! Running `deny-observer run` as a child process, for the demo and the end-to-end tests.
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -101,14 +100,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        // SAFETY: only async-signal-safe calls (setpgid, prctl) between fork and exec.
-        unsafe {
-            command.pre_exec(|| {
-                libc::setpgid(0, 0);
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
+        crate::cmd::die_with_parent(&mut command);
         let child = command
             .spawn()
             .map_err(io(format!("starting {} run", bin.display())))?;
