@@ -102,7 +102,9 @@ pub enum Verdict {
     DenyIngress,
 }
 
-fn flows(node: &SimNode, metas: &[PodMeta]) -> Vec<Flow> {
+/// Every flow between the pods of `node`: each pod to each container port of each other pod
+/// (`metas` are the pods' Kubernetes sides, indexed like the node's pods).
+pub fn flows(node: &SimNode, metas: &[PodMeta]) -> Vec<Flow> {
     let mut out = Vec::new();
     for from in 0..node.pods().len() {
         for (to, meta) in metas.iter().enumerate() {
@@ -122,13 +124,24 @@ fn flows(node: &SimNode, metas: &[PodMeta]) -> Vec<Flow> {
     out
 }
 
-/// Asks `deny-observer explain --inventory <dir> --flows -` for the verdict of every flow.
-fn explain_verdicts(
+/// The daemon's answer for one flow, from `explain --flows -`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explained {
+    /// Allow, or deny and where.
+    pub verdict: Verdict,
+    /// The isolating policies of the deciding side, as `ns/name` (empty for an allow).
+    pub policies: Vec<String>,
+    /// The `policy` label value the daemon puts on `deny_observer_policy_denies_total`.
+    pub policy_label: String,
+}
+
+/// Asks `deny-observer explain --inventory <dir> --flows -` about every flow, in order.
+pub fn explain(
     bin: &Path,
     inventory: &Path,
     node: &SimNode,
     flows: &[Flow],
-) -> anyhow::Result<Vec<Verdict>> {
+) -> anyhow::Result<Vec<Explained>> {
     let mut input = String::new();
     for f in flows {
         let line = json!({
@@ -150,24 +163,29 @@ fn explain_verdicts(
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {} explain", bin.display()))?;
-    let written = child
+    // Written from a thread: explain answers as it reads, and a large batch would fill both
+    // pipes if we wrote everything before reading.
+    let writer = child
         .stdin
         .take()
-        .map(|mut stdin| stdin.write_all(input.as_bytes()));
+        .map(|mut stdin| std::thread::spawn(move || stdin.write_all(input.as_bytes())));
     let out = child.wait_with_output()?;
+    let written = writer.map(|w| w.join());
     // A binary without `explain --flows` exits before reading: its status and stderr say more
     // than the broken pipe.
-    if out.status.success()
-        && let Some(Err(e)) = written
-    {
-        return Err(e).context("writing flows to explain");
-    }
     if !out.status.success() {
         bail!(
-            "`deny-observer explain --flows -` failed ({}): {}",
+            "`{} explain --inventory {} --flows -` failed ({}): {}",
+            bin.display(),
+            inventory.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
+    }
+    match written {
+        Some(Ok(Ok(()))) | None => {}
+        Some(Ok(Err(e))) => return Err(e).context("writing flows to explain"),
+        Some(Err(_)) => bail!("the thread writing flows to explain panicked"),
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -184,14 +202,43 @@ fn explain_verdicts(
         .map(|(line, f)| {
             let v: serde_json::Value =
                 serde_json::from_str(line).with_context(|| format!("explain output {line:?}"))?;
-            match (v["verdict"].as_str(), v["direction"].as_str()) {
-                (Some("allow"), _) => Ok(Verdict::Allow),
-                (Some("deny"), Some("egress")) => Ok(Verdict::DenyEgress),
-                (Some("deny"), Some("ingress")) => Ok(Verdict::DenyIngress),
-                _ => Err(anyhow!("explain gave {line} for {f:?}")),
-            }
+            let verdict = match (v["verdict"].as_str(), v["direction"].as_str()) {
+                (Some("allow"), _) => Verdict::Allow,
+                (Some("deny"), Some("egress")) => Verdict::DenyEgress,
+                (Some("deny"), Some("ingress")) => Verdict::DenyIngress,
+                _ => bail!("explain gave {line} for {f:?}"),
+            };
+            let policies = v["policies"]
+                .as_array()
+                .ok_or_else(|| anyhow!("explain gave no `policies` array in {line}"))?
+                .iter()
+                .map(|p| {
+                    p.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| anyhow!("non-string policy in {line}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let policy_label = v["policy_label"].as_str().unwrap_or_default().to_owned();
+            Ok(Explained {
+                verdict,
+                policies,
+                policy_label,
+            })
         })
         .collect()
+}
+
+/// The verdict of every flow, from [`explain`].
+pub fn explain_verdicts(
+    bin: &Path,
+    inventory: &Path,
+    node: &SimNode,
+    flows: &[Flow],
+) -> anyhow::Result<Vec<Verdict>> {
+    Ok(explain(bin, inventory, node, flows)?
+        .into_iter()
+        .map(|e| e.verdict)
+        .collect())
 }
 
 /// FALLBACK ONLY, used when the daemon has no working `explain --flows`: what the policies in

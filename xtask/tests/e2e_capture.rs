@@ -30,7 +30,8 @@ fn daemon_bin() -> PathBuf {
             xtask::BIN_ENV
         )
     });
-    let bin = PathBuf::from(bin);
+    // cargo runs tests in the crate directory; a relative path was meant from the workspace.
+    let bin = xtask::workspace_root().join(bin);
     assert!(
         bin.is_file(),
         "{}={} does not exist",
