@@ -355,29 +355,49 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
     println!("inventory: {}", inventory.display());
 
     let flows = flows(&node, &metas);
-    let verdicts = match explain_verdicts(&opts.bin, &inventory, &node, &flows) {
+    let (explained, fallback) = match explain(&opts.bin, &inventory, &node, &flows) {
         Ok(v) => {
             println!("verdicts: from `deny-observer explain --flows -` on deploy/examples/*.yaml");
-            v
+            (v, None)
         }
         Err(e) => {
-            println!(
-                "WARNING: {e:#}\nWARNING: using the demo's hand-written allow list instead \
-                 (it matches deploy/examples/ as shipped, not your edits)"
+            let warning = format!(
+                "WARNING: `deny-observer explain --flows -` failed: {e:#}\n\
+                 WARNING: the demo enforces its HAND-WRITTEN allow list instead; it matches \
+                 deploy/examples/ as shipped, not your edits, and the daemon's labels may \
+                 disagree with what is enforced"
             );
-            hand_written_verdicts(&node, &flows)?
+            eprintln!("{warning}");
+            let explained = hand_written_verdicts(&node, &flows)?
+                .into_iter()
+                .map(|verdict| Explained {
+                    verdict,
+                    policies: Vec::new(),
+                    policy_label: String::new(),
+                })
+                .collect();
+            (explained, Some(warning))
         }
     };
+    let verdicts: Vec<Verdict> = explained.iter().map(|e| e.verdict.clone()).collect();
     let policy = enforcement(&flows, &verdicts);
     node.enforce(&policy)?;
-    for (f, v) in flows.iter().zip(&verdicts) {
+    let firewalled = outside_firewall(&node, &flows, &verdicts)?;
+    for (i, (f, e)) in flows.iter().zip(&explained).enumerate() {
+        let why = if Some(i) == firewalled {
+            "  + dropped by a firewall outside Kubernetes (expect match=unexplained)".to_owned()
+        } else if e.policies.is_empty() {
+            String::new()
+        } else {
+            format!("  by {}", e.policies.join(","))
+        };
         println!(
-            "  {:<34} -> {:<30} {}/{:<5} {:?}",
+            "  {:<34} -> {:<30} {}/{:<5} {:?}{why}",
             node.pod(f.from)?.key(),
             node.pod(f.to)?.key(),
             f.protocol,
             f.port,
-            v
+            e.verdict
         );
     }
 
@@ -415,6 +435,11 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
                 workload(&node, &metas, f.from)?,
                 workload(&node, &metas, f.to)?,
             );
+            let v = if Some(i) == firewalled {
+                &Verdict::DenyIngress
+            } else {
+                v
+            };
             match (v, f.protocol) {
                 (Verdict::Allow, Proto::Tcp) => node.tcp_exchange(f.from, to)?,
                 (Verdict::Allow, Proto::Udp) => {
@@ -438,6 +463,9 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
             if tty {
                 print!("\x1b[2J\x1b[H");
             }
+            if let Some(w) = &fallback {
+                println!("{w}");
+            }
             print_table(
                 &m,
                 &sent,
@@ -453,6 +481,43 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
     drop(listeners);
     drop(node);
     Ok(())
+}
+
+/// nft table of the demo's firewall outside Kubernetes.
+const OUTSIDE_FIREWALL: &str = "demo_node_firewall";
+
+/// Drops one flow the policies allow with a separate nft table in its destination pod, the
+/// way a host firewall nobody told Kubernetes about would: the daemon must call those drops
+/// `unexplained`. Picks an allowed TCP flow into a pod that another pod of the same workload
+/// also serves, so the workload keeps working. Returns the flow's index.
+fn outside_firewall(
+    node: &SimNode,
+    flows: &[Flow],
+    verdicts: &[Verdict],
+) -> anyhow::Result<Option<usize>> {
+    let pick = flows.iter().zip(verdicts).position(|(f, v)| {
+        *v == Verdict::Allow
+            && f.protocol == Proto::Tcp
+            && node.pod(f.from).is_ok_and(|p| p.name.starts_with("db-"))
+    });
+    let Some(i) = pick else {
+        return Ok(None);
+    };
+    let f = flows[i];
+    let src = node.pod(f.from)?;
+    node.nft(
+        f.to,
+        &format!(
+            "table inet {OUTSIDE_FIREWALL} {{\n  chain input {{\n    \
+             type filter hook input priority -10; policy accept;\n    \
+             ip saddr {} tcp dport {port} drop\n    \
+             ip6 saddr {} tcp dport {port} drop\n  }}\n}}\n",
+            src.ipv4,
+            src.ipv6,
+            port = f.port
+        ),
+    )?;
+    Ok(Some(i))
 }
 
 fn workload(node: &SimNode, metas: &[PodMeta], id: PodId) -> anyhow::Result<String> {
@@ -575,11 +640,12 @@ fn print_table(
     let mut by_policy: BTreeMap<(String, String, String, String), f64> = BTreeMap::new();
     for s in m.select("deny_observer_policy_denies_total", &[]) {
         let edge = format!(
-            "{}/{} -> {}/{}",
+            "{}/{} -> {}/{} {}",
             label(s, "source_namespace"),
             label(s, "source_workload"),
             label(s, "destination_namespace"),
-            label(s, "destination_workload")
+            label(s, "destination_workload"),
+            label(s, "protocol")
         );
         *by_policy
             .entry((
@@ -594,7 +660,12 @@ fn print_table(
         println!("  (no series yet)");
     }
     for ((pol, mat, dir, edge), n) in &by_policy {
-        println!("  {n:>8}  {pol} [{mat}, {dir}]  {edge}");
+        let pol = if pol.is_empty() {
+            "(no policy denies this: a drop outside Kubernetes)"
+        } else {
+            pol.as_str()
+        };
+        println!("  {n:>8}  {edge}  [{mat}, {dir}]  {pol}");
     }
 
     println!("\nENFORCED (nft drop counters in each pod)");
