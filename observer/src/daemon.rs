@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// How often the flow map is drained, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub drain_interval_ms: u64,
+    /// Only count drops in the network namespace with this inode (`stat -L -c %i
+    /// /run/netns/<name>`). For exact tests on a shared machine, and for debugging one pod.
+    #[arg(long, hide = true)]
+    pub netns_inode: Option<u32>,
     /// Most label sets per attributed metric; the rest go to one `__overflow__` series.
     #[arg(long, default_value_t = 2_000)]
     pub series_limit: usize,
@@ -297,6 +301,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         reasons: parse_reasons(&args.reasons),
         flow_map_entries: args.flow_map_entries,
         ringbuf_bytes: args.ringbuf_bytes,
+        netns: args.netns_inode,
         ..CaptureConfig::default()
     };
     let capture = tokio::task::spawn_blocking(move || Capture::load(&capture_config))
@@ -307,6 +312,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     info!(
         reasons = capture.reasons().len(),
         flow_map_entries = args.flow_map_entries,
+        netns_filter = ?args.netns_inode,
         "capture program attached to skb:kfree_skb"
     );
 

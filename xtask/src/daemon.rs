@@ -92,7 +92,17 @@ impl Daemon {
             .arg(inventory)
             .arg("--metrics-addr")
             .arg(addr.to_string())
-            .args(extra)
+            .args(extra);
+        // The new-denied-edge state defaults to /var/lib/deny-observer, shared by every run on
+        // the machine: edges seen by an earlier test or demo would not be new here.
+        if !extra.contains(&"--state-dir") {
+            let state = log
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join("deny-observer-state");
+            command.arg("--state-dir").arg(state);
+        }
+        command
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -28,7 +28,8 @@ pub fn daemon_bin() -> std::path::PathBuf {
              `cargo xtask test` builds it and sets it."
         );
     };
-    let bin = std::path::PathBuf::from(bin);
+    // cargo runs tests in the crate directory; a relative path was meant from the workspace.
+    let bin = workspace_root().join(bin);
     assert!(bin.is_file(), "{BIN_ENV}={} does not exist", bin.display());
     bin
 }
