@@ -448,7 +448,7 @@ fn alias_bomb_is_refused() {
     );
     for i in 1..12 {
         let prev = format!("*l{}", i - 1);
-        text += &format!("  l{i}: &l{i} [{}]\n", vec![prev.as_str(); 10].join(", "));
+        text += &format!("  l{i}: &l{i} [{}]\n", [prev.as_str(); 10].join(", "));
     }
     let start = std::time::Instant::now();
     let e = manifest::load_str(Path::new("bomb.yaml"), &text).unwrap_err();
