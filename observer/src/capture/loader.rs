@@ -4,7 +4,7 @@ use std::path::Path;
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
-use observer_ebpf::{Counter, FlowKey, FlowValue, MAX_REASONS, ProgramConfig, SampleEvent};
+use observer_ebpf::{Counter, FlowKey, FlowValue, MAX_REASONS, ProgramConfig};
 
 use super::batch::Batch;
 use super::btf::KernelBtf;
@@ -37,7 +37,7 @@ pub struct Capture {
     /// Forwards the kernel program's aya-log records to `log` (and so to tracing); `None` when
     /// the object has no log map.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    /// Ring-buffer records too short to be a sample, since the last [`Capture::take_bad_samples`].
+    /// Ring-buffer records of the wrong size, since the last [`Capture::take_bad_samples`].
     bad_samples: u64,
 }
 
@@ -238,7 +238,7 @@ impl Capture {
         })
     }
 
-    /// Ring-buffer records that were too short to be a sample, since the last call (the
+    /// Ring-buffer records of the wrong size for a sample, since the last call (the
     /// daemon counts them as a loss).
     pub fn take_bad_samples(&mut self) -> u64 {
         std::mem::take(&mut self.bad_samples)
@@ -256,36 +256,27 @@ impl Capture {
         &self.reasons
     }
 
-    /// Takes every sample waiting in the ring buffer, without blocking.
+    /// Takes every sample waiting in the ring buffer, without blocking. Records of the wrong
+    /// size are skipped and counted (see [`Capture::take_bad_samples`]).
     pub fn samples(&mut self) -> Vec<Sample> {
         let mut out = Vec::new();
         while let Some(item) = self.samples.next() {
-            let Some(ev) = parse_sample(&item) else {
-                self.bad_samples += 1;
-                continue;
+            let ev = match decode::parse_sample(&item) {
+                Ok(ev) => ev,
+                Err(err) => {
+                    // The count is exported; one log line per counting period says why.
+                    if self.bad_samples == 0 {
+                        tracing::debug!(error = %err, "skipping malformed sample record");
+                    }
+                    self.bad_samples += 1;
+                    continue;
+                }
             };
             let reason = self.state.label(&self.reasons, ev.key.reason);
-            let drop = decode(&ev.key, reason, 1, u64::from(ev.len));
-            out.push(Sample {
-                drop,
-                ts_ns: ev.ts_ns,
-                location: ev.location,
-                ifindex: ev.ifindex,
-                src_port: ev.src_port,
-                tcp_flags: ev.tcp_flags,
-            });
+            out.push(decode::to_sample(&ev, reason));
         }
         out
     }
-}
-
-fn parse_sample(bytes: &[u8]) -> Option<SampleEvent> {
-    if bytes.len() < std::mem::size_of::<SampleEvent>() {
-        return None;
-    }
-    // SAFETY: SampleEvent is a #[repr(C)] Pod (any bit pattern is valid) and the buffer holds
-    // at least size_of::<SampleEvent>() bytes; read_unaligned copes with any alignment.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<SampleEvent>()) })
 }
 
 #[cfg(test)]

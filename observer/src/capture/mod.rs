@@ -28,7 +28,7 @@ mod drain;
 mod loader;
 pub mod tracefs;
 
-pub use decode::decode;
+pub use decode::{SampleSizeError, decode, parse_sample, to_sample};
 pub use loader::{Capture, lru_entries};
 pub use tracefs::ReasonTable;
 
