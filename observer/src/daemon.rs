@@ -247,6 +247,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut _dir_watch = None;
     let mut reload_stats = None;
     let mut events = PolicyDeniedEvents::disabled(event_metrics.clone());
+    let mut events_enabled = false;
     let inventory_rx = match &source {
         Source::Dir(dir) => {
             let watch =
@@ -283,6 +284,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 });
             }
             if args.events {
+                events_enabled = true;
                 events = PolicyDeniedEvents::new(
                     client,
                     EventsConfig {
@@ -317,6 +319,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
 
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
+    // Without an API server (or with --events=false) the pipeline does not even build the
+    // summaries: nothing would publish them.
+    let event_tx = events_enabled.then_some(event_tx);
     let events_task = tokio::spawn(publish_events(events, event_rx, stop_rx.clone()));
 
     let stopping = Arc::new(AtomicBool::new(false));
@@ -459,7 +464,8 @@ struct Pipeline {
     open_namespaces: IntGaugeVec,
     reload_stats: Option<Arc<ReloadStats>>,
     reloads_seen: (u64, u64),
-    events: mpsc::Sender<EventMsg>,
+    /// `None` when Events are off.
+    events: Option<mpsc::Sender<EventMsg>>,
     /// Workload kinds by (namespace, workload), for spike Events.
     kinds: HashMap<(String, String), String>,
     last_retain: Instant,
@@ -481,7 +487,7 @@ impl Pipeline {
         alert: AlertStage,
         open_namespaces: IntGaugeVec,
         reload_stats: Option<Arc<ReloadStats>>,
-        events: mpsc::Sender<EventMsg>,
+        events: Option<mpsc::Sender<EventMsg>>,
     ) -> Self {
         let empty = Arc::new(Inventory::default());
         let mut pipeline = Self {
@@ -756,6 +762,9 @@ impl Pipeline {
                 "new denied edge"
             );
         }
+        let Some(events) = &self.events else {
+            return;
+        };
         let denied_side = match direction {
             Direction::Egress => src.as_ref(),
             _ => dst.as_ref(),
@@ -765,10 +774,10 @@ impl Pipeline {
             _ => src.as_ref(),
         };
         if let Some(Endpoint::Pod(pod)) = denied_side {
-            self.kinds.insert(
-                (pod.namespace.clone(), pod.workload.name.clone()),
-                pod.workload.kind.clone(),
-            );
+            let workload = (pod.namespace.clone(), pod.workload.name.clone());
+            self.kinds
+                .entry(workload)
+                .or_insert_with(|| pod.workload.kind.clone());
             let side = verdict.deciding_side();
             let msg = EventMsg::Denied(DeniedTraffic {
                 pod: PodRef {
@@ -804,7 +813,7 @@ impl Pipeline {
                     })
                     .unwrap_or_default(),
             });
-            if self.events.try_send(msg).is_err() {
+            if events.try_send(msg).is_err() {
                 self.metrics.record_loss("event_queue_full", 1);
             }
         }
@@ -843,6 +852,9 @@ impl Pipeline {
         } else {
             info!(spike = %t, "deny spike ended");
         }
+        let Some(events) = &self.events else {
+            return;
+        };
         let kind = self
             .kinds
             .get(&(t.key.workload_namespace.clone(), t.key.workload.clone()))
@@ -861,7 +873,7 @@ impl Pipeline {
             baseline_per_minute: t.baseline * 60.0,
             detail: Some(format!("{} denies", t.key.direction)),
         };
-        if self.events.try_send(EventMsg::Spike(notice)).is_err() {
+        if events.try_send(EventMsg::Spike(notice)).is_err() {
             self.metrics.record_loss("event_queue_full", 1);
         }
     }
