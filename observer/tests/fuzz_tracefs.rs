@@ -245,6 +245,8 @@ proptest! {
                     prop_assert!(!t.is_empty());
                     for (_, label) in t.iter() {
                         // Labels may repeat in a mutated list; `number` finds one of them.
+                        prop_assert_eq!(label.trim(), label.as_ref());
+                        prop_assert_eq!(tracefs::reason_label(label), label.as_ref());
                         let n = t.number(label);
                         prop_assert!(n.is_some(), "{}", label);
                         prop_assert_eq!(&t.label(n.unwrap_or_default()), label);

@@ -178,6 +178,15 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
     with_env(&mut c);
     cmd::interactive(&mut c)?;
 
+    // The fuzz pass over the pure decoders (observer/tests/fuzz_*.rs, corpus in
+    // observer/tests/fuzz_corpus) gets the same depth; it takes under a minute.
+    eprintln!("test: deeper fuzz pass (PROPTEST_CASES=2048, observer/tests/fuzz_*.rs)");
+    let mut c = cargo(root)?;
+    c.args(["test", "-p", "observer", "--test", "fuzz_*"])
+        .env("PROPTEST_CASES", "2048");
+    with_env(&mut c);
+    cmd::interactive(&mut c)?;
+
     if root.join("fuzz/Cargo.toml").is_file() {
         fuzz(root)?;
     }

@@ -290,7 +290,9 @@ pub fn reason_label(kernel_name: &str) -> String {
         .strip_prefix("SKB_DROP_REASON_")
         .or_else(|| upper.strip_prefix("SKB_"))
         .unwrap_or(&upper);
-    short.to_ascii_lowercase()
+    // Trimmed again so that a label maps to itself (`SKB_ X` would otherwise label " x",
+    // which `number(" x")` trims to "x" and no longer finds).
+    short.trim().to_ascii_lowercase()
 }
 
 /// Parses `__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, ...)` out of a `print fmt`.
@@ -456,6 +458,8 @@ print fmt: "skbaddr=%p protocol=%u location=%p", REC->skbaddr, REC->protocol, RE
         );
         assert_eq!(reason_label("SKB_CONSUMED"), "consumed");
         assert_eq!(reason_label("NO_SOCKET"), "no_socket");
+        // Found by tests/fuzz_tracefs.rs: labels are fixed points of reason_label.
+        assert_eq!(reason_label("SKB_DROP_REASON_\tCSUM"), "csum");
     }
 
     #[test]
