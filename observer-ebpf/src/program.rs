@@ -142,13 +142,32 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     let mut extra = Extra::default();
     let mut len: u32 = 0;
     let mut dev: u64 = 0;
-    // A failed read leaves the key partially filled (family UNKNOWN): the packet still counts.
-    if read_skb(ctx, &mut key, &mut extra, &mut len, &mut dev).is_err() {
-        count_loss(loss::SKB_READ);
+    let off = config!(layout.tp_skbaddr) as usize;
+    // SAFETY: offset of the 8-byte skbaddr field of the record.
+    let skb: u64 = unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0);
+    // A failed read leaves the key partially filled (family UNKNOWN): the packet still counts,
+    // and the SKB_READ loss says its detail is missing.
+    let mut complete = skb != 0;
+    if skb != 0 {
+        match read::<u32>(skb, config!(layout.skb_len)) {
+            Ok(l) => len = l,
+            Err(_) => complete = false,
+        }
+        match read_netns(skb, &mut dev) {
+            Ok(ns) => key.netns = ns,
+            Err(_) => complete = false,
+        }
     }
+    // Filter before parsing headers: other namespaces cost as little as possible.
     let netns_filter = config!(netns_filter);
     if netns_filter != 0 && key.netns != netns_filter {
         return Ok(0);
+    }
+    if skb != 0 && read_headers(skb, &mut key, &mut extra).is_err() {
+        complete = false;
+    }
+    if !complete {
+        count_loss(loss::SKB_READ);
     }
 
     let bytes = u64::from(len);
@@ -170,7 +189,12 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
                     Some(v) => add(v, bytes),
                     None => count_loss(loss::FLOW_INSERT),
                 },
-                Err(_) => count_loss(loss::FLOW_INSERT),
+                Err(e) => {
+                    count_loss(loss::FLOW_INSERT);
+                    // Rare (an LRU map evicts rather than fails), so a log line per failure is
+                    // affordable and says why, next to the counted loss.
+                    aya_log_ebpf::warn!(ctx, "flow map insert failed: error {}", e);
+                }
             }
         }
     }
@@ -198,29 +222,23 @@ fn add(v: *mut FlowValue, bytes: u64) {
     }
 }
 
-/// Fills `key` (netns, addresses, protocol, port) from the skb; stops at the first failure.
+/// Network-namespace inode of `skb->dev` (0 without a device); stores the device pointer.
 #[inline(always)]
-fn read_skb(
-    ctx: &TracePointContext,
-    key: &mut FlowKey,
-    extra: &mut Extra,
-    len: &mut u32,
-    dev: &mut u64,
-) -> Result<(), i64> {
-    let off = config!(layout.tp_skbaddr) as usize;
-    // SAFETY: offset of the 8-byte skbaddr field of the record.
-    let skb: u64 = unsafe { ctx.read_at::<u64>(off) }.map_err(i64::from)?;
-    if skb == 0 {
-        return Err(0);
-    }
-    *len = read::<u32>(skb, config!(layout.skb_len))?;
+fn read_netns(skb: u64, dev: &mut u64) -> Result<u32, i64> {
     *dev = read::<u64>(skb, config!(layout.skb_dev))?;
-    if *dev != 0 {
-        let net: u64 = read(*dev, config!(layout.dev_nd_net))?;
-        if net != 0 {
-            key.netns = read(net, config!(layout.net_ns_inum))?;
-        }
+    if *dev == 0 {
+        return Ok(0);
     }
+    let net: u64 = read(*dev, config!(layout.dev_nd_net))?;
+    if net == 0 {
+        return Ok(0);
+    }
+    read(net, config!(layout.net_ns_inum))
+}
+
+/// Fills addresses, protocol and port from the packet headers; stops at the first failure.
+#[inline(always)]
+fn read_headers(skb: u64, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64> {
     let head: u64 = read(skb, config!(layout.skb_head))?;
     let nh: u16 = read(skb, config!(layout.skb_network_header))?;
     // `(typeof(skb->network_header))~0U` marks an unset header: nothing more to learn.

@@ -65,8 +65,12 @@ pub struct RunArgs {
     /// How often the flow map is drained, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub drain_interval_ms: u64,
+    /// Only count drops in the network namespace with this inode (`stat -L -c %i
+    /// /run/netns/<name>`). For exact tests on a shared machine, and for debugging one pod.
+    #[arg(long, hide = true)]
+    pub netns_inode: Option<u32>,
     /// Most label sets per attributed metric; the rest go to one `__overflow__` series.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 2_000)]
     pub series_limit: usize,
     /// Seconds a workload must be gone from the inventory before its series are removed.
     #[arg(long, default_value_t = 600)]
@@ -77,6 +81,10 @@ pub struct RunArgs {
     /// Publish Kubernetes Events (PolicyDenied, deny spikes); only with `--inventory kube`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub events: bool,
+    /// This node's IP addresses (comma-separated; downward API `status.hostIP`), in addition to
+    /// the addresses of the network namespace the daemon runs in.
+    #[arg(long, env = "NODE_IP", value_delimiter = ',')]
+    pub node_ip: Vec<IpAddr>,
     /// Node name (downward API), for logs and deny_observer_build_info.
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_name: String,
@@ -183,24 +191,20 @@ fn source(arg: Option<&str>) -> anyhow::Result<Source> {
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let source = source(args.inventory.as_deref())?;
-    let metrics = Arc::new(Metrics::new(MetricsConfig {
-        series_limit: args.series_limit,
-        expiry_grace: Duration::from_secs(args.series_expiry_secs),
-    })?);
+    let DaemonMetrics {
+        metrics,
+        open_namespaces,
+        events: event_metrics,
+        alert,
+    } = DaemonMetrics::build(
+        MetricsConfig {
+            series_limit: args.series_limit,
+            expiry_grace: Duration::from_secs(args.series_expiry_secs),
+        },
+        args.alert.to_config()?,
+    )?;
     let release = kernel_release();
     metrics.set_build_info(env!("CARGO_PKG_VERSION"), &release, &args.node_name);
-    let open_namespaces = IntGaugeVec::new(
-        Opts::new(
-            "deny_observer_audit_open_namespace",
-            "1 when the namespace has no NetworkPolicy at all (an open field), else 0.",
-        ),
-        &["target_namespace"],
-    )?;
-    metrics.register(Box::new(open_namespaces.clone()))?;
-    let event_metrics = EventMetrics::new()?;
-    event_metrics.register(metrics.registry())?;
-    let alert_config = args.alert.to_config()?;
-    let alert = AlertStage::new(alert_config, metrics.registry(), SystemTime::now())?;
 
     let http = Arc::new(HttpState::new(Arc::clone(&metrics)));
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
@@ -230,6 +234,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         warn!(error = %err, "cannot list this node's addresses; only loopback counts as node");
         NodeAddrs::new(std::iter::empty())
     });
+    for ip in &args.node_ip {
+        node.insert(*ip);
+    }
     if !args.node_name.is_empty() {
         node = node.with_node_name(args.node_name.clone());
     }
@@ -240,6 +247,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut _dir_watch = None;
     let mut reload_stats = None;
     let mut events = PolicyDeniedEvents::disabled(event_metrics.clone());
+    let mut events_enabled = false;
     let inventory_rx = match &source {
         Source::Dir(dir) => {
             let watch =
@@ -276,6 +284,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 });
             }
             if args.events {
+                events_enabled = true;
                 events = PolicyDeniedEvents::new(
                     client,
                     EventsConfig {
@@ -294,6 +303,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         reasons: parse_reasons(&args.reasons),
         flow_map_entries: args.flow_map_entries,
         ringbuf_bytes: args.ringbuf_bytes,
+        netns: args.netns_inode,
         ..CaptureConfig::default()
     };
     let capture = tokio::task::spawn_blocking(move || Capture::load(&capture_config))
@@ -304,10 +314,14 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     info!(
         reasons = capture.reasons().len(),
         flow_map_entries = args.flow_map_entries,
+        netns_filter = ?args.netns_inode,
         "capture program attached to skb:kfree_skb"
     );
 
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
+    // Without an API server (or with --events=false) the pipeline does not even build the
+    // summaries: nothing would publish them.
+    let event_tx = events_enabled.then_some(event_tx);
     let events_task = tokio::spawn(publish_events(events, event_rx, stop_rx.clone()));
 
     let stopping = Arc::new(AtomicBool::new(false));
@@ -324,9 +338,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     let interval = Duration::from_millis(args.drain_interval_ms.max(10));
     let pipeline_stop = Arc::clone(&stopping);
+    // Every pipeline log line carries the node, so logs aggregated from a DaemonSet say where.
+    let span = tracing::info_span!("pipeline", node = %args.node_name);
     let pipeline_thread = std::thread::Builder::new()
         .name("pipeline".into())
-        .spawn(move || pipeline.run(interval, &pipeline_stop))
+        .spawn(move || span.in_scope(|| pipeline.run(interval, &pipeline_stop)))
         .context("starting the pipeline thread")?;
 
     wait_for_signal().await;
@@ -357,6 +373,50 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Every metric the daemon exports, assembled the one way `run` and the tests both use.
+struct DaemonMetrics {
+    metrics: Arc<Metrics>,
+    open_namespaces: IntGaugeVec,
+    events: EventMetrics,
+    alert: AlertStage,
+}
+
+impl DaemonMetrics {
+    fn build(config: MetricsConfig, alert: alert::AlertConfig) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new(config)?);
+        let open_namespaces = IntGaugeVec::new(
+            Opts::new(
+                "deny_observer_audit_open_namespace",
+                "1 when the namespace has no NetworkPolicy at all (an open field), else 0.",
+            ),
+            &["target_namespace"],
+        )?;
+        metrics.register(Box::new(open_namespaces.clone()))?;
+        let events = EventMetrics::new()?;
+        events.register(metrics.registry())?;
+        let alert = AlertStage::new(alert, metrics.registry(), SystemTime::now())?;
+        Ok(Self {
+            metrics,
+            open_namespaces,
+            events,
+            alert,
+        })
+    }
+}
+
+/// Names of every metric family the daemon can export, whether or not it has samples yet.
+/// Dashboards and alert rules must only read these (checked by a test).
+pub fn exported_metric_names() -> anyhow::Result<Vec<String>> {
+    let built = DaemonMetrics::build(MetricsConfig::default(), alert::AlertConfig::default())?;
+    let mut names = built.metrics.metric_names();
+    // Stages that register straight into the registry: their collectors' descriptors.
+    names.extend(alert::metric_names().into_iter().map(str::to_owned));
+    names.push(crate::export::events::EVENTS_TOTAL.to_owned());
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 /// What the pipeline asks the Event publisher to do.
@@ -404,7 +464,8 @@ struct Pipeline {
     open_namespaces: IntGaugeVec,
     reload_stats: Option<Arc<ReloadStats>>,
     reloads_seen: (u64, u64),
-    events: mpsc::Sender<EventMsg>,
+    /// `None` when Events are off.
+    events: Option<mpsc::Sender<EventMsg>>,
     /// Workload kinds by (namespace, workload), for spike Events.
     kinds: HashMap<(String, String), String>,
     last_retain: Instant,
@@ -426,7 +487,7 @@ impl Pipeline {
         alert: AlertStage,
         open_namespaces: IntGaugeVec,
         reload_stats: Option<Arc<ReloadStats>>,
-        events: mpsc::Sender<EventMsg>,
+        events: Option<mpsc::Sender<EventMsg>>,
     ) -> Self {
         let empty = Arc::new(Inventory::default());
         let mut pipeline = Self {
@@ -535,6 +596,7 @@ impl Pipeline {
                 error!(error = %err, "draining the flow map failed");
             }
         }
+        self.capture.flush_logs();
         for sample in self.capture.samples() {
             debug!(
                 reason = %sample.drop.reason,
@@ -547,6 +609,10 @@ impl Pipeline {
                 netns = sample.drop.netns,
                 "first drop of a new flow"
             );
+        }
+        let bad = self.capture.take_bad_samples();
+        if bad > 0 {
+            self.metrics.record_loss("sample_malformed", bad);
         }
         for transition in self.alert.tick(now) {
             self.on_spike(&transition);
@@ -696,6 +762,9 @@ impl Pipeline {
                 "new denied edge"
             );
         }
+        let Some(events) = &self.events else {
+            return;
+        };
         let denied_side = match direction {
             Direction::Egress => src.as_ref(),
             _ => dst.as_ref(),
@@ -705,10 +774,10 @@ impl Pipeline {
             _ => src.as_ref(),
         };
         if let Some(Endpoint::Pod(pod)) = denied_side {
-            self.kinds.insert(
-                (pod.namespace.clone(), pod.workload.name.clone()),
-                pod.workload.kind.clone(),
-            );
+            let workload = (pod.namespace.clone(), pod.workload.name.clone());
+            self.kinds
+                .entry(workload)
+                .or_insert_with(|| pod.workload.kind.clone());
             let side = verdict.deciding_side();
             let msg = EventMsg::Denied(DeniedTraffic {
                 pod: PodRef {
@@ -744,7 +813,7 @@ impl Pipeline {
                     })
                     .unwrap_or_default(),
             });
-            if self.events.try_send(msg).is_err() {
+            if events.try_send(msg).is_err() {
                 self.metrics.record_loss("event_queue_full", 1);
             }
         }
@@ -783,6 +852,9 @@ impl Pipeline {
         } else {
             info!(spike = %t, "deny spike ended");
         }
+        let Some(events) = &self.events else {
+            return;
+        };
         let kind = self
             .kinds
             .get(&(t.key.workload_namespace.clone(), t.key.workload.clone()))
@@ -801,7 +873,7 @@ impl Pipeline {
             baseline_per_minute: t.baseline * 60.0,
             detail: Some(format!("{} denies", t.key.direction)),
         };
-        if self.events.try_send(EventMsg::Spike(notice)).is_err() {
+        if events.try_send(EventMsg::Spike(notice)).is_err() {
             self.metrics.record_loss("event_queue_full", 1);
         }
     }

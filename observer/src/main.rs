@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the node daemon: capture drops, attribute them, serve /metrics.
-    Run(observer::daemon::RunArgs),
+    Run(Box<observer::daemon::RunArgs>),
     /// Explain why a flow is allowed or denied by the NetworkPolicies of an inventory.
     Explain(observer::verdict::ExplainArgs),
     /// List namespaces with no NetworkPolicy ("open fields"), unisolated pods, unused policies.
@@ -36,7 +36,7 @@ fn load(dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<observer::invent
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => observer::daemon::main(args),
+        Command::Run(args) => observer::daemon::main(*args),
         Command::Explain(args) => load(&args.inventory).and_then(|inv| {
             let code = observer::verdict::explain(&args, inv, &mut std::io::stdout().lock())?;
             Ok(ExitCode::from(code))

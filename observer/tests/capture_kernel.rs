@@ -22,13 +22,16 @@ use observer::flow::Protocol;
 
 const SRC4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
 const DST4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
+/// Second destination address, dropped on every UDP port (many-keys test).
+const WIDE4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
 const SRC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
 const DST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
 const UDP_DROP: u16 = 5353;
 const TCP_DROP: u16 = 8443;
 const UDP_ALLOW: u16 = 7000;
+const UDP_EXT_DROP: u16 = 5354;
 const FLOOD_LO: u16 = 20000;
-const FLOOD_HI: u16 = 20999;
+const FLOOD_HI: u16 = 29999;
 
 fn privileged(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -95,13 +98,7 @@ impl NetPair {
             dst: format!("dobs-cap-{id}-d"),
             dst_inode: 0,
         };
-        // Remove leftovers of a crashed run with the same pid (unlikely but cheap).
-        let _ = Command::new("ip")
-            .args(["netns", "del", &pair.src])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &pair.dst])
-            .output();
+        remove_stale_namespaces();
         run(&["ip", "netns", "add", &pair.src]);
         let mut pair = pair;
         run(&["ip", "netns", "add", &pair.dst]);
@@ -156,6 +153,30 @@ impl NetPair {
                 ]);
             }
         }
+        run(&[
+            "ip",
+            "-n",
+            &d,
+            "addr",
+            "add",
+            &format!("{WIDE4}/32"),
+            "dev",
+            "vd",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &s,
+            "neigh",
+            "replace",
+            &WIDE4.to_string(),
+            "lladdr",
+            mac_d,
+            "dev",
+            "vs",
+            "nud",
+            "permanent",
+        ]);
         let meta = std::fs::metadata(format!("/run/netns/{d}")).unwrap();
         pair.dst_inode = u32::try_from(meta.ino()).unwrap();
         let rules = format!(
@@ -164,11 +185,19 @@ impl NetPair {
   counter tcp_drop {{}}
   counter allowed {{}}
   counter flood {{}}
+  counter udp_ext {{}}
+  counter icmp_drop {{}}
+  counter icmp6_drop {{}}
+  counter wide {{}}
   chain input {{
     type filter hook input priority 0; policy accept;
+    ip daddr {WIDE4} udp dport 1-65535 counter name wide drop
     udp dport {UDP_DROP} counter name udp_drop drop
     tcp dport {TCP_DROP} counter name tcp_drop drop
     udp dport {UDP_ALLOW} counter name allowed accept
+    udp dport {UDP_EXT_DROP} counter name udp_ext drop
+    icmp type echo-request counter name icmp_drop drop
+    icmpv6 type echo-request counter name icmp6_drop drop
     udp dport {FLOOD_LO}-{FLOOD_HI} counter name flood drop
   }}
 }}
@@ -223,6 +252,27 @@ impl NetPair {
     }
 }
 
+/// Deletes namespaces left by test processes that died without running their guards (SIGKILL).
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("dobs-cap-")
+            .and_then(|rest| rest.split('x').next())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
+    }
+}
+
 impl std::ops::Drop for NetPair {
     fn drop(&mut self) {
         for ns in [&self.src, &self.dst] {
@@ -242,6 +292,70 @@ fn send_udp(dst: IpAddr, port: u16, count: usize) {
             .send_to(&[0x5a; 32], SocketAddr::new(dst, port))
             .unwrap();
         assert_eq!(sent, 32);
+    }
+}
+
+/// UDP over IPv6 with an 8-byte hop-by-hop options header (one PadN option) in front of UDP,
+/// so the kernel program has to walk an extension header to find the port.
+fn send_udp6_hopopts(dst: Ipv6Addr, port: u16, count: usize) {
+    let sock = UdpSocket::bind("[::]:0").unwrap();
+    // Next header and length are filled by the kernel; PadN with 4 bytes of padding.
+    let opts: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+    // SAFETY: valid fd and a buffer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_HOPOPTS,
+            opts.as_ptr().cast(),
+            opts.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "IPV6_HOPOPTS: {}", std::io::Error::last_os_error());
+    for _ in 0..count {
+        sock.send_to(&[0x5a; 32], SocketAddr::new(IpAddr::V6(dst), port))
+            .unwrap();
+    }
+}
+
+/// Echo requests through raw sockets (root), `count` of them.
+fn send_pings(dst: IpAddr, count: usize) {
+    let (domain, proto, ty) = match dst {
+        IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP, 8u8),
+        IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6, 128u8),
+    };
+    let (_, storage, len) = sockaddr(SocketAddr::new(dst, 0));
+    // SAFETY: plain socket calls on a fresh fd with valid buffers.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_RAW, proto);
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        for seq in 0..count as u16 {
+            let mut msg = [ty, 0, 0, 0, 0x12, 0x34, (seq >> 8) as u8, seq as u8];
+            if domain == libc::AF_INET {
+                // ICMPv4 needs our checksum (the kernel fills ICMPv6's).
+                let sum: u32 = msg
+                    .chunks(2)
+                    .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+                    .sum();
+                let folded = !(((sum & 0xffff) + (sum >> 16)) as u16);
+                msg[2..4].copy_from_slice(&folded.to_be_bytes());
+            }
+            let rc = libc::sendto(
+                fd,
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&raw const storage).cast(),
+                len,
+            );
+            assert_eq!(
+                rc,
+                msg.len() as isize,
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        libc::close(fd);
     }
 }
 
@@ -370,6 +484,9 @@ fn counts_nft_drops_exactly() {
     const SYN4: usize = 11;
     const SYN6: usize = 7;
     const ALLOWED: usize = 19;
+    const EXT6: usize = 13;
+    const PING4: usize = 5;
+    const PING6: usize = 6;
     // Listeners on the allowed port: accepted datagrams are delivered, not dropped.
     let (l4, l6) = net.in_ns(&net.dst, || {
         let l4 = UdpSocket::bind((DST4, UDP_ALLOW)).unwrap();
@@ -383,6 +500,9 @@ fn counts_nft_drops_exactly() {
         send_syns(IpAddr::V6(DST6), TCP_DROP, SYN6);
         send_udp(IpAddr::V4(DST4), UDP_ALLOW, ALLOWED);
         send_udp(IpAddr::V6(DST6), UDP_ALLOW, ALLOWED);
+        send_udp6_hopopts(DST6, UDP_EXT_DROP, EXT6);
+        send_pings(IpAddr::V4(DST4), PING4);
+        send_pings(IpAddr::V6(DST6), PING6);
     });
     let reports = drain_settled(&mut capture);
     drop((l4, l6));
@@ -397,6 +517,9 @@ fn counts_nft_drops_exactly() {
         "nft tcp_drop counter: one SYN per connect"
     );
     assert_eq!(net.counter("allowed").0, 2 * ALLOWED as u64);
+    assert_eq!(net.counter("udp_ext").0, EXT6 as u64);
+    assert_eq!(net.counter("icmp_drop").0, PING4 as u64);
+    assert_eq!(net.counter("icmp6_drop").0, PING6 as u64);
 
     let got = totals(&reports);
     let nf = "netfilter_drop".to_string();
@@ -428,10 +551,18 @@ fn counts_nft_drops_exactly() {
         .filter(|(l, _, _)| &**l == "netfilter_drop")
         .map(|(_, p, _)| p)
         .sum();
-    assert_eq!(nf_total, (UDP4 + UDP6 + SYN4 + SYN6) as u64);
+    assert_eq!(
+        nf_total,
+        (UDP4 + UDP6 + SYN4 + SYN6 + EXT6 + PING4 + PING6) as u64
+    );
     let lost: u64 = reports.iter().map(|r| r.losses.evicted_packets).sum();
     assert_eq!(lost, 0);
-    assert!(reports.iter().all(|r| r.flow_map_capacity == 65536));
+    let kernel_size = observer::capture::lru_entries(65536, aya::util::nr_cpus().unwrap());
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.flow_map_capacity == u64::from(kernel_size))
+    );
     assert!(
         reports
             .iter()
@@ -469,19 +600,24 @@ fn tiny_flow_map_reports_evictions() {
     })
     .unwrap();
     let mut reports = Vec::new();
-    const PORTS: u16 = 300;
-    for chunk in 0..3u16 {
-        net.in_ns(&net.src, || {
-            for p in 0..PORTS / 3 {
-                let port = FLOOD_LO + chunk * (PORTS / 3) + p;
-                send_udp(IpAddr::V4(DST4), port, 3);
-            }
-        });
-        reports.push(capture.drain().unwrap());
-    }
+    // Twice what the kernel map holds (its size has headroom over the 16 asked for).
+    let nr_cpus = aya::util::nr_cpus().unwrap();
+    let ports = u16::try_from(observer::capture::lru_entries(16, nr_cpus) * 2).unwrap();
+    assert!(
+        ports <= FLOOD_HI - FLOOD_LO + 1,
+        "{ports} flows do not fit the nft flood range"
+    );
+    // All flows before one drain: evicting a key that a drain already read loses nothing, so
+    // only keys evicted before any drain saw them show up as loss.
+    net.in_ns(&net.src, || {
+        for p in 0..ports {
+            send_udp(IpAddr::V4(DST4), FLOOD_LO + p, 3);
+        }
+    });
+    reports.push(capture.drain().unwrap());
     reports.extend(drain_settled(&mut capture));
     let (nft_packets, nft_bytes) = net.counter("flood");
-    assert_eq!(nft_packets, u64::from(PORTS) * 3);
+    assert_eq!(nft_packets, u64::from(ports) * 3);
     let counted: u64 = reports
         .iter()
         .flat_map(|r| &r.drops)
@@ -491,7 +627,7 @@ fn tiny_flow_map_reports_evictions() {
     let evicted: u64 = reports.iter().map(|r| r.losses.evicted_packets).sum();
     let evicted_bytes: u64 = reports.iter().map(|r| r.losses.evicted_bytes).sum();
     eprintln!("counted {counted}, evicted {evicted}, nft {nft_packets}");
-    assert!(evicted > 0, "a 16-entry map cannot hold {PORTS} flows");
+    assert!(evicted > 0, "a 16-entry map cannot hold {ports} flows");
     assert_eq!(counted + evicted, nft_packets);
     assert_eq!(counted_bytes + evicted_bytes, nft_bytes);
     let kernel_total: u64 = reports
@@ -500,7 +636,101 @@ fn tiny_flow_map_reports_evictions() {
         .map(|(_, p, _)| p)
         .sum();
     assert_eq!(kernel_total, nft_packets, "per-reason totals are exact");
-    assert!(reports.iter().all(|r| r.flow_map_entries <= 16));
+    let kernel_size = u64::from(observer::capture::lru_entries(16, nr_cpus));
+    assert!(reports.iter().all(|r| r.flow_map_entries <= kernel_size));
+}
+
+/// 50,000 distinct flows: every packet is accounted (counted or reported lost), and a drain of a
+/// map that full stays well inside the one-second drain period.
+#[test]
+fn fifty_thousand_flows() {
+    if !privileged("fifty_thousand_flows") {
+        return;
+    }
+    let net = NetPair::new();
+    let mut capture = Capture::load(&CaptureConfig {
+        netns: Some(net.dst_inode),
+        reasons: ReasonFilter::Names(vec!["netfilter_drop".into()]),
+        ..CaptureConfig::default()
+    })
+    .unwrap();
+    const KEYS: u16 = 50_000;
+    net.in_ns(&net.src, || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for port in 1..=KEYS {
+            sock.send_to(&[0x5a; 32], SocketAddr::new(IpAddr::V4(WIDE4), port))
+                .unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let start = std::time::Instant::now();
+    let first = capture.drain().unwrap();
+    let first_time = start.elapsed();
+    let start = std::time::Instant::now();
+    let second = capture.drain().unwrap();
+    let second_time = start.elapsed();
+    let mut reports = vec![first, second];
+    reports.extend(drain_settled(&mut capture));
+    let (nft_packets, _) = net.counter("wide");
+    assert_eq!(nft_packets, u64::from(KEYS));
+    let counted: u64 = reports
+        .iter()
+        .flat_map(|r| &r.drops)
+        .map(|d| d.packets)
+        .sum();
+    let evicted: u64 = reports.iter().map(|r| r.losses.evicted_packets).sum();
+    eprintln!(
+        "50k flows: first drain {first_time:?} ({} keys), idle drain {second_time:?}; counted {counted}, evicted {evicted}",
+        reports[0].flow_map_entries
+    );
+    assert_eq!(counted + evicted, nft_packets);
+    assert!(
+        counted >= u64::from(KEYS) * 9 / 10,
+        "a 65536-entry map lost {evicted} of {KEYS} keys"
+    );
+    assert!(
+        first_time < Duration::from_secs(5) && second_time < Duration::from_secs(5),
+        "drain too slow: {first_time:?} / {second_time:?}"
+    );
+}
+
+/// Keys idle for `idle_drains` drains are deleted from the map; when the flow comes back it is
+/// counted again from zero, with nothing lost or double counted.
+#[test]
+fn idle_keys_are_deleted_and_recounted() {
+    if !privileged("idle_keys_are_deleted_and_recounted") {
+        return;
+    }
+    let net = NetPair::new();
+    let mut capture = Capture::load(&CaptureConfig {
+        netns: Some(net.dst_inode),
+        idle_drains: 2,
+        reasons: ReasonFilter::Names(vec!["netfilter_drop".into()]),
+        ..CaptureConfig::default()
+    })
+    .unwrap();
+    net.in_ns(&net.src, || send_udp(IpAddr::V4(DST4), UDP_DROP, 5));
+    let first = capture.drain().unwrap();
+    assert_eq!(first.flow_map_entries, 1);
+    assert_eq!(first.drops.iter().map(|d| d.packets).sum::<u64>(), 5);
+    let idle1 = capture.drain().unwrap();
+    assert_eq!(idle1.flow_map_entries, 1);
+    let idle2 = capture.drain().unwrap();
+    assert_eq!(
+        idle2.flow_map_entries, 0,
+        "idle key deleted after 2 unchanged drains"
+    );
+    assert!(idle2.drops.is_empty());
+    net.in_ns(&net.src, || send_udp(IpAddr::V4(DST4), UDP_DROP, 7));
+    let again = capture.drain().unwrap();
+    assert_eq!(again.flow_map_entries, 1);
+    assert_eq!(again.drops.iter().map(|d| d.packets).sum::<u64>(), 7);
+    let lost: u64 = [&first, &idle1, &idle2, &again]
+        .iter()
+        .map(|r| r.losses.evicted_packets)
+        .sum();
+    assert_eq!(lost, 0);
+    assert_eq!(net.counter("udp_drop").0, 12);
 }
 
 #[test]
@@ -519,5 +749,95 @@ fn unknown_reason_name_is_rejected() {
     assert!(
         msg.contains("netfilter_drop") && msg.contains("no_socket"),
         "{msg}"
+    );
+}
+
+/// Drops per second of a single-threaded UDP flood into an nft drop, for `secs`.
+fn flood_rate(net: &NetPair, secs: f64) -> f64 {
+    let before = net.counter("udp_drop").0;
+    let start = std::time::Instant::now();
+    net.in_ns(&net.src, || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.connect(SocketAddr::new(IpAddr::V4(DST4), UDP_DROP))
+            .unwrap();
+        // sendmmsg in batches keeps the sender's own cost small next to the drop path.
+        let payload = [0x5au8; 32];
+        let mut iov = libc::iovec {
+            iov_base: payload.as_ptr() as *mut libc::c_void,
+            iov_len: payload.len(),
+        };
+        // SAFETY: all-zero mmsghdr is valid; each points at the same iovec.
+        let mut msgs: Vec<libc::mmsghdr> = (0..64)
+            .map(|_| {
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = &raw mut iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        while start.elapsed().as_secs_f64() < secs {
+            for _ in 0..100 {
+                // SAFETY: connected socket, valid mmsghdr array of the given length.
+                unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), 64, 0) };
+            }
+        }
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    (net.counter("udp_drop").0 - before) as f64 / elapsed
+}
+
+/// Rough hot-path cost check (not run by default): interleaves runs with no observer, with this
+/// program, and with a bpftrace count-by-reason one-liner, and prints the rates.
+/// `cargo test -p observer --test capture_kernel flood_rates -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn flood_rates() {
+    if !privileged("flood_rates") {
+        return;
+    }
+    let net = NetPair::new();
+    let mut none = Vec::new();
+    let mut ours = Vec::new();
+    let mut bpftrace = Vec::new();
+    for _ in 0..3 {
+        none.push(flood_rate(&net, 2.0));
+        {
+            let mut capture = Capture::load(&CaptureConfig::default()).unwrap();
+            ours.push(flood_rate(&net, 2.0));
+            let r = capture.drain().unwrap();
+            assert!(r.drops.iter().any(|d| d.dst_port == UDP_DROP));
+        }
+        let mut child = Command::new("bpftrace")
+            .args([
+                "-e",
+                "tracepoint:skb:kfree_skb { @[args->reason] = count(); }",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::BufRead;
+            let mut line = String::new();
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            out.read_line(&mut line).unwrap();
+            assert!(line.contains("Attaching"), "bpftrace: {line}");
+            bpftrace.push(flood_rate(&net, 2.0));
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    eprintln!("none     {none:.0?} mean {:.0}", mean(&none));
+    eprintln!(
+        "ours     {ours:.0?} mean {:.0} ({:.2})",
+        mean(&ours),
+        mean(&ours) / mean(&none)
+    );
+    eprintln!(
+        "bpftrace {bpftrace:.0?} mean {:.0} ({:.2})",
+        mean(&bpftrace),
+        mean(&bpftrace) / mean(&none)
     );
 }

@@ -1,5 +1,11 @@
 //! `explain` and `audit` over a real manifest directory, through the shared loader.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers panic with context, like the tests themselves"
+)]
+
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::Arc;

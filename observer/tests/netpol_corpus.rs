@@ -9,6 +9,12 @@
 //! `families`. `{{host x/b}}` in a fixture is x/b's address as a /32 (/128), and
 //! `{{large x/b}}` the /4 that contains it (upstream's `makeLargeCIDRForIP`).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers panic with context, like the tests themselves"
+)]
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;

@@ -4,6 +4,12 @@
 //! - a pod that no policy selects for a direction is never denied in that direction, and the
 //!   indexed lookup finds exactly the policies a brute-force scan finds.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers panic with context, like the tests themselves"
+)]
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;

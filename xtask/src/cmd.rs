@@ -110,3 +110,18 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+/// Makes `command`'s child its own process group (so it and its children can be signalled
+/// together) and has the kernel send it SIGTERM when we die, so a crashed demo, test or
+/// benchmark leaves no daemon behind.
+pub fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: only async-signal-safe calls (setpgid, prctl) between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setpgid(0, 0);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}

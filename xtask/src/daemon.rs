@@ -1,7 +1,6 @@
 //! Running `deny-observer run` as a child process, for the demo and the end-to-end tests.
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -93,7 +92,17 @@ impl Daemon {
             .arg(inventory)
             .arg("--metrics-addr")
             .arg(addr.to_string())
-            .args(extra)
+            .args(extra);
+        // The new-denied-edge state defaults to /var/lib/deny-observer, shared by every run on
+        // the machine: edges seen by an earlier test or demo would not be new here.
+        if !extra.contains(&"--state-dir") {
+            let state = log
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join("deny-observer-state");
+            command.arg("--state-dir").arg(state);
+        }
+        command
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -101,14 +110,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        // SAFETY: only async-signal-safe calls (setpgid, prctl) between fork and exec.
-        unsafe {
-            command.pre_exec(|| {
-                libc::setpgid(0, 0);
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
+        crate::cmd::die_with_parent(&mut command);
         let child = command
             .spawn()
             .map_err(io(format!("starting {} run", bin.display())))?;

@@ -102,7 +102,9 @@ pub enum Verdict {
     DenyIngress,
 }
 
-fn flows(node: &SimNode, metas: &[PodMeta]) -> Vec<Flow> {
+/// Every flow between the pods of `node`: each pod to each container port of each other pod
+/// (`metas` are the pods' Kubernetes sides, indexed like the node's pods).
+pub fn flows(node: &SimNode, metas: &[PodMeta]) -> Vec<Flow> {
     let mut out = Vec::new();
     for from in 0..node.pods().len() {
         for (to, meta) in metas.iter().enumerate() {
@@ -122,13 +124,24 @@ fn flows(node: &SimNode, metas: &[PodMeta]) -> Vec<Flow> {
     out
 }
 
-/// Asks `deny-observer explain --inventory <dir> --flows -` for the verdict of every flow.
-fn explain_verdicts(
+/// The daemon's answer for one flow, from `explain --flows -`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explained {
+    /// Allow, or deny and where.
+    pub verdict: Verdict,
+    /// The isolating policies of the deciding side, as `ns/name` (empty for an allow).
+    pub policies: Vec<String>,
+    /// The `policy` label value the daemon puts on `deny_observer_policy_denies_total`.
+    pub policy_label: String,
+}
+
+/// Asks `deny-observer explain --inventory <dir> --flows -` about every flow, in order.
+pub fn explain(
     bin: &Path,
     inventory: &Path,
     node: &SimNode,
     flows: &[Flow],
-) -> anyhow::Result<Vec<Verdict>> {
+) -> anyhow::Result<Vec<Explained>> {
     let mut input = String::new();
     for f in flows {
         let line = json!({
@@ -150,24 +163,29 @@ fn explain_verdicts(
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {} explain", bin.display()))?;
-    let written = child
+    // Written from a thread: explain answers as it reads, and a large batch would fill both
+    // pipes if we wrote everything before reading.
+    let writer = child
         .stdin
         .take()
-        .map(|mut stdin| stdin.write_all(input.as_bytes()));
+        .map(|mut stdin| std::thread::spawn(move || stdin.write_all(input.as_bytes())));
     let out = child.wait_with_output()?;
+    let written = writer.map(|w| w.join());
     // A binary without `explain --flows` exits before reading: its status and stderr say more
     // than the broken pipe.
-    if out.status.success()
-        && let Some(Err(e)) = written
-    {
-        return Err(e).context("writing flows to explain");
-    }
     if !out.status.success() {
         bail!(
-            "`deny-observer explain --flows -` failed ({}): {}",
+            "`{} explain --inventory {} --flows -` failed ({}): {}",
+            bin.display(),
+            inventory.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
+    }
+    match written {
+        Some(Ok(Ok(()))) | None => {}
+        Some(Ok(Err(e))) => return Err(e).context("writing flows to explain"),
+        Some(Err(_)) => bail!("the thread writing flows to explain panicked"),
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -184,14 +202,43 @@ fn explain_verdicts(
         .map(|(line, f)| {
             let v: serde_json::Value =
                 serde_json::from_str(line).with_context(|| format!("explain output {line:?}"))?;
-            match (v["verdict"].as_str(), v["direction"].as_str()) {
-                (Some("allow"), _) => Ok(Verdict::Allow),
-                (Some("deny"), Some("egress")) => Ok(Verdict::DenyEgress),
-                (Some("deny"), Some("ingress")) => Ok(Verdict::DenyIngress),
-                _ => Err(anyhow!("explain gave {line} for {f:?}")),
-            }
+            let verdict = match (v["verdict"].as_str(), v["direction"].as_str()) {
+                (Some("allow"), _) => Verdict::Allow,
+                (Some("deny"), Some("egress")) => Verdict::DenyEgress,
+                (Some("deny"), Some("ingress")) => Verdict::DenyIngress,
+                _ => bail!("explain gave {line} for {f:?}"),
+            };
+            let policies = v["policies"]
+                .as_array()
+                .ok_or_else(|| anyhow!("explain gave no `policies` array in {line}"))?
+                .iter()
+                .map(|p| {
+                    p.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| anyhow!("non-string policy in {line}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let policy_label = v["policy_label"].as_str().unwrap_or_default().to_owned();
+            Ok(Explained {
+                verdict,
+                policies,
+                policy_label,
+            })
         })
         .collect()
+}
+
+/// The verdict of every flow, from [`explain`].
+pub fn explain_verdicts(
+    bin: &Path,
+    inventory: &Path,
+    node: &SimNode,
+    flows: &[Flow],
+) -> anyhow::Result<Vec<Verdict>> {
+    Ok(explain(bin, inventory, node, flows)?
+        .into_iter()
+        .map(|e| e.verdict)
+        .collect())
 }
 
 /// FALLBACK ONLY, used when the daemon has no working `explain --flows`: what the policies in
@@ -308,29 +355,49 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
     println!("inventory: {}", inventory.display());
 
     let flows = flows(&node, &metas);
-    let verdicts = match explain_verdicts(&opts.bin, &inventory, &node, &flows) {
+    let (explained, fallback) = match explain(&opts.bin, &inventory, &node, &flows) {
         Ok(v) => {
             println!("verdicts: from `deny-observer explain --flows -` on deploy/examples/*.yaml");
-            v
+            (v, None)
         }
         Err(e) => {
-            println!(
-                "WARNING: {e:#}\nWARNING: using the demo's hand-written allow list instead \
-                 (it matches deploy/examples/ as shipped, not your edits)"
+            let warning = format!(
+                "WARNING: `deny-observer explain --flows -` failed: {e:#}\n\
+                 WARNING: the demo enforces its HAND-WRITTEN allow list instead; it matches \
+                 deploy/examples/ as shipped, not your edits, and the daemon's labels may \
+                 disagree with what is enforced"
             );
-            hand_written_verdicts(&node, &flows)?
+            eprintln!("{warning}");
+            let explained = hand_written_verdicts(&node, &flows)?
+                .into_iter()
+                .map(|verdict| Explained {
+                    verdict,
+                    policies: Vec::new(),
+                    policy_label: String::new(),
+                })
+                .collect();
+            (explained, Some(warning))
         }
     };
+    let verdicts: Vec<Verdict> = explained.iter().map(|e| e.verdict.clone()).collect();
     let policy = enforcement(&flows, &verdicts);
     node.enforce(&policy)?;
-    for (f, v) in flows.iter().zip(&verdicts) {
+    let firewalled = outside_firewall(&node, &flows, &verdicts)?;
+    for (i, (f, e)) in flows.iter().zip(&explained).enumerate() {
+        let why = if Some(i) == firewalled {
+            "  + dropped by a firewall outside Kubernetes (expect match=unexplained)".to_owned()
+        } else if e.policies.is_empty() {
+            String::new()
+        } else {
+            format!("  by {}", e.policies.join(","))
+        };
         println!(
-            "  {:<34} -> {:<30} {}/{:<5} {:?}",
+            "  {:<34} -> {:<30} {}/{:<5} {:?}{why}",
             node.pod(f.from)?.key(),
             node.pod(f.to)?.key(),
             f.protocol,
             f.port,
-            v
+            e.verdict
         );
     }
 
@@ -368,6 +435,11 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
                 workload(&node, &metas, f.from)?,
                 workload(&node, &metas, f.to)?,
             );
+            let v = if Some(i) == firewalled {
+                &Verdict::DenyIngress
+            } else {
+                v
+            };
             match (v, f.protocol) {
                 (Verdict::Allow, Proto::Tcp) => node.tcp_exchange(f.from, to)?,
                 (Verdict::Allow, Proto::Udp) => {
@@ -391,6 +463,9 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
             if tty {
                 print!("\x1b[2J\x1b[H");
             }
+            if let Some(w) = &fallback {
+                println!("{w}");
+            }
             print_table(
                 &m,
                 &sent,
@@ -406,6 +481,43 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<()> {
     drop(listeners);
     drop(node);
     Ok(())
+}
+
+/// nft table of the demo's firewall outside Kubernetes.
+const OUTSIDE_FIREWALL: &str = "demo_node_firewall";
+
+/// Drops one flow the policies allow with a separate nft table in its destination pod, the
+/// way a host firewall nobody told Kubernetes about would: the daemon must call those drops
+/// `unexplained`. Picks an allowed TCP flow into a pod that another pod of the same workload
+/// also serves, so the workload keeps working. Returns the flow's index.
+fn outside_firewall(
+    node: &SimNode,
+    flows: &[Flow],
+    verdicts: &[Verdict],
+) -> anyhow::Result<Option<usize>> {
+    let pick = flows.iter().zip(verdicts).position(|(f, v)| {
+        *v == Verdict::Allow
+            && f.protocol == Proto::Tcp
+            && node.pod(f.from).is_ok_and(|p| p.name.starts_with("db-"))
+    });
+    let Some(i) = pick else {
+        return Ok(None);
+    };
+    let f = flows[i];
+    let src = node.pod(f.from)?;
+    node.nft(
+        f.to,
+        &format!(
+            "table inet {OUTSIDE_FIREWALL} {{\n  chain input {{\n    \
+             type filter hook input priority -10; policy accept;\n    \
+             ip saddr {} tcp dport {port} drop\n    \
+             ip6 saddr {} tcp dport {port} drop\n  }}\n}}\n",
+            src.ipv4,
+            src.ipv6,
+            port = f.port
+        ),
+    )?;
+    Ok(Some(i))
 }
 
 fn workload(node: &SimNode, metas: &[PodMeta], id: PodId) -> anyhow::Result<String> {
@@ -528,11 +640,12 @@ fn print_table(
     let mut by_policy: BTreeMap<(String, String, String, String), f64> = BTreeMap::new();
     for s in m.select("deny_observer_policy_denies_total", &[]) {
         let edge = format!(
-            "{}/{} -> {}/{}",
+            "{}/{} -> {}/{} {}",
             label(s, "source_namespace"),
             label(s, "source_workload"),
             label(s, "destination_namespace"),
-            label(s, "destination_workload")
+            label(s, "destination_workload"),
+            label(s, "protocol")
         );
         *by_policy
             .entry((
@@ -547,7 +660,12 @@ fn print_table(
         println!("  (no series yet)");
     }
     for ((pol, mat, dir, edge), n) in &by_policy {
-        println!("  {n:>8}  {pol} [{mat}, {dir}]  {edge}");
+        let pol = if pol.is_empty() {
+            "(no policy denies this: a drop outside Kubernetes)"
+        } else {
+            pol.as_str()
+        };
+        println!("  {n:>8}  {edge}  [{mat}, {dir}]  {pol}");
     }
 
     println!("\nENFORCED (nft drop counters in each pod)");

@@ -2,9 +2,11 @@
 //! share with them: a simulated Kubernetes node on the real kernel ([`simnode`]), inventory
 //! manifests for it ([`manifests`]) and a `/metrics` reader ([`metrics`]).
 
+pub mod bench;
 pub mod cmd;
 pub mod daemon;
 pub mod demo;
+pub mod flood;
 pub mod manifests;
 pub mod metrics;
 pub mod setup;
@@ -16,6 +18,21 @@ use std::path::PathBuf;
 pub const SKIP_PRIVILEGED_ENV: &str = "DENY_OBSERVER_SKIP_PRIVILEGED";
 /// Environment variable naming the release daemon binary for end-to-end tests.
 pub const BIN_ENV: &str = "DENY_OBSERVER_BIN";
+
+/// The release daemon named by [`BIN_ENV`], for end-to-end tests. Panics with what to do when it
+/// is unset or missing: a test that cannot run must say so, not pass.
+pub fn daemon_bin() -> std::path::PathBuf {
+    let Some(bin) = std::env::var_os(BIN_ENV) else {
+        panic!(
+            "{BIN_ENV} is not set: it must name the release daemon (target/release/deny-observer). \
+             `cargo xtask test` builds it and sets it."
+        );
+    };
+    // cargo runs tests in the crate directory; a relative path was meant from the workspace.
+    let bin = workspace_root().join(bin);
+    assert!(bin.is_file(), "{BIN_ENV}={} does not exist", bin.display());
+    bin
+}
 
 /// Gate for privileged tests: returns `false` (after saying so) when
 /// `DENY_OBSERVER_SKIP_PRIVILEGED=1`; panics, loudly, when not root; `true` otherwise.

@@ -244,18 +244,13 @@ fn cargo_bin_dir() -> anyhow::Result<PathBuf> {
     })
 }
 
-/// The bpf-linker the eBPF build will run: the first on PATH, else cargo's bin directory.
+/// The bpf-linker the eBPF build will run: cargo's bin directory comes first on the build's
+/// PATH ([`build_path`]), then the caller's PATH.
 fn find_bpf_linker() -> anyhow::Result<Option<PathBuf>> {
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join("bpf-linker");
-            if candidate.is_file() {
-                return Ok(Some(candidate));
-            }
-        }
-    }
-    let candidate = cargo_bin_dir()?.join("bpf-linker");
-    Ok(candidate.is_file().then_some(candidate))
+    let path = build_path()?;
+    Ok(std::env::split_paths(&path)
+        .map(|dir| dir.join("bpf-linker"))
+        .find(|candidate| candidate.is_file()))
 }
 
 fn stamp_text(llvm: &NightlyLlvm) -> String {
@@ -362,14 +357,17 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
         );
     }
     std::fs::write(&stamp, &want).with_context(|| format!("writing {}", stamp.display()))?;
-    if find_bpf_linker()?.as_deref() != Some(linker.as_path()) {
-        step(&format!(
-            "warning: {} is not the first bpf-linker on PATH; put {} first",
-            linker.display(),
-            cargo_bin_dir()?.display()
-        ));
-    }
     Ok(())
+}
+
+/// PATH with cargo's bin directory first, for the builds: rustc finds bpf-linker through PATH,
+/// and the one setup installed or checked must win.
+pub fn build_path() -> anyhow::Result<std::ffi::OsString> {
+    let mut dirs = vec![cargo_bin_dir()?];
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    Ok(std::env::join_paths(dirs)?)
 }
 
 /// True when /proc/mounts has a mount of `fstype` at `target`.

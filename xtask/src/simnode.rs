@@ -587,30 +587,38 @@ impl SimNode {
     pub fn enforce(&self, policy: &Enforcement) -> Result<(), SimError> {
         for id in 0..self.pods.len() {
             let script = self.nft_script(id, policy)?;
-            let pod = self.pod(id)?;
-            let mut child = cmd("ip", ["netns", "exec", &pod.netns, "nft", "-f", "-"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(io_err(format!("running nft in netns {}", pod.netns)))?;
-            if let Some(mut stdin) = child.stdin.take() {
-                stdin
-                    .write_all(script.as_bytes())
-                    .map_err(io_err(format!("writing to nft in netns {}", pod.netns)))?;
-            }
-            let out = child
-                .wait_with_output()
-                .map_err(io_err(format!("running nft in netns {}", pod.netns)))?;
-            if !out.status.success() {
-                return Err(SimError::Nft {
-                    netns: pod.netns.clone(),
-                    detail: format!(
-                        "{}\nscript:\n{script}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    ),
-                });
-            }
+            self.nft(id, &script)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the nft script `script` (`nft -f -`) in pod `id`'s netns: for rules outside the
+    /// [`Enforcement`] model, such as a firewall Kubernetes does not know about. Tables it
+    /// creates go away with the pod.
+    pub fn nft(&self, id: PodId, script: &str) -> Result<(), SimError> {
+        let pod = self.pod(id)?;
+        let mut child = cmd("ip", ["netns", "exec", &pod.netns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io_err(format!("running nft in netns {}", pod.netns)))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .map_err(io_err(format!("writing to nft in netns {}", pod.netns)))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(io_err(format!("running nft in netns {}", pod.netns)))?;
+        if !out.status.success() {
+            return Err(SimError::Nft {
+                netns: pod.netns.clone(),
+                detail: format!(
+                    "{}\nscript:\n{script}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
         }
         Ok(())
     }
@@ -686,12 +694,16 @@ impl SimNode {
 
     /// Reads nft named counter `name` of pod `id`'s table.
     pub fn counter(&self, id: PodId, name: &str) -> Result<Counter, SimError> {
+        self.counter_in(id, NFT_TABLE, name)
+    }
+
+    /// Reads nft named counter `name` of table `inet <table>` in pod `id`.
+    pub fn counter_in(&self, id: PodId, table: &str, name: &str) -> Result<Counter, SimError> {
         let pod = self.pod(id)?;
         let out = cmd::output(&mut cmd(
             "ip",
             [
-                "netns", "exec", &pod.netns, "nft", "-j", "list", "counter", "inet", NFT_TABLE,
-                name,
+                "netns", "exec", &pod.netns, "nft", "-j", "list", "counter", "inet", table, name,
             ],
         ))?;
         let bad = |detail: String| SimError::Nft {

@@ -212,24 +212,6 @@ const FLOOD_PPS: u64 = 1000;
 /// `--spike-for` 3 s + scrape 1 s + rule `for:` 5 s + evaluation 1 s + group_wait 1 s ≈ 13 s.
 const ALERT_BOUND: Duration = Duration::from_secs(60);
 
-fn daemon_bin() -> PathBuf {
-    let bin = std::env::var_os(xtask::BIN_ENV).unwrap_or_else(|| {
-        panic!(
-            "{} is not set: it must name the release daemon (target/release/deny-observer). \
-             `cargo xtask test` builds it and sets it.",
-            xtask::BIN_ENV
-        )
-    });
-    let bin = PathBuf::from(bin);
-    assert!(
-        bin.is_file(),
-        "{}={} does not exist",
-        xtask::BIN_ENV,
-        bin.display()
-    );
-    bin
-}
-
 /// Sends UDP from pod `from` to `to` at `pps.load()` packets per second (read every 20 ms, so
 /// the caller changes the rate on the fly) until `stop`; returns the packets sent.
 fn paced_udp(
@@ -368,7 +350,7 @@ fn deny_flood_pages_through_prometheus_and_alertmanager() {
     if !xtask::privileged("deny_flood_pages_through_prometheus_and_alertmanager") {
         return;
     }
-    let bin = daemon_bin();
+    let bin = xtask::daemon_bin();
     promstack::require_binaries();
     let _ = xtask::simnode::cleanup_stale();
     let work = tempfile::tempdir().unwrap();

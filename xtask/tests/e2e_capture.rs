@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -21,24 +20,6 @@ use xtask::simnode::{
 const DROPS: &str = "deny_observer_drops_total";
 const APP_NS: &str = "e2e-app";
 const TOOLS_NS: &str = "e2e-tools";
-
-fn daemon_bin() -> PathBuf {
-    let bin = std::env::var_os(xtask::BIN_ENV).unwrap_or_else(|| {
-        panic!(
-            "{} is not set: it must name the release daemon (target/release/deny-observer). \
-             `cargo xtask test` builds it and sets it.",
-            xtask::BIN_ENV
-        )
-    });
-    let bin = PathBuf::from(bin);
-    assert!(
-        bin.is_file(),
-        "{}={} does not exist",
-        xtask::BIN_ENV,
-        bin.display()
-    );
-    bin
-}
 
 /// An expected `deny_observer_drops_total` value: (source ns, source workload, destination ns,
 /// destination workload, protocol) → packets.
@@ -143,7 +124,7 @@ fn nft_drops_of_syns_and_datagrams_are_counted_exactly_v4_and_v6() {
     if !xtask::privileged("nft_drops_of_syns_and_datagrams_are_counted_exactly_v4_and_v6") {
         return;
     }
-    let bin = daemon_bin();
+    let bin = xtask::daemon_bin();
     let _ = xtask::simnode::cleanup_stale();
 
     let mut node = SimNode::new().expect("simulated node");

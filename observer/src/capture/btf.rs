@@ -12,6 +12,9 @@ use super::tracefs::KfreeSkbFields;
 /// The running kernel's BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// Deepest nesting of anonymous structs/unions searched for a member (real kernels use 3 or 4).
+const MAX_ANON_DEPTH: u32 = 32;
+
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -50,6 +53,9 @@ pub enum BtfError {
         /// The member that is not a struct/union.
         member: String,
     },
+    /// A member path names no member (`sk_buff`) or has an empty element (`sk_buff..len`).
+    #[error("BTF member path {0:?} is not of the form `type.member[.member...]`")]
+    BadPath(String),
     /// The enum was not found.
     #[error("BTF has no enum named {0:?}")]
     NoEnum(String),
@@ -80,6 +86,15 @@ impl KernelBtf {
         Self::from_file(Path::new(VMLINUX_BTF))
     }
 
+    /// Parses raw BTF held in memory (tests, tools); errors name it `<memory>`.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, BtfError> {
+        let btf = Btf::from_bytes(bytes).map_err(|e| BtfError::Load {
+            path: PathBuf::from("<memory>"),
+            message: e.to_string(),
+        })?;
+        Ok(Self { btf })
+    }
+
     /// Loads a raw BTF file.
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
         let btf = Btf::from_file(path).map_err(|e| BtfError::Load {
@@ -102,6 +117,10 @@ impl KernelBtf {
     /// the first descends into the previous member's struct/union type (through typedefs and
     /// qualifiers, never through pointers).
     pub fn member_offset(&self, path: &str) -> Result<u32, BtfError> {
+        // An empty element would match anonymous types and members by their empty name.
+        if path.split('.').any(str::is_empty) {
+            return Err(BtfError::BadPath(path.to_owned()));
+        }
         let mut parts = path.split('.');
         let root = parts.next().unwrap_or_default();
         let mut current = self.composite_by_name(root)?;
@@ -110,23 +129,25 @@ impl KernelBtf {
         let mut any = false;
         for member in parts {
             any = true;
-            let (off, ty) =
-                self.find_member(&current, member)?
-                    .ok_or_else(|| BtfError::NoMember {
-                        path: path.to_owned(),
-                        ty: current_name.clone(),
-                        member: member.to_owned(),
-                    })?;
+            let found = self.find_member(&current, member, 0).map_err(|e| match e {
+                BtfError::NotComposite { .. } => BtfError::NotComposite {
+                    path: path.to_owned(),
+                    member: current_name.clone(),
+                },
+                other => other,
+            })?;
+            let (off, ty) = found.ok_or_else(|| BtfError::NoMember {
+                path: path.to_owned(),
+                ty: current_name.clone(),
+                member: member.to_owned(),
+            })?;
+            // u64 cannot overflow here: at most `path.len()` additions of u32 values.
             bits += u64::from(off);
             current_name = member.to_owned();
             current = ty;
         }
         if !any {
-            return Err(BtfError::NoMember {
-                path: path.to_owned(),
-                ty: root.to_owned(),
-                member: String::new(),
-            });
+            return Err(BtfError::BadPath(path.to_owned()));
         }
         if !bits.is_multiple_of(8) {
             return Err(BtfError::NotByteAligned {
@@ -173,7 +194,21 @@ impl KernelBtf {
 
     /// Finds `name` in a struct/union, descending into anonymous members. Returns the bit offset
     /// from the start of `ty` and the member's (stripped) type.
-    fn find_member(&self, ty: &Type, name: &str) -> Result<Option<(u32, Type)>, BtfError> {
+    ///
+    /// `depth` counts anonymous levels: corrupt BTF can make an anonymous member contain its
+    /// own type, which would otherwise recurse until the stack overflows.
+    fn find_member(
+        &self,
+        ty: &Type,
+        name: &str,
+        depth: u32,
+    ) -> Result<Option<(u32, Type)>, BtfError> {
+        if depth > MAX_ANON_DEPTH {
+            return Err(Self::lookup_err(
+                name,
+                format!("anonymous members nested deeper than {MAX_ANON_DEPTH} (corrupt BTF?)"),
+            ));
+        }
         let ty = self.strip(ty.clone())?;
         let members = match &ty {
             Type::Struct(s) | Type::Union(s) => &s.members,
@@ -201,9 +236,12 @@ impl KernelBtf {
             if mname.is_empty() {
                 let inner = self.strip(mtype)?;
                 if matches!(inner, Type::Struct(_) | Type::Union(_))
-                    && let Some((off, t)) = self.find_member(&inner, name)?
+                    && let Some((off, t)) = self.find_member(&inner, name, depth + 1)?
                 {
-                    return Ok(Some((m.bit_offset() + off, t)));
+                    let bits = m.bit_offset().checked_add(off).ok_or_else(|| {
+                        Self::lookup_err(name, "member offset overflows (corrupt BTF?)")
+                    })?;
+                    return Ok(Some((bits, t)));
                 }
             }
         }
@@ -331,6 +369,11 @@ mod tests {
         assert!(err.to_string().contains("no_such_struct_xyz"), "{err}");
         let err = btf.member_offset("sk_buff.len.x").unwrap_err();
         assert!(matches!(err, BtfError::NotComposite { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("sk_buff.len.x") && msg.contains("\"len\""),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -1,11 +1,53 @@
-//! Pure decoding of kernel flow keys.
+//! Pure decoding of kernel flow keys and ring-buffer sample records.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use observer_ebpf::{FlowKey, family};
+use observer_ebpf::{FlowKey, SampleEvent, family};
 
-use super::Drop;
+use super::{Drop, Sample};
 use crate::flow::Protocol;
+
+/// A ring-buffer record that is not exactly one [`SampleEvent`].
+///
+/// The kernel program reserves exactly `size_of::<SampleEvent>()` bytes per record, so any
+/// other length means the userspace and kernel builds disagree on the layout; reading a
+/// prefix of a longer record would decode garbage, so both directions are rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("sample record of {len} bytes, expected {expected} (kernel and userspace layouts differ)")]
+pub struct SampleSizeError {
+    /// Length of the record.
+    pub len: usize,
+    /// `size_of::<SampleEvent>()`.
+    pub expected: usize,
+}
+
+/// Reads one ring-buffer record as a [`SampleEvent`]; any other length is an error (the
+/// caller counts it as a loss).
+pub fn parse_sample(bytes: &[u8]) -> Result<SampleEvent, SampleSizeError> {
+    let expected = std::mem::size_of::<SampleEvent>();
+    if bytes.len() != expected {
+        return Err(SampleSizeError {
+            len: bytes.len(),
+            expected,
+        });
+    }
+    // SAFETY: SampleEvent is a #[repr(C)] Pod (integers only, no padding, so any bit pattern is
+    // valid) and the buffer holds exactly size_of::<SampleEvent>() bytes; read_unaligned copes
+    // with any alignment.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<SampleEvent>()) })
+}
+
+/// Turns a parsed [`SampleEvent`] into a [`Sample`] of one packet, with the given reason label.
+pub fn to_sample(ev: &SampleEvent, reason: Arc<str>) -> Sample {
+    Sample {
+        drop: decode(&ev.key, reason, 1, u64::from(ev.len)),
+        ts_ns: ev.ts_ns,
+        location: ev.location,
+        ifindex: ev.ifindex,
+        src_port: ev.src_port,
+        tcp_flags: ev.tcp_flags,
+    }
+}
 
 /// Turns a kernel [`FlowKey`] into a [`Drop`] with the given reason label and counts.
 ///

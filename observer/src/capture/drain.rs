@@ -5,9 +5,12 @@
 //! per-reason totals are read *before* the flow map (the kernel updates them *after* the flow
 //! entry), so `totals - emitted flow deltas` is a lower bound of what eviction cost.
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
-use aya::maps::MapError;
+use std::os::fd::AsFd;
+
+use aya::maps::{IterableMap, MapError};
 use observer_ebpf::{Counter, FlowKey, FlowValue, MAX_REASONS, loss};
 
 use super::loader::Capture;
@@ -30,6 +33,7 @@ struct Seen {
 #[derive(Debug)]
 pub(super) struct DrainState {
     labels: Vec<Arc<str>>,
+    other: Arc<str>,
     other_labels: HashMap<u32, Arc<str>>,
     seen: HashMap<FlowKey, Seen>,
     generation: u64,
@@ -60,6 +64,7 @@ impl DrainState {
         let labels = (0..MAX_REASONS).map(|r| reasons.label(r)).collect();
         Self {
             labels,
+            other: Arc::from("other"),
             other_labels: HashMap::new(),
             seen: HashMap::new(),
             generation: 0,
@@ -80,6 +85,16 @@ impl DrainState {
                 .or_insert_with(|| reasons.label(reason))
                 .clone(),
         }
+    }
+
+    /// Label of a per-reason total slot: the last slot also holds every reason beyond
+    /// `MAX_REASONS` (subsystem reasons carry high bits), so unless the kernel names it, it is
+    /// `other`.
+    pub(super) fn total_label(&mut self, reasons: &ReasonTable, slot: u32) -> Arc<str> {
+        if slot == MAX_REASONS - 1 && reasons.iter().all(|(n, _)| n != slot) {
+            return self.other.clone();
+        }
+        self.label(reasons, slot)
     }
 
     /// Starts a drain.
@@ -110,42 +125,33 @@ impl DrainState {
         idle_drains: u32,
     ) -> FlowDelta {
         let generation = self.generation;
-        let (packets, bytes) = match self.seen.get_mut(key) {
-            Some(s) if s.generation == generation => {
-                // Already visited in this drain (iteration restarted): nothing new to add unless
-                // it grew, which the same comparison handles.
-                delta_against(s, value)
-            }
-            Some(s) => delta_against(s, value),
-            None => {
-                self.seen.insert(
-                    *key,
-                    Seen {
-                        created_ns: value.created_ns,
-                        packets: value.packets,
-                        bytes: value.bytes,
-                        idle: 0,
-                        generation,
-                    },
-                );
-                (value.packets, value.bytes)
-            }
-        };
-        let mut delete = false;
-        if let Some(s) = self.seen.get_mut(key) {
-            s.created_ns = value.created_ns;
-            s.packets = value.packets;
-            s.bytes = value.bytes;
-            if packets == 0 && bytes == 0 {
-                if s.generation != generation {
+        let (packets, bytes, delete) = match self.seen.entry(*key) {
+            Entry::Occupied(mut o) => {
+                let s = o.get_mut();
+                let (packets, bytes) = delta_against(s, value);
+                s.created_ns = value.created_ns;
+                s.packets = value.packets;
+                s.bytes = value.bytes;
+                if packets != 0 || bytes != 0 {
+                    s.idle = 0;
+                } else if s.generation != generation {
+                    // Unchanged since the previous drain (a revisit in this drain is no drain).
                     s.idle = s.idle.saturating_add(1);
                 }
-            } else {
-                s.idle = 0;
+                s.generation = generation;
+                (packets, bytes, idle_drains > 0 && s.idle >= idle_drains)
             }
-            s.generation = generation;
-            delete = idle_drains > 0 && s.idle >= idle_drains;
-        }
+            Entry::Vacant(v) => {
+                v.insert(Seen {
+                    created_ns: value.created_ns,
+                    packets: value.packets,
+                    bytes: value.bytes,
+                    idle: 0,
+                    generation,
+                });
+                (value.packets, value.bytes, false)
+            }
+        };
         if let Some(e) = self.emitted.get_mut(slot(key.reason)) {
             e.packets += packets;
             e.bytes += bytes;
@@ -225,21 +231,10 @@ fn delta_against(s: &Seen, value: FlowValue) -> (u64, u64) {
     }
 }
 
-fn sum_flow(values: &[FlowValue]) -> FlowValue {
-    values
-        .iter()
-        .fold(FlowValue::default(), |acc, v| FlowValue {
-            packets: acc.packets + v.packets,
-            bytes: acc.bytes + v.bytes,
-            created_ns: acc.created_ns.max(v.created_ns),
-        })
-}
-
 impl Capture {
     /// Reads the kernel maps and returns what changed since the previous call. Call it about
     /// once a second; the first call returns everything counted since load.
     pub fn drain(&mut self) -> Result<DrainReport, CaptureError> {
-        let map_err = |map: &'static str| move |source| CaptureError::Map { map, source };
         self.state.begin();
         let mut report = DrainReport {
             flow_map_capacity: u64::from(self.capacity),
@@ -247,61 +242,30 @@ impl Capture {
         };
 
         // 1. Totals first (see the module comment).
-        for r in 0..MAX_REASONS {
-            let values = self.totals.get(&r, 0).map_err(map_err("TOTALS"))?;
-            let now = values.iter().fold(Counter::default(), |acc, v| Counter {
-                packets: acc.packets + v.packets,
-                bytes: acc.bytes + v.bytes,
-            });
+        let totals = self.read_totals()?;
+        for (r, now) in (0..MAX_REASONS).zip(totals) {
             let d = self.state.account_total(r as usize, now);
             if d.packets != 0 || d.bytes != 0 {
-                let label = self.state.label(&self.reasons, r);
+                let label = self.state.total_label(&self.reasons, r);
                 report.reason_totals.push((label, d.packets, d.bytes));
             }
         }
 
-        // 2. Flows. Concurrent evictions can make get_next_key restart from the first key, so
-        // the walk is bounded; a key it misses is looked up directly below.
+        // 2. Flows.
+        let mut entries = std::mem::take(&mut self.scratch);
+        entries.clear();
+        self.read_flows(&mut entries)?;
         let mut to_delete = Vec::new();
-        let max_visits = u64::from(self.capacity) * 2 + 1024;
-        let mut visits = 0u64;
-        for item in self.flows.iter() {
-            let (key, values) = match item {
-                Ok(kv) => kv,
-                Err(MapError::KeyNotFound) => continue,
-                Err(source) => {
-                    return Err(CaptureError::Map {
-                        map: "FLOWS",
-                        source,
-                    });
-                }
-            };
-            visits += 1;
-            let value = sum_flow(&values);
-            let d = self.state.account_flow(&key, value, self.idle_drains);
-            if d.packets != 0 || d.bytes != 0 {
-                let label = self.state.label(&self.reasons, key.reason);
-                report.drops.push(decode(&key, label, d.packets, d.bytes));
-            }
-            if d.delete {
-                to_delete.push(key);
-            }
-            if visits >= max_visits {
-                break;
-            }
+        for (key, value) in &entries {
+            self.account(key, *value, &mut report, &mut to_delete);
         }
+        // A key this walk did not return is either gone (forget it) or was missed by a
+        // concurrent change to the map (look it up, so its state is not lost and re-counted).
         for key in self.state.unseen() {
             match self.flows.get(&key, 0) {
                 Ok(values) => {
-                    let value = sum_flow(&values);
-                    let d = self.state.account_flow(&key, value, self.idle_drains);
-                    if d.packets != 0 || d.bytes != 0 {
-                        let label = self.state.label(&self.reasons, key.reason);
-                        report.drops.push(decode(&key, label, d.packets, d.bytes));
-                    }
-                    if d.delete {
-                        to_delete.push(key);
-                    }
+                    let value = sum_flow(values.iter().copied());
+                    self.account(&key, value, &mut report, &mut to_delete);
                 }
                 Err(MapError::KeyNotFound) => self.state.forget(&key),
                 Err(source) => {
@@ -312,6 +276,7 @@ impl Capture {
                 }
             }
         }
+        self.scratch = entries;
         for key in &to_delete {
             // A packet counted between our read and this delete is lost from the flow map but
             // not from the totals, so it shows up as an eviction loss, never silently.
@@ -332,30 +297,131 @@ impl Capture {
         // 3. Losses.
         let (ep, eb) = self.state.account_evictions();
         let mut cum = [0u64; loss::COUNT as usize];
-        for (i, c) in cum.iter_mut().enumerate() {
-            let values = self.losses.get(&(i as u32), 0).map_err(map_err("LOSSES"))?;
+        for (i, c) in (0u32..).zip(cum.iter_mut()) {
+            let values = self.losses.get(&i, 0).map_err(|source| CaptureError::Map {
+                map: "LOSSES",
+                source,
+            })?;
             *c = values.iter().sum();
         }
+        let mut loss_delta = |slot: u32| {
+            let now = cum.get(slot as usize).copied().unwrap_or(0);
+            self.state.account_loss(slot, now)
+        };
         report.losses = Losses {
-            ringbuf_full: self
-                .state
-                .account_loss(loss::RINGBUF_FULL, cum[loss::RINGBUF_FULL as usize]),
-            flow_insert: self
-                .state
-                .account_loss(loss::FLOW_INSERT, cum[loss::FLOW_INSERT as usize]),
-            skb_read: self
-                .state
-                .account_loss(loss::SKB_READ, cum[loss::SKB_READ as usize]),
+            ringbuf_full: loss_delta(loss::RINGBUF_FULL),
+            flow_insert: loss_delta(loss::FLOW_INSERT),
+            skb_read: loss_delta(loss::SKB_READ),
             evicted_packets: ep,
             evicted_bytes: eb,
         };
         tracing::trace!(
             drops = report.drops.len(),
-            remembered = self.state.remembered(),
+            keys = report.flow_map_entries,
             "drained flow map"
         );
         Ok(report)
     }
+
+    fn account(
+        &mut self,
+        key: &FlowKey,
+        value: FlowValue,
+        report: &mut DrainReport,
+        to_delete: &mut Vec<FlowKey>,
+    ) {
+        let d = self.state.account_flow(key, value, self.idle_drains);
+        if d.packets != 0 || d.bytes != 0 {
+            let label = self.state.label(&self.reasons, key.reason);
+            report.drops.push(decode(key, label, d.packets, d.bytes));
+        }
+        if d.delete {
+            to_delete.push(*key);
+        }
+    }
+
+    /// Per-reason totals summed over CPUs, by batch lookup when the kernel has it.
+    fn read_totals(&mut self) -> Result<Vec<Counter>, CaptureError> {
+        let mut out = vec![Counter::default(); MAX_REASONS as usize];
+        if self.use_batch {
+            let fd = IterableMap::map(&self.totals).fd().as_fd();
+            let res = self.totals_batch.for_each::<u32>(fd, |r, values| {
+                if let Some(slot) = out.get_mut(r as usize) {
+                    *slot = values
+                        .iter::<Counter>()
+                        .fold(Counter::default(), add_counter);
+                }
+            });
+            match res {
+                Ok(()) => return Ok(out),
+                Err(e) => self.batch_unsupported("TOTALS", &e),
+            }
+        }
+        for (r, slot) in (0..MAX_REASONS).zip(out.iter_mut()) {
+            let values = self.totals.get(&r, 0).map_err(|source| CaptureError::Map {
+                map: "TOTALS",
+                source,
+            })?;
+            *slot = values.iter().copied().fold(Counter::default(), add_counter);
+        }
+        Ok(out)
+    }
+
+    /// Every flow entry summed over CPUs, by batch lookup when the kernel has it.
+    fn read_flows(&mut self, out: &mut Vec<(FlowKey, FlowValue)>) -> Result<(), CaptureError> {
+        if self.use_batch {
+            let fd = IterableMap::map(&self.flows).fd().as_fd();
+            let res = self.flow_batch.for_each::<FlowKey>(fd, |k, values| {
+                out.push((k, sum_flow(values.iter::<FlowValue>())));
+            });
+            match res {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    out.clear();
+                    self.batch_unsupported("FLOWS", &e);
+                }
+            }
+        }
+        // get_next_key restarts from the first key when the current one is evicted under it,
+        // so the walk is bounded; keys it misses are looked up directly by the caller.
+        let max_visits = u64::from(self.capacity) * 2 + 1024;
+        for (visits, item) in (1u64..).zip(self.flows.iter()) {
+            match item {
+                Ok((k, values)) => out.push((k, sum_flow(values.iter().copied()))),
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(CaptureError::Map {
+                        map: "FLOWS",
+                        source,
+                    });
+                }
+            }
+            if visits >= max_visits {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn batch_unsupported(&mut self, map: &str, e: &std::io::Error) {
+        tracing::warn!(map, error = %e, "BPF_MAP_LOOKUP_BATCH failed; using per-key lookups");
+        self.use_batch = false;
+    }
+}
+
+fn add_counter(acc: Counter, v: Counter) -> Counter {
+    Counter {
+        packets: acc.packets + v.packets,
+        bytes: acc.bytes + v.bytes,
+    }
+}
+
+fn sum_flow(values: impl Iterator<Item = FlowValue>) -> FlowValue {
+    values.fold(FlowValue::default(), |acc, v| FlowValue {
+        packets: acc.packets + v.packets,
+        bytes: acc.bytes + v.bytes,
+        created_ns: acc.created_ns.max(v.created_ns),
+    })
 }
 
 #[cfg(test)]
@@ -512,5 +578,9 @@ mod tests {
         assert_eq!(s.account_loss(loss::RINGBUF_FULL, 3), 3);
         assert_eq!(s.account_loss(loss::RINGBUF_FULL, 7), 4);
         assert_eq!(&*s.label(&ReasonTable::default(), 12), "netfilter_drop");
+        let t = ReasonTable::default();
+        assert_eq!(&*s.total_label(&t, MAX_REASONS - 1), "other");
+        assert_eq!(&*s.total_label(&t, 12), "netfilter_drop");
+        assert_eq!(&*s.label(&t, 70000), "reason_70000");
     }
 }

@@ -4,8 +4,9 @@ use std::path::Path;
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
-use observer_ebpf::{Counter, FlowKey, FlowValue, MAX_REASONS, ProgramConfig, SampleEvent};
+use observer_ebpf::{Counter, FlowKey, FlowValue, MAX_REASONS, ProgramConfig};
 
+use super::batch::Batch;
 use super::btf::KernelBtf;
 use super::drain::DrainState;
 use super::tracefs::{self, KfreeSkbFields, ReasonTable};
@@ -27,6 +28,17 @@ pub struct Capture {
     pub(super) state: DrainState,
     pub(super) capacity: u32,
     pub(super) idle_drains: u32,
+    /// Batch lookups work on this kernel (cleared on the first failure).
+    pub(super) use_batch: bool,
+    pub(super) flow_batch: Batch,
+    pub(super) totals_batch: Batch,
+    /// Reused buffer of flow entries.
+    pub(super) scratch: Vec<(FlowKey, FlowValue)>,
+    /// Forwards the kernel program's aya-log records to `log` (and so to tracing); `None` when
+    /// the object has no log map.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Ring-buffer records of the wrong size, since the last [`Capture::take_bad_samples`].
+    bad_samples: u64,
 }
 
 impl std::fmt::Debug for Capture {
@@ -119,11 +131,30 @@ fn validate(config: &CaptureConfig) -> Result<(), CaptureError> {
     Ok(())
 }
 
+/// Kernel size of the LRU flow map for `wanted` distinct flows.
+///
+/// The kernel's common LRU hands free nodes to each CPU in batches and evicts in batches
+/// (LOCAL_FREE_TARGET, 128 nodes, in kernel/bpf/bpf_lru_list.c), so a map with exactly `wanted`
+/// entries starts evicting before it holds `wanted` keys, and a flood cycling over that many
+/// keys then thrashes (measured by `cargo xtask bench`: 14 % accuracy at nominal size). The
+/// headroom keeps the promise "exact as long as the distinct flows fit `--flow-map-entries`".
+pub fn lru_entries(wanted: u32, nr_cpus: usize) -> u32 {
+    let per_cpu = u32::try_from(nr_cpus)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(2 * 128);
+    wanted.saturating_add(wanted / 4).saturating_add(per_cpu)
+}
+
 impl Capture {
     /// Mounts tracefs/bpffs if needed, computes the kernel layout, loads the program with
     /// `config`, and attaches it to `skb:kfree_skb`.
     pub fn load(config: &CaptureConfig) -> Result<Self, CaptureError> {
         validate(config)?;
+        if EBPF_OBJECT.is_empty() {
+            return Err(CaptureError::Missing(
+                "kernel program: this binary was built with AYA_BUILD_SKIP=1 (run `cargo xtask build`)",
+            ));
+        }
         tracefs::ensure_mounted()?;
         let fmt = tracefs::read_kfree_skb_format(Path::new(tracefs::TRACEFS_ROOT))?;
         let fields = KfreeSkbFields::from_format(&fmt)?;
@@ -143,9 +174,12 @@ impl Capture {
             "loading kfree_skb program"
         );
 
+        let nr_cpus = aya::util::nr_cpus().map_err(|(path, e)| {
+            CaptureError::Config(format!("reading the CPU count from {path}: {e}"))
+        })?;
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &program_config, true)
-            .map_max_entries("FLOWS", config.flow_map_entries)
+            .map_max_entries("FLOWS", lru_entries(config.flow_map_entries, nr_cpus))
             .map_max_entries("SAMPLES", config.ringbuf_bytes)
             .load(EBPF_OBJECT)?;
         let program: &mut TracePoint = ebpf
@@ -177,6 +211,14 @@ impl Capture {
         )
         .map_err(map_err("SAMPLES"))?;
         let state = DrainState::new(&reasons);
+        // The log map exists only if the program logs; its absence is not an error.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(err) => {
+                tracing::debug!(error = %err, "no aya-log map in the kernel program");
+                None
+            }
+        };
         Ok(Self {
             _ebpf: ebpf,
             flows,
@@ -185,9 +227,28 @@ impl Capture {
             samples,
             reasons,
             state,
-            capacity: config.flow_map_entries,
+            capacity: lru_entries(config.flow_map_entries, nr_cpus),
             idle_drains: config.idle_drains,
+            use_batch: true,
+            flow_batch: Batch::new::<FlowValue>(nr_cpus, 4096),
+            totals_batch: Batch::new::<Counter>(nr_cpus, MAX_REASONS as usize),
+            scratch: Vec::new(),
+            logger,
+            bad_samples: 0,
         })
+    }
+
+    /// Ring-buffer records of the wrong size for a sample, since the last call (the
+    /// daemon counts them as a loss).
+    pub fn take_bad_samples(&mut self) -> u64 {
+        std::mem::take(&mut self.bad_samples)
+    }
+
+    /// Forwards pending kernel log records (aya-log) to the `log` facade, without blocking.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
     }
 
     /// The running kernel's drop reasons, as this capture labels them.
@@ -195,35 +256,27 @@ impl Capture {
         &self.reasons
     }
 
-    /// Takes every sample waiting in the ring buffer, without blocking.
+    /// Takes every sample waiting in the ring buffer, without blocking. Records of the wrong
+    /// size are skipped and counted (see [`Capture::take_bad_samples`]).
     pub fn samples(&mut self) -> Vec<Sample> {
         let mut out = Vec::new();
         while let Some(item) = self.samples.next() {
-            let Some(ev) = parse_sample(&item) else {
-                continue;
+            let ev = match decode::parse_sample(&item) {
+                Ok(ev) => ev,
+                Err(err) => {
+                    // The count is exported; one log line per counting period says why.
+                    if self.bad_samples == 0 {
+                        tracing::debug!(error = %err, "skipping malformed sample record");
+                    }
+                    self.bad_samples += 1;
+                    continue;
+                }
             };
             let reason = self.state.label(&self.reasons, ev.key.reason);
-            let drop = decode(&ev.key, reason, 1, u64::from(ev.len));
-            out.push(Sample {
-                drop,
-                ts_ns: ev.ts_ns,
-                location: ev.location,
-                ifindex: ev.ifindex,
-                src_port: ev.src_port,
-                tcp_flags: ev.tcp_flags,
-            });
+            out.push(decode::to_sample(&ev, reason));
         }
         out
     }
-}
-
-fn parse_sample(bytes: &[u8]) -> Option<SampleEvent> {
-    if bytes.len() < std::mem::size_of::<SampleEvent>() {
-        return None;
-    }
-    // SAFETY: SampleEvent is a #[repr(C)] Pod (any bit pattern is valid) and the buffer holds
-    // at least size_of::<SampleEvent>() bytes; read_unaligned copes with any alignment.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<SampleEvent>()) })
 }
 
 #[cfg(test)]

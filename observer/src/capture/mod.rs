@@ -21,14 +21,15 @@ use std::sync::Arc;
 
 use crate::flow::Protocol;
 
+mod batch;
 pub mod btf;
 mod decode;
 mod drain;
 mod loader;
 pub mod tracefs;
 
-pub use decode::decode;
-pub use loader::Capture;
+pub use decode::{SampleSizeError, decode, parse_sample, to_sample};
+pub use loader::{Capture, lru_entries};
 pub use tracefs::ReasonTable;
 
 /// Which drop reasons the kernel program counts.

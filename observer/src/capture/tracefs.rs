@@ -162,8 +162,13 @@ fn parse_field(line: &str) -> Option<Field> {
         }
     }
     let decl = decl?;
-    // The name is the last identifier; arrays (`char name[16]`) keep their brackets out.
-    let decl_no_array = decl.split('[').next()?.trim_end();
+    // The name is the last identifier. A trailing array suffix (`char name[16]`) is dropped;
+    // brackets inside the type (`__data_loc char[] name`) stay part of the type.
+    let decl_no_array = match decl.strip_suffix(']') {
+        Some(d) => d.rsplit_once('[')?.0,
+        None => decl,
+    }
+    .trim_end();
     let split = decl_no_array.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))?;
     let name = decl_no_array.get(split + 1..)?;
     if name.is_empty() {
@@ -451,6 +456,21 @@ print fmt: "skbaddr=%p protocol=%u location=%p", REC->skbaddr, REC->protocol, RE
         );
         assert_eq!(reason_label("SKB_CONSUMED"), "consumed");
         assert_eq!(reason_label("NO_SOCKET"), "no_socket");
+    }
+
+    #[test]
+    fn data_loc_field_keeps_its_name() {
+        // From net/net_dev_xmit on 6.18; found by tests/fuzz_tracefs.rs.
+        let fmt = parse_format(
+            "\tfield:__data_loc char[] name;\toffset:24;\tsize:4;\tsigned:0;\n\tfield:char comm[16];\toffset:28;\tsize:16;\tsigned:0;\n",
+        )
+        .unwrap();
+        let names: Vec<_> = fmt
+            .fields
+            .iter()
+            .map(|f| (f.name.as_str(), f.c_type.as_str()))
+            .collect();
+        assert_eq!(names, [("name", "__data_loc char[]"), ("comm", "char")]);
     }
 
     #[test]

@@ -172,6 +172,9 @@ impl Outcome {
     }
 }
 
+/// Name of the Event publisher's counter.
+pub const EVENTS_TOTAL: &str = "deny_observer_k8s_events_total";
+
 /// Counters of the Event publisher: `deny_observer_k8s_events_total{result}`, where result is
 /// `published`, `deduplicated`, `rate_limited`, `failed`, `disabled` or `dropped` (the queue in
 /// front of the publisher was full).
@@ -185,7 +188,7 @@ impl EventMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let total = IntCounterVec::new(
             Opts::new(
-                "deny_observer_k8s_events_total",
+                EVENTS_TOTAL,
                 "Kubernetes Events for denied traffic and deny spikes, by what happened to them.",
             ),
             &["result"],

@@ -135,44 +135,57 @@ pub fn stores() -> (Stores, Writers) {
 /// phase and addresses.
 pub fn trim_pod(pod: &mut K8sPod) {
     trim_meta(&mut pod.metadata, false);
-    if let Some(owners) = pod.metadata.owner_references.as_mut() {
-        owners.retain(|o| o.controller == Some(true));
-        for o in owners.iter_mut() {
-            *o = OwnerReference {
-                api_version: std::mem::take(&mut o.api_version),
-                kind: std::mem::take(&mut o.kind),
-                name: std::mem::take(&mut o.name),
+    // Only the reference workload resolution reads survives: the controller, or the first one
+    // when none is marked (as `workload::resolve` does).
+    if let Some(owners) = pod.metadata.owner_references.take() {
+        let pick = owners
+            .iter()
+            .position(|o| o.controller == Some(true))
+            .unwrap_or(0);
+        pod.metadata.owner_references = owners.into_iter().nth(pick).map(|o| {
+            vec![OwnerReference {
+                api_version: o.api_version,
+                kind: o.kind,
+                name: o.name,
                 uid: String::new(),
-                controller: Some(true),
+                controller: o.controller,
                 block_owner_deletion: None,
-            };
-        }
+            }]
+        });
     }
+    // All container ports go into one container: a k8s-openapi `Container` is over 2 KB inline,
+    // and attribution only needs the ports (named-port resolution), not which container has them.
     let spec = pod.spec.take().map(|spec| {
-        let trim_containers = |cs: Vec<Container>| -> Vec<Container> {
-            cs.into_iter()
-                .filter(|c| c.ports.as_ref().is_some_and(|p| !p.is_empty()))
-                .map(|c| Container {
-                    name: c.name,
-                    ports: c.ports.map(|ports| {
-                        ports
-                            .into_iter()
-                            .map(|p| K8sContainerPort {
-                                container_port: p.container_port,
-                                name: p.name,
-                                protocol: p.protocol,
-                                ..K8sContainerPort::default()
-                            })
-                            .collect()
-                    }),
-                    ..Container::default()
-                })
-                .collect()
+        let mut names: Vec<String> = Vec::new();
+        let mut ports: Vec<K8sContainerPort> = Vec::new();
+        for c in spec
+            .init_containers
+            .into_iter()
+            .flatten()
+            .chain(spec.containers)
+        {
+            let Some(cports) = c.ports.filter(|p| !p.is_empty()) else {
+                continue;
+            };
+            names.push(c.name);
+            ports.extend(cports.into_iter().map(|p| K8sContainerPort {
+                container_port: p.container_port,
+                name: p.name,
+                protocol: p.protocol,
+                ..K8sContainerPort::default()
+            }));
+        }
+        let containers = if ports.is_empty() {
+            Vec::new()
+        } else {
+            vec![Container {
+                name: names.join(","),
+                ports: Some(ports),
+                ..Container::default()
+            }]
         };
-        let init = spec.init_containers.map(trim_containers);
         PodSpec {
-            containers: trim_containers(spec.containers),
-            init_containers: init.filter(|c| !c.is_empty()),
+            containers,
             host_network: spec.host_network,
             node_name: spec.node_name,
             ..PodSpec::default()
@@ -580,8 +593,12 @@ mod tests {
                     {"name": "app", "image": "nginx", "args": ["a"],
                      "env": [{"name": "X", "value": "y"}],
                      "ports": [{"containerPort": 8080, "name": "http", "hostPort": 80}]},
-                    {"name": "sidecar", "image": "envoy"}
-                ]
+                    {"name": "sidecar", "image": "envoy"},
+                    {"name": "metrics", "image": "m",
+                     "ports": [{"containerPort": 9090, "name": "metrics", "protocol": "SCTP"}]}
+                ],
+                "initContainers": [{"name": "proxy", "image": "p", "restartPolicy": "Always",
+                                    "ports": [{"containerPort": 15001, "name": "proxy"}]}]
             },
             "status": {"phase": "Running", "podIP": "10.0.1.5", "hostIP": "192.168.1.1",
                        "podIPs": [{"ip": "10.0.1.5"}],
@@ -595,13 +612,48 @@ mod tests {
         assert!(pod.metadata.managed_fields.is_none());
         assert!(pod.metadata.resource_version.is_none());
         let spec = pod.spec.as_ref().unwrap();
+        // One container with every port, whichever container declared it.
         assert_eq!(spec.containers.len(), 1);
+        assert_eq!(spec.containers[0].ports.as_ref().unwrap().len(), 3);
+        assert!(spec.init_containers.is_none());
         assert!(spec.containers[0].image.is_none());
         assert!(spec.containers[0].env.is_none());
         assert!(spec.volumes.is_none());
         let status = pod.status.as_ref().unwrap();
         assert!(status.conditions.is_none());
         assert!(status.host_ip.is_none());
+    }
+
+    #[test]
+    fn pod_trim_keeps_the_owner_resolution_reads() {
+        for (owners, want) in [
+            (
+                serde_json::json!([
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "cm", "uid": "1"},
+                    {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db", "uid": "2",
+                     "controller": true}
+                ]),
+                "db",
+            ),
+            (
+                serde_json::json!([
+                    {"apiVersion": "example.com/v1", "kind": "Runner", "name": "r", "uid": "1"},
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "cm", "uid": "2"}
+                ]),
+                "r",
+            ),
+        ] {
+            let mut pod: K8sPod = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "n", "ownerReferences": owners}
+            }))
+            .unwrap();
+            let before = convert::pod(&pod, &OwnerIndex::default()).unwrap();
+            trim_pod(&mut pod);
+            assert_eq!(pod.metadata.owner_references.as_ref().unwrap().len(), 1);
+            let after = convert::pod(&pod, &OwnerIndex::default()).unwrap();
+            assert_eq!(after, before);
+            assert_eq!(after.workload.name, want);
+        }
     }
 
     #[test]

@@ -171,7 +171,9 @@ fn side_line(name: &str, who: &str, side: &SideReport) -> String {
     if !side.isolated {
         format!("{name} at {who}: not isolated (no NetworkPolicy selects it for {name})")
     } else {
-        let allowed = if side.allowed_by.is_empty() {
+        let allowed = if side.node_exempt {
+            "the peer is its own node, which is always allowed".to_owned()
+        } else if side.allowed_by.is_empty() {
             "allowed by none of them".to_owned()
         } else {
             format!("allowed by {}", side.allowed_by.join(", "))

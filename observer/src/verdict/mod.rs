@@ -138,12 +138,16 @@ pub struct SideReport {
     pub allowed_by: Vec<String>,
     /// When denied: rules that would have matched but for the port, or but for the peer.
     pub nearest_misses: Vec<NearMiss>,
+    /// The peer is the pod's own node (a host-network pod on the same node). Kubernetes
+    /// always allows traffic between a pod and its node (kubelet probes), whatever policies
+    /// say.
+    pub node_exempt: bool,
 }
 
 impl SideReport {
     /// Whether this side lets the flow through.
     pub fn allows(&self) -> bool {
-        !self.isolated || !self.allowed_by.is_empty()
+        !self.isolated || self.node_exempt || !self.allowed_by.is_empty()
     }
 }
 
@@ -395,10 +399,18 @@ impl Engine {
             Peer::Pod(p) => Some(p.as_ref()),
             Peer::External(_) => None,
         };
+        let node_exempt = match other {
+            Peer::Pod(peer) => {
+                peer.host_network && peer.node_name.is_some() && peer.node_name == subject.node_name
+            }
+            Peer::External(_) => false,
+        };
         let other = self.view(other);
-        // Port-less protocols can only be allowed by rules without ports.
         let proto = flow.protocol;
-        let mut report = SideReport::default();
+        let mut report = SideReport {
+            node_exempt,
+            ..SideReport::default()
+        };
         let mut misses = Vec::new();
         for policy in self.selecting(subject, direction) {
             report.isolated = true;
@@ -416,24 +428,8 @@ impl Engine {
                     break;
                 }
                 if peer_ok || port_ok {
-                    misses.push(NearMiss {
-                        policy: policy.id.clone(),
-                        rule: i,
-                        miss: if peer_ok {
-                            MissKind::Port
-                        } else {
-                            MissKind::Peer
-                        },
-                        description: format!(
-                            "{} {}",
-                            policy.id,
-                            rule.describe(
-                                &policy.namespace,
-                                direction == Direction::Ingress,
-                                dst_pod
-                            )
-                        ),
-                    });
+                    // Worded only if the flow ends up denied: allowed flows are the hot path.
+                    misses.push((policy, i, rule, peer_ok));
                 }
             }
             if allowed {
@@ -447,6 +443,23 @@ impl Engine {
         if report.allows() {
             return report;
         }
+        let mut misses: Vec<NearMiss> = misses
+            .into_iter()
+            .map(|(policy, i, rule, peer_ok)| NearMiss {
+                policy: policy.id.clone(),
+                rule: i,
+                miss: if peer_ok {
+                    MissKind::Port
+                } else {
+                    MissKind::Peer
+                },
+                description: format!(
+                    "{} {}",
+                    policy.id,
+                    rule.describe(&policy.namespace, direction == Direction::Ingress, dst_pod)
+                ),
+            })
+            .collect();
         misses.sort_by(|a, b| (&a.policy, a.rule).cmp(&(&b.policy, b.rule)));
         report.nearest_misses = misses;
         report

@@ -610,3 +610,31 @@ spec: {podSelector: {matchLabels: {app: ghost}}}",
     assert_eq!(audit[1].pods_not_isolated_ingress, 1);
     assert_eq!(audit[2].pods, 0);
 }
+
+#[test]
+fn traffic_between_a_pod_and_its_own_node_is_always_allowed() {
+    let mut kubelet_probe = pod("kube-system/agent", &[], "192.168.1.10");
+    kubelet_probe.host_network = true;
+    kubelet_probe.node_name = Some("node-a".into());
+    let mut same = pod("a/web", &[("app", "web")], "10.0.0.1");
+    same.node_name = Some("node-a".into());
+    let mut other = pod("a/db", &[("app", "db")], "10.0.0.2");
+    other.node_name = Some("node-b".into());
+    let w = World::new(
+        vec![ns("a", &[]), ns("kube-system", &[])],
+        vec![kubelet_probe, same, other],
+        &["
+metadata: {name: deny-all, namespace: a}
+spec: {podSelector: {}, policyTypes: [Ingress, Egress]}"],
+    );
+    let v = w.tcp("kube-system/agent", "a/web", 8080);
+    assert!(v.allowed);
+    assert!(v.ingress.isolated && v.ingress.node_exempt);
+    assert!(
+        w.tcp("a/web", "kube-system/agent", 10250).allowed,
+        "egress to its own node"
+    );
+    let v = w.tcp("kube-system/agent", "a/db", 8080);
+    assert!(!v.allowed, "another node's host-network pod is not exempt");
+    assert!(!v.ingress.node_exempt);
+}

@@ -1,0 +1,394 @@
+//! `KubeInventory` against a fake API server (tower-test): the initial list and watch of each
+//! resource, and watch errors (500 on a list, 410 Gone during a watch) that are counted and
+//! recovered from while the last inventory stays usable. Each request's method and path is
+//! asserted.
+
+#![allow(
+    clippy::expect_used,
+    reason = "test helpers panic with context, like the tests themselves"
+)]
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use kube::client::Body;
+use observer::inventory::Inventory;
+use observer::inventory::kube::{KubeInventory, KubeInventoryConfig, WatchErrorCounter};
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle, SendResponse};
+
+type MockHandle = Handle<Request<Body>, Response<Body>>;
+
+/// A scripted answer.
+enum Reply {
+    /// Status code and JSON body.
+    Json(u16, Value),
+    /// Newline-delimited watch events, then the end of the stream.
+    Events(Vec<Value>),
+}
+
+/// What the fake API server answers, per (path, is-watch), in order. Once a script runs out,
+/// the request is held open (a quiet watch).
+#[derive(Default)]
+struct Script {
+    replies: HashMap<(String, bool), VecDeque<Reply>>,
+}
+
+impl Script {
+    fn on(mut self, path: &str, watch: bool, reply: Reply) -> Self {
+        self.replies
+            .entry((path.to_owned(), watch))
+            .or_default()
+            .push_back(reply);
+        self
+    }
+}
+
+/// One request as seen by the fake server.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: Method,
+    path: String,
+    query: String,
+}
+
+impl Seen {
+    fn is_watch(&self) -> bool {
+        self.query.contains("watch=true")
+    }
+}
+
+fn serve(handle: MockHandle, mut script: Script) -> Arc<Mutex<Vec<Seen>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&log);
+    tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let mut held: Vec<SendResponse<Response<Body>>> = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            let s = Seen {
+                method: request.method().clone(),
+                path: request.uri().path().to_owned(),
+                query: request.uri().query().unwrap_or("").to_owned(),
+            };
+            seen.lock().expect("log").push(s.clone());
+            let reply = script
+                .replies
+                .get_mut(&(s.path.clone(), s.is_watch()))
+                .and_then(VecDeque::pop_front);
+            match reply {
+                Some(Reply::Json(status, body)) => send.send_response(
+                    Response::builder()
+                        .status(status)
+                        .body(Body::from(serde_json::to_vec(&body).expect("encode")))
+                        .expect("response"),
+                ),
+                Some(Reply::Events(events)) => {
+                    let mut bytes = Vec::new();
+                    for e in events {
+                        bytes.extend(serde_json::to_vec(&e).expect("encode"));
+                        bytes.push(b'\n');
+                    }
+                    send.send_response(Response::new(Body::from(bytes)));
+                }
+                None => held.push(send),
+            }
+        }
+    });
+    log
+}
+
+fn list(kind: &str, api_version: &str, rv: &str, items: Vec<Value>) -> Reply {
+    Reply::Json(
+        200,
+        json!({"apiVersion": api_version, "kind": format!("{kind}List"),
+               "metadata": {"resourceVersion": rv}, "items": items}),
+    )
+}
+
+fn ns(name: &str, team: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace",
+           "metadata": {"name": name, "resourceVersion": "1",
+                        "labels": {"kubernetes.io/metadata.name": name, "team": team}}})
+}
+
+fn pod(name: &str, ip: &str, rv: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "prod", "resourceVersion": rv,
+                        "labels": {"app": name},
+                        "managedFields": [{"manager": "kubelet", "operation": "Update"}]},
+           "spec": {"containers": [{"name": "c", "image": "i"}]},
+           "status": {"phase": "Running", "podIP": ip}})
+}
+
+fn policy(name: &str, app: &str, rv: &str) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": name, "namespace": "prod", "resourceVersion": rv,
+                        "annotations": {"deny-observer.io/owner": "team-a", "noise": "x"}},
+           "spec": {"podSelector": {}, "policyTypes": ["Ingress"],
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": app}}}]}]}})
+}
+
+fn event(type_: &str, object: Value) -> Value {
+    json!({"type": type_, "object": object})
+}
+
+const PODS: &str = "/api/v1/pods";
+const NAMESPACES: &str = "/api/v1/namespaces";
+const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
+
+fn error_counter() -> (WatchErrorCounter, Arc<Mutex<HashMap<String, u64>>>) {
+    let counts = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
+    let c = Arc::clone(&counts);
+    let counter: WatchErrorCounter = Arc::new(move |resource: &str| {
+        *c.lock()
+            .expect("counts")
+            .entry(resource.to_owned())
+            .or_default() += 1;
+    });
+    (counter, counts)
+}
+
+fn config() -> KubeInventoryConfig {
+    KubeInventoryConfig {
+        node_name: Some("node-a".into()),
+        debounce: Duration::from_millis(20),
+    }
+}
+
+async fn wait_for(
+    inv: &KubeInventory,
+    what: &str,
+    pred: impl FnMut(&Arc<Inventory>) -> bool,
+) -> Arc<Inventory> {
+    let mut rx = inv.subscribe();
+    let got = tokio::time::timeout(Duration::from_secs(20), rx.wait_for(pred))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("snapshot channel closed");
+    Arc::clone(&got)
+}
+
+fn requests_for(log: &Arc<Mutex<Vec<Seen>>>, path: &str) -> Vec<Seen> {
+    log.lock()
+        .expect("log")
+        .iter()
+        .filter(|s| s.path == path)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn initial_list_then_watch_for_each_resource() {
+    let script = Script::default()
+        .on(
+            NAMESPACES,
+            false,
+            list("Namespace", "v1", "100", vec![ns("prod", "a")]),
+        )
+        .on(
+            NAMESPACES,
+            true,
+            Reply::Events(vec![event("MODIFIED", ns("prod", "b"))]),
+        )
+        .on(
+            PODS,
+            false,
+            list("Pod", "v1", "200", vec![pod("web", "10.0.0.1", "200")]),
+        )
+        .on(
+            PODS,
+            true,
+            Reply::Events(vec![
+                event("ADDED", pod("db", "10.0.0.2", "201")),
+                event("DELETED", pod("web", "10.0.0.1", "202")),
+            ]),
+        )
+        .on(
+            POLICIES,
+            false,
+            list(
+                "NetworkPolicy",
+                "networking.k8s.io/v1",
+                "300",
+                vec![policy("allow-web", "web", "300")],
+            ),
+        )
+        .on(
+            POLICIES,
+            true,
+            Reply::Events(vec![event("MODIFIED", policy("allow-web", "api", "301"))]),
+        );
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let log = serve(handle, script);
+    let (counter, errors) = error_counter();
+    let inv = KubeInventory::start(kube::Client::new(service, "default"), counter, config());
+    tokio::time::timeout(Duration::from_secs(20), inv.wait_until_ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    assert!(inv.is_ready());
+
+    let snap =
+        wait_for(&inv, "watch events applied", |s| {
+            s.pods.len() == 1
+                && s.pods[0].name == "db"
+                && s.namespaces
+                    .get("prod")
+                    .and_then(|n| n.labels.get("team"))
+                    .map(String::as_str)
+                    == Some("b")
+                && s.policies.len() == 1
+                && serde_json::to_value(&s.policies[0].spec).expect("json")["ingress"][0]["from"][0]
+                    ["podSelector"]["matchLabels"]["app"]
+                    == "api"
+        })
+        .await;
+    // Trimmed on the way into the store: only deny-observer's annotation is left.
+    let ann = snap.policies[0]
+        .metadata
+        .annotations
+        .as_ref()
+        .expect("annotations");
+    assert_eq!(
+        ann.keys().collect::<Vec<_>>(),
+        vec!["deny-observer.io/owner"]
+    );
+    let stored = inv.stores().pods.state();
+    assert_eq!(stored.len(), 1);
+    assert!(stored[0].metadata.managed_fields.is_none());
+
+    for (path, rv) in [(PODS, "200"), (NAMESPACES, "100"), (POLICIES, "300")] {
+        let seen = requests_for(&log, path);
+        assert!(seen.len() >= 2, "{path}: {seen:?}");
+        assert!(seen.iter().all(|s| s.method == Method::GET), "{seen:?}");
+        assert!(!seen[0].is_watch(), "first request lists: {seen:?}");
+        assert!(seen[1].is_watch(), "then watches: {seen:?}");
+        assert!(
+            seen[1].query.contains(&format!("resourceVersion={rv}")),
+            "watch resumes from the list's resourceVersion: {seen:?}"
+        );
+    }
+    assert!(errors.lock().expect("errors").is_empty());
+}
+
+#[tokio::test]
+async fn watch_errors_are_counted_and_recovered() {
+    let status = |code: u16, reason: &str| {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": reason, "reason": reason, "code": code})
+    };
+    let script = Script::default()
+        .on(
+            NAMESPACES,
+            false,
+            list("Namespace", "v1", "100", vec![ns("prod", "a")]),
+        )
+        // Pods: the first list fails with a 500, the second succeeds.
+        .on(PODS, false, Reply::Json(500, status(500, "InternalError")))
+        .on(
+            PODS,
+            false,
+            list("Pod", "v1", "200", vec![pod("web", "10.0.0.1", "200")]),
+        )
+        // Policies: listed, then the watch says 410 Gone, then a relist sees the edit.
+        .on(
+            POLICIES,
+            false,
+            list(
+                "NetworkPolicy",
+                "networking.k8s.io/v1",
+                "300",
+                vec![policy("allow-web", "web", "300")],
+            ),
+        )
+        .on(
+            POLICIES,
+            true,
+            Reply::Events(vec![event("ERROR", status(410, "Expired"))]),
+        )
+        .on(
+            POLICIES,
+            false,
+            list(
+                "NetworkPolicy",
+                "networking.k8s.io/v1",
+                "400",
+                vec![policy("allow-web", "api", "400")],
+            ),
+        );
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let log = serve(handle, script);
+    let (counter, errors) = error_counter();
+    let inv = KubeInventory::start(kube::Client::new(service, "default"), counter, config());
+    tokio::time::timeout(Duration::from_secs(20), inv.wait_until_ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    let before = inv.current();
+    assert_eq!(
+        before.pods.len(),
+        1,
+        "inventory usable after the failed list"
+    );
+
+    let after =
+        wait_for(&inv, "relisted policy", |s| {
+            s.policies.len() == 1
+                && serde_json::to_value(&s.policies[0].spec).expect("json")["ingress"][0]["from"][0]
+                    ["podSelector"]["matchLabels"]["app"]
+                    == "api"
+        })
+        .await;
+    // The pods survived the policy watch's failure and relist.
+    assert_eq!(after.pods.len(), 1);
+    assert!(Arc::ptr_eq(&before.pods[0], &after.pods[0]));
+
+    let counts = errors.lock().expect("errors").clone();
+    assert_eq!(counts.get("pods"), Some(&1), "{counts:?}");
+    assert_eq!(counts.get("networkpolicies"), Some(&1), "{counts:?}");
+    assert_eq!(counts.get("namespaces"), None, "{counts:?}");
+
+    let pods: Vec<Seen> = requests_for(&log, PODS);
+    assert!(
+        !pods[0].is_watch() && !pods[1].is_watch(),
+        "list, relist: {pods:?}"
+    );
+    let policies: Vec<Seen> = requests_for(&log, POLICIES);
+    let kinds: Vec<bool> = policies.iter().take(4).map(Seen::is_watch).collect();
+    assert_eq!(kinds, vec![false, true, false, true], "{policies:?}");
+    assert!(
+        policies[3].query.contains("resourceVersion=400"),
+        "{policies:?}"
+    );
+}
+
+#[tokio::test]
+async fn not_ready_while_the_api_server_fails() {
+    let script = Script::default()
+        .on(NAMESPACES, false, list("Namespace", "v1", "1", vec![]))
+        .on(
+            POLICIES,
+            false,
+            list("NetworkPolicy", "networking.k8s.io/v1", "1", vec![]),
+        )
+        .on(
+            PODS,
+            false,
+            Reply::Json(
+                403,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                    "reason": "Forbidden", "code": 403, "message": "forbidden"}),
+            ),
+        );
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let _log = serve(handle, script);
+    let (counter, errors) = error_counter();
+    let inv = KubeInventory::start(kube::Client::new(service, "default"), counter, config());
+    let waited = tokio::time::timeout(Duration::from_millis(600), inv.wait_until_ready()).await;
+    assert!(waited.is_err(), "must not be ready without pods");
+    assert!(!inv.is_ready());
+    assert_eq!(errors.lock().expect("errors").get("pods"), Some(&1));
+}

@@ -1,0 +1,727 @@
+//! Turning a run's [`Results`] into the terminal table, the JSON file and the PASS/FAIL
+//! targets of issue 6.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use super::{Config, Results, Session, Window};
+
+/// Ratio to the limit the daemon must reach.
+const RATIO_TARGET: f64 = 0.9;
+/// Longest acceptable time from a drop to the counter.
+const LATENCY_TARGET_S: f64 = 1.0;
+/// Observer CPU budget, in core-seconds per million drops.
+const CPU_TARGET: f64 = 0.05;
+/// Series of `deny_observer_drops_total` a 50,000-port scan may leave, at most (in fact a
+/// handful: it is one source and one destination workload).
+const SCAN_SERIES_BOUND: usize = 10;
+
+/// Median, minimum and maximum.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    /// Median (mean of the middle two for an even count).
+    pub median: f64,
+    /// Minimum.
+    pub min: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Spread {
+    /// `None` for no values.
+    pub fn of(values: &[f64]) -> Option<Self> {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Self {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+
+    fn json(self) -> Value {
+        json!({ "median": self.median, "min": self.min, "max": self.max })
+    }
+}
+
+/// Per configuration and scenario.
+#[derive(Clone, Debug)]
+struct ScenarioStats {
+    rate: Option<Spread>,
+    /// Per-round ratio to the limit's window of the same round.
+    ratio: Option<Spread>,
+    counted: Option<u64>,
+    lost: Option<u64>,
+    actual: u64,
+    /// Windows whose counts differ from the truth.
+    inexact: usize,
+    cpu_s: Option<f64>,
+}
+
+/// Per configuration.
+#[derive(Clone, Debug)]
+struct ConfigStats {
+    config: Config,
+    scenarios: Vec<ScenarioStats>,
+    /// Worst scenario's median ratio.
+    ratio_to_limit: Option<f64>,
+    accuracy: Option<f64>,
+    cpu_per_million: Option<f64>,
+    ns_per_drop: Option<Spread>,
+    peak_rss: Option<u64>,
+    /// Latency bursts: seconds of those that showed up, and how many never did.
+    latency: Option<Spread>,
+    latency_missing: usize,
+    idle_cpu: Option<f64>,
+}
+
+/// A PASS/FAIL line.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// What is checked.
+    pub name: String,
+    /// Met or not; `None` when it could not be measured in this run.
+    pub pass: Option<bool>,
+    /// The numbers behind it.
+    pub detail: String,
+}
+
+/// The computed report.
+pub struct Report<'a> {
+    results: &'a Results,
+    configs: Vec<ConfigStats>,
+    /// The targets.
+    pub targets: Vec<Target>,
+}
+
+fn sessions_of(results: &Results, config: Config) -> Vec<&Session> {
+    results
+        .rounds
+        .iter()
+        .flat_map(|r| r.iter().filter(|(c, _)| *c == config).map(|(_, s)| s))
+        .collect()
+}
+
+fn limit_window(results: &Results, round: usize, scenario: usize) -> Option<&Window> {
+    results
+        .rounds
+        .get(round)?
+        .iter()
+        .find(|(c, _)| *c == Config::Limit)
+        .and_then(|(_, s)| s.windows.get(scenario))
+}
+
+impl<'a> Report<'a> {
+    /// Computes the statistics and targets.
+    pub fn new(results: &'a Results) -> Self {
+        let configs: Vec<ConfigStats> = results
+            .configs
+            .iter()
+            .map(|&c| config_stats(results, c))
+            .collect();
+        let mut report = Self {
+            results,
+            configs,
+            targets: Vec::new(),
+        };
+        report.targets = report.compute_targets();
+        report
+    }
+
+    fn config(&self, c: Config) -> Option<&ConfigStats> {
+        self.configs.iter().find(|s| s.config == c)
+    }
+
+    fn compute_targets(&self) -> Vec<Target> {
+        let r = self.results;
+        let mut t = Vec::new();
+        let Some(d) = self.config(Config::Daemon) else {
+            t.push(Target {
+                name: "deny-observer targets".into(),
+                pass: None,
+                detail: "deny-observer was not among --configs".into(),
+            });
+            return t;
+        };
+        for (i, s) in r.scenarios.iter().enumerate() {
+            let st = &d.scenarios[i];
+            let exact = st.counted == Some(st.actual) && st.inexact == 0;
+            let label = if s.flows > super::FEW_FLOWS {
+                format!(
+                    "accuracy 1.0, {} ({} flows = map size with the few-flow keys)",
+                    s.name, s.flows
+                )
+            } else {
+                format!("accuracy 1.0, {} ({} flows)", s.name, s.flows)
+            };
+            t.push(Target {
+                name: label,
+                pass: Some(exact),
+                detail: format!(
+                    "counted {} of {} over all rounds; {} window(s) inexact; lost to flow-map eviction meanwhile (whole node): {}",
+                    st.counted.map_or("-".into(), |c| c.to_string()),
+                    st.actual,
+                    st.inexact,
+                    st.lost.map_or("-".into(), |c| c.to_string()),
+                ),
+            });
+        }
+        if let Some(o) = &r.overflow {
+            t.push(Target {
+                name: format!(
+                    "beyond the map ({} flows, {} entries): counted + lost == actual",
+                    o.flows, o.map_entries
+                ),
+                pass: Some(o.counted + o.lost == o.actual),
+                detail: format!(
+                    "counted {} + lost {} = {} vs actual {}{}",
+                    o.counted,
+                    o.lost,
+                    o.counted + o.lost,
+                    o.actual,
+                    if o.foreign > 0 {
+                        format!(
+                            "; {} foreign netfilter drops on the node meanwhile",
+                            o.foreign
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+            });
+        }
+        if self.config(Config::Limit).is_some() {
+            t.push(Target {
+                name: format!("ratio to the limit >= {RATIO_TARGET} (worst scenario)"),
+                pass: d.ratio_to_limit.map(|x| x >= RATIO_TARGET),
+                detail: fmt_opt(d.ratio_to_limit, 3),
+            });
+        }
+        if let (Some(b), true) = (
+            self.config(Config::Bpftrace),
+            self.config(Config::Limit).is_some(),
+        ) {
+            let per_scenario: Vec<String> = r
+                .scenarios
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    format!(
+                        "{} {} vs {}",
+                        s.name,
+                        fmt_opt(d.scenarios[i].ratio.map(|x| x.median), 3),
+                        fmt_opt(b.scenarios[i].ratio.map(|x| x.median), 3)
+                    )
+                })
+                .collect();
+            t.push(Target {
+                name: "no worse than bpftrace (ratio to limit, worst scenario)".into(),
+                pass: match (d.ratio_to_limit, b.ratio_to_limit) {
+                    (Some(x), Some(y)) => Some(x >= y),
+                    _ => None,
+                },
+                detail: format!(
+                    "deny-observer {} vs bpftrace {} ({}); eBPF ns/drop {} vs {}",
+                    fmt_opt(d.ratio_to_limit, 3),
+                    fmt_opt(b.ratio_to_limit, 3),
+                    per_scenario.join(", "),
+                    fmt_opt(d.ns_per_drop.map(|x| x.median), 1),
+                    fmt_opt(b.ns_per_drop.map(|x| x.median), 1)
+                ),
+            });
+        }
+        t.push(Target {
+            name: format!("drop -> counter <= {LATENCY_TARGET_S} s (worst burst)"),
+            pass: match (d.latency, d.latency_missing) {
+                (Some(l), 0) => Some(l.max <= LATENCY_TARGET_S),
+                (_, missing) if missing > 0 => Some(false),
+                _ => None,
+            },
+            detail: format!(
+                "{} bursts of {} datagrams: median {} s, worst {} s{}",
+                r.rounds.len() * super::BURSTS,
+                super::BURST,
+                fmt_opt(d.latency.map(|l| l.median), 3),
+                fmt_opt(d.latency.map(|l| l.max), 3),
+                if d.latency_missing > 0 {
+                    format!(
+                        "; {} never showed within {} s",
+                        d.latency_missing,
+                        super::CATCH_UP.as_secs()
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        });
+        t.push(Target {
+            name: format!("observer CPU <= {CPU_TARGET} core-s per million drops"),
+            pass: d.cpu_per_million.map(|x| x <= CPU_TARGET),
+            detail: format!(
+                "{} core-s per million drops (all windows; idle cost {} core-s/s){}",
+                fmt_opt(d.cpu_per_million, 4),
+                fmt_opt(d.idle_cpu, 4),
+                d.scenarios
+                    .iter()
+                    .zip(&r.scenarios)
+                    .map(|(st, s)| format!(
+                        ", {} {}",
+                        s.name,
+                        fmt_opt(st.cpu_s.map(|c| c / (st.actual.max(1) as f64 / 1e6)), 4)
+                    ))
+                    .collect::<String>()
+            ),
+        });
+        if let Some(p) = &r.port_scan {
+            t.push(Target {
+                name: format!("{}-port scan makes a bounded number of series", p.ports),
+                pass: Some(p.series_dst <= SCAN_SERIES_BOUND),
+                detail: format!(
+                    "{} series for the scanned workload, {} deny_observer_drops_total series on the node, /metrics {} bytes; counted {} of {} SYNs",
+                    p.series_dst, p.series_total, p.metrics_bytes, p.counted, p.actual
+                ),
+            });
+        }
+        t
+    }
+
+    /// The terminal table.
+    pub fn text(&self) -> String {
+        let r = self.results;
+        let mut o = String::new();
+        let _ = writeln!(o, "\ndeny-observer bench: {}", r.machine);
+        let _ = writeln!(
+            o,
+            "{} round(s), configurations interleaved (order rotated each round), {} s windows, {} sender thread(s), {} s wall\n",
+            r.rounds.len(),
+            r.window.as_secs_f64(),
+            r.threads,
+            r.wall.as_secs()
+        );
+        let _ = writeln!(
+            o,
+            "{:<9} {:<14} {:>26} {:>7} {:>10} {:>10} {:>9}",
+            "scenario",
+            "config",
+            "drops/s median (min-max)",
+            "ratio",
+            "accuracy",
+            "evicted",
+            "cpu s/M"
+        );
+        for (i, s) in r.scenarios.iter().enumerate() {
+            for c in &self.configs {
+                let st = &c.scenarios[i];
+                let rate = st.rate.map_or("-".into(), |x| {
+                    format!("{} ({}-{})", si(x.median), si(x.min), si(x.max))
+                });
+                let accuracy = match (c.config, st.counted) {
+                    (Config::Daemon, Some(n)) => {
+                        format!("{:.4}", n as f64 / st.actual.max(1) as f64)
+                    }
+                    _ => "-".into(),
+                };
+                let lost = st.lost.map_or("-".into(), |l| l.to_string());
+                let cpu = st.cpu_s.map_or("-".into(), |c| {
+                    format!("{:.4}", c / (st.actual.max(1) as f64 / 1e6))
+                });
+                let _ = writeln!(
+                    o,
+                    "{:<9} {:<14} {:>26} {:>7} {:>10} {:>10} {:>9}",
+                    s.name,
+                    c.config.name(),
+                    rate,
+                    fmt_opt(st.ratio.map(|x| x.median), 3),
+                    accuracy,
+                    lost,
+                    cpu
+                );
+            }
+        }
+        let _ = writeln!(
+            o,
+            "\n{:<14} {:>14} {:>10} {:>14} {:>10} {:>13} {:>11} {:>16}",
+            "config",
+            "ratio_to_limit",
+            "accuracy",
+            "cpu s/M drops",
+            "idle cpu",
+            "eBPF ns/drop",
+            "peak RSS",
+            "latency med/max"
+        );
+        for c in &self.configs {
+            let _ = writeln!(
+                o,
+                "{:<14} {:>14} {:>10} {:>14} {:>10} {:>13} {:>11} {:>16}",
+                c.config.name(),
+                fmt_opt(c.ratio_to_limit, 3),
+                fmt_opt(c.accuracy, 4),
+                fmt_opt(c.cpu_per_million, 4),
+                fmt_opt(c.idle_cpu, 4),
+                fmt_opt(c.ns_per_drop.map(|x| x.median), 1),
+                c.peak_rss
+                    .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
+                c.latency
+                    .map_or("-".into(), |l| format!("{:.2}/{:.2} s", l.median, l.max))
+            );
+        }
+        let _ = writeln!(
+            o,
+            "\nratio: per-round drops/s over the limit's in the same round, median; ratio_to_limit: worst scenario.\n\
+             accuracy: deny-observer = its deny_observer_drops_total for source {}/{} -> destination {}/{}, reason netfilter_drop,\n\
+             over the nft drop counter; bpftrace = its NETFILTER_DROP ({}) count over the nft counter for the whole session\n\
+             (it counts the whole machine, so other traffic's netfilter drops push it above 1).\n\
+             latency: from the last of {} datagrams until /metrics shows them all ({} bursts per session, polled every 10 ms).\n\
+             evicted: deny_observer_events_lost_total{{stage=\"flow_map_evicted\"}} during the windows (whole node).\n\
+             cpu: observer process utime+stime per million drops (windows: flood plus one drain, no scraping meanwhile).\n\
+             eBPF ns/drop: run_time_ns/run_cnt of the observer's programs over a 1 s flood with kernel.bpf_stats_enabled=1\n\
+             (stats are off while throughput is measured). Config 4 (iptables LOG + log tailing) is not implemented.",
+            super::SRC_NAMESPACE,
+            super::SRC_WORKLOAD,
+            super::DST_NAMESPACE,
+            super::DST_WORKLOAD,
+            r.netfilter_drop,
+            super::BURST,
+            super::BURSTS
+        );
+        if let Some(ov) = &r.overflow {
+            let _ = writeln!(
+                o,
+                "\noverflow: {} UDP flows into a {}-entry flow map (4 KiB ring buffer): actual {}, counted {}, lost {} (flow_map_evicted), counted+lost {}",
+                ov.flows,
+                ov.map_entries,
+                ov.actual,
+                ov.counted,
+                ov.lost,
+                ov.counted + ov.lost
+            );
+        }
+        if let Some(p) = &r.port_scan {
+            let _ = writeln!(
+                o,
+                "port scan: {} SYNs to {} distinct ports: counted {} of {}; deny_observer_drops_total series: {} for the target, {} on the node; /metrics {} bytes; daemon peak RSS {:.1} MiB",
+                p.actual,
+                p.ports,
+                p.counted,
+                p.actual,
+                p.series_dst,
+                p.series_total,
+                p.metrics_bytes,
+                p.peak_rss as f64 / 1048576.0
+            );
+        }
+        let _ = writeln!(o, "\ntargets:");
+        for t in &self.targets {
+            let verdict = match t.pass {
+                Some(true) => "PASS",
+                Some(false) => "FAIL",
+                None => "N/A ",
+            };
+            let _ = writeln!(o, "  {verdict}  {}: {}", t.name, t.detail);
+        }
+        o
+    }
+
+    /// The JSON document.
+    pub fn json_string(&self) -> anyhow::Result<String> {
+        let r = self.results;
+        let configurations: Vec<Value> = self
+            .configs
+            .iter()
+            .map(|c| {
+                let scenarios: serde_json::Map<String, Value> = r
+                    .scenarios
+                    .iter()
+                    .zip(&c.scenarios)
+                    .map(|(s, st)| {
+                        (
+                            s.name.to_owned(),
+                            json!({
+                                "kind": s.kind.name(),
+                                "flows": s.flows,
+                                "drops_per_second": st.rate.map(Spread::json),
+                                "ratio_to_limit": st.ratio.map(Spread::json),
+                                "actual": st.actual,
+                                "counted": st.counted,
+                                "accuracy": st.counted.map(|n| n as f64 / st.actual.max(1) as f64),
+                                "evicted_packets": st.lost,
+                                "observer_cpu_seconds": st.cpu_s,
+                            }),
+                        )
+                    })
+                    .collect();
+                json!({
+                    "name": c.config.name(),
+                    "ratio_to_limit": c.ratio_to_limit,
+                    "accuracy": c.accuracy,
+                    "cpu_seconds_per_million_drops": c.cpu_per_million,
+                    "ebpf_ns_per_drop": c.ns_per_drop.map(Spread::json),
+                    "peak_rss_bytes": c.peak_rss,
+                    "latency_seconds": c.latency.map(Spread::json),
+                    "latency_bursts_never_shown": c.latency_missing,
+                    "idle_cpu_cores": c.idle_cpu,
+                    "scenarios": scenarios,
+                })
+            })
+            .collect();
+        let doc = json!({
+            "machine": r.machine,
+            "threads": r.threads,
+            "rounds": r.rounds.len(),
+            "window_seconds": r.window.as_secs_f64(),
+            "wall_seconds": r.wall.as_secs_f64(),
+            "configurations": configurations,
+            "overflow": r.overflow.as_ref().map(|o| json!({
+                "map_entries": o.map_entries, "flows": o.flows, "actual": o.actual,
+                "counted": o.counted, "lost": o.lost, "foreign_netfilter_drops": o.foreign,
+            })),
+            "port_scan": r.port_scan.as_ref().map(|p| json!({
+                "ports": p.ports, "actual": p.actual, "counted": p.counted,
+                "series_total": p.series_total, "series_destination": p.series_dst,
+                "metrics_bytes": p.metrics_bytes, "peak_rss_bytes": p.peak_rss,
+            })),
+            "targets": self.targets.iter().map(|t| json!({
+                "name": t.name, "pass": t.pass, "detail": t.detail,
+            })).collect::<Vec<_>>(),
+        });
+        Ok(serde_json::to_string_pretty(&doc)?)
+    }
+}
+
+fn config_stats(results: &Results, config: Config) -> ConfigStats {
+    let sessions = sessions_of(results, config);
+    let scenarios: Vec<ScenarioStats> = (0..results.scenarios.len())
+        .map(|i| {
+            let windows: Vec<&Window> = sessions.iter().filter_map(|s| s.windows.get(i)).collect();
+            let ratios: Vec<f64> = results
+                .rounds
+                .iter()
+                .enumerate()
+                .filter_map(|(round, sessions)| {
+                    let w = sessions
+                        .iter()
+                        .find(|(c, _)| *c == config)?
+                        .1
+                        .windows
+                        .get(i)?;
+                    let l = limit_window(results, round, i)?;
+                    Some(w.rate() / l.rate().max(1e-9))
+                })
+                .collect();
+            let counted: Option<u64> = windows.iter().map(|w| w.counted).sum();
+            ScenarioStats {
+                rate: Spread::of(&windows.iter().map(|w| w.rate()).collect::<Vec<_>>()),
+                ratio: Spread::of(&ratios),
+                counted,
+                actual: windows.iter().map(|w| w.actual).sum(),
+                lost: windows.iter().map(|w| w.lost).sum(),
+                inexact: windows
+                    .iter()
+                    .filter(|w| w.counted.is_some() && w.counted != Some(w.actual))
+                    .count(),
+                cpu_s: windows.iter().map(|w| w.cpu.map(|c| c.as_secs_f64())).sum(),
+            }
+        })
+        .collect();
+    let ratio_to_limit = if config == Config::Limit {
+        Some(1.0)
+    } else {
+        scenarios
+            .iter()
+            .filter_map(|s| s.ratio.map(|r| r.median))
+            .reduce(f64::min)
+    };
+    let accuracy = match config {
+        Config::Limit => None,
+        Config::Daemon => {
+            let counted: Option<u64> = scenarios.iter().map(|s| s.counted).sum();
+            let actual: u64 = scenarios.iter().map(|s| s.actual).sum();
+            counted.map(|c| c as f64 / actual.max(1) as f64)
+        }
+        Config::Bpftrace => {
+            let (c, a) = sessions
+                .iter()
+                .filter_map(|s| s.session_count)
+                .fold((0, 0), |(c, a), (x, y)| (c + x, a + y));
+            (a > 0).then(|| c as f64 / a as f64)
+        }
+    };
+    let cpu: Option<f64> = scenarios.iter().map(|s| s.cpu_s).sum();
+    let actual: u64 = scenarios.iter().map(|s| s.actual).sum();
+    ConfigStats {
+        config,
+        ratio_to_limit,
+        accuracy,
+        cpu_per_million: cpu.map(|c| c / (actual.max(1) as f64 / 1e6)),
+        ns_per_drop: Spread::of(
+            &sessions
+                .iter()
+                .filter_map(|s| s.ns_per_drop)
+                .collect::<Vec<_>>(),
+        ),
+        peak_rss: sessions.iter().filter_map(|s| s.peak_rss).max(),
+        latency: Spread::of(
+            &sessions
+                .iter()
+                .flat_map(|s| s.latencies.iter().flatten().map(|l| l.as_secs_f64()))
+                .collect::<Vec<_>>(),
+        ),
+        latency_missing: sessions
+            .iter()
+            .map(|s| s.latencies.iter().filter(|l| l.is_none()).count())
+            .sum(),
+        idle_cpu: Spread::of(
+            &sessions
+                .iter()
+                .filter_map(|s| s.idle_cpu)
+                .collect::<Vec<_>>(),
+        )
+        .map(|x| x.median),
+        scenarios,
+    }
+}
+
+fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
+    v.map_or("-".into(), |x| format!("{x:.decimals$}"))
+}
+
+/// 1234567 → "1.23M".
+fn si(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.0}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::{Overflow, Scenario, Session, Window};
+    use super::*;
+    use crate::flood::FloodKind;
+
+    #[test]
+    fn spread_median_min_max() {
+        let s = Spread::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Spread::of(&[4.0, 1.0]).unwrap().median, 2.5);
+        assert!(Spread::of(&[]).is_none());
+    }
+
+    fn window(actual: u64, secs: f64, counted: Option<u64>) -> Window {
+        Window {
+            actual,
+            sent: actual,
+            elapsed: Duration::from_secs_f64(secs),
+            counted,
+            lost: counted.map(|_| 0),
+            cpu: counted.map(|_| Duration::from_millis(10)),
+        }
+    }
+
+    fn results(daemon_counted: u64) -> Results {
+        let scenario = Scenario {
+            name: "udp-few",
+            kind: FloodKind::Udp,
+            flows: 4,
+        };
+        let limit = Session {
+            windows: vec![window(1_000_000, 1.0, None)],
+            ..Session::default()
+        };
+        let daemon = Session {
+            windows: vec![window(950_000, 1.0, Some(daemon_counted))],
+            ns_per_drop: Some(80.0),
+            peak_rss: Some(10 << 20),
+            session_count: None,
+            latencies: vec![
+                Some(Duration::from_millis(600)),
+                Some(Duration::from_millis(900)),
+            ],
+            idle_cpu: Some(0.001),
+        };
+        let bpftrace = Session {
+            windows: vec![window(900_000, 1.0, None)],
+            ns_per_drop: Some(60.0),
+            peak_rss: Some(50 << 20),
+            session_count: Some((900_010, 900_000)),
+            ..Session::default()
+        };
+        Results {
+            scenarios: vec![scenario],
+            configs: vec![Config::Limit, Config::Daemon, Config::Bpftrace],
+            rounds: vec![vec![
+                (Config::Daemon, daemon),
+                (Config::Limit, limit),
+                (Config::Bpftrace, bpftrace),
+            ]],
+            overflow: Some(Overflow {
+                map_entries: 1024,
+                flows: 8192,
+                actual: 100,
+                counted: 60,
+                lost: 40,
+                foreign: 0,
+            }),
+            ..Results::default()
+        }
+    }
+
+    #[test]
+    fn targets_follow_the_numbers() {
+        let r = results(950_000);
+        let report = Report::new(&r);
+        let pass = |prefix: &str| {
+            report
+                .targets
+                .iter()
+                .find(|t| t.name.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no target {prefix}"))
+                .pass
+        };
+        assert_eq!(pass("accuracy 1.0, udp-few"), Some(true));
+        assert_eq!(pass("ratio to the limit"), Some(true));
+        assert_eq!(pass("no worse than bpftrace"), Some(true));
+        assert_eq!(pass("beyond the map"), Some(true));
+        assert_eq!(pass("drop -> counter"), Some(true));
+        // 10 ms for 0.95 M drops.
+        assert_eq!(pass("observer CPU"), Some(true));
+        let json: Value = serde_json::from_str(&report.json_string().unwrap()).unwrap();
+        let daemon = &json["configurations"][1];
+        assert_eq!(daemon["name"], "deny-observer");
+        assert!((daemon["ratio_to_limit"].as_f64().unwrap() - 0.95).abs() < 1e-9);
+        assert_eq!(daemon["accuracy"].as_f64(), Some(1.0));
+        assert!(json["configurations"][0]["accuracy"].is_null());
+        assert!(report.text().contains("PASS"));
+
+        assert_eq!(
+            json["configurations"][1]["latency_seconds"]["max"].as_f64(),
+            Some(0.9)
+        );
+
+        let off_by_one = results(949_999);
+        let report = Report::new(&off_by_one);
+        let t = report
+            .targets
+            .iter()
+            .find(|t| t.name.starts_with("accuracy 1.0"))
+            .unwrap();
+        assert_eq!(t.pass, Some(false));
+        assert!(report.text().contains("FAIL"));
+    }
+}
