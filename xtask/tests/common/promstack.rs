@@ -19,6 +19,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,7 +44,8 @@ pub struct StackConfig {
     pub rule_files: Vec<PathBuf>,
 }
 
-/// A running process killed (SIGKILL) and reaped on drop.
+/// A running process killed (SIGKILL) and reaped on drop, and killed by the kernel when the
+/// thread that started it ends (PR_SET_PDEATHSIG).
 struct Proc {
     name: &'static str,
     child: Child,
@@ -52,6 +54,14 @@ struct Proc {
 
 impl Proc {
     fn spawn(name: &'static str, command: &mut Command, log: PathBuf) -> Self {
+        // SAFETY: only prctl, which is async-signal-safe, between fork and exec. The server
+        // then dies with the test's thread even when the test process is killed outright.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let out = std::fs::File::create(&log)
             .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
         let err = out.try_clone().expect("cloning a log file handle");
