@@ -33,6 +33,10 @@ pub mod loss {
 /// fold into the last slot; 6.18 has ~130 reasons, so 512 leaves room for future kernels.
 pub const MAX_REASONS: u32 = 512;
 
+/// Largest span of `struct sk_buff` the program copies with a single read (see
+/// [`ProgramConfig::skb_span_len`]); the buffer lives on the 512-byte BPF stack, so it stays small.
+pub const SKB_SPAN_MAX: u32 = 256;
+
 /// Key of the per-CPU LRU flow map: one entry per distinct dropped flow.
 ///
 /// The key deliberately leaves out the source port so that a SYN flood from random ports stays
@@ -149,6 +153,12 @@ pub struct ProgramConfig {
     /// Non-zero: only count drops whose `skb->dev` is in the network namespace with this inode
     /// (tests, debugging one namespace). Zero: all namespaces.
     pub netns_filter: u32,
+    /// Start (8-byte aligned) of the one span of `struct sk_buff` that covers `len`, `dev`, `head`
+    /// and `network_header`, so the program reads them with one helper call instead of four.
+    pub skb_span_start: u32,
+    /// Length of that span, at most [`SKB_SPAN_MAX`]; 0 makes the program read each field on its
+    /// own (a kernel whose fields are too far apart).
+    pub skb_span_len: u32,
     /// Bitmap of reasons to capture when `all_reasons` is zero (bit `r % 64` of word `r / 64`).
     pub reason_mask: [u64; (MAX_REASONS / 64) as usize],
 }
@@ -159,6 +169,8 @@ impl Default for ProgramConfig {
             layout: KernelLayout::default(),
             all_reasons: 1,
             netns_filter: 0,
+            skb_span_start: 0,
+            skb_span_len: 0,
             reason_mask: [0; (MAX_REASONS / 64) as usize],
         }
     }
@@ -191,6 +203,6 @@ mod tests {
             8 + 8 + size_of::<FlowKey>() + 4 + 4 + 2 + 1 + 1
         );
         assert_eq!(size_of::<KernelLayout>(), 12 * 4);
-        assert_eq!(size_of::<ProgramConfig>(), 12 * 4 + 8 + 8 * 8);
+        assert_eq!(size_of::<ProgramConfig>(), 12 * 4 + 8 + 8 + 8 * 8);
     }
 }

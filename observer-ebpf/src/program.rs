@@ -7,15 +7,16 @@
 //! All struct offsets come from [`CONFIG`], which userspace fills from BTF and from the
 //! tracepoint's format file (Rust eBPF has no CO-RE).
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated},
     macros::{map, tracepoint},
     maps::{LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use observer_ebpf::{
-    Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, ProgramConfig, SampleEvent, family,
-    loss,
+    Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX,
+    SampleEvent, family, loss,
 };
 
 /// Set by userspace with `EbpfLoader::override_global("CONFIG", ..)`; this value is only the
@@ -38,6 +39,8 @@ static CONFIG: ProgramConfig = ProgramConfig {
     },
     all_reasons: 1,
     netns_filter: 0,
+    skb_span_start: 0,
+    skb_span_len: 0,
     reason_mask: [0; (MAX_REASONS / 64) as usize],
 };
 
@@ -56,6 +59,18 @@ static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::COUNT, 0);
 /// One [`SampleEvent`] per key a CPU inserts. The size is set by userspace at load time.
 #[map]
 static SAMPLES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Per-CPU scratch space for the copies of the `sk_buff` span and of the packet headers, which
+/// together would not fit the 512-byte BPF stack next to the key and value. A per-CPU array
+/// lookup is inlined by the verifier, so this costs a few instructions.
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+struct Scratch {
+    skb: [u64; SKB_SPAN_WORDS],
+    packet: [u8; HEADER_BYTES],
+}
 
 /// Reads one field of [`CONFIG`] through a volatile load: the compiler must not fold the
 /// placeholder value into the code, since the loader replaces it.
@@ -111,13 +126,148 @@ struct Extra {
     tcp_flags: u8,
 }
 
+/// 4-byte words of the tracepoint record loaded up front, from byte 8 on (the verifier forbids
+/// the first 8 bytes). The fields the program needs sit in the first few dozen bytes on every
+/// kernel so far (6.18: reason ends at byte 40).
+const RECORD_WORDS: usize = 14;
+
+/// The start of the tracepoint record, loaded from the context with plain loads.
+///
+/// The record offsets come from userspace, but the verifier only accepts context loads at
+/// constant offsets. So the program loads [`RECORD_WORDS`] words at constant offsets (cheap, no
+/// helper call; the verifier allows any offset from 8 up to the trace buffer size, which is far
+/// larger than the record) and picks fields out of this stack copy; a field beyond it is read
+/// with a helper call. The words are 4 bytes wide so that a 4-byte field comes out of a single
+/// zero-extending load: the verifier then tracks the bounds checked on it (`reason` indexes the
+/// reason mask).
+struct Record<'a> {
+    ctx: &'a TracePointContext,
+    /// `words[i]` holds record bytes `8 + 4 * i..12 + 4 * i`.
+    words: [u32; RECORD_WORDS],
+}
+
+impl<'a> Record<'a> {
+    #[inline(always)]
+    fn load(ctx: &'a TracePointContext) -> Self {
+        // Attaching fails (EACCES) if the program may read past the end of the record, so only
+        // words up to the last field the program uses are loaded. CONFIG is read-only and frozen,
+        // so the verifier knows `end` and prunes the loads beyond it.
+        let reason_end = match config!(layout.tp_reason) {
+            u32::MAX => 0,
+            off => off.saturating_add(4),
+        };
+        let end = reason_end
+            .max(config!(layout.tp_skbaddr).saturating_add(8))
+            .max(config!(layout.tp_location).saturating_add(8));
+        let base = ctx.as_ptr() as *const u32;
+        let mut words = [0u32; RECORD_WORDS];
+        let mut i = 0;
+        while i < RECORD_WORDS {
+            if (12 + 4 * i) as u32 <= end {
+                // SAFETY: the context is the record in the per-CPU trace buffer, which the
+                // verifier lets a tracepoint program read at aligned constant offsets from 8 up
+                // to the record's end. Volatile keeps each load at its own constant offset (a
+                // merged load with a computed offset would be rejected).
+                words[i] = unsafe { core::ptr::read_volatile(base.add(i + 2)) };
+            }
+            i += 1;
+        }
+        Self { ctx, words }
+    }
+
+    /// The loaded word at record byte `off` (a multiple of 4), if loaded.
+    #[inline(always)]
+    fn word(&self, off: u32) -> Option<u32> {
+        if off % 4 != 0 {
+            return None;
+        }
+        let i = (off as usize / 4).checked_sub(2)?;
+        self.words.get(i).copied()
+    }
+
+    /// The naturally aligned `u64` at `off`.
+    #[inline(always)]
+    fn u64_at(&self, off: u32) -> Result<u64, i64> {
+        if off % 8 == 0
+            && let (Some(lo), Some(hi)) = (self.word(off), self.word(off + 4))
+        {
+            // Little-endian (bpfel).
+            return Ok(u64::from(hi) << 32 | u64::from(lo));
+        }
+        // SAFETY: offset of an 8-byte field of the record, from the format file.
+        unsafe { self.ctx.read_at::<u64>(off as usize) }.map_err(i64::from)
+    }
+
+    /// The naturally aligned `u32` at `off`.
+    #[inline(always)]
+    fn u32_at(&self, off: u32) -> Result<u32, i64> {
+        match self.word(off) {
+            Some(w) => Ok(w),
+            // SAFETY: offset of a 4-byte field of the record, from the format file.
+            None => unsafe { self.ctx.read_at::<u32>(off as usize) }.map_err(i64::from),
+        }
+    }
+}
+
+/// The `sk_buff` fields of the hot path.
+struct SkbFields {
+    len: u32,
+    dev: u64,
+    head: u64,
+    network_header: u16,
+}
+
+/// Number of 8-byte words of the `sk_buff` span buffer.
+const SKB_SPAN_WORDS: usize = (SKB_SPAN_MAX / 8) as usize;
+
+/// Reads `len`, `dev`, `head` and `network_header` of `skb`: with one helper call over the
+/// span userspace computed (each `bpf_probe_read_kernel` costs far more than the copy), or one
+/// call per field when the layout does not allow a span.
+#[inline(always)]
+fn read_skb(skb: u64, buf: &mut [u64; SKB_SPAN_WORDS]) -> Result<SkbFields, i64> {
+    let span_len = config!(skb_span_len);
+    if span_len == 0 || span_len > SKB_SPAN_MAX {
+        return Ok(SkbFields {
+            len: read(skb, config!(layout.skb_len))?,
+            dev: read(skb, config!(layout.skb_dev))?,
+            head: read(skb, config!(layout.skb_head))?,
+            network_header: read(skb, config!(layout.skb_network_header))?,
+        });
+    }
+    let start = config!(skb_span_start);
+    // SAFETY: copies `span_len <= SKB_SPAN_MAX` bytes (the size of `buf`) with fault handling.
+    let ret = unsafe {
+        generated::bpf_probe_read_kernel(
+            buf.as_mut_ptr().cast(),
+            span_len,
+            (skb + u64::from(start)) as *const core::ffi::c_void,
+        )
+    };
+    if ret != 0 {
+        return Err(ret);
+    }
+    // Userspace made `start` 8-byte aligned and checked that every field is naturally aligned,
+    // so each field lies inside one word of the copy.
+    let word = |off: u32| -> Result<u64, i64> {
+        let rel = off.wrapping_sub(start);
+        let w = buf.get(rel as usize / 8).ok_or(-1i64)?;
+        Ok(*w >> ((rel % 8) * 8))
+    };
+    Ok(SkbFields {
+        len: word(config!(layout.skb_len))? as u32,
+        dev: word(config!(layout.skb_dev))?,
+        head: word(config!(layout.skb_head))?,
+        network_header: word(config!(layout.skb_network_header))? as u16,
+    })
+}
+
 fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
+    let record = Record::load(ctx);
     let tp_reason = config!(layout.tp_reason);
     let reason: u32 = if tp_reason == u32::MAX {
         0
     } else {
-        // SAFETY: offset of a 4-byte field of the record, from the format file.
-        match unsafe { ctx.read_at::<u32>(tp_reason as usize) } {
+        match record.u32_at(tp_reason) {
             Ok(r) => r,
             Err(_) => {
                 count_loss(loss::SKB_READ);
@@ -125,6 +275,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
             }
         }
     };
+    // The reason filter comes first: drops of other reasons cost nothing more.
     if config!(all_reasons) == 0 {
         if reason >= MAX_REASONS {
             return Ok(0);
@@ -140,20 +291,24 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
         ..FlowKey::default()
     };
     let mut extra = Extra::default();
-    let mut len: u32 = 0;
-    let mut dev: u64 = 0;
-    let off = config!(layout.tp_skbaddr) as usize;
-    // SAFETY: offset of the 8-byte skbaddr field of the record.
-    let skb: u64 = unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0);
+    let skb = record.u64_at(config!(layout.tp_skbaddr)).unwrap_or(0);
     // A failed read leaves the key partially filled (family UNKNOWN): the packet still counts,
     // and the SKB_READ loss says its detail is missing.
-    let mut complete = skb != 0;
-    if skb != 0 {
-        match read::<u32>(skb, config!(layout.skb_len)) {
-            Ok(l) => len = l,
-            Err(_) => complete = false,
-        }
-        match read_netns(skb, &mut dev) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Ok(0);
+    };
+    // SAFETY: this CPU's slot of the scratch array; tracing programs do not nest on one CPU, so
+    // nothing else uses it meanwhile.
+    let scratch = unsafe { &mut *scratch };
+    let fields = if skb == 0 {
+        None
+    } else {
+        read_skb(skb, &mut scratch.skb).ok()
+    };
+    let mut complete = fields.is_some();
+    let (len, dev) = fields.as_ref().map_or((0, 0), |f| (f.len, f.dev));
+    if dev != 0 {
+        match read_netns(dev) {
             Ok(ns) => key.netns = ns,
             Err(_) => complete = false,
         }
@@ -163,7 +318,9 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     if netns_filter != 0 && key.netns != netns_filter {
         return Ok(0);
     }
-    if skb != 0 && read_headers(skb, &mut key, &mut extra).is_err() {
+    if let Some(f) = &fields
+        && read_headers(f, &mut scratch.packet, &mut key, &mut extra).is_err()
+    {
         complete = false;
     }
     if !complete {
@@ -183,7 +340,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
                 created_ns: now,
             };
             match FLOWS.insert(&key, &value, u64::from(BPF_NOEXIST)) {
-                Ok(()) => send_sample(ctx, &key, &extra, len, dev, now),
+                Ok(()) => send_sample(&record, &key, &extra, len, dev, now),
                 // Another CPU inserted the key between our lookup and insert: add to our slot.
                 Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(&key) {
                     Some(v) => add(v, bytes),
@@ -222,38 +379,80 @@ fn add(v: *mut FlowValue, bytes: u64) {
     }
 }
 
-/// Network-namespace inode of `skb->dev` (0 without a device); stores the device pointer.
+/// Network-namespace inode of the device `dev` (non-zero).
 #[inline(always)]
-fn read_netns(skb: u64, dev: &mut u64) -> Result<u32, i64> {
-    *dev = read::<u64>(skb, config!(layout.skb_dev))?;
-    if *dev == 0 {
-        return Ok(0);
-    }
-    let net: u64 = read(*dev, config!(layout.dev_nd_net))?;
+fn read_netns(dev: u64) -> Result<u32, i64> {
+    let net: u64 = read(dev, config!(layout.dev_nd_net))?;
     if net == 0 {
         return Ok(0);
     }
     read(net, config!(layout.net_ns_inum))
 }
 
-/// Fills addresses, protocol and port from the packet headers; stops at the first failure.
-#[inline(always)]
-fn read_headers(skb: u64, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64> {
-    let head: u64 = read(skb, config!(layout.skb_head))?;
-    let nh: u16 = read(skb, config!(layout.skb_network_header))?;
-    // `(typeof(skb->network_header))~0U` marks an unset header: nothing more to learn.
-    if head == 0 || nh == u16::MAX {
-        return Ok(());
-    }
-    parse_ip(head + u64::from(nh), key, extra)
+/// Bytes of the packet copied with the first read from the network header: the fixed IPv4 or
+/// IPv6 header plus the transport fields the key needs, for all but unusual packets (long IPv4
+/// options, IPv6 extension headers).
+const HEADER_BYTES: usize = 64;
+
+/// The packet from its network header on: a copy of the first [`HEADER_BYTES`], and helper
+/// reads for anything beyond.
+struct Packet<'a> {
+    l3: u64,
+    buf: &'a [u8; HEADER_BYTES],
+    /// Valid bytes in `buf`: `HEADER_BYTES`, or 0 if that read failed.
+    avail: usize,
 }
 
-/// Parses the IPv4/IPv6 header at `l3`, then the transport header.
+impl<'a> Packet<'a> {
+    #[inline(always)]
+    fn load(l3: u64, buf: &'a mut [u8; HEADER_BYTES]) -> Self {
+        // SAFETY: bpf_probe_read_kernel copies with fault handling.
+        let ok = unsafe { bpf_probe_read_kernel_buf(l3 as *const u8, buf) }.is_ok();
+        Self {
+            l3,
+            buf,
+            // Failing means the 64 bytes cross into unreadable memory; per-field reads of
+            // just what is needed may still succeed.
+            avail: if ok { HEADER_BYTES } else { 0 },
+        }
+    }
+
+    /// `N` bytes at `off` from the network header.
+    #[inline(always)]
+    fn get<const N: usize>(&self, off: u32) -> Result<[u8; N], i64> {
+        let off = off as usize;
+        if off + N <= self.avail
+            && let Some(b) = self.buf.get(off..off + N)
+            && let Ok(a) = <[u8; N]>::try_from(b)
+        {
+            return Ok(a);
+        }
+        read(self.l3, off as u32)
+    }
+}
+
+/// Fills addresses, protocol and port from the packet headers; stops at the first failure.
 #[inline(always)]
-fn parse_ip(l3: u64, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64> {
-    // One read covers both fixed headers; an IPv4 packet's buffer always extends past 40 bytes
-    // (skb_shared_info follows the data), so the extra bytes are readable, merely unused.
-    let h: [u8; 40] = read(l3, 0)?;
+fn read_headers(
+    f: &SkbFields,
+    buf: &mut [u8; HEADER_BYTES],
+    key: &mut FlowKey,
+    extra: &mut Extra,
+) -> Result<(), i64> {
+    // `(typeof(skb->network_header))~0U` marks an unset header: nothing more to learn.
+    if f.head == 0 || f.network_header == u16::MAX {
+        return Ok(());
+    }
+    let l3 = f.head + u64::from(f.network_header);
+    parse_ip(&Packet::load(l3, buf), key, extra)
+}
+
+/// Parses the IPv4/IPv6 header, then the transport header.
+#[inline(always)]
+fn parse_ip(p: &Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64> {
+    // An IPv4 packet's buffer always extends past 40 bytes (skb_shared_info follows the data),
+    // so reading both fixed headers' size is safe, merely partly unused.
+    let h: [u8; 40] = p.get(0)?;
     let (proto, l4_off) = match h[0] >> 4 {
         4 => {
             let ihl = u32::from(h[0] & 0x0f) * 4;
@@ -283,17 +482,17 @@ fn parse_ip(l3: u64, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64> {
             for _ in 0..MAX_EXT_HEADERS {
                 match next {
                     IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                        let e: [u8; 2] = read(l3, off)?;
+                        let e: [u8; 2] = p.get(off)?;
                         next = e[0];
                         off += (u32::from(e[1]) + 1) * 8;
                     }
                     IPPROTO_AH => {
-                        let e: [u8; 2] = read(l3, off)?;
+                        let e: [u8; 2] = p.get(off)?;
                         next = e[0];
                         off += (u32::from(e[1]) + 2) * 4;
                     }
                     IPPROTO_FRAGMENT => {
-                        let e: [u8; 4] = read(l3, off)?;
+                        let e: [u8; 4] = p.get(off)?;
                         next = e[0];
                         off += 8;
                         if (u16::from(e[2]) << 8 | u16::from(e[3])) >> 3 != 0 {
@@ -311,18 +510,18 @@ fn parse_ip(l3: u64, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64> {
     };
     match proto {
         IPPROTO_TCP => {
-            let t: [u8; 14] = read(l3, l4_off)?;
+            let t: [u8; 14] = p.get(l4_off)?;
             extra.src_port = u16::from_be_bytes([t[0], t[1]]);
             key.dst_port = u16::from_be_bytes([t[2], t[3]]);
             extra.tcp_flags = t[13];
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
-            let t: [u8; 4] = read(l3, l4_off)?;
+            let t: [u8; 4] = p.get(l4_off)?;
             extra.src_port = u16::from_be_bytes([t[0], t[1]]);
             key.dst_port = u16::from_be_bytes([t[2], t[3]]);
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let t: [u8; 2] = read(l3, l4_off)?;
+            let t: [u8; 2] = p.get(l4_off)?;
             key.dst_port = u16::from(t[0]) << 8 | u16::from(t[1]);
         }
         _ => {}
@@ -332,14 +531,12 @@ fn parse_ip(l3: u64, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64> {
 
 /// Sends the detail of a newly inserted key; a full ring buffer is a counted loss.
 #[inline(always)]
-fn send_sample(ctx: &TracePointContext, key: &FlowKey, extra: &Extra, len: u32, dev: u64, ts: u64) {
+fn send_sample(record: &Record, key: &FlowKey, extra: &Extra, len: u32, dev: u64, ts: u64) {
     let Some(mut entry) = SAMPLES.reserve::<SampleEvent>(0) else {
         count_loss(loss::RINGBUF_FULL);
         return;
     };
-    let off = config!(layout.tp_location) as usize;
-    // SAFETY: offset of the 8-byte location field of the record.
-    let location = unsafe { ctx.read_at::<u64>(off) }.unwrap_or(0);
+    let location = record.u64_at(config!(layout.tp_location)).unwrap_or(0);
     let ifindex = if dev == 0 {
         0
     } else {

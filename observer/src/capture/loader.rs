@@ -4,7 +4,9 @@ use std::path::Path;
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
-use observer_ebpf::{Counter, FlowKey, FlowValue, MAX_REASONS, ProgramConfig};
+use observer_ebpf::{
+    Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX,
+};
 
 use super::batch::Batch;
 use super::btf::KernelBtf;
@@ -145,6 +147,35 @@ pub fn lru_entries(wanted: u32, nr_cpus: usize) -> u32 {
     wanted.saturating_add(wanted / 4).saturating_add(per_cpu)
 }
 
+/// The span of `struct sk_buff` the program copies in one read: `(start, len)`, with `start`
+/// 8-byte aligned so that every field sits at its natural alignment in the copy (the program
+/// extracts a field from one aligned 8-byte word). `(0, 0)` when the fields lie more than
+/// [`SKB_SPAN_MAX`] bytes apart or are misaligned: the program then reads them one by one.
+pub fn skb_span(layout: &KernelLayout) -> (u32, u32) {
+    // (offset, size) of every field the hot path needs.
+    let fields = [
+        (layout.skb_len, 4),
+        (layout.skb_dev, 8),
+        (layout.skb_head, 8),
+        (layout.skb_network_header, 2),
+    ];
+    if fields.iter().any(|&(off, size)| off % size != 0) {
+        return (0, 0);
+    }
+    let first = fields.iter().map(|&(off, _)| off).min().unwrap_or(0);
+    let start = first - first % 8;
+    let end = fields
+        .iter()
+        .map(|&(off, size)| off.saturating_add(size))
+        .max()
+        .unwrap_or(0);
+    let len = end - start;
+    if len > SKB_SPAN_MAX {
+        return (0, 0);
+    }
+    (start, len)
+}
+
 impl Capture {
     /// Mounts tracefs/bpffs if needed, computes the kernel layout, loads the program with
     /// `config`, and attaches it to `skb:kfree_skb`.
@@ -162,10 +193,13 @@ impl Capture {
         let layout = btf.kernel_layout(&fields)?;
         let reasons = kernel_reasons(&fmt, &fields, &btf)?;
         let (all_reasons, mask) = reason_mask(&config.reasons, &reasons)?;
+        let (skb_span_start, skb_span_len) = skb_span(&layout);
         let program_config = ProgramConfig {
             layout,
             all_reasons,
             netns_filter: config.netns.unwrap_or(0),
+            skb_span_start,
+            skb_span_len,
             reason_mask: mask,
         };
         tracing::debug!(
@@ -317,6 +351,35 @@ mod tests {
     #[test]
     fn empty_list_is_rejected() {
         assert!(reason_mask(&ReasonFilter::Names(vec![]), &table()).is_err());
+    }
+
+    #[test]
+    fn skb_span_covers_the_fields() {
+        // The 6.18 layout: dev 16, len 112, network_header 180, head 192.
+        let layout = KernelLayout {
+            skb_dev: 16,
+            skb_len: 112,
+            skb_network_header: 180,
+            skb_head: 192,
+            ..KernelLayout::default()
+        };
+        assert_eq!(skb_span(&layout), (16, 184));
+        let odd = KernelLayout {
+            skb_dev: 20,
+            ..layout
+        };
+        assert_eq!(skb_span(&odd), (0, 0), "misaligned pointer field");
+        let far = KernelLayout {
+            skb_head: 16 + SKB_SPAN_MAX,
+            ..layout
+        };
+        assert_eq!(skb_span(&far), (0, 0), "fields too far apart");
+        let unaligned_start = KernelLayout {
+            skb_dev: 104,
+            skb_len: 100,
+            ..layout
+        };
+        assert_eq!(skb_span(&unaligned_start), (96, 104));
     }
 
     #[test]
