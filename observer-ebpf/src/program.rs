@@ -128,16 +128,20 @@ struct Extra {
 
 /// 4-byte words of the tracepoint record loaded up front, from byte 8 on (the verifier forbids
 /// the first 8 bytes). The fields the program needs sit in the first few dozen bytes on every
-/// kernel so far (6.18: reason ends at byte 40).
-const RECORD_WORDS: usize = 14;
+/// kernel so far (6.18: reason ends at byte 40); fields beyond are read with a helper call.
+const RECORD_WORDS: usize = 8;
+
+/// Of those, the words every kfree_skb record has: since its first version it holds skbaddr,
+/// location and protocol, which make 32 bytes, so bytes 8..32 are always inside the record and
+/// need no check against its end.
+const RECORD_WORDS_ALWAYS: usize = 6;
 
 /// The start of the tracepoint record, loaded from the context with plain loads.
 ///
 /// The record offsets come from userspace, but the verifier only accepts context loads at
 /// constant offsets. So the program loads [`RECORD_WORDS`] words at constant offsets (cheap, no
-/// helper call; the verifier allows any offset from 8 up to the trace buffer size, which is far
-/// larger than the record) and picks fields out of this stack copy; a field beyond it is read
-/// with a helper call. The words are 4 bytes wide so that a 4-byte field comes out of a single
+/// helper call) and picks fields out of this stack copy; a field beyond it is read with a helper
+/// call. The words are 4 bytes wide so that a 4-byte field comes out of a single
 /// zero-extending load: the verifier then tracks the bounds checked on it (`reason` indexes the
 /// reason mask).
 struct Record<'a> {
@@ -163,7 +167,7 @@ impl<'a> Record<'a> {
         let mut words = [0u32; RECORD_WORDS];
         let mut i = 0;
         while i < RECORD_WORDS {
-            if (12 + 4 * i) as u32 <= end {
+            if i < RECORD_WORDS_ALWAYS || (12 + 4 * i) as u32 <= end {
                 // SAFETY: the context is the record in the per-CPU trace buffer, which the
                 // verifier lets a tracepoint program read at aligned constant offsets from 8 up
                 // to the record's end. Volatile keeps each load at its own constant offset (a
