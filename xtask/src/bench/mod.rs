@@ -51,6 +51,8 @@ const DRAIN_SETTLE: Duration = Duration::from_millis(1300);
 /// Packets in each latency burst, and bursts per daemon session.
 const BURST: u64 = 1000;
 const BURSTS: usize = 2;
+/// How long the daemon's fixed (no-flood) CPU cost is measured at the start of a session.
+const IDLE_WINDOW: Duration = Duration::from_secs(1);
 /// Batch of messages per `sendmmsg`.
 const BATCH: usize = 64;
 
@@ -467,11 +469,14 @@ impl Bench {
                     self.log(&format!("daemon-{round}")),
                 )?;
                 let pid = daemon.proc.pid();
-                let cpu0 = sys::process_cpu(pid)?;
+                let cpu0 = sys::CpuSnapshot::take(pid)?;
                 let idle = Instant::now();
-                std::thread::sleep(Duration::from_secs(1));
+                std::thread::sleep(IDLE_WINDOW);
                 session.idle_cpu = Some(
-                    sys::process_cpu(pid)?.saturating_sub(cpu0).as_secs_f64()
+                    sys::CpuSnapshot::take(pid)?
+                        .since(&cpu0)
+                        .total
+                        .as_secs_f64()
                         / idle.elapsed().as_secs_f64(),
                 );
                 for s in scenarios {
@@ -523,7 +528,7 @@ impl Bench {
             }
             None => None,
         };
-        let cpu0 = observer_pid.map(sys::process_cpu).transpose()?;
+        let cpu0 = observer_pid.map(sys::CpuSnapshot::take).transpose()?;
         let before = self.dropped()?;
         let stats = flood::flood(&cfg, Until::Elapsed(self.window))
             .with_context(|| format!("flood {}", scenario.name))?;
@@ -550,7 +555,29 @@ impl Bench {
             }
         }
         if let (Some(pid), Some(c0)) = (observer_pid, cpu0) {
-            w.cpu = Some(sys::process_cpu(pid)?.saturating_sub(c0));
+            let d = sys::CpuSnapshot::take(pid)?.since(&c0);
+            let threads: Vec<String> = d
+                .by_name
+                .iter()
+                .filter(|(_, t)| !t.is_zero())
+                .map(|(n, t)| format!("{n} {:.2} ms", t.as_secs_f64() * 1e3))
+                .collect();
+            eprintln!(
+                "bench:   {}: {} drops, observer CPU {:.2} ms ({}){}",
+                scenario.name,
+                actual,
+                d.total.as_secs_f64() * 1e3,
+                threads.join(", "),
+                if d.vanished > 0 {
+                    format!(
+                        "; {} thread(s) ended meanwhile, their last stretch is missing",
+                        d.vanished
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            w.cpu = Some(d.total);
         }
         Ok(w)
     }

@@ -52,26 +52,89 @@ fn parse_reason_number(format: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
-/// User plus system CPU time of process `pid` (all its threads).
-pub fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let ticks = parse_stat_cpu_ticks(&text).with_context(|| format!("parsing {path}"))?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = u64::try_from(hz).ok().filter(|h| *h > 0).unwrap_or(100);
-    Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
+/// CPU time of process `pid`, per thread, to the nanosecond.
+///
+/// proc(5) `stat` counts in clock ticks (10 ms), too coarse for a daemon that spends a few
+/// milliseconds per window; `schedstat` has each thread's time on the CPU in nanoseconds. A
+/// thread that ends between two snapshots takes its time with it, so [`CpuSnapshot::since`]
+/// says when that happened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuSnapshot {
+    /// Thread id → (thread name, nanoseconds on the CPU).
+    pub threads: BTreeMap<u32, (String, u64)>,
 }
 
-/// utime + stime (fields 14 and 15 of proc(5) `stat`), counted after the `)` that ends the
-/// command name, which may itself contain spaces and parentheses.
-fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state).
-    let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
-    let stime: u64 = fields.get(15 - 3)?.parse().ok()?;
-    Some(utime + stime)
+/// What a process used between two [`CpuSnapshot`]s.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CpuDelta {
+    /// Total over the threads alive at the end.
+    pub total: Duration,
+    /// Per thread name (threads of one name summed), largest first.
+    pub by_name: Vec<(String, Duration)>,
+    /// Threads of the first snapshot gone by the second: their last stretch is missing.
+    pub vanished: usize,
+}
+
+impl CpuSnapshot {
+    /// Reads every thread of `pid`.
+    pub fn take(pid: u32) -> anyhow::Result<Self> {
+        let dir = format!("/proc/{pid}/task");
+        let mut threads = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+            let entry = entry.with_context(|| format!("reading {dir}"))?;
+            let Some(tid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // A thread may end between the listing and the reads: skip it.
+            let Ok(sched) = std::fs::read_to_string(entry.path().join("schedstat")) else {
+                continue;
+            };
+            let Some(ns) = parse_schedstat_ns(&sched) else {
+                bail!("unexpected {dir}/{tid}/schedstat: {sched:?}");
+            };
+            let name = std::fs::read_to_string(entry.path().join("comm"))
+                .map(|c| c.trim().to_owned())
+                .unwrap_or_default();
+            threads.insert(tid, (name, ns));
+        }
+        if threads.is_empty() {
+            bail!("{dir} lists no threads");
+        }
+        Ok(Self { threads })
+    }
+
+    /// CPU used since `earlier` (a snapshot of the same process).
+    pub fn since(&self, earlier: &Self) -> CpuDelta {
+        let mut by_name: BTreeMap<&str, u64> = BTreeMap::new();
+        for (tid, (name, ns)) in &self.threads {
+            let before = earlier.threads.get(tid).map_or(0, |(_, b)| *b);
+            *by_name.entry(name).or_default() += ns.saturating_sub(before);
+        }
+        let total = by_name.values().sum();
+        let mut by_name: Vec<(String, Duration)> = by_name
+            .into_iter()
+            .map(|(n, ns)| (n.to_owned(), Duration::from_nanos(ns)))
+            .collect();
+        by_name.sort_by_key(|b| std::cmp::Reverse(b.1));
+        CpuDelta {
+            total: Duration::from_nanos(total),
+            by_name,
+            vanished: earlier
+                .threads
+                .keys()
+                .filter(|t| !self.threads.contains_key(t))
+                .count(),
+        }
+    }
+}
+
+/// The first field of a thread's `schedstat`: nanoseconds spent on the CPU.
+fn parse_schedstat_ns(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// Peak resident set size (`VmHWM`) of process `pid`, in bytes.
@@ -236,17 +299,51 @@ mod tests {
     }
 
     #[test]
-    fn stat_fields_after_a_tricky_comm() {
-        let stat = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 8 0 \
-                    123 456 789";
-        assert_eq!(parse_stat_cpu_ticks(stat), Some(22));
-        assert_eq!(parse_stat_cpu_ticks("garbage"), None);
+    fn schedstat_and_deltas() {
+        assert_eq!(parse_schedstat_ns("123456789 42 7\n"), Some(123_456_789));
+        assert_eq!(parse_schedstat_ns("garbage"), None);
+        let snap = |v: &[(u32, &str, u64)]| CpuSnapshot {
+            threads: v
+                .iter()
+                .map(|(t, n, ns)| (*t, ((*n).to_owned(), *ns)))
+                .collect(),
+        };
+        let a = snap(&[
+            (1, "main", 100),
+            (2, "tokio", 50),
+            (3, "tokio", 10),
+            (4, "gone", 5),
+        ]);
+        let b = snap(&[
+            (1, "main", 150),
+            (2, "tokio", 80),
+            (3, "tokio", 30),
+            (5, "new", 7),
+        ]);
+        let d = b.since(&a);
+        assert_eq!(d.total, Duration::from_nanos(50 + 30 + 20 + 7));
+        assert_eq!(d.vanished, 1);
+        assert_eq!(
+            d.by_name,
+            vec![
+                ("main".to_owned(), Duration::from_nanos(50)),
+                ("tokio".to_owned(), Duration::from_nanos(50)),
+                ("new".to_owned(), Duration::from_nanos(7)),
+            ]
+        );
     }
 
     #[test]
     fn own_process_has_cpu_and_rss() {
         let pid = std::process::id();
-        assert!(process_cpu(pid).is_ok());
+        let a = CpuSnapshot::take(pid).unwrap();
+        // Burn a little CPU so the delta is visibly positive.
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = std::hint::black_box(x.wrapping_add(i * i));
+        }
+        let d = CpuSnapshot::take(pid).unwrap().since(&a);
+        assert!(d.total > Duration::ZERO, "{d:?} ({x})");
         assert!(peak_rss(pid).unwrap() > 0);
         assert_eq!(
             parse_vm_hwm("VmPeak:\t 1 kB\nVmHWM:\t    2048 kB\n"),
