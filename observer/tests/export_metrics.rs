@@ -661,3 +661,152 @@ fn text_output_passes_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn pod(namespace: &str, name: &str, workload: &str) -> std::sync::Arc<observer::inventory::Pod> {
+    std::sync::Arc::new(observer::inventory::Pod {
+        namespace: namespace.into(),
+        name: name.into(),
+        labels: Default::default(),
+        ips: Vec::new(),
+        host_network: false,
+        node_name: None,
+        phase: Default::default(),
+        created_unix: 0,
+        ports: Vec::new(),
+        workload: observer::inventory::Workload {
+            kind: "Deployment".into(),
+            name: workload.into(),
+        },
+    })
+}
+
+#[test]
+fn drain_batch_sums_records_into_the_same_series_as_one_by_one() {
+    use observer::export::DrainBatch;
+    use observer::inventory::Endpoint;
+    use std::sync::Arc;
+
+    let netfilter: Arc<str> = Arc::from("netfilter_drop");
+    // A second Arc of the same reason string: a separate group, the same series.
+    let netfilter_again: Arc<str> = Arc::from("netfilter_drop");
+    let no_socket: Arc<str> = Arc::from("no_socket");
+    let (a1, a2) = (pod("a", "web-1", "web"), pod("a", "web-2", "web"));
+    let b = pod("b", "db-1", "db");
+    let (web1, web2, db) = (Endpoint::Pod(a1), Endpoint::Pod(a2), Endpoint::Pod(b));
+    let m = metrics(100, Duration::from_secs(60));
+    let mut batch = DrainBatch::default();
+    let flows: [(&Arc<str>, &Endpoint, u64); 5] = [
+        (&netfilter, &web1, 1),
+        (&netfilter, &web1, 10),
+        (&netfilter, &web2, 100),
+        (&netfilter_again, &web2, 1000),
+        (&no_socket, &web1, 7),
+    ];
+    for (reason, src, packets) in flows {
+        batch.add_drop(
+            reason,
+            Direction::Ingress,
+            Protocol::Tcp,
+            Some(src),
+            Some(&db),
+            packets,
+            packets * 60,
+        );
+        batch.add_policy_deny(
+            Direction::Ingress,
+            Protocol::Tcp,
+            Some(src),
+            Some(&db),
+            "b/deny-all".into(),
+            PolicyMatch::DefaultDeny,
+            packets,
+        );
+    }
+    // The world peer and an unknown address keep their own label values.
+    batch.add_drop(
+        &no_socket,
+        Direction::Unknown,
+        Protocol::Udp,
+        Some(&Endpoint::World),
+        None,
+        3,
+        30,
+    );
+    assert!(!batch.is_empty());
+    batch.flush(&m);
+    assert!(batch.is_empty(), "a flush empties the batch");
+    let web_db = [
+        ("source_namespace", "a"),
+        ("source_workload", "web"),
+        ("destination_namespace", "b"),
+        ("destination_workload", "db"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut l = web_db.to_vec();
+        l.extend_from_slice(extra);
+        l
+    };
+    assert_eq!(
+        value(
+            &m,
+            "deny_observer_drops_total",
+            &with(&[("reason", "netfilter_drop")])
+        ),
+        Some(1111.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "deny_observer_drop_bytes_total",
+            &with(&[("reason", "netfilter_drop")])
+        ),
+        Some(1111.0 * 60.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "deny_observer_drops_total",
+            &with(&[("reason", "no_socket")])
+        ),
+        Some(7.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "deny_observer_policy_denies_total",
+            &with(&[("policy", "b/deny-all")])
+        ),
+        Some(1118.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "deny_observer_drops_total",
+            &[
+                ("source_workload", "world"),
+                ("destination_workload", "unknown"),
+                ("protocol", "udp")
+            ]
+        ),
+        Some(3.0)
+    );
+    // A second drain adds to the same series.
+    batch.add_drop(
+        &netfilter,
+        Direction::Ingress,
+        Protocol::Tcp,
+        Some(&web2),
+        Some(&db),
+        5,
+        300,
+    );
+    batch.flush(&m);
+    assert_eq!(
+        value(
+            &m,
+            "deny_observer_drops_total",
+            &with(&[("reason", "netfilter_drop")])
+        ),
+        Some(1116.0)
+    );
+}

@@ -10,7 +10,6 @@
 //! empty; an unreadable or corrupt one is logged, set aside as `denied-edges.json.corrupt`, and
 //! the tracker starts empty rather than failing the daemon.
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
@@ -20,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AlertError;
 use super::spike::unix_ms;
-use crate::flow::{Direction, Protocol};
+use crate::flow::{Direction, FastMap, Protocol};
 
 /// File name of the state file inside the state directory.
 pub const STATE_FILE: &str = "denied-edges.json";
@@ -154,7 +153,7 @@ struct StoredEdge {
 #[derive(Debug)]
 pub struct EdgeTracker {
     config: EdgeConfig,
-    edges: HashMap<DeniedEdge, EdgeRecord>,
+    edges: FastMap<DeniedEdge, EdgeRecord>,
     load_outcome: LoadOutcome,
     dirty: bool,
     new_since_save: bool,
@@ -174,7 +173,7 @@ impl EdgeTracker {
         let now_ms = unix_ms(now);
         let mut tracker = Self {
             config,
-            edges: HashMap::new(),
+            edges: FastMap::default(),
             load_outcome: LoadOutcome::InMemory,
             dirty: false,
             new_since_save: false,

@@ -33,11 +33,11 @@
 //! `diurnal_swing_never_fires` test). A per-hour seasonal baseline would need days of history
 //! per key before it could be trusted, which a DaemonSet restart would throw away.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::AlertError;
-use crate::flow::Direction;
+use crate::flow::{Direction, FastMap};
 
 /// Detector settings. Defaults: factor 3, sigma 4, floor 1 pkt/s, for 60 s, cool-down 120 s,
 /// warm-up 10 min, half-life 1 h, rate window 10 s.
@@ -277,7 +277,7 @@ pub struct SpikeDetector {
     config: SpikeConfig,
     window_secs: u64,
     started_ms: Option<u64>,
-    keys: HashMap<SpikeKey, KeyState>,
+    keys: FastMap<SpikeKey, KeyState>,
     dropped: Vec<SpikeKey>,
     overflowed: u64,
 }
@@ -302,7 +302,7 @@ impl SpikeDetector {
             config,
             window_secs,
             started_ms: None,
-            keys: HashMap::new(),
+            keys: FastMap::default(),
             dropped: Vec::new(),
             overflowed: 0,
         })

@@ -4,7 +4,6 @@
 //! previous drain saw, and emits the difference. Evictions are measured, not guessed: the exact
 //! per-reason totals are read *before* the flow map (the kernel updates them *after* the flow
 //! entry), so `totals - emitted flow deltas` is a lower bound of what eviction cost.
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
@@ -16,6 +15,7 @@ use observer_ebpf::{Counter, FlowKey, FlowValue, MAX_REASONS, loss};
 use super::loader::Capture;
 use super::tracefs::ReasonTable;
 use super::{CaptureError, DrainReport, Losses, decode};
+use crate::flow::FastMap;
 
 /// What the previous drains saw of one flow key.
 #[derive(Copy, Clone, Debug)]
@@ -23,8 +23,9 @@ struct Seen {
     created_ns: u64,
     packets: u64,
     bytes: u64,
-    /// Consecutive drains without change.
-    idle: u32,
+    /// Drain generation at which the key was created or last changed: the key has been idle
+    /// for `generation - changed` drains, walked or skipped.
+    changed: u64,
     /// Drain generation that last saw the key in the map.
     generation: u64,
 }
@@ -34,8 +35,8 @@ struct Seen {
 pub(super) struct DrainState {
     labels: Vec<Arc<str>>,
     other: Arc<str>,
-    other_labels: HashMap<u32, Arc<str>>,
-    seen: HashMap<FlowKey, Seen>,
+    other_labels: FastMap<u32, Arc<str>>,
+    seen: FastMap<FlowKey, Seen>,
     generation: u64,
     /// Cumulative per-reason totals at the previous drain.
     totals: Vec<Counter>,
@@ -44,7 +45,19 @@ pub(super) struct DrainState {
     /// Cumulative eviction loss per reason slot (monotonic).
     evicted: Vec<Counter>,
     losses: [u64; loss::COUNT as usize],
+    /// Drains in a row that skipped the flow-map walk (see [`MAX_SKIPPED_WALKS`]).
+    skipped_walks: u32,
+    /// First drain generation at which a remembered key becomes idle enough to delete (from
+    /// the last walk); `u64::MAX` when none will.
+    next_idle_due: u64,
 }
+
+/// A drain whose per-reason totals did not move skips walking the flow map, which would cost a
+/// syscall-side copy per key and find nothing new: the kernel updates a flow entry before its
+/// total, so any flow change shows in the totals by the next drain at the latest. A quiet node
+/// still walks at least every this many drains plus one, which keeps idle keys being retired
+/// and the entry count fresh.
+const MAX_SKIPPED_WALKS: u32 = 9;
 
 /// Result of accounting one flow entry.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -65,13 +78,15 @@ impl DrainState {
         Self {
             labels,
             other: Arc::from("other"),
-            other_labels: HashMap::new(),
-            seen: HashMap::new(),
+            other_labels: FastMap::default(),
+            seen: FastMap::default(),
             generation: 0,
             totals: vec![Counter::default(); MAX_REASONS as usize],
             emitted: vec![Counter::default(); MAX_REASONS as usize],
             evicted: vec![Counter::default(); MAX_REASONS as usize],
             losses: [0; loss::COUNT as usize],
+            skipped_walks: 0,
+            next_idle_due: u64::MAX,
         }
     }
 
@@ -100,6 +115,22 @@ impl DrainState {
     /// Starts a drain.
     pub(super) fn begin(&mut self) {
         self.generation += 1;
+    }
+
+    /// Whether this drain walks the flow map, given whether any per-reason total moved since
+    /// the previous drain (see [`MAX_SKIPPED_WALKS`]). A drain at which an idle key is due for
+    /// deletion walks too, so deletion is as timely as with a walk every drain.
+    pub(super) fn should_walk(&mut self, totals_moved: bool) -> bool {
+        if totals_moved
+            || self.skipped_walks >= MAX_SKIPPED_WALKS
+            || self.generation >= self.next_idle_due
+        {
+            self.skipped_walks = 0;
+            true
+        } else {
+            self.skipped_walks += 1;
+            false
+        }
     }
 
     /// Records the cumulative total of one reason slot; returns the delta.
@@ -133,20 +164,22 @@ impl DrainState {
                 s.packets = value.packets;
                 s.bytes = value.bytes;
                 if packets != 0 || bytes != 0 {
-                    s.idle = 0;
-                } else if s.generation != generation {
-                    // Unchanged since the previous drain (a revisit in this drain is no drain).
-                    s.idle = s.idle.saturating_add(1);
+                    s.changed = generation;
                 }
                 s.generation = generation;
-                (packets, bytes, idle_drains > 0 && s.idle >= idle_drains)
+                let idle = generation.saturating_sub(s.changed);
+                (
+                    packets,
+                    bytes,
+                    idle_drains > 0 && idle >= u64::from(idle_drains),
+                )
             }
             Entry::Vacant(v) => {
                 v.insert(Seen {
                     created_ns: value.created_ns,
                     packets: value.packets,
                     bytes: value.bytes,
-                    idle: 0,
+                    changed: generation,
                     generation,
                 });
                 (value.packets, value.bytes, false)
@@ -161,6 +194,19 @@ impl DrainState {
             bytes,
             delete,
         }
+    }
+
+    /// After a walk: when the next remembered key becomes idle enough to delete.
+    pub(super) fn plan_idle_deletion(&mut self, idle_drains: u32) {
+        self.next_idle_due = if idle_drains == 0 {
+            u64::MAX
+        } else {
+            self.seen
+                .values()
+                .map(|s| s.changed.saturating_add(u64::from(idle_drains)))
+                .min()
+                .unwrap_or(u64::MAX)
+        };
     }
 
     /// Keys the current drain did not see.
@@ -251,13 +297,34 @@ impl Capture {
             }
         }
 
-        // 2. Flows.
+        // 2. Flows, unless nothing was counted since the previous drain.
+        let walk = self.state.should_walk(!report.reason_totals.is_empty());
+        if walk {
+            self.drain_flows(&mut report)?;
+        }
+        // Every remembered key was found in the map by the last walk (the others were
+        // forgotten).
+        report.flow_map_entries = self.state.remembered() as u64;
+
+        // 3. Losses.
+        self.drain_losses(&mut report)?;
+        tracing::trace!(
+            drops = report.drops.len(),
+            keys = report.flow_map_entries,
+            walked = walk,
+            "drained flow map"
+        );
+        Ok(report)
+    }
+
+    /// Walks the flow map: deltas into `report`, idle keys deleted.
+    fn drain_flows(&mut self, report: &mut DrainReport) -> Result<(), CaptureError> {
         let mut entries = std::mem::take(&mut self.scratch);
         entries.clear();
         self.read_flows(&mut entries)?;
         let mut to_delete = Vec::new();
         for (key, value) in &entries {
-            self.account(key, *value, &mut report, &mut to_delete);
+            self.account(key, *value, report, &mut to_delete);
         }
         // A key this walk did not return is either gone (forget it) or was missed by a
         // concurrent change to the map (look it up, so its state is not lost and re-counted).
@@ -265,7 +332,7 @@ impl Capture {
             match self.flows.get(&key, 0) {
                 Ok(values) => {
                     let value = sum_flow(values.iter().copied());
-                    self.account(&key, value, &mut report, &mut to_delete);
+                    self.account(&key, value, report, &mut to_delete);
                 }
                 Err(MapError::KeyNotFound) => self.state.forget(&key),
                 Err(source) => {
@@ -291,10 +358,11 @@ impl Capture {
             }
             self.state.forget(key);
         }
-        // Every remembered key was found in the map by this drain (the others were forgotten).
-        report.flow_map_entries = self.state.remembered() as u64;
+        self.state.plan_idle_deletion(self.idle_drains);
+        Ok(())
+    }
 
-        // 3. Losses.
+    fn drain_losses(&mut self, report: &mut DrainReport) -> Result<(), CaptureError> {
         let (ep, eb) = self.state.account_evictions();
         let mut cum = [0u64; loss::COUNT as usize];
         for (i, c) in (0u32..).zip(cum.iter_mut()) {
@@ -315,12 +383,7 @@ impl Capture {
             evicted_packets: ep,
             evicted_bytes: eb,
         };
-        tracing::trace!(
-            drops = report.drops.len(),
-            keys = report.flow_map_entries,
-            "drained flow map"
-        );
-        Ok(report)
+        Ok(())
     }
 
     fn account(
@@ -451,6 +514,24 @@ mod tests {
     }
 
     #[test]
+    fn quiet_drains_skip_the_walk_but_not_forever() {
+        let mut s = state();
+        assert!(s.should_walk(true));
+        // Nothing counted: skip, up to the bound, then walk once and start over.
+        for _ in 0..MAX_SKIPPED_WALKS {
+            assert!(!s.should_walk(false));
+        }
+        assert!(s.should_walk(false));
+        assert!(!s.should_walk(false));
+        // Anything counted walks at once and resets the count.
+        assert!(s.should_walk(true));
+        for _ in 0..MAX_SKIPPED_WALKS {
+            assert!(!s.should_walk(false));
+        }
+        assert!(s.should_walk(false));
+    }
+
+    #[test]
     fn emits_deltas() {
         let mut s = state();
         s.begin();
@@ -493,6 +574,21 @@ mod tests {
         assert!(!s.account_flow(&key(1), v(5, 1), 2).delete);
         s.begin();
         assert!(s.account_flow(&key(1), v(5, 1), 2).delete);
+        // Drains without a walk count as idle drains too.
+        let mut s = state();
+        s.begin();
+        s.account_flow(&key(1), v(5, 1), 3);
+        s.plan_idle_deletion(3);
+        for _ in 0..2 {
+            s.begin();
+            assert!(!s.should_walk(false));
+        }
+        s.begin();
+        assert!(
+            s.should_walk(false),
+            "deletion due three drains after the change"
+        );
+        assert!(s.account_flow(&key(1), v(5, 1), 3).delete);
         // idle_drains 0 never deletes.
         let mut s = state();
         for _ in 0..10 {

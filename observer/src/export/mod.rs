@@ -9,11 +9,13 @@
 //!   inventory for [`MetricsConfig::expiry_grace`] are removed by [`Metrics::retain_workloads`].
 //! - [`serve`] runs `/metrics`, `/healthz` and `/readyz` (see [`HttpState`]).
 
+mod batch;
 pub mod events;
 mod http;
 mod metrics;
 mod series;
 
+pub use batch::{DrainBatch, endpoint_labels};
 pub use http::{DEFAULT_STALL_AFTER, HttpState, ReadyCondition, router, serve};
 pub use metrics::*;
 pub use series::{NON_POD_WORKLOADS, OVERFLOW};

@@ -5,12 +5,13 @@
 //! recording into an existing series allocates nothing.
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntCounterVec};
+
+use crate::flow::FastMap;
 
 /// Label value that replaces namespaces, workloads and policies in overflow series.
 pub const OVERFLOW: &str = "__overflow__";
@@ -86,8 +87,8 @@ struct Entry {
 }
 
 struct State<const N: usize> {
-    entries: HashMap<OwnedKey<N>, Entry>,
-    overflow: HashMap<OwnedKey<N>, Vec<IntCounter>>,
+    entries: FastMap<OwnedKey<N>, Entry>,
+    overflow: FastMap<OwnedKey<N>, Vec<IntCounter>>,
 }
 
 /// What [`Family::record`] did with a sample.
@@ -128,8 +129,8 @@ impl<const N: usize> Family<N> {
             endpoints,
             limit,
             state: Mutex::new(State {
-                entries: HashMap::new(),
-                overflow: HashMap::new(),
+                entries: FastMap::default(),
+                overflow: FastMap::default(),
             }),
         }
     }

@@ -4,7 +4,6 @@
 //! bounded: `node` (this node, including loopback), `host` (another node, known from host-network
 //! pods), `world` (public) and `private` (every other non-public range).
 
-use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use std::sync::Arc;
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::model::{Inventory, Pod, PodPhase};
+use crate::flow::{FastMap, FastSet};
 
 /// What an address is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,7 +69,7 @@ impl Endpoint {
 /// The addresses of this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeAddrs {
-    addrs: HashSet<IpAddr>,
+    addrs: FastSet<IpAddr>,
     node_name: Option<String>,
 }
 
@@ -112,7 +112,7 @@ impl NodeAddrs {
             }
         }
         let _free = Free(head);
-        let mut addrs = HashSet::new();
+        let mut addrs = FastSet::default();
         let mut cur = head;
         while !cur.is_null() {
             // SAFETY: `cur` is a node of the list getifaddrs returned, alive until `_free` drops.
@@ -173,8 +173,8 @@ fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
 /// short fixed list of ranges; nothing scans the pods.
 #[derive(Clone, Debug, Default)]
 pub struct Attributor {
-    pods: HashMap<IpAddr, Arc<Pod>>,
-    hosts: HashSet<IpAddr>,
+    pods: FastMap<IpAddr, Arc<Pod>>,
+    hosts: FastSet<IpAddr>,
     node: NodeAddrs,
 }
 
@@ -199,8 +199,9 @@ impl Attributor {
                 }
             }
         }
-        let mut pods: HashMap<IpAddr, Arc<Pod>> = HashMap::with_capacity(inv.pods.len());
-        let mut hosts = HashSet::new();
+        let mut pods: FastMap<IpAddr, Arc<Pod>> =
+            FastMap::with_capacity_and_hasher(inv.pods.len(), Default::default());
+        let mut hosts = FastSet::default();
         for pod in &inv.pods {
             for &ip in &pod.ips {
                 let ip = ip.to_canonical();

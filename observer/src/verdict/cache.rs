@@ -1,25 +1,59 @@
 //! Memoized verdicts per flow key, for one engine generation.
 
-use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{Engine, FlowQuery, Peer, Verdict};
-use crate::flow::Protocol;
+use crate::flow::{FastMap, Protocol};
+use crate::inventory::Pod;
 
 /// Identity of one endpoint in a cache key.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+///
+/// A pod is identified by its `Arc`: the cache holds entries of one engine generation only,
+/// in which each pod object stands for one pod, and the key keeps it alive, so its address
+/// cannot be reused meanwhile. Comparing and hashing the pointer instead of copying the pod's
+/// namespace and name into the key takes the allocations and string compares off a lookup
+/// made for every flow at every drain. Two `Arc`s of the same pod are merely two entries.
+#[derive(Clone, Debug)]
 pub enum EndpointKey {
-    /// A pod, by namespace and name (its labels/IPs are fixed for one engine generation).
-    Pod(Arc<str>, Arc<str>),
+    /// A pod of the inventory.
+    Pod(Arc<Pod>),
     /// An external address.
     Ip(IpAddr),
+}
+
+impl PartialEq for EndpointKey {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Pod(a), Self::Pod(b)) => Arc::ptr_eq(a, b),
+            (Self::Ip(a), Self::Ip(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for EndpointKey {}
+
+impl Hash for EndpointKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self {
+            Self::Pod(p) => {
+                state.write_u8(0);
+                std::ptr::hash(Arc::as_ptr(p), state);
+            }
+            Self::Ip(ip) => {
+                state.write_u8(1);
+                ip.hash(state);
+            }
+        }
+    }
 }
 
 impl EndpointKey {
     fn of(peer: &Peer) -> Self {
         match peer {
-            Peer::Pod(p) => EndpointKey::Pod(p.namespace.as_str().into(), p.name.as_str().into()),
+            Peer::Pod(p) => EndpointKey::Pod(Arc::clone(p)),
             Peer::External(ip) => EndpointKey::Ip(*ip),
         }
     }
@@ -57,7 +91,7 @@ impl FlowKey {
 #[derive(Debug, Default)]
 struct Inner {
     generation: u64,
-    map: HashMap<FlowKey, Arc<Verdict>>,
+    map: FastMap<FlowKey, Arc<Verdict>>,
 }
 
 /// A bounded verdict cache. Entries belong to one [`Engine::generation`]: the first lookup
