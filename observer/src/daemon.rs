@@ -477,6 +477,8 @@ struct Pipeline {
     cache: VerdictCache,
     /// Series increments of the drain being recorded (kept for its capacity).
     batch: DrainBatch,
+    /// The empty `policy` label of unexplained denies.
+    no_policy: Arc<str>,
     alert: AlertStage,
     open_namespaces: IntGaugeVec,
     reload_stats: Option<Arc<ReloadStats>>,
@@ -519,6 +521,7 @@ impl Pipeline {
             node,
             cache: VerdictCache::new(VERDICT_CACHE),
             batch: DrainBatch::default(),
+            no_policy: Arc::from(""),
             alert,
             open_namespaces,
             reload_stats,
@@ -718,7 +721,7 @@ impl Pipeline {
                 drop.protocol,
                 src.as_ref(),
                 dst.as_ref(),
-                String::new(),
+                &self.no_policy,
                 PolicyMatch::Unexplained,
                 drop.packets,
             );
@@ -729,7 +732,7 @@ impl Pipeline {
             drop.protocol,
             src.as_ref(),
             dst.as_ref(),
-            verdict.policy_label(),
+            &verdict.policy,
             PolicyMatch::DefaultDeny,
             drop.packets,
         );
@@ -765,7 +768,7 @@ impl Pipeline {
                 destination = %format!("{dst_ns}/{dst_wl}"),
                 protocol = drop.protocol.label(),
                 port = edge.port,
-                policy = %verdict.policy_label(),
+                policy = %verdict.policy,
                 expected = outcome.expected,
                 "new denied edge"
             );

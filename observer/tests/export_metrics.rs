@@ -695,6 +695,7 @@ fn drain_batch_sums_records_into_the_same_series_as_one_by_one() {
     let (web1, web2, db) = (Endpoint::Pod(a1), Endpoint::Pod(a2), Endpoint::Pod(b));
     let m = metrics(100, Duration::from_secs(60));
     let mut batch = DrainBatch::default();
+    let deny_all: Arc<str> = Arc::from("b/deny-all");
     let flows: [(&Arc<str>, &Endpoint, u64); 5] = [
         (&netfilter, &web1, 1),
         (&netfilter, &web1, 10),
@@ -717,7 +718,7 @@ fn drain_batch_sums_records_into_the_same_series_as_one_by_one() {
             Protocol::Tcp,
             Some(src),
             Some(&db),
-            "b/deny-all".into(),
+            &deny_all,
             PolicyMatch::DefaultDeny,
             packets,
         );

@@ -64,11 +64,13 @@ struct DenyKey {
     protocol: Protocol,
     src: EndpointId,
     dst: EndpointId,
-    policy: String,
+    /// Address of the policy label's `Arc<str>` (one per verdict).
+    policy: usize,
     policy_match: PolicyMatch,
 }
 
 struct DenySum {
+    policy: Arc<str>,
     src: Option<Endpoint>,
     dst: Option<Endpoint>,
     packets: u64,
@@ -121,7 +123,7 @@ impl DrainBatch {
         protocol: Protocol,
         src: Option<&Endpoint>,
         dst: Option<&Endpoint>,
-        policy: String,
+        policy: &Arc<str>,
         policy_match: PolicyMatch,
         packets: u64,
     ) {
@@ -130,12 +132,13 @@ impl DrainBatch {
             protocol,
             src: EndpointId::of(src),
             dst: EndpointId::of(dst),
-            policy,
+            policy: Arc::as_ptr(policy).cast::<u8>() as usize,
             policy_match,
         };
         self.denies
             .entry(key)
             .or_insert_with(|| DenySum {
+                policy: Arc::clone(policy),
                 src: src.cloned(),
                 dst: dst.cloned(),
                 packets: 0,
@@ -173,7 +176,7 @@ impl DrainBatch {
                     destination_namespace,
                     destination_workload,
                     protocol: key.protocol,
-                    policy: &key.policy,
+                    policy: &sum.policy,
                     policy_match: key.policy_match,
                 },
                 sum.packets,

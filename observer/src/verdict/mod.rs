@@ -165,6 +165,10 @@ pub struct Verdict {
     pub egress: SideReport,
     /// Ingress at the destination.
     pub ingress: SideReport,
+    /// [`Verdict::policy_label`], made once: the daemon labels every drop of the flow with
+    /// it, at every drain.
+    #[serde(skip)]
+    pub policy: Arc<str>,
 }
 
 impl Verdict {
@@ -476,12 +480,15 @@ impl Engine {
         } else {
             None
         };
-        Verdict {
+        let mut verdict = Verdict {
             allowed: direction.is_none(),
             direction,
             egress,
             ingress,
-        }
+            policy: Arc::from(""),
+        };
+        verdict.policy = Arc::from(verdict.policy_label());
+        verdict
     }
 
     /// Finds a pod by `namespace/name`.
