@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
@@ -26,7 +27,7 @@ use crate::export::events::{
 };
 use crate::export::{
     self, DrainBatch, HttpState, Metrics, MetricsConfig, PolicyMatch, ReadyCondition,
-    endpoint_labels,
+    RefreshRequest, endpoint_labels,
 };
 use crate::flow::{Direction, Protocol};
 use crate::inventory::kube::{KubeInventory, KubeInventoryConfig};
@@ -341,9 +342,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let pipeline_stop = Arc::clone(&stopping);
     // Every pipeline log line carries the node, so logs aggregated from a DaemonSet say where.
     let span = tracing::info_span!("pipeline", node = %args.node_name);
+    // Scrapes ask the pipeline for fresh counters; a few may queue, more would only wait for
+    // the same drain.
+    let (refresh_tx, refresh_rx) = std::sync::mpsc::sync_channel(8);
+    http.set_refresher(refresh_tx);
     let pipeline_thread = std::thread::Builder::new()
         .name("pipeline".into())
-        .spawn(move || span.in_scope(|| pipeline.run(interval, &pipeline_stop)))
+        .spawn(move || span.in_scope(|| pipeline.run(interval, &pipeline_stop, &refresh_rx)))
         .context("starting the pipeline thread")?;
 
     wait_for_signal().await;
@@ -488,10 +493,15 @@ struct Pipeline {
     /// Workload kinds by (namespace, workload), for spike Events.
     kinds: HashMap<(String, String), String>,
     last_retain: Instant,
+    last_drain: Instant,
 }
 
 /// Verdict cache size: distinct (source, destination, protocol, port) flows remembered.
 const VERDICT_CACHE: usize = 65_536;
+/// A scrape's refresh request drains only if the last drain is at least this old: scrapes in
+/// quick succession (or a dashboard polling) cost one drain per this period at most, and the
+/// counters a scrape sees are never older than this plus the drain itself.
+const REFRESH_MIN_AGE: Duration = Duration::from_millis(100);
 /// How often series of vanished workloads are looked for.
 const RETAIN_EVERY: Duration = Duration::from_secs(30);
 
@@ -529,17 +539,30 @@ impl Pipeline {
             events,
             kinds: HashMap::new(),
             last_retain: Instant::now(),
+            last_drain: Instant::now(),
         };
         pipeline.refresh_inventory(true);
         pipeline
     }
 
-    fn run(mut self, interval: Duration, stop: &AtomicBool) {
+    fn run(
+        mut self,
+        interval: Duration,
+        stop: &AtomicBool,
+        refreshes: &std::sync::mpsc::Receiver<RefreshRequest>,
+    ) {
         let mut next = Instant::now() + interval;
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             if now < next {
-                std::thread::sleep((next - now).min(Duration::from_millis(100)));
+                // Wake for the next turn, a scrape's refresh request, or a look at `stop`.
+                match refreshes.recv_timeout((next - now).min(Duration::from_millis(100))) {
+                    Ok(done) => self.refresh(done),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        std::thread::sleep((next - now).min(Duration::from_millis(100)));
+                    }
+                }
                 continue;
             }
             next += interval;
@@ -605,10 +628,49 @@ impl Pipeline {
         self.reloads_seen = (ok, failed);
     }
 
+    /// The periodic turn: a drain, then the stages that work per second (alerts, expiry).
     fn tick(&mut self) {
+        let now = SystemTime::now();
+        self.drain(now);
+        for transition in self.alert.tick(now) {
+            self.on_spike(&transition);
+        }
+        if self.last_retain.elapsed() >= RETAIN_EVERY {
+            self.last_retain = Instant::now();
+            let engine = &self.views.engine;
+            let inv = engine.inventory();
+            let live: std::collections::HashSet<(&str, &str)> = inv
+                .pods
+                .iter()
+                .map(|p| (p.namespace.as_str(), p.workload.name.as_str()))
+                .collect();
+            let removed = self
+                .metrics
+                .retain_workloads(&|ns, workload| live.contains(&(ns, workload)));
+            if removed > 0 {
+                debug!(
+                    removed,
+                    "removed series of workloads gone from the inventory"
+                );
+            }
+        }
+        self.http.heartbeat();
+    }
+
+    /// Answers a `/metrics` refresh request: drains unless the last drain is fresh enough.
+    fn refresh(&mut self, done: RefreshRequest) {
+        if self.last_drain.elapsed() >= REFRESH_MIN_AGE {
+            self.drain(SystemTime::now());
+        }
+        // The caller may have given up waiting; nothing to do then.
+        let _ = done.send(());
+    }
+
+    /// Drains the kernel maps into the metrics (and the alert stage's per-edge counts).
+    fn drain(&mut self, now: SystemTime) {
         self.refresh_inventory(false);
         self.export_reload_stats();
-        let now = SystemTime::now();
+        self.last_drain = Instant::now();
         match self.capture.drain() {
             Ok(report) => self.record(report, now),
             Err(err) => {
@@ -635,29 +697,6 @@ impl Pipeline {
         if bad > 0 {
             self.metrics.record_loss("sample_malformed", bad);
         }
-        for transition in self.alert.tick(now) {
-            self.on_spike(&transition);
-        }
-        if self.last_retain.elapsed() >= RETAIN_EVERY {
-            self.last_retain = Instant::now();
-            let engine = &self.views.engine;
-            let inv = engine.inventory();
-            let live: std::collections::HashSet<(&str, &str)> = inv
-                .pods
-                .iter()
-                .map(|p| (p.namespace.as_str(), p.workload.name.as_str()))
-                .collect();
-            let removed = self
-                .metrics
-                .retain_workloads(&|ns, workload| live.contains(&(ns, workload)));
-            if removed > 0 {
-                debug!(
-                    removed,
-                    "removed series of workloads gone from the inventory"
-                );
-            }
-        }
-        self.http.heartbeat();
     }
 
     fn record(&mut self, report: capture::DrainReport, now: SystemTime) {

@@ -185,3 +185,58 @@ async fn healthz_fails_when_the_main_loop_stalls() {
     assert_eq!(get(server.addr, "/healthz").await.status, 200);
     server.stop().await;
 }
+
+/// `/metrics` asks the refresher first and serves what it recorded; a refresher that never
+/// answers delays a scrape by at most `REFRESH_WAIT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_asks_the_refresher_first_and_never_waits_long() {
+    use observer::export::{REFRESH_WAIT, RefreshRequest};
+
+    let state = state();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<RefreshRequest>(8);
+    state.set_refresher(tx);
+    let metrics = state.metrics().clone();
+    // The refresher records one lost event per request, as a drain would record drops.
+    let refresher = std::thread::spawn(move || {
+        let mut answered = 0u64;
+        while let Ok(done) = rx.recv() {
+            answered += 1;
+            if answered <= 2 {
+                metrics.record_loss("refresh_test", 1);
+                let _ = done.send(());
+            } else {
+                // From the third request on, never answer (hold the sender, then drop it).
+                std::thread::sleep(REFRESH_WAIT * 2);
+                drop(done);
+            }
+        }
+        answered
+    });
+    let server = start(state.clone()).await;
+    let line = |body: &str| {
+        body.lines()
+            .find(|l| l.contains("stage=\"refresh_test\""))
+            .map(str::to_owned)
+    };
+    let r = get(server.addr, "/metrics").await;
+    assert_eq!(r.status, 200);
+    assert!(
+        line(&r.body).is_some_and(|l| l.ends_with(" 1")),
+        "the first scrape sees its own refresh: {:?}",
+        line(&r.body)
+    );
+    let r = get(server.addr, "/metrics").await;
+    assert!(line(&r.body).is_some_and(|l| l.ends_with(" 2")));
+    let start = std::time::Instant::now();
+    let r = get(server.addr, "/metrics").await;
+    let waited = start.elapsed();
+    assert_eq!(r.status, 200);
+    assert!(line(&r.body).is_some_and(|l| l.ends_with(" 2")));
+    assert!(
+        waited >= REFRESH_WAIT && waited < REFRESH_WAIT + Duration::from_secs(2),
+        "a silent refresher delays the scrape by REFRESH_WAIT, not more: {waited:?}"
+    );
+    server.stop().await;
+    drop(state);
+    assert_eq!(refresher.join().expect("refresher thread"), 3);
+}

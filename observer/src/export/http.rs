@@ -1,8 +1,9 @@
 //! `/metrics`, `/healthz` and `/readyz` on their own small router.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -36,6 +37,13 @@ impl ReadyCondition {
     }
 }
 
+/// How long a `/metrics` request waits for the counters to be refreshed before it serves
+/// what it has.
+pub const REFRESH_WAIT: Duration = Duration::from_millis(250);
+
+/// A request to refresh the counters now; the refresher answers on the sender when done.
+pub type RefreshRequest = tokio::sync::oneshot::Sender<()>;
+
 /// Default for [`HttpState::with_stall_after`].
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
 
@@ -48,6 +56,8 @@ pub struct HttpState {
     /// Milliseconds since `started` at the last [`HttpState::heartbeat`], plus one (0 = never).
     last_beat_ms: AtomicU64,
     stall_after: Duration,
+    /// Where `/metrics` asks for fresh counters (see [`HttpState::set_refresher`]).
+    refresher: OnceLock<SyncSender<RefreshRequest>>,
 }
 
 impl HttpState {
@@ -60,6 +70,7 @@ impl HttpState {
             started: Instant::now(),
             last_beat_ms: AtomicU64::new(0),
             stall_after: DEFAULT_STALL_AFTER,
+            refresher: OnceLock::new(),
         }
     }
 
@@ -67,6 +78,33 @@ impl HttpState {
     pub fn with_stall_after(mut self, stall_after: Duration) -> Self {
         self.stall_after = stall_after;
         self
+    }
+
+    /// Makes every `/metrics` request first ask `refresher` to bring the counters up to date
+    /// and wait for the answer, at most [`REFRESH_WAIT`]. The daemon drains the kernel maps
+    /// there, so a scrape sees drops up to that moment rather than up to the last periodic
+    /// drain. Only the first call takes effect.
+    pub fn set_refresher(&self, refresher: SyncSender<RefreshRequest>) {
+        let _ = self.refresher.set(refresher);
+    }
+
+    /// Asks the refresher, if any, and waits for it (bounded). A full queue means refreshes
+    /// are already pending, and a refresher that is gone or slow is not waited for: the
+    /// scrape then serves the counters as they are.
+    async fn refresh(&self) {
+        let Some(refresher) = self.refresher.get() else {
+            return;
+        };
+        let (done, answered) = tokio::sync::oneshot::channel();
+        if refresher.try_send(done).is_err() {
+            return;
+        }
+        if tokio::time::timeout(REFRESH_WAIT, answered).await.is_err() {
+            tracing::debug!(
+                wait_ms = REFRESH_WAIT.as_millis() as u64,
+                "counter refresh not done in time; serving /metrics as it is"
+            );
+        }
     }
 
     /// The metrics served on `/metrics`.
@@ -141,6 +179,7 @@ pub async fn serve(
 }
 
 async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
+    state.refresh().await;
     match state.metrics.encode_text() {
         Ok(body) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
         Err(err) => {

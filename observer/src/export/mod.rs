@@ -16,7 +16,9 @@ mod metrics;
 mod series;
 
 pub use batch::{DrainBatch, endpoint_labels};
-pub use http::{DEFAULT_STALL_AFTER, HttpState, ReadyCondition, router, serve};
+pub use http::{
+    DEFAULT_STALL_AFTER, HttpState, REFRESH_WAIT, ReadyCondition, RefreshRequest, router, serve,
+};
 pub use metrics::*;
 pub use series::{NON_POD_WORKLOADS, OVERFLOW};
 
