@@ -536,24 +536,7 @@ fn write_inventory(
     node: &SimNode,
     metas: &[PodMeta],
 ) -> anyhow::Result<()> {
-    let mut namespaces: Vec<&str> = node.pods().iter().map(|p| p.namespace.as_str()).collect();
-    namespaces.sort();
-    namespaces.dedup();
-    manifests::write_list(
-        dir,
-        "namespaces.json",
-        namespaces
-            .iter()
-            .map(|n| manifests::namespace_manifest(n))
-            .collect(),
-    )?;
-    let pods = node
-        .pods()
-        .iter()
-        .zip(metas)
-        .map(|(p, m)| manifests::pod_manifest(p, m, "demo-node"))
-        .collect();
-    manifests::write_list(dir, "pods.json", pods)?;
+    manifests::write_inventory(dir, node.pods(), metas, "demo-node", Vec::new())?;
     let examples = root.join("deploy/examples");
     let mut copied = 0;
     for entry in

@@ -155,6 +155,45 @@ pub fn pod_manifest(pod: &Pod, meta: &PodMeta, node_name: &str) -> Value {
     })
 }
 
+/// Writes a manifest-directory inventory of a simulated node into `dir` (created if missing):
+/// `namespaces.json` (every namespace a pod or policy is in), `pods.json` (`pods[i]` described by
+/// `metas[i]`, on node `node_name`) and, when there are any, `policies.json`.
+pub fn write_inventory(
+    dir: &Path,
+    pods: &[Pod],
+    metas: &[PodMeta],
+    node_name: &str,
+    policies: Vec<Value>,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut namespaces: Vec<&str> = pods
+        .iter()
+        .map(|p| p.namespace.as_str())
+        .chain(
+            policies
+                .iter()
+                .filter_map(|p| p.pointer("/metadata/namespace").and_then(Value::as_str)),
+        )
+        .collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    write_list(
+        dir,
+        "namespaces.json",
+        namespaces.into_iter().map(namespace_manifest).collect(),
+    )?;
+    let pod_objects = pods
+        .iter()
+        .zip(metas)
+        .map(|(p, m)| pod_manifest(p, m, node_name))
+        .collect();
+    write_list(dir, "pods.json", pod_objects)?;
+    if !policies.is_empty() {
+        write_list(dir, "policies.json", policies)?;
+    }
+    Ok(())
+}
+
 /// Writes `objects` to `dir/<file>` as a `kind: List` (JSON, which the loader reads like YAML).
 pub fn write_list(dir: &Path, file: &str, objects: Vec<Value>) -> std::io::Result<()> {
     let list = json!({ "apiVersion": "v1", "kind": "List", "items": objects });
@@ -197,5 +236,44 @@ mod tests {
         assert_eq!(meta.owner.workload(&pod.name), "api");
         assert_eq!(Owner::None.workload("scanner"), "scanner");
         assert_ne!(uid("Pod", "a", "b"), uid("Pod", "a", "c"));
+    }
+
+    #[test]
+    fn inventory_directory_has_every_namespace_once() {
+        let pod = |ns: &str, name: &str| Pod {
+            namespace: ns.into(),
+            name: name.into(),
+            netns: "n".into(),
+            ipv4: "10.244.3.10".parse().unwrap(),
+            ipv6: "fd00:244:0:3::a".parse().unwrap(),
+            mac: "0a:58:0a:f4:03:0a".into(),
+            host_veth: "v".into(),
+        };
+        let pods = [pod("shop", "a"), pod("shop", "b"), pod("tools", "c")];
+        let metas: Vec<PodMeta> = ["a", "b", "c"]
+            .iter()
+            .map(|n| PodMeta::app(n, Owner::None))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let inv = dir.path().join("inventory");
+        let policy = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "p", "namespace": "empty"}, "spec": {"podSelector": {}}});
+        write_inventory(&inv, &pods, &metas, "n1", vec![policy]).unwrap();
+        let read = |f: &str| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(inv.join(f)).unwrap()).unwrap()
+        };
+        let names: Vec<String> = read("namespaces.json")["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(names, ["empty", "shop", "tools"]);
+        assert_eq!(read("pods.json")["items"].as_array().unwrap().len(), 3);
+        assert_eq!(read("policies.json")["items"].as_array().unwrap().len(), 1);
+        // No policies: no policies file.
+        let inv2 = dir.path().join("bare");
+        write_inventory(&inv2, &pods, &metas, "n1", Vec::new()).unwrap();
+        assert!(!inv2.join("policies.json").exists());
     }
 }

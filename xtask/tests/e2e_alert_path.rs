@@ -400,23 +400,11 @@ fn deny_flood_pages_through_prometheus_and_alertmanager() {
     node.enforce(&enforcement).unwrap();
 
     let inventory = work.path().join("inventory");
-    std::fs::create_dir(&inventory).unwrap();
-    manifests::write_list(
+    manifests::write_inventory(
         &inventory,
-        "namespaces.json",
-        vec![manifests::namespace_manifest(APP_NS)],
-    )
-    .unwrap();
-    let pod_objects = node
-        .pods()
-        .iter()
-        .zip(&metas)
-        .map(|(p, m)| manifests::pod_manifest(p, m, "e2e-node"))
-        .collect();
-    manifests::write_list(&inventory, "pods.json", pod_objects).unwrap();
-    manifests::write_list(
-        &inventory,
-        "policies.json",
+        node.pods(),
+        &metas,
+        "e2e-node",
         vec![json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"name": "default-deny-ingress", "namespace": APP_NS},

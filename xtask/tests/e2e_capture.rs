@@ -201,24 +201,7 @@ fn nft_drops_of_syns_and_datagrams_are_counted_exactly_v4_and_v6() {
 
     let work = tempfile::tempdir().unwrap();
     let inventory = work.path().join("inventory");
-    std::fs::create_dir(&inventory).unwrap();
-    manifests::write_list(
-        &inventory,
-        "namespaces.json",
-        vec![
-            manifests::namespace_manifest(APP_NS),
-            manifests::namespace_manifest(TOOLS_NS),
-        ],
-    )
-    .unwrap();
-    let pod_objects = node
-        .pods()
-        .iter()
-        .zip(&metas)
-        .map(|(p, m)| manifests::pod_manifest(p, m, "e2e-node"))
-        .collect();
-    manifests::write_list(&inventory, "pods.json", pod_objects).unwrap();
-    manifests::write_list(&inventory, "policies.json", policies).unwrap();
+    manifests::write_inventory(&inventory, node.pods(), &metas, "e2e-node", policies).unwrap();
 
     let _tcp = node.listen(server, Proto::Tcp, 8080).unwrap();
     let _udp = node.listen(server, Proto::Udp, 5353).unwrap();

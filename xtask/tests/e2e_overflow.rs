@@ -66,20 +66,7 @@ fn flood_beyond_the_flow_map_is_counted_as_evicted_and_nothing_vanishes() {
 
     let work = tempfile::tempdir().unwrap();
     let inventory = work.path().join("inventory");
-    std::fs::create_dir(&inventory).unwrap();
-    manifests::write_list(
-        &inventory,
-        "namespaces.json",
-        vec![manifests::namespace_manifest(NS)],
-    )
-    .unwrap();
-    let pods = node
-        .pods()
-        .iter()
-        .zip(&metas)
-        .map(|(p, m)| manifests::pod_manifest(p, m, "e2e-node"))
-        .collect();
-    manifests::write_list(&inventory, "pods.json", pods).unwrap();
+    manifests::write_inventory(&inventory, node.pods(), &metas, "e2e-node", Vec::new()).unwrap();
 
     let sink_pod = node.pod(sink).unwrap().clone();
     let netns_path = format!("/run/netns/{}", sink_pod.netns);

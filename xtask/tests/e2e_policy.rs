@@ -249,24 +249,7 @@ fn policy_denies_carry_exact_policy_match_and_direction() {
 
     let work = tempfile::tempdir().unwrap();
     let inventory = work.path().join("inventory");
-    std::fs::create_dir(&inventory).unwrap();
-    manifests::write_list(
-        &inventory,
-        "namespaces.json",
-        vec![
-            manifests::namespace_manifest(WEB),
-            manifests::namespace_manifest(OPS),
-        ],
-    )
-    .unwrap();
-    let pod_objects = node
-        .pods()
-        .iter()
-        .zip(&metas)
-        .map(|(p, m)| manifests::pod_manifest(p, m, "e2e-node"))
-        .collect();
-    manifests::write_list(&inventory, "pods.json", pod_objects).unwrap();
-    manifests::write_list(&inventory, "policies.json", policies()).unwrap();
+    manifests::write_inventory(&inventory, node.pods(), &metas, "e2e-node", policies()).unwrap();
 
     // The allow matrix, from the real binary.
     let flows = demo::flows(&node, &metas);
