@@ -1,4 +1,10 @@
-//! `skb:kfree_skb` tracepoint: counts every dropped packet per flow key, exactly.
+//! `skb:kfree_skb`: counts every dropped packet per flow key, exactly.
+//!
+//! Two entry points share one hot path ([`count_drop`]): `kfree_skb_btf`, a BTF-enabled raw
+//! tracepoint (`tp_btf/kfree_skb`) that gets the tracepoint's arguments directly and loads the
+//! `sk_buff` fields with plain loads, and `kfree_skb`, the classic tracepoint, which reads them
+//! from the perf trace record the kernel fills first and copies the `sk_buff` with helper calls.
+//! Userspace attaches the first where the kernel allows it and the second otherwise.
 //!
 //! Accounting order is part of the contract with userspace (`capture::drain`): the flow entry is
 //! updated first, then the per-reason total. Userspace reads the totals first and the flows
@@ -10,13 +16,13 @@ use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated},
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{LruPerCpuHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use observer_ebpf::{
-    Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX,
-    SampleEvent, family, loss,
+    BTF_ARGS_MAX, BtfArgs, Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, NO_ARG,
+    ProgramConfig, SKB_SPAN_MAX, SampleEvent, family, loss,
 };
 
 /// Set by userspace with `EbpfLoader::override_global("CONFIG", ..)`; this value is only the
@@ -41,6 +47,7 @@ static CONFIG: ProgramConfig = ProgramConfig {
     netns_filter: 0,
     skb_span_start: 0,
     skb_span_len: 0,
+    btf_args: BtfArgs::NONE,
     reason_mask: [0; (MAX_REASONS / 64) as usize],
 };
 
@@ -101,6 +108,28 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         Ok(ret) => ret,
         Err(_) => 0,
     }
+}
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> u32 {
+    match try_kfree_skb_btf(&ctx) {
+        Ok(ret) => ret,
+        Err(_) => 0,
+    }
+}
+
+/// What the shared hot path needs from the attach point: the two programs differ only in how
+/// they reach the `sk_buff` and the tracepoint's arguments.
+trait DropSource {
+    /// `len`, `dev`, `head` and `network_header` of the dropped skb; `None` when there is no
+    /// skb or it could not be read.
+    fn skb_fields(&self, scratch: &mut [u64; SKB_SPAN_WORDS]) -> Option<SkbFields>;
+    /// Network-namespace inode of the device `dev` (non-zero).
+    fn netns(&self, dev: u64) -> Result<u32, i64>;
+    /// ifindex of the device `dev` (non-zero), 0 if unreadable.
+    fn ifindex(&self, dev: u64) -> u32;
+    /// Kernel code address that freed the skb, 0 if unknown.
+    fn location(&self) -> u64;
 }
 
 /// Reads a `T` at `base + off` from kernel memory.
@@ -265,6 +294,41 @@ fn read_skb(skb: u64, buf: &mut [u64; SKB_SPAN_WORDS]) -> Result<SkbFields, i64>
     })
 }
 
+/// The classic tracepoint's view of a drop: the trace record and the skb address in it.
+struct TpSource<'a> {
+    record: Record<'a>,
+    skb: u64,
+}
+
+impl DropSource for TpSource<'_> {
+    #[inline(always)]
+    fn skb_fields(&self, scratch: &mut [u64; SKB_SPAN_WORDS]) -> Option<SkbFields> {
+        if self.skb == 0 {
+            return None;
+        }
+        read_skb(self.skb, scratch).ok()
+    }
+
+    #[inline(always)]
+    fn netns(&self, dev: u64) -> Result<u32, i64> {
+        let net: u64 = read(dev, config!(layout.dev_nd_net))?;
+        if net == 0 {
+            return Ok(0);
+        }
+        read(net, config!(layout.net_ns_inum))
+    }
+
+    #[inline(always)]
+    fn ifindex(&self, dev: u64) -> u32 {
+        read::<u32>(dev, config!(layout.dev_ifindex)).unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn location(&self) -> u64 {
+        self.record.u64_at(config!(layout.tp_location)).unwrap_or(0)
+    }
+}
+
 fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     let record = Record::load(ctx);
     let tp_reason = config!(layout.tp_reason);
@@ -279,23 +343,143 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
             }
         }
     };
-    // The reason filter comes first: drops of other reasons cost nothing more.
-    if config!(all_reasons) == 0 {
-        if reason >= MAX_REASONS {
-            return Ok(0);
+    if !reason_wanted(reason) {
+        return Ok(0);
+    }
+    let skb = record.u64_at(config!(layout.tp_skbaddr)).unwrap_or(0);
+    count_drop(ctx, &TpSource { record, skb }, reason)
+}
+
+/// The BTF tracepoint's arguments, loaded from the context with plain loads.
+///
+/// The verifier accepts context loads only at constant offsets, and a `match` on the index
+/// with one load per arm does not survive LLVM (it sinks the loads into one at a computed
+/// offset). So every argument below the count is loaded at its constant offset, as
+/// [`Record::load`] does for the classic record, and fields are picked from the copy. CONFIG is
+/// frozen read-only data, so the verifier knows the count and prunes the loads beyond it: no
+/// index the function does not have is ever loaded.
+struct BtfCtxArgs {
+    args: [u64; BTF_ARGS_MAX as usize],
+}
+
+impl BtfCtxArgs {
+    #[inline(always)]
+    fn load(ctx: &BtfTracePointContext) -> Self {
+        let nr_args = config!(btf_args.nr_args);
+        let base = ctx.as_ptr() as *const u64;
+        let mut args = [0u64; BTF_ARGS_MAX as usize];
+        let mut i = 0;
+        while i < BTF_ARGS_MAX as usize {
+            if (i as u32) < nr_args {
+                // SAFETY: the context of a BTF tracepoint is an array of one u64 per argument,
+                // and `i` is below the argument count. Volatile keeps each load at its own
+                // constant offset.
+                args[i] = unsafe { core::ptr::read_volatile(base.add(i)) };
+            }
+            i += 1;
         }
-        let word = config!(reason_mask[(reason / 64) as usize]);
-        if word & (1u64 << (reason % 64)) == 0 {
-            return Ok(0);
-        }
+        Self { args }
     }
 
+    /// Argument `idx`, 0 if the tracepoint has no such argument ([`NO_ARG`] included).
+    #[inline(always)]
+    fn get(&self, idx: u32) -> u64 {
+        self.args.get(idx as usize).copied().unwrap_or(0)
+    }
+}
+
+/// A field of the `struct sk_buff`, `struct net_device` or `struct net` at `ptr`, loaded
+/// directly.
+///
+/// `ptr` is a BTF pointer (the skb argument, or a pointer loaded from it), and `off` a
+/// known constant (frozen CONFIG), so the verifier adds it to the pointer's offset, checks that
+/// a field of that size sits there in the kernel's BTF, and turns the load into one that reads
+/// 0 instead of faulting: no helper call.
+#[inline(always)]
+fn load<T>(ptr: u64, off: u32) -> T {
+    // SAFETY: see above; the verifier checks the access against BTF and handles faults.
+    unsafe { core::ptr::read_volatile((ptr as *const u8).add(off as usize).cast::<T>()) }
+}
+
+/// The BTF tracepoint's view of a drop: the `sk_buff` pointer and the location argument.
+struct BtfSource {
+    skb: u64,
+    location: u64,
+}
+
+impl DropSource for BtfSource {
+    #[inline(always)]
+    fn skb_fields(&self, _scratch: &mut [u64; SKB_SPAN_WORDS]) -> Option<SkbFields> {
+        let skb = self.skb;
+        if skb == 0 {
+            return None;
+        }
+        Some(SkbFields {
+            len: load(skb, config!(layout.skb_len)),
+            dev: load(skb, config!(layout.skb_dev)),
+            head: load(skb, config!(layout.skb_head)),
+            network_header: load(skb, config!(layout.skb_network_header)),
+        })
+    }
+
+    #[inline(always)]
+    fn netns(&self, dev: u64) -> Result<u32, i64> {
+        let net: u64 = load(dev, config!(layout.dev_nd_net));
+        if net == 0 {
+            return Ok(0);
+        }
+        Ok(load(net, config!(layout.net_ns_inum)))
+    }
+
+    #[inline(always)]
+    fn ifindex(&self, dev: u64) -> u32 {
+        load(dev, config!(layout.dev_ifindex))
+    }
+
+    #[inline(always)]
+    fn location(&self) -> u64 {
+        self.location
+    }
+}
+
+fn try_kfree_skb_btf(ctx: &BtfTracePointContext) -> Result<u32, i64> {
+    // A kernel without the reason argument counts every drop under reason 0, as the classic
+    // tracepoint does on such kernels.
+    let args = BtfCtxArgs::load(ctx);
+    let reason = match config!(btf_args.reason) {
+        NO_ARG => 0,
+        idx => args.get(idx) as u32,
+    };
+    if !reason_wanted(reason) {
+        return Ok(0);
+    }
+    let skb = args.get(config!(btf_args.skb));
+    let location = args.get(config!(btf_args.location));
+    count_drop(ctx, &BtfSource { skb, location }, reason)
+}
+
+/// The reason filter; it comes first, so drops of other reasons cost nothing more.
+#[inline(always)]
+fn reason_wanted(reason: u32) -> bool {
+    if config!(all_reasons) != 0 {
+        return true;
+    }
+    if reason >= MAX_REASONS {
+        return false;
+    }
+    let word = config!(reason_mask[(reason / 64) as usize]);
+    word & (1u64 << (reason % 64)) != 0
+}
+
+/// The hot path shared by both programs, for a drop whose reason passed the filter: builds the
+/// flow key, counts it and the per-reason total, and sends a sample for a new key.
+#[inline(always)]
+fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> Result<u32, i64> {
     let mut key = FlowKey {
         reason,
         ..FlowKey::default()
     };
     let mut extra = Extra::default();
-    let skb = record.u64_at(config!(layout.tp_skbaddr)).unwrap_or(0);
     // A failed read leaves the key partially filled (family UNKNOWN): the packet still counts,
     // and the SKB_READ loss says its detail is missing.
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -304,15 +488,11 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     // SAFETY: this CPU's slot of the scratch array; tracing programs do not nest on one CPU, so
     // nothing else uses it meanwhile.
     let scratch = unsafe { &mut *scratch };
-    let fields = if skb == 0 {
-        None
-    } else {
-        read_skb(skb, &mut scratch.skb).ok()
-    };
+    let fields = src.skb_fields(&mut scratch.skb);
     let mut complete = fields.is_some();
     let (len, dev) = fields.as_ref().map_or((0, 0), |f| (f.len, f.dev));
     if dev != 0 {
-        match read_netns(dev) {
+        match src.netns(dev) {
             Ok(ns) => key.netns = ns,
             Err(_) => complete = false,
         }
@@ -344,7 +524,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
                 created_ns: now,
             };
             match FLOWS.insert(&key, &value, u64::from(BPF_NOEXIST)) {
-                Ok(()) => send_sample(&record, &key, &extra, len, dev, now),
+                Ok(()) => send_sample(src, &key, &extra, len, dev, now),
                 // Another CPU inserted the key between our lookup and insert: add to our slot.
                 Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(&key) {
                     Some(v) => add(v, bytes),
@@ -381,16 +561,6 @@ fn add(v: *mut FlowValue, bytes: u64) {
         (*v).packets += 1;
         (*v).bytes += bytes;
     }
-}
-
-/// Network-namespace inode of the device `dev` (non-zero).
-#[inline(always)]
-fn read_netns(dev: u64) -> Result<u32, i64> {
-    let net: u64 = read(dev, config!(layout.dev_nd_net))?;
-    if net == 0 {
-        return Ok(0);
-    }
-    read(net, config!(layout.net_ns_inum))
 }
 
 /// Bytes of the packet copied with the first read from the network header: the fixed IPv4 or
@@ -535,17 +705,13 @@ fn parse_ip(p: &Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64>
 
 /// Sends the detail of a newly inserted key; a full ring buffer is a counted loss.
 #[inline(always)]
-fn send_sample(record: &Record, key: &FlowKey, extra: &Extra, len: u32, dev: u64, ts: u64) {
+fn send_sample<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, dev: u64, ts: u64) {
     let Some(mut entry) = SAMPLES.reserve::<SampleEvent>(0) else {
         count_loss(loss::RINGBUF_FULL);
         return;
     };
-    let location = record.u64_at(config!(layout.tp_location)).unwrap_or(0);
-    let ifindex = if dev == 0 {
-        0
-    } else {
-        read::<u32>(dev, config!(layout.dev_ifindex)).unwrap_or(0)
-    };
+    let location = src.location();
+    let ifindex = if dev == 0 { 0 } else { src.ifindex(dev) };
     entry.write(SampleEvent {
         ts_ns: ts,
         location,

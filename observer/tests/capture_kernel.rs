@@ -17,7 +17,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use observer::capture::{Capture, CaptureConfig, CaptureError, DrainReport, Drop, ReasonFilter};
+use observer::capture::{
+    AttachKind, AttachMode, Capture, CaptureConfig, CaptureError, DrainReport, Drop, ReasonFilter,
+};
 use observer::flow::Protocol;
 
 const SRC4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
@@ -472,9 +474,66 @@ fn counts_nft_drops_exactly() {
     if !privileged("counts_nft_drops_exactly") {
         return;
     }
+    exact_counts(AttachMode::Auto);
+}
+
+/// Whether this kernel's BTF describes `tp_btf/kfree_skb` with the arguments the program needs.
+fn kernel_has_kfree_skb_btf() -> bool {
+    observer::capture::btf::KernelBtf::vmlinux()
+        .and_then(|btf| btf.kfree_skb_btf_args())
+        .is_ok()
+}
+
+/// The default prefers the BTF-enabled raw tracepoint wherever the kernel describes it (6.18
+/// does), so the cheaper hook is the one under test in every other test here.
+#[test]
+fn auto_attaches_tp_btf_where_available() {
+    if !privileged("auto_attaches_tp_btf_where_available") {
+        return;
+    }
+    let capture = Capture::load(&CaptureConfig::default()).unwrap();
+    let want = if kernel_has_kfree_skb_btf() {
+        AttachKind::BtfTracepoint
+    } else {
+        AttachKind::Tracepoint
+    };
+    assert_eq!(capture.attach_kind(), want);
+    // The platform this project targets (Linux 6.18, BTF) must get tp_btf; a fallback there
+    // is a regression even if counts stay right.
+    assert!(
+        kernel_has_kfree_skb_btf(),
+        "this kernel's BTF has no usable btf_trace_kfree_skb"
+    );
+}
+
+/// The classic tracepoint stays a tested fallback: forced, it counts exactly too.
+#[test]
+fn classic_tracepoint_counts_exactly() {
+    if !privileged("classic_tracepoint_counts_exactly") {
+        return;
+    }
+    assert_eq!(exact_counts(AttachMode::Tracepoint), AttachKind::Tracepoint);
+}
+
+/// Forced tp_btf (no fallback can hide a failure) counts exactly.
+#[test]
+fn btf_tracepoint_counts_exactly() {
+    if !privileged("btf_tracepoint_counts_exactly") {
+        return;
+    }
+    assert_eq!(
+        exact_counts(AttachMode::BtfTracepoint),
+        AttachKind::BtfTracepoint
+    );
+}
+
+/// Sends known packets of every kind into the nft drops and checks the drained counts, bytes,
+/// namespaces and samples against what was sent and the nft counters. Returns the hook used.
+fn exact_counts(attach: AttachMode) -> AttachKind {
     let net = NetPair::new();
     let mut capture = Capture::load(&CaptureConfig {
         netns: Some(net.dst_inode),
+        attach,
         ..CaptureConfig::default()
     })
     .unwrap();
@@ -584,6 +643,7 @@ fn counts_nft_drops_exactly() {
             .iter()
             .any(|s| s.drop.dst == v6(DST6) && s.drop.dst_port == UDP_DROP)
     );
+    capture.attach_kind()
 }
 
 #[test]
