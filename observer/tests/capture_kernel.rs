@@ -847,7 +847,8 @@ fn flood_rate(net: &NetPair, secs: f64) -> f64 {
 }
 
 /// Rough hot-path cost check (not run by default): interleaves runs with no observer, with this
-/// program, and with a bpftrace count-by-reason one-liner, and prints the rates.
+/// program on each hook, and with a bpftrace count-by-reason one-liner, and prints the rates;
+/// then each hook's own cost per drop (`kernel.bpf_stats_enabled`) and its translated size.
 /// `cargo test -p observer --test capture_kernel flood_rates -- --ignored --nocapture`
 #[test]
 #[ignore = "benchmark; run explicitly"]
@@ -856,14 +857,19 @@ fn flood_rates() {
         return;
     }
     let net = NetPair::new();
+    let hooks = [AttachMode::BtfTracepoint, AttachMode::Tracepoint];
     let mut none = Vec::new();
-    let mut ours = Vec::new();
+    let mut ours = vec![Vec::new(); hooks.len()];
     let mut bpftrace = Vec::new();
     for _ in 0..3 {
         none.push(flood_rate(&net, 2.0));
-        {
-            let mut capture = Capture::load(&CaptureConfig::default()).unwrap();
-            ours.push(flood_rate(&net, 2.0));
+        for (mode, rates) in hooks.iter().zip(&mut ours) {
+            let mut capture = Capture::load(&CaptureConfig {
+                attach: *mode,
+                ..CaptureConfig::default()
+            })
+            .unwrap();
+            rates.push(flood_rate(&net, 2.0));
             let r = capture.drain().unwrap();
             assert!(r.drops.iter().any(|d| d.dst_port == UDP_DROP));
         }
@@ -889,15 +895,93 @@ fn flood_rates() {
         }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    eprintln!("none     {none:.0?} mean {:.0}", mean(&none));
+    eprintln!("none       {none:.0?} mean {:.0}", mean(&none));
+    for (mode, rates) in hooks.iter().zip(&ours) {
+        eprintln!(
+            "{:<10} {rates:.0?} mean {:.0} ({:.3})",
+            format!("{mode:?}"),
+            mean(rates),
+            mean(rates) / mean(&none)
+        );
+    }
     eprintln!(
-        "ours     {ours:.0?} mean {:.0} ({:.2})",
-        mean(&ours),
-        mean(&ours) / mean(&none)
-    );
-    eprintln!(
-        "bpftrace {bpftrace:.0?} mean {:.0} ({:.2})",
+        "bpftrace   {bpftrace:.0?} mean {:.0} ({:.3})",
         mean(&bpftrace),
         mean(&bpftrace) / mean(&none)
     );
+
+    // Each hook's own cost, with run-time stats on only for this part (they cost a clock read
+    // per run).
+    let _stats = BpfStatsOn::enable();
+    for mode in hooks {
+        let old = prog_ids();
+        let capture = Capture::load(&CaptureConfig {
+            attach: mode,
+            ..CaptureConfig::default()
+        })
+        .unwrap();
+        let name = match capture.attach_kind() {
+            AttachKind::BtfTracepoint => "kfree_skb_btf",
+            AttachKind::Tracepoint => "kfree_skb",
+        };
+        let prog = || new_prog(name, &old);
+        let before = prog();
+        let rate = flood_rate(&net, 2.0);
+        let after = prog();
+        let runs = after["run_cnt"].as_u64().unwrap() - before["run_cnt"].as_u64().unwrap_or(0);
+        let ns =
+            after["run_time_ns"].as_u64().unwrap() - before["run_time_ns"].as_u64().unwrap_or(0);
+        eprintln!(
+            "{mode:?}: {:.1} ns/drop over {runs} runs ({rate:.0} drops/s with stats on), xlated {} B, jited {} B",
+            ns as f64 / runs as f64,
+            after["bytes_xlated"],
+            after["bytes_jited"],
+        );
+    }
+}
+
+/// `kernel.bpf_stats_enabled=1` while alive; the previous value comes back on drop, after a
+/// panic too.
+struct BpfStatsOn(String);
+
+impl BpfStatsOn {
+    const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Self {
+        let previous = std::fs::read_to_string(Self::SYSCTL).unwrap();
+        std::fs::write(Self::SYSCTL, "1").unwrap();
+        Self(previous.trim().to_owned())
+    }
+}
+
+impl std::ops::Drop for BpfStatsOn {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::SYSCTL, &self.0);
+    }
+}
+
+fn bpftool_progs() -> Vec<serde_json::Value> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .unwrap();
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    all.as_array().unwrap().clone()
+}
+
+fn prog_ids() -> Vec<u64> {
+    bpftool_progs()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// `bpftool prog show` entry of the program `name` that is not among `old`.
+fn new_prog(name: &str, old: &[u64]) -> serde_json::Value {
+    let found: Vec<_> = bpftool_progs()
+        .into_iter()
+        .filter(|p| p["name"] == name && p["id"].as_u64().is_some_and(|id| !old.contains(&id)))
+        .collect();
+    assert_eq!(found.len(), 1, "new programs named {name}: {found:?}");
+    found[0].clone()
 }
