@@ -15,7 +15,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
     macros::{btf_tracepoint, map, tracepoint},
     maps::{LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
@@ -76,7 +76,7 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C)]
 struct Scratch {
     skb: [u64; SKB_SPAN_WORDS],
-    packet: [u8; HEADER_BYTES],
+    packet: [u64; HEADER_WORDS],
 }
 
 /// Reads one field of [`CONFIG`] through a volatile load: the compiler must not fold the
@@ -568,35 +568,65 @@ fn add(v: *mut FlowValue, bytes: u64) {
 /// options, IPv6 extension headers).
 const HEADER_BYTES: usize = 64;
 
-/// The packet from its network header on: a copy of the first [`HEADER_BYTES`], and helper
-/// reads for anything beyond.
+/// 8-byte words of the header copy.
+const HEADER_WORDS: usize = HEADER_BYTES / 8;
+
+/// Bytes read when the [`HEADER_BYTES`] copy fails: the fixed IPv6 header, which covers the
+/// fixed IPv4 header too. An IPv4 packet's buffer always extends past 40 bytes
+/// (`skb_shared_info` follows the data), so this read is safe, merely partly unused.
+const FIXED_HEADER_BYTES: u32 = 40;
+
+/// The packet from its network header on: a copy of the first [`HEADER_BYTES`] (at least the
+/// first [`FIXED_HEADER_BYTES`]), and helper reads for anything beyond.
+///
+/// The copy is kept as 8-byte words so that the fixed header's fields come out of a few
+/// aligned word loads and shifts, not a byte-by-byte copy.
 struct Packet<'a> {
     l3: u64,
-    buf: &'a [u8; HEADER_BYTES],
-    /// Valid bytes in `buf`: `HEADER_BYTES`, or 0 if that read failed.
+    buf: &'a [u64; HEADER_WORDS],
+    /// Valid bytes in `buf`.
     avail: usize,
 }
 
 impl<'a> Packet<'a> {
     #[inline(always)]
-    fn load(l3: u64, buf: &'a mut [u8; HEADER_BYTES]) -> Self {
-        // SAFETY: bpf_probe_read_kernel copies with fault handling.
-        let ok = unsafe { bpf_probe_read_kernel_buf(l3 as *const u8, buf) }.is_ok();
-        Self {
-            l3,
-            buf,
-            // Failing means the 64 bytes cross into unreadable memory; per-field reads of
-            // just what is needed may still succeed.
-            avail: if ok { HEADER_BYTES } else { 0 },
-        }
+    fn load(l3: u64, buf: &'a mut [u64; HEADER_WORDS]) -> Result<Self, i64> {
+        let dst = buf.as_mut_ptr().cast::<core::ffi::c_void>();
+        let src = l3 as *const core::ffi::c_void;
+        // SAFETY: copies at most HEADER_BYTES (the size of `buf`) with fault handling.
+        let avail =
+            if unsafe { generated::bpf_probe_read_kernel(dst, HEADER_BYTES as u32, src) } == 0 {
+                HEADER_BYTES
+            } else {
+                // The 64 bytes cross into unreadable memory (a short packet at the end of a
+                // page): the fixed header alone may still be readable.
+                // SAFETY: as above, FIXED_HEADER_BYTES < HEADER_BYTES.
+                let ret = unsafe { generated::bpf_probe_read_kernel(dst, FIXED_HEADER_BYTES, src) };
+                if ret != 0 {
+                    return Err(ret);
+                }
+                FIXED_HEADER_BYTES as usize
+            };
+        Ok(Self { l3, buf, avail })
+    }
+
+    /// Word `I` of the fixed header (bytes `8 * I..8 * I + 8`, little-endian).
+    #[inline(always)]
+    fn word<const I: usize>(&self) -> u64 {
+        const { assert!(I * 8 + 8 <= FIXED_HEADER_BYTES as usize) };
+        self.buf[I]
     }
 
     /// `N` bytes at `off` from the network header.
     #[inline(always)]
     fn get<const N: usize>(&self, off: u32) -> Result<[u8; N], i64> {
+        // SAFETY: [u64; HEADER_WORDS] and [u8; HEADER_BYTES] have the same size, and u8 has
+        // no alignment or validity requirements.
+        let bytes =
+            unsafe { &*(self.buf as *const [u64; HEADER_WORDS]).cast::<[u8; HEADER_BYTES]>() };
         let off = off as usize;
         if off + N <= self.avail
-            && let Some(b) = self.buf.get(off..off + N)
+            && let Some(b) = bytes.get(off..off + N)
             && let Ok(a) = <[u8; N]>::try_from(b)
         {
             return Ok(a);
@@ -609,7 +639,7 @@ impl<'a> Packet<'a> {
 #[inline(always)]
 fn read_headers(
     f: &SkbFields,
-    buf: &mut [u8; HEADER_BYTES],
+    buf: &mut [u64; HEADER_WORDS],
     key: &mut FlowKey,
     extra: &mut Extra,
 ) -> Result<(), i64> {
@@ -618,40 +648,56 @@ fn read_headers(
         return Ok(());
     }
     let l3 = f.head + u64::from(f.network_header);
-    parse_ip(&Packet::load(l3, buf), key, extra)
+    parse_ip(&Packet::load(l3, buf)?, key, extra)
+}
+
+/// Stores an IPv4 address (its 4 bytes in network order, as loaded) IPv4-mapped.
+#[inline(always)]
+fn set_v4(addr: &mut [u8; 16], a: u32) {
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    addr[12..16].copy_from_slice(&a.to_le_bytes());
+}
+
+/// Stores an IPv6 address from its two 8-byte words, as loaded.
+#[inline(always)]
+fn set_v6(addr: &mut [u8; 16], lo: u64, hi: u64) {
+    addr[..8].copy_from_slice(&lo.to_le_bytes());
+    addr[8..].copy_from_slice(&hi.to_le_bytes());
 }
 
 /// Parses the IPv4/IPv6 header, then the transport header.
 #[inline(always)]
 fn parse_ip(p: &Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64> {
-    // An IPv4 packet's buffer always extends past 40 bytes (skb_shared_info follows the data),
-    // so reading both fixed headers' size is safe, merely partly unused.
-    let h: [u8; 40] = p.get(0)?;
-    let (proto, l4_off) = match h[0] >> 4 {
+    // Byte `i` of the header is byte `i % 8` of word `i / 8` (bpfel: little-endian loads).
+    let w0 = p.word::<0>();
+    let byte0 = w0 as u8;
+    let (proto, l4_off) = match byte0 >> 4 {
         4 => {
-            let ihl = u32::from(h[0] & 0x0f) * 4;
+            let ihl = u32::from(byte0 & 0x0f) * 4;
             if ihl < 20 {
                 return Ok(());
             }
-            key.src_addr[10] = 0xff;
-            key.src_addr[11] = 0xff;
-            key.src_addr[12..16].copy_from_slice(&h[12..16]);
-            key.dst_addr[10] = 0xff;
-            key.dst_addr[11] = 0xff;
-            key.dst_addr[12..16].copy_from_slice(&h[16..20]);
+            let w1 = p.word::<1>();
+            // Source address: bytes 12..16; destination: bytes 16..20; protocol: byte 9.
+            set_v4(&mut key.src_addr, (w1 >> 32) as u32);
+            set_v4(&mut key.dst_addr, p.word::<2>() as u32);
+            let proto = (w1 >> 8) as u8;
             key.family = family::INET;
-            key.protocol = h[9];
-            // Non-first fragments carry no transport header.
-            if (u16::from(h[6] & 0x1f) << 8 | u16::from(h[7])) != 0 {
+            key.protocol = proto;
+            // Non-first fragments carry no transport header: flags/offset are bytes 6..8.
+            let frag = u16::from((w0 >> 48) as u8 & 0x1f) << 8 | u16::from((w0 >> 56) as u8);
+            if frag != 0 {
                 return Ok(());
             }
-            (h[9], ihl)
+            (proto, ihl)
         }
         6 => {
-            key.src_addr.copy_from_slice(&h[8..24]);
-            key.dst_addr.copy_from_slice(&h[24..40]);
+            // Source address: bytes 8..24; destination: bytes 24..40; next header: byte 6.
+            set_v6(&mut key.src_addr, p.word::<1>(), p.word::<2>());
+            set_v6(&mut key.dst_addr, p.word::<3>(), p.word::<4>());
             key.family = family::INET6;
-            let mut next = h[6];
+            let mut next = (w0 >> 48) as u8;
             let mut off: u32 = 40;
             for _ in 0..MAX_EXT_HEADERS {
                 match next {
