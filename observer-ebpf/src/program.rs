@@ -12,6 +12,8 @@
 //!
 //! All struct offsets come from [`CONFIG`], which userspace fills from BTF and from the
 //! tracepoint's format file (Rust eBPF has no CO-RE).
+use core::mem::{MaybeUninit, align_of, size_of};
+
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
@@ -475,10 +477,8 @@ fn reason_wanted(reason: u32) -> bool {
 /// flow key, counts it and the per-reason total, and sends a sample for a new key.
 #[inline(always)]
 fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> Result<u32, i64> {
-    let mut key = FlowKey {
-        reason,
-        ..FlowKey::default()
-    };
+    let mut key_slot = MaybeUninit::<FlowKey>::uninit();
+    let key = new_key(&mut key_slot, reason);
     let mut extra = Extra::default();
     // A failed read leaves the key partially filled (family UNKNOWN): the packet still counts,
     // and the SKB_READ loss says its detail is missing.
@@ -503,7 +503,7 @@ fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> R
         return Ok(0);
     }
     if let Some(f) = &fields
-        && read_headers(f, &mut scratch.packet, &mut key, &mut extra).is_err()
+        && read_headers(f, &mut scratch.packet, key, &mut extra).is_err()
     {
         complete = false;
     }
@@ -511,9 +511,10 @@ fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> R
         count_loss(loss::SKB_READ);
     }
 
+    let key: &FlowKey = key;
     let bytes = u64::from(len);
     // Flow entry first, then the total: see the module comment.
-    match FLOWS.get_ptr_mut(&key) {
+    match FLOWS.get_ptr_mut(key) {
         Some(v) => add(v, bytes),
         None => {
             // SAFETY: helper without preconditions.
@@ -523,10 +524,10 @@ fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> R
                 bytes,
                 created_ns: now,
             };
-            match FLOWS.insert(&key, &value, u64::from(BPF_NOEXIST)) {
-                Ok(()) => send_sample(src, &key, &extra, len, dev, now),
+            match FLOWS.insert(key, &value, u64::from(BPF_NOEXIST)) {
+                Ok(()) => send_sample(src, key, &extra, len, dev, now),
                 // Another CPU inserted the key between our lookup and insert: add to our slot.
-                Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(&key) {
+                Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {
                     Some(v) => add(v, bytes),
                     None => count_loss(loss::FLOW_INSERT),
                 },
@@ -552,6 +553,30 @@ fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> R
         }
     }
     Ok(0)
+}
+
+/// A flow key that is all zeroes but `reason`, in `slot`.
+///
+/// Built with one volatile store per 4-byte word: zeroing the key any other way
+/// (`FlowKey::default()`, `mem::zeroed`) becomes a call to a byte-by-byte `memset` in the
+/// object, about 180 instructions per drop, and LLVM would merge plain stores back into it.
+#[inline(always)]
+fn new_key(slot: &mut MaybeUninit<FlowKey>, reason: u32) -> &mut FlowKey {
+    const WORDS: usize = size_of::<FlowKey>() / 4;
+    const { assert!(size_of::<FlowKey>() % 4 == 0 && align_of::<FlowKey>() == 4) };
+    let words = slot.as_mut_ptr().cast::<u32>();
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: `i < WORDS` keeps the store inside the key, whose 4-byte alignment was
+        // checked above.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        i += 1;
+    }
+    // SAFETY: every byte was written above, and all-zero bytes are a valid FlowKey (integers
+    // and integer arrays only).
+    let key = unsafe { slot.assume_init_mut() };
+    key.reason = reason;
+    key
 }
 
 #[inline(always)]
