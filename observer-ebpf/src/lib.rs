@@ -37,6 +37,48 @@ pub const MAX_REASONS: u32 = 512;
 /// [`ProgramConfig::skb_span_len`]); the buffer lives on the 512-byte BPF stack, so it stays small.
 pub const SKB_SPAN_MAX: u32 = 256;
 
+/// [`BtfArgs`] value of an argument the tracepoint does not have.
+pub const NO_ARG: u32 = u32::MAX;
+
+/// Arguments of a BTF-enabled tracepoint the program can load: it loads them at constant
+/// context offsets (the verifier rejects computed ones), one code path per possible index,
+/// so indices at or above this make userspace use the classic tracepoint instead.
+pub const BTF_ARGS_MAX: u32 = 8;
+
+/// Where the `tp_btf/kfree_skb` program finds its arguments in its context (an array of
+/// 8-byte slots, one per argument of the tracepoint after the hidden `void *__data`).
+///
+/// The tracepoint's arguments have no names in BTF, so userspace finds them by type in the
+/// `btf_trace_kfree_skb` prototype; the order differs between kernels.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct BtfArgs {
+    /// Index of the `struct sk_buff *` argument, [`NO_ARG`] when the BTF program is not used.
+    pub skb: u32,
+    /// Index of the `enum skb_drop_reason` argument, [`NO_ARG`] if the kernel has none.
+    pub reason: u32,
+    /// Index of the `void *location` argument, [`NO_ARG`] if absent.
+    pub location: u32,
+    /// Number of arguments (after `__data`): no index at or above it is ever loaded.
+    pub nr_args: u32,
+}
+
+impl BtfArgs {
+    /// No usable BTF prototype: the BTF program must not run.
+    pub const NONE: Self = Self {
+        skb: NO_ARG,
+        reason: NO_ARG,
+        location: NO_ARG,
+        nr_args: 0,
+    };
+}
+
+impl Default for BtfArgs {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
 /// Key of the per-CPU LRU flow map: one entry per distinct dropped flow.
 ///
 /// The key deliberately leaves out the source port so that a SYN flood from random ports stays
@@ -159,6 +201,8 @@ pub struct ProgramConfig {
     /// Length of that span, at most [`SKB_SPAN_MAX`]; 0 makes the program read each field on its
     /// own (a kernel whose fields are too far apart).
     pub skb_span_len: u32,
+    /// Argument indices for the `tp_btf/kfree_skb` program (unused by the classic tracepoint).
+    pub btf_args: BtfArgs,
     /// Bitmap of reasons to capture when `all_reasons` is zero (bit `r % 64` of word `r / 64`).
     pub reason_mask: [u64; (MAX_REASONS / 64) as usize],
 }
@@ -171,6 +215,7 @@ impl Default for ProgramConfig {
             netns_filter: 0,
             skb_span_start: 0,
             skb_span_len: 0,
+            btf_args: BtfArgs::NONE,
             reason_mask: [0; (MAX_REASONS / 64) as usize],
         }
     }
@@ -185,6 +230,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::SampleEvent {}
     unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::BtfArgs {}
     unsafe impl aya::Pod for super::ProgramConfig {}
 }
 
@@ -203,6 +249,13 @@ mod tests {
             8 + 8 + size_of::<FlowKey>() + 4 + 4 + 2 + 1 + 1
         );
         assert_eq!(size_of::<KernelLayout>(), 12 * 4);
-        assert_eq!(size_of::<ProgramConfig>(), 12 * 4 + 8 + 8 + 8 * 8);
+        assert_eq!(size_of::<BtfArgs>(), 4 * 4);
+        assert_eq!(size_of::<ProgramConfig>(), 12 * 4 + 8 + 8 + 4 * 4 + 8 * 8);
+        // The reason mask stays 8-byte aligned right after the u32 fields: no hidden padding.
+        assert_eq!(core::mem::offset_of!(ProgramConfig, btf_args), 12 * 4 + 16);
+        assert_eq!(
+            core::mem::offset_of!(ProgramConfig, reason_mask),
+            12 * 4 + 16 + 16
+        );
     }
 }

@@ -1,4 +1,10 @@
-//! `skb:kfree_skb` tracepoint: counts every dropped packet per flow key, exactly.
+//! `skb:kfree_skb`: counts every dropped packet per flow key, exactly.
+//!
+//! Two entry points share one hot path ([`count_drop`]): `kfree_skb_btf`, a BTF-enabled raw
+//! tracepoint (`tp_btf/kfree_skb`) that gets the tracepoint's arguments directly and loads the
+//! `sk_buff` fields with plain loads, and `kfree_skb`, the classic tracepoint, which reads them
+//! from the perf trace record the kernel fills first and copies the `sk_buff` with helper calls.
+//! Userspace attaches the first where the kernel allows it and the second otherwise.
 //!
 //! Accounting order is part of the contract with userspace (`capture::drain`): the flow entry is
 //! updated first, then the per-reason total. Userspace reads the totals first and the flows
@@ -6,17 +12,19 @@
 //!
 //! All struct offsets come from [`CONFIG`], which userspace fills from BTF and from the
 //! tracepoint's format file (Rust eBPF has no CO-RE).
+use core::mem::{MaybeUninit, align_of, size_of};
+
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, generated},
-    macros::{map, tracepoint},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{LruPerCpuHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use observer_ebpf::{
-    Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX,
-    SampleEvent, family, loss,
+    BTF_ARGS_MAX, BtfArgs, Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, NO_ARG,
+    ProgramConfig, SKB_SPAN_MAX, SampleEvent, family, loss,
 };
 
 /// Set by userspace with `EbpfLoader::override_global("CONFIG", ..)`; this value is only the
@@ -41,6 +49,7 @@ static CONFIG: ProgramConfig = ProgramConfig {
     netns_filter: 0,
     skb_span_start: 0,
     skb_span_len: 0,
+    btf_args: BtfArgs::NONE,
     reason_mask: [0; (MAX_REASONS / 64) as usize],
 };
 
@@ -69,7 +78,7 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C)]
 struct Scratch {
     skb: [u64; SKB_SPAN_WORDS],
-    packet: [u8; HEADER_BYTES],
+    packet: [u64; HEADER_WORDS],
 }
 
 /// Reads one field of [`CONFIG`] through a volatile load: the compiler must not fold the
@@ -101,6 +110,28 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         Ok(ret) => ret,
         Err(_) => 0,
     }
+}
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> u32 {
+    match try_kfree_skb_btf(&ctx) {
+        Ok(ret) => ret,
+        Err(_) => 0,
+    }
+}
+
+/// What the shared hot path needs from the attach point: the two programs differ only in how
+/// they reach the `sk_buff` and the tracepoint's arguments.
+trait DropSource {
+    /// `len`, `dev`, `head` and `network_header` of the dropped skb; `None` when there is no
+    /// skb or it could not be read.
+    fn skb_fields(&self, scratch: &mut [u64; SKB_SPAN_WORDS]) -> Option<SkbFields>;
+    /// Network-namespace inode of the device `dev` (non-zero).
+    fn netns(&self, dev: u64) -> Result<u32, i64>;
+    /// ifindex of the device `dev` (non-zero), 0 if unreadable.
+    fn ifindex(&self, dev: u64) -> u32;
+    /// Kernel code address that freed the skb, 0 if unknown.
+    fn location(&self) -> u64;
 }
 
 /// Reads a `T` at `base + off` from kernel memory.
@@ -265,6 +296,41 @@ fn read_skb(skb: u64, buf: &mut [u64; SKB_SPAN_WORDS]) -> Result<SkbFields, i64>
     })
 }
 
+/// The classic tracepoint's view of a drop: the trace record and the skb address in it.
+struct TpSource<'a> {
+    record: Record<'a>,
+    skb: u64,
+}
+
+impl DropSource for TpSource<'_> {
+    #[inline(always)]
+    fn skb_fields(&self, scratch: &mut [u64; SKB_SPAN_WORDS]) -> Option<SkbFields> {
+        if self.skb == 0 {
+            return None;
+        }
+        read_skb(self.skb, scratch).ok()
+    }
+
+    #[inline(always)]
+    fn netns(&self, dev: u64) -> Result<u32, i64> {
+        let net: u64 = read(dev, config!(layout.dev_nd_net))?;
+        if net == 0 {
+            return Ok(0);
+        }
+        read(net, config!(layout.net_ns_inum))
+    }
+
+    #[inline(always)]
+    fn ifindex(&self, dev: u64) -> u32 {
+        read::<u32>(dev, config!(layout.dev_ifindex)).unwrap_or(0)
+    }
+
+    #[inline(always)]
+    fn location(&self) -> u64 {
+        self.record.u64_at(config!(layout.tp_location)).unwrap_or(0)
+    }
+}
+
 fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     let record = Record::load(ctx);
     let tp_reason = config!(layout.tp_reason);
@@ -279,23 +345,141 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
             }
         }
     };
-    // The reason filter comes first: drops of other reasons cost nothing more.
-    if config!(all_reasons) == 0 {
-        if reason >= MAX_REASONS {
-            return Ok(0);
+    if !reason_wanted(reason) {
+        return Ok(0);
+    }
+    let skb = record.u64_at(config!(layout.tp_skbaddr)).unwrap_or(0);
+    count_drop(ctx, &TpSource { record, skb }, reason)
+}
+
+/// The BTF tracepoint's arguments, loaded from the context with plain loads.
+///
+/// The verifier accepts context loads only at constant offsets, and a `match` on the index
+/// with one load per arm does not survive LLVM (it sinks the loads into one at a computed
+/// offset). So every argument below the count is loaded at its constant offset, as
+/// [`Record::load`] does for the classic record, and fields are picked from the copy. CONFIG is
+/// frozen read-only data, so the verifier knows the count and prunes the loads beyond it: no
+/// index the function does not have is ever loaded.
+struct BtfCtxArgs {
+    args: [u64; BTF_ARGS_MAX as usize],
+}
+
+impl BtfCtxArgs {
+    #[inline(always)]
+    fn load(ctx: &BtfTracePointContext) -> Self {
+        let nr_args = config!(btf_args.nr_args);
+        let base = ctx.as_ptr() as *const u64;
+        let mut args = [0u64; BTF_ARGS_MAX as usize];
+        let mut i = 0;
+        while i < BTF_ARGS_MAX as usize {
+            if (i as u32) < nr_args {
+                // SAFETY: the context of a BTF tracepoint is an array of one u64 per argument,
+                // and `i` is below the argument count. Volatile keeps each load at its own
+                // constant offset.
+                args[i] = unsafe { core::ptr::read_volatile(base.add(i)) };
+            }
+            i += 1;
         }
-        let word = config!(reason_mask[(reason / 64) as usize]);
-        if word & (1u64 << (reason % 64)) == 0 {
-            return Ok(0);
-        }
+        Self { args }
     }
 
-    let mut key = FlowKey {
-        reason,
-        ..FlowKey::default()
+    /// Argument `idx`, 0 if the tracepoint has no such argument ([`NO_ARG`] included).
+    #[inline(always)]
+    fn get(&self, idx: u32) -> u64 {
+        self.args.get(idx as usize).copied().unwrap_or(0)
+    }
+}
+
+/// A field of the `struct sk_buff`, `struct net_device` or `struct net` at `ptr`, loaded
+/// directly.
+///
+/// `ptr` is a BTF pointer (the skb argument, or a pointer loaded from it), and `off` a
+/// known constant (frozen CONFIG), so the verifier adds it to the pointer's offset, checks that
+/// a field of that size sits there in the kernel's BTF, and turns the load into one that reads
+/// 0 instead of faulting: no helper call.
+#[inline(always)]
+fn load<T>(ptr: u64, off: u32) -> T {
+    // SAFETY: see above; the verifier checks the access against BTF and handles faults.
+    unsafe { core::ptr::read_volatile((ptr as *const u8).add(off as usize).cast::<T>()) }
+}
+
+/// The BTF tracepoint's view of a drop: the `sk_buff` pointer and the location argument.
+struct BtfSource {
+    skb: u64,
+    location: u64,
+}
+
+impl DropSource for BtfSource {
+    #[inline(always)]
+    fn skb_fields(&self, _scratch: &mut [u64; SKB_SPAN_WORDS]) -> Option<SkbFields> {
+        let skb = self.skb;
+        if skb == 0 {
+            return None;
+        }
+        Some(SkbFields {
+            len: load(skb, config!(layout.skb_len)),
+            dev: load(skb, config!(layout.skb_dev)),
+            head: load(skb, config!(layout.skb_head)),
+            network_header: load(skb, config!(layout.skb_network_header)),
+        })
+    }
+
+    #[inline(always)]
+    fn netns(&self, dev: u64) -> Result<u32, i64> {
+        let net: u64 = load(dev, config!(layout.dev_nd_net));
+        if net == 0 {
+            return Ok(0);
+        }
+        Ok(load(net, config!(layout.net_ns_inum)))
+    }
+
+    #[inline(always)]
+    fn ifindex(&self, dev: u64) -> u32 {
+        load(dev, config!(layout.dev_ifindex))
+    }
+
+    #[inline(always)]
+    fn location(&self) -> u64 {
+        self.location
+    }
+}
+
+fn try_kfree_skb_btf(ctx: &BtfTracePointContext) -> Result<u32, i64> {
+    // A kernel without the reason argument counts every drop under reason 0, as the classic
+    // tracepoint does on such kernels.
+    let args = BtfCtxArgs::load(ctx);
+    let reason = match config!(btf_args.reason) {
+        NO_ARG => 0,
+        idx => args.get(idx) as u32,
     };
+    if !reason_wanted(reason) {
+        return Ok(0);
+    }
+    let skb = args.get(config!(btf_args.skb));
+    let location = args.get(config!(btf_args.location));
+    count_drop(ctx, &BtfSource { skb, location }, reason)
+}
+
+/// The reason filter; it comes first, so drops of other reasons cost nothing more.
+#[inline(always)]
+fn reason_wanted(reason: u32) -> bool {
+    if config!(all_reasons) != 0 {
+        return true;
+    }
+    if reason >= MAX_REASONS {
+        return false;
+    }
+    let word = config!(reason_mask[(reason / 64) as usize]);
+    word & (1u64 << (reason % 64)) != 0
+}
+
+/// The hot path shared by both programs, for a drop whose reason passed the filter: builds the
+/// flow key, counts it and the per-reason total, and sends a sample for a new key.
+#[inline(always)]
+fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> Result<u32, i64> {
+    let mut key_slot = MaybeUninit::<FlowKey>::uninit();
+    let key = new_key(&mut key_slot, reason);
     let mut extra = Extra::default();
-    let skb = record.u64_at(config!(layout.tp_skbaddr)).unwrap_or(0);
     // A failed read leaves the key partially filled (family UNKNOWN): the packet still counts,
     // and the SKB_READ loss says its detail is missing.
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -304,15 +488,11 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     // SAFETY: this CPU's slot of the scratch array; tracing programs do not nest on one CPU, so
     // nothing else uses it meanwhile.
     let scratch = unsafe { &mut *scratch };
-    let fields = if skb == 0 {
-        None
-    } else {
-        read_skb(skb, &mut scratch.skb).ok()
-    };
+    let fields = src.skb_fields(&mut scratch.skb);
     let mut complete = fields.is_some();
     let (len, dev) = fields.as_ref().map_or((0, 0), |f| (f.len, f.dev));
     if dev != 0 {
-        match read_netns(dev) {
+        match src.netns(dev) {
             Ok(ns) => key.netns = ns,
             Err(_) => complete = false,
         }
@@ -323,7 +503,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
         return Ok(0);
     }
     if let Some(f) = &fields
-        && read_headers(f, &mut scratch.packet, &mut key, &mut extra).is_err()
+        && read_headers(f, &mut scratch.packet, key, &mut extra).is_err()
     {
         complete = false;
     }
@@ -331,9 +511,10 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
         count_loss(loss::SKB_READ);
     }
 
+    let key: &FlowKey = key;
     let bytes = u64::from(len);
     // Flow entry first, then the total: see the module comment.
-    match FLOWS.get_ptr_mut(&key) {
+    match FLOWS.get_ptr_mut(key) {
         Some(v) => add(v, bytes),
         None => {
             // SAFETY: helper without preconditions.
@@ -343,10 +524,10 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
                 bytes,
                 created_ns: now,
             };
-            match FLOWS.insert(&key, &value, u64::from(BPF_NOEXIST)) {
-                Ok(()) => send_sample(&record, &key, &extra, len, dev, now),
+            match FLOWS.insert(key, &value, u64::from(BPF_NOEXIST)) {
+                Ok(()) => send_sample(src, key, &extra, len, dev, now),
                 // Another CPU inserted the key between our lookup and insert: add to our slot.
-                Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(&key) {
+                Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {
                     Some(v) => add(v, bytes),
                     None => count_loss(loss::FLOW_INSERT),
                 },
@@ -374,6 +555,30 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     Ok(0)
 }
 
+/// A flow key that is all zeroes but `reason`, in `slot`.
+///
+/// Built with one volatile store per 4-byte word: zeroing the key any other way
+/// (`FlowKey::default()`, `mem::zeroed`) becomes a call to a byte-by-byte `memset` in the
+/// object, about 180 instructions per drop, and LLVM would merge plain stores back into it.
+#[inline(always)]
+fn new_key(slot: &mut MaybeUninit<FlowKey>, reason: u32) -> &mut FlowKey {
+    const WORDS: usize = size_of::<FlowKey>() / 4;
+    const { assert!(size_of::<FlowKey>() % 4 == 0 && align_of::<FlowKey>() == 4) };
+    let words = slot.as_mut_ptr().cast::<u32>();
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: `i < WORDS` keeps the store inside the key, whose 4-byte alignment was
+        // checked above.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        i += 1;
+    }
+    // SAFETY: every byte was written above, and all-zero bytes are a valid FlowKey (integers
+    // and integer arrays only).
+    let key = unsafe { slot.assume_init_mut() };
+    key.reason = reason;
+    key
+}
+
 #[inline(always)]
 fn add(v: *mut FlowValue, bytes: u64) {
     // SAFETY: pointer to this CPU's slot of a live map entry.
@@ -383,50 +588,70 @@ fn add(v: *mut FlowValue, bytes: u64) {
     }
 }
 
-/// Network-namespace inode of the device `dev` (non-zero).
-#[inline(always)]
-fn read_netns(dev: u64) -> Result<u32, i64> {
-    let net: u64 = read(dev, config!(layout.dev_nd_net))?;
-    if net == 0 {
-        return Ok(0);
-    }
-    read(net, config!(layout.net_ns_inum))
-}
-
 /// Bytes of the packet copied with the first read from the network header: the fixed IPv4 or
 /// IPv6 header plus the transport fields the key needs, for all but unusual packets (long IPv4
 /// options, IPv6 extension headers).
 const HEADER_BYTES: usize = 64;
 
-/// The packet from its network header on: a copy of the first [`HEADER_BYTES`], and helper
-/// reads for anything beyond.
+/// 8-byte words of the header copy.
+const HEADER_WORDS: usize = HEADER_BYTES / 8;
+
+/// Bytes read when the [`HEADER_BYTES`] copy fails: the fixed IPv6 header, which covers the
+/// fixed IPv4 header too. An IPv4 packet's buffer always extends past 40 bytes
+/// (`skb_shared_info` follows the data), so this read is safe, merely partly unused.
+const FIXED_HEADER_BYTES: u32 = 40;
+
+/// The packet from its network header on: a copy of the first [`HEADER_BYTES`] (at least the
+/// first [`FIXED_HEADER_BYTES`]), and helper reads for anything beyond.
+///
+/// The copy is kept as 8-byte words so that the fixed header's fields come out of a few
+/// aligned word loads and shifts, not a byte-by-byte copy.
 struct Packet<'a> {
     l3: u64,
-    buf: &'a [u8; HEADER_BYTES],
-    /// Valid bytes in `buf`: `HEADER_BYTES`, or 0 if that read failed.
+    buf: &'a [u64; HEADER_WORDS],
+    /// Valid bytes in `buf`.
     avail: usize,
 }
 
 impl<'a> Packet<'a> {
     #[inline(always)]
-    fn load(l3: u64, buf: &'a mut [u8; HEADER_BYTES]) -> Self {
-        // SAFETY: bpf_probe_read_kernel copies with fault handling.
-        let ok = unsafe { bpf_probe_read_kernel_buf(l3 as *const u8, buf) }.is_ok();
-        Self {
-            l3,
-            buf,
-            // Failing means the 64 bytes cross into unreadable memory; per-field reads of
-            // just what is needed may still succeed.
-            avail: if ok { HEADER_BYTES } else { 0 },
-        }
+    fn load(l3: u64, buf: &'a mut [u64; HEADER_WORDS]) -> Result<Self, i64> {
+        let dst = buf.as_mut_ptr().cast::<core::ffi::c_void>();
+        let src = l3 as *const core::ffi::c_void;
+        // SAFETY: copies at most HEADER_BYTES (the size of `buf`) with fault handling.
+        let avail =
+            if unsafe { generated::bpf_probe_read_kernel(dst, HEADER_BYTES as u32, src) } == 0 {
+                HEADER_BYTES
+            } else {
+                // The 64 bytes cross into unreadable memory (a short packet at the end of a
+                // page): the fixed header alone may still be readable.
+                // SAFETY: as above, FIXED_HEADER_BYTES < HEADER_BYTES.
+                let ret = unsafe { generated::bpf_probe_read_kernel(dst, FIXED_HEADER_BYTES, src) };
+                if ret != 0 {
+                    return Err(ret);
+                }
+                FIXED_HEADER_BYTES as usize
+            };
+        Ok(Self { l3, buf, avail })
+    }
+
+    /// Word `I` of the fixed header (bytes `8 * I..8 * I + 8`, little-endian).
+    #[inline(always)]
+    fn word<const I: usize>(&self) -> u64 {
+        const { assert!(I * 8 + 8 <= FIXED_HEADER_BYTES as usize) };
+        self.buf[I]
     }
 
     /// `N` bytes at `off` from the network header.
     #[inline(always)]
     fn get<const N: usize>(&self, off: u32) -> Result<[u8; N], i64> {
+        // SAFETY: [u64; HEADER_WORDS] and [u8; HEADER_BYTES] have the same size, and u8 has
+        // no alignment or validity requirements.
+        let bytes =
+            unsafe { &*(self.buf as *const [u64; HEADER_WORDS]).cast::<[u8; HEADER_BYTES]>() };
         let off = off as usize;
         if off + N <= self.avail
-            && let Some(b) = self.buf.get(off..off + N)
+            && let Some(b) = bytes.get(off..off + N)
             && let Ok(a) = <[u8; N]>::try_from(b)
         {
             return Ok(a);
@@ -439,7 +664,7 @@ impl<'a> Packet<'a> {
 #[inline(always)]
 fn read_headers(
     f: &SkbFields,
-    buf: &mut [u8; HEADER_BYTES],
+    buf: &mut [u64; HEADER_WORDS],
     key: &mut FlowKey,
     extra: &mut Extra,
 ) -> Result<(), i64> {
@@ -448,40 +673,56 @@ fn read_headers(
         return Ok(());
     }
     let l3 = f.head + u64::from(f.network_header);
-    parse_ip(&Packet::load(l3, buf), key, extra)
+    parse_ip(&Packet::load(l3, buf)?, key, extra)
+}
+
+/// Stores an IPv4 address (its 4 bytes in network order, as loaded) IPv4-mapped.
+#[inline(always)]
+fn set_v4(addr: &mut [u8; 16], a: u32) {
+    addr[10] = 0xff;
+    addr[11] = 0xff;
+    addr[12..16].copy_from_slice(&a.to_le_bytes());
+}
+
+/// Stores an IPv6 address from its two 8-byte words, as loaded.
+#[inline(always)]
+fn set_v6(addr: &mut [u8; 16], lo: u64, hi: u64) {
+    addr[..8].copy_from_slice(&lo.to_le_bytes());
+    addr[8..].copy_from_slice(&hi.to_le_bytes());
 }
 
 /// Parses the IPv4/IPv6 header, then the transport header.
 #[inline(always)]
 fn parse_ip(p: &Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64> {
-    // An IPv4 packet's buffer always extends past 40 bytes (skb_shared_info follows the data),
-    // so reading both fixed headers' size is safe, merely partly unused.
-    let h: [u8; 40] = p.get(0)?;
-    let (proto, l4_off) = match h[0] >> 4 {
+    // Byte `i` of the header is byte `i % 8` of word `i / 8` (bpfel: little-endian loads).
+    let w0 = p.word::<0>();
+    let byte0 = w0 as u8;
+    let (proto, l4_off) = match byte0 >> 4 {
         4 => {
-            let ihl = u32::from(h[0] & 0x0f) * 4;
+            let ihl = u32::from(byte0 & 0x0f) * 4;
             if ihl < 20 {
                 return Ok(());
             }
-            key.src_addr[10] = 0xff;
-            key.src_addr[11] = 0xff;
-            key.src_addr[12..16].copy_from_slice(&h[12..16]);
-            key.dst_addr[10] = 0xff;
-            key.dst_addr[11] = 0xff;
-            key.dst_addr[12..16].copy_from_slice(&h[16..20]);
+            let w1 = p.word::<1>();
+            // Source address: bytes 12..16; destination: bytes 16..20; protocol: byte 9.
+            set_v4(&mut key.src_addr, (w1 >> 32) as u32);
+            set_v4(&mut key.dst_addr, p.word::<2>() as u32);
+            let proto = (w1 >> 8) as u8;
             key.family = family::INET;
-            key.protocol = h[9];
-            // Non-first fragments carry no transport header.
-            if (u16::from(h[6] & 0x1f) << 8 | u16::from(h[7])) != 0 {
+            key.protocol = proto;
+            // Non-first fragments carry no transport header: flags/offset are bytes 6..8.
+            let frag = u16::from((w0 >> 48) as u8 & 0x1f) << 8 | u16::from((w0 >> 56) as u8);
+            if frag != 0 {
                 return Ok(());
             }
-            (h[9], ihl)
+            (proto, ihl)
         }
         6 => {
-            key.src_addr.copy_from_slice(&h[8..24]);
-            key.dst_addr.copy_from_slice(&h[24..40]);
+            // Source address: bytes 8..24; destination: bytes 24..40; next header: byte 6.
+            set_v6(&mut key.src_addr, p.word::<1>(), p.word::<2>());
+            set_v6(&mut key.dst_addr, p.word::<3>(), p.word::<4>());
             key.family = family::INET6;
-            let mut next = h[6];
+            let mut next = (w0 >> 48) as u8;
             let mut off: u32 = 40;
             for _ in 0..MAX_EXT_HEADERS {
                 match next {
@@ -535,17 +776,13 @@ fn parse_ip(p: &Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64>
 
 /// Sends the detail of a newly inserted key; a full ring buffer is a counted loss.
 #[inline(always)]
-fn send_sample(record: &Record, key: &FlowKey, extra: &Extra, len: u32, dev: u64, ts: u64) {
+fn send_sample<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, dev: u64, ts: u64) {
     let Some(mut entry) = SAMPLES.reserve::<SampleEvent>(0) else {
         count_loss(loss::RINGBUF_FULL);
         return;
     };
-    let location = record.u64_at(config!(layout.tp_location)).unwrap_or(0);
-    let ifindex = if dev == 0 {
-        0
-    } else {
-        read::<u32>(dev, config!(layout.dev_ifindex)).unwrap_or(0)
-    };
+    let location = src.location();
+    let ifindex = if dev == 0 { 0 } else { src.ifindex(dev) };
     entry.write(SampleEvent {
         ts_ns: ts,
         location,

@@ -317,7 +317,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         reasons = capture.reasons().len(),
         flow_map_entries = args.flow_map_entries,
         netns_filter = ?args.netns_inode,
-        "capture program attached to skb:kfree_skb"
+        attach = %capture.attach_kind(),
+        "capture program attached to kfree_skb"
     );
 
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);

@@ -17,7 +17,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use observer::capture::{Capture, CaptureConfig, CaptureError, DrainReport, Drop, ReasonFilter};
+use observer::capture::{
+    AttachKind, AttachMode, Capture, CaptureConfig, CaptureError, DrainReport, Drop, ReasonFilter,
+};
 use observer::flow::Protocol;
 
 const SRC4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
@@ -472,9 +474,66 @@ fn counts_nft_drops_exactly() {
     if !privileged("counts_nft_drops_exactly") {
         return;
     }
+    exact_counts(AttachMode::Auto);
+}
+
+/// Whether this kernel's BTF describes `tp_btf/kfree_skb` with the arguments the program needs.
+fn kernel_has_kfree_skb_btf() -> bool {
+    observer::capture::btf::KernelBtf::vmlinux()
+        .and_then(|btf| btf.kfree_skb_btf_args())
+        .is_ok()
+}
+
+/// The default prefers the BTF-enabled raw tracepoint wherever the kernel describes it (6.18
+/// does), so the cheaper hook is the one under test in every other test here.
+#[test]
+fn auto_attaches_tp_btf_where_available() {
+    if !privileged("auto_attaches_tp_btf_where_available") {
+        return;
+    }
+    let capture = Capture::load(&CaptureConfig::default()).unwrap();
+    let want = if kernel_has_kfree_skb_btf() {
+        AttachKind::BtfTracepoint
+    } else {
+        AttachKind::Tracepoint
+    };
+    assert_eq!(capture.attach_kind(), want);
+    // The platform this project targets (Linux 6.18, BTF) must get tp_btf; a fallback there
+    // is a regression even if counts stay right.
+    assert!(
+        kernel_has_kfree_skb_btf(),
+        "this kernel's BTF has no usable btf_trace_kfree_skb"
+    );
+}
+
+/// The classic tracepoint stays a tested fallback: forced, it counts exactly too.
+#[test]
+fn classic_tracepoint_counts_exactly() {
+    if !privileged("classic_tracepoint_counts_exactly") {
+        return;
+    }
+    assert_eq!(exact_counts(AttachMode::Tracepoint), AttachKind::Tracepoint);
+}
+
+/// Forced tp_btf (no fallback can hide a failure) counts exactly.
+#[test]
+fn btf_tracepoint_counts_exactly() {
+    if !privileged("btf_tracepoint_counts_exactly") {
+        return;
+    }
+    assert_eq!(
+        exact_counts(AttachMode::BtfTracepoint),
+        AttachKind::BtfTracepoint
+    );
+}
+
+/// Sends known packets of every kind into the nft drops and checks the drained counts, bytes,
+/// namespaces and samples against what was sent and the nft counters. Returns the hook used.
+fn exact_counts(attach: AttachMode) -> AttachKind {
     let net = NetPair::new();
     let mut capture = Capture::load(&CaptureConfig {
         netns: Some(net.dst_inode),
+        attach,
         ..CaptureConfig::default()
     })
     .unwrap();
@@ -584,6 +643,7 @@ fn counts_nft_drops_exactly() {
             .iter()
             .any(|s| s.drop.dst == v6(DST6) && s.drop.dst_port == UDP_DROP)
     );
+    capture.attach_kind()
 }
 
 #[test]
@@ -787,7 +847,8 @@ fn flood_rate(net: &NetPair, secs: f64) -> f64 {
 }
 
 /// Rough hot-path cost check (not run by default): interleaves runs with no observer, with this
-/// program, and with a bpftrace count-by-reason one-liner, and prints the rates.
+/// program on each hook, and with a bpftrace count-by-reason one-liner, and prints the rates;
+/// then each hook's own cost per drop (`kernel.bpf_stats_enabled`) and its translated size.
 /// `cargo test -p observer --test capture_kernel flood_rates -- --ignored --nocapture`
 #[test]
 #[ignore = "benchmark; run explicitly"]
@@ -796,14 +857,19 @@ fn flood_rates() {
         return;
     }
     let net = NetPair::new();
+    let hooks = [AttachMode::BtfTracepoint, AttachMode::Tracepoint];
     let mut none = Vec::new();
-    let mut ours = Vec::new();
+    let mut ours = vec![Vec::new(); hooks.len()];
     let mut bpftrace = Vec::new();
     for _ in 0..3 {
         none.push(flood_rate(&net, 2.0));
-        {
-            let mut capture = Capture::load(&CaptureConfig::default()).unwrap();
-            ours.push(flood_rate(&net, 2.0));
+        for (mode, rates) in hooks.iter().zip(&mut ours) {
+            let mut capture = Capture::load(&CaptureConfig {
+                attach: *mode,
+                ..CaptureConfig::default()
+            })
+            .unwrap();
+            rates.push(flood_rate(&net, 2.0));
             let r = capture.drain().unwrap();
             assert!(r.drops.iter().any(|d| d.dst_port == UDP_DROP));
         }
@@ -829,15 +895,93 @@ fn flood_rates() {
         }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    eprintln!("none     {none:.0?} mean {:.0}", mean(&none));
+    eprintln!("none       {none:.0?} mean {:.0}", mean(&none));
+    for (mode, rates) in hooks.iter().zip(&ours) {
+        eprintln!(
+            "{:<10} {rates:.0?} mean {:.0} ({:.3})",
+            format!("{mode:?}"),
+            mean(rates),
+            mean(rates) / mean(&none)
+        );
+    }
     eprintln!(
-        "ours     {ours:.0?} mean {:.0} ({:.2})",
-        mean(&ours),
-        mean(&ours) / mean(&none)
-    );
-    eprintln!(
-        "bpftrace {bpftrace:.0?} mean {:.0} ({:.2})",
+        "bpftrace   {bpftrace:.0?} mean {:.0} ({:.3})",
         mean(&bpftrace),
         mean(&bpftrace) / mean(&none)
     );
+
+    // Each hook's own cost, with run-time stats on only for this part (they cost a clock read
+    // per run).
+    let _stats = BpfStatsOn::enable();
+    for mode in hooks {
+        let old = prog_ids();
+        let capture = Capture::load(&CaptureConfig {
+            attach: mode,
+            ..CaptureConfig::default()
+        })
+        .unwrap();
+        let name = match capture.attach_kind() {
+            AttachKind::BtfTracepoint => "kfree_skb_btf",
+            AttachKind::Tracepoint => "kfree_skb",
+        };
+        let prog = || new_prog(name, &old);
+        let before = prog();
+        let rate = flood_rate(&net, 2.0);
+        let after = prog();
+        let runs = after["run_cnt"].as_u64().unwrap() - before["run_cnt"].as_u64().unwrap_or(0);
+        let ns =
+            after["run_time_ns"].as_u64().unwrap() - before["run_time_ns"].as_u64().unwrap_or(0);
+        eprintln!(
+            "{mode:?}: {:.1} ns/drop over {runs} runs ({rate:.0} drops/s with stats on), xlated {} B, jited {} B",
+            ns as f64 / runs as f64,
+            after["bytes_xlated"],
+            after["bytes_jited"],
+        );
+    }
+}
+
+/// `kernel.bpf_stats_enabled=1` while alive; the previous value comes back on drop, after a
+/// panic too.
+struct BpfStatsOn(String);
+
+impl BpfStatsOn {
+    const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+    fn enable() -> Self {
+        let previous = std::fs::read_to_string(Self::SYSCTL).unwrap();
+        std::fs::write(Self::SYSCTL, "1").unwrap();
+        Self(previous.trim().to_owned())
+    }
+}
+
+impl std::ops::Drop for BpfStatsOn {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::SYSCTL, &self.0);
+    }
+}
+
+fn bpftool_progs() -> Vec<serde_json::Value> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .unwrap();
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    all.as_array().unwrap().clone()
+}
+
+fn prog_ids() -> Vec<u64> {
+    bpftool_progs()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// `bpftool prog show` entry of the program `name` that is not among `old`.
+fn new_prog(name: &str, old: &[u64]) -> serde_json::Value {
+    let found: Vec<_> = bpftool_progs()
+        .into_iter()
+        .filter(|p| p["name"] == name && p["id"].as_u64().is_some_and(|id| !old.contains(&id)))
+        .collect();
+    assert_eq!(found.len(), 1, "new programs named {name}: {found:?}");
+    found[0].clone()
 }

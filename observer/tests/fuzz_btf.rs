@@ -21,6 +21,7 @@ use std::sync::OnceLock;
 
 use observer::capture::btf::{BtfError, KernelBtf, VMLINUX_BTF};
 use observer::capture::tracefs::KfreeSkbFields;
+use observer_ebpf::{BTF_ARGS_MAX, BtfArgs, NO_ARG};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
@@ -62,6 +63,11 @@ enum Ty {
     },
     Fwd {
         name: String,
+    },
+    /// A function prototype returning `ret` with unnamed parameters of these types.
+    FuncProto {
+        ret: u32,
+        params: Vec<u32>,
     },
 }
 
@@ -159,6 +165,15 @@ fn encode(types: &[Ty]) -> Vec<u8> {
                 put(str_off(name), &mut t);
                 put(info(7, 0, false), &mut t);
                 put(0, &mut t);
+            }
+            Ty::FuncProto { ret, params } => {
+                put(0, &mut t);
+                put(info(13, params.len(), false), &mut t);
+                put(*ret, &mut t);
+                for p in params {
+                    put(0, &mut t);
+                    put(*p, &mut t);
+                }
             }
         }
     }
@@ -413,6 +428,127 @@ fn self_containing_anonymous_member_is_an_error() {
     assert!(err.to_string().contains("nope"), "{err}");
 }
 
+/// Type ids appended to the mini types by [`with_kfree_skb_proto`].
+const VOID_PTR: u32 = 21;
+const SKB_PTR: u32 = 22;
+const CONST_SKB_PTR: u32 = 24;
+const REASON: u32 = 19;
+const INT: u32 = 1;
+
+/// The mini types plus `typedef void (*btf_trace_kfree_skb)(void *__data, <params>)`, as the
+/// kernel declares tracepoints in BTF (parameters without names).
+fn with_kfree_skb_proto(params: &[u32]) -> KernelBtf {
+    let mut types = mini_types();
+    types.extend([
+        /* 21 */ Ty::Ptr(0),
+        /* 22 */ Ty::Ptr(11),
+        /* 23 */ Ty::Const(11),
+        /* 24 */ Ty::Ptr(23),
+    ]);
+    let proto = types.len() as u32 + 1;
+    let mut all = vec![VOID_PTR];
+    all.extend_from_slice(params);
+    types.extend([
+        Ty::FuncProto {
+            ret: 0,
+            params: all,
+        },
+        Ty::Ptr(proto),
+        Ty::Typedef {
+            name: "btf_trace_kfree_skb".into(),
+            ty: proto + 1,
+        },
+    ]);
+    KernelBtf::from_bytes(&encode(&types)).unwrap()
+}
+
+/// The 6.18 prototype `(void *, struct sk_buff *, void *, enum skb_drop_reason, struct sock *)`:
+/// indices count from after `__data`.
+#[test]
+fn kfree_skb_btf_args_present() {
+    let btf = with_kfree_skb_proto(&[SKB_PTR, VOID_PTR, REASON, VOID_PTR]);
+    assert_eq!(
+        btf.kfree_skb_btf_args().unwrap(),
+        BtfArgs {
+            skb: 0,
+            location: 1,
+            reason: 2,
+            nr_args: 4
+        }
+    );
+}
+
+/// Arguments are found by type, wherever they sit; `const struct sk_buff *` counts too, and a
+/// `void *` before the skb is not its location.
+#[test]
+fn kfree_skb_btf_args_found_by_type() {
+    let btf = with_kfree_skb_proto(&[REASON, VOID_PTR, INT, CONST_SKB_PTR, VOID_PTR]);
+    assert_eq!(
+        btf.kfree_skb_btf_args().unwrap(),
+        BtfArgs {
+            skb: 3,
+            location: 4,
+            reason: 0,
+            nr_args: 5
+        }
+    );
+    let btf = with_kfree_skb_proto(&[SKB_PTR, REASON]);
+    let args = btf.kfree_skb_btf_args().unwrap();
+    assert_eq!((args.skb, args.reason, args.location), (0, 1, NO_ARG));
+}
+
+/// Kernels before drop reasons (5.16 and older: `(skb, location)`) use the classic tracepoint.
+#[test]
+fn kfree_skb_btf_args_without_reason() {
+    let err = with_kfree_skb_proto(&[SKB_PTR, VOID_PTR])
+        .kfree_skb_btf_args()
+        .unwrap_err();
+    assert!(matches!(err, BtfError::TracepointProto { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("btf_trace_kfree_skb") && msg.contains("skb_drop_reason"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn kfree_skb_btf_args_without_skb() {
+    let err = with_kfree_skb_proto(&[VOID_PTR, VOID_PTR, REASON])
+        .kfree_skb_btf_args()
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("btf_trace_kfree_skb") && msg.contains("struct sk_buff *"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn kfree_skb_btf_args_without_typedef() {
+    let err = mini().kfree_skb_btf_args().unwrap_err();
+    assert!(matches!(err, BtfError::TracepointProto { .. }), "{err}");
+    assert!(err.to_string().contains("btf_trace_kfree_skb"), "{err}");
+}
+
+/// An argument the program has no constant-offset load for is refused, not truncated.
+#[test]
+fn kfree_skb_btf_args_beyond_the_loadable() {
+    let mut params = vec![INT; BTF_ARGS_MAX as usize];
+    params.extend([SKB_PTR, REASON]);
+    let err = with_kfree_skb_proto(&params)
+        .kfree_skb_btf_args()
+        .unwrap_err();
+    assert!(err.to_string().contains("beyond"), "{err}");
+    // The last loadable index is fine.
+    let mut params = vec![INT; BTF_ARGS_MAX as usize - 2];
+    params.extend([SKB_PTR, REASON]);
+    let args = with_kfree_skb_proto(&params).kfree_skb_btf_args().unwrap();
+    assert_eq!(
+        (args.skb, args.reason),
+        (BTF_ARGS_MAX - 2, BTF_ARGS_MAX - 1)
+    );
+}
+
 /// Member-path elements: names that exist in the mini BTF and vmlinux, and junk.
 fn path_element() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -560,6 +696,7 @@ proptest! {
             Ok(btf) => {
                 let _ = btf.kernel_layout(&TP);
                 let _ = btf.enum_values("skb_drop_reason");
+                let _ = btf.kfree_skb_btf_args();
                 for path in ["sk_buff.headers.mac_header", "sk_buff.pkt_type", "net_device.nd_net.net.x"] {
                     check_walk(path, btf.member_offset(path))?;
                 }
@@ -647,6 +784,35 @@ proptest! {
                 );
             }
             Err(e) => prop_assert!(false, "unexpected: {}", e),
+        }
+    }
+
+    /// Any parameter list: the lookup agrees with a plain reading of the types (first skb
+    /// pointer, first reason enum, first `void *` after the skb), or refuses when the skb or
+    /// the reason is missing or out of reach.
+    #[test]
+    fn kfree_skb_btf_args_any_order(params in prop::collection::vec(prop::sample::select(vec![VOID_PTR, SKB_PTR, CONST_SKB_PTR, REASON, INT]), 0..12)) {
+        let btf = with_kfree_skb_proto(&params);
+        let pos = |f: &dyn Fn(u32) -> bool| params.iter().position(|&t| f(t)).map(|i| i as u32);
+        let skb = pos(&|t| t == SKB_PTR || t == CONST_SKB_PTR);
+        let reason = pos(&|t| t == REASON);
+        let location = skb.and_then(|s| {
+            params.iter().enumerate().position(|(i, &t)| i as u32 > s && t == VOID_PTR).map(|i| i as u32)
+        });
+        match (skb, reason) {
+            (Some(s), Some(r)) if s < BTF_ARGS_MAX && r < BTF_ARGS_MAX => {
+                let want = BtfArgs {
+                    skb: s,
+                    reason: r,
+                    location: location.filter(|l| *l < BTF_ARGS_MAX).unwrap_or(NO_ARG),
+                    nr_args: params.len() as u32,
+                };
+                prop_assert_eq!(btf.kfree_skb_btf_args().unwrap(), want);
+            }
+            _ => {
+                let err = btf.kfree_skb_btf_args().unwrap_err();
+                prop_assert!(matches!(err, BtfError::TracepointProto { .. }), "{}", err);
+            }
         }
     }
 

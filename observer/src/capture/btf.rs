@@ -4,8 +4,8 @@
 //! and passed to it as a global.
 use std::path::{Path, PathBuf};
 
-use btf_rs::{Btf, Type};
-use observer_ebpf::KernelLayout;
+use btf_rs::{Btf, BtfType, Type};
+use observer_ebpf::{BTF_ARGS_MAX, BtfArgs, KernelLayout, NO_ARG};
 
 use super::tracefs::KfreeSkbFields;
 
@@ -59,6 +59,15 @@ pub enum BtfError {
     /// The enum was not found.
     #[error("BTF has no enum named {0:?}")]
     NoEnum(String),
+    /// The BTF prototype of a tracepoint is missing or lacks an argument the BTF-enabled
+    /// program needs (the classic tracepoint is used then).
+    #[error("BTF: {typedef}: {problem}")]
+    TracepointProto {
+        /// The `btf_trace_<name>` typedef.
+        typedef: String,
+        /// What is missing or unexpected.
+        problem: String,
+    },
     /// btf-rs failed while walking types.
     #[error("BTF lookup for {what}: {message}")]
     Lookup {
@@ -288,6 +297,127 @@ impl KernelBtf {
         Err(BtfError::NoEnum(name.to_owned()))
     }
 
+    /// Where the BTF-enabled `kfree_skb` tracepoint (`tp_btf/kfree_skb`) finds its arguments.
+    ///
+    /// The kernel describes the tracepoint by the typedef `btf_trace_kfree_skb`, a pointer to
+    /// `void (*)(void *__data, <tracepoint args>)`. Its parameters carry no names, so they are
+    /// found by type: the first `struct sk_buff *`, the `enum skb_drop_reason` and the first
+    /// `void *` after the skb (the code location). Indices count from the first argument after
+    /// `__data`, as the program's context does.
+    ///
+    /// An error (missing typedef, no skb or reason argument, an index beyond what the program
+    /// can load) means the classic tracepoint must be used.
+    pub fn kfree_skb_btf_args(&self) -> Result<BtfArgs, BtfError> {
+        self.tp_btf_args("kfree_skb")
+    }
+
+    fn tp_btf_args(&self, tracepoint: &str) -> Result<BtfArgs, BtfError> {
+        let typedef = format!("btf_trace_{tracepoint}");
+        let problem = |p: &str| BtfError::TracepointProto {
+            typedef: typedef.clone(),
+            problem: p.to_owned(),
+        };
+        let types = self
+            .btf
+            .resolve_types_by_name(&typedef)
+            .map_err(|_| problem("no such typedef (kernel without BTF for this tracepoint)"))?;
+        let def = types
+            .into_iter()
+            .find(|t| matches!(t, Type::Typedef(_)))
+            .ok_or_else(|| problem("no such typedef (kernel without BTF for this tracepoint)"))?;
+        let Type::Ptr(ptr) = self.strip(def)? else {
+            return Err(problem("not a function pointer"));
+        };
+        let proto = self
+            .btf
+            .resolve_chained_type(&ptr)
+            .map_err(|e| Self::lookup_err(&typedef, e))?;
+        let Type::FuncProto(proto) = self.strip(proto)? else {
+            return Err(problem("not a function pointer"));
+        };
+        let mut params = proto.parameters.iter();
+        match params.next() {
+            Some(p) if self.is_void_ptr(p)? => {}
+            _ => return Err(problem("first parameter is not `void *__data`")),
+        }
+        let mut args = BtfArgs {
+            nr_args: u32::try_from(proto.parameters.len() - 1).unwrap_or(u32::MAX),
+            ..BtfArgs::NONE
+        };
+        for (i, p) in params.enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            if p.is_variadic() {
+                return Err(problem("variadic prototype"));
+            }
+            if args.skb == NO_ARG && self.is_ptr_to_struct(p, "sk_buff")? {
+                args.skb = i;
+            } else if args.reason == NO_ARG && self.is_enum(p, "skb_drop_reason")? {
+                args.reason = i;
+            } else if args.skb != NO_ARG && args.location == NO_ARG && self.is_void_ptr(p)? {
+                args.location = i;
+            }
+        }
+        if args.skb == NO_ARG {
+            return Err(problem("no `struct sk_buff *` argument"));
+        }
+        if args.reason == NO_ARG {
+            return Err(problem(
+                "no `enum skb_drop_reason` argument (kernel without drop reasons)",
+            ));
+        }
+        for (what, idx) in [("sk_buff", args.skb), ("reason", args.reason)] {
+            if idx >= BTF_ARGS_MAX {
+                return Err(problem(&format!(
+                    "the {what} argument is number {idx}, beyond the {BTF_ARGS_MAX} the program can load"
+                )));
+            }
+        }
+        if args.location >= BTF_ARGS_MAX {
+            // Only samples use it; they report location 0 then.
+            args.location = NO_ARG;
+        }
+        Ok(args)
+    }
+
+    /// The type a parameter points to, after typedefs and qualifiers; `None` if not a pointer.
+    fn pointee(&self, p: &dyn BtfType) -> Result<Option<Type>, BtfError> {
+        let t = self
+            .btf
+            .resolve_chained_type(p)
+            .map_err(|e| Self::lookup_err("parameter", e))?;
+        let Type::Ptr(ptr) = self.strip(t)? else {
+            return Ok(None);
+        };
+        let to = self
+            .btf
+            .resolve_chained_type(&ptr)
+            .map_err(|e| Self::lookup_err("parameter", e))?;
+        Ok(Some(self.strip(to)?))
+    }
+
+    fn is_void_ptr(&self, p: &dyn BtfType) -> Result<bool, BtfError> {
+        Ok(matches!(self.pointee(p)?, Some(Type::Void)))
+    }
+
+    fn is_ptr_to_struct(&self, p: &dyn BtfType, name: &str) -> Result<bool, BtfError> {
+        Ok(match self.pointee(p)? {
+            Some(Type::Struct(s)) => self.btf.resolve_name(&s).is_ok_and(|n| n == name),
+            _ => false,
+        })
+    }
+
+    fn is_enum(&self, p: &dyn BtfType, name: &str) -> Result<bool, BtfError> {
+        let t = self
+            .btf
+            .resolve_chained_type(p)
+            .map_err(|e| Self::lookup_err("parameter", e))?;
+        Ok(match self.strip(t)? {
+            Type::Enum(e) => self.btf.resolve_name(&e).is_ok_and(|n| n == name),
+            Type::Enum64(e) => self.btf.resolve_name(&e).is_ok_and(|n| n == name),
+            _ => false,
+        })
+    }
+
     /// All offsets the kernel program needs, for the tracepoint fields `tp`.
     pub fn kernel_layout(&self, tp: &KfreeSkbFields) -> Result<KernelLayout, BtfError> {
         Ok(KernelLayout {
@@ -386,6 +516,32 @@ mod tests {
             .map(|(_, v)| *v);
         assert!(nf.is_some(), "{values:?}");
         assert!(btf.enum_values("no_such_enum_xyz").is_err());
+    }
+
+    #[test]
+    fn kfree_skb_btf_args_on_this_kernel() {
+        let Some(btf) = vmlinux() else { return };
+        // Every kernel with drop reasons in the tracepoint (5.17+) has (skb, location,
+        // reason[, rx_sk]) after __data; 6.18: `void (*)(void *, struct sk_buff *, void *,
+        // enum skb_drop_reason, struct sock *)`.
+        let args = btf.kfree_skb_btf_args().unwrap();
+        assert_eq!(
+            (args.skb, args.location, args.reason),
+            (0, 1, 2),
+            "{args:?}"
+        );
+        assert!(args.nr_args >= 3, "{args:?}");
+        // A tracepoint without a drop reason (consume_skb: skb, location) is refused.
+        let err = btf.tp_btf_args("consume_skb").unwrap_err().to_string();
+        assert!(
+            err.contains("btf_trace_consume_skb") && err.contains("skb_drop_reason"),
+            "{err}"
+        );
+        let err = btf
+            .tp_btf_args("no_such_tracepoint_xyz")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("btf_trace_no_such_tracepoint_xyz"), "{err}");
     }
 
     #[test]

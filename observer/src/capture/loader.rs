@@ -2,17 +2,22 @@
 use std::path::Path;
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use observer_ebpf::{
-    Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX,
+    BtfArgs, Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX,
 };
 
 use super::batch::Batch;
 use super::btf::KernelBtf;
 use super::drain::DrainState;
 use super::tracefs::{self, KfreeSkbFields, ReasonTable};
-use super::{CaptureConfig, CaptureError, ReasonFilter, Sample, decode};
+use super::{AttachKind, AttachMode, CaptureConfig, CaptureError, ReasonFilter, Sample, decode};
+
+/// Name of the classic tracepoint program in the object.
+const TRACEPOINT_PROGRAM: &str = "kfree_skb";
+/// Name of the BTF-enabled raw tracepoint program in the object.
+const BTF_PROGRAM: &str = "kfree_skb_btf";
 
 /// The object built by `observer/build.rs` (aya-build) from `observer-ebpf`.
 static EBPF_OBJECT: &[u8] =
@@ -41,6 +46,8 @@ pub struct Capture {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Ring-buffer records of the wrong size, since the last [`Capture::take_bad_samples`].
     bad_samples: u64,
+    /// The hook the program is attached to.
+    attach_kind: AttachKind,
 }
 
 impl std::fmt::Debug for Capture {
@@ -48,6 +55,7 @@ impl std::fmt::Debug for Capture {
         f.debug_struct("Capture")
             .field("capacity", &self.capacity)
             .field("reasons", &self.reasons.len())
+            .field("attach_kind", &self.attach_kind)
             .finish_non_exhaustive()
     }
 }
@@ -176,9 +184,39 @@ pub fn skb_span(layout: &KernelLayout) -> (u32, u32) {
     (start, len)
 }
 
+/// Loads and attaches the classic tracepoint program to `skb:kfree_skb`.
+fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(TRACEPOINT_PROGRAM)
+        .ok_or(CaptureError::Missing("program kfree_skb"))?
+        .try_into()?;
+    program.load()?;
+    program.attach("skb", "kfree_skb")?;
+    Ok(())
+}
+
+/// Loads and attaches the BTF-enabled raw tracepoint program to `kfree_skb`. On failure the
+/// program is unloaded again, so that only the fallback stays in the kernel.
+fn attach_btf(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
+    let btf = aya::Btf::from_sys_fs()?;
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(BTF_PROGRAM)
+        .ok_or(CaptureError::Missing("program kfree_skb_btf"))?
+        .try_into()?;
+    program.load("kfree_skb", &btf)?;
+    if let Err(e) = program.attach() {
+        if let Err(unload) = program.unload() {
+            tracing::debug!(error = %unload, "unloading the unattached tp_btf program");
+        }
+        return Err(e.into());
+    }
+    Ok(())
+}
+
 impl Capture {
     /// Mounts tracefs/bpffs if needed, computes the kernel layout, loads the program with
-    /// `config`, and attaches it to `skb:kfree_skb`.
+    /// `config`, and attaches it to `kfree_skb`: as `tp_btf/kfree_skb` where the kernel's BTF
+    /// allows (see [`AttachMode`]), else as the classic tracepoint `skb:kfree_skb`.
     pub fn load(config: &CaptureConfig) -> Result<Self, CaptureError> {
         validate(config)?;
         if EBPF_OBJECT.is_empty() {
@@ -194,12 +232,24 @@ impl Capture {
         let reasons = kernel_reasons(&fmt, &fields, &btf)?;
         let (all_reasons, mask) = reason_mask(&config.reasons, &reasons)?;
         let (skb_span_start, skb_span_len) = skb_span(&layout);
+        // Why the BTF program cannot be used here, if it cannot.
+        let btf_args = match config.attach {
+            AttachMode::Tracepoint => {
+                Err("the configuration asks for the classic tracepoint".to_owned())
+            }
+            AttachMode::Auto | AttachMode::BtfTracepoint => match btf.kfree_skb_btf_args() {
+                Ok(args) => Ok(args),
+                Err(e) if config.attach == AttachMode::BtfTracepoint => return Err(e.into()),
+                Err(e) => Err(e.to_string()),
+            },
+        };
         let program_config = ProgramConfig {
             layout,
             all_reasons,
             netns_filter: config.netns.unwrap_or(0),
             skb_span_start,
             skb_span_len,
+            btf_args: btf_args.clone().unwrap_or(BtfArgs::NONE),
             reason_mask: mask,
         };
         tracing::debug!(
@@ -216,12 +266,31 @@ impl Capture {
             .map_max_entries("FLOWS", lru_entries(config.flow_map_entries, nr_cpus))
             .map_max_entries("SAMPLES", config.ringbuf_bytes)
             .load(EBPF_OBJECT)?;
-        let program: &mut TracePoint = ebpf
-            .program_mut("kfree_skb")
-            .ok_or(CaptureError::Missing("program kfree_skb"))?
-            .try_into()?;
-        program.load()?;
-        program.attach("skb", "kfree_skb")?;
+        let attach_kind = match btf_args {
+            Ok(_) => match attach_btf(&mut ebpf) {
+                Ok(()) => AttachKind::BtfTracepoint,
+                Err(e) if config.attach == AttachMode::BtfTracepoint => return Err(e),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "tp_btf/kfree_skb could not be attached; using the classic tracepoint skb:kfree_skb (higher cost per drop)"
+                    );
+                    attach_tracepoint(&mut ebpf)?;
+                    AttachKind::Tracepoint
+                }
+            },
+            Err(why) => {
+                if config.attach == AttachMode::Auto {
+                    tracing::warn!(
+                        reason = %why,
+                        "tp_btf/kfree_skb not usable on this kernel; using the classic tracepoint skb:kfree_skb (higher cost per drop)"
+                    );
+                }
+                attach_tracepoint(&mut ebpf)?;
+                AttachKind::Tracepoint
+            }
+        };
+        tracing::info!(attach = %attach_kind, "kfree_skb capture program attached");
 
         let map_err = |map: &'static str| move |source| CaptureError::Map { map, source };
         let flows = PerCpuHashMap::try_from(
@@ -269,7 +338,14 @@ impl Capture {
             scratch: Vec::new(),
             logger,
             bad_samples: 0,
+            attach_kind,
         })
+    }
+
+    /// The hook the program is attached to: `tp_btf/kfree_skb` or, as the fallback, the
+    /// classic tracepoint `skb:kfree_skb`.
+    pub fn attach_kind(&self) -> AttachKind {
+        self.attach_kind
     }
 
     /// Ring-buffer records of the wrong size for a sample, since the last call (the

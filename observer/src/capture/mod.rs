@@ -43,6 +43,46 @@ pub enum ReasonFilter {
     Names(Vec<String>),
 }
 
+/// Which kernel hook [`Capture::load`] may attach to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// The BTF-enabled raw tracepoint `tp_btf/kfree_skb` where the kernel supports it (cheaper
+    /// per drop), else the classic tracepoint `skb:kfree_skb`. The default.
+    #[default]
+    Auto,
+    /// Only the classic tracepoint `skb:kfree_skb`.
+    Tracepoint,
+    /// Only `tp_btf/kfree_skb`; loading fails where the kernel does not support it.
+    BtfTracepoint,
+}
+
+/// The hook a [`Capture`] is attached to (see [`Capture::attach_kind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachKind {
+    /// The classic tracepoint `skb:kfree_skb`: the kernel fills a trace record per drop, and
+    /// the program copies the `sk_buff` fields with helper calls.
+    Tracepoint,
+    /// The BTF-enabled raw tracepoint `tp_btf/kfree_skb`: the program gets the tracepoint's
+    /// arguments directly and loads the `sk_buff` fields with plain loads.
+    BtfTracepoint,
+}
+
+impl AttachKind {
+    /// Short name for logs and metrics: `tracepoint` or `tp_btf`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tracepoint => "tracepoint",
+            Self::BtfTracepoint => "tp_btf",
+        }
+    }
+}
+
+impl std::fmt::Display for AttachKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How to load the capture program.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CaptureConfig {
@@ -58,6 +98,8 @@ pub struct CaptureConfig {
     /// Only count drops on devices in the network namespace with this inode (tests and
     /// debugging); `None` counts every namespace.
     pub netns: Option<u32>,
+    /// Which hook to attach to; [`AttachMode::Auto`] prefers `tp_btf` and falls back.
+    pub attach: AttachMode,
 }
 
 impl Default for CaptureConfig {
@@ -68,6 +110,7 @@ impl Default for CaptureConfig {
             ringbuf_bytes: 256 * 1024,
             idle_drains: 30,
             netns: None,
+            attach: AttachMode::Auto,
         }
     }
 }
@@ -106,8 +149,12 @@ pub enum CaptureError {
     #[error("loading the kfree_skb program: {0}")]
     Load(#[from] aya::EbpfError),
     /// Loading or attaching the program failed.
-    #[error("attaching skb:kfree_skb: {0}")]
+    #[error("loading or attaching the kfree_skb program: {0}")]
     Program(#[from] aya::programs::ProgramError),
+    /// The kernel's BTF could not be loaded for the `tp_btf` program (only an error with
+    /// [`AttachMode::BtfTracepoint`]; otherwise the classic tracepoint is used).
+    #[error("loading kernel BTF for tp_btf/kfree_skb: {0}")]
+    KernelBtf(#[from] aya::BtfError),
     /// A map operation failed.
     #[error("map {map}: {source}")]
     Map {

@@ -203,12 +203,13 @@ fn parse_progs(json: &str) -> anyhow::Result<BTreeMap<u64, Prog>> {
         .collect())
 }
 
-/// The programs an observer loaded: tracepoint programs that were not there before it started,
-/// and, when bpftool can tell, that the observer's process holds.
+/// The programs an observer loaded: tracepoint programs (`tracepoint`, or `tracing` for a
+/// `tp_btf` program) that were not there before it started, and, when bpftool can tell, that
+/// the observer's process holds.
 pub fn observer_progs(before: &BTreeSet<u64>, pid: u32) -> anyhow::Result<BTreeSet<u64>> {
     Ok(progs()?
         .into_values()
-        .filter(|p| !before.contains(&p.id) && p.kind == "tracepoint")
+        .filter(|p| !before.contains(&p.id) && matches!(p.kind.as_str(), "tracepoint" | "tracing"))
         .filter(|p| p.pids.is_empty() || p.pids.contains(&pid))
         .map(|p| p.id)
         .collect())
