@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::alert::{self, AlertStage, DeniedEdge, SpikeTransition};
-use crate::capture::{self, Capture, CaptureConfig, ReasonFilter};
+use crate::capture::{self, AttachMode, Capture, CaptureConfig, ReasonFilter};
 use crate::export::events::{
     DeniedTraffic, EventMetrics, EventsConfig, PeerRef, PodRef, PolicyDeniedEvents, SpikeNotice,
     SpikePhase,
@@ -66,6 +66,11 @@ pub struct RunArgs {
     /// How often the flow map is drained, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub drain_interval_ms: u64,
+    /// Kernel hook: `auto` (the BTF raw tracepoint `tp_btf/kfree_skb` where the kernel has it,
+    /// else the classic tracepoint), `tracepoint` (always the classic `skb:kfree_skb`, an escape
+    /// hatch should a kernel misbehave with the other), or `tp_btf` (fail rather than fall back).
+    #[arg(long, value_enum, default_value_t = AttachArg::Auto)]
+    pub attach: AttachArg,
     /// Only count drops in the network namespace with this inode (`stat -L -c %i
     /// /run/netns/<name>`). For exact tests on a shared machine, and for debugging one pod.
     #[arg(long, hide = true)]
@@ -114,6 +119,28 @@ const POLICY_REASONS: &[&str] = &[
 
 /// Most Kubernetes Event summaries queued between the pipeline and the publisher.
 const EVENT_QUEUE: usize = 1024;
+
+/// `--attach` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachArg {
+    /// `tp_btf/kfree_skb` where available, else `skb:kfree_skb`.
+    Auto,
+    /// Always the classic tracepoint `skb:kfree_skb`.
+    Tracepoint,
+    /// Only `tp_btf/kfree_skb`.
+    #[value(name = "tp_btf")]
+    TpBtf,
+}
+
+impl From<AttachArg> for AttachMode {
+    fn from(a: AttachArg) -> Self {
+        match a {
+            AttachArg::Auto => AttachMode::Auto,
+            AttachArg::Tracepoint => AttachMode::Tracepoint,
+            AttachArg::TpBtf => AttachMode::BtfTracepoint,
+        }
+    }
+}
 
 /// Entry point of `deny-observer run`.
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -305,6 +332,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         flow_map_entries: args.flow_map_entries,
         ringbuf_bytes: args.ringbuf_bytes,
         netns: args.netns_inode,
+        attach: args.attach.into(),
         ..CaptureConfig::default()
     };
     let capture = tokio::task::spawn_blocking(move || Capture::load(&capture_config))
