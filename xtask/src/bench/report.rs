@@ -391,7 +391,7 @@ impl<'a> Report<'a> {
              (it counts the whole machine, so other traffic's netfilter drops push it above 1).\n\
              latency: from the last of {} datagrams until /metrics shows them all ({} bursts per session, polled every 10 ms).\n\
              evicted: deny_observer_events_lost_total{{stage=\"flow_map_evicted\"}} during the windows (whole node).\n\
-             cpu: observer process utime+stime per million drops (windows: flood plus one drain, no scraping meanwhile).\n\
+             cpu: observer CPU time (sum of its threads' schedstat, ns) per million drops (windows: flood plus one drain, no scraping meanwhile).\n\
              eBPF ns/drop: run_time_ns/run_cnt of the observer's programs over a 1 s flood with kernel.bpf_stats_enabled=1\n\
              (stats are off while throughput is measured). Config 4 (iptables LOG + log tailing) is not implemented.",
             super::SRC_NAMESPACE,
