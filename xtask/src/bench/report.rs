@@ -402,7 +402,7 @@ impl<'a> Report<'a> {
             r.netfilter_drop,
             super::BURST,
             super::BURSTS,
-            super::logtail::LOG_PREFIX.trim_end()
+            super::logtail::LOG_PREFIX
         );
         for c in &self.configs {
             if let Some((l, counted, actual)) = c.log_loss {
@@ -819,5 +819,9 @@ mod tests {
         );
         assert!(text.contains("not accounted for: 2000"), "{text}");
         assert!(!text.contains("not implemented"));
+        assert!(
+            text.contains("`log prefix \"deny-observer-bench: \"`"),
+            "{text}"
+        );
     }
 }
