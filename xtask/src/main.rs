@@ -53,6 +53,9 @@ enum Task {
     /// Benchmark (root): drops/s, CPU, eBPF ns/drop, memory, accuracy and latency of
     /// deny-observer during a deny flood, against no observer and a bpftrace peer.
     Bench(bench::BenchArgs),
+    /// The benchmark's kernel-log tailer (configuration `log-tail`), spawned by `bench`.
+    #[command(hide = true)]
+    LogTail(bench::logtail::TailArgs),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +107,7 @@ fn run(task: Task) -> anyhow::Result<()> {
                 duration: duration.map(Duration::from_secs),
             })
         }
+        Task::LogTail(args) => bench::logtail::tail(&args),
         Task::Bench(args) => {
             if !cmd::is_root() {
                 bail!("cargo xtask bench needs root (netns, nftables, BPF); run it as root");

@@ -1,14 +1,16 @@
 //! `cargo xtask bench`: what deny-observer costs during a deny flood, measured against the
-//! no-observer limit and against a bpftrace peer on the same hook (issue 6).
+//! no-observer limit, against a bpftrace peer on the same hook, and against an iptables-LOG
+//! plus log-tailing pipeline in the style of kube-iptables-tailer (issue 6).
 //!
 //! A simulated node ([`SimNode`]) holds a sender pod and a destination pod whose nftables
 //! input hook drops everything (its named counter gives the actual drop count). The flood
 //! sender ([`crate::flood`]) sends UDP and raw TCP SYNs to it, with few flows and with many.
-//! The configurations (no observer, deny-observer, bpftrace) are interleaved within each round,
+//! The configurations (no observer, deny-observer, bpftrace, log-tail) are interleaved within each round,
 //! with the order rotated every round: the machine is noisy, so only ratios within a run mean
 //! anything. Then two one-off phases run the daemon alone: a flood beyond a small flow map
 //! (loss must be counted), and a 50,000-port scan (series must stay bounded).
 
+pub mod logtail;
 mod observer;
 mod report;
 mod sys;
@@ -24,7 +26,7 @@ use crate::flood::{self, FloodConfig, FloodKind, Until};
 use crate::manifests::{self, Owner, PodMeta};
 use crate::metrics::Metrics;
 use crate::simnode::{Enforcement, INGRESS_DROP_COUNTER, PodId, SimNode};
-use observer::{Bpftrace, Daemon, MapSizes};
+use observer::{Bpftrace, Daemon, LogTailer, MapSizes};
 
 /// Kubernetes namespace of the sender pod.
 pub const SRC_NAMESPACE: &str = "bench-src";
@@ -56,6 +58,9 @@ const BURSTS: usize = 4;
 const BURST_STEP: Duration = Duration::from_millis(250);
 /// How long the daemon's fixed (no-flood) CPU cost is measured at the start of a session.
 const IDLE_WINDOW: Duration = Duration::from_secs(1);
+/// Polling step and idle threshold (share of one core) for [`settle_cpu`].
+const SETTLE_STEP: Duration = Duration::from_millis(100);
+const IDLE_SHARE: f64 = 0.02;
 /// Batch of messages per `sendmmsg`.
 const BATCH: usize = 64;
 
@@ -75,11 +80,11 @@ pub struct BenchArgs {
     /// Rounds of interleaved configurations (default 3 with --quick, else 5).
     #[arg(long)]
     pub rounds: Option<usize>,
-    /// Configurations to run, comma separated: limit, deny-observer, bpftrace.
+    /// Configurations to run, comma separated: limit, deny-observer, bpftrace, log-tail.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "limit,deny-observer,bpftrace"
+        default_value = "limit,deny-observer,bpftrace,log-tail"
     )]
     pub configs: Vec<String>,
     /// Use this daemon binary instead of building target/release/deny-observer.
@@ -96,6 +101,9 @@ pub enum Config {
     Daemon,
     /// The bpftrace one-liner.
     Bpftrace,
+    /// An nft `log` statement on the drop rule and a process tailing the kernel log
+    /// (kube-iptables-tailer style).
+    LogTail,
 }
 
 impl Config {
@@ -105,15 +113,16 @@ impl Config {
             Self::Limit => "limit",
             Self::Daemon => "deny-observer",
             Self::Bpftrace => "bpftrace",
+            Self::LogTail => "log-tail",
         }
     }
 
     fn parse(s: &str) -> anyhow::Result<Self> {
-        [Self::Limit, Self::Daemon, Self::Bpftrace]
+        [Self::Limit, Self::Daemon, Self::Bpftrace, Self::LogTail]
             .into_iter()
             .find(|c| c.name() == s.trim())
             .with_context(|| {
-                format!("unknown configuration {s:?} (limit, deny-observer, bpftrace)")
+                format!("unknown configuration {s:?} (limit, deny-observer, bpftrace, log-tail)")
             })
     }
 }
@@ -166,8 +175,25 @@ pub struct Session {
     pub idle_cpu: Option<f64>,
     /// Peak RSS of the observer.
     pub peak_rss: Option<u64>,
-    /// Session-wide `(counted, actual)` when the observer can only say at the end (bpftrace).
+    /// Session-wide `(counted, actual)` when the observer can only say at the end (bpftrace,
+    /// log-tail).
     pub session_count: Option<(u64, u64)>,
+    /// What the log tailer lost on the way, when it ran.
+    pub log_loss: Option<LogLoss>,
+}
+
+/// What the kernel-log path lost in one log-tail session, as the tailer could see it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogLoss {
+    /// Kernel log records (any source) overwritten before the tailer read them: gaps in the
+    /// `/dev/kmsg` sequence numbers.
+    pub lost_records: u64,
+    /// Reads that failed with EPIPE (the ring buffer had overtaken the reader).
+    pub overruns: u64,
+    /// Sum of "N callbacks suppressed" lines.
+    pub suppressed: u64,
+    /// Prefixed lines the tailer could not parse.
+    pub unparsed: u64,
 }
 
 /// The flood beyond a small flow map.
@@ -462,7 +488,7 @@ impl Bench {
         match config {
             Config::Limit => {
                 for s in scenarios {
-                    session.windows.push(self.window(s, None, None)?);
+                    session.windows.push(self.window(s, None, None, false)?);
                 }
             }
             Config::Daemon => {
@@ -490,7 +516,7 @@ impl Bench {
                 for s in scenarios {
                     session
                         .windows
-                        .push(self.window(s, Some(pid), Some(&mut daemon))?);
+                        .push(self.window(s, Some(pid), Some(&mut daemon), false)?);
                 }
                 for i in 0..BURSTS {
                     // Bursts at different phases of the drain cycle.
@@ -504,7 +530,9 @@ impl Bench {
                 let bpftrace = Bpftrace::start(self.log(&format!("bpftrace-{round}")))?;
                 let pid = bpftrace.proc.pid();
                 for s in scenarios {
-                    session.windows.push(self.window(s, Some(pid), None)?);
+                    session
+                        .windows
+                        .push(self.window(s, Some(pid), None, false)?);
                 }
                 let before = self.dropped()?;
                 session.ns_per_drop = self.stats_window(scenarios, &bpftrace.proc.progs)?;
@@ -516,17 +544,46 @@ impl Bench {
                 let counted = counts.get(&self.netfilter_drop).copied().unwrap_or(0);
                 session.session_count = Some((counted, actual));
             }
+            Config::LogTail => {
+                // Guards in this order come off in reverse, panics included: the tailer stops,
+                // then the LOG statement leaves the rule, then the sysctl is restored.
+                let _all_netns = logtail::SysctlGuard::nf_log_all_netns()?;
+                let _log_rule = logtail::LogRule::install(&self.node, self.dst)?;
+                let tailer = LogTailer::start(self.log(&format!("log-tail-{round}")))?;
+                let pid = tailer.proc.pid();
+                for s in scenarios {
+                    session.windows.push(self.window(s, Some(pid), None, true)?);
+                }
+                session.peak_rss = sys::peak_rss(pid).ok();
+                let tally = tailer.finish()?;
+                let actual: u64 = session.windows.iter().map(|w| w.actual).sum();
+                let counted = tally.between(self.node.pod(self.src)?.ip(false), self.dst_ip);
+                session.session_count = Some((counted, actual));
+                session.log_loss = Some(LogLoss {
+                    lost_records: tally.lost_records,
+                    overruns: tally.overruns,
+                    suppressed: tally.suppressed,
+                    unparsed: tally.unparsed,
+                });
+                eprintln!(
+                    "bench:   log-tail: counted {counted} of {actual} drops; {} kernel log records overwritten unread ({} overruns), {} callbacks suppressed",
+                    tally.lost_records, tally.overruns, tally.suppressed
+                );
+            }
         }
         Ok(session)
     }
 
     /// One flood of `scenario` for the window length. With a daemon, waits until its
-    /// /metrics shows every drop (or [`CATCH_UP`] passes) and records what it counted.
+    /// /metrics shows every drop (or [`CATCH_UP`] passes) and records what it counted. With
+    /// `settle`, waits until the observer has gone idle (it works through a backlog after the
+    /// flood, the tailer through the kernel log) so that work is billed to this window.
     fn window(
         &self,
         scenario: &Scenario,
         observer_pid: Option<u32>,
         mut daemon: Option<&mut Daemon>,
+        settle: bool,
     ) -> anyhow::Result<Window> {
         let cfg = self.flood_config(scenario.kind, scenario.flows, FIRST_PORT)?;
         let base_counted = match daemon.as_deref_mut() {
@@ -542,6 +599,9 @@ impl Bench {
             .with_context(|| format!("flood {}", scenario.name))?;
         let flood_end = Instant::now();
         let actual = self.dropped()? - before;
+        if let (true, Some(pid)) = (settle, observer_pid) {
+            settle_cpu(pid)?;
+        }
         let mut w = Window {
             actual,
             sent: stats.sent,
@@ -716,6 +776,23 @@ impl Bench {
         scan.peak_rss = sys::peak_rss(daemon.proc.pid())?;
         Ok(scan)
     }
+}
+
+/// Waits until process `pid` uses under [`IDLE_SHARE`] of a core over a [`SETTLE_STEP`], or
+/// [`CATCH_UP`] passes.
+fn settle_cpu(pid: u32) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut last = sys::CpuSnapshot::take(pid)?;
+    while start.elapsed() < CATCH_UP {
+        std::thread::sleep(SETTLE_STEP);
+        let now = sys::CpuSnapshot::take(pid)?;
+        let used = now.since(&last).total;
+        if used.as_secs_f64() < SETTLE_STEP.as_secs_f64() * IDLE_SHARE {
+            break;
+        }
+        last = now;
+    }
+    Ok(())
 }
 
 /// Drops the daemon attributed to the bench flow: netfilter drops from the sender workload to

@@ -1,5 +1,6 @@
-//! The observers under test, as child processes: the deny-observer daemon and the bpftrace
-//! one-liner. Both die with the benchmark (PR_SET_PDEATHSIG) and are stopped on drop.
+//! The observers under test, as child processes: the deny-observer daemon, the bpftrace
+//! one-liner and the kernel-log tailer. All die with the benchmark (PR_SET_PDEATHSIG) and are
+//! stopped on drop.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use super::logtail::{self, Tally};
 use super::sys;
 use crate::daemon::free_loopback_addr;
 use crate::metrics::{self, Metrics};
@@ -224,6 +226,45 @@ impl Bpftrace {
             bail!("bpftrace printed no counts; it {ended}; its output:\n{out}");
         }
         Ok(counts)
+    }
+}
+
+/// The kernel-log tailer (`cargo xtask log-tail`, this very binary), in the style of
+/// kube-iptables-tailer.
+pub struct LogTailer {
+    /// The process.
+    pub proc: Proc,
+}
+
+impl LogTailer {
+    /// Starts the tailer and waits until it reads the kernel log.
+    pub fn start(log: PathBuf) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("finding the xtask binary")?;
+        let mut proc = Proc::spawn(
+            "log-tail",
+            Command::new(exe).args(["log-tail", "--prefix", logtail::LOG_PREFIX]),
+            log,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !proc.output().contains(logtail::READY_LINE) {
+            proc.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "log-tail not reading the kernel log within 20 s:\n{}",
+                    proc.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self { proc })
+    }
+
+    /// Stops the tailer (SIGINT; it drains what is left first) and returns its counts.
+    pub fn finish(mut self) -> anyhow::Result<Tally> {
+        let ended = self.proc.stop(libc::SIGINT, Duration::from_secs(20));
+        let out = self.proc.output();
+        Tally::parse(&out)
+            .with_context(|| format!("reading log-tail's counts; it {ended}; its output:\n{out}"))
     }
 }
 

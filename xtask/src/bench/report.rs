@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
-use super::{Config, Results, Session, Window};
+use super::{Config, LogLoss, Results, Session, Window};
 
 /// Ratio to the limit the daemon must reach.
 const RATIO_TARGET: f64 = 0.9;
@@ -83,6 +83,9 @@ struct ConfigStats {
     latency: Option<Spread>,
     latency_missing: usize,
     idle_cpu: Option<f64>,
+    /// log-tail: what the kernel log path lost, summed over sessions, and the session-wide
+    /// `(counted, actual)`.
+    log_loss: Option<(LogLoss, u64, u64)>,
 }
 
 /// A PASS/FAIL line.
@@ -388,20 +391,41 @@ impl<'a> Report<'a> {
             "\nratio: per-round drops/s over the limit's in the same round, median; ratio_to_limit: worst scenario.\n\
              accuracy: deny-observer = its deny_observer_drops_total for source {}/{} -> destination {}/{}, reason netfilter_drop,\n\
              over the nft drop counter; bpftrace = its NETFILTER_DROP ({}) count over the nft counter for the whole session\n\
-             (it counts the whole machine, so other traffic's netfilter drops push it above 1).\n\
+             (it counts the whole machine, so other traffic's netfilter drops push it above 1); log-tail = LOG lines it read\n\
+             for sender -> destination over the nft counter for the whole session.\n\
              latency: from the last of {} datagrams until /metrics shows them all ({} bursts per session, polled every 10 ms).\n\
              evicted: deny_observer_events_lost_total{{stage=\"flow_map_evicted\"}} during the windows (whole node).\n\
              cpu: observer CPU time (sum of its threads' schedstat, ns) per million drops (windows: flood plus one drain, no scraping meanwhile).\n\
              eBPF ns/drop: run_time_ns/run_cnt of the observer's programs over a 1 s flood with kernel.bpf_stats_enabled=1\n\
-             (stats are off while throughput is measured). Config 4 (iptables LOG + log tailing) is not implemented.",
+             (stats are off while throughput is measured).\n\
+             log-tail (kube-iptables-tailer style, no targets): while it runs, the destination's nft drop rule also does\n\
+             `log prefix \"{}\"` (LOG before DROP, no rate limit; nf_log_all_netns=1), and a tailer process\n\
+             (`cargo xtask log-tail`) reads /dev/kmsg and counts per (src, dst, proto, dport); its cpu is the tailer's only\n\
+             (the kernel formats each line in the packet path, which shows in its ratio), measured until it goes idle.",
             super::SRC_NAMESPACE,
             super::SRC_WORKLOAD,
             super::DST_NAMESPACE,
             super::DST_WORKLOAD,
             r.netfilter_drop,
             super::BURST,
-            super::BURSTS
+            super::BURSTS,
+            super::logtail::LOG_PREFIX
         );
+        for c in &self.configs {
+            if let Some((l, counted, actual)) = c.log_loss {
+                let _ = writeln!(
+                    o,
+                    "\nlog-tail: counted {counted} of {actual} drops ({}); kernel log records overwritten before the tailer read them: {} \
+                     (any source, {} EPIPE overruns); callbacks suppressed: {}; unparsed prefixed lines: {}; not accounted for: {}",
+                    fmt_opt(c.accuracy, 4),
+                    l.lost_records,
+                    l.overruns,
+                    l.suppressed,
+                    l.unparsed,
+                    actual as i64 - counted as i64 - l.lost_records as i64
+                );
+            }
+        }
         if let Some(ov) = &r.overflow {
             let _ = writeln!(
                 o,
@@ -481,6 +505,14 @@ impl<'a> Report<'a> {
                     "latency_seconds": c.latency.map(Spread::json),
                     "latency_bursts_never_shown": c.latency_missing,
                     "idle_cpu_cores": c.idle_cpu,
+                    "log_tail": c.log_loss.map(|(l, counted, actual)| json!({
+                        "counted": counted,
+                        "actual": actual,
+                        "kernel_log_records_overwritten": l.lost_records,
+                        "kmsg_overruns": l.overruns,
+                        "callbacks_suppressed": l.suppressed,
+                        "unparsed_lines": l.unparsed,
+                    })),
                     "scenarios": scenarios,
                 })
             })
@@ -560,7 +592,7 @@ fn config_stats(results: &Results, config: Config) -> ConfigStats {
             let actual: u64 = scenarios.iter().map(|s| s.actual).sum();
             counted.map(|c| c as f64 / actual.max(1) as f64)
         }
-        Config::Bpftrace => {
+        Config::Bpftrace | Config::LogTail => {
             let (c, a) = sessions
                 .iter()
                 .filter_map(|s| s.session_count)
@@ -570,6 +602,21 @@ fn config_stats(results: &Results, config: Config) -> ConfigStats {
     };
     let cpu: Option<f64> = scenarios.iter().map(|s| s.cpu_s).sum();
     let actual: u64 = scenarios.iter().map(|s| s.actual).sum();
+    let log_loss = sessions
+        .iter()
+        .filter_map(|s| Some((s.log_loss?, s.session_count?)))
+        .reduce(|(a, (ac, aa)), (b, (bc, ba))| {
+            (
+                LogLoss {
+                    lost_records: a.lost_records + b.lost_records,
+                    overruns: a.overruns + b.overruns,
+                    suppressed: a.suppressed + b.suppressed,
+                    unparsed: a.unparsed + b.unparsed,
+                },
+                (ac + bc, aa + ba),
+            )
+        })
+        .map(|(l, (c, a))| (l, c, a));
     ConfigStats {
         config,
         ratio_to_limit,
@@ -599,6 +646,7 @@ fn config_stats(results: &Results, config: Config) -> ConfigStats {
                 .collect::<Vec<_>>(),
         )
         .map(|x| x.median),
+        log_loss,
         scenarios,
     }
 }
@@ -660,6 +708,7 @@ mod tests {
             ns_per_drop: Some(80.0),
             peak_rss: Some(10 << 20),
             session_count: None,
+            log_loss: None,
             latencies: vec![
                 Some(Duration::from_millis(600)),
                 Some(Duration::from_millis(900)),
@@ -752,5 +801,56 @@ mod tests {
                 .unwrap();
             assert_eq!(t.pass, Some(false), "{}", t.detail);
         }
+    }
+
+    #[test]
+    fn log_tail_reports_its_loss_and_has_no_targets() {
+        let mut r = results(950_000);
+        let tail = |counted, lost| Session {
+            windows: vec![window(400_000, 1.0, None)],
+            peak_rss: Some(3 << 20),
+            session_count: Some((counted, 400_000)),
+            log_loss: Some(LogLoss {
+                lost_records: lost,
+                overruns: 2,
+                suppressed: 0,
+                unparsed: 0,
+            }),
+            ..Session::default()
+        };
+        r.configs.push(Config::LogTail);
+        r.rounds[0].push((Config::LogTail, tail(100_000, 299_000)));
+        let limit = r.rounds[0][1].1.clone();
+        r.rounds.push(vec![
+            (Config::Limit, limit),
+            (Config::LogTail, tail(60_000, 339_000)),
+        ]);
+        let report = Report::new(&r);
+        let json: Value = serde_json::from_str(&report.json_string().unwrap()).unwrap();
+        let lt = json["configurations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "log-tail")
+            .unwrap();
+        assert_eq!(lt["accuracy"].as_f64(), Some(160_000.0 / 800_000.0));
+        assert!((lt["ratio_to_limit"].as_f64().unwrap() - 0.4).abs() < 1e-9);
+        assert!(lt["ebpf_ns_per_drop"].is_null());
+        assert_eq!(lt["log_tail"]["kernel_log_records_overwritten"], 638_000);
+        assert_eq!(lt["log_tail"]["kmsg_overruns"], 4);
+        assert_eq!(lt["log_tail"]["counted"], 160_000);
+        assert!(json["configurations"][1]["log_tail"].is_null());
+        assert!(!report.targets.iter().any(|t| t.name.contains("log-tail")));
+        let text = report.text();
+        assert!(
+            text.contains("log-tail: counted 160000 of 800000 drops (0.2000)"),
+            "{text}"
+        );
+        assert!(text.contains("not accounted for: 2000"), "{text}");
+        assert!(!text.contains("not implemented"));
+        assert!(
+            text.contains("`log prefix \"deny-observer-bench: \"`"),
+            "{text}"
+        );
     }
 }

@@ -343,6 +343,9 @@ mod tests {
         for i in 0..5_000_000u64 {
             x = std::hint::black_box(x.wrapping_add(i * i));
         }
+        // schedstat of a thread on the CPU is brought up to date only at a tick or when it is
+        // scheduled out: sleep, so the loop above is in it however short it was.
+        std::thread::sleep(Duration::from_millis(2));
         let d = CpuSnapshot::take(pid).unwrap().since(&a);
         assert!(d.total > Duration::ZERO, "{d:?} ({x})");
         assert!(peak_rss(pid).unwrap() > 0);
