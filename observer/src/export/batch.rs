@@ -2,9 +2,9 @@
 //!
 //! A drain reports one record per flow that changed, and a scan or a wide flood makes
 //! thousands of flows that differ only in their ports and land on a handful of series.
-//! Looking each record's label strings up in the series maps was about a quarter of the daemon's CPU
-//! in such a flood (`cargo xtask bench`, udp-many). Here records are summed under a key of
-//! pointers and small integers first, and each label set is looked up once per drain.
+//! Looking each record's label strings up in the series maps was about a quarter of the
+//! daemon's CPU in such a flood (`cargo xtask bench`, udp-many). Here records are summed under a
+//! key of pointers and small integers first, and each label set is looked up once per drain.
 use std::mem::Discriminant;
 use std::sync::Arc;
 
