@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use super::sys::SysctlGuard;
 use crate::cmd::{self, cmd};
 use crate::simnode::{INGRESS_DROP_COUNTER, NFT_TABLE, PodId, SimNode};
 
@@ -425,39 +426,10 @@ pub fn follow(prefix: &str, stop: &AtomicBool, ready: impl FnOnce()) -> anyhow::
     Ok(tally)
 }
 
-/// A sysctl file set to a value while alive; the previous value comes back on drop, panics
-/// included.
-pub struct SysctlGuard {
-    path: &'static str,
-    previous: String,
-}
-
-impl SysctlGuard {
-    /// Writes `value` to `path`.
-    pub fn set(path: &'static str, value: &str) -> anyhow::Result<Self> {
-        let previous = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {path}"))?
-            .trim()
-            .to_owned();
-        std::fs::write(path, value).with_context(|| format!("writing {value} to {path}"))?;
-        Ok(Self { path, previous })
-    }
-
-    /// `net.netfilter.nf_log_all_netns=1`.
-    pub fn nf_log_all_netns() -> anyhow::Result<Self> {
-        Self::set(NF_LOG_ALL_NETNS, "1")
-    }
-}
-
-impl Drop for SysctlGuard {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::write(self.path, &self.previous) {
-            eprintln!(
-                "bench: could not restore {} to {}: {e}",
-                self.path, self.previous
-            );
-        }
-    }
+/// `net.netfilter.nf_log_all_netns=1` while alive (the kernel writes LOG lines from network
+/// namespaces other than the host's only then); the previous value comes back on drop.
+pub fn nf_log_all_netns() -> anyhow::Result<SysctlGuard> {
+    SysctlGuard::set(NF_LOG_ALL_NETNS, "1")
 }
 
 /// The LOG statement in a pod's ingress drop rule, while alive: the rule becomes
@@ -702,7 +674,7 @@ mod tests {
         };
         let sent = 200;
         let (tally, actual) = {
-            let _sysctl = SysctlGuard::nf_log_all_netns().unwrap();
+            let _sysctl = nf_log_all_netns().unwrap();
             let _rule = LogRule::install(&node, dst).unwrap();
             assert!(list().contains(LOG_PREFIX), "{}", list());
             let stop = AtomicBool::new(false);

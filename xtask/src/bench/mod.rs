@@ -547,7 +547,7 @@ impl Bench {
             Config::LogTail => {
                 // Guards in this order come off in reverse, panics included: the tailer stops,
                 // then the LOG statement leaves the rule, then the sysctl is restored.
-                let _all_netns = logtail::SysctlGuard::nf_log_all_netns()?;
+                let _all_netns = logtail::nf_log_all_netns()?;
                 let _log_rule = logtail::LogRule::install(&self.node, self.dst)?;
                 let tailer = LogTailer::start(self.log(&format!("log-tail-{round}")))?;
                 let pid = tailer.proc.pid();
@@ -678,7 +678,7 @@ impl Bench {
             return Ok(None);
         };
         let cfg = self.flood_config(s.kind, s.flows, FIRST_PORT)?;
-        let _on = sys::BpfStatsOn::enable()?;
+        let _on = sys::SysctlGuard::bpf_stats()?;
         let (t0, c0) = sys::run_stats(progs)?;
         flood::flood(&cfg, Until::Elapsed(Duration::from_secs(1)))?;
         let (t1, c1) = sys::run_stats(progs)?;

@@ -224,32 +224,37 @@ pub fn run_stats(ids: &BTreeSet<u64>) -> anyhow::Result<(u64, u64)> {
         .fold((0, 0), |(t, c), p| (t + p.run_time_ns, c + p.run_cnt)))
 }
 
-/// `kernel.bpf_stats_enabled=1` while alive; the previous value comes back on drop, panics
-/// included. Stats cost every program a clock read per run, so they are on only while the
-/// program's own cost is measured, never while throughput is.
-pub struct BpfStatsOn {
+/// A sysctl file set to a value while alive; the previous value comes back on drop, panics
+/// included.
+pub struct SysctlGuard {
+    path: &'static str,
     previous: String,
 }
 
-impl BpfStatsOn {
-    /// Switches stats on.
-    pub fn enable() -> anyhow::Result<Self> {
-        let previous = std::fs::read_to_string(BPF_STATS_SYSCTL)
-            .with_context(|| format!("reading {BPF_STATS_SYSCTL}"))?
+impl SysctlGuard {
+    /// Writes `value` to `path`.
+    pub fn set(path: &'static str, value: &str) -> anyhow::Result<Self> {
+        let previous = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {path}"))?
             .trim()
             .to_owned();
-        std::fs::write(BPF_STATS_SYSCTL, "1")
-            .with_context(|| format!("writing 1 to {BPF_STATS_SYSCTL}"))?;
-        Ok(Self { previous })
+        std::fs::write(path, value).with_context(|| format!("writing {value} to {path}"))?;
+        Ok(Self { path, previous })
+    }
+
+    /// `kernel.bpf_stats_enabled=1`. Stats cost every program a clock read per run, so they
+    /// are on only while the program's own cost is measured, never while throughput is.
+    pub fn bpf_stats() -> anyhow::Result<Self> {
+        Self::set(BPF_STATS_SYSCTL, "1")
     }
 }
 
-impl Drop for BpfStatsOn {
+impl Drop for SysctlGuard {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::write(BPF_STATS_SYSCTL, &self.previous) {
+        if let Err(e) = std::fs::write(self.path, &self.previous) {
             eprintln!(
-                "bench: could not restore {BPF_STATS_SYSCTL} to {}: {e}",
-                self.previous
+                "bench: could not restore {} to {}: {e}",
+                self.path, self.previous
             );
         }
     }
