@@ -350,7 +350,7 @@ pub fn explain_batch(
                         .deciding_side()
                         .map(|s| s.isolating_policies.clone())
                         .unwrap_or_default(),
-                    policy_label: v.policy_label(),
+                    policy_label: v.policy_label().to_owned(),
                     egress: &v.egress,
                     ingress: &v.ingress,
                 })?

@@ -165,8 +165,10 @@ pub struct Verdict {
     pub egress: SideReport,
     /// Ingress at the destination.
     pub ingress: SideReport,
-    /// [`Verdict::policy_label`], made once: the daemon labels every drop of the flow with
-    /// it, at every drain.
+    /// The isolating policies of the deciding direction, sorted and comma-joined, bounded to
+    /// [`POLICY_LABEL_MAX`] names followed by `,+N more`. Empty for an allowed flow. This is
+    /// the `policy` label of `deny_observer_policy_denies_total`, made once per verdict: the
+    /// daemon labels every drop of the flow with it, at every drain.
     #[serde(skip)]
     pub policy: Arc<str>,
 }
@@ -181,15 +183,9 @@ impl Verdict {
         }
     }
 
-    /// The isolating policies of the deciding direction, sorted and comma-joined, bounded to
-    /// [`POLICY_LABEL_MAX`] names followed by `,+N more`. Empty for an allowed flow. This is
-    /// the `policy` label of `deny_observer_policy_denies_total`.
-    pub fn policy_label(&self) -> String {
-        bounded_policy_list(
-            self.deciding_side()
-                .map(|s| s.isolating_policies.as_slice())
-                .unwrap_or_default(),
-        )
+    /// [`Verdict::policy`] as a string slice.
+    pub fn policy_label(&self) -> &str {
+        &self.policy
     }
 }
 
@@ -480,15 +476,19 @@ impl Engine {
         } else {
             None
         };
-        let mut verdict = Verdict {
+        let deciding = match direction {
+            Some(Direction::Egress) => egress.isolating_policies.as_slice(),
+            Some(Direction::Ingress) => ingress.isolating_policies.as_slice(),
+            _ => &[],
+        };
+        let policy = Arc::from(bounded_policy_list(deciding));
+        Verdict {
             allowed: direction.is_none(),
             direction,
             egress,
             ingress,
-            policy: Arc::from(""),
-        };
-        verdict.policy = Arc::from(verdict.policy_label());
-        verdict
+            policy,
+        }
     }
 
     /// Finds a pod by `namespace/name`.
