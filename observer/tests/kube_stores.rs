@@ -66,7 +66,7 @@ impl Cluster {
 
     fn build(&mut self) -> (Arc<Inventory>, bool) {
         let b = self.builder.build(&self.stores);
-        assert!(b.errors.is_empty(), "{:?}", b.errors);
+        assert!(b.inventory.invalid.is_empty(), "{:?}", b.inventory.invalid);
         (b.inventory, b.changed)
     }
 
@@ -416,10 +416,15 @@ fn unconvertible_pod_is_left_out_and_reported() {
     );
     let b = c.builder.build(&c.stores);
     assert_eq!(b.inventory.pods.len(), 1);
-    assert_eq!(b.errors.len(), 1);
-    assert!(
-        b.errors[0].to_string().contains("prod/bad"),
-        "{}",
-        b.errors[0]
+    assert_eq!(b.inventory.invalid.len(), 1);
+    assert_eq!(
+        b.inventory.invalid[0].to_string(),
+        "Pod prod/bad: status.podIPs[0]: Invalid value: \"10.0.0.300\": must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"
     );
+    assert_eq!(b.inventory.invalid_counts()["pods"], 1);
+    // Reported once: a rebuild with nothing new has nothing newly invalid.
+    assert_eq!(b.newly_invalid.len(), 1);
+    let b = c.builder.build(&c.stores);
+    assert!(b.newly_invalid.is_empty());
+    assert_eq!(b.inventory.invalid.len(), 1);
 }
