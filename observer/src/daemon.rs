@@ -618,6 +618,8 @@ impl Pipeline {
         self.metrics.set_inventory_objects("pods", counts.pods);
         self.metrics
             .set_inventory_objects("networkpolicies", counts.policies);
+        self.metrics
+            .set_inventory_invalid_objects(&inv.invalid_counts());
         self.alert
             .set_policies(inv.policies.iter().map(|p| p.as_ref()));
         let engine = Engine::new(Arc::clone(&inv));
