@@ -191,9 +191,7 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
     with_env(&mut c);
     cmd::interactive(&mut c)?;
 
-    if root.join("fuzz/Cargo.toml").is_file() {
-        fuzz(root)?;
-    }
+    fuzz(root)?;
     if skip_privileged {
         eprintln!("test: all passed, but the privileged tests were SKIPPED (--skip-privileged)");
     } else {
@@ -202,33 +200,66 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A bounded cargo-fuzz pass (30 s per target) when the workspace has fuzz targets and
-/// cargo-fuzz is installed.
+/// Seconds each libFuzzer target runs in `cargo xtask test`.
+const FUZZ_SECONDS: u32 = 25;
+
+/// The coverage-guided pass: each cargo-fuzz target of `xtask/fuzz` for [`FUZZ_SECONDS`],
+/// starting from its checked-in corpus (`xtask/fuzz/corpus/<target>`, read only: what libFuzzer
+/// finds goes under `target/fuzz`). A missing cargo-fuzz is an error, never a skip: `cargo
+/// xtask setup` installs it.
 fn fuzz(root: &Path) -> anyhow::Result<()> {
-    let fuzz_dir = root.join("fuzz");
-    let mut list = Command::new("cargo");
-    list.args(["+nightly", "fuzz", "list"]).current_dir(root);
-    let Ok(targets) = cmd::output(&mut list) else {
-        eprintln!(
-            "test: {} exists but `cargo +nightly fuzz` is not installed; fuzzing skipped",
+    let fuzz_dir = root.join("xtask/fuzz");
+    if !setup::has_cargo_fuzz() {
+        bail!(
+            "`cargo +nightly fuzz` is not installed, so {} cannot run; `cargo xtask setup` installs it",
             fuzz_dir.display()
         );
-        return Ok(());
+    }
+    let work = target_dir(root).join("fuzz");
+    let fuzz_cmd = |args: &[&str]| {
+        let mut c = Command::new("cargo");
+        c.args(["+nightly", "fuzz"])
+            .args(args)
+            .arg("--fuzz-dir")
+            .arg(&fuzz_dir)
+            .current_dir(root)
+            // The fuzzed parsers do not need the eBPF object.
+            .env("AYA_BUILD_SKIP", "1");
+        c
     };
-    for target in targets.lines().map(str::trim).filter(|t| !t.is_empty()) {
-        eprintln!("test: fuzzing {target} for 30 s");
-        cmd::interactive(
-            Command::new("cargo")
-                .args([
-                    "+nightly",
-                    "fuzz",
-                    "run",
-                    target,
-                    "--",
-                    "-max_total_time=30",
-                ])
-                .current_dir(root),
-        )?;
+    let targets = cmd::output(&mut fuzz_cmd(&["list"]))?;
+    let targets: Vec<&str> = targets
+        .lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    anyhow::ensure!(
+        !targets.is_empty(),
+        "{} has no fuzz targets",
+        fuzz_dir.display()
+    );
+    for target in targets {
+        let seeds = fuzz_dir.join("corpus").join(target);
+        let corpus = work.join("corpus").join(target);
+        let artifacts = work.join("artifacts").join(target);
+        for d in [&corpus, &artifacts] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        eprintln!("test: fuzzing {target} for {FUZZ_SECONDS} s (cargo fuzz, libFuzzer)");
+        let mut c = fuzz_cmd(&["run", "--sanitizer", "none", "--target-dir"]);
+        c.arg(work.join("build"))
+            .arg(target)
+            .arg(&corpus)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={FUZZ_SECONDS}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()));
+        cmd::interactive(&mut c).with_context(|| {
+            format!(
+                "fuzz target {target} failed; the input is under {}",
+                artifacts.display()
+            )
+        })?;
     }
     Ok(())
 }
