@@ -53,6 +53,13 @@ enum Task {
     /// Benchmark (root): drops/s, CPU, eBPF ns/drop, memory, accuracy and latency of
     /// deny-observer during a deny flood, against no observer and a bpftrace peer.
     Bench(bench::BenchArgs),
+    /// The libFuzzer pass of `test` alone: each target of xtask/fuzz for `--seconds` (needs
+    /// cargo-fuzz: `cargo xtask setup`).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = FUZZ_SECONDS)]
+        seconds: u32,
+    },
     /// The benchmark's kernel-log tailer (configuration `log-tail`), spawned by `bench`.
     #[command(hide = true)]
     LogTail(bench::logtail::TailArgs),
@@ -107,6 +114,7 @@ fn run(task: Task) -> anyhow::Result<()> {
                 duration: duration.map(Duration::from_secs),
             })
         }
+        Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::LogTail(args) => bench::logtail::tail(&args),
         Task::Bench(args) => {
             if !cmd::is_root() {
@@ -191,7 +199,7 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
     with_env(&mut c);
     cmd::interactive(&mut c)?;
 
-    fuzz(root)?;
+    fuzz(root, FUZZ_SECONDS)?;
     if skip_privileged {
         eprintln!("test: all passed, but the privileged tests were SKIPPED (--skip-privileged)");
     } else {
@@ -203,11 +211,11 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
 /// Seconds each libFuzzer target runs in `cargo xtask test`.
 const FUZZ_SECONDS: u32 = 25;
 
-/// The coverage-guided pass: each cargo-fuzz target of `xtask/fuzz` for [`FUZZ_SECONDS`],
+/// The coverage-guided pass: each cargo-fuzz target of `xtask/fuzz` for `seconds`,
 /// starting from its checked-in corpus (`xtask/fuzz/corpus/<target>`, read only: what libFuzzer
 /// finds goes under `target/fuzz`). A missing cargo-fuzz is an error, never a skip: `cargo
 /// xtask setup` installs it.
-fn fuzz(root: &Path) -> anyhow::Result<()> {
+fn fuzz(root: &Path, seconds: u32) -> anyhow::Result<()> {
     let fuzz_dir = root.join("xtask/fuzz");
     if !setup::has_cargo_fuzz() {
         bail!(
@@ -245,14 +253,16 @@ fn fuzz(root: &Path) -> anyhow::Result<()> {
         for d in [&corpus, &artifacts] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        eprintln!("test: fuzzing {target} for {FUZZ_SECONDS} s (cargo fuzz, libFuzzer)");
-        let mut c = fuzz_cmd(&["run", "--sanitizer", "none", "--target-dir"]);
-        c.arg(work.join("build"))
+        eprintln!("test: fuzzing {target} for {seconds} s (cargo fuzz, libFuzzer)");
+        let build = work.join("build");
+        let mut c = fuzz_cmd(&["run", "--sanitizer", "none"]);
+        c.arg("--target-dir")
+            .arg(&build)
             .arg(target)
             .arg(&corpus)
             .arg(&seeds)
             .arg("--")
-            .arg(format!("-max_total_time={FUZZ_SECONDS}"))
+            .arg(format!("-max_total_time={seconds}"))
             .arg(format!("-artifact_prefix={}/", artifacts.display()));
         cmd::interactive(&mut c).with_context(|| {
             format!(
