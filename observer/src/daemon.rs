@@ -737,6 +737,12 @@ impl Pipeline {
             ("ringbuf_full", losses.ringbuf_full),
             ("flow_insert", losses.flow_insert),
             ("skb_read", losses.skb_read),
+            ("truncated_header", losses.truncated_header),
+            (
+                "ipv6_ext_headers_exceeded",
+                losses.ipv6_ext_headers_exceeded,
+            ),
+            ("header_not_linear", losses.header_not_linear),
             ("flow_map_evicted", losses.evicted_packets),
         ] {
             if n > 0 {
