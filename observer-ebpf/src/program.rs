@@ -764,6 +764,15 @@ fn set_v6(addr: &mut [u8; 16], lo: u64, hi: u64) {
     addr[8..].copy_from_slice(&hi.to_le_bytes());
 }
 
+/// The IPv6 extension headers the parser follows to reach the transport header.
+#[inline(always)]
+fn is_ext_header(next: u8) -> bool {
+    matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
+    )
+}
+
 /// Parses the IPv4/IPv6 header, then the transport header. Every length a header declares is
 /// checked against what the packet holds before anything past it is read.
 #[inline(always)]
@@ -814,34 +823,29 @@ fn parse_ip(p: &mut Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), 
             let mut next = (w0 >> 48) as u8;
             let mut off: u32 = 40;
             for _ in 0..MAX_EXT_HEADERS {
-                match next {
-                    IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                        let e: [u8; 2] = p.get(off)?;
-                        next = e[0];
-                        off += (u32::from(e[1]) + 1) * 8;
-                    }
-                    IPPROTO_AH => {
-                        let e: [u8; 2] = p.get(off)?;
-                        next = e[0];
-                        off += (u32::from(e[1]) + 2) * 4;
-                    }
+                if !is_ext_header(next) {
+                    break;
+                }
+                // One read per header: every extension header is at least 8 bytes, and its
+                // first 4 hold what is needed (next header, length; fragment offset).
+                let e: [u8; 4] = p.get(off)?;
+                let this = next;
+                next = e[0];
+                off += match this {
+                    IPPROTO_AH => (u32::from(e[1]) + 2) * 4,
                     IPPROTO_FRAGMENT => {
-                        let e: [u8; 4] = p.get(off)?;
-                        next = e[0];
-                        off += 8;
+                        // A non-first fragment carries no transport header.
                         if (u16::from(e[2]) << 8 | u16::from(e[3])) >> 3 != 0 {
                             key.protocol = next;
                             return Ok(());
                         }
+                        8
                     }
-                    _ => break,
-                }
+                    _ => (u32::from(e[1]) + 1) * 8,
+                };
             }
             key.protocol = next;
-            if matches!(
-                next,
-                IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
-            ) {
+            if is_ext_header(next) {
                 return Err(loss::IPV6_EXT_HEADERS_EXCEEDED);
             }
             (next, off)
