@@ -80,7 +80,7 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C)]
 struct Scratch {
     skb: [u64; SKB_SPAN_WORDS],
-    packet: [u64; HEADER_WORDS],
+    packet: [u64; PACKET_WORDS],
 }
 
 /// Reads one field of [`CONFIG`] through a volatile load: the compiler must not fold the
@@ -616,6 +616,10 @@ const HEADER_BYTES: usize = 64;
 /// 8-byte words of the header copy.
 const HEADER_WORDS: usize = HEADER_BYTES / 8;
 
+/// 8-byte words of the header buffer: the copy plus slack for the largest [`Packet::get`]
+/// (16 bytes), so that an index masked to the copy plus that read stays inside the buffer.
+const PACKET_WORDS: usize = HEADER_WORDS + 2;
+
 /// Why parsing stopped before the flow key was complete: the `loss::*` slot to count.
 type Cut = u32;
 
@@ -627,7 +631,7 @@ type Cut = u32;
 /// cheaper than zeroing the buffer on every drop and just as safe.
 struct Packet<'a> {
     l3: u64,
-    buf: &'a [u64; HEADER_WORDS],
+    buf: &'a [u64; PACKET_WORDS],
     /// Bytes of `buf` copied from this packet: `min(linear, HEADER_BYTES)`.
     copied: u32,
     /// Bytes from the network header to the end of the linear data (`skb->tail`). Bytes past
@@ -647,7 +651,7 @@ impl<'a> Packet<'a> {
         l3: u64,
         linear: u32,
         fragmented: bool,
-        buf: &'a mut [u64; HEADER_WORDS],
+        buf: &'a mut [u64; PACKET_WORDS],
     ) -> Result<Self, Cut> {
         let copied = if linear < HEADER_BYTES as u32 {
             linear
@@ -707,15 +711,23 @@ impl<'a> Packet<'a> {
         // a few KiB), so this cannot overflow.
         let end = off + N as u32;
         self.need(end)?;
-        // SAFETY: [u64; HEADER_WORDS] and [u8; HEADER_BYTES] have the same size, and u8 has
-        // no alignment or validity requirements.
+        const { assert!(N <= (PACKET_WORDS - HEADER_WORDS) * 8) };
+        // SAFETY: [u64; PACKET_WORDS] and [u8; PACKET_WORDS * 8] have the same size, and u8
+        // has no alignment or validity requirements.
         let bytes =
-            unsafe { &*(self.buf as *const [u64; HEADER_WORDS]).cast::<[u8; HEADER_BYTES]>() };
-        if end <= self.copied
-            && let Some(b) = bytes.get(off as usize..end as usize)
-            && let Ok(a) = <[u8; N]>::try_from(b)
-        {
-            return Ok(a);
+            unsafe { &*(self.buf as *const [u64; PACKET_WORDS]).cast::<[u8; PACKET_WORDS * 8]>() };
+        if end <= self.copied {
+            // `end <= copied <= HEADER_BYTES`, so the mask changes nothing. It is for older
+            // verifiers (5.10), which cannot prune a branch that compares a constant with a
+            // range: they would follow `off < HEADER_BYTES - N` into paths where `off` is
+            // known larger, and reject the contradictory offset. Masked, the index is always
+            // in bounds.
+            let i = off as usize & (HEADER_BYTES - 1);
+            if let Some(b) = bytes.get(i..i + N)
+                && let Ok(a) = <[u8; N]>::try_from(b)
+            {
+                return Ok(a);
+            }
         }
         read(self.l3, off).map_err(|_| loss::SKB_READ)
     }
@@ -726,7 +738,7 @@ impl<'a> Packet<'a> {
 #[inline(always)]
 fn read_headers(
     f: &SkbFields,
-    buf: &mut [u64; HEADER_WORDS],
+    buf: &mut [u64; PACKET_WORDS],
     key: &mut FlowKey,
     extra: &mut Extra,
 ) -> Result<(), Cut> {
