@@ -719,10 +719,12 @@ impl<'a> Packet<'a> {
         if end <= self.copied {
             // `end <= copied <= HEADER_BYTES`, so the mask changes nothing. It is for older
             // verifiers (5.10), which cannot prune a branch that compares a constant with a
-            // range: they would follow `off < HEADER_BYTES - N` into paths where `off` is
-            // known larger, and reject the contradictory offset. Masked, the index is always
-            // in bounds.
-            let i = off as usize & (HEADER_BYTES - 1);
+            // range: given the bounds check of `off..end` they follow `off <= HEADER_BYTES - N`
+            // into paths where `off` is known larger, and reject the contradictory offset.
+            // Masked, the index is in bounds with the slack, so no such check is emitted; the
+            // volatile read keeps LLVM from proving the mask redundant and dropping it.
+            // SAFETY: reads a local.
+            let i = unsafe { core::ptr::read_volatile(&off) } as usize & (HEADER_BYTES - 1);
             if let Some(b) = bytes.get(i..i + N)
                 && let Ok(a) = <[u8; N]>::try_from(b)
             {
