@@ -26,15 +26,21 @@ enum Command {
     Audit(observer::verdict::AuditArgs),
 }
 
-/// The inventory of `explain` and `audit`: the same loader as the daemon's.
+/// The inventory of `explain` and `audit`: the same loader as the daemon's. Its errors name
+/// the path already, so the context does not repeat it.
 fn load(dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<observer::inventory::Inventory>> {
-    let inventory = observer::inventory::load_dir(dir)
-        .with_context(|| format!("loading the inventory from {}", dir.display()))?;
+    let inventory = observer::inventory::load_dir(dir).context("loading the inventory")?;
     Ok(std::sync::Arc::new(inventory))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `explain` exits 1 on DENY, so its own failures (all bad input: a missing inventory, an
+    // unknown pod, a bad port) must not exit 1 as well.
+    let failure = match cli.command {
+        Command::Explain(_) => ExitCode::from(observer::verdict::cli::EXIT_BAD_INPUT),
+        _ => ExitCode::FAILURE,
+    };
     let result = match cli.command {
         Command::Run(args) => observer::daemon::main(*args),
         Command::Explain(args) => load(&args.inventory).and_then(|inv| {
@@ -50,7 +56,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("deny-observer: error: {err:#}");
-            ExitCode::FAILURE
+            failure
         }
     }
 }
