@@ -227,12 +227,13 @@ impl AlertMetrics {
                 .top_port
                 .map(|(protocol, port, rate)| ((protocol.label(), port.to_string()), rate));
             let shown = self.top_port_shown.get(st.key);
-            if shown.is_some() && shown != top.as_ref().map(|(l, _)| l) {
-                if let Some((protocol, port)) = self.top_port_shown.remove(st.key) {
-                    let _ = self
-                        .top_port
-                        .remove_label_values(&[d, ns, w, e, protocol, &port]);
-                }
+            if shown.is_some()
+                && shown != top.as_ref().map(|(l, _)| l)
+                && let Some((protocol, port)) = self.top_port_shown.remove(st.key)
+            {
+                let _ = self
+                    .top_port
+                    .remove_label_values(&[d, ns, w, e, protocol, &port]);
             }
             if let Some(((protocol, port), rate)) = top {
                 self.top_port
