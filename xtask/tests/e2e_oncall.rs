@@ -18,6 +18,8 @@
 //!    only hold the selected namespace/workload/node.
 //! 4. **explain**: the page's workload, peer and top port, given to `deny-observer explain`,
 //!    give DENY (exit 1) by the policy the alert named.
+//! 5. **Logs**: with `--log-format json` (as the DaemonSet runs) and stderr not a terminal,
+//!    every line of the daemon's log is a JSON object without ANSI colour codes.
 //!
 //! Run through `cargo xtask test`, which builds the release daemon and sets the variable.
 
@@ -73,6 +75,9 @@ const DAEMON_ARGS: &[&str] = &[
     "60",
     "--node-name",
     NODE,
+    // As the DaemonSet runs it: every log line is one JSON object, without colour codes.
+    "--log-format",
+    "json",
 ];
 /// Short enough that the ungated cluster-wide path, true for several seconds during the
 /// warm-up, would have fired.
@@ -719,6 +724,18 @@ fn page_to_dashboard_to_explain() {
             ));
         }
 
+        // The log as `kubectl logs` would show it.
+        let log = std::fs::read_to_string(daemon.log()).unwrap();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.is_empty() {
+            problems.push("the daemon logged nothing".to_owned());
+        }
+        for line in &lines {
+            if line.contains('\u{1b}') || serde_json::from_str::<Value>(line).is_err() {
+                problems.push(format!("daemon log line is not plain JSON: {line:?}"));
+                break;
+            }
+        }
         if !problems.is_empty() {
             fail(
                 format!("{} problem(s):\n{}", problems.len(), problems.join("\n")),
