@@ -33,6 +33,23 @@ fn load(dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<observer::invent
     Ok(std::sync::Arc::new(inventory))
 }
 
+/// The error and its causes on one line. A cause whose text its parent already printed (an
+/// error that formats its `source` and also returns it) is not repeated.
+fn render_error(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `explain` exits 1 on DENY, so its own failures (all bad input: a missing inventory, an
@@ -55,7 +72,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("deny-observer: error: {err:#}");
+            eprintln!("deny-observer: error: {}", render_error(&err));
             failure
         }
     }

@@ -368,5 +368,6 @@ fn binary_exit_statuses_and_errors() {
     assert_eq!(out.status.code(), Some(i32::from(EXIT_BAD_INPUT)));
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.matches("/nonexistent/inv").count(), 1, "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }

@@ -130,6 +130,12 @@ const EXPECTED_EMPTY: &[(&str, &str, &str, &str)] = &[
         "narrowed",
         "the selected namespace has a NetworkPolicy",
     ),
+    (
+        "Deny rate by denied workload",
+        "B",
+        "narrowed",
+        "the selected workload (api) sends nothing, so it has no egress denies",
+    ),
 ];
 
 /// Sends UDP from pod `from` to `to` at `pps.load()` packets per second until `stop`.
@@ -274,6 +280,17 @@ fn page_to_dashboard_to_explain() {
             .port("http", FLOOD_PORT, Proto::Udp),
         ),
         (
+            APP_NS,
+            "batch-7b8c9d6f5-q4r7t",
+            PodMeta::app(
+                "batch",
+                Owner::Deployment {
+                    name: "batch".into(),
+                    hash: "7b8c9d6f5".into(),
+                },
+            ),
+        ),
+        (
             OPEN_NS,
             "cache-0",
             PodMeta::app("cache", Owner::StatefulSet("cache".into())).port(
@@ -288,11 +305,13 @@ fn page_to_dashboard_to_explain() {
         node.add_pod(ns, name).unwrap();
         metas.push(meta);
     }
-    let (client, api, cache) = (0, 1, 2);
+    let (client, api, batch, cache) = (0, 1, 2, 3);
     let mut enforcement = Enforcement::default();
     enforcement.ingress_isolated.insert(api);
     // No NetworkPolicy selects cache: the node drops what the policies allow.
     enforcement.ingress_isolated.insert(cache);
+    // batch may send nothing: its egress denies fill the egress side of the dashboard.
+    enforcement.egress_isolated.insert(batch);
     node.enforce(&enforcement).unwrap();
     let inventory = work.path().join("inventory");
     manifests::write_inventory(
@@ -300,11 +319,18 @@ fn page_to_dashboard_to_explain() {
         node.pods(),
         &metas,
         NODE,
-        vec![json!({
-            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"name": POLICY, "namespace": APP_NS},
-            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
-        })],
+        vec![
+            json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": POLICY, "namespace": APP_NS},
+                "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+            }),
+            json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "batch-deny-egress", "namespace": APP_NS},
+                "spec": {"podSelector": {"matchLabels": {"app": "batch"}}, "policyTypes": ["Egress"]},
+            }),
+        ],
     )
     .unwrap();
 
@@ -312,6 +338,7 @@ fn page_to_dashboard_to_explain() {
     let background_pps = AtomicU64::new(BACKGROUND_PPS);
     let flood_pps = AtomicU64::new(0);
     let cache_pps = AtomicU64::new(CACHE_PPS);
+    let batch_pps = AtomicU64::new(CACHE_PPS);
     let stop = AtomicBool::new(false);
 
     std::thread::scope(|s| {
@@ -326,6 +353,7 @@ fn page_to_dashboard_to_explain() {
         });
         s.spawn(|| paced_udp(&node, client, to(api, FLOOD_PORT), &flood_pps, &stop));
         s.spawn(|| paced_udp(&node, client, to(cache, CACHE_PORT), &cache_pps, &stop));
+        s.spawn(|| paced_udp(&node, batch, to(cache, CACHE_PORT), &batch_pps, &stop));
         struct StopOnDrop<'a>(&'a AtomicBool);
         impl Drop for StopOnDrop<'_> {
             fn drop(&mut self) {
@@ -496,9 +524,10 @@ fn page_to_dashboard_to_explain() {
             let ann = &alert["annotations"];
             for key in ["summary", "description", "runbook_url", "dashboard_url"] {
                 let text = ann[key].as_str().unwrap_or_default();
+                // The templates' fallbacks when a query they run returns nothing.
                 if text.is_empty()
                     || text.contains("<no value>")
-                    || text.contains("unknown")
+                    || text.contains("policy unknown")
                     || text.contains("no baseline yet")
                 {
                     problems.push(format!("{name} {labels}: {key} = {text:?}"));
