@@ -138,7 +138,8 @@ const EXPECTED_EMPTY: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
-/// Sends UDP from pod `from` to `to` at `pps.load()` packets per second until `stop`.
+/// Sends UDP from pod `from` to `to` at `pps.load()` packets per second until `stop`; returns
+/// the datagrams sent (including those the sender's egress hook dropped).
 fn paced_udp(
     node: &SimNode,
     from: PodId,
@@ -156,8 +157,13 @@ fn paced_udp(
                 .min(FLOOD_PPS as f64);
             last = now;
             while credit >= 1.0 {
-                sock.send_to(&[0x5a; 32], to)
-                    .unwrap_or_else(|e| panic!("sending a datagram to {to}: {e}"));
+                // A drop in the sender's own output hook (an egress deny) fails the send
+                // with EPERM after the kernel freed the packet: sent and dropped, as wanted.
+                if let Err(e) = sock.send_to(&[0x5a; 32], to)
+                    && e.kind() != std::io::ErrorKind::PermissionDenied
+                {
+                    panic!("sending a datagram to {to}: {e}");
+                }
                 sent += 1;
                 credit -= 1.0;
             }
@@ -546,10 +552,16 @@ fn page_to_dashboard_to_explain() {
                     "{name}: dashboard_url {dash} does not open /d/{uid}/"
                 ));
             }
+            // The denied workload's side: the source for egress, else the destination.
+            let edge_side = if labels["direction"] == "egress" {
+                labels["source_namespace"].as_str()
+            } else {
+                labels["destination_namespace"].as_str()
+            };
             let want_ns = labels["workload_namespace"]
                 .as_str()
                 .or(labels["target_namespace"].as_str())
-                .or(labels["destination_namespace"].as_str());
+                .or(edge_side);
             if let Some(ns) = want_ns
                 && !dash.contains(&format!("var-namespace={ns}"))
             {
