@@ -101,18 +101,6 @@ const EXPECTED_EMPTY: &[(&str, &str, &str, &str)] = &[
         "the queries run after every daemon's warm-up has ended",
     ),
     (
-        "Events lost",
-        "A",
-        "*",
-        "a few thousand drops per second lose nothing (losses are tested in e2e_overflow)",
-    ),
-    (
-        "Series overflow",
-        "A",
-        "*",
-        "a handful of workloads stay far under --series-limit",
-    ),
-    (
         "Inventory reloads and watch errors",
         "B",
         "*",
