@@ -32,8 +32,9 @@ pub const BASE_PACKAGES: &[&str] = &[
     "tzdata",
     "ca-certificates",
 ];
-/// Shell hooks mmdebstrap runs on the extracted tree (`$1` is its root). The `extract` variant
-/// runs no maintainer scripts, so what they would create is made here.
+/// Shell hooks mmdebstrap runs on the extracted tree (`$1` is its root; the `extract` variant
+/// runs extract hooks only). It runs no maintainer scripts, so what they would create is made
+/// here.
 const BASE_HOOKS: &[&str] = &[
     // ca-certificates' postinst builds the bundle; HTTPS clients read it.
     r#"mkdir -p "$1/etc/ssl/certs" && cat "$1"/usr/share/ca-certificates/mozilla/*.crt > "$1/etc/ssl/certs/ca-certificates.crt""#,
@@ -43,8 +44,19 @@ const BASE_HOOKS: &[&str] = &[
     r#"chmod 1777 "$1/tmp""#,
 ];
 
-/// rlimits passed to every container podman starts here (`nofile` and `nproc`, soft = hard).
-pub const ULIMITS: [&str; 2] = ["nofile=65536:65536", "nproc=8192:8192"];
+/// This process's hard limit of `resource`, capped at `cap` (`RLIM_INFINITY` is not a number
+/// podman takes).
+fn hard_limit(resource: libc::__rlimit_resource_t, cap: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid struct we pass and has no other effect.
+    if unsafe { libc::getrlimit(resource, &mut limit) } != 0 {
+        return 1024;
+    }
+    limit.rlim_max.min(cap)
+}
 
 /// `podman` with the OCI runtime that works on these machines.
 pub fn podman() -> Command {
@@ -53,12 +65,23 @@ pub fn podman() -> Command {
     c
 }
 
-/// `--ulimit` arguments for `podman run` and `podman build`.
+/// `--ulimit` arguments for `podman run` and `podman build`: `nofile` and `nproc` at this
+/// process's own hard limits (soft = hard). A value above them makes runc's setrlimit fail
+/// with EPERM in a sandbox without CAP_SYS_RESOURCE; podman's defaults are such values.
 pub fn ulimit_args() -> Vec<String> {
-    ULIMITS
-        .iter()
-        .flat_map(|u| ["--ulimit".to_owned(), (*u).to_owned()])
-        .collect()
+    let nofile = hard_limit(libc::RLIMIT_NOFILE, 1 << 20);
+    // More processes than pid_max cannot exist; above it (32768 here) runc's setrlimit fails.
+    let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    let nproc = hard_limit(libc::RLIMIT_NPROC, pid_max);
+    vec![
+        "--ulimit".to_owned(),
+        format!("nofile={nofile}:{nofile}"),
+        "--ulimit".to_owned(),
+        format!("nproc={nproc}:{nproc}"),
+    ]
 }
 
 /// FNV-1a, 64 bits: a cache key that stays the same across Rust versions (std's hasher may not).
@@ -76,7 +99,7 @@ fn base_recipe() -> Vec<String> {
         "--format=tar".to_owned(),
         format!("--include={}", BASE_PACKAGES.join(",")),
     ];
-    args.extend(BASE_HOOKS.iter().map(|h| format!("--customize-hook={h}")));
+    args.extend(BASE_HOOKS.iter().map(|h| format!("--extract-hook={h}")));
     args.push(SUITE.to_owned());
     args
 }

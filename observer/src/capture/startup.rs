@@ -52,8 +52,11 @@ pub fn install_seccomp_profile(args: &InstallSeccompArgs) -> Result<PathBuf, std
 /// The system call the kernel or the runtime refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refused {
-    /// `bpf()`: map creation, BTF and program load, `tp_btf` attach.
+    /// `bpf()`: map creation, BTF load, `tp_btf` attach.
     Bpf,
+    /// `bpf(BPF_PROG_LOAD)` of the tracing program: needs CAP_PERFMON besides CAP_BPF, since
+    /// the program reads kernel memory.
+    ProgLoad,
     /// `perf_event_open()`: attaching the classic tracepoint.
     PerfEventOpen,
 }
@@ -103,8 +106,20 @@ impl Privileges {
 
 /// Why `call` was refused and how to fix it, given what the process holds (`None`: unknown).
 pub fn fix_for(call: Refused, privileges: Option<Privileges>) -> String {
+    if call == Refused::ProgLoad {
+        let missing_perfmon = privileges
+            .is_some_and(|p| (p.cap_bpf || p.cap_sys_admin) && !(p.cap_perfmon || p.cap_sys_admin));
+        if missing_perfmon {
+            return "CAP_PERFMON is missing: the kernel loads a tracing program that reads kernel \
+                    memory only with CAP_PERFMON besides CAP_BPF. Add `PERFMON` to the \
+                    container's securityContext.capabilities.add (deploy/base/daemonset.yaml \
+                    does)"
+                .to_owned();
+        }
+        return fix_for(Refused::Bpf, privileges);
+    }
     let (syscall, cap, cap_name, held) = match call {
-        Refused::Bpf => (
+        Refused::Bpf | Refused::ProgLoad => (
             "bpf()",
             "BPF",
             "CAP_BPF",
@@ -123,7 +138,7 @@ pub fn fix_for(call: Refused, privileges: Option<Privileges>) -> String {
          allows it). Fix: run with the Localhost seccomp profile {SECCOMP_PROFILE} \
          (`kubectl apply -k {SECCOMP_OVERLAY}` installs it on every node and selects it)"
     );
-    let memlock = if call == Refused::Bpf {
+    let memlock = if call != Refused::PerfEventOpen {
         ", or, on kernels before 5.11, RLIMIT_MEMLOCK is too small for the maps \
          (deploy/overlays/legacy-kernel adds CAP_SYS_RESOURCE)"
     } else {
@@ -177,11 +192,14 @@ fn refused_call(err: &CaptureError, site: Refused) -> Option<Refused> {
         if let Some(sys) = e.downcast_ref::<aya::sys::SyscallError>() {
             call.get_or_insert(sys.call);
         }
-        if let Some(aya::programs::ProgramError::LoadError { .. }) =
-            e.downcast_ref::<aya::programs::ProgramError>()
-        {
+        match e.downcast_ref::<aya::programs::ProgramError>() {
+            // `#[error(transparent)]`: the chain skips the SyscallError inside.
+            Some(aya::programs::ProgramError::SyscallError(sys)) => {
+                call.get_or_insert(sys.call);
+            }
             // EACCES from BPF_PROG_LOAD is the verifier's rejection, not a privilege problem.
-            verifier = true;
+            Some(aya::programs::ProgramError::LoadError { .. }) => verifier = true,
+            _ => {}
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             errno = errno.or(io.raw_os_error());
@@ -197,7 +215,7 @@ fn refused_call(err: &CaptureError, site: Refused) -> Option<Refused> {
         return None;
     }
     Some(match call {
-        _ if verifier => Refused::Bpf,
+        _ if verifier => Refused::ProgLoad,
         Some(c) if c.starts_with("perf_event_open") => Refused::PerfEventOpen,
         // PERF_EVENT_IOC_SET_BPF is refused when the program reads past the tracepoint's
         // record (a kernel-layout problem), not for lack of privilege.
@@ -326,6 +344,18 @@ mod tests {
     }
 
     #[test]
+    fn program_load_without_perfmon_names_perfmon() {
+        let fix = fix_for(Refused::ProgLoad, privs(true, false, true));
+        assert!(fix.starts_with("CAP_PERFMON is missing"), "{fix}");
+        assert!(fix.contains("`PERFMON`"), "{fix}");
+        // With both capabilities, a refused program load is the seccomp/LSM case of bpf().
+        let fix = fix_for(Refused::ProgLoad, privs(true, true, true));
+        assert!(fix.contains("seccomp profile refuses bpf()"), "{fix}");
+        let fix = fix_for(Refused::ProgLoad, privs(false, false, true));
+        assert!(fix.starts_with("CAP_BPF is missing"), "{fix}");
+    }
+
+    #[test]
     fn sys_admin_counts_as_holding_both() {
         let p = Some(Privileges {
             cap_sys_admin: true,
@@ -412,6 +442,11 @@ mod tests {
             text.contains("failed to create map `FLOWS`: Operation not permitted"),
             "{text}"
         );
-        assert!(text.contains("fix") || text.contains("Fix"), "{text}");
+        // The fix depends on this process's own capabilities and seccomp mode (see the fix_for
+        // tests); it is appended after the kernel's error.
+        assert!(
+            text.contains("Operation not permitted (os error 1). CAP_BPF "),
+            "{text}"
+        );
     }
 }
