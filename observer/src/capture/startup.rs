@@ -107,8 +107,8 @@ impl Privileges {
 /// Why `call` was refused and how to fix it, given what the process holds (`None`: unknown).
 pub fn fix_for(call: Refused, privileges: Option<Privileges>) -> String {
     if call == Refused::ProgLoad {
-        let missing_perfmon = privileges
-            .is_some_and(|p| (p.cap_bpf || p.cap_sys_admin) && !(p.cap_perfmon || p.cap_sys_admin));
+        let missing_perfmon =
+            privileges.is_some_and(|p| p.cap_bpf && !p.cap_perfmon && !p.cap_sys_admin);
         if missing_perfmon {
             return "CAP_PERFMON is missing: the kernel loads a tracing program that reads kernel \
                     memory only with CAP_PERFMON besides CAP_BPF. Add `PERFMON` to the \
