@@ -1,6 +1,7 @@
 //! Developer tasks for deny-observer (`cargo xtask ...`), and the pieces the integration tests
 //! share with them: a simulated Kubernetes node on the real kernel ([`simnode`]), inventory
-//! manifests for it ([`manifests`]) and a `/metrics` reader ([`metrics`]).
+//! manifests for it ([`manifests`]), a `/metrics` reader ([`metrics`]), and the container image
+//! ([`image`]) with the pod-template-to-podman translation the container test runs ([`podspec`]).
 
 pub mod bench;
 pub mod cmd;

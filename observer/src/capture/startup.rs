@@ -168,10 +168,10 @@ fn chain(err: &CaptureError) -> String {
     let mut out = err.to_string();
     let mut next = err.source();
     while let Some(e) = next {
-        // Wrappers that print their inner error (`#[error("...: {0}")]` with `#[from]`) would
-        // otherwise repeat it.
+        // Wrappers that print their inner error (`#[error("...: {0}")]` with `#[from]`, or
+        // aya's "returned {io_error}. Verifier output: ...") would otherwise repeat it.
         let text = e.to_string();
-        if !out.ends_with(&text) {
+        if !out.contains(&text) {
             out.push_str(": ");
             out.push_str(&text);
         }
