@@ -24,6 +24,9 @@ enum Command {
     Explain(observer::verdict::ExplainArgs),
     /// List namespaces with no NetworkPolicy ("open fields"), unisolated pods, unused policies.
     Audit(observer::verdict::AuditArgs),
+    /// Install the Localhost seccomp profile for kubelet (deploy/overlays/seccomp-localhost's
+    /// init container): the runtime default plus bpf() and perf_event_open().
+    InstallSeccompProfile(observer::capture::startup::InstallSeccompArgs),
 }
 
 /// The inventory of `explain` and `audit`: the same loader as the daemon's. Its errors name
@@ -68,6 +71,14 @@ fn main() -> ExitCode {
             let code = observer::verdict::audit(&args, inv, &mut std::io::stdout().lock())?;
             Ok(ExitCode::from(code))
         }),
+        Command::InstallSeccompProfile(args) => {
+            observer::capture::startup::install_seccomp_profile(&args)
+                .map(|path| {
+                    println!("installed {}", path.display());
+                    ExitCode::SUCCESS
+                })
+                .context("installing the seccomp profile")
+        }
     };
     match result {
         Ok(code) => code,

@@ -79,6 +79,16 @@ const VARIANTS: &[Variant] = &[
         ],
     },
     Variant {
+        dir: "deploy/overlays/seccomp-localhost",
+        caps: BASE_CAPS,
+        host_paths: &[
+            ("/sys/kernel/btf", false),
+            ("/sys/kernel/tracing", false),
+            // The init container writes the Localhost seccomp profile for kubelet.
+            ("/var/lib/kubelet/seccomp", true),
+        ],
+    },
+    Variant {
         dir: "deploy/overlays/host-state",
         caps: BASE_CAPS,
         host_paths: &[
@@ -797,9 +807,17 @@ fn check_daemonset(ds: &Value, variant: &Variant) -> Result<()> {
     let all = containers(ds);
     ensure!(!all.is_empty(), "no containers");
     let wanted_caps: BTreeSet<&str> = variant.caps.iter().copied().collect();
+    let init_names: BTreeSet<&str> = pod["initContainers"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
     let mut token_mounts = 0;
     for container in all {
         let name = container["name"].as_str().unwrap_or("?");
+        // Init containers (installing a file, then gone) get no capability and no probes.
+        let init = init_names.contains(name);
         let sc = &container["securityContext"];
         ensure!(
             sc["allowPrivilegeEscalation"] == Value::Bool(false),
@@ -830,10 +848,14 @@ fn check_daemonset(ds: &Value, variant: &Variant) -> Result<()> {
             add_set.len() == add.len(),
             "{name}: a capability is added twice: {add:?}"
         );
-        ensure!(
-            add_set == wanted_caps,
-            "{name}: capabilities.add {add_set:?}, expected exactly {wanted_caps:?}"
-        );
+        if init {
+            ensure!(add.is_empty(), "{name}: an init container adds {add:?}");
+        } else {
+            ensure!(
+                add_set == wanted_caps,
+                "{name}: capabilities.add {add_set:?}, expected exactly {wanted_caps:?}"
+            );
+        }
 
         for mount in container["volumeMounts"]
             .as_sequence()
@@ -864,6 +886,9 @@ fn check_daemonset(ds: &Value, variant: &Variant) -> Result<()> {
             for resource in ["cpu", "memory"] {
                 ensure!(map.get(resource).is_some(), "{name}: no {what}.{resource}");
             }
+        }
+        if init {
+            continue;
         }
         ensure!(
             container["livenessProbe"]["httpGet"]["path"] == "/healthz",
