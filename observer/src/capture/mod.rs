@@ -26,6 +26,7 @@ pub mod btf;
 mod decode;
 mod drain;
 mod loader;
+pub mod startup;
 pub mod tracefs;
 
 pub use decode::{SampleSizeError, decode, parse_sample, to_sample};
@@ -118,7 +119,7 @@ impl Default for CaptureConfig {
 /// Errors of the capture stage.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    /// tracefs/bpffs mounting or format-file parsing failed.
+    /// tracefs could not be found or mounted, or its format file could not be parsed.
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
     /// A BTF lookup failed (the running kernel lacks a field the program needs).
@@ -163,6 +164,15 @@ pub enum CaptureError {
         /// aya's error.
         source: aya::maps::MapError,
     },
+    /// The kernel or the container runtime refused a start-up step; says what is missing
+    /// (capability, seccomp rule, mount, kernel feature) and the fix (see [`startup`]).
+    #[error("{problem}. {fix}")]
+    Refused {
+        /// The failed step and the kernel's error.
+        problem: String,
+        /// What is missing and how to fix it.
+        fix: String,
+    },
     /// A map or program is missing from the object.
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
@@ -200,6 +210,14 @@ pub struct Losses {
     pub flow_insert: u64,
     /// Drops whose skb could not be read in full (counted with partial or no addresses).
     pub skb_read: u64,
+    /// Drops whose packet ends before a header the flow key needs, or whose header declares
+    /// an impossible length: counted with port 0 and what was read before the cut.
+    pub truncated_header: u64,
+    /// IPv6 drops with more extension headers than the kernel program follows: counted with
+    /// port 0 and the last extension header as protocol.
+    pub ipv6_ext_headers_exceeded: u64,
+    /// Drops whose headers lie past the skb's linear data: counted like `truncated_header`.
+    pub header_not_linear: u64,
     /// Packets counted in the per-reason totals but lost from the flow map (evicted before a
     /// drain saw them, or never inserted).
     pub evicted_packets: u64,
