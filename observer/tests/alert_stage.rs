@@ -49,6 +49,7 @@ fn ingress(src: &str, dst_ns: &str, dst: &str, port: u16) -> DeniedEdge {
         destination_workload: dst.into(),
         protocol: Protocol::Tcp,
         port,
+        ports_folded: false,
     }
 }
 
