@@ -1188,3 +1188,70 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(gauge: &IntGaugeVec) -> Vec<(String, i64)> {
+        let mut out: Vec<(String, i64)> = prometheus::core::Collector::collect(gauge)
+            .iter()
+            .flat_map(|mf| mf.get_metric().to_vec())
+            .map(|m| {
+                (
+                    m.get_label()[0].value().to_owned(),
+                    m.get_gauge().get_value() as i64,
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn open_namespaces_stay_within_the_limit_open_ones_first() {
+        let gauge = IntGaugeVec::new(Opts::new("t", "t"), &["target_namespace"]).unwrap();
+        let names: Vec<String> = (0..10).map(|i| format!("ns{i}")).collect();
+        // ns0..ns5 closed, ns6..ns9 open.
+        let all = || names.iter().enumerate().map(|(i, n)| (n.as_str(), i >= 6));
+        export_open_namespaces(&gauge, all(), 3);
+        assert_eq!(
+            series(&gauge),
+            vec![
+                ("__overflow__".to_owned(), 1),
+                ("ns6".to_owned(), 1),
+                ("ns7".to_owned(), 1),
+                ("ns8".to_owned(), 1),
+            ]
+        );
+        export_open_namespaces(&gauge, all(), 6);
+        let s = series(&gauge);
+        assert_eq!(s.len(), 6, "{s:?}");
+        assert_eq!(s.iter().filter(|(_, v)| *v == 1).count(), 4);
+        assert!(s.iter().all(|(n, _)| n != "__overflow__"));
+    }
+
+    #[test]
+    fn edge_log_lines_are_rate_limited_per_window() {
+        let t0 = Instant::now();
+        let mut limit = EdgeLogLimit {
+            window_start: t0,
+            logged: 0,
+            suppressed: 0,
+        };
+        let allowed = (0..1000).filter(|_| limit.allow(t0)).count();
+        assert_eq!(allowed, EDGE_LOG_BURST as usize);
+        assert_eq!(limit.suppressed, 1000 - u64::from(EDGE_LOG_BURST));
+        let later = t0 + EDGE_LOG_WINDOW;
+        assert!(limit.allow(later), "a new window allows lines again");
+        assert_eq!(limit.suppressed, 0);
+    }
+
+    #[test]
+    fn connection_cap_keeps_a_descriptor_reserve() {
+        assert_eq!(connection_cap(256, Some(512)), 256);
+        assert_eq!(connection_cap(256, Some(300)), 172);
+        assert_eq!(connection_cap(256, Some(100)), 8);
+        assert_eq!(connection_cap(256, None), 256);
+    }
+}
