@@ -10,6 +10,12 @@
 //!   `--inventory-max-age`, SIGTERM saves the state, edges denied while learning do not page and
 //!   learning survives a restart.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers panic with context, like the tests"
+)]
+
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
@@ -80,8 +86,8 @@ fn scrape_until(
     }
 }
 
-/// A simulated node with `client` and an ingress-isolated `sink-0` (StatefulSet `sink`) in
-/// namespace `ns`, its inventory written to `inventory`.
+/// A simulated node with `client` and an ingress-isolated `sink-0` (StatefulSet `sink`, under
+/// a default-deny policy) in namespace `ns`, its inventory written to `inventory`.
 fn denied_pair(ns: &str, inventory: &Path) -> (SimNode, PodId, PodId) {
     let mut node = SimNode::new().expect("simulated node");
     let client = node.add_pod(ns, "client").unwrap();
@@ -93,7 +99,14 @@ fn denied_pair(ns: &str, inventory: &Path) -> (SimNode, PodId, PodId) {
     let mut policy = Enforcement::default();
     policy.ingress_isolated.insert(sink);
     node.enforce(&policy).unwrap();
-    manifests::write_inventory(inventory, node.pods(), &metas, "e2e-node", Vec::new()).unwrap();
+    // The NetworkPolicy the nft rules enforce: without it the drops would be `unexplained`,
+    // and only policy denies make denied edges.
+    let deny = serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "sink-default-deny", "namespace": ns},
+        "spec": {"podSelector": {"matchLabels": {"app": "sink"}}, "policyTypes": ["Ingress"]},
+    });
+    manifests::write_inventory(inventory, node.pods(), &metas, "e2e-node", vec![deny]).unwrap();
     (node, client, sink)
 }
 
@@ -429,7 +442,13 @@ fn signals_lock_staleness_and_learning() {
         m.sum("deny_observer_denied_edges_learned_total", &[]) == 1.0
     });
     assert_eq!(m.sum(NEW_EDGES, &[]), 0.0, "an edge paged during learning");
-    assert_eq!(m.sum("deny_observer_edge_learning_active", &[]), 1.0);
+    assert_eq!(
+        m.sum("deny_observer_edge_learning_active", &[]),
+        1.0,
+        "{:?}",
+        m.select("deny_observer_edge_learning_active", &[])
+            .collect::<Vec<_>>()
+    );
 
     // SIGHUP reloads (even though nothing changed) and does not stop the daemon.
     let ok_before = m.sum("deny_observer_inventory_reloads_total", &[("result", "ok")]);

@@ -130,6 +130,8 @@ impl AlertStage {
         let detector = SpikeDetector::new(config.spike)?;
         let metrics = AlertMetrics::register(registry)?;
         let edges = EdgeTracker::open(config.edges, now);
+        // Right away, not at the first tick: a scrape may come first.
+        metrics.set_edge_table(edges.len(), edges.known_len(), edges.is_learning(now));
         Ok(Self {
             detector,
             edges,
