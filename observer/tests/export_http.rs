@@ -332,3 +332,25 @@ async fn connection_cap_sheds_the_oldest_and_probes_get_in() {
     let _ = stop_tx.send(());
     task.await.expect("server task").expect("server");
 }
+
+/// A request whose headers exceed the limit is refused without the server buffering it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_headers_are_refused() {
+    let server = start(state()).await;
+    let mut s = TcpStream::connect(server.addr).await.expect("connect");
+    let big = "x".repeat(64 * 1024);
+    let req = format!("GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n");
+    // The server may close while we still write: only what it answers matters.
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
+    let reply = String::from_utf8_lossy(&raw);
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 431"),
+        "oversized headers answered with {reply:?}"
+    );
+    assert!(!reply.contains("ok"), "{reply}");
+    // The server still serves others.
+    assert_eq!(get(server.addr, "/healthz").await.status, 200);
+    server.stop().await;
+}
