@@ -429,7 +429,6 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("capture loader task")?
         .context("loading the kfree_skb capture program")?;
     release_startup_memory();
-    http.set_ready(ReadyCondition::ProgramsAttached, true);
     info!(
         reasons = capture.reasons().len(),
         flow_map_entries = args.flow_map_entries,
@@ -460,6 +459,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         inventory_health,
         event_tx,
     );
+    // Ready only now: the pipeline has taken in the inventory, so the first scrape after
+    // /readyz turns 200 already carries its series (inventory objects, open namespaces).
+    http.set_ready(ReadyCondition::ProgramsAttached, true);
     let interval = Duration::from_millis(args.drain_interval_ms.max(10));
     let pipeline_stop = Arc::clone(&stopping);
     // Every pipeline log line carries the node, so logs aggregated from a DaemonSet say where.

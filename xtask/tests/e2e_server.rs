@@ -157,7 +157,7 @@ fn hostile_http_clients_do_not_starve_probes_reloads_or_memory() {
     let body = metrics::http_get(addr, "/metrics").unwrap().body;
     assert!(
         body.len() > 1_000_000,
-        "/metrics is only {} bytes",
+        "/metrics is only {} bytes right after /readyz",
         body.len()
     );
     let rss_before = rss_bytes(pid);
