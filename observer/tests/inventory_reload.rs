@@ -170,3 +170,56 @@ async fn configmap_symlink_swap_reloads() {
     );
     assert_eq!(w.stats().reloads_failed(), 0);
 }
+
+#[tokio::test]
+async fn an_empty_directory_is_refused_at_start_and_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = watch_dir(dir.path().to_owned(), POLL).await.unwrap_err();
+    assert!(e.to_string().contains("holds no namespace"), "{e}");
+
+    // Deleted and recreated empty: a failed reload, the last inventory stays, and the success
+    // time stops advancing.
+    let d = dir.path().join("inv");
+    fs::create_dir(&d).unwrap();
+    write(&d.join("pods.yaml"), &pods(2));
+    let w = watch_dir(d.clone(), POLL).await.unwrap();
+    let stats = w.stats();
+    fs::remove_dir_all(&d).unwrap();
+    fs::create_dir(&d).unwrap();
+    until(|| stats.reloads_failed() >= 1).await;
+    assert!(stats.failing());
+    assert_eq!(w.counts().pods, 2, "the last good inventory stays in use");
+    let frozen = stats.last_success_unix();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        stats.last_success_unix(),
+        frozen,
+        "success time advanced while failing"
+    );
+
+    // Files back: success again, and an unchanged directory keeps the success time current.
+    write(&d.join("pods.yaml"), &pods(3));
+    until(|| !stats.failing()).await;
+    assert_eq!(w.counts().pods, 3);
+    let t = stats.last_success_unix();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
+        stats.last_success_unix() > t,
+        "an unchanged poll confirms the inventory"
+    );
+}
+
+#[tokio::test]
+async fn reload_now_rereads_an_unchanged_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("pods.yaml"), &pods(1));
+    let w = watch_dir(dir.path().to_owned(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let mut rx = w.subscribe();
+    let stats = w.stats();
+    assert_eq!(stats.reloads_ok(), 1);
+    w.reload_now();
+    let _ = next(&mut rx).await;
+    assert_eq!(stats.reloads_ok(), 2);
+}

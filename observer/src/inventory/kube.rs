@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 
 use super::convert::{self, ANNOTATION_PREFIX};
 use super::model::{Inventory, Pod};
+use super::reload::ReloadStats;
 use super::validate::{self, InvalidObject, PodLayout};
 use super::workload::OwnerIndex;
 
@@ -61,6 +62,11 @@ pub enum KubeError {
     #[error("the inventory watchers stopped before the first full sync")]
     Stopped,
 }
+
+/// [`ReloadStats`] parts of the three watches.
+const WATCH_PODS: u32 = 0;
+const WATCH_NAMESPACES: u32 = 1;
+const WATCH_NETWORKPOLICIES: u32 = 2;
 
 /// Settings of [`KubeInventory`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -445,6 +451,7 @@ fn same_content(a: &Inventory, b: &Inventory) -> bool {
 /// tasks.
 pub struct KubeInventory {
     stores: Stores,
+    health: Arc<ReloadStats>,
     snapshots: watch::Receiver<Arc<Inventory>>,
     ready: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -460,6 +467,11 @@ impl KubeInventory {
     ) -> Self {
         let (stores, writers) = stores();
         let changed = Arc::new(Notify::new());
+        // Not successful until every watch has delivered its first event.
+        let health = Arc::new(ReloadStats::default());
+        for part in [WATCH_PODS, WATCH_NAMESPACES, WATCH_NETWORKPOLICIES] {
+            health.mark_failed(part, "not synced yet".to_owned());
+        }
         let mut tasks = Vec::with_capacity(4);
         tasks.push(tokio::spawn(reflect(
             Api::<K8sPod>::all(client.clone()),
@@ -468,6 +480,7 @@ impl KubeInventory {
             RESOURCE_PODS,
             Arc::clone(&on_watch_error),
             Arc::clone(&changed),
+            (WATCH_PODS, Arc::clone(&health)),
         )));
         tasks.push(tokio::spawn(reflect(
             Api::<K8sNamespace>::all(client.clone()),
@@ -476,6 +489,7 @@ impl KubeInventory {
             RESOURCE_NAMESPACES,
             Arc::clone(&on_watch_error),
             Arc::clone(&changed),
+            (WATCH_NAMESPACES, Arc::clone(&health)),
         )));
         tasks.push(tokio::spawn(reflect(
             Api::<NetworkPolicy>::all(client),
@@ -484,6 +498,7 @@ impl KubeInventory {
             RESOURCE_NETWORKPOLICIES,
             on_watch_error,
             Arc::clone(&changed),
+            (WATCH_NETWORKPOLICIES, Arc::clone(&health)),
         )));
         let (snap_tx, snapshots) = watch::channel(Arc::new(Inventory::default()));
         let (ready_tx, ready) = watch::channel(false);
@@ -496,6 +511,7 @@ impl KubeInventory {
         )));
         Self {
             stores,
+            health,
             snapshots,
             ready,
             tasks,
@@ -527,6 +543,13 @@ impl KubeInventory {
         Arc::clone(&self.snapshots.borrow())
     }
 
+    /// Health of the watches, as an inventory source's reload state: not successful while a
+    /// watch's last result was an error (or it has not synced yet), successful again with its
+    /// next event. See [`ReloadStats`].
+    pub fn health(&self) -> Arc<ReloadStats> {
+        Arc::clone(&self.health)
+    }
+
     /// The stores (object counts for self-monitoring).
     pub fn stores(&self) -> &Stores {
         &self.stores
@@ -549,6 +572,7 @@ fn reflect<K>(
     resource: &'static str,
     on_error: WatchErrorCounter,
     changed: Arc<Notify>,
+    health: (u32, Arc<ReloadStats>),
 ) -> impl Future<Output = ()> + Send + 'static
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -559,7 +583,7 @@ where
         .default_backoff()
         .modify(trim)
         .reflect(writer);
-    drive(stream, resource, on_error, changed)
+    drive(stream, resource, on_error, changed, health)
 }
 
 async fn drive<K, S>(
@@ -567,11 +591,16 @@ async fn drive<K, S>(
     resource: &'static str,
     on_error: WatchErrorCounter,
     changed: Arc<Notify>,
+    (part, health): (u32, Arc<ReloadStats>),
 ) where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
+        match &event {
+            Ok(_) => health.mark_ok(part),
+            Err(error) => health.mark_failed(part, format!("{resource} watch: {error}")),
+        }
         match event {
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
                 changed.notify_one();
