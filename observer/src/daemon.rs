@@ -346,8 +346,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         flow_map_entries = args.flow_map_entries,
         netns_filter = ?args.netns_inode,
         attach = %capture.attach_kind(),
+        reason_source = capture.reason_source().as_str(),
         "capture program attached to kfree_skb"
     );
+    if capture.recursion_misses_reported() {
+        // The series exists from the start, so "no loss" reads as 0 rather than absent.
+        metrics.record_loss("recursion_miss", 0);
+    }
 
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     // Without an API server (or with --events=false) the pipeline does not even build the
@@ -738,6 +743,7 @@ impl Pipeline {
             ("flow_insert", losses.flow_insert),
             ("skb_read", losses.skb_read),
             ("flow_map_evicted", losses.evicted_packets),
+            ("recursion_miss", losses.recursion_miss.unwrap_or(0)),
         ] {
             if n > 0 {
                 self.metrics.record_loss(stage, n);

@@ -7,6 +7,7 @@ pub mod cmd;
 pub mod daemon;
 pub mod demo;
 pub mod flood;
+pub mod kernels;
 pub mod manifests;
 pub mod metrics;
 pub mod setup;

@@ -29,6 +29,12 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
     "python3-pip",
+    // `cargo xtask kernels`: Debian kernels booted under qemu with a busybox initramfs.
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
+    "zstd",
+    "kmod",
 ];
 
 /// Python packages the deploy checks use (`kubectl` as a wheel, and schema validation).

@@ -382,6 +382,7 @@ impl Capture {
             skb_read: loss_delta(loss::SKB_READ),
             evicted_packets: ep,
             evicted_bytes: eb,
+            recursion_miss: self.recursion.as_mut().and_then(|r| r.delta()),
         };
         Ok(())
     }
