@@ -846,9 +846,10 @@ fn counts_tc_drops_exactly() {
         "tc_egress".into(),
     ]));
     eprintln!(
-        "counts_tc_drops_exactly: hook {}, reasons from {}",
+        "counts_tc_drops_exactly: hook {}, reasons from {}, recursion misses reported: {}",
         all.attach_kind(),
-        all.reason_source().as_str()
+        all.reason_source().as_str(),
+        all.recursion_misses_reported()
     );
     let shot = ShotProgram::load();
 
