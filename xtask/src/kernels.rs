@@ -196,8 +196,13 @@ fn run_host(opts: &Options) -> anyhow::Result<String> {
         .context("reading /proc/sys/kernel/osrelease")?
         .trim()
         .to_owned();
-    eprintln!("kernels: host {kernel}: {}", opts.test_bin.display());
-    let mut c = Command::new(&opts.test_bin);
+    // Absolute: the tests run in the crate directory.
+    let bin = opts
+        .test_bin
+        .canonicalize()
+        .with_context(|| format!("the test binary {} is missing", opts.test_bin.display()))?;
+    eprintln!("kernels: host {kernel}: {}", bin.display());
+    let mut c = Command::new(&bin);
     c.args(["--exact", "--test-threads=1", "--nocapture"])
         .args(&opts.tests)
         .current_dir(opts.root.join("observer"))
