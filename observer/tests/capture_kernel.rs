@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use observer::capture::{
     AttachKind, AttachMode, Capture, CaptureConfig, CaptureError, DrainReport, Drop, ReasonFilter,
+    ReasonSource,
 };
 use observer::flow::Protocol;
 
@@ -971,12 +972,117 @@ fn counts_tc_drops_exactly() {
             kernel_symbol(s.location)
         );
     }
+    if all.recursion_misses_reported() {
+        assert!(reports.iter().all(|r| r.losses.recursion_miss.is_some()));
+    }
     for r in [&reports, &nf_reports, &tc_reports] {
         let lost: u64 = r.iter().map(|r| r.losses.evicted_packets).sum();
         assert_eq!(lost, 0);
         let misses: u64 = r.iter().filter_map(|r| r.losses.recursion_miss).sum();
         assert_eq!(misses, 0, "recursion misses");
     }
+}
+
+/// Drops CAP_SYSLOG from the calling thread's effective set (capabilities are per thread; files
+/// opened by this thread then carry its reduced credentials).
+fn drop_cap_syslog_in_this_thread() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    const CAP_SYSLOG: usize = 34;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget/capset with a v3 header and the two data words v3 expects.
+    unsafe {
+        assert_eq!(
+            libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()),
+            0,
+            "capget: {}",
+            std::io::Error::last_os_error()
+        );
+        data[CAP_SYSLOG / 32].effective &= !(1 << (CAP_SYSLOG % 32));
+        assert_eq!(
+            libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()),
+            0,
+            "capset: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Without CAP_SYSLOG (the DaemonSet's CAP_BPF and CAP_PERFMON alone) /proc/kallsyms shows
+/// zero addresses. A kernel with drop reasons does not need them; one without (before 5.17)
+/// cannot map callers to reasons then, and must still count every drop exactly, as
+/// `not_specified`, saying so instead of failing.
+#[test]
+fn without_cap_syslog_drops_still_count() {
+    if !privileged("without_cap_syslog_drops_still_count") {
+        return;
+    }
+    let net = NetPair::new();
+    let sysctl = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/kernel/{name}"))
+            .unwrap()
+            .trim()
+            .parse::<i32>()
+            .unwrap()
+    };
+    // kallsyms shows addresses without CAP_SYSLOG only in this configuration.
+    let open_kallsyms = sysctl("kptr_restrict") == 0 && sysctl("perf_event_paranoid") <= 1;
+    const SENT: usize = 9;
+    let (source, got) = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                drop_cap_syslog_in_this_thread();
+                let mut capture = Capture::load(&CaptureConfig {
+                    netns: Some(net.dst_inode),
+                    ..CaptureConfig::default()
+                })
+                .unwrap();
+                net.in_ns(&net.src, || send_udp(IpAddr::V4(DST4), UDP_DROP, SENT));
+                let reports = drain_settled(&mut capture);
+                (capture.reason_source(), totals(&reports))
+            })
+            .join()
+            .unwrap()
+    });
+    eprintln!(
+        "without_cap_syslog_drops_still_count: reasons from {}",
+        source.as_str()
+    );
+    let expected = match source {
+        ReasonSource::Kernel => "netfilter_drop",
+        ReasonSource::CallSite { .. } => {
+            assert!(open_kallsyms, "kallsyms was readable without CAP_SYSLOG");
+            "netfilter_drop"
+        }
+        ReasonSource::Unavailable => {
+            assert!(!open_kallsyms);
+            "not_specified"
+        }
+    };
+    let key = (
+        Some(IpAddr::V4(SRC4)),
+        Some(IpAddr::V4(DST4)),
+        Protocol::Udp,
+        UDP_DROP,
+        expected.to_owned(),
+    );
+    assert_eq!(got.get(&key).map(|c| c.0), Some(SENT as u64), "{got:#?}");
+    assert_eq!(net.counter("udp_drop").0, SENT as u64);
 }
 
 #[test]
