@@ -257,7 +257,7 @@ fn nft_drops_of_syns_and_datagrams_are_counted_exactly_v4_and_v6() {
     // The recursion-miss loss is exported from the start (at 0) wherever the kernel reports
     // it (5.12+), so counted + lost = dropped covers drops the program was skipped for.
     let m = metrics::scrape(daemon.addr()).unwrap();
-    let misses = m.select(LOST, &[("stage", "recursion_miss")]);
+    let misses: Vec<_> = m.select(LOST, &[("stage", "recursion_miss")]).collect();
     if kernel_at_least(5, 12) {
         assert_eq!(misses.len(), 1, "{}", dump(&m, &daemon));
         assert_eq!(misses[0].value, 0.0, "{}", dump(&m, &daemon));
