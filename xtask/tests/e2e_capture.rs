@@ -266,7 +266,10 @@ fn nft_drops_of_syns_and_datagrams_are_counted_exactly_v4_and_v6() {
 
 /// Whether the running kernel is at least `major.minor`.
 fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let release = match std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        Ok(r) => r,
+        Err(e) => panic!("reading /proc/sys/kernel/osrelease: {e}"),
+    };
     let mut parts = release
         .trim()
         .split(|c: char| !c.is_ascii_digit())
