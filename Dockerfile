@@ -2,6 +2,12 @@
 # deny-observer image: `docker build -t ghcr.io/deny-observer/deny-observer:0.1.0 .`
 # (deploy/base pulls ghcr.io/deny-observer/deny-observer; set your own with
 # `kustomize edit set image`).
+#
+# Without a registry, `cargo xtask image` builds the same runtime stage with podman: BASE_IMAGE
+# is a Debian base made locally with mmdebstrap, and BINARY=prebuilt takes the release binary
+# already built on the host instead of compiling it in the `build` stage.
+ARG BASE_IMAGE=gcr.io/distroless/cc-debian12:latest
+ARG BINARY=build
 
 # --- build: stable for userspace, nightly + rust-src + bpf-linker for the eBPF program ---------
 FROM rust:1.95-bookworm AS build
@@ -30,11 +36,19 @@ COPY . .
 RUN cargo build --release --locked -p observer --bin deny-observer \
     && cp target/release/deny-observer /deny-observer
 
+# --- or: the binary built on the host (`cargo xtask image`; the context holds only it) ----------
+FROM scratch AS prebuilt
+COPY target/release/deny-observer /deny-observer
+
+# The stage named by BINARY; builders skip the other one.
+# hadolint ignore=DL3006
+FROM ${BINARY} AS binary
+
 # --- runtime: glibc + libgcc only, no shell ------------------------------------------------------
 # distroless publishes no version tags: pin a digest (@sha256:...) in release builds.
-# hadolint ignore=DL3007
-FROM gcr.io/distroless/cc-debian12:latest
-COPY --from=build /deny-observer /usr/bin/deny-observer
+# hadolint ignore=DL3006,DL3007
+FROM ${BASE_IMAGE}
+COPY --from=binary /deny-observer /usr/bin/deny-observer
 # uid 0 on purpose: Kubernetes cannot grant ambient capabilities, so a non-root user would lose
 # the CAP_BPF/CAP_PERFMON the DaemonSet adds when the binary is exec'd (and tracefs is root-only).
 # The DaemonSet drops every other capability, sets no_new_privs and a read-only root filesystem.

@@ -160,7 +160,9 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes are noise in `kubectl logs` and log collectors: only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // A second init (tests calling main twice) is harmless; ignore its error.
     let _ = match format {
         LogFormat::Human => builder.try_init(),

@@ -24,17 +24,43 @@ enum Command {
     Explain(observer::verdict::ExplainArgs),
     /// List namespaces with no NetworkPolicy ("open fields"), unisolated pods, unused policies.
     Audit(observer::verdict::AuditArgs),
+    /// Install the Localhost seccomp profile for kubelet (deploy/overlays/seccomp-localhost's
+    /// init container): the runtime default plus bpf() and perf_event_open().
+    InstallSeccompProfile(observer::capture::startup::InstallSeccompArgs),
 }
 
-/// The inventory of `explain` and `audit`: the same loader as the daemon's.
+/// The inventory of `explain` and `audit`: the same loader as the daemon's. Its errors name
+/// the path already, so the context does not repeat it.
 fn load(dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<observer::inventory::Inventory>> {
-    let inventory = observer::inventory::load_dir(dir)
-        .with_context(|| format!("loading the inventory from {}", dir.display()))?;
+    let inventory = observer::inventory::load_dir(dir).context("loading the inventory")?;
     Ok(std::sync::Arc::new(inventory))
+}
+
+/// The error and its causes on one line. A cause whose text its parent already printed (an
+/// error that formats its `source` and also returns it) is not repeated.
+fn render_error(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `explain` exits 1 on DENY, so its own failures (all bad input: a missing inventory, an
+    // unknown pod, a bad port) must not exit 1 as well.
+    let failure = match cli.command {
+        Command::Explain(_) => ExitCode::from(observer::verdict::cli::EXIT_BAD_INPUT),
+        _ => ExitCode::FAILURE,
+    };
     let result = match cli.command {
         Command::Run(args) => observer::daemon::main(*args),
         Command::Explain(args) => load(&args.inventory).and_then(|inv| {
@@ -45,12 +71,20 @@ fn main() -> ExitCode {
             let code = observer::verdict::audit(&args, inv, &mut std::io::stdout().lock())?;
             Ok(ExitCode::from(code))
         }),
+        Command::InstallSeccompProfile(args) => {
+            observer::capture::startup::install_seccomp_profile(&args)
+                .map(|path| {
+                    println!("installed {}", path.display());
+                    ExitCode::SUCCESS
+                })
+                .context("installing the seccomp profile")
+        }
     };
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("deny-observer: error: {err:#}");
-            ExitCode::FAILURE
+            eprintln!("deny-observer: error: {}", render_error(&err));
+            failure
         }
     }
 }

@@ -56,7 +56,11 @@ fn run_explain(argv: &[&str]) -> (Result<u8, VerdictError>, String) {
 #[test]
 fn explain_deny_names_direction_policies_and_nearest_miss() {
     let (r, out) = run_explain(&["--from", "dev/tool", "--to", "prod/db", "--port", "pg"]);
-    assert_eq!(r.unwrap(), 0);
+    assert_eq!(
+        r.unwrap(),
+        observer::verdict::cli::EXIT_DENY,
+        "DENY exits 1 for scripts"
+    );
     assert!(
         out.contains("verdict: DENY  dev/tool -> prod/db TCP/5432"),
         "{out}"

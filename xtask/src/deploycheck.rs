@@ -79,6 +79,16 @@ const VARIANTS: &[Variant] = &[
         ],
     },
     Variant {
+        dir: "deploy/overlays/seccomp-localhost",
+        caps: BASE_CAPS,
+        host_paths: &[
+            ("/sys/kernel/btf", false),
+            ("/sys/kernel/tracing", false),
+            // The init container writes the Localhost seccomp profile for kubelet.
+            ("/var/lib/kubelet/seccomp", true),
+        ],
+    },
+    Variant {
         dir: "deploy/overlays/host-state",
         caps: BASE_CAPS,
         host_paths: &[
@@ -270,7 +280,7 @@ fn check_rules_content(repo_root: &Path) -> Result<()> {
             matches!(severity, Some("critical" | "warning" | "info")),
             "{RULES}: alert {alert} has no severity label critical|warning|info"
         );
-        for key in ["summary", "description", "runbook_url"] {
+        for key in ["summary", "description", "runbook_url", "dashboard_url"] {
             ensure!(
                 rule.get("annotations")
                     .and_then(|a| a.get(key))
@@ -279,14 +289,8 @@ fn check_rules_content(repo_root: &Path) -> Result<()> {
                 "{RULES}: alert {alert} has no `{key}` annotation"
             );
         }
-        let url = rule["annotations"]["runbook_url"]
-            .as_str()
-            .unwrap_or_default();
         let runbook = format!("{RUNBOOKS}/{alert}.md");
-        ensure!(
-            url.ends_with(&runbook),
-            "{RULES}: alert {alert}: runbook_url {url} is not …/{runbook}"
-        );
+        check_alert_links(repo_root, alert, &rule["annotations"])?;
         let text = std::fs::read_to_string(repo_root.join(&runbook))
             .with_context(|| format!("alert {alert}: runbook {runbook} missing"))?;
         for must in ["deny-observer", "kubectl", "silence"] {
@@ -312,6 +316,51 @@ fn check_rules_content(repo_root: &Path) -> Result<()> {
         "DenyObserverNamespaceWithoutPolicy",
     ] {
         ensure!(alerts.contains(alert), "{RULES}: alert {alert} missing");
+    }
+    Ok(())
+}
+
+/// `runbook_url` is `{{ $runbook_base := "<base>" }}{{ $runbook_base }}/<alert>.md` with the
+/// default base pointing at this repository's runbooks, and `dashboard_url` opens the shipped
+/// dashboard under `{{ $grafana_url := "<url>" }}`: the first quoted string of each is what
+/// the prometheus-operator overlay's replacements rewrite (one place per install).
+fn check_alert_links(repo_root: &Path, alert: &str, annotations: &Value) -> Result<()> {
+    let cargo =
+        std::fs::read_to_string(repo_root.join("Cargo.toml")).context("reading Cargo.toml")?;
+    let repository = cargo
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("repository = "))
+        .map(|v| v.trim().trim_matches('"').trim_end_matches('/').to_owned())
+        .context("Cargo.toml has no workspace.package.repository")?;
+    let base = format!("{repository}/blob/main/{RUNBOOKS}");
+    let runbook = annotations["runbook_url"].as_str().unwrap_or_default();
+    let want = format!("{{{{ $runbook_base := \"{base}\" }}}}{{{{ $runbook_base }}}}/{alert}.md");
+    ensure!(
+        runbook == want,
+        "{RULES}: alert {alert}: runbook_url is {runbook:?}, expected {want:?} (base set by the prometheus-operator overlay)"
+    );
+    let dashboard = load_json(&repo_root.join(DASHBOARD))?;
+    let uid = dashboard["uid"]
+        .as_str()
+        .with_context(|| format!("{DASHBOARD}: no uid"))?;
+    let url = annotations["dashboard_url"].as_str().unwrap_or_default();
+    let prefix = "{{ $grafana_url := \"";
+    ensure!(
+        url.starts_with(prefix) && url.contains(&format!("{{{{ $grafana_url }}}}/d/{uid}/")),
+        "{RULES}: alert {alert}: dashboard_url {url:?} does not start with {prefix}...\" }}}} and open /d/{uid}/"
+    );
+    let variables: BTreeSet<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    for part in url.split("var-").skip(1) {
+        let name = part.split('=').next().unwrap_or_default();
+        ensure!(
+            variables.contains(name),
+            "{RULES}: alert {alert}: dashboard_url sets var-{name}, which {DASHBOARD} does not have"
+        );
     }
     Ok(())
 }
@@ -379,6 +428,37 @@ fn check_dashboard(tools: &Tools, repo_root: &Path) -> Result<()> {
             .as_array()
             .with_context(|| format!("{DASHBOARD}: panel {title}: no targets"))?;
         ensure!(!list.is_empty(), "{DASHBOARD}: panel {title}: no targets");
+        // Every panel narrows to the selected nodes, and every panel about workloads or
+        // namespaces to the selected namespace and workload.
+        for target in list {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            ensure!(
+                expr.contains("$node"),
+                "{DASHBOARD}: panel {title}: a query ignores $node"
+            );
+            let per_workload = [
+                "deny_observer_policy_denies_total",
+                "deny_observer_drops_total",
+                "deny_observer_new_denied_edges_total",
+                "deny_observer_deny_",
+                "deny_observer_audit_open_namespace",
+            ]
+            .iter()
+            .any(|m| expr.contains(m));
+            if per_workload {
+                ensure!(
+                    expr.contains("$namespace")
+                        && (expr.contains("$workload") || expr.contains("target_namespace")),
+                    "{DASHBOARD}: panel {title}: a query ignores $namespace or $workload"
+                );
+            }
+            if expr.contains("deny_observer_audit_open_namespace") {
+                ensure!(
+                    expr.contains("kube-public|kube-node-lease"),
+                    "{DASHBOARD}: panel {title}: open namespaces must leave out kube-public and kube-node-lease, as the alert does"
+                );
+            }
+        }
         targets += list.len();
     }
     ensure!(targets >= 10, "{DASHBOARD}: only {targets} queries");
@@ -405,6 +485,11 @@ fn check_dashboard(tools: &Tools, repo_root: &Path) -> Result<()> {
         .filter(|q| !q.starts_with("label_values("))
         .enumerate()
         .map(|(i, q)| {
+            // Grafana's `query_result(<PromQL>)` variable function wraps a plain query.
+            let q = q
+                .strip_prefix("query_result(")
+                .and_then(|inner| inner.trim_end().strip_suffix(')'))
+                .unwrap_or(q);
             let expr = q
                 .replace("$__rate_interval", "5m")
                 .replace("$__range", "1h")
@@ -722,9 +807,17 @@ fn check_daemonset(ds: &Value, variant: &Variant) -> Result<()> {
     let all = containers(ds);
     ensure!(!all.is_empty(), "no containers");
     let wanted_caps: BTreeSet<&str> = variant.caps.iter().copied().collect();
+    let init_names: BTreeSet<&str> = pod["initContainers"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
     let mut token_mounts = 0;
     for container in all {
         let name = container["name"].as_str().unwrap_or("?");
+        // Init containers (installing a file, then gone) get no capability and no probes.
+        let init = init_names.contains(name);
         let sc = &container["securityContext"];
         ensure!(
             sc["allowPrivilegeEscalation"] == Value::Bool(false),
@@ -755,10 +848,14 @@ fn check_daemonset(ds: &Value, variant: &Variant) -> Result<()> {
             add_set.len() == add.len(),
             "{name}: a capability is added twice: {add:?}"
         );
-        ensure!(
-            add_set == wanted_caps,
-            "{name}: capabilities.add {add_set:?}, expected exactly {wanted_caps:?}"
-        );
+        if init {
+            ensure!(add.is_empty(), "{name}: an init container adds {add:?}");
+        } else {
+            ensure!(
+                add_set == wanted_caps,
+                "{name}: capabilities.add {add_set:?}, expected exactly {wanted_caps:?}"
+            );
+        }
 
         for mount in container["volumeMounts"]
             .as_sequence()
@@ -789,6 +886,9 @@ fn check_daemonset(ds: &Value, variant: &Variant) -> Result<()> {
             for resource in ["cpu", "memory"] {
                 ensure!(map.get(resource).is_some(), "{name}: no {what}.{resource}");
             }
+        }
+        if init {
+            continue;
         }
         ensure!(
             container["livenessProbe"]["httpGet"]["path"] == "/healthz",

@@ -1,15 +1,18 @@
 //! Developer tasks for deny-observer (`cargo xtask ...`), and the pieces the integration tests
 //! share with them: a simulated Kubernetes node on the real kernel ([`simnode`]), inventory
-//! manifests for it ([`manifests`]) and a `/metrics` reader ([`metrics`]).
+//! manifests for it ([`manifests`]), a `/metrics` reader ([`metrics`]), and the container image
+//! ([`image`]) with the pod-template-to-podman translation the container test runs ([`podspec`]).
 
 pub mod bench;
 pub mod cmd;
 pub mod daemon;
 pub mod demo;
 pub mod flood;
+pub mod image;
 pub mod kernels;
 pub mod manifests;
 pub mod metrics;
+pub mod podspec;
 pub mod setup;
 pub mod simnode;
 
@@ -19,6 +22,9 @@ use std::path::PathBuf;
 pub const SKIP_PRIVILEGED_ENV: &str = "DENY_OBSERVER_SKIP_PRIVILEGED";
 /// Environment variable naming the release daemon binary for end-to-end tests.
 pub const BIN_ENV: &str = "DENY_OBSERVER_BIN";
+/// Environment variable naming the container image for the container test (set by
+/// `cargo xtask test` after `cargo xtask image`).
+pub const IMAGE_ENV: &str = "DENY_OBSERVER_IMAGE";
 
 /// The release daemon named by [`BIN_ENV`], for end-to-end tests. Panics with what to do when it
 /// is unset or missing: a test that cannot run must say so, not pass.
@@ -33,6 +39,16 @@ pub fn daemon_bin() -> std::path::PathBuf {
     let bin = workspace_root().join(bin);
     assert!(bin.is_file(), "{BIN_ENV}={} does not exist", bin.display());
     bin
+}
+
+/// The image named by [`IMAGE_ENV`], for the container test. Panics with what to do when unset.
+pub fn container_image() -> String {
+    std::env::var(IMAGE_ENV).unwrap_or_else(|_| {
+        panic!(
+            "{IMAGE_ENV} is not set: it must name the image built by `cargo xtask image` \
+             (localhost/deny-observer:dev). `cargo xtask test` builds it and sets it."
+        )
+    })
 }
 
 /// Gate for privileged tests: returns `false` (after saying so) when

@@ -10,7 +10,10 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
-use xtask::{BIN_ENV, SKIP_PRIVILEGED_ENV, bench, cmd, demo, kernels, setup, workspace_root};
+use xtask::{
+    BIN_ENV, IMAGE_ENV, SKIP_PRIVILEGED_ENV, bench, cmd, demo, image, kernels, setup,
+    workspace_root,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "deny-observer developer tasks")]
@@ -26,6 +29,9 @@ enum Task {
     Setup,
     /// Setup, then build target/release/deny-observer with the eBPF object embedded.
     Build,
+    /// Setup, build, then the runtime image `localhost/deny-observer:dev` with podman (root; no
+    /// registry: a Debian base from mmdebstrap, cached under target/image-base).
+    Image,
     /// Setup, build, then every test: unit, integration, privileged end-to-end, deploy checks,
     /// and a deeper property-test pass.
     Test {
@@ -93,6 +99,11 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Build => {
             setup::run()?;
             build(&root).map(|_| ())
+        }
+        Task::Image => {
+            setup::run()?;
+            let bin = build(&root)?;
+            image::build(&root, &target_dir(&root), &bin).map(|_| ())
         }
         Task::Test { skip_privileged } => {
             if !skip_privileged && !cmd::is_root() {
@@ -185,8 +196,17 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
+    // The container test (xtask/tests/e2e_container.rs) runs this image.
+    let image = if skip_privileged {
+        None
+    } else {
+        Some(image::build(root, &target_dir(root), bin).context("cargo xtask image")?)
+    };
     let with_env = |c: &mut Command| {
         c.env(BIN_ENV, bin).env_remove("AYA_BUILD_SKIP");
+        if let Some(image) = &image {
+            c.env(IMAGE_ENV, image);
+        }
         if skip_privileged {
             c.env(SKIP_PRIVILEGED_ENV, "1");
         } else {

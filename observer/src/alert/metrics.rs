@@ -1,5 +1,7 @@
 //! Prometheus metrics of the alert stage, registered into a registry the caller owns.
 
+use std::collections::HashMap;
+
 use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
 
 use super::AlertError;
@@ -12,6 +14,12 @@ pub const SPIKE_ACTIVE: &str = "deny_observer_deny_spike_active";
 pub const RATE_BASELINE: &str = "deny_observer_deny_rate_baseline";
 /// `deny_observer_deny_rate`: current deny rate, packets per second.
 pub const RATE: &str = "deny_observer_deny_rate";
+/// `deny_observer_deny_baseline_ready`: 1 once the detector's warm-up is over for the key (its
+/// baseline can be compared with), else 0. The spike rule's cluster-wide path waits for it.
+pub const BASELINE_READY: &str = "deny_observer_deny_baseline_ready";
+/// `deny_observer_deny_top_port`: the destination port with the most recent denies of a key,
+/// as labels; the value is its deny rate in packets per second.
+pub const TOP_PORT: &str = "deny_observer_deny_top_port";
 /// `deny_observer_new_denied_edges_total`: new denied edges seen.
 pub const NEW_DENIED_EDGES: &str = "deny_observer_new_denied_edges_total";
 /// `deny_observer_spike_keys_overflow_total`: denies not tracked because the detector was full.
@@ -21,6 +29,15 @@ pub const STATE_SAVE_ERRORS: &str = "deny_observer_alert_state_save_errors_total
 
 /// Label names of the spike gauges, in order.
 pub const SPIKE_LABELS: [&str; 4] = ["direction", "workload_namespace", "workload", "expected"];
+/// Label names of the top-port gauge, in order: the spike key, then the port.
+pub const TOP_PORT_LABELS: [&str; 6] = [
+    "direction",
+    "workload_namespace",
+    "workload",
+    "expected",
+    "protocol",
+    "port",
+];
 /// Label names of the new-edge counter, in order.
 pub const EDGE_LABELS: [&str; 8] = [
     "direction",
@@ -39,6 +56,8 @@ pub fn metric_names() -> Vec<&'static str> {
         SPIKE_ACTIVE,
         RATE_BASELINE,
         RATE,
+        BASELINE_READY,
+        TOP_PORT,
         NEW_DENIED_EDGES,
         SPIKE_KEYS_OVERFLOW,
         STATE_SAVE_ERRORS,
@@ -64,6 +83,10 @@ pub struct AlertMetrics {
     spike_active: GaugeVec,
     rate_baseline: GaugeVec,
     rate: GaugeVec,
+    baseline_ready: GaugeVec,
+    top_port: GaugeVec,
+    /// The (protocol, port) labels exported per key, to remove the series when the top moves.
+    top_port_shown: HashMap<SpikeKey, (&'static str, String)>,
     new_edges: IntCounterVec,
     overflow: prometheus::IntCounter,
     save_errors: prometheus::IntCounter,
@@ -98,6 +121,22 @@ impl AlertMetrics {
             &SPIKE_LABELS,
         )
         .map_err(reg(RATE))?;
+        let baseline_ready = GaugeVec::new(
+            Opts::new(
+                BASELINE_READY,
+                "1 once the spike detector's warm-up is over and the baseline can be compared with, else 0.",
+            ),
+            &SPIKE_LABELS,
+        )
+        .map_err(reg(BASELINE_READY))?;
+        let top_port = GaugeVec::new(
+            Opts::new(
+                TOP_PORT,
+                "Destination port with the most recent policy denies of the workload (labels); value: its deny rate, packets per second.",
+            ),
+            &TOP_PORT_LABELS,
+        )
+        .map_err(reg(TOP_PORT))?;
         let new_edges = IntCounterVec::new(
             Opts::new(
                 NEW_DENIED_EDGES,
@@ -126,6 +165,12 @@ impl AlertMetrics {
             .register(Box::new(rate.clone()))
             .map_err(reg(RATE))?;
         registry
+            .register(Box::new(baseline_ready.clone()))
+            .map_err(reg(BASELINE_READY))?;
+        registry
+            .register(Box::new(top_port.clone()))
+            .map_err(reg(TOP_PORT))?;
+        registry
             .register(Box::new(new_edges.clone()))
             .map_err(reg(NEW_DENIED_EDGES))?;
         registry
@@ -138,6 +183,9 @@ impl AlertMetrics {
             spike_active,
             rate_baseline,
             rate,
+            baseline_ready,
+            top_port,
+            top_port_shown: HashMap::new(),
             new_edges,
             overflow,
             save_errors,
@@ -154,6 +202,13 @@ impl AlertMetrics {
             let _ = self.spike_active.remove_label_values(&labels);
             let _ = self.rate_baseline.remove_label_values(&labels);
             let _ = self.rate.remove_label_values(&labels);
+            let _ = self.baseline_ready.remove_label_values(&labels);
+            if let Some((protocol, port)) = self.top_port_shown.remove(&key) {
+                let [d, ns, w, e] = labels;
+                let _ = self
+                    .top_port
+                    .remove_label_values(&[d, ns, w, e, protocol, &port]);
+            }
         }
         for st in detector.statuses() {
             let labels = spike_labels(st.key);
@@ -164,6 +219,30 @@ impl AlertMetrics {
                 .with_label_values(&labels)
                 .set(st.baseline);
             self.rate.with_label_values(&labels).set(st.rate);
+            self.baseline_ready
+                .with_label_values(&labels)
+                .set(if st.baseline_ready { 1.0 } else { 0.0 });
+            let [d, ns, w, e] = labels;
+            let top = st
+                .top_port
+                .map(|(protocol, port, rate)| ((protocol.label(), port.to_string()), rate));
+            let shown = self.top_port_shown.get(st.key);
+            if shown.is_some()
+                && shown != top.as_ref().map(|(l, _)| l)
+                && let Some((protocol, port)) = self.top_port_shown.remove(st.key)
+            {
+                let _ = self
+                    .top_port
+                    .remove_label_values(&[d, ns, w, e, protocol, &port]);
+            }
+            if let Some(((protocol, port), rate)) = top {
+                self.top_port
+                    .with_label_values(&[d, ns, w, e, protocol, &port])
+                    .set(rate);
+                self.top_port_shown
+                    .entry(st.key.clone())
+                    .or_insert((protocol, port));
+            }
         }
         let overflowed = detector.overflowed();
         self.overflow

@@ -26,7 +26,7 @@ pub use spike::{SpikeConfig, SpikeDetector, SpikeKey, SpikeTransition};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use crate::flow::Direction;
+use crate::flow::{Direction, Protocol};
 
 /// Errors of the alert stage.
 #[derive(Debug, thiserror::Error)]
@@ -148,8 +148,15 @@ impl AlertStage {
         isolating_policies: impl IntoIterator<Item = (&'p str, &'p str)>,
     ) -> DenyOutcome {
         let expected = self.expected.is_expected(edge, isolating_policies);
-        self.detector
-            .observe(now, &spike_key(edge, expected), packets);
+        let key = spike_key(edge, expected);
+        self.detector.observe(now, &key, packets);
+        if matches!(
+            edge.protocol,
+            Protocol::Tcp | Protocol::Udp | Protocol::Sctp
+        ) {
+            self.detector
+                .observe_port(&key, edge.protocol, edge.port, packets);
+        }
         let new_edge = self.edges.observe(now, edge, expected);
         if new_edge {
             self.metrics.record_new_edge(edge, expected);

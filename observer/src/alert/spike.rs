@@ -22,6 +22,13 @@
 //! - **Warm-up**: counted from the detector's first call, not per key. A key first seen after
 //!   the warm-up has a true baseline of zero (no denies were observed for it), so a brand-new
 //!   deny flood in a quiet workload fires after `for_duration` rather than after another warm-up.
+//! - **Baseline ready**: [`SpikeStatus::baseline_ready`] says the warm-up is over, so the
+//!   baseline is worth comparing with. It is exported per key
+//!   (`deny_observer_deny_baseline_ready`) so that Prometheus' cluster-wide spike path waits for
+//!   it too, instead of comparing a flood with a baseline a few seconds old.
+//! - **Top port**: per key, the destination ports of recent denies are counted in a few
+//!   decaying heavy-hitter slots (half-life: the rate window), so a spike names the port to
+//!   take to `explain` without a series per port.
 //! - **Expected denies** are their own keys (`expected = true`): detected and exported like the
 //!   others, but [`SpikeDetector::tick`] never returns their transitions, so they never page.
 //! - **Bounded**: a key with no denies for `idle_timeout` and no spike is dropped (the caller
@@ -37,7 +44,11 @@ use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::AlertError;
-use crate::flow::{Direction, FastMap};
+use crate::flow::{Direction, FastMap, Protocol};
+
+/// Heavy-hitter slots per key for the top port. A port carrying more than 1/8 of a key's
+/// recent denies always holds a slot (space-saving), which is all a "top port" needs.
+const PORT_SLOTS: usize = 8;
 
 /// Detector settings. Defaults: factor 3, sigma 4, floor 1 pkt/s, for 60 s, cool-down 120 s,
 /// warm-up 10 min, half-life 1 h, rate window 10 s.
@@ -204,6 +215,11 @@ pub struct SpikeStatus<'a> {
     pub threshold: f64,
     /// True while a spike is active.
     pub active: bool,
+    /// The warm-up is over: the baseline can be compared with.
+    pub baseline_ready: bool,
+    /// The destination port with the most recent denies: protocol, port and its deny rate
+    /// (packets/s, decayed over about the rate window). `None` before any deny with a port.
+    pub top_port: Option<(Protocol, u16, f64)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -228,6 +244,8 @@ struct KeyState {
     rate: f64,
     threshold: f64,
     phase: Phase,
+    /// (protocol, port, decayed packet count), at most [`PORT_SLOTS`].
+    ports: Vec<(Protocol, u16, f64)>,
 }
 
 impl KeyState {
@@ -250,7 +268,41 @@ impl KeyState {
             rate: 0.0,
             threshold: 0.0,
             phase: Phase::Quiet,
+            ports: Vec::new(),
         }
+    }
+
+    /// Adds `packets` to a port's slot; when all slots are taken, the smallest is replaced
+    /// and the newcomer inherits its count (space-saving: an over-estimate, never an under-).
+    fn count_port(&mut self, protocol: Protocol, port: u16, packets: u64) {
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "packet counts far below 2^52 per drain"
+        )]
+        let packets = packets as f64;
+        if let Some(slot) = self
+            .ports
+            .iter_mut()
+            .find(|(p, n, _)| *p == protocol && *n == port)
+        {
+            slot.2 += packets;
+        } else if self.ports.len() < PORT_SLOTS {
+            self.ports.push((protocol, port, packets));
+        } else if let Some(min) = self.ports.iter_mut().min_by(|a, b| a.2.total_cmp(&b.2)) {
+            *min = (protocol, port, min.2 + packets);
+        }
+    }
+
+    /// The busiest port, its count turned into packets/s: a steady rate `r` decayed with
+    /// half-life `w` sums to `r · w / ln 2`.
+    fn top_port(&self, window_secs: u64) -> Option<(Protocol, u16, f64)> {
+        #[expect(clippy::cast_precision_loss, reason = "small window")]
+        let per_sec = std::f64::consts::LN_2 / window_secs as f64;
+        self.ports
+            .iter()
+            .filter(|(_, _, c)| *c > 0.0)
+            .max_by(|a, b| a.2.total_cmp(&b.2).then_with(|| b.1.cmp(&a.1)))
+            .map(|(p, n, c)| (*p, *n, c * per_sec))
     }
 
     fn mean(&self) -> f64 {
@@ -280,6 +332,8 @@ pub struct SpikeDetector {
     keys: FastMap<SpikeKey, KeyState>,
     dropped: Vec<SpikeKey>,
     overflowed: u64,
+    /// The warm-up was over at the last tick.
+    warmed: bool,
 }
 
 /// Milliseconds since the Unix epoch (0 for times before it).
@@ -305,6 +359,7 @@ impl SpikeDetector {
             keys: FastMap::default(),
             dropped: Vec::new(),
             overflowed: 0,
+            warmed: false,
         })
     }
 
@@ -338,12 +393,22 @@ impl SpikeDetector {
         }
     }
 
+    /// Counts the destination port of `packets` denies of `key` (call next to
+    /// [`SpikeDetector::observe`]); feeds [`SpikeStatus::top_port`]. Keys not tracked (the
+    /// detector is full) are ignored.
+    pub fn observe_port(&mut self, key: &SpikeKey, protocol: Protocol, port: u16, packets: u64) {
+        if let Some(state) = self.keys.get_mut(key) {
+            state.count_port(protocol, port, packets);
+        }
+    }
+
     /// Recomputes rates, advances baselines and state machines, drops idle keys. Call about
     /// once per second. Returns the spike starts and ends of non-expected keys.
     pub fn tick(&mut self, now: SystemTime) -> Vec<SpikeTransition> {
         let now_ms = unix_ms(now);
         let started_ms = *self.started_ms.get_or_insert(now_ms);
         let warmed = now_ms.saturating_sub(started_ms) >= ms(self.config.warm_up);
+        self.warmed = warmed;
         let cfg = &self.config;
         let window_secs = self.window_secs;
         let mut transitions = Vec::new();
@@ -422,6 +487,7 @@ impl SpikeDetector {
             // spike either way.
             let spiking = !matches!(st.phase, Phase::Quiet) || !matches!(next, Phase::Quiet);
             st.phase = next;
+            decay_ports(st, now_ms, window_secs);
             update_baseline(st, now_ms, rate, cfg, spiking);
 
             if !is_active
@@ -452,6 +518,8 @@ impl SpikeDetector {
             deviation: st.var().sqrt(),
             threshold: st.threshold,
             active: matches!(st.phase, Phase::Active { .. }),
+            baseline_ready: self.warmed,
+            top_port: st.top_port(self.window_secs),
         })
     }
 
@@ -464,6 +532,8 @@ impl SpikeDetector {
             deviation: st.var().sqrt(),
             threshold: st.threshold,
             active: matches!(st.phase, Phase::Active { .. }),
+            baseline_ready: self.warmed,
+            top_port: st.top_port(self.window_secs),
         })
     }
 
@@ -481,6 +551,25 @@ impl SpikeDetector {
     pub fn overflowed(&self) -> u64 {
         self.overflowed
     }
+}
+
+/// Decays the port counts with a half-life of the rate window, so the top port follows what
+/// is denied now; slots that decayed to nothing are freed.
+fn decay_ports(st: &mut KeyState, now_ms: u64, window_secs: u64) {
+    if now_ms <= st.last_update_ms || st.ports.is_empty() {
+        return;
+    }
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "millisecond spans far below 2^52"
+    )]
+    let dt = (now_ms - st.last_update_ms) as f64 / 1000.0;
+    #[expect(clippy::cast_precision_loss, reason = "small window")]
+    let keep = (-dt / window_secs as f64).exp2();
+    for slot in &mut st.ports {
+        slot.2 *= keep;
+    }
+    st.ports.retain(|(_, _, c)| *c >= 0.01);
 }
 
 /// Decays the sums by the elapsed time and adds the new rate. While `spiking`, the mean moves

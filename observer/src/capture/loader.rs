@@ -1,5 +1,4 @@
 //! Loading and attaching the kernel program.
-use std::path::Path;
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
@@ -14,6 +13,7 @@ use super::btf::KernelBtf;
 use super::drain::DrainState;
 use super::location::{self, ReasonSource};
 use super::recursion::RecursionMisses;
+use super::startup::{self, Refused};
 use super::tracefs::{self, KfreeSkbFields, ReasonTable};
 use super::{AttachKind, AttachMode, CaptureConfig, CaptureError, ReasonFilter, Sample, decode};
 
@@ -98,7 +98,7 @@ fn call_site_reasons(
     if fields.reason.is_some() {
         return (LocationTable::EMPTY, ReasonSource::Kernel);
     }
-    match location::load_location_table(Path::new(location::KALLSYMS), reasons) {
+    match location::load_location_table(std::path::Path::new(location::KALLSYMS), reasons) {
         Ok((table, left_out)) => {
             if !left_out.is_empty() {
                 tracing::warn!(
@@ -287,7 +287,7 @@ fn attach_btf(ebpf: &mut Ebpf) -> Result<(), CaptureError> {
 }
 
 impl Capture {
-    /// Mounts tracefs/bpffs if needed, computes the kernel layout, loads the program with
+    /// Finds tracefs (mounting it only where permitted; bpffs is never needed), computes the kernel layout, loads the program with
     /// `config`, and attaches it to `kfree_skb`: as `tp_btf/kfree_skb` where the kernel's BTF
     /// allows (see [`AttachMode`]), else as the classic tracepoint `skb:kfree_skb`.
     pub fn load(config: &CaptureConfig) -> Result<Self, CaptureError> {
@@ -297,9 +297,10 @@ impl Capture {
                 "kernel program: this binary was built with AYA_BUILD_SKIP=1 (run `cargo xtask build`)",
             ));
         }
-        tracefs::ensure_mounted()?;
-        let fmt = tracefs::read_kfree_skb_format(Path::new(tracefs::TRACEFS_ROOT))?;
+        let tracefs_root = tracefs::ensure_mounted()?;
+        let fmt = tracefs::read_kfree_skb_format(&tracefs_root)?;
         let fields = KfreeSkbFields::from_format(&fmt)?;
+        startup::require_btf()?;
         let btf = KernelBtf::vmlinux()?;
         let layout = btf.kernel_layout(&fields)?;
         let reasons = kernel_reasons(&fmt, &fields, &btf)?;
@@ -340,17 +341,21 @@ impl Capture {
             .override_global("LOCATIONS", &locations, true)
             .map_max_entries("FLOWS", lru_entries(config.flow_map_entries, nr_cpus))
             .map_max_entries("SAMPLES", config.ringbuf_bytes)
-            .load(EBPF_OBJECT)?;
+            .load(EBPF_OBJECT)
+            .map_err(|e| startup::explain(e.into(), Refused::Bpf))?;
         let attach_kind = match btf_args {
             Ok(_) => match attach_btf(&mut ebpf) {
                 Ok(()) => AttachKind::BtfTracepoint,
-                Err(e) if config.attach == AttachMode::BtfTracepoint => return Err(e),
+                Err(e) if config.attach == AttachMode::BtfTracepoint => {
+                    return Err(startup::explain(e, Refused::Bpf));
+                }
                 Err(e) => {
                     tracing::warn!(
                         error = %e,
                         "tp_btf/kfree_skb could not be attached; using the classic tracepoint skb:kfree_skb (higher cost per drop)"
                     );
-                    attach_tracepoint(&mut ebpf)?;
+                    attach_tracepoint(&mut ebpf)
+                        .map_err(|e| startup::explain(e, Refused::PerfEventOpen))?;
                     AttachKind::Tracepoint
                 }
             },
@@ -361,7 +366,8 @@ impl Capture {
                         "tp_btf/kfree_skb not usable on this kernel; using the classic tracepoint skb:kfree_skb (higher cost per drop)"
                     );
                 }
-                attach_tracepoint(&mut ebpf)?;
+                attach_tracepoint(&mut ebpf)
+                    .map_err(|e| startup::explain(e, Refused::PerfEventOpen))?;
                 AttachKind::Tracepoint
             }
         };

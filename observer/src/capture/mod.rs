@@ -28,6 +28,7 @@ mod drain;
 mod loader;
 pub mod location;
 pub mod recursion;
+pub mod startup;
 pub mod tracefs;
 
 pub use decode::{SampleSizeError, decode, parse_sample, to_sample};
@@ -121,7 +122,7 @@ impl Default for CaptureConfig {
 /// Errors of the capture stage.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    /// tracefs/bpffs mounting or format-file parsing failed.
+    /// tracefs could not be found or mounted, or its format file could not be parsed.
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
     /// A BTF lookup failed (the running kernel lacks a field the program needs).
@@ -165,6 +166,15 @@ pub enum CaptureError {
         map: &'static str,
         /// aya's error.
         source: aya::maps::MapError,
+    },
+    /// The kernel or the container runtime refused a start-up step; says what is missing
+    /// (capability, seccomp rule, mount, kernel feature) and the fix (see [`startup`]).
+    #[error("{problem}. {fix}")]
+    Refused {
+        /// The failed step and the kernel's error.
+        problem: String,
+        /// What is missing and how to fix it.
+        fix: String,
     },
     /// A map or program is missing from the object.
     #[error("eBPF object has no {0}")]

@@ -1,14 +1,17 @@
-//! tracefs/bpffs mounting, and parsing of the `skb:kfree_skb` format file: field offsets for
+//! Finding tracefs (never bpffs: nothing is pinned), and parsing of the `skb:kfree_skb` format file: field offsets for
 //! the kernel program, and the kernel's own drop-reason names.
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Where tracefs is mounted (mounted there when missing).
+/// Where tracefs is mounted on current systems (and where it is mounted when missing).
 pub const TRACEFS_ROOT: &str = "/sys/kernel/tracing";
-/// Where bpffs is mounted (mounted there when missing).
-pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+/// Where older systems have tracefs: inside debugfs.
+pub const DEBUGFS_TRACING_ROOT: &str = "/sys/kernel/debug/tracing";
+/// Where tracefs is looked for, in this order (the same order as aya's, which attaches the
+/// classic tracepoint through whichever it finds).
+pub const TRACEFS_CANDIDATES: [&str; 2] = [TRACEFS_ROOT, DEBUGFS_TRACING_ROOT];
 /// Format file of the tracepoint, relative to the tracefs root.
 pub const KFREE_SKB_FORMAT: &str = "events/skb/kfree_skb/format";
 
@@ -23,15 +26,17 @@ pub enum TracefsError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// `mount(2)` failed.
-    #[error("mounting {fstype} at {path}: {source}")]
-    Mount {
-        /// File system type.
-        fstype: &'static str,
-        /// Mount point.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
+    /// tracefs is at none of [`TRACEFS_CANDIDATES`] and could not be mounted.
+    #[error(
+        "tracefs (events/skb/kfree_skb) not found at {} or {}, and mounting it at {} failed ({mount_error}){}",
+        TRACEFS_ROOT,
+        DEBUGFS_TRACING_ROOT,
+        TRACEFS_ROOT,
+        missing_tracefs_fix(mount_error)
+    )]
+    NotFound {
+        /// Why `mount -t tracefs` failed.
+        mount_error: std::io::Error,
     },
     /// A `field:` line of the format file could not be parsed.
     #[error("format file line {line}: cannot parse {text:?}")]
@@ -51,41 +56,64 @@ pub enum TracefsError {
     },
 }
 
-/// Mounts tracefs at [`TRACEFS_ROOT`] and bpffs at [`BPFFS_ROOT`] when they are not mounted.
-pub fn ensure_mounted() -> Result<(), TracefsError> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").map_err(|source| TracefsError::Read {
-            path: PathBuf::from("/proc/self/mounts"),
-            source,
-        })?;
-    for (fstype, path) in [("tracefs", TRACEFS_ROOT), ("bpf", BPFFS_ROOT)] {
-        let mounted = mounts.lines().any(|l| {
-            let mut it = l.split_whitespace();
-            let (_dev, mnt, fs) = (it.next(), it.next(), it.next());
-            mnt == Some(path) && fs == Some(fstype)
-        });
-        if !mounted {
-            mount(fstype, path)?;
-        }
+/// The tracefs directory to read the tracepoint from: the first of [`TRACEFS_CANDIDATES`] that
+/// has `events/`; when neither has, tracefs is mounted at [`TRACEFS_ROOT`] if this process may
+/// (CAP_SYS_ADMIN, which the DaemonSet does not grant: there it must come as a volume).
+///
+/// bpffs is never needed: nothing is pinned, the program lives as long as the process.
+pub fn ensure_mounted() -> Result<PathBuf, TracefsError> {
+    if let Some(found) = find_tracefs(TRACEFS_CANDIDATES.iter().map(Path::new)) {
+        return Ok(found);
     }
-    Ok(())
+    match mount_tracefs(TRACEFS_ROOT) {
+        Ok(()) if Path::new(TRACEFS_ROOT).join("events").is_dir() => {
+            Ok(PathBuf::from(TRACEFS_ROOT))
+        }
+        Ok(()) => Err(TracefsError::NotFound {
+            mount_error: std::io::Error::other("mounted, but it has no events/ directory"),
+        }),
+        Err(mount_error) => Err(TracefsError::NotFound { mount_error }),
+    }
 }
 
-fn mount(fstype: &'static str, path: &str) -> Result<(), TracefsError> {
-    let err = |source| TracefsError::Mount {
-        fstype,
-        path: PathBuf::from(path),
-        source,
-    };
-    std::fs::create_dir_all(path).map_err(err)?;
-    let src = CString::new(fstype).map_err(|e| err(std::io::Error::other(e)))?;
-    let target = CString::new(path).map_err(|e| err(std::io::Error::other(e)))?;
+/// The first of `candidates` that holds tracefs's `events/` directory.
+pub fn find_tracefs<'a>(candidates: impl IntoIterator<Item = &'a Path>) -> Option<PathBuf> {
+    candidates
+        .into_iter()
+        .find(|root| root.join("events").is_dir())
+        .map(Path::to_path_buf)
+}
+
+/// What to do when tracefs is missing, for [`TracefsError::NotFound`]; `mount_error` tells a
+/// missing capability from a kernel without tracefs.
+pub fn missing_tracefs_fix(mount_error: &std::io::Error) -> String {
+    match mount_error.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => format!(
+            ": mounting needs CAP_SYS_ADMIN, which deny-observer does not ask for. In a container, \
+             mount the host's {TRACEFS_ROOT} read-only (a hostPath volume of type Directory, as \
+             deploy/base/daemonset.yaml does); if the host has tracefs only under debugfs, \
+             deploy/overlays/legacy-kernel mounts /sys/kernel/debug. On the host itself: \
+             `mount -t tracefs tracefs {TRACEFS_ROOT}`"
+        ),
+        Some(libc::ENODEV) => ": this kernel has no tracefs (CONFIG_TRACING / CONFIG_FTRACE); \
+                               deny-observer needs a kernel with tracepoints"
+            .to_owned(),
+        _ => format!(
+            ": mount the host's {TRACEFS_ROOT} into the container read-only (hostPath volume), \
+             or mount tracefs on the host"
+        ),
+    }
+}
+
+fn mount_tracefs(path: &str) -> Result<(), std::io::Error> {
+    let fstype = c"tracefs";
+    let target = CString::new(path).map_err(std::io::Error::other)?;
     // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; data is null.
     let rc = unsafe {
         libc::mount(
-            src.as_ptr(),
+            fstype.as_ptr(),
             target.as_ptr(),
-            src.as_ptr(),
+            fstype.as_ptr(),
             0,
             std::ptr::null(),
         )
@@ -94,7 +122,7 @@ fn mount(fstype: &'static str, path: &str) -> Result<(), TracefsError> {
         let e = std::io::Error::last_os_error();
         // Another process may have mounted it between our check and our mount.
         if e.raw_os_error() != Some(libc::EBUSY) {
-            return Err(err(e));
+            return Err(e);
         }
     }
     Ok(())
@@ -349,6 +377,36 @@ pub fn read_kfree_skb_format(tracefs_root: &Path) -> Result<TracepointFormat, Tr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tracefs_is_found_where_events_exist_in_candidate_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("tracing"), dir.path().join("debug/tracing"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(b.join("events")).unwrap();
+        // An empty mount point (tracefs not mounted there) is skipped.
+        assert_eq!(find_tracefs([a.as_path(), b.as_path()]), Some(b.clone()));
+        std::fs::create_dir_all(a.join("events")).unwrap();
+        assert_eq!(find_tracefs([a.as_path(), b.as_path()]), Some(a));
+        assert_eq!(find_tracefs([dir.path().join("none").as_path()]), None);
+    }
+
+    #[test]
+    fn missing_tracefs_names_the_volume_or_the_kernel_feature() {
+        let denied = TracefsError::NotFound {
+            mount_error: std::io::Error::from_raw_os_error(libc::EPERM),
+        }
+        .to_string();
+        assert!(denied.contains("/sys/kernel/tracing"), "{denied}");
+        assert!(denied.contains("CAP_SYS_ADMIN"), "{denied}");
+        assert!(denied.contains("hostPath"), "{denied}");
+        assert!(denied.contains("mount -t tracefs"), "{denied}");
+        let nodev = TracefsError::NotFound {
+            mount_error: std::io::Error::from_raw_os_error(libc::ENODEV),
+        }
+        .to_string();
+        assert!(nodev.contains("no tracefs"), "{nodev}");
+    }
 
     /// Verbatim from Linux 6.18 on this machine (print fmt shortened).
     const FORMAT_6_18: &str = r#"name: kfree_skb

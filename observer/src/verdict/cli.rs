@@ -13,11 +13,16 @@ use serde::{Deserialize, Serialize};
 
 use super::{Engine, FlowQuery, MissKind, NamespaceAudit, Peer, SideReport, Verdict, VerdictError};
 use crate::flow::{Direction, Protocol};
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, Pod, PodPhase};
 
+/// Exit status of `explain` when the flow (or one of the explained ports) is denied.
+pub const EXIT_DENY: u8 = 1;
+/// Exit status of `explain` on bad input: an unknown endpoint, port or protocol, or (in batch
+/// mode) at least one invalid input line, every other line still being answered.
+pub const EXIT_BAD_INPUT: u8 = 2;
 /// Exit status of `explain --flows` when at least one input line was invalid (every other
 /// line is still answered).
-pub const EXIT_BAD_FLOW_LINES: u8 = 2;
+pub const EXIT_BAD_FLOW_LINES: u8 = EXIT_BAD_INPUT;
 /// Exit status of `audit --fail-on-open` when some namespace has no NetworkPolicy.
 pub const EXIT_OPEN_NAMESPACE: u8 = 3;
 /// Version of the `audit --output json` schema.
@@ -29,18 +34,21 @@ pub struct ExplainArgs {
     /// Directory of Kubernetes manifests (namespaces, pods, NetworkPolicies).
     #[arg(long)]
     pub inventory: PathBuf,
-    /// Source: `<namespace>/<pod>` or an IP address.
+    /// Source: `<namespace>/<pod>`, `<namespace>/<workload>` (as in the metrics'
+    /// `source_workload`) or an IP address.
     #[arg(long, required_unless_present = "flows", conflicts_with = "flows")]
     pub from: Option<String>,
-    /// Destination: `<namespace>/<pod>` or an IP address.
+    /// Destination: `<namespace>/<pod>`, `<namespace>/<workload>` or an IP address.
     #[arg(long, required_unless_present = "flows", conflicts_with = "flows")]
     pub to: Option<String>,
-    /// Destination port: a number, or a container port name of the destination pod.
-    #[arg(long, required_unless_present = "flows", conflicts_with = "flows")]
+    /// Destination port: a number, or a container port name of the destination. Without it,
+    /// every container port the destination declares is explained.
+    #[arg(long, conflicts_with = "flows")]
     pub port: Option<String>,
-    /// Protocol: TCP, UDP or SCTP.
-    #[arg(long, default_value = "TCP")]
-    pub protocol: String,
+    /// Protocol: TCP, UDP or SCTP, in any case (`tcp` as in the metrics). Default: TCP with
+    /// `--port`; without `--port`, the protocols of the declared ports.
+    #[arg(long)]
+    pub protocol: Option<String>,
     /// Batch mode: JSON lines `{"from":"x/a","to":"y/b","port":80,"protocol":"TCP"}` from a
     /// file, or `-` for standard input; one JSON verdict per line on standard output.
     #[arg(long)]
@@ -85,9 +93,23 @@ fn parse_protocol(s: &str) -> Result<Protocol, VerdictError> {
     }
 }
 
-/// Resolves `<ns>/<pod>` or an IP. An IP of a known pod is that pod.
+/// `--from`/`--to` resolved: one pod or address, or every pod of a workload.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// The text given.
+    pub given: String,
+    /// `Deployment frontend` when a workload name (not a pod name) was given.
+    pub workload: Option<String>,
+    /// What to judge: the pods of the workload, liveliest and newest first, or the one pod
+    /// or address. Never empty.
+    pub peers: Vec<Peer>,
+}
+
+/// Resolves `<ns>/<pod>` or an IP. An IP of a known pod is that pod. IPv4-mapped IPv6
+/// addresses (`::ffff:10.0.0.1`) are their IPv4 form, as the daemon sees them.
 pub fn resolve_endpoint(engine: &Engine, s: &str) -> Result<Peer, VerdictError> {
     if let Ok(ip) = s.parse::<IpAddr>() {
+        let ip = ip.to_canonical();
         return Ok(match engine.pod_by_ip(ip) {
             Some(pod) => Peer::Pod(Arc::clone(pod)),
             None => Peer::External(ip),
@@ -102,12 +124,88 @@ pub fn resolve_endpoint(engine: &Engine, s: &str) -> Result<Peer, VerdictError> 
     }
 }
 
+/// Resolves `<ns>/<pod>`, `<ns>/<workload>` or an IP. A pod name wins over a workload of the
+/// same name. A workload's terminated pods are only used when it has no other pods.
+pub fn resolve_endpoints(engine: &Engine, s: &str) -> Result<Endpoint, VerdictError> {
+    match resolve_endpoint(engine, s) {
+        Ok(peer) => {
+            return Ok(Endpoint {
+                given: s.to_owned(),
+                workload: None,
+                peers: vec![peer],
+            });
+        }
+        Err(VerdictError::UnknownPod(_)) => {}
+        Err(err) => return Err(err),
+    }
+    let Some((ns, name)) = s.split_once('/') else {
+        return Err(VerdictError::BadEndpoint(s.to_owned()));
+    };
+    let mut pods: Vec<&Arc<Pod>> = engine
+        .inventory()
+        .pods
+        .iter()
+        .filter(|p| p.namespace == ns && p.workload.name == name)
+        .collect();
+    if pods.iter().any(|p| p.phase != PodPhase::Terminated) {
+        pods.retain(|p| p.phase != PodPhase::Terminated);
+    }
+    if pods.is_empty() {
+        return Err(VerdictError::UnknownPod(s.to_owned()));
+    }
+    pods.sort_by(|a, b| {
+        (b.phase, b.created_unix)
+            .cmp(&(a.phase, a.created_unix))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    let mut kinds: Vec<&str> = pods.iter().map(|p| p.workload.kind.as_str()).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    Ok(Endpoint {
+        given: s.to_owned(),
+        workload: Some(format!("{} {name}", kinds.join("/"))),
+        peers: pods.into_iter().map(|p| Peer::Pod(Arc::clone(p))).collect(),
+    })
+}
+
+/// A destination port as given: a number, or a container port name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortRef {
+    /// A port number.
+    Number(u16),
+    /// A container port name, resolved on each destination pod.
+    Name(String),
+}
+
+/// Parses `--port` (or a string `port` of `--flows`): digits are a number, which must fit a
+/// port; anything else is a name.
+pub fn parse_port(s: &str) -> Result<PortRef, VerdictError> {
+    let bad = |reason: &str| VerdictError::BadPort {
+        port: s.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if s.is_empty() {
+        return Err(bad("empty"));
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u16>()
+            .map(PortRef::Number)
+            .map_err(|_| bad("out of range (a port is 0 to 65535)"));
+    }
+    Ok(PortRef::Name(s.to_owned()))
+}
+
 /// Resolves `--port`: a number, or a port name declared by the destination pod for
 /// `protocol`.
 pub fn resolve_port(dst: &Peer, port: &str, protocol: Protocol) -> Result<u16, VerdictError> {
-    if let Ok(n) = port.parse::<u16>() {
-        return Ok(n);
+    match parse_port(port)? {
+        PortRef::Number(n) => Ok(n),
+        PortRef::Name(name) => resolve_port_name(dst, &name, protocol),
     }
+}
+
+fn resolve_port_name(dst: &Peer, port: &str, protocol: Protocol) -> Result<u16, VerdictError> {
     let bad = |reason: String| VerdictError::BadPort {
         port: port.to_owned(),
         reason,
@@ -130,8 +228,104 @@ pub fn resolve_port(dst: &Peer, port: &str, protocol: Protocol) -> Result<u16, V
     }
 }
 
+/// One port judged over every (source pod, destination pod) pair of two endpoints.
+#[derive(Debug)]
+pub struct Judgement {
+    /// The pair shown: the first denied pair, else the first pair.
+    pub flow: FlowQuery,
+    /// Its verdict.
+    pub verdict: Verdict,
+    /// Pairs judged.
+    pub pairs: usize,
+    /// Pairs denied.
+    pub denied: usize,
+}
+
+/// Judges `port` between every pod of `from` and every pod of `to`. A named port is resolved
+/// on each destination pod; pods that do not declare it are skipped (an error when none does).
+pub fn judge(
+    engine: &Engine,
+    from: &Endpoint,
+    to: &Endpoint,
+    protocol: Protocol,
+    port: &PortRef,
+) -> Result<Judgement, VerdictError> {
+    let mut shown: Option<(FlowQuery, Verdict)> = None;
+    let (mut pairs, mut denied) = (0usize, 0usize);
+    let mut first_err = None;
+    for dst in &to.peers {
+        let number = match port {
+            PortRef::Number(n) => *n,
+            PortRef::Name(name) => match resolve_port_name(dst, name, protocol) {
+                Ok(n) => n,
+                Err(err) => {
+                    first_err.get_or_insert(err);
+                    continue;
+                }
+            },
+        };
+        for src in &from.peers {
+            let flow = FlowQuery {
+                src: src.clone(),
+                dst: dst.clone(),
+                protocol,
+                port: number,
+            };
+            let verdict = engine.evaluate(&flow);
+            pairs += 1;
+            if !verdict.allowed {
+                denied += 1;
+            }
+            // A deny is what the reader has to act on, so the first denied pair is shown.
+            let replace = shown
+                .as_ref()
+                .is_none_or(|(_, v)| v.allowed && !verdict.allowed);
+            if replace {
+                shown = Some((flow, verdict));
+            }
+        }
+    }
+    match shown {
+        Some((flow, verdict)) => Ok(Judgement {
+            flow,
+            verdict,
+            pairs,
+            denied,
+        }),
+        None => Err(first_err
+            .unwrap_or_else(|| VerdictError::Usage(format!("{} has no pod to judge", to.given)))),
+    }
+}
+
+/// Container ports the destination's pods declare, `(protocol, port, name)`, sorted by port,
+/// only those of `protocol` when given.
+fn declared_ports(
+    to: &Endpoint,
+    protocol: Option<Protocol>,
+) -> Vec<(Protocol, u16, Option<String>)> {
+    let mut out: Vec<(Protocol, u16, Option<String>)> = Vec::new();
+    for peer in &to.peers {
+        let Peer::Pod(pod) = peer else { continue };
+        for cp in &pod.ports {
+            if protocol.is_some_and(|p| p != cp.protocol) {
+                continue;
+            }
+            if !out
+                .iter()
+                .any(|(p, n, _)| *p == cp.protocol && *n == cp.port)
+            {
+                out.push((cp.protocol, cp.port, cp.name.clone()));
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.1, a.0.label()).cmp(&(b.1, b.0.label())));
+    out
+}
+
 /// Runs `explain`: the single-flow human form, or the `--flows` batch form. Returns the exit
-/// status (0, or [`EXIT_BAD_FLOW_LINES`] in batch mode when some lines were invalid).
+/// status: in the human form 0 when allowed and [`EXIT_DENY`] when denied (for any pod pair
+/// of a workload, or any port explained); in batch mode 0, or [`EXIT_BAD_FLOW_LINES`] when
+/// some lines were invalid.
 pub fn explain(
     args: &ExplainArgs,
     inv: Arc<Inventory>,
@@ -147,24 +341,68 @@ pub fn explain(
         let file = File::open(flows).map_err(io_err(flows))?;
         return explain_batch(&engine, &mut BufReader::new(file), out);
     }
-    let (Some(from), Some(to), Some(port)) = (&args.from, &args.to, &args.port) else {
+    let (Some(from), Some(to)) = (&args.from, &args.to) else {
         return Err(VerdictError::Usage(
-            "explain needs --from, --to and --port, or --flows".to_owned(),
+            "explain needs --from and --to (and optionally --port), or --flows".to_owned(),
         ));
     };
-    let protocol = parse_protocol(&args.protocol)?;
-    let src = resolve_endpoint(&engine, from)?;
-    let dst = resolve_endpoint(&engine, to)?;
-    let port = resolve_port(&dst, port, protocol)?;
-    let flow = FlowQuery {
-        src,
-        dst,
-        protocol,
-        port,
+    let protocol = args.protocol.as_deref().map(parse_protocol).transpose()?;
+    let from = resolve_endpoints(&engine, from)?;
+    let to = resolve_endpoints(&engine, to)?;
+    let ports: Vec<(Protocol, PortRef, Option<String>)> = match &args.port {
+        Some(port) => {
+            let port = parse_port(port)?;
+            let name = match &port {
+                PortRef::Name(name) => Some(name.clone()),
+                PortRef::Number(_) => None,
+            };
+            vec![(protocol.unwrap_or(Protocol::Tcp), port, name)]
+        }
+        None => {
+            let declared = declared_ports(&to, protocol);
+            if declared.is_empty() {
+                return Err(VerdictError::Usage(format!(
+                    "{} declares no {}container port to explain: pass --port",
+                    to.given,
+                    protocol.map(|p| format!("{p} ")).unwrap_or_default()
+                )));
+            }
+            declared
+                .into_iter()
+                .map(|(p, n, name)| (p, PortRef::Number(n), name))
+                .collect()
+        }
     };
-    let verdict = engine.evaluate(&flow);
-    write_human(&flow, &verdict, out).map_err(io_err("writing output"))?;
-    Ok(0)
+    let mut denied_ports = Vec::new();
+    for (i, (protocol, port, name)) in ports.iter().enumerate() {
+        let judged = judge(&engine, &from, &to, *protocol, port)?;
+        if i > 0 {
+            writeln!(out).map_err(io_err("writing output"))?;
+        }
+        write_human(&judged, &from, &to, name.as_deref(), out).map_err(io_err("writing output"))?;
+        if judged.denied > 0 {
+            denied_ports.push(format!("{}/{}", judged.flow.protocol, judged.flow.port));
+        }
+    }
+    if ports.len() > 1 {
+        writeln!(
+            out,
+            "\nsummary: {} of {} declared ports denied{}",
+            denied_ports.len(),
+            ports.len(),
+            if denied_ports.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", denied_ports.join(", "))
+            }
+        )
+        .map_err(io_err("writing output"))?;
+    }
+    Ok(if denied_ports.is_empty() {
+        0
+    } else {
+        EXIT_DENY
+    })
 }
 
 fn side_line(name: &str, who: &str, side: &SideReport) -> String {
@@ -185,17 +423,66 @@ fn side_line(name: &str, who: &str, side: &SideReport) -> String {
     }
 }
 
-fn write_human(flow: &FlowQuery, v: &Verdict, out: &mut dyn Write) -> std::io::Result<()> {
+/// `from shop/frontend: Deployment frontend, 3 pods; judged with the labels of ...`.
+fn workload_line(role: &str, endpoint: &Endpoint, shown: &Peer) -> Option<String> {
+    let workload = endpoint.workload.as_ref()?;
+    let Peer::Pod(pod) = shown else {
+        return None;
+    };
+    let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    Some(format!(
+        "{role} {}: {workload}, {} pod(s); judged with the labels of {}/{} ({})",
+        endpoint.given,
+        endpoint.peers.len(),
+        pod.namespace,
+        pod.name,
+        if labels.is_empty() {
+            "no labels".to_owned()
+        } else {
+            labels.join(", ")
+        }
+    ))
+}
+
+fn write_human(
+    judged: &Judgement,
+    from: &Endpoint,
+    to: &Endpoint,
+    port_name: Option<&str>,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    let (flow, v) = (&judged.flow, &judged.verdict);
     let src = flow.src.display_name();
     let dst = flow.dst.display_name();
-    let what = format!("{src} -> {dst} {}/{}", flow.protocol, flow.port);
+    let name = port_name.map(|n| format!(" ({n})")).unwrap_or_default();
+    let what = format!("{src} -> {dst} {}/{}{name}", flow.protocol, flow.port);
     match v.direction {
         None => writeln!(out, "verdict: ALLOW  {what}")?,
-        Some(d) => {
-            writeln!(out, "verdict: DENY  {what}")?;
-            let at = if d == Direction::Egress { &src } else { &dst };
-            writeln!(out, "decided by: {d} at {at}")?;
+        Some(_) => writeln!(out, "verdict: DENY  {what}")?,
+    }
+    for line in [
+        workload_line("from", from, &flow.src),
+        workload_line("to", to, &flow.dst),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        writeln!(out, "{line}")?;
+    }
+    if judged.pairs > 1 {
+        if judged.denied == 0 || judged.denied == judged.pairs {
+            writeln!(out, "every pod pair agrees ({} pairs judged)", judged.pairs)?;
+        } else {
+            writeln!(
+                out,
+                "pods disagree: {} of {} pod pairs are denied (their labels differ); a denied pair is shown",
+                judged.denied, judged.pairs
+            )?;
         }
+    }
+    if let Some(d) = v.direction {
+        let at = if d == Direction::Egress { &src } else { &dst };
+        writeln!(out, "decided by: {d} at {at}")?;
     }
     match &flow.src {
         Peer::Pod(p) if p.host_network => writeln!(
@@ -252,22 +539,33 @@ fn write_human(flow: &FlowQuery, v: &Verdict, out: &mut dyn Write) -> std::io::R
     Ok(())
 }
 
-/// One line of `explain --flows` input.
+/// One line of `explain --flows` input. `port` is read as any JSON value so that a number
+/// out of range or a wrong type gets a message naming the port, not serde's enum internals.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FlowLine {
     from: String,
     to: String,
-    port: PortField,
+    port: serde_json::Value,
     #[serde(default)]
     protocol: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum PortField {
-    Number(u16),
-    Name(String),
+fn flow_port(value: &serde_json::Value) -> Result<PortRef, String> {
+    match value {
+        serde_json::Value::Number(n) => match n.as_u64() {
+            Some(n) => u16::try_from(n)
+                .map(PortRef::Number)
+                .map_err(|_| format!("invalid port {n}: out of range (a port is 0 to 65535)")),
+            None => Err(format!(
+                "invalid port {n}: not a whole number from 0 to 65535"
+            )),
+        },
+        serde_json::Value::String(s) => parse_port(s).map_err(|e| e.to_string()),
+        other => Err(format!(
+            "invalid port {other}: expected a number or a container port name"
+        )),
+    }
 }
 
 /// One line of `explain --flows` output.
@@ -276,6 +574,10 @@ struct FlowAnswer<'a> {
     line: usize,
     from: &'a str,
     to: &'a str,
+    from_pod: String,
+    to_pod: String,
+    pod_pairs: usize,
+    pod_pairs_denied: usize,
     protocol: Protocol,
     port: u16,
     verdict: &'static str,
@@ -292,58 +594,56 @@ struct FlowError {
     error: String,
 }
 
-fn answer_line(engine: &Engine, line: &str) -> Result<(FlowLine, FlowQuery), String> {
+fn answer_line(engine: &Engine, line: &str) -> Result<(FlowLine, Judgement), String> {
     let parsed: FlowLine = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
     let protocol =
         parse_protocol(parsed.protocol.as_deref().unwrap_or("TCP")).map_err(|e| e.to_string())?;
-    let src = resolve_endpoint(engine, &parsed.from).map_err(|e| format!("from: {e}"))?;
-    let dst = resolve_endpoint(engine, &parsed.to).map_err(|e| format!("to: {e}"))?;
-    let port = match &parsed.port {
-        PortField::Number(n) => *n,
-        PortField::Name(name) => resolve_port(&dst, name, protocol).map_err(|e| e.to_string())?,
-    };
-    Ok((
-        parsed,
-        FlowQuery {
-            src,
-            dst,
-            protocol,
-            port,
-        },
-    ))
+    let port = flow_port(&parsed.port)?;
+    let src = resolve_endpoints(engine, &parsed.from).map_err(|e| format!("from: {e}"))?;
+    let dst = resolve_endpoints(engine, &parsed.to).map_err(|e| format!("to: {e}"))?;
+    let judged = judge(engine, &src, &dst, protocol, &port).map_err(|e| e.to_string())?;
+    Ok((parsed, judged))
 }
 
 /// The batch form of `explain` over any reader: one JSON object per non-blank input line,
-/// in order; an invalid line yields `{"line":N,"error":"..."}` and the run goes on. Lines are
-/// numbered from 1; blank lines are skipped.
+/// in order; an invalid line (bad JSON, not UTF-8, unknown endpoint...) yields
+/// `{"line":N,"error":"..."}` and the run goes on. Lines are numbered from 1; blank lines are
+/// skipped.
 pub fn explain_batch(
     engine: &Engine,
     input: &mut dyn BufRead,
     out: &mut dyn Write,
 ) -> Result<u8, VerdictError> {
     let mut bad = false;
-    let mut buf = String::new();
+    let mut buf = Vec::new();
     let mut n = 0usize;
     loop {
         buf.clear();
-        let read = input.read_line(&mut buf).map_err(io_err("reading flows"))?;
+        let read = input
+            .read_until(b'\n', &mut buf)
+            .map_err(io_err("reading flows"))?;
         if read == 0 {
             break;
         }
         n += 1;
-        let line = buf.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let json = match answer_line(engine, line) {
-            Ok((parsed, flow)) => {
-                let v = engine.evaluate(&flow);
+        let answer = match std::str::from_utf8(&buf) {
+            Ok(text) if text.trim().is_empty() => continue,
+            Ok(text) => answer_line(engine, text.trim()),
+            Err(err) => Err(format!("line is not UTF-8: {err}")),
+        };
+        let json = match answer {
+            Ok((parsed, judged)) => {
+                let v = &judged.verdict;
                 serde_json::to_string(&FlowAnswer {
                     line: n,
                     from: &parsed.from,
                     to: &parsed.to,
-                    protocol: flow.protocol,
-                    port: flow.port,
+                    from_pod: judged.flow.src.display_name(),
+                    to_pod: judged.flow.dst.display_name(),
+                    pod_pairs: judged.pairs,
+                    pod_pairs_denied: judged.denied,
+                    protocol: judged.flow.protocol,
+                    port: judged.flow.port,
                     verdict: if v.allowed { "allow" } else { "deny" },
                     direction: v.direction,
                     policies: v

@@ -33,13 +33,15 @@ use crate::inventory::{Inventory, Labels, Pod};
 /// Errors of the verdict commands.
 #[derive(Debug, thiserror::Error)]
 pub enum VerdictError {
-    /// `--from`/`--to` named a pod the inventory does not have.
+    /// `--from`/`--to` named a pod or workload the inventory does not have.
     #[error(
-        "unknown pod {0:?} (expected <namespace>/<pod> present in the inventory, or an IP address)"
+        "unknown pod or workload {0:?} (expected <namespace>/<pod> or <namespace>/<workload> present in the inventory, or an IP address)"
     )]
     UnknownPod(String),
     /// `--from`/`--to` was neither `<ns>/<pod>` nor an IP address.
-    #[error("invalid endpoint {0:?} (expected <namespace>/<pod> or an IP address)")]
+    #[error(
+        "invalid endpoint {0:?} (expected <namespace>/<pod>, <namespace>/<workload> or an IP address)"
+    )]
     BadEndpoint(String),
     /// `--port` was neither a number nor a port name of the destination pod.
     #[error("invalid port {port:?}: {reason}")]
