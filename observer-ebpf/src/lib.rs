@@ -25,8 +25,19 @@ pub mod loss {
     pub const FLOW_INSERT: u32 = 1;
     /// Reading the skb or its headers failed (odd packet, unexpected kernel layout).
     pub const SKB_READ: u32 = 2;
+    /// The packet ends before a header it needs for the flow key, or a header declares an
+    /// impossible length (IPv4 IHL < 5, IP total length shorter than the headers, TCP data
+    /// offset < 5 or beyond the packet, UDP/SCTP/ICMP header cut short). The drop is still
+    /// counted, with port 0 and whatever addresses and protocol were read before the cut.
+    pub const TRUNCATED_HEADER: u32 = 3;
+    /// An IPv6 packet has more extension headers than the program follows: counted with its
+    /// addresses, the extension header where parsing stopped as protocol, and port 0.
+    pub const IPV6_EXT_HEADERS_EXCEEDED: u32 = 4;
+    /// A header the packet holds lies beyond the skb's linear data (in page fragments), which
+    /// the program does not read: counted like [`TRUNCATED_HEADER`].
+    pub const HEADER_NOT_LINEAR: u32 = 5;
     /// Number of slots.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 8;
 }
 
 /// Highest drop-reason number the kernel side can account per reason. Reasons at or above this
@@ -233,6 +244,12 @@ pub struct KernelLayout {
     pub dev_nd_net: u32,
     /// `offsetof(struct net, ns) + offsetof(struct ns_common, inum)` (u32).
     pub net_ns_inum: u32,
+    /// `offsetof(struct sk_buff, tail)`: the end of the linear data, as an offset from `head`
+    /// (`sk_buff_data_t` is a u32 offset on every 64-bit kernel).
+    pub skb_tail: u32,
+    /// `offsetof(struct sk_buff, data_len)` (u32): bytes in page fragments, 0 when the whole
+    /// packet is linear.
+    pub skb_data_len: u32,
 }
 
 /// Runtime configuration of the kernel program, set once at load time.
@@ -301,16 +318,16 @@ mod tests {
             size_of::<SampleEvent>(),
             8 + 8 + size_of::<FlowKey>() + 4 + 4 + 2 + 1 + 1
         );
-        assert_eq!(size_of::<KernelLayout>(), 12 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 14 * 4);
         assert_eq!(size_of::<BtfArgs>(), 4 * 4);
         assert_eq!(size_of::<LocationRange>(), 24);
         assert_eq!(size_of::<LocationTable>(), 24 * LOCATION_RANGES_MAX + 8);
-        assert_eq!(size_of::<ProgramConfig>(), 12 * 4 + 8 + 8 + 4 * 4 + 8 * 8);
+        assert_eq!(size_of::<ProgramConfig>(), 14 * 4 + 8 + 8 + 4 * 4 + 8 * 8);
         // The reason mask stays 8-byte aligned right after the u32 fields: no hidden padding.
-        assert_eq!(core::mem::offset_of!(ProgramConfig, btf_args), 12 * 4 + 16);
+        assert_eq!(core::mem::offset_of!(ProgramConfig, btf_args), 14 * 4 + 16);
         assert_eq!(
             core::mem::offset_of!(ProgramConfig, reason_mask),
-            12 * 4 + 16 + 16
+            14 * 4 + 16 + 16
         );
     }
 }

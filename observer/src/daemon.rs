@@ -625,6 +625,8 @@ impl Pipeline {
         self.metrics.set_inventory_objects("pods", counts.pods);
         self.metrics
             .set_inventory_objects("networkpolicies", counts.policies);
+        self.metrics
+            .set_inventory_invalid_objects(&inv.invalid_counts());
         self.alert
             .set_policies(inv.policies.iter().map(|p| p.as_ref()));
         let engine = Engine::new(Arc::clone(&inv));
@@ -744,6 +746,12 @@ impl Pipeline {
             ("ringbuf_full", losses.ringbuf_full),
             ("flow_insert", losses.flow_insert),
             ("skb_read", losses.skb_read),
+            ("truncated_header", losses.truncated_header),
+            (
+                "ipv6_ext_headers_exceeded",
+                losses.ipv6_ext_headers_exceeded,
+            ),
+            ("header_not_linear", losses.header_not_linear),
             ("flow_map_evicted", losses.evicted_packets),
             ("recursion_miss", losses.recursion_miss.unwrap_or(0)),
         ] {

@@ -78,17 +78,28 @@ async fn change_break_fix() {
     assert_eq!(w.counts().pods, 3);
     assert_eq!(stats.reloads_ok(), 2);
 
-    // A new file with a broken object → the old snapshot stays, the failure is counted once.
+    // A new file with an object the API server would refuse → a new snapshot without it.
     let bad = dir.path().join("zz-bad.yaml");
     write(
         &bad,
         "apiVersion: v1\nkind: Pod\nmetadata: {name: broken, namespace: n}\nstatus: {podIP: 10.0.0.999}\n",
     );
+    let inv = next(&mut rx).await;
+    assert_eq!(inv.pods.len(), 3);
+    assert_eq!(inv.invalid.len(), 1);
+    assert_eq!(inv.invalid_counts()["pods"], 1);
+    assert_eq!(stats.reloads_ok(), 3);
+
+    // A file that does not parse → the old snapshot stays, the failure is counted once.
+    write(
+        &bad,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: broken, namespace: n\n",
+    );
     until(|| stats.reloads_failed() == 1).await;
     assert!(stats.failing());
     let err = stats.last_error().unwrap();
     assert!(err.contains("zz-bad.yaml"), "{err}");
-    assert!(err.contains("Pod n/broken"), "{err}");
+    assert!(err.contains("document 1"), "{err}");
     assert_eq!(w.current().pods.len(), 3);
     // Unchanged broken directory: no repeated failures.
     tokio::time::sleep(POLL * 10).await;
@@ -104,7 +115,8 @@ async fn change_break_fix() {
     assert_eq!(inv.pods.len(), 4);
     assert!(inv.pods.iter().any(|p| p.name == "fixed"));
     assert!(!stats.failing());
-    assert_eq!(stats.reloads_ok(), 3);
+    assert!(inv.invalid.is_empty());
+    assert_eq!(stats.reloads_ok(), 4);
     // The last error is kept for diagnosis.
     assert!(stats.last_error().is_some());
 

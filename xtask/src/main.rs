@@ -74,6 +74,13 @@ enum Task {
         #[arg(long)]
         test_bin: Option<PathBuf>,
     },
+    /// The libFuzzer pass of `test` alone: each target of xtask/fuzz for `--seconds` (needs
+    /// cargo-fuzz: `cargo xtask setup`).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = FUZZ_SECONDS)]
+        seconds: u32,
+    },
     /// The benchmark's kernel-log tailer (configuration `log-tail`), spawned by `bench`.
     #[command(hide = true)]
     LogTail(bench::logtail::TailArgs),
@@ -149,6 +156,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             };
             run_kernels(&root, kernels, Duration::from_secs(timeout), test_bin)
         }
+        Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::LogTail(args) => bench::logtail::tail(&args),
         Task::Bench(args) => {
             if !cmd::is_root() {
@@ -256,9 +264,7 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
         run_kernels(root, kernels, Duration::from_secs(600), None)?;
     }
 
-    if root.join("fuzz/Cargo.toml").is_file() {
-        fuzz(root)?;
-    }
+    fuzz(root, FUZZ_SECONDS)?;
     if skip_privileged {
         eprintln!("test: all passed, but the privileged tests were SKIPPED (--skip-privileged)");
     } else {
@@ -318,33 +324,68 @@ fn capture_kernel_bin(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(test_bin)
 }
 
-/// A bounded cargo-fuzz pass (30 s per target) when the workspace has fuzz targets and
-/// cargo-fuzz is installed.
-fn fuzz(root: &Path) -> anyhow::Result<()> {
-    let fuzz_dir = root.join("fuzz");
-    let mut list = Command::new("cargo");
-    list.args(["+nightly", "fuzz", "list"]).current_dir(root);
-    let Ok(targets) = cmd::output(&mut list) else {
-        eprintln!(
-            "test: {} exists but `cargo +nightly fuzz` is not installed; fuzzing skipped",
+/// Seconds each libFuzzer target runs in `cargo xtask test`.
+const FUZZ_SECONDS: u32 = 25;
+
+/// The coverage-guided pass: each cargo-fuzz target of `xtask/fuzz` for `seconds`,
+/// starting from its checked-in corpus (`xtask/fuzz/corpus/<target>`, read only: what libFuzzer
+/// finds goes under `target/fuzz`). A missing cargo-fuzz is an error, never a skip: `cargo
+/// xtask setup` installs it.
+fn fuzz(root: &Path, seconds: u32) -> anyhow::Result<()> {
+    let fuzz_dir = root.join("xtask/fuzz");
+    if !setup::has_cargo_fuzz() {
+        bail!(
+            "`cargo +nightly fuzz` is not installed, so {} cannot run; `cargo xtask setup` installs it",
             fuzz_dir.display()
         );
-        return Ok(());
+    }
+    let work = target_dir(root).join("fuzz");
+    let fuzz_cmd = |args: &[&str]| {
+        let mut c = Command::new("cargo");
+        c.args(["+nightly", "fuzz"])
+            .args(args)
+            .arg("--fuzz-dir")
+            .arg(&fuzz_dir)
+            .current_dir(root)
+            // The fuzzed parsers do not need the eBPF object.
+            .env("AYA_BUILD_SKIP", "1");
+        c
     };
-    for target in targets.lines().map(str::trim).filter(|t| !t.is_empty()) {
-        eprintln!("test: fuzzing {target} for 30 s");
-        cmd::interactive(
-            Command::new("cargo")
-                .args([
-                    "+nightly",
-                    "fuzz",
-                    "run",
-                    target,
-                    "--",
-                    "-max_total_time=30",
-                ])
-                .current_dir(root),
-        )?;
+    let targets = cmd::output(&mut fuzz_cmd(&["list"]))?;
+    let targets: Vec<&str> = targets
+        .lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    anyhow::ensure!(
+        !targets.is_empty(),
+        "{} has no fuzz targets",
+        fuzz_dir.display()
+    );
+    for target in targets {
+        let seeds = fuzz_dir.join("corpus").join(target);
+        let corpus = work.join("corpus").join(target);
+        let artifacts = work.join("artifacts").join(target);
+        for d in [&corpus, &artifacts] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        eprintln!("test: fuzzing {target} for {seconds} s (cargo fuzz, libFuzzer)");
+        let build = work.join("build");
+        let mut c = fuzz_cmd(&["run", "--sanitizer", "none"]);
+        c.arg("--target-dir")
+            .arg(&build)
+            .arg(target)
+            .arg(&corpus)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()));
+        cmd::interactive(&mut c).with_context(|| {
+            format!(
+                "fuzz target {target} failed; the input is under {}",
+                artifacts.display()
+            )
+        })?;
     }
     Ok(())
 }

@@ -441,6 +441,8 @@ impl KernelBtf {
             dev_ifindex: self.member_offset("net_device.ifindex")?,
             dev_nd_net: self.member_offset("net_device.nd_net.net")?,
             net_ns_inum: self.member_offset("net.ns.inum")?,
+            skb_tail: self.member_offset("sk_buff.tail")?,
+            skb_data_len: self.member_offset("sk_buff.data_len")?,
         })
     }
 }

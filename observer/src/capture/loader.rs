@@ -221,6 +221,8 @@ pub fn skb_span(layout: &KernelLayout) -> (u32, u32) {
         (layout.skb_dev, 8),
         (layout.skb_head, 8),
         (layout.skb_network_header, 2),
+        (layout.skb_tail, 4),
+        (layout.skb_data_len, 4),
     ];
     if fields.iter().any(|&(off, size)| off % size != 0) {
         return (0, 0);
@@ -535,11 +537,14 @@ mod tests {
 
     #[test]
     fn skb_span_covers_the_fields() {
-        // The 6.18 layout: dev 16, len 112, network_header 180, head 192.
+        // The 6.18 layout: dev 16, len 112, data_len 116, network_header 180, tail 184,
+        // head 192.
         let layout = KernelLayout {
             skb_dev: 16,
             skb_len: 112,
+            skb_data_len: 116,
             skb_network_header: 180,
+            skb_tail: 184,
             skb_head: 192,
             ..KernelLayout::default()
         };

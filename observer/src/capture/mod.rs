@@ -213,6 +213,14 @@ pub struct Losses {
     pub flow_insert: u64,
     /// Drops whose skb could not be read in full (counted with partial or no addresses).
     pub skb_read: u64,
+    /// Drops whose packet ends before a header the flow key needs, or whose header declares
+    /// an impossible length: counted with port 0 and what was read before the cut.
+    pub truncated_header: u64,
+    /// IPv6 drops with more extension headers than the kernel program follows: counted with
+    /// port 0 and the last extension header as protocol.
+    pub ipv6_ext_headers_exceeded: u64,
+    /// Drops whose headers lie past the skb's linear data: counted like `truncated_header`.
+    pub header_not_linear: u64,
     /// Packets counted in the per-reason totals but lost from the flow map (evicted before a
     /// drain saw them, or never inserted).
     pub evicted_packets: u64,

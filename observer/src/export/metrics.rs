@@ -29,6 +29,8 @@ pub const FLOW_MAP_ENTRIES: &str = "deny_observer_flow_map_entries";
 pub const FLOW_MAP_CAPACITY: &str = "deny_observer_flow_map_capacity";
 /// `deny_observer_inventory_objects{kind}`.
 pub const INVENTORY_OBJECTS: &str = "deny_observer_inventory_objects";
+/// `deny_observer_inventory_invalid_objects{kind}`.
+pub const INVENTORY_INVALID_OBJECTS: &str = "deny_observer_inventory_invalid_objects";
 /// `deny_observer_inventory_reloads_total{result}`.
 pub const INVENTORY_RELOADS_TOTAL: &str = "deny_observer_inventory_reloads_total";
 /// `deny_observer_inventory_watch_errors_total{resource}`.
@@ -195,6 +197,7 @@ pub struct Metrics {
     flow_map_entries: IntGauge,
     flow_map_capacity: IntGauge,
     inventory_objects: IntGaugeVec,
+    inventory_invalid_objects: IntGaugeVec,
     inventory_reloads: IntCounterVec,
     watch_errors: IntCounterVec,
     build_info: IntGaugeVec,
@@ -311,6 +314,12 @@ impl Metrics {
                 "Objects in the current inventory, by kind.",
                 &["kind"],
             )?,
+            inventory_invalid_objects: gauge_vec(
+                INVENTORY_INVALID_OBJECTS,
+                "Objects left out of the inventory because the API server would refuse them \
+                 (invalid policies, pods, namespaces), by kind. `deny-observer audit` names them.",
+                &["kind"],
+            )?,
             inventory_reloads: counter_vec(
                 INVENTORY_RELOADS_TOTAL,
                 "Inventory loads, by result (ok, error). On error the last good inventory stays.",
@@ -351,6 +360,7 @@ impl Metrics {
             Box::new(metrics.flow_map_entries.clone()),
             Box::new(metrics.flow_map_capacity.clone()),
             Box::new(metrics.inventory_objects.clone()),
+            Box::new(metrics.inventory_invalid_objects.clone()),
             Box::new(metrics.inventory_reloads.clone()),
             Box::new(metrics.watch_errors.clone()),
             Box::new(metrics.build_info.clone()),
@@ -364,6 +374,12 @@ impl Metrics {
 
         // Series that alerts compare over time exist from the start, at zero (the overflow and
         // series-count handles above already created theirs).
+        for kind in crate::inventory::validate::METRIC_KINDS {
+            metrics
+                .inventory_invalid_objects
+                .with_label_values(&[kind])
+                .set(0);
+        }
         for result in ["ok", "error"] {
             metrics.inventory_reloads.with_label_values(&[result]);
         }
@@ -474,6 +490,25 @@ impl Metrics {
     pub fn set_flow_map(&self, entries: u64, capacity: u64) {
         self.flow_map_entries.set(saturating_i64(entries));
         self.flow_map_capacity.set(saturating_i64(capacity));
+    }
+
+    /// Sets the invalid objects per kind (as from `Inventory::invalid_counts`); kinds absent
+    /// from `counts` are removed, except the ones always exported at zero.
+    pub fn set_inventory_invalid_objects(
+        &self,
+        counts: &std::collections::BTreeMap<String, usize>,
+    ) {
+        self.inventory_invalid_objects.reset();
+        for kind in crate::inventory::validate::METRIC_KINDS {
+            self.inventory_invalid_objects
+                .with_label_values(&[kind])
+                .set(0);
+        }
+        for (kind, n) in counts {
+            self.inventory_invalid_objects
+                .with_label_values(&[kind.as_str()])
+                .set(saturating_i64(*n));
+        }
     }
 
     /// Sets the number of inventory objects of `kind` (`pods`, `namespaces`, `networkpolicies`).

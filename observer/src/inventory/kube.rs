@@ -32,8 +32,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use super::convert::{self, ANNOTATION_PREFIX, ConvertError};
+use super::convert::{self, ANNOTATION_PREFIX};
 use super::model::{Inventory, Pod};
+use super::validate::{self, InvalidObject, PodLayout};
 use super::workload::OwnerIndex;
 
 /// Value of the `resource` label for Pods.
@@ -245,24 +246,85 @@ fn trim_meta(meta: &mut ObjectMeta, keep_own_annotations: bool) {
     };
 }
 
-/// Converts store contents into [`Inventory`] snapshots, reusing the conversion of every pod
-/// whose stored object did not change since the last build.
+/// A stored object and what it became: the model, or why it was left out.
+type Converted<K, M> = (Arc<K>, Result<Arc<M>, InvalidObject>);
+
+/// Converts store contents into [`Inventory`] snapshots, reusing the validation and
+/// conversion of every object whose stored version did not change since the last build.
 #[derive(Default)]
 pub struct SnapshotBuilder {
-    pods: HashMap<ObjectRef<K8sPod>, (Arc<K8sPod>, Arc<Pod>)>,
-    policies: HashMap<ObjectRef<NetworkPolicy>, (Arc<NetworkPolicy>, Arc<NetworkPolicy>)>,
+    pods: HashMap<ObjectRef<K8sPod>, Converted<K8sPod, Pod>>,
+    policies: HashMap<ObjectRef<NetworkPolicy>, Converted<NetworkPolicy, NetworkPolicy>>,
     owners: OwnerIndex,
     current: Option<Arc<Inventory>>,
 }
 
 /// The result of one [`SnapshotBuilder::build`].
 pub struct Build {
-    /// The snapshot (the previous `Arc` when nothing changed).
+    /// The snapshot (the previous `Arc` when nothing changed). Objects left out because the
+    /// API server should have refused them are in its `invalid` list.
     pub inventory: Arc<Inventory>,
     /// True when the content differs from the previous build (or this is the first).
     pub changed: bool,
-    /// Objects left out because they could not be converted.
-    pub errors: Vec<ConvertError>,
+    /// Invalid objects that were not invalid (or not there) in the previous build, to log
+    /// each once rather than at every snapshot.
+    pub newly_invalid: Vec<InvalidObject>,
+}
+
+fn invalid_from_api(kind: &str, meta: &ObjectMeta, errors: Vec<String>) -> InvalidObject {
+    InvalidObject {
+        kind: kind.to_owned(),
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone(),
+        source: None,
+        errors,
+    }
+}
+
+fn field_errors(errors: &[validate::FieldError]) -> Vec<String> {
+    errors.iter().map(ToString::to_string).collect()
+}
+
+/// Validates then converts a Namespace (as the manifest loader does).
+fn check_namespace(ns: &K8sNamespace) -> Result<super::model::Namespace, InvalidObject> {
+    let errors = validate::namespace(ns);
+    if !errors.is_empty() {
+        return Err(invalid_from_api(
+            "Namespace",
+            &ns.metadata,
+            field_errors(&errors),
+        ));
+    }
+    convert::namespace(ns)
+        .map_err(|e| invalid_from_api("Namespace", &ns.metadata, vec![e.to_string()]))
+}
+
+fn check_pod(pod: &K8sPod, owners: &OwnerIndex) -> Result<Arc<Pod>, InvalidObject> {
+    // The stored pod went through `trim_pod`, which merges the containers' ports.
+    let errors = validate::pod(pod, PodLayout::Trimmed);
+    if !errors.is_empty() {
+        return Err(invalid_from_api(
+            "Pod",
+            &pod.metadata,
+            field_errors(&errors),
+        ));
+    }
+    convert::pod(pod, owners)
+        .map(Arc::new)
+        .map_err(|e| invalid_from_api("Pod", &pod.metadata, vec![e.to_string()]))
+}
+
+fn check_policy(np: &NetworkPolicy) -> Result<Arc<NetworkPolicy>, InvalidObject> {
+    let errors = validate::network_policy(np);
+    if !errors.is_empty() {
+        return Err(invalid_from_api(
+            "NetworkPolicy",
+            &np.metadata,
+            field_errors(&errors),
+        ));
+    }
+    convert::policy(np.clone())
+        .map_err(|e| invalid_from_api("NetworkPolicy", &np.metadata, vec![e.to_string()]))
 }
 
 impl SnapshotBuilder {
@@ -273,15 +335,15 @@ impl SnapshotBuilder {
 
     /// Converts the stores' current contents.
     pub fn build(&mut self, stores: &Stores) -> Build {
-        let mut errors = Vec::new();
+        let mut invalid = Vec::new();
 
         let mut namespaces = std::collections::BTreeMap::new();
         for ns in stores.namespaces.state() {
-            match convert::namespace(&ns) {
+            match check_namespace(&ns) {
                 Ok(n) => {
                     namespaces.insert(n.name.clone(), n);
                 }
-                Err(e) => errors.push(e),
+                Err(e) => invalid.push(e),
             }
         }
 
@@ -290,16 +352,14 @@ impl SnapshotBuilder {
         for obj in stores.pods.state() {
             let key = ObjectRef::from_obj(obj.as_ref());
             let converted = match self.pods.remove(&key) {
-                Some((old, model)) if Arc::ptr_eq(&old, &obj) => Ok(model),
-                _ => convert::pod(&obj, &self.owners).map(Arc::new),
+                Some((old, result)) if Arc::ptr_eq(&old, &obj) => result,
+                _ => check_pod(&obj, &self.owners),
             };
-            match converted {
-                Ok(model) => {
-                    pods.push(Arc::clone(&model));
-                    pod_cache.insert(key, (obj, model));
-                }
-                Err(e) => errors.push(e),
+            match &converted {
+                Ok(model) => pods.push(Arc::clone(model)),
+                Err(e) => invalid.push(e.clone()),
             }
+            pod_cache.insert(key, (obj, converted));
         }
         self.pods = pod_cache;
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -315,27 +375,38 @@ impl SnapshotBuilder {
         for obj in stores.policies.state() {
             let key = ObjectRef::from_obj(obj.as_ref());
             let converted = match self.policies.remove(&key) {
-                Some((old, model)) if Arc::ptr_eq(&old, &obj) => Ok(model),
-                _ => convert::policy(obj.as_ref().clone()),
+                Some((old, result)) if Arc::ptr_eq(&old, &obj) => result,
+                _ => check_policy(&obj),
             };
-            match converted {
-                Ok(model) => {
-                    policies.push(Arc::clone(&model));
-                    policy_cache.insert(key, (obj, model));
-                }
-                Err(e) => errors.push(e),
+            match &converted {
+                Ok(model) => policies.push(Arc::clone(model)),
+                Err(e) => invalid.push(e.clone()),
             }
+            policy_cache.insert(key, (obj, converted));
         }
         self.policies = policy_cache;
         policies.sort_by(|a, b| {
             (&a.metadata.namespace, &a.metadata.name)
                 .cmp(&(&b.metadata.namespace, &b.metadata.name))
         });
+        invalid.sort_by(|a, b| {
+            (&a.kind, &a.namespace, &a.name).cmp(&(&b.kind, &b.namespace, &b.name))
+        });
+        let newly_invalid: Vec<InvalidObject> = invalid
+            .iter()
+            .filter(|o| {
+                self.current
+                    .as_ref()
+                    .is_none_or(|cur| !cur.invalid.contains(o))
+            })
+            .cloned()
+            .collect();
 
         let next = Inventory {
             namespaces,
             pods,
             policies,
+            invalid,
         };
         let changed = self
             .current
@@ -352,7 +423,7 @@ impl SnapshotBuilder {
         Build {
             inventory,
             changed,
-            errors,
+            newly_invalid,
         }
     }
 }
@@ -367,6 +438,7 @@ fn same_content(a: &Inventory, b: &Inventory) -> bool {
     a.namespaces == b.namespaces
         && same_arcs(&a.pods, &b.pods)
         && same_arcs(&a.policies, &b.policies)
+        && a.invalid == b.invalid
 }
 
 /// The API-server inventory: watchers, stores and the snapshot channel. Dropping it stops its
@@ -534,12 +606,13 @@ async fn snapshot_loop(
     let mut first = true;
     loop {
         let build = builder.build(&stores);
-        if let Some(error) = build.errors.first() {
+        // The API server validates what it stores, so this means it let through what this
+        // version of the rules refuses (a newer or patched API server, or a bug here).
+        for object in &build.newly_invalid {
             tracing::warn!(
                 node,
-                %error,
-                skipped = build.errors.len(),
-                "objects left out of the inventory"
+                %object,
+                "left out of the inventory: the object fails the API server's validation"
             );
         }
         if build.changed {
