@@ -90,6 +90,57 @@ impl Default for BtfArgs {
     }
 }
 
+/// Most kernel functions [`LocationTable`] can map to a reason.
+pub const LOCATION_RANGES_MAX: usize = 16;
+
+/// One kernel function, by address range, whose calls to `kfree_skb` mean one drop reason.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct LocationRange {
+    /// First address of the function.
+    pub start: u64,
+    /// First address after it.
+    pub end: u64,
+    /// Reason number (in userspace's table for this kernel) of drops freed from here.
+    pub reason: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+
+/// Where kernels without drop reasons (before 5.17) get one: the tracepoint's `location` (the
+/// caller of `kfree_skb`) looked up in these ranges, which userspace resolves from
+/// `/proc/kallsyms` at load time. A location in no range gets `unmapped`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct LocationTable {
+    /// The ranges; only the first `len` are used.
+    pub ranges: [LocationRange; LOCATION_RANGES_MAX],
+    /// Ranges in use.
+    pub len: u32,
+    /// Reason number of a location in no range (`not_specified`).
+    pub unmapped: u32,
+}
+
+impl LocationTable {
+    /// No ranges: every drop gets reason 0.
+    pub const EMPTY: Self = Self {
+        ranges: [LocationRange {
+            start: 0,
+            end: 0,
+            reason: 0,
+            _pad: 0,
+        }; LOCATION_RANGES_MAX],
+        len: 0,
+        unmapped: 0,
+    };
+}
+
+impl Default for LocationTable {
+    fn default() -> Self {
+        Self::EMPTY
+    }
+}
+
 /// Key of the per-CPU LRU flow map: one entry per distinct dropped flow.
 ///
 /// The key deliberately leaves out the source port so that a SYN flood from random ports stays
@@ -249,6 +300,8 @@ mod pod {
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::BtfArgs {}
     unsafe impl aya::Pod for super::ProgramConfig {}
+    unsafe impl aya::Pod for super::LocationRange {}
+    unsafe impl aya::Pod for super::LocationTable {}
 }
 
 #[cfg(test)]
@@ -267,6 +320,8 @@ mod tests {
         );
         assert_eq!(size_of::<KernelLayout>(), 14 * 4);
         assert_eq!(size_of::<BtfArgs>(), 4 * 4);
+        assert_eq!(size_of::<LocationRange>(), 24);
+        assert_eq!(size_of::<LocationTable>(), 24 * LOCATION_RANGES_MAX + 8);
         assert_eq!(size_of::<ProgramConfig>(), 14 * 4 + 8 + 8 + 4 * 4 + 8 * 8);
         // The reason mask stays 8-byte aligned right after the u32 fields: no hidden padding.
         assert_eq!(core::mem::offset_of!(ProgramConfig, btf_args), 14 * 4 + 16);

@@ -23,8 +23,9 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use observer_ebpf::{
-    BTF_ARGS_MAX, BtfArgs, Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, NO_ARG,
-    ProgramConfig, SKB_SPAN_MAX, SampleEvent, family, loss,
+    BTF_ARGS_MAX, BtfArgs, Counter, FlowKey, FlowValue, KernelLayout, LOCATION_RANGES_MAX,
+    LocationRange, LocationTable, MAX_REASONS, NO_ARG, ProgramConfig, SKB_SPAN_MAX, SampleEvent,
+    family, loss,
 };
 
 /// Set by userspace with `EbpfLoader::override_global("CONFIG", ..)`; this value is only the
@@ -54,6 +55,11 @@ static CONFIG: ProgramConfig = ProgramConfig {
     btf_args: BtfArgs::NONE,
     reason_mask: [0; (MAX_REASONS / 64) as usize],
 };
+
+/// Kernels without drop reasons: the reason of each caller of `kfree_skb`, by address. Set by
+/// userspace with `EbpfLoader::override_global("LOCATIONS", ..)` from `/proc/kallsyms`.
+#[unsafe(no_mangle)]
+static LOCATIONS: LocationTable = LocationTable::EMPTY;
 
 /// Per-flow counters. The size is set by userspace at load time.
 #[map]
@@ -89,6 +95,14 @@ macro_rules! config {
     ($($field:tt)+) => {
         // SAFETY: CONFIG is a plain, always-initialised static; the pointer is valid.
         unsafe { core::ptr::read_volatile(&raw const CONFIG.$($field)+) }
+    };
+}
+
+/// Reads one field of [`LOCATIONS`], volatile for the same reason as [`config!`].
+macro_rules! locations {
+    ($($field:tt)+) => {
+        // SAFETY: LOCATIONS is a plain, always-initialised static; the pointer is valid.
+        unsafe { core::ptr::read_volatile(&raw const LOCATIONS.$($field)+) }
     };
 }
 
@@ -166,10 +180,11 @@ struct Extra {
 /// kernel so far (6.18: reason ends at byte 40); fields beyond are read with a helper call.
 const RECORD_WORDS: usize = 8;
 
-/// Of those, the words every kfree_skb record has: since its first version it holds skbaddr,
-/// location and protocol, which make 32 bytes, so bytes 8..32 are always inside the record and
-/// need no check against its end.
-const RECORD_WORDS_ALWAYS: usize = 6;
+/// Of those, the words every kfree_skb record has: since its first version it starts with
+/// skbaddr and location, bytes 8..24. Nothing past the last field may be loaded, not even
+/// padding: attaching fails with EACCES when the program may read beyond the end of the last
+/// field (5.10's record ends with protocol at byte 26).
+const RECORD_WORDS_ALWAYS: usize = 4;
 
 /// The start of the tracepoint record, loaded from the context with plain loads.
 ///
@@ -347,7 +362,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     let record = Record::load(ctx);
     let tp_reason = config!(layout.tp_reason);
     let reason: u32 = if tp_reason == u32::MAX {
-        0
+        reason_at(record.u64_at(config!(layout.tp_location)).unwrap_or(0))
     } else {
         match record.u32_at(tp_reason) {
             Ok(r) => r,
@@ -459,11 +474,11 @@ impl DropSource for BtfSource {
 }
 
 fn try_kfree_skb_btf(ctx: &BtfTracePointContext) -> Result<u32, i64> {
-    // A kernel without the reason argument counts every drop under reason 0, as the classic
-    // tracepoint does on such kernels.
+    // A kernel without the reason argument gets it from the caller, as the classic tracepoint
+    // does on such kernels.
     let args = BtfCtxArgs::load(ctx);
     let reason = match config!(btf_args.reason) {
-        NO_ARG => 0,
+        NO_ARG => reason_at(args.get(config!(btf_args.location))),
         idx => args.get(idx) as u32,
     };
     if !reason_wanted(reason) {
@@ -472,6 +487,34 @@ fn try_kfree_skb_btf(ctx: &BtfTracePointContext) -> Result<u32, i64> {
     let skb = args.get(config!(btf_args.skb));
     let location = args.get(config!(btf_args.location));
     count_drop(ctx, &BtfSource { skb, location }, reason)
+}
+
+/// The reason of a drop freed from `location` on a kernel without drop reasons: the range in
+/// [`LOCATIONS`] that holds it, else the table's `unmapped`.
+#[inline(always)]
+fn reason_at(location: u64) -> u32 {
+    let len = locations!(len) as usize;
+    // Raw pointers, not indexing: LLVM does not carry the loop bound into an index check,
+    // and a panic path cannot be loaded at all.
+    let ranges = (&raw const LOCATIONS.ranges).cast::<LocationRange>();
+    let mut i = 0;
+    while i < LOCATION_RANGES_MAX && i < len {
+        // SAFETY: `i < LOCATION_RANGES_MAX` keeps the pointer inside the array of a plain,
+        // always-initialised static. Volatile for the same reason as `config!`.
+        let (start, end, reason) = unsafe {
+            let r = ranges.add(i);
+            (
+                core::ptr::read_volatile(&raw const (*r).start),
+                core::ptr::read_volatile(&raw const (*r).end),
+                core::ptr::read_volatile(&raw const (*r).reason),
+            )
+        };
+        if location >= start && location < end {
+            return reason;
+        }
+        i += 1;
+    }
+    locations!(unmapped)
 }
 
 /// The reason filter; it comes first, so drops of other reasons cost nothing more.

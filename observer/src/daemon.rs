@@ -436,8 +436,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         flow_map_entries = args.flow_map_entries,
         netns_filter = ?args.netns_inode,
         attach = %capture.attach_kind(),
+        reason_source = capture.reason_source().as_str(),
         "capture program attached to kfree_skb"
     );
+    if capture.recursion_misses_reported() {
+        // The series exists from the start, so "no loss" reads as 0 rather than absent.
+        metrics.record_loss("recursion_miss", 0);
+    }
 
     if let Some(health) = &inventory_health {
         http.set_inventory_stats(Arc::clone(health));
@@ -980,6 +985,7 @@ impl Pipeline {
             ),
             ("header_not_linear", losses.header_not_linear),
             ("flow_map_evicted", losses.evicted_packets),
+            ("recursion_miss", losses.recursion_miss.unwrap_or(0)),
         ] {
             if n > 0 {
                 self.metrics.record_loss(stage, n);

@@ -32,6 +32,17 @@ pub const APT_PACKAGES: &[&str] = &[
     "python3-pip",
 ];
 
+/// Debian packages of `cargo xtask kernels` (Debian's kernels booted under qemu with a busybox
+/// initramfs; xz/zstd decompress their modules, kmod's depmod indexes them), installed without
+/// recommendations: qemu-system-x86 recommends a GTK front end the headless guests never use.
+pub const KERNELS_APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
+    "zstd",
+    "kmod",
+];
+
 /// Debian packages of `cargo xtask image` and the container test, installed without their
 /// recommendations: podman recommends crun-era extras (buildah, fuse-overlayfs, slirp4netns,
 /// dbus-user-session) that the rootful runc setup here does not use. runc, not crun: crun
@@ -54,6 +65,8 @@ pub fn run() -> anyhow::Result<()> {
     ensure_apt_packages(APT_PACKAGES, &[]).context("apt packages")?;
     ensure_apt_packages(CONTAINER_APT_PACKAGES, &["--no-install-recommends"])
         .context("container apt packages")?;
+    ensure_apt_packages(KERNELS_APT_PACKAGES, &["--no-install-recommends"])
+        .context("kernels apt packages")?;
     ensure_pip_packages().context("pip packages")?;
     ensure_nightly().context("nightly toolchain")?;
     ensure_bpf_linker().context("bpf-linker")?;

@@ -385,6 +385,7 @@ impl Capture {
             header_not_linear: loss_delta(loss::HEADER_NOT_LINEAR),
             evicted_packets: ep,
             evicted_bytes: eb,
+            recursion_miss: self.recursion.as_mut().and_then(|r| r.delta()),
         };
         Ok(())
     }

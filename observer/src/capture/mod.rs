@@ -26,11 +26,14 @@ pub mod btf;
 mod decode;
 mod drain;
 mod loader;
+pub mod location;
+pub mod recursion;
 pub mod startup;
 pub mod tracefs;
 
 pub use decode::{SampleSizeError, decode, parse_sample, to_sample};
 pub use loader::{Capture, lru_entries};
+pub use location::ReasonSource;
 pub use tracefs::ReasonTable;
 
 /// Which drop reasons the kernel program counts.
@@ -223,6 +226,9 @@ pub struct Losses {
     pub evicted_packets: u64,
     /// Bytes of those packets.
     pub evicted_bytes: u64,
+    /// Drops the program never ran for: the kernel skipped it because it would have nested
+    /// on one CPU (`bpf_prog_info.recursion_misses`). `None` on kernels that do not report it.
+    pub recursion_miss: Option<u64>,
 }
 
 /// Result of one [`Capture::drain`].
