@@ -264,7 +264,9 @@ fn mini_types() -> Vec<Ty> {
                     bitfield: Some(3),
                 },
                 member("len", 1, 112),
+                member("data_len", 1, 116),
                 member("", 10, 180),
+                member("tail", 1, 196),
                 member("head", 4, 200),
                 member("truesize", 1, 228),
             ],
@@ -347,7 +349,8 @@ fn corpus_blob_is_real_btf() {
         String::from_utf8_lossy(&out.stderr)
     );
     for want in [
-        "STRUCT 'sk_buff' size=232 vlen=7",
+        "STRUCT 'sk_buff' size=232 vlen=9",
+        "'tail' type_id=1 bits_offset=1568",
         "'network_header' type_id=5 bits_offset=16",
         "TYPEDEF 'possible_net_t' type_id=12",
         "'SKB_DROP_REASON_NETFILTER_DROP' val=12",
@@ -380,6 +383,7 @@ fn mini_btf_layout() {
         (l.dev_ifindex, l.dev_nd_net, l.net_ns_inum),
         (224, 1096, 136)
     );
+    assert_eq!((l.skb_tail, l.skb_data_len), (196, 116));
     assert_eq!((l.tp_protocol, l.tp_reason), (32, 36));
     assert_eq!(btf.member_offset("sk_buff.next").unwrap(), 0);
     assert_eq!(btf.member_offset("sk_buff.prev").unwrap(), 8);
@@ -497,16 +501,26 @@ fn kfree_skb_btf_args_found_by_type() {
     assert_eq!((args.skb, args.reason, args.location), (0, 1, NO_ARG));
 }
 
-/// Kernels before drop reasons (5.16 and older: `(skb, location)`) use the classic tracepoint.
+/// Kernels before drop reasons (5.16 and older: `(skb, location)`): accepted, the program
+/// derives the reason from the location; without a location either, refused.
 #[test]
 fn kfree_skb_btf_args_without_reason() {
-    let err = with_kfree_skb_proto(&[SKB_PTR, VOID_PTR])
+    let args = with_kfree_skb_proto(&[SKB_PTR, VOID_PTR])
+        .kfree_skb_btf_args()
+        .unwrap();
+    assert_eq!(
+        (args.skb, args.location, args.reason, args.nr_args),
+        (0, 1, NO_ARG, 2)
+    );
+    let err = with_kfree_skb_proto(&[SKB_PTR, INT])
         .kfree_skb_btf_args()
         .unwrap_err();
     assert!(matches!(err, BtfError::TracepointProto { .. }), "{err}");
     let msg = err.to_string();
     assert!(
-        msg.contains("btf_trace_kfree_skb") && msg.contains("skb_drop_reason"),
+        msg.contains("btf_trace_kfree_skb")
+            && msg.contains("skb_drop_reason")
+            && msg.contains("location"),
         "{msg}"
     );
 }
@@ -788,8 +802,8 @@ proptest! {
     }
 
     /// Any parameter list: the lookup agrees with a plain reading of the types (first skb
-    /// pointer, first reason enum, first `void *` after the skb), or refuses when the skb or
-    /// the reason is missing or out of reach.
+    /// pointer, first reason enum, first `void *` after the skb), or refuses when the skb, or
+    /// both the reason and the location, are missing or out of reach.
     #[test]
     fn kfree_skb_btf_args_any_order(params in prop::collection::vec(prop::sample::select(vec![VOID_PTR, SKB_PTR, CONST_SKB_PTR, REASON, INT]), 0..12)) {
         let btf = with_kfree_skb_proto(&params);
@@ -799,12 +813,23 @@ proptest! {
         let location = skb.and_then(|s| {
             params.iter().enumerate().position(|(i, &t)| i as u32 > s && t == VOID_PTR).map(|i| i as u32)
         });
-        match (skb, reason) {
-            (Some(s), Some(r)) if s < BTF_ARGS_MAX && r < BTF_ARGS_MAX => {
+        let in_reach = |i: u32| i < BTF_ARGS_MAX;
+        match (skb, reason, location) {
+            (Some(s), Some(r), _) if in_reach(s) && in_reach(r) => {
                 let want = BtfArgs {
                     skb: s,
                     reason: r,
-                    location: location.filter(|l| *l < BTF_ARGS_MAX).unwrap_or(NO_ARG),
+                    location: location.filter(|l| in_reach(*l)).unwrap_or(NO_ARG),
+                    nr_args: params.len() as u32,
+                };
+                prop_assert_eq!(btf.kfree_skb_btf_args().unwrap(), want);
+            }
+            // Before drop reasons the location stands in for the reason, so it must be loadable.
+            (Some(s), None, Some(l)) if in_reach(s) && in_reach(l) => {
+                let want = BtfArgs {
+                    skb: s,
+                    reason: NO_ARG,
+                    location: l,
                     nr_args: params.len() as u32,
                 };
                 prop_assert_eq!(btf.kfree_skb_btf_args().unwrap(), want);
