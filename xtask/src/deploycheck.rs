@@ -71,12 +71,17 @@ const VARIANTS: &[Variant] = &[
     },
     Variant {
         dir: "deploy/overlays/legacy-kernel",
-        caps: &["BPF", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"],
+        caps: &["BPF", "PERFMON", "SYSLOG", "SYS_ADMIN", "SYS_RESOURCE"],
         host_paths: &[
             ("/sys/kernel/btf", false),
             ("/sys/kernel/tracing", false),
             ("/sys/kernel/debug", false),
         ],
+    },
+    Variant {
+        dir: "deploy/overlays/kernel-without-drop-reasons",
+        caps: &["BPF", "PERFMON", "SYSLOG"],
+        host_paths: BASE_HOST_PATHS,
     },
     Variant {
         dir: "deploy/overlays/metrics-networkpolicy",
