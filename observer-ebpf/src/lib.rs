@@ -25,8 +25,19 @@ pub mod loss {
     pub const FLOW_INSERT: u32 = 1;
     /// Reading the skb or its headers failed (odd packet, unexpected kernel layout).
     pub const SKB_READ: u32 = 2;
+    /// The packet ends before a header it needs for the flow key, or a header declares an
+    /// impossible length (IPv4 IHL < 5, IP total length shorter than the headers, TCP data
+    /// offset < 5 or beyond the packet, UDP/SCTP/ICMP header cut short). The drop is still
+    /// counted, with port 0 and whatever addresses and protocol were read before the cut.
+    pub const TRUNCATED_HEADER: u32 = 3;
+    /// An IPv6 packet has more extension headers than the program follows: counted with its
+    /// addresses, the extension header where parsing stopped as protocol, and port 0.
+    pub const IPV6_EXT_HEADERS_EXCEEDED: u32 = 4;
+    /// A header the packet holds lies beyond the skb's linear data (in page fragments), which
+    /// the program does not read: counted like [`TRUNCATED_HEADER`].
+    pub const HEADER_NOT_LINEAR: u32 = 5;
     /// Number of slots.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 8;
 }
 
 /// Highest drop-reason number the kernel side can account per reason. Reasons at or above this
@@ -76,6 +87,57 @@ impl BtfArgs {
 impl Default for BtfArgs {
     fn default() -> Self {
         Self::NONE
+    }
+}
+
+/// Most kernel functions [`LocationTable`] can map to a reason.
+pub const LOCATION_RANGES_MAX: usize = 16;
+
+/// One kernel function, by address range, whose calls to `kfree_skb` mean one drop reason.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct LocationRange {
+    /// First address of the function.
+    pub start: u64,
+    /// First address after it.
+    pub end: u64,
+    /// Reason number (in userspace's table for this kernel) of drops freed from here.
+    pub reason: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+}
+
+/// Where kernels without drop reasons (before 5.17) get one: the tracepoint's `location` (the
+/// caller of `kfree_skb`) looked up in these ranges, which userspace resolves from
+/// `/proc/kallsyms` at load time. A location in no range gets `unmapped`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct LocationTable {
+    /// The ranges; only the first `len` are used.
+    pub ranges: [LocationRange; LOCATION_RANGES_MAX],
+    /// Ranges in use.
+    pub len: u32,
+    /// Reason number of a location in no range (`not_specified`).
+    pub unmapped: u32,
+}
+
+impl LocationTable {
+    /// No ranges: every drop gets reason 0.
+    pub const EMPTY: Self = Self {
+        ranges: [LocationRange {
+            start: 0,
+            end: 0,
+            reason: 0,
+            _pad: 0,
+        }; LOCATION_RANGES_MAX],
+        len: 0,
+        unmapped: 0,
+    };
+}
+
+impl Default for LocationTable {
+    fn default() -> Self {
+        Self::EMPTY
     }
 }
 
@@ -182,6 +244,12 @@ pub struct KernelLayout {
     pub dev_nd_net: u32,
     /// `offsetof(struct net, ns) + offsetof(struct ns_common, inum)` (u32).
     pub net_ns_inum: u32,
+    /// `offsetof(struct sk_buff, tail)`: the end of the linear data, as an offset from `head`
+    /// (`sk_buff_data_t` is a u32 offset on every 64-bit kernel).
+    pub skb_tail: u32,
+    /// `offsetof(struct sk_buff, data_len)` (u32): bytes in page fragments, 0 when the whole
+    /// packet is linear.
+    pub skb_data_len: u32,
 }
 
 /// Runtime configuration of the kernel program, set once at load time.
@@ -232,6 +300,8 @@ mod pod {
     unsafe impl aya::Pod for super::KernelLayout {}
     unsafe impl aya::Pod for super::BtfArgs {}
     unsafe impl aya::Pod for super::ProgramConfig {}
+    unsafe impl aya::Pod for super::LocationRange {}
+    unsafe impl aya::Pod for super::LocationTable {}
 }
 
 #[cfg(test)]
@@ -248,14 +318,16 @@ mod tests {
             size_of::<SampleEvent>(),
             8 + 8 + size_of::<FlowKey>() + 4 + 4 + 2 + 1 + 1
         );
-        assert_eq!(size_of::<KernelLayout>(), 12 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 14 * 4);
         assert_eq!(size_of::<BtfArgs>(), 4 * 4);
-        assert_eq!(size_of::<ProgramConfig>(), 12 * 4 + 8 + 8 + 4 * 4 + 8 * 8);
+        assert_eq!(size_of::<LocationRange>(), 24);
+        assert_eq!(size_of::<LocationTable>(), 24 * LOCATION_RANGES_MAX + 8);
+        assert_eq!(size_of::<ProgramConfig>(), 14 * 4 + 8 + 8 + 4 * 4 + 8 * 8);
         // The reason mask stays 8-byte aligned right after the u32 fields: no hidden padding.
-        assert_eq!(core::mem::offset_of!(ProgramConfig, btf_args), 12 * 4 + 16);
+        assert_eq!(core::mem::offset_of!(ProgramConfig, btf_args), 14 * 4 + 16);
         assert_eq!(
             core::mem::offset_of!(ProgramConfig, reason_mask),
-            12 * 4 + 16 + 16
+            14 * 4 + 16 + 16
         );
     }
 }

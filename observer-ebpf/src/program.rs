@@ -23,8 +23,9 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use observer_ebpf::{
-    BTF_ARGS_MAX, BtfArgs, Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, NO_ARG,
-    ProgramConfig, SKB_SPAN_MAX, SampleEvent, family, loss,
+    BTF_ARGS_MAX, BtfArgs, Counter, FlowKey, FlowValue, KernelLayout, LOCATION_RANGES_MAX,
+    LocationRange, LocationTable, MAX_REASONS, NO_ARG, ProgramConfig, SKB_SPAN_MAX, SampleEvent,
+    family, loss,
 };
 
 /// Set by userspace with `EbpfLoader::override_global("CONFIG", ..)`; this value is only the
@@ -44,6 +45,8 @@ static CONFIG: ProgramConfig = ProgramConfig {
         dev_ifindex: 0,
         dev_nd_net: 0,
         net_ns_inum: 0,
+        skb_tail: 0,
+        skb_data_len: 0,
     },
     all_reasons: 1,
     netns_filter: 0,
@@ -52,6 +55,11 @@ static CONFIG: ProgramConfig = ProgramConfig {
     btf_args: BtfArgs::NONE,
     reason_mask: [0; (MAX_REASONS / 64) as usize],
 };
+
+/// Kernels without drop reasons: the reason of each caller of `kfree_skb`, by address. Set by
+/// userspace with `EbpfLoader::override_global("LOCATIONS", ..)` from `/proc/kallsyms`.
+#[unsafe(no_mangle)]
+static LOCATIONS: LocationTable = LocationTable::EMPTY;
 
 /// Per-flow counters. The size is set by userspace at load time.
 #[map]
@@ -78,7 +86,7 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C)]
 struct Scratch {
     skb: [u64; SKB_SPAN_WORDS],
-    packet: [u64; HEADER_WORDS],
+    packet: [u64; PACKET_WORDS],
 }
 
 /// Reads one field of [`CONFIG`] through a volatile load: the compiler must not fold the
@@ -87,6 +95,14 @@ macro_rules! config {
     ($($field:tt)+) => {
         // SAFETY: CONFIG is a plain, always-initialised static; the pointer is valid.
         unsafe { core::ptr::read_volatile(&raw const CONFIG.$($field)+) }
+    };
+}
+
+/// Reads one field of [`LOCATIONS`], volatile for the same reason as [`config!`].
+macro_rules! locations {
+    ($($field:tt)+) => {
+        // SAFETY: LOCATIONS is a plain, always-initialised static; the pointer is valid.
+        unsafe { core::ptr::read_volatile(&raw const LOCATIONS.$($field)+) }
     };
 }
 
@@ -101,8 +117,10 @@ const IPPROTO_AH: u8 = 51;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_DSTOPTS: u8 = 60;
 const IPPROTO_SCTP: u8 = 132;
-/// IPv6 extension headers followed at most; more than this is unusual enough to stop parsing.
-const MAX_EXT_HEADERS: usize = 6;
+/// IPv6 extension headers followed at most. Real traffic carries two or three; more are cut off
+/// and counted as `loss::IPV6_EXT_HEADERS_EXCEEDED`. Each one costs a few dozen instructions
+/// of the unrolled loop, so the limit stays small for older verifiers.
+const MAX_EXT_HEADERS: usize = 8;
 
 #[tracepoint]
 pub fn kfree_skb(ctx: TracePointContext) -> u32 {
@@ -123,8 +141,8 @@ pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> u32 {
 /// What the shared hot path needs from the attach point: the two programs differ only in how
 /// they reach the `sk_buff` and the tracepoint's arguments.
 trait DropSource {
-    /// `len`, `dev`, `head` and `network_header` of the dropped skb; `None` when there is no
-    /// skb or it could not be read.
+    /// `len`, `dev`, `head`, `network_header`, `tail` and `data_len` of the dropped skb; `None`
+    /// when there is no skb or it could not be read.
     fn skb_fields(&self, scratch: &mut [u64; SKB_SPAN_WORDS]) -> Option<SkbFields>;
     /// Network-namespace inode of the device `dev` (non-zero).
     fn netns(&self, dev: u64) -> Result<u32, i64>;
@@ -162,10 +180,11 @@ struct Extra {
 /// kernel so far (6.18: reason ends at byte 40); fields beyond are read with a helper call.
 const RECORD_WORDS: usize = 8;
 
-/// Of those, the words every kfree_skb record has: since its first version it holds skbaddr,
-/// location and protocol, which make 32 bytes, so bytes 8..32 are always inside the record and
-/// need no check against its end.
-const RECORD_WORDS_ALWAYS: usize = 6;
+/// Of those, the words every kfree_skb record has: since its first version it starts with
+/// skbaddr and location, bytes 8..24. Nothing past the last field may be loaded, not even
+/// padding: attaching fails with EACCES when the program may read beyond the end of the last
+/// field (5.10's record ends with protocol at byte 26).
+const RECORD_WORDS_ALWAYS: usize = 4;
 
 /// The start of the tracepoint record, loaded from the context with plain loads.
 ///
@@ -250,12 +269,16 @@ struct SkbFields {
     dev: u64,
     head: u64,
     network_header: u16,
+    /// End of the linear data, as an offset from `head`.
+    tail: u32,
+    /// Bytes in page fragments (0: the packet is all linear).
+    data_len: u32,
 }
 
 /// Number of 8-byte words of the `sk_buff` span buffer.
 const SKB_SPAN_WORDS: usize = (SKB_SPAN_MAX / 8) as usize;
 
-/// Reads `len`, `dev`, `head` and `network_header` of `skb`: with one helper call over the
+/// Reads the [`SkbFields`] of `skb`: with one helper call over the
 /// span userspace computed (each `bpf_probe_read_kernel` costs far more than the copy), or one
 /// call per field when the layout does not allow a span.
 #[inline(always)]
@@ -267,6 +290,8 @@ fn read_skb(skb: u64, buf: &mut [u64; SKB_SPAN_WORDS]) -> Result<SkbFields, i64>
             dev: read(skb, config!(layout.skb_dev))?,
             head: read(skb, config!(layout.skb_head))?,
             network_header: read(skb, config!(layout.skb_network_header))?,
+            tail: read(skb, config!(layout.skb_tail))?,
+            data_len: read(skb, config!(layout.skb_data_len))?,
         });
     }
     let start = config!(skb_span_start);
@@ -293,6 +318,8 @@ fn read_skb(skb: u64, buf: &mut [u64; SKB_SPAN_WORDS]) -> Result<SkbFields, i64>
         dev: word(config!(layout.skb_dev))?,
         head: word(config!(layout.skb_head))?,
         network_header: word(config!(layout.skb_network_header))? as u16,
+        tail: word(config!(layout.skb_tail))? as u32,
+        data_len: word(config!(layout.skb_data_len))? as u32,
     })
 }
 
@@ -335,7 +362,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<u32, i64> {
     let record = Record::load(ctx);
     let tp_reason = config!(layout.tp_reason);
     let reason: u32 = if tp_reason == u32::MAX {
-        0
+        reason_at(record.u64_at(config!(layout.tp_location)).unwrap_or(0))
     } else {
         match record.u32_at(tp_reason) {
             Ok(r) => r,
@@ -421,6 +448,8 @@ impl DropSource for BtfSource {
             dev: load(skb, config!(layout.skb_dev)),
             head: load(skb, config!(layout.skb_head)),
             network_header: load(skb, config!(layout.skb_network_header)),
+            tail: load(skb, config!(layout.skb_tail)),
+            data_len: load(skb, config!(layout.skb_data_len)),
         })
     }
 
@@ -445,11 +474,11 @@ impl DropSource for BtfSource {
 }
 
 fn try_kfree_skb_btf(ctx: &BtfTracePointContext) -> Result<u32, i64> {
-    // A kernel without the reason argument counts every drop under reason 0, as the classic
-    // tracepoint does on such kernels.
+    // A kernel without the reason argument gets it from the caller, as the classic tracepoint
+    // does on such kernels.
     let args = BtfCtxArgs::load(ctx);
     let reason = match config!(btf_args.reason) {
-        NO_ARG => 0,
+        NO_ARG => reason_at(args.get(config!(btf_args.location))),
         idx => args.get(idx) as u32,
     };
     if !reason_wanted(reason) {
@@ -458,6 +487,34 @@ fn try_kfree_skb_btf(ctx: &BtfTracePointContext) -> Result<u32, i64> {
     let skb = args.get(config!(btf_args.skb));
     let location = args.get(config!(btf_args.location));
     count_drop(ctx, &BtfSource { skb, location }, reason)
+}
+
+/// The reason of a drop freed from `location` on a kernel without drop reasons: the range in
+/// [`LOCATIONS`] that holds it, else the table's `unmapped`.
+#[inline(always)]
+fn reason_at(location: u64) -> u32 {
+    let len = locations!(len) as usize;
+    // Raw pointers, not indexing: LLVM does not carry the loop bound into an index check,
+    // and a panic path cannot be loaded at all.
+    let ranges = (&raw const LOCATIONS.ranges).cast::<LocationRange>();
+    let mut i = 0;
+    while i < LOCATION_RANGES_MAX && i < len {
+        // SAFETY: `i < LOCATION_RANGES_MAX` keeps the pointer inside the array of a plain,
+        // always-initialised static. Volatile for the same reason as `config!`.
+        let (start, end, reason) = unsafe {
+            let r = ranges.add(i);
+            (
+                core::ptr::read_volatile(&raw const (*r).start),
+                core::ptr::read_volatile(&raw const (*r).end),
+                core::ptr::read_volatile(&raw const (*r).reason),
+            )
+        };
+        if location >= start && location < end {
+            return reason;
+        }
+        i += 1;
+    }
+    locations!(unmapped)
 }
 
 /// The reason filter; it comes first, so drops of other reasons cost nothing more.
@@ -502,10 +559,16 @@ fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> R
     if netns_filter != 0 && key.netns != netns_filter {
         return Ok(0);
     }
+    // A header the packet does not hold is its own loss stage (the drop still counts, with
+    // what was read before the cut); a failed read is SKB_READ.
     if let Some(f) = &fields
-        && read_headers(f, &mut scratch.packet, key, &mut extra).is_err()
+        && let Err(cut) = read_headers(f, &mut scratch.packet, key, &mut extra)
     {
-        complete = false;
+        if cut == loss::SKB_READ {
+            complete = false;
+        } else {
+            count_loss(cut);
+        }
     }
     if !complete {
         count_loss(loss::SKB_READ);
@@ -596,84 +659,151 @@ const HEADER_BYTES: usize = 64;
 /// 8-byte words of the header copy.
 const HEADER_WORDS: usize = HEADER_BYTES / 8;
 
-/// Bytes read when the [`HEADER_BYTES`] copy fails: the fixed IPv6 header, which covers the
-/// fixed IPv4 header too. An IPv4 packet's buffer always extends past 40 bytes
-/// (`skb_shared_info` follows the data), so this read is safe, merely partly unused.
-const FIXED_HEADER_BYTES: u32 = 40;
+/// 8-byte words of the header buffer: the copy plus slack for the largest [`Packet::get`]
+/// (16 bytes), so that an index masked to the copy plus that read stays inside the buffer.
+const PACKET_WORDS: usize = HEADER_WORDS + 2;
 
-/// The packet from its network header on: a copy of the first [`HEADER_BYTES`] (at least the
-/// first [`FIXED_HEADER_BYTES`]), and helper reads for anything beyond.
+/// Why parsing stopped before the flow key was complete: the `loss::*` slot to count.
+type Cut = u32;
+
+/// The packet from its network header on: a copy of its first bytes (at most [`HEADER_BYTES`])
+/// and helper reads for anything beyond, every read bounded by what this packet holds.
 ///
-/// The copy is kept as 8-byte words so that the fixed header's fields come out of a few
-/// aligned word loads and shifts, not a byte-by-byte copy.
+/// The copy lives in per-CPU scratch memory that earlier packets used too, so only its first
+/// `copied` bytes belong to this packet; nothing at or beyond is ever looked at. That is
+/// cheaper than zeroing the buffer on every drop and just as safe.
 struct Packet<'a> {
     l3: u64,
-    buf: &'a [u64; HEADER_WORDS],
-    /// Valid bytes in `buf`.
-    avail: usize,
+    buf: &'a [u64; PACKET_WORDS],
+    /// Bytes of `buf` copied from this packet: `min(linear, HEADER_BYTES)`.
+    copied: u32,
+    /// Bytes from the network header to the end of the linear data (`skb->tail`). Bytes past
+    /// it are stale memory of the buffer, or live in page fragments: never read.
+    linear: u32,
+    /// Bytes the IP header says the packet has from the network header on (total length),
+    /// `u32::MAX` until known. Link-layer padding past it is not packet data.
+    declared: u32,
+    /// The skb has page fragments: a header past `linear` may still be in the packet.
+    fragmented: bool,
 }
 
 impl<'a> Packet<'a> {
+    /// Copies the first bytes of the packet at `l3`, which has `linear` bytes of linear data.
     #[inline(always)]
-    fn load(l3: u64, buf: &'a mut [u64; HEADER_WORDS]) -> Result<Self, i64> {
-        let dst = buf.as_mut_ptr().cast::<core::ffi::c_void>();
-        let src = l3 as *const core::ffi::c_void;
-        // SAFETY: copies at most HEADER_BYTES (the size of `buf`) with fault handling.
-        let avail =
-            if unsafe { generated::bpf_probe_read_kernel(dst, HEADER_BYTES as u32, src) } == 0 {
-                HEADER_BYTES
-            } else {
-                // The 64 bytes cross into unreadable memory (a short packet at the end of a
-                // page): the fixed header alone may still be readable.
-                // SAFETY: as above, FIXED_HEADER_BYTES < HEADER_BYTES.
-                let ret = unsafe { generated::bpf_probe_read_kernel(dst, FIXED_HEADER_BYTES, src) };
-                if ret != 0 {
-                    return Err(ret);
-                }
-                FIXED_HEADER_BYTES as usize
-            };
-        Ok(Self { l3, buf, avail })
+    fn load(
+        l3: u64,
+        linear: u32,
+        fragmented: bool,
+        buf: &'a mut [u64; PACKET_WORDS],
+    ) -> Result<Self, Cut> {
+        let copied = if linear < HEADER_BYTES as u32 {
+            linear
+        } else {
+            HEADER_BYTES as u32
+        };
+        // SAFETY: copies `copied <= HEADER_BYTES` bytes (the size of `buf`) with fault
+        // handling; the source lies inside the skb's linear data.
+        let ret = unsafe {
+            generated::bpf_probe_read_kernel(
+                buf.as_mut_ptr().cast::<core::ffi::c_void>(),
+                copied,
+                l3 as *const core::ffi::c_void,
+            )
+        };
+        if ret != 0 {
+            return Err(loss::SKB_READ);
+        }
+        Ok(Self {
+            l3,
+            buf,
+            copied,
+            linear,
+            declared: u32::MAX,
+            fragmented,
+        })
     }
 
-    /// Word `I` of the fixed header (bytes `8 * I..8 * I + 8`, little-endian).
+    /// Checks that the packet holds its first `end` bytes, and says why not.
+    #[inline(always)]
+    fn need(&self, end: u32) -> Result<(), Cut> {
+        if end > self.declared {
+            return Err(loss::TRUNCATED_HEADER);
+        }
+        if end > self.linear {
+            return Err(if self.fragmented {
+                loss::HEADER_NOT_LINEAR
+            } else {
+                loss::TRUNCATED_HEADER
+            });
+        }
+        Ok(())
+    }
+
+    /// Word `I` of the copy (bytes `8 * I..8 * I + 8`, little-endian). The caller has checked
+    /// with [`Packet::need`] that the packet holds those bytes.
     #[inline(always)]
     fn word<const I: usize>(&self) -> u64 {
-        const { assert!(I * 8 + 8 <= FIXED_HEADER_BYTES as usize) };
+        const { assert!(I < HEADER_WORDS) };
         self.buf[I]
     }
 
-    /// `N` bytes at `off` from the network header.
+    /// `N` bytes at `off` from the network header, if the packet holds them.
     #[inline(always)]
-    fn get<const N: usize>(&self, off: u32) -> Result<[u8; N], i64> {
-        // SAFETY: [u64; HEADER_WORDS] and [u8; HEADER_BYTES] have the same size, and u8 has
-        // no alignment or validity requirements.
+    fn get<const N: usize>(&self, off: u32) -> Result<[u8; N], Cut> {
+        // Offsets stay below 64 KiB (the largest extension-header chain the loop can follow is
+        // a few KiB), so this cannot overflow.
+        let end = off + N as u32;
+        self.need(end)?;
+        const { assert!(N <= (PACKET_WORDS - HEADER_WORDS) * 8) };
+        // SAFETY: [u64; PACKET_WORDS] and [u8; PACKET_WORDS * 8] have the same size, and u8
+        // has no alignment or validity requirements.
         let bytes =
-            unsafe { &*(self.buf as *const [u64; HEADER_WORDS]).cast::<[u8; HEADER_BYTES]>() };
-        let off = off as usize;
-        if off + N <= self.avail
-            && let Some(b) = bytes.get(off..off + N)
-            && let Ok(a) = <[u8; N]>::try_from(b)
-        {
-            return Ok(a);
+            unsafe { &*(self.buf as *const [u64; PACKET_WORDS]).cast::<[u8; PACKET_WORDS * 8]>() };
+        if end <= self.copied {
+            // `end <= copied <= HEADER_BYTES`, so the mask changes nothing. It is for older
+            // verifiers (5.10), which cannot prune a branch that compares a constant with a
+            // range: given the bounds check of `off..end` they follow `off <= HEADER_BYTES - N`
+            // into paths where `off` is known larger, and reject the contradictory offset.
+            // Masked, the index is in bounds with the slack, so no such check is emitted; the
+            // volatile read keeps LLVM from proving the mask redundant and dropping it.
+            // SAFETY: reads a local.
+            let i = unsafe { core::ptr::read_volatile(&off) } as usize & (HEADER_BYTES - 1);
+            if let Some(b) = bytes.get(i..i + N)
+                && let Ok(a) = <[u8; N]>::try_from(b)
+            {
+                return Ok(a);
+            }
         }
-        read(self.l3, off as u32)
+        read(self.l3, off).map_err(|_| loss::SKB_READ)
     }
 }
 
-/// Fills addresses, protocol and port from the packet headers; stops at the first failure.
+/// Fills addresses, protocol and port from the packet headers; stops at the first cut, leaving
+/// what it found so far in the key.
 #[inline(always)]
 fn read_headers(
     f: &SkbFields,
-    buf: &mut [u64; HEADER_WORDS],
+    buf: &mut [u64; PACKET_WORDS],
     key: &mut FlowKey,
     extra: &mut Extra,
-) -> Result<(), i64> {
+) -> Result<(), Cut> {
+    let nh = u32::from(f.network_header);
     // `(typeof(skb->network_header))~0U` marks an unset header: nothing more to learn.
     if f.head == 0 || f.network_header == u16::MAX {
         return Ok(());
     }
-    let l3 = f.head + u64::from(f.network_header);
-    parse_ip(&Packet::load(l3, buf)?, key, extra)
+    let fragmented = f.data_len != 0;
+    // A network header at or past the end of the linear data: no L3 bytes to look at.
+    if f.tail <= nh {
+        return if fragmented {
+            Err(loss::HEADER_NOT_LINEAR)
+        } else {
+            Ok(())
+        };
+    }
+    let l3 = f.head + u64::from(nh);
+    let mut p = Packet::load(l3, f.tail - nh, fragmented, buf)?;
+    parse_ip(&mut p, key, extra)
 }
 
 /// Stores an IPv4 address (its 4 bytes in network order, as loaded) IPv4-mapped.
@@ -691,18 +821,26 @@ fn set_v6(addr: &mut [u8; 16], lo: u64, hi: u64) {
     addr[8..].copy_from_slice(&hi.to_le_bytes());
 }
 
-/// Parses the IPv4/IPv6 header, then the transport header.
+/// The IPv6 extension headers the parser follows to reach the transport header.
 #[inline(always)]
-fn parse_ip(p: &Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64> {
+fn is_ext_header(next: u8) -> bool {
+    matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
+    )
+}
+
+/// Parses the IPv4/IPv6 header, then the transport header. Every length a header declares is
+/// checked against what the packet holds before anything past it is read.
+#[inline(always)]
+fn parse_ip(p: &mut Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), Cut> {
+    // The version nibble needs one byte, which `read_headers` made sure of.
     // Byte `i` of the header is byte `i % 8` of word `i / 8` (bpfel: little-endian loads).
     let w0 = p.word::<0>();
     let byte0 = w0 as u8;
     let (proto, l4_off) = match byte0 >> 4 {
         4 => {
-            let ihl = u32::from(byte0 & 0x0f) * 4;
-            if ihl < 20 {
-                return Ok(());
-            }
+            p.need(20)?;
             let w1 = p.word::<1>();
             // Source address: bytes 12..16; destination: bytes 16..20; protocol: byte 9.
             set_v4(&mut key.src_addr, (w1 >> 32) as u32);
@@ -710,6 +848,17 @@ fn parse_ip(p: &Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64>
             let proto = (w1 >> 8) as u8;
             key.family = family::INET;
             key.protocol = proto;
+            // Total length: bytes 2..4. 0 is a GSO packet over 64 KiB (BIG TCP): unknown.
+            let total = u32::from((w0 >> 16) as u8) << 8 | u32::from((w0 >> 24) as u8);
+            if total != 0 {
+                p.declared = total;
+            }
+            let ihl = u32::from(byte0 & 0x0f) * 4;
+            if ihl < 20 {
+                return Err(loss::TRUNCATED_HEADER);
+            }
+            // The options must be in the packet too: the transport header starts after them.
+            p.need(ihl)?;
             // Non-first fragments carry no transport header: flags/offset are bytes 6..8.
             let frag = u16::from((w0 >> 48) as u8 & 0x1f) << 8 | u16::from((w0 >> 56) as u8);
             if frag != 0 {
@@ -718,54 +867,72 @@ fn parse_ip(p: &Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), i64>
             (proto, ihl)
         }
         6 => {
+            p.need(40)?;
             // Source address: bytes 8..24; destination: bytes 24..40; next header: byte 6.
             set_v6(&mut key.src_addr, p.word::<1>(), p.word::<2>());
             set_v6(&mut key.dst_addr, p.word::<3>(), p.word::<4>());
             key.family = family::INET6;
+            // Payload length: bytes 4..6. 0 is a jumbogram (BIG TCP): unknown.
+            let payload = u32::from((w0 >> 32) as u8) << 8 | u32::from((w0 >> 40) as u8);
+            if payload != 0 {
+                p.declared = 40 + payload;
+            }
             let mut next = (w0 >> 48) as u8;
             let mut off: u32 = 40;
             for _ in 0..MAX_EXT_HEADERS {
-                match next {
-                    IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                        let e: [u8; 2] = p.get(off)?;
-                        next = e[0];
-                        off += (u32::from(e[1]) + 1) * 8;
-                    }
-                    IPPROTO_AH => {
-                        let e: [u8; 2] = p.get(off)?;
-                        next = e[0];
-                        off += (u32::from(e[1]) + 2) * 4;
-                    }
+                if !is_ext_header(next) {
+                    break;
+                }
+                // One read per header: every extension header is at least 8 bytes, and its
+                // first 4 hold what is needed (next header, length; fragment offset).
+                let e: [u8; 4] = p.get(off)?;
+                let this = next;
+                next = e[0];
+                off += match this {
+                    IPPROTO_AH => (u32::from(e[1]) + 2) * 4,
                     IPPROTO_FRAGMENT => {
-                        let e: [u8; 4] = p.get(off)?;
-                        next = e[0];
-                        off += 8;
+                        // A non-first fragment carries no transport header.
                         if (u16::from(e[2]) << 8 | u16::from(e[3])) >> 3 != 0 {
                             key.protocol = next;
                             return Ok(());
                         }
+                        8
                     }
-                    _ => break,
-                }
+                    _ => (u32::from(e[1]) + 1) * 8,
+                };
             }
             key.protocol = next;
+            if is_ext_header(next) {
+                return Err(loss::IPV6_EXT_HEADERS_EXCEEDED);
+            }
             (next, off)
         }
         _ => return Ok(()),
     };
     match proto {
         IPPROTO_TCP => {
+            // Ports, data offset (byte 12) and flags (byte 13) of the fixed header; the header
+            // must be as long as its data offset says (5 words at least).
             let t: [u8; 14] = p.get(l4_off)?;
+            let doff = u32::from(t[12] >> 4) * 4;
+            if doff < 20 {
+                return Err(loss::TRUNCATED_HEADER);
+            }
+            p.need(l4_off + doff)?;
             extra.src_port = u16::from_be_bytes([t[0], t[1]]);
             key.dst_port = u16::from_be_bytes([t[2], t[3]]);
             extra.tcp_flags = t[13];
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
+            // The whole fixed header: 8 bytes for UDP, 12 for SCTP's common header.
+            p.need(l4_off + if proto == IPPROTO_UDP { 8 } else { 12 })?;
             let t: [u8; 4] = p.get(l4_off)?;
             extra.src_port = u16::from_be_bytes([t[0], t[1]]);
             key.dst_port = u16::from_be_bytes([t[2], t[3]]);
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            // Type, code, checksum and the 4 bytes every message has, as the kernel pulls them.
+            p.need(l4_off + 8)?;
             let t: [u8; 2] = p.get(l4_off)?;
             key.dst_port = u16::from(t[0]) << 8 | u16::from(t[1]);
         }

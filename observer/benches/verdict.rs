@@ -109,6 +109,7 @@ fn inventory() -> Inventory {
         namespaces,
         pods,
         policies,
+        ..Inventory::default()
     }
 }
 

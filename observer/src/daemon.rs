@@ -26,8 +26,8 @@ use crate::export::events::{
     SpikePhase,
 };
 use crate::export::{
-    self, DrainBatch, HttpState, Metrics, MetricsConfig, PolicyMatch, ReadyCondition,
-    RefreshRequest, endpoint_labels,
+    self, DrainBatch, HttpLimits, HttpState, Metrics, MetricsConfig, OVERFLOW, PolicyMatch,
+    ReadyCondition, RefreshRequest, endpoint_labels,
 };
 use crate::flow::{Direction, Protocol};
 use crate::inventory::kube::{KubeInventory, KubeInventoryConfig};
@@ -84,6 +84,16 @@ pub struct RunArgs {
     /// How often the manifest directory is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     pub inventory_poll_ms: u64,
+    /// `/readyz` fails once the inventory source has not succeeded for this long (a manifest
+    /// directory that fails to load or cannot be read, API-server watches that keep failing):
+    /// the drops are still counted, but attributed to an inventory that may be out of date.
+    #[arg(long, default_value = "10m", value_parser = alert::config::parse_duration)]
+    pub inventory_max_age: Duration,
+    /// Most open connections to the metrics port; a new connection beyond it closes the
+    /// oldest. Also kept below the file-descriptor limit minus a reserve for the daemon's own
+    /// files.
+    #[arg(long, default_value_t = 256)]
+    pub metrics_max_connections: usize,
     /// Publish Kubernetes Events (PolicyDenied, deny spikes); only with `--inventory kube`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub events: bool,
@@ -120,6 +130,10 @@ const POLICY_REASONS: &[&str] = &[
 /// Most Kubernetes Event summaries queued between the pipeline and the publisher.
 const EVENT_QUEUE: usize = 1024;
 
+/// File descriptors kept out of reach of HTTP connections: BPF maps and links, the inventory
+/// reload's directory and files, the state file, the API-server connections.
+const FD_RESERVE: u64 = 128;
+
 /// `--attach` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachArg {
@@ -153,6 +167,38 @@ pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(run(args))
+}
+
+/// Raises the soft file-descriptor limit to the hard one (as Go and systemd services do) and
+/// returns the soft limit now in force.
+fn raise_nofile_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid rlimit struct passed to it.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads a valid, initialised rlimit struct.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = limit.rlim_max;
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
+/// The connection cap: the flag, kept [`FD_RESERVE`] descriptors below the limit.
+fn connection_cap(flag: usize, nofile: Option<u64>) -> usize {
+    let by_fds = nofile
+        .map(|n| usize::try_from(n.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX))
+        .unwrap_or(usize::MAX);
+    flag.min(by_fds).max(8)
 }
 
 fn init_tracing(format: LogFormat) {
@@ -221,11 +267,21 @@ fn source(arg: Option<&str>) -> anyhow::Result<Source> {
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let source = source(args.inventory.as_deref())?;
+    // First: a second daemon on the same state directory stops here, before it attaches a
+    // second program or binds anything.
+    let _state_lock = alert::StateLock::acquire(&args.alert.state_dir)?;
+    // Now, not at the end of start-up: SIGHUP's default action would kill the daemon.
+    let mut signals = Signals::register();
+    let nofile = raise_nofile_limit();
+    let limits = HttpLimits {
+        max_connections: connection_cap(args.metrics_max_connections, nofile),
+        ..HttpLimits::default()
+    };
     let DaemonMetrics {
         metrics,
         open_namespaces,
         events: event_metrics,
-        alert,
+        mut alert,
     } = DaemonMetrics::build(
         MetricsConfig {
             series_limit: args.series_limit,
@@ -235,8 +291,22 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )?;
     let release = kernel_release();
     metrics.set_build_info(env!("CARGO_PKG_VERSION"), &release, &args.node_name);
+    let (edge_overflow, edge_series) = metrics.series_accounting(alert::metrics::NEW_DENIED_EDGES);
+    alert.bound_new_edge_series(args.series_limit, edge_overflow, edge_series);
+    match alert.edges().learning_until() {
+        Some(until) if alert.edges().is_learning(SystemTime::now()) => info!(
+            until_unix = until
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            "learning denied edges: edges first denied before then are recorded as known and not reported as new"
+        ),
+        _ => debug!("edge learning over or off"),
+    }
 
-    let http = Arc::new(HttpState::new(Arc::clone(&metrics)));
+    let http = Arc::new(
+        HttpState::new(Arc::clone(&metrics)).with_inventory_max_age(args.inventory_max_age),
+    );
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics address {}", args.metrics_addr))?;
@@ -248,7 +318,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(err) = export::serve(listener, http, shutdown).await {
+            if let Err(err) = export::serve_with(listener, http, limits, shutdown).await {
                 error!(error = %err, "HTTP server stopped");
             }
         })
@@ -257,6 +327,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         addr = %args.metrics_addr,
         node = %args.node_name,
         kernel = %release,
+        max_connections = limits.max_connections,
         "serving /metrics, /healthz, /readyz"
     );
 
@@ -276,6 +347,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut _kube_inventory = None;
     let mut _dir_watch = None;
     let mut reload_stats = None;
+    let inventory_health;
     let mut events = PolicyDeniedEvents::disabled(event_metrics.clone());
     let mut events_enabled = false;
     let inventory_rx = match &source {
@@ -286,6 +358,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("loading the inventory from {}", dir.display()))?;
             http.set_ready(ReadyCondition::InventoryLoaded, true);
             reload_stats = Some(watch.stats());
+            inventory_health = Some(watch.stats());
             let rx = watch.subscribe();
             _dir_watch = Some(watch);
             rx
@@ -302,6 +375,22 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 },
             );
             let rx = kube.subscribe();
+            inventory_health = Some(kube.health());
+            {
+                // Connected watches deliver every change: while none is failing, the
+                // inventory is current, so its success time keeps up with the clock.
+                let health = kube.health();
+                let mut stop = stop_rx.clone();
+                tokio::spawn(async move {
+                    let mut every = tokio::time::interval(Duration::from_secs(5));
+                    loop {
+                        tokio::select! {
+                            _ = every.tick() => health.confirm_current(),
+                            _ = stop.changed() => return,
+                        }
+                    }
+                });
+            }
             {
                 let http = Arc::clone(&http);
                 let mut ready = kube.subscribe();
@@ -342,15 +431,22 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("capture loader task")?
         .context("loading the kfree_skb capture program")?;
     release_startup_memory();
-    http.set_ready(ReadyCondition::ProgramsAttached, true);
     info!(
         reasons = capture.reasons().len(),
         flow_map_entries = args.flow_map_entries,
         netns_filter = ?args.netns_inode,
         attach = %capture.attach_kind(),
+        reason_source = capture.reason_source().as_str(),
         "capture program attached to kfree_skb"
     );
+    if capture.recursion_misses_reported() {
+        // The series exists from the start, so "no loss" reads as 0 rather than absent.
+        metrics.record_loss("recursion_miss", 0);
+    }
 
+    if let Some(health) = &inventory_health {
+        http.set_inventory_stats(Arc::clone(health));
+    }
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     // Without an API server (or with --events=false) the pipeline does not even build the
     // summaries: nothing would publish them.
@@ -367,8 +463,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         alert,
         open_namespaces,
         reload_stats,
+        inventory_health,
         event_tx,
     );
+    // Ready only now: the pipeline has taken in the inventory, so the first scrape after
+    // /readyz turns 200 already carries its series (inventory objects, open namespaces).
+    http.set_ready(ReadyCondition::ProgramsAttached, true);
     let interval = Duration::from_millis(args.drain_interval_ms.max(10));
     let pipeline_stop = Arc::clone(&stopping);
     // Every pipeline log line carries the node, so logs aggregated from a DaemonSet say where.
@@ -382,7 +482,17 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .spawn(move || span.in_scope(|| pipeline.run(interval, &pipeline_stop, &refresh_rx)))
         .context("starting the pipeline thread")?;
 
-    wait_for_signal().await;
+    loop {
+        match signals.next().await {
+            Signal::Stop => break,
+            Signal::Reload => match &_dir_watch {
+                Some(watch) => watch.reload_now(),
+                None => info!(
+                    "SIGHUP: the API-server inventory is watched continuously; nothing to reload"
+                ),
+            },
+        }
+    }
     info!("shutting down");
     stopping.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
@@ -411,18 +521,46 @@ fn release_startup_memory() {
     }
 }
 
-async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(err) => {
-            warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the daemon");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// What a signal asks of the daemon.
+enum Signal {
+    /// SIGTERM or SIGINT: save the state and exit.
+    Stop,
+    /// SIGHUP: reload the inventory.
+    Reload,
+}
+
+/// The signal streams, registered once so that no signal falls between two waits.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn register() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate())
+            .map_err(|err| warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the daemon"))
+            .ok();
+        let hup = signal(SignalKind::hangup())
+            .map_err(|err| warn!(error = %err, "cannot listen for SIGHUP"))
+            .ok();
+        Self { term, hup }
+    }
+
+    async fn next(&mut self) -> Signal {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => Signal::Stop,
+            () = recv(&mut self.term) => Signal::Stop,
+            () = recv(&mut self.hup) => Signal::Reload,
+        }
     }
 }
 
@@ -519,12 +657,99 @@ struct Pipeline {
     open_namespaces: IntGaugeVec,
     reload_stats: Option<Arc<ReloadStats>>,
     reloads_seen: (u64, u64),
+    /// Staleness of the inventory source (manifest directory or API-server watches).
+    inventory_health: Option<Arc<ReloadStats>>,
+    series_limit: usize,
+    edge_log: EdgeLogLimit,
     /// `None` when Events are off.
     events: Option<mpsc::Sender<EventMsg>>,
     /// Workload kinds by (namespace, workload), for spike Events.
     kinds: HashMap<(String, String), String>,
     last_retain: Instant,
     last_drain: Instant,
+}
+
+/// Most "new denied edge" log lines per [`EDGE_LOG_WINDOW`]; the rest are counted and summed
+/// up in one line (a port scan would otherwise write a line per port).
+const EDGE_LOG_BURST: u32 = 20;
+const EDGE_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// Rate limit of the "new denied edge" log line.
+#[derive(Debug)]
+struct EdgeLogLimit {
+    window_start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Default for EdgeLogLimit {
+    fn default() -> Self {
+        Self {
+            window_start: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+}
+
+impl EdgeLogLimit {
+    /// True when one more line may be written now; otherwise counts it as suppressed.
+    fn allow(&mut self, now: Instant) -> bool {
+        self.flush(now);
+        if self.logged < EDGE_LOG_BURST {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// At the end of a window, says how many lines were left out, and starts a new one.
+    fn flush(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.window_start) < EDGE_LOG_WINDOW {
+            return;
+        }
+        if self.suppressed > 0 {
+            warn!(
+                suppressed = self.suppressed,
+                window_secs = EDGE_LOG_WINDOW.as_secs(),
+                "new denied edge log lines suppressed (at most {EDGE_LOG_BURST} per window); \
+                 every edge is still counted on deny_observer_new_denied_edges_total"
+            );
+        }
+        *self = Self {
+            window_start: now,
+            logged: 0,
+            suppressed: 0,
+        };
+    }
+}
+
+/// Sets `deny_observer_audit_open_namespace` within `limit` series: open namespaces first
+/// (sorted), then closed ones (0) while room is left. Open namespaces beyond the limit are
+/// summed up by one `target_namespace="__overflow__"` series set to 1, so the alert still
+/// fires and `deny-observer audit` lists them all.
+fn export_open_namespaces<'a>(
+    gauge: &IntGaugeVec,
+    namespaces: impl Iterator<Item = (&'a str, bool)>,
+    limit: usize,
+) {
+    let (mut open, mut closed): (Vec<_>, Vec<_>) = namespaces.partition(|(_, open)| *open);
+    open.sort_unstable();
+    closed.sort_unstable();
+    gauge.reset();
+    let room = limit.max(1);
+    let listed_open = open.len().min(room);
+    for (name, _) in &open[..listed_open] {
+        gauge.with_label_values(&[*name]).set(1);
+    }
+    if open.len() > listed_open {
+        gauge.with_label_values(&[OVERFLOW]).set(1);
+    }
+    for (name, _) in closed.iter().take(room.saturating_sub(listed_open)) {
+        gauge.with_label_values(&[*name]).set(0);
+    }
 }
 
 /// Verdict cache size: distinct (source, destination, protocol, port) flows remembered.
@@ -547,8 +772,10 @@ impl Pipeline {
         alert: AlertStage,
         open_namespaces: IntGaugeVec,
         reload_stats: Option<Arc<ReloadStats>>,
+        inventory_health: Option<Arc<ReloadStats>>,
         events: Option<mpsc::Sender<EventMsg>>,
     ) -> Self {
+        let series_limit = metrics.config().series_limit;
         let empty = Arc::new(Inventory::default());
         let mut pipeline = Self {
             capture,
@@ -567,6 +794,9 @@ impl Pipeline {
             open_namespaces,
             reload_stats,
             reloads_seen: (0, 0),
+            inventory_health,
+            series_limit,
+            edge_log: EdgeLogLimit::default(),
             events,
             kinds: HashMap::new(),
             last_retain: Instant::now(),
@@ -620,15 +850,18 @@ impl Pipeline {
         self.metrics.set_inventory_objects("pods", counts.pods);
         self.metrics
             .set_inventory_objects("networkpolicies", counts.policies);
+        self.metrics
+            .set_inventory_invalid_objects(&inv.invalid_counts());
         self.alert
             .set_policies(inv.policies.iter().map(|p| p.as_ref()));
         let engine = Engine::new(Arc::clone(&inv));
-        self.open_namespaces.reset();
-        for ns in engine.audit() {
-            self.open_namespaces
-                .with_label_values(&[ns.name.as_str()])
-                .set(i64::from(ns.open));
-        }
+        self.http
+            .set_inventory_empty(counts == inventory::ObjectCounts::default());
+        export_open_namespaces(
+            &self.open_namespaces,
+            engine.audit().iter().map(|ns| (ns.name.as_str(), ns.open)),
+            self.series_limit,
+        );
         for warning in engine.warnings() {
             warn!(warning = %warning, "NetworkPolicy the engine cannot fully honour");
         }
@@ -646,6 +879,10 @@ impl Pipeline {
     }
 
     fn export_reload_stats(&mut self) {
+        if let Some(health) = &self.inventory_health {
+            self.metrics
+                .set_inventory_reload_status(!health.failing(), health.last_success_unix());
+        }
         let Some(stats) = &self.reload_stats else {
             return;
         };
@@ -663,6 +900,7 @@ impl Pipeline {
     fn tick(&mut self) {
         let now = SystemTime::now();
         self.drain(now);
+        self.edge_log.flush(Instant::now());
         for transition in self.alert.tick(now) {
             self.on_spike(&transition);
         }
@@ -710,6 +948,7 @@ impl Pipeline {
                 error!(error = %err, "draining the flow map failed");
             }
         }
+        self.http.counters_refreshed();
         self.capture.flush_logs();
         for sample in self.capture.samples() {
             debug!(
@@ -739,7 +978,14 @@ impl Pipeline {
             ("ringbuf_full", losses.ringbuf_full),
             ("flow_insert", losses.flow_insert),
             ("skb_read", losses.skb_read),
+            ("truncated_header", losses.truncated_header),
+            (
+                "ipv6_ext_headers_exceeded",
+                losses.ipv6_ext_headers_exceeded,
+            ),
+            ("header_not_linear", losses.header_not_linear),
             ("flow_map_evicted", losses.evicted_packets),
+            ("recursion_miss", losses.recursion_miss.unwrap_or(0)),
         ] {
             if n > 0 {
                 self.metrics.record_loss(stage, n);
@@ -818,6 +1064,7 @@ impl Pipeline {
             } else {
                 0
             },
+            ports_folded: false,
         };
         let isolating: Vec<(&str, &str)> = verdict
             .deciding_side()
@@ -831,13 +1078,13 @@ impl Pipeline {
         let outcome = self
             .alert
             .record_deny(now, &edge, drop.packets, isolating.iter().copied());
-        if outcome.new_edge {
+        if outcome.new_edge && self.edge_log.allow(Instant::now()) {
             info!(
                 direction = %direction,
                 source = %format!("{src_ns}/{src_wl}"),
                 destination = %format!("{dst_ns}/{dst_wl}"),
                 protocol = drop.protocol.label(),
-                port = edge.port,
+                port = %if outcome.port_folded { "other".to_owned() } else { edge.port.to_string() },
                 policy = %verdict.policy,
                 expected = outcome.expected,
                 "new denied edge"
@@ -957,5 +1204,72 @@ impl Pipeline {
         if events.try_send(EventMsg::Spike(notice)).is_err() {
             self.metrics.record_loss("event_queue_full", 1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(gauge: &IntGaugeVec) -> Vec<(String, i64)> {
+        let mut out: Vec<(String, i64)> = prometheus::core::Collector::collect(gauge)
+            .iter()
+            .flat_map(|mf| mf.get_metric().to_vec())
+            .map(|m| {
+                (
+                    m.get_label()[0].value().to_owned(),
+                    m.get_gauge().get_value() as i64,
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn open_namespaces_stay_within_the_limit_open_ones_first() {
+        let gauge = IntGaugeVec::new(Opts::new("t", "t"), &["target_namespace"]).unwrap();
+        let names: Vec<String> = (0..10).map(|i| format!("ns{i}")).collect();
+        // ns0..ns5 closed, ns6..ns9 open.
+        let all = || names.iter().enumerate().map(|(i, n)| (n.as_str(), i >= 6));
+        export_open_namespaces(&gauge, all(), 3);
+        assert_eq!(
+            series(&gauge),
+            vec![
+                ("__overflow__".to_owned(), 1),
+                ("ns6".to_owned(), 1),
+                ("ns7".to_owned(), 1),
+                ("ns8".to_owned(), 1),
+            ]
+        );
+        export_open_namespaces(&gauge, all(), 6);
+        let s = series(&gauge);
+        assert_eq!(s.len(), 6, "{s:?}");
+        assert_eq!(s.iter().filter(|(_, v)| *v == 1).count(), 4);
+        assert!(s.iter().all(|(n, _)| n != "__overflow__"));
+    }
+
+    #[test]
+    fn edge_log_lines_are_rate_limited_per_window() {
+        let t0 = Instant::now();
+        let mut limit = EdgeLogLimit {
+            window_start: t0,
+            logged: 0,
+            suppressed: 0,
+        };
+        let allowed = (0..1000).filter(|_| limit.allow(t0)).count();
+        assert_eq!(allowed, EDGE_LOG_BURST as usize);
+        assert_eq!(limit.suppressed, 1000 - u64::from(EDGE_LOG_BURST));
+        let later = t0 + EDGE_LOG_WINDOW;
+        assert!(limit.allow(later), "a new window allows lines again");
+        assert_eq!(limit.suppressed, 0);
+    }
+
+    #[test]
+    fn connection_cap_keeps_a_descriptor_reserve() {
+        assert_eq!(connection_cap(256, Some(512)), 256);
+        assert_eq!(connection_cap(256, Some(300)), 172);
+        assert_eq!(connection_cap(256, Some(100)), 8);
+        assert_eq!(connection_cap(256, None), 256);
     }
 }

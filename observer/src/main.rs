@@ -78,10 +78,13 @@ fn main() -> ExitCode {
             let code = observer::verdict::explain(&args, inv, &mut std::io::stdout().lock())?;
             Ok(ExitCode::from(code))
         }),
-        Command::Audit(args) => load(&args.inventory).and_then(|inv| {
-            let code = observer::verdict::audit(&args, inv, &mut std::io::stdout().lock())?;
-            Ok(ExitCode::from(code))
-        }),
+        Command::Audit(args) => observer::verdict::cli::audit_dir(
+            &args,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        )
+        .map(ExitCode::from)
+        .map_err(Into::into),
         Command::Preflight(args) => observer::verdict::preflight::preflight(
             &args,
             &mut std::io::stdout().lock(),

@@ -41,6 +41,7 @@ fn edge(
         destination_workload: dst.into(),
         protocol: proto,
         port,
+        ports_folded: false,
     }
 }
 

@@ -43,6 +43,7 @@ fn edge(dst: &str, protocol: Protocol, port: u16) -> DeniedEdge {
         destination_workload: dst.into(),
         protocol,
         port,
+        ports_folded: false,
     }
 }
 

@@ -49,6 +49,7 @@ fn ingress(src: &str, dst_ns: &str, dst: &str, port: u16) -> DeniedEdge {
         destination_workload: dst.into(),
         protocol: Protocol::Tcp,
         port,
+        ports_folded: false,
     }
 }
 
@@ -300,4 +301,62 @@ fn metric_names_cover_everything_registered_and_registration_is_checked() {
         err.contains("cannot register metric deny_observer_"),
         "{err}"
     );
+}
+
+#[test]
+fn learning_records_edges_without_counting_them_and_says_so_from_the_start() {
+    let reg = Registry::new();
+    let mut config = short(None);
+    config.edges.learning = Duration::from_secs(3600);
+    let mut stage = AlertStage::new(config, &reg, at(0)).unwrap();
+    assert_eq!(
+        value(&reg, "deny_observer_edge_learning_active", &[]),
+        Some(1.0),
+        "before the first tick"
+    );
+    let e = ingress("cart", "db", "postgres", 5432);
+    let out = stage.record_deny(at(10), &e, 3, NO_POLICIES);
+    assert!(!out.new_edge && out.learned, "{out:?}");
+    assert!(samples(&reg, "deny_observer_new_denied_edges_total").is_empty());
+    assert_eq!(
+        value(&reg, "deny_observer_denied_edges_learned_total", &[]),
+        Some(1.0)
+    );
+    // After learning: the learned edge stays known, a new one is counted.
+    stage.tick(at(3601));
+    assert_eq!(
+        value(&reg, "deny_observer_edge_learning_active", &[]),
+        Some(0.0)
+    );
+    assert!(!stage.record_deny(at(3601), &e, 1, NO_POLICIES).new_edge);
+    let f = ingress("web", "db", "postgres", 5432);
+    assert!(stage.record_deny(at(3602), &f, 1, NO_POLICIES).new_edge);
+    assert_eq!(
+        samples(&reg, "deny_observer_new_denied_edges_total").len(),
+        1
+    );
+}
+
+#[test]
+fn new_edge_series_are_bounded_with_an_overflow_series() {
+    let reg = Registry::new();
+    let mut stage = AlertStage::new(short(None), &reg, at(0)).unwrap();
+    let overflow = prometheus::IntCounter::new("t_overflow", "t").unwrap();
+    let series = prometheus::IntGauge::new("t_series", "t").unwrap();
+    stage.bound_new_edge_series(3, overflow.clone(), series.clone());
+    for i in 0..10 {
+        let e = ingress(&format!("w{i}"), "db", "postgres", 5432);
+        assert!(stage.record_deny(at(i), &e, 1, NO_POLICIES).new_edge);
+    }
+    let edges = samples(&reg, "deny_observer_new_denied_edges_total");
+    assert_eq!(edges.len(), 4, "3 series and one overflow: {edges:?}");
+    assert_eq!(
+        value(
+            &reg,
+            "deny_observer_new_denied_edges_total",
+            &[("source_workload", "__overflow__"), ("port", "other")]
+        ),
+        Some(7.0)
+    );
+    assert_eq!((overflow.get(), series.get()), (7, 3));
 }

@@ -196,13 +196,19 @@ async fn metrics_asks_the_refresher_first_and_never_waits_long() {
     let (tx, rx) = std::sync::mpsc::sync_channel::<RefreshRequest>(8);
     state.set_refresher(tx);
     let metrics = state.metrics().clone();
-    // The refresher records one lost event per request, as a drain would record drops.
+    // Weak: the state owns the refresher's channel, which must close when the test drops it.
+    let refreshed = Arc::downgrade(&state);
+    // The refresher records one lost event per request, as a drain would record drops, and
+    // says the counters changed, as the daemon's pipeline does after each drain.
     let refresher = std::thread::spawn(move || {
         let mut answered = 0u64;
         while let Ok(done) = rx.recv() {
             answered += 1;
             if answered <= 2 {
                 metrics.record_loss("refresh_test", 1);
+                if let Some(state) = refreshed.upgrade() {
+                    state.counters_refreshed();
+                }
                 let _ = done.send(());
             } else {
                 // From the third request on, never answer (hold the sender, then drop it).
@@ -239,4 +245,112 @@ async fn metrics_asks_the_refresher_first_and_never_waits_long() {
     server.stop().await;
     drop(state);
     assert_eq!(refresher.join().expect("refresher thread"), 3);
+}
+
+/// Scrapes between two refreshes share one render; a refresh makes the next scrape render
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_renders_once_per_refresh() {
+    use observer::export::RefreshRequest;
+
+    let state = state();
+    // A refresher that answers without refreshing anything (a drain that was fresh enough).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<RefreshRequest>(64);
+    state.set_refresher(tx);
+    std::thread::spawn(move || {
+        while let Ok(done) = rx.recv() {
+            let _ = done.send(());
+        }
+    });
+    let server = start(state.clone()).await;
+    let scrapes: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(get(server.addr, "/metrics")))
+        .collect();
+    for s in scrapes {
+        assert_eq!(s.await.expect("scrape task").status, 200);
+    }
+    assert_eq!(
+        state.renders(),
+        1,
+        "20 scrapes without a refresh: one render"
+    );
+    state.metrics().record_loss("render_test", 7);
+    state.counters_refreshed();
+    let r = get(server.addr, "/metrics").await;
+    assert!(r.body.contains("stage=\"render_test\"} 7"), "{}", r.body);
+    assert_eq!(state.renders(), 2);
+    server.stop().await;
+}
+
+/// The server closes the oldest connection when a new one exceeds the cap, so a probe always
+/// gets in; silent connections are closed after the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_sheds_the_oldest_and_probes_get_in() {
+    use observer::export::{HttpLimits, serve_with};
+
+    let state = state();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let limits = HttpLimits {
+        max_connections: 8,
+        header_read_timeout: Duration::from_millis(500),
+        idle_timeout: Duration::from_secs(1),
+        ..HttpLimits::default()
+    };
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_with(listener, state, limits, async move {
+        let _ = stop_rx.await;
+    }));
+    // 50 clients that connect and say nothing.
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        idle.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    for _ in 0..5 {
+        let t0 = std::time::Instant::now();
+        let r = get(addr, "/healthz").await;
+        assert_eq!(r.status, 200);
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    }
+    // The oldest idle connections were closed by the server (EOF), at most 8 are left open,
+    // and after the header timeout none is.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut closed = 0;
+    for s in &mut idle {
+        let mut buf = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await
+        {
+            closed += 1;
+        }
+    }
+    assert_eq!(
+        closed,
+        idle.len(),
+        "every silent connection is closed by now"
+    );
+    let _ = stop_tx.send(());
+    task.await.expect("server task").expect("server");
+}
+
+/// A request whose headers exceed the limit is refused without the server buffering it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_headers_are_refused() {
+    let server = start(state()).await;
+    let mut s = TcpStream::connect(server.addr).await.expect("connect");
+    let big = "x".repeat(64 * 1024);
+    let req = format!("GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n");
+    // The server may close while we still write: only what it answers matters.
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
+    let reply = String::from_utf8_lossy(&raw);
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 431"),
+        "oversized headers answered with {reply:?}"
+    );
+    assert!(!reply.contains("ok"), "{reply}");
+    // The server still serves others.
+    assert_eq!(get(server.addr, "/healthz").await.status, 200);
+    server.stop().await;
 }

@@ -379,13 +379,15 @@ fn series_limit_folds_new_label_sets_into_overflow_without_losing_counts() {
     };
     assert_eq!(ov("no_socket"), Some((4 + 6 + 8 + 10) as f64));
     assert_eq!(ov("netfilter_drop"), Some((5 + 7 + 9) as f64));
+    // Overflow is counted in packets (7 records of 4 to 10 packets), not in records.
+    let packets = (4 + 6 + 8 + 10 + 5 + 7 + 9) as f64;
     assert_eq!(
         value(
             &m,
             "deny_observer_series_overflow_total",
             &[("metric", "deny_observer_drops_total")]
         ),
-        Some(7.0)
+        Some(packets)
     );
     assert_eq!(
         value(
@@ -393,7 +395,7 @@ fn series_limit_folds_new_label_sets_into_overflow_without_losing_counts() {
             "deny_observer_events_lost_total",
             &[("stage", "series_overflow")]
         ),
-        Some(7.0)
+        Some(packets)
     );
     assert_eq!(
         value(
@@ -422,7 +424,7 @@ fn policy_denies_overflow_folds_policy_too_and_has_its_own_limit() {
                 policy: &policy,
                 policy_match: PolicyMatch::Unexplained,
             },
-            1,
+            i + 1,
         );
     }
     // The drop family is untouched by policy denies' limit.
@@ -441,14 +443,25 @@ fn policy_denies_overflow_folds_policy_too_and_has_its_own_limit() {
             ("match", "unexplained"),
         ],
     );
-    assert_eq!(ov, Some(3.0));
+    // w2..w4 overflowed, with 3 + 4 + 5 packets.
+    assert_eq!(ov, Some(12.0));
     assert_eq!(
         value(
             &m,
             "deny_observer_series_overflow_total",
             &[("metric", "deny_observer_policy_denies_total")]
         ),
-        Some(3.0)
+        Some(12.0)
+    );
+    // Only the drops family's overflow loses attribution: a packet folded in policy denies
+    // still has its drops_total series.
+    assert_eq!(
+        value(
+            &m,
+            "deny_observer_events_lost_total",
+            &[("stage", "series_overflow")]
+        ),
+        Some(0.0)
     );
     assert_eq!(
         value(

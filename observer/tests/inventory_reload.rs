@@ -78,17 +78,28 @@ async fn change_break_fix() {
     assert_eq!(w.counts().pods, 3);
     assert_eq!(stats.reloads_ok(), 2);
 
-    // A new file with a broken object → the old snapshot stays, the failure is counted once.
+    // A new file with an object the API server would refuse → a new snapshot without it.
     let bad = dir.path().join("zz-bad.yaml");
     write(
         &bad,
         "apiVersion: v1\nkind: Pod\nmetadata: {name: broken, namespace: n}\nstatus: {podIP: 10.0.0.999}\n",
     );
+    let inv = next(&mut rx).await;
+    assert_eq!(inv.pods.len(), 3);
+    assert_eq!(inv.invalid.len(), 1);
+    assert_eq!(inv.invalid_counts()["pods"], 1);
+    assert_eq!(stats.reloads_ok(), 3);
+
+    // A file that does not parse → the old snapshot stays, the failure is counted once.
+    write(
+        &bad,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: broken, namespace: n\n",
+    );
     until(|| stats.reloads_failed() == 1).await;
     assert!(stats.failing());
     let err = stats.last_error().unwrap();
     assert!(err.contains("zz-bad.yaml"), "{err}");
-    assert!(err.contains("Pod n/broken"), "{err}");
+    assert!(err.contains("document 1"), "{err}");
     assert_eq!(w.current().pods.len(), 3);
     // Unchanged broken directory: no repeated failures.
     tokio::time::sleep(POLL * 10).await;
@@ -104,7 +115,8 @@ async fn change_break_fix() {
     assert_eq!(inv.pods.len(), 4);
     assert!(inv.pods.iter().any(|p| p.name == "fixed"));
     assert!(!stats.failing());
-    assert_eq!(stats.reloads_ok(), 3);
+    assert!(inv.invalid.is_empty());
+    assert_eq!(stats.reloads_ok(), 4);
     // The last error is kept for diagnosis.
     assert!(stats.last_error().is_some());
 
@@ -157,4 +169,57 @@ async fn configmap_symlink_swap_reloads() {
         "{inv:?}"
     );
     assert_eq!(w.stats().reloads_failed(), 0);
+}
+
+#[tokio::test]
+async fn an_empty_directory_is_refused_at_start_and_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = watch_dir(dir.path().to_owned(), POLL).await.unwrap_err();
+    assert!(e.to_string().contains("holds no namespace"), "{e}");
+
+    // Deleted and recreated empty: a failed reload, the last inventory stays, and the success
+    // time stops advancing.
+    let d = dir.path().join("inv");
+    fs::create_dir(&d).unwrap();
+    write(&d.join("pods.yaml"), &pods(2));
+    let w = watch_dir(d.clone(), POLL).await.unwrap();
+    let stats = w.stats();
+    fs::remove_dir_all(&d).unwrap();
+    fs::create_dir(&d).unwrap();
+    until(|| stats.reloads_failed() >= 1).await;
+    assert!(stats.failing());
+    assert_eq!(w.counts().pods, 2, "the last good inventory stays in use");
+    let frozen = stats.last_success_unix();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        stats.last_success_unix(),
+        frozen,
+        "success time advanced while failing"
+    );
+
+    // Files back: success again, and an unchanged directory keeps the success time current.
+    write(&d.join("pods.yaml"), &pods(3));
+    until(|| !stats.failing()).await;
+    assert_eq!(w.counts().pods, 3);
+    let t = stats.last_success_unix();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
+        stats.last_success_unix() > t,
+        "an unchanged poll confirms the inventory"
+    );
+}
+
+#[tokio::test]
+async fn reload_now_rereads_an_unchanged_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("pods.yaml"), &pods(1));
+    let w = watch_dir(dir.path().to_owned(), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let mut rx = w.subscribe();
+    let stats = w.stats();
+    assert_eq!(stats.reloads_ok(), 1);
+    w.reload_now();
+    let _ = next(&mut rx).await;
+    assert_eq!(stats.reloads_ok(), 2);
 }

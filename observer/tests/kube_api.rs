@@ -344,6 +344,10 @@ async fn watch_errors_are_counted_and_recovered() {
         .await;
     // The pods survived the policy watch's failure and relist.
     assert_eq!(after.pods.len(), 1);
+    // Every watch delivered an event after its error: the source is current again.
+    let health = inv.health();
+    assert!(!health.failing(), "{:?}", health.last_error());
+    assert!(health.last_success_unix() > 0);
     assert!(Arc::ptr_eq(&before.pods[0], &after.pods[0]));
 
     let counts = errors.lock().expect("errors").clone();
@@ -391,4 +395,12 @@ async fn not_ready_while_the_api_server_fails() {
     assert!(waited.is_err(), "must not be ready without pods");
     assert!(!inv.is_ready());
     assert_eq!(errors.lock().expect("errors").get("pods"), Some(&1));
+    // Staleness: not successful while the pods watch has only failed.
+    let health = inv.health();
+    assert!(health.failing());
+    assert!(
+        health.last_error().is_some_and(|e| e.contains("pods")),
+        "{:?}",
+        health.last_error()
+    );
 }

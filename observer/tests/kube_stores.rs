@@ -66,7 +66,7 @@ impl Cluster {
 
     fn build(&mut self) -> (Arc<Inventory>, bool) {
         let b = self.builder.build(&self.stores);
-        assert!(b.errors.is_empty(), "{:?}", b.errors);
+        assert!(b.inventory.invalid.is_empty(), "{:?}", b.inventory.invalid);
         (b.inventory, b.changed)
     }
 
@@ -416,10 +416,60 @@ fn unconvertible_pod_is_left_out_and_reported() {
     );
     let b = c.builder.build(&c.stores);
     assert_eq!(b.inventory.pods.len(), 1);
-    assert_eq!(b.errors.len(), 1);
-    assert!(
-        b.errors[0].to_string().contains("prod/bad"),
-        "{}",
-        b.errors[0]
+    assert_eq!(b.inventory.invalid.len(), 1);
+    assert_eq!(
+        b.inventory.invalid[0].to_string(),
+        "Pod prod/bad: status.podIPs[0]: Invalid value: \"10.0.0.300\": must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"
     );
+    assert_eq!(b.inventory.invalid_counts()["pods"], 1);
+    // Reported once: a rebuild with nothing new has nothing newly invalid.
+    assert_eq!(b.newly_invalid.len(), 1);
+    let b = c.builder.build(&c.stores);
+    assert!(b.newly_invalid.is_empty());
+    assert_eq!(b.inventory.invalid.len(), 1);
+}
+
+/// A policy the API server should have refused (a newer or patched server, version skew) is
+/// left out and reported exactly as the manifest loader does, once per change.
+#[test]
+fn invalid_policy_from_the_api_server_is_left_out_and_reported() {
+    let mut bad = policy("prod", "typo", "web");
+    if let Some(spec) = bad.spec.as_mut() {
+        spec.policy_types = Some(vec!["Ingres".into()]);
+    }
+    let mut c = Cluster::listed(
+        vec![ns("prod", json!({}))],
+        vec![],
+        vec![policy("prod", "good", "web"), bad],
+    );
+    let b = c.builder.build(&c.stores);
+    let names: Vec<_> = b
+        .inventory
+        .policies
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(names, ["good"]);
+    assert_eq!(
+        b.inventory
+            .invalid
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [
+            "NetworkPolicy prod/typo: spec.policyTypes[0]: Unsupported value: \"Ingres\": supported values: \"Ingress\", \"Egress\""
+        ]
+    );
+    assert_eq!(b.inventory.invalid_counts()["networkpolicies"], 1);
+    assert_eq!(b.newly_invalid.len(), 1);
+
+    // Fixed by an update: it joins the inventory and the invalid list empties.
+    let mut fixed = policy("prod", "typo", "web");
+    trim_policy(&mut fixed);
+    c.writers.policies.apply_watcher_event(&Event::Apply(fixed));
+    let b = c.builder.build(&c.stores);
+    assert!(b.changed);
+    assert_eq!(b.inventory.policies.len(), 2);
+    assert!(b.inventory.invalid.is_empty());
+    assert!(b.newly_invalid.is_empty());
 }

@@ -325,6 +325,7 @@ fn audit_fail_on_open_passes_when_every_namespace_has_a_policy() {
         inventory: dir(),
         output: AuditOutput::Json,
         fail_on_open: true,
+        fail_on_invalid: false,
     };
     let mut out = Vec::new();
     assert_eq!(audit(&args, Arc::new(inv), &mut out).unwrap(), 0);

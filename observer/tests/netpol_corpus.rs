@@ -291,6 +291,7 @@ fn build_inventory(case: &Case, stage: &Stage, family: &str) -> Inventory {
         namespaces,
         pods,
         policies,
+        ..Inventory::default()
     }
 }
 

@@ -231,6 +231,7 @@ fn build(world: &World, policies: &[Value]) -> Inventory {
         namespaces,
         pods,
         policies,
+        ..Inventory::default()
     }
 }
 

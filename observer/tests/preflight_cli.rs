@@ -102,14 +102,39 @@ fn deleting_the_policy_that_allows_an_edge_breaks_it() {
     assert!(apply_change(&locked, &[], &["nope".to_owned()]).is_err());
 }
 
+#[test]
+fn a_change_the_api_server_would_refuse_is_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typo.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: typo, namespace: shop}\nspec: {podSelector: {}, policyTypes: [Ingres]}\n",
+    )
+    .unwrap();
+    let err = load_policies(&[path])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("Ingres"), "{err}");
+}
+
 /// Applies the suggestion for `ns` and checks the round-trip promises over `edges`.
 fn round_trip(ns: &str, egress: bool, edges: &[Edge]) -> String {
     let base = Arc::new(load_dir(&fixture("inventory")).unwrap());
     let engine = Engine::new(Arc::clone(&base));
     let s = suggest(&engine, ns, edges, egress);
     let yaml = to_yaml(&s.policies).unwrap();
-    // What is printed reads back as the same number of policies through the manifest loader.
-    assert_eq!(check_yaml(&yaml).unwrap(), s.policies.len(), "{yaml}");
+    // Every object passes the API server's validation, and what is printed reads back as the
+    // same policies through the manifest loader.
+    for np in &s.policies {
+        let errors = observer::inventory::validate::network_policy(np);
+        assert!(errors.is_empty(), "{errors:?}\n{yaml}");
+    }
+    assert_eq!(
+        check_yaml(&s.policies, &yaml).unwrap(),
+        s.policies.len(),
+        "{yaml}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("suggested.yaml");
     std::fs::write(&path, &yaml).unwrap();

@@ -102,6 +102,11 @@ impl Daemon {
                 .join("deny-observer-state");
             command.arg("--state-dir").arg(state);
         }
+        // The daemon learns edges for an hour after its state file is created, and pages for
+        // none of them; the demo and the tests want the pages from the first deny.
+        if !extra.contains(&"--edge-learning") {
+            command.args(["--edge-learning", "0s"]);
+        }
         command
             .env(
                 "RUST_LOG",
@@ -115,6 +120,35 @@ impl Daemon {
             .spawn()
             .map_err(io(format!("starting {} run", bin.display())))?;
         Ok(Self { child, log, addr })
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) -> std::io::Result<()> {
+        let pid = i32::try_from(self.child.id()).map_err(std::io::Error::other)?;
+        // SAFETY: signalling our own child, which has not been reaped (we own its Child).
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the daemon to exit; its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The metrics address.

@@ -79,6 +79,11 @@ const VARIANTS: &[Variant] = &[
         ],
     },
     Variant {
+        dir: "deploy/overlays/metrics-networkpolicy",
+        caps: BASE_CAPS,
+        host_paths: BASE_HOST_PATHS,
+    },
+    Variant {
         dir: "deploy/overlays/seccomp-localhost",
         caps: BASE_CAPS,
         host_paths: &[
@@ -130,6 +135,8 @@ pub fn run(repo_root: &Path) -> Result<()> {
         check_security(&docs, variant).with_context(|| format!("security of {}", variant.dir))?;
         check_prometheus_operator_objects(repo_root, &docs)
             .with_context(|| format!("prometheus-operator objects of {}", variant.dir))?;
+        check_metrics_network_policy(&docs)
+            .with_context(|| format!("metrics NetworkPolicy of {}", variant.dir))?;
     }
     let all_in_one = std::fs::read_to_string(repo_root.join(ALL_IN_ONE))
         .with_context(|| format!("reading {ALL_IN_ONE}"))?;
@@ -642,6 +649,77 @@ fn check_prometheus_operator_objects(repo_root: &Path, docs: &[Value]) -> Result
     Ok(())
 }
 
+/// A NetworkPolicy shipped with the DaemonSet (overlays/metrics-networkpolicy) must select the
+/// DaemonSet's pods, isolate them for ingress, and admit only the metrics port, only from a
+/// namespace selector (the monitoring namespace), never from everywhere.
+fn check_metrics_network_policy(docs: &[Value]) -> Result<()> {
+    let Some(ds) = docs.iter().find(|d| d["kind"] == "DaemonSet") else {
+        return Ok(());
+    };
+    let pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+        .as_mapping()
+        .context("DaemonSet pod template has no labels")?;
+    let metrics_port = containers(ds)
+        .iter()
+        .flat_map(|c| c["ports"].as_sequence().into_iter().flatten())
+        .find(|p| p["name"] == "metrics")
+        .and_then(|p| p["containerPort"].as_u64())
+        .context("no container port named metrics")?;
+    for np in docs.iter().filter(|d| d["kind"] == "NetworkPolicy") {
+        let name = np["metadata"]["name"].as_str().unwrap_or("?");
+        let selector = np["spec"]["podSelector"]["matchLabels"]
+            .as_mapping()
+            .with_context(|| format!("NetworkPolicy {name}: no podSelector.matchLabels"))?;
+        ensure!(
+            !selector.is_empty() && selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+            "NetworkPolicy {name} does not select the DaemonSet's pods"
+        );
+        let types: Vec<&str> = np["spec"]["policyTypes"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        ensure!(
+            types.contains(&"Ingress"),
+            "NetworkPolicy {name} does not isolate the pods for ingress"
+        );
+        let rules = np["spec"]["ingress"]
+            .as_sequence()
+            .with_context(|| format!("NetworkPolicy {name}: no ingress rules"))?;
+        for rule in rules {
+            let ports: Vec<u64> = rule["ports"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| {
+                    p["port"]
+                        .as_u64()
+                        .or_else(|| (p["port"] == "metrics").then_some(metrics_port))
+                })
+                .collect();
+            ensure!(
+                ports == [metrics_port],
+                "NetworkPolicy {name}: an ingress rule admits ports {ports:?}, not only {metrics_port}"
+            );
+            let from = rule["from"]
+                .as_sequence()
+                .filter(|f| !f.is_empty())
+                .with_context(|| {
+                    format!("NetworkPolicy {name}: an ingress rule admits every source")
+                })?;
+            for peer in from {
+                let ns = peer["namespaceSelector"]["matchLabels"].as_mapping();
+                ensure!(
+                    ns.is_some_and(|m| !m.is_empty()) && peer.get("ipBlock").is_none(),
+                    "NetworkPolicy {name}: a source is not a namespace selected by label"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The security properties of one rendered kustomization.
 fn check_security(docs: &[Value], variant: &Variant) -> Result<()> {
     let mut daemonsets = 0;
@@ -1095,6 +1173,30 @@ mod tests {
     #[test]
     fn shipped_manifests_pass() {
         check_security(&base_docs(), base_variant()).unwrap();
+    }
+
+    fn with_metrics_policy() -> Vec<Value> {
+        let mut docs = base_docs();
+        let path = repo_root().join("deploy/overlays/metrics-networkpolicy/networkpolicy.yaml");
+        docs.push(load_yaml(&path).unwrap());
+        docs
+    }
+
+    #[test]
+    fn metrics_network_policy_passes_and_an_open_one_is_rejected() {
+        check_metrics_network_policy(&with_metrics_policy()).unwrap();
+        let mut docs = with_metrics_policy();
+        let np = docs.last_mut().unwrap();
+        np["spec"]["ingress"][0]["from"] = Value::Sequence(Vec::new());
+        assert!(check_metrics_network_policy(&docs).is_err());
+        let mut docs = with_metrics_policy();
+        let np = docs.last_mut().unwrap();
+        np["spec"]["ingress"][0]["ports"][0]["port"] = Value::from(22u64);
+        assert!(check_metrics_network_policy(&docs).is_err());
+        let mut docs = with_metrics_policy();
+        let np = docs.last_mut().unwrap();
+        np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] = Value::from("other");
+        assert!(check_metrics_network_policy(&docs).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod demo;
 pub mod flood;
 pub mod image;
+pub mod kernels;
 pub mod manifests;
 pub mod metrics;
 pub mod podspec;

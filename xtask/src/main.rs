@@ -11,7 +11,8 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 use xtask::{
-    BIN_ENV, IMAGE_ENV, SKIP_PRIVILEGED_ENV, bench, cmd, demo, image, setup, workspace_root,
+    BIN_ENV, IMAGE_ENV, SKIP_PRIVILEGED_ENV, bench, cmd, demo, image, kernels, setup,
+    workspace_root,
 };
 
 #[derive(Debug, Parser)]
@@ -58,6 +59,28 @@ enum Task {
     /// Benchmark (root): drops/s, CPU, eBPF ns/drop, memory, accuracy and latency of
     /// deny-observer during a deny flood, against no observer and a bpftrace peer.
     Bench(bench::BenchArgs),
+    /// Setup, then the privileged capture tests on other kernels: Debian's kernels (fetched
+    /// with a private apt configuration, cached under target/kernels/) booted under qemu, and
+    /// the running kernel (`host`). Root.
+    Kernels {
+        /// A Debian release (bullseye: 5.10, bookworm: 6.1, bookworm-backports: 6.12, trixie)
+        /// or `host`; repeat for several. Default: bullseye, bookworm, bookworm-backports, host.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Seconds one guest may take, boot included.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Run this prebuilt capture_kernel test binary instead of building it.
+        #[arg(long)]
+        test_bin: Option<PathBuf>,
+    },
+    /// The libFuzzer pass of `test` alone: each target of xtask/fuzz for `--seconds` (needs
+    /// cargo-fuzz: `cargo xtask setup`).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = FUZZ_SECONDS)]
+        seconds: u32,
+    },
     /// The benchmark's kernel-log tailer (configuration `log-tail`), spawned by `bench`.
     #[command(hide = true)]
     LogTail(bench::logtail::TailArgs),
@@ -117,6 +140,23 @@ fn run(task: Task) -> anyhow::Result<()> {
                 duration: duration.map(Duration::from_secs),
             })
         }
+        Task::Kernels {
+            kernels,
+            timeout,
+            test_bin,
+        } => {
+            setup::run()?;
+            let kernels = if kernels.is_empty() {
+                kernels::DEFAULT_KERNELS
+                    .iter()
+                    .map(|k| (*k).to_owned())
+                    .collect()
+            } else {
+                kernels
+            };
+            run_kernels(&root, kernels, Duration::from_secs(timeout), test_bin)
+        }
+        Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::LogTail(args) => bench::logtail::tail(&args),
         Task::Bench(args) => {
             if !cmd::is_root() {
@@ -210,9 +250,21 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
     with_env(&mut c);
     cmd::interactive(&mut c)?;
 
-    if root.join("fuzz/Cargo.toml").is_file() {
-        fuzz(root)?;
+    if skip_privileged {
+        eprintln!("test: SKIPPED the capture tests on other kernels (--skip-privileged)");
+    } else {
+        eprintln!(
+            "test: capture tests on other kernels under qemu ({})",
+            kernels::TEST_KERNELS.join(", ")
+        );
+        let kernels = kernels::TEST_KERNELS
+            .iter()
+            .map(|k| (*k).to_owned())
+            .collect();
+        run_kernels(root, kernels, Duration::from_secs(600), None)?;
     }
+
+    fuzz(root, FUZZ_SECONDS)?;
     if skip_privileged {
         eprintln!("test: all passed, but the privileged tests were SKIPPED (--skip-privileged)");
     } else {
@@ -221,33 +273,119 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A bounded cargo-fuzz pass (30 s per target) when the workspace has fuzz targets and
-/// cargo-fuzz is installed.
-fn fuzz(root: &Path) -> anyhow::Result<()> {
-    let fuzz_dir = root.join("fuzz");
-    let mut list = Command::new("cargo");
-    list.args(["+nightly", "fuzz", "list"]).current_dir(root);
-    let Ok(targets) = cmd::output(&mut list) else {
-        eprintln!(
-            "test: {} exists but `cargo +nightly fuzz` is not installed; fuzzing skipped",
+/// Builds the `capture_kernel` test binary (with the eBPF object) and runs it on `kernels`.
+fn run_kernels(
+    root: &Path,
+    kernels: Vec<String>,
+    timeout: Duration,
+    test_bin: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let test_bin = match test_bin {
+        Some(bin) => bin,
+        None => capture_kernel_bin(root)?,
+    };
+    kernels::run(&kernels::Options {
+        kernels,
+        test_bin,
+        tests: kernels::GUEST_TESTS
+            .iter()
+            .map(|t| (*t).to_owned())
+            .collect(),
+        target_dir: target_dir(root),
+        root: root.to_owned(),
+        timeout,
+    })
+}
+
+/// `cargo test --release --no-run` of observer/tests/capture_kernel.rs, with the eBPF object;
+/// its path. Optimised because under qemu's TCG the debug build's start-up (BTF parsing) made a
+/// guest take 3 to 4 minutes instead of about 70 seconds.
+fn capture_kernel_bin(root: &Path) -> anyhow::Result<PathBuf> {
+    let out = cmd::output(
+        cargo(root)?
+            .args([
+                "test",
+                "--release",
+                "--no-run",
+                "--message-format=json",
+                "-p",
+                "observer",
+                "--test",
+                "capture_kernel",
+            ])
+            .env_remove("AYA_BUILD_SKIP"),
+    )?;
+    let test_bin = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"]["name"] == "capture_kernel")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no capture_kernel test binary")?;
+    Ok(test_bin)
+}
+
+/// Seconds each libFuzzer target runs in `cargo xtask test`.
+const FUZZ_SECONDS: u32 = 25;
+
+/// The coverage-guided pass: each cargo-fuzz target of `xtask/fuzz` for `seconds`,
+/// starting from its checked-in corpus (`xtask/fuzz/corpus/<target>`, read only: what libFuzzer
+/// finds goes under `target/fuzz`). A missing cargo-fuzz is an error, never a skip: `cargo
+/// xtask setup` installs it.
+fn fuzz(root: &Path, seconds: u32) -> anyhow::Result<()> {
+    let fuzz_dir = root.join("xtask/fuzz");
+    if !setup::has_cargo_fuzz() {
+        bail!(
+            "`cargo +nightly fuzz` is not installed, so {} cannot run; `cargo xtask setup` installs it",
             fuzz_dir.display()
         );
-        return Ok(());
+    }
+    let work = target_dir(root).join("fuzz");
+    let fuzz_cmd = |args: &[&str]| {
+        let mut c = Command::new("cargo");
+        c.args(["+nightly", "fuzz"])
+            .args(args)
+            .arg("--fuzz-dir")
+            .arg(&fuzz_dir)
+            .current_dir(root)
+            // The fuzzed parsers do not need the eBPF object.
+            .env("AYA_BUILD_SKIP", "1");
+        c
     };
-    for target in targets.lines().map(str::trim).filter(|t| !t.is_empty()) {
-        eprintln!("test: fuzzing {target} for 30 s");
-        cmd::interactive(
-            Command::new("cargo")
-                .args([
-                    "+nightly",
-                    "fuzz",
-                    "run",
-                    target,
-                    "--",
-                    "-max_total_time=30",
-                ])
-                .current_dir(root),
-        )?;
+    let targets = cmd::output(&mut fuzz_cmd(&["list"]))?;
+    let targets: Vec<&str> = targets
+        .lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    anyhow::ensure!(
+        !targets.is_empty(),
+        "{} has no fuzz targets",
+        fuzz_dir.display()
+    );
+    for target in targets {
+        let seeds = fuzz_dir.join("corpus").join(target);
+        let corpus = work.join("corpus").join(target);
+        let artifacts = work.join("artifacts").join(target);
+        for d in [&corpus, &artifacts] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        eprintln!("test: fuzzing {target} for {seconds} s (cargo fuzz, libFuzzer)");
+        let build = work.join("build");
+        let mut c = fuzz_cmd(&["run", "--sanitizer", "none"]);
+        c.arg("--target-dir")
+            .arg(&build)
+            .arg(target)
+            .arg(&corpus)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-artifact_prefix={}/", artifacts.display()));
+        cmd::interactive(&mut c).with_context(|| {
+            format!(
+                "fuzz target {target} failed; the input is under {}",
+                artifacts.display()
+            )
+        })?;
     }
     Ok(())
 }

@@ -7,7 +7,8 @@
 //! 2. pip packages for the deploy checks;
 //! 3. the nightly toolchain and its `rust-src` (the eBPF crate builds with `-Z build-std=core`);
 //! 4. bpf-linker linked against the nightly's own libLLVM (the versions are read at run time);
-//! 5. tracefs and bpffs mounts.
+//! 5. cargo-fuzz, for the libFuzzer pass of `cargo xtask test` (`xtask/fuzz`);
+//! 6. tracefs and bpffs mounts.
 //!
 //! This is tool code run from the binary's edge, so it reports errors with anyhow.
 
@@ -29,6 +30,17 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
     "python3-pip",
+];
+
+/// Debian packages of `cargo xtask kernels` (Debian's kernels booted under qemu with a busybox
+/// initramfs; xz/zstd decompress their modules, kmod's depmod indexes them), installed without
+/// recommendations: qemu-system-x86 recommends a GTK front end the headless guests never use.
+pub const KERNELS_APT_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
+    "zstd",
+    "kmod",
 ];
 
 /// Debian packages of `cargo xtask image` and the container test, installed without their
@@ -53,9 +65,12 @@ pub fn run() -> anyhow::Result<()> {
     ensure_apt_packages(APT_PACKAGES, &[]).context("apt packages")?;
     ensure_apt_packages(CONTAINER_APT_PACKAGES, &["--no-install-recommends"])
         .context("container apt packages")?;
+    ensure_apt_packages(KERNELS_APT_PACKAGES, &["--no-install-recommends"])
+        .context("kernels apt packages")?;
     ensure_pip_packages().context("pip packages")?;
     ensure_nightly().context("nightly toolchain")?;
     ensure_bpf_linker().context("bpf-linker")?;
+    ensure_cargo_fuzz().context("cargo-fuzz")?;
     ensure_mounts().context("tracefs/bpffs mounts")?;
     Ok(())
 }
@@ -299,6 +314,29 @@ fn linker_uses(linker: &Path, llvm: &NightlyLlvm) -> bool {
         let l = l.trim();
         l.starts_with(&llvm.soname) && l.contains("=>") && !l.contains("not found")
     })
+}
+
+/// Whether `cargo fuzz` runs (cargo finds subcommands on PATH and in cargo's bin directory).
+pub fn has_cargo_fuzz() -> bool {
+    cmd::succeeds(&mut cmd("cargo", ["+nightly", "fuzz", "--version"]))
+}
+
+fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if has_cargo_fuzz() {
+        step("cargo-fuzz: present");
+        return Ok(());
+    }
+    step("installing cargo-fuzz (cargo install cargo-fuzz --locked); this takes a minute or two");
+    let state = state_dir()?;
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    cmd::interactive(
+        // Outside the workspace, so its config and target dir do not apply.
+        cmd("cargo", ["install", "cargo-fuzz", "--locked"]).current_dir(&state),
+    )?;
+    if !has_cargo_fuzz() {
+        bail!("cargo-fuzz was installed but `cargo +nightly fuzz --version` does not run");
+    }
+    Ok(())
 }
 
 fn ensure_bpf_linker() -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ use xtask::simnode::{
 };
 
 const DROPS: &str = "deny_observer_drops_total";
+const LOST: &str = "deny_observer_events_lost_total";
 const APP_NS: &str = "e2e-app";
 const TOOLS_NS: &str = "e2e-tools";
 
@@ -253,4 +254,26 @@ fn nft_drops_of_syns_and_datagrams_are_counted_exactly_v4_and_v6() {
         *expected.entry(locked_udp).or_default() += locked_datagrams;
         assert_settles(&mut daemon, &expected, phase);
     }
+    // The recursion-miss loss is exported from the start (at 0) wherever the kernel reports
+    // it (5.12+), so counted + lost = dropped covers drops the program was skipped for.
+    let m = metrics::scrape(daemon.addr()).unwrap();
+    let misses: Vec<_> = m.select(LOST, &[("stage", "recursion_miss")]).collect();
+    if kernel_at_least(5, 12) {
+        assert_eq!(misses.len(), 1, "{}", dump(&m, &daemon));
+        assert_eq!(misses[0].value, 0.0, "{}", dump(&m, &daemon));
+    }
+}
+
+/// Whether the running kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = match std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        Ok(r) => r,
+        Err(e) => panic!("reading /proc/sys/kernel/osrelease: {e}"),
+    };
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (a, b) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (a, b) >= (major, minor)
 }

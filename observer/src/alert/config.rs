@@ -58,6 +58,12 @@ pub struct AlertArgs {
     /// An edge not denied within this window counts as new again.
     #[arg(long, default_value = "7d", value_parser = parse_duration)]
     pub edge_retention: Duration,
+    /// Learning period for new denied edges, counted from the creation of the state file (it
+    /// is stored there, so a restart continues it): edges first denied during it are recorded
+    /// as known and never counted on `deny_observer_new_denied_edges_total`, so a first start
+    /// on a cluster with existing denies does not page for each of them. `0s` turns it off.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub edge_learning: Duration,
     /// An edge whose denies are expected and never page (repeatable):
     /// `SRC_NS/SRC_WORKLOAD->DST_NS/DST_WORKLOAD[:PROTO[/PORT]]`, `*` matches any segment.
     #[arg(long = "expected-edge", value_parser = parse_expected_edge)]
@@ -81,6 +87,7 @@ impl AlertArgs {
         spike.validate()?;
         let edges = EdgeConfig {
             retention: self.edge_retention,
+            learning: self.edge_learning,
             state_dir: Some(self.state_dir.clone()),
             ..EdgeConfig::default()
         };

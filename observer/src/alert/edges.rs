@@ -5,13 +5,28 @@
 //! last-denied time, so a path that keeps being denied never fires again, and one that was
 //! quiet for longer than the retention fires once more.
 //!
+//! Bounded against scans: each (direction, source, destination, protocol) keeps at most
+//! `port_budget` distinct ports; further ports fold into one edge with `port="other"`. The
+//! full table holds `max_edges` edges; the least recently denied beyond it move to a compact
+//! known-edge set (a stable 64-bit hash and a time per edge, `known_capacity` of them), so an
+//! edge evicted from the table does not page as new again. Only an edge pushed out of the
+//! compact set too (more than `max_edges + known_capacity` distinct edges within the
+//! retention) can page twice.
+//!
+//! Learning: for `learning` after the state file is first created, denied edges are recorded as
+//! known without being new, so a first start on a cluster with existing denies does not page
+//! for each of them. The start of learning is stored in the state file: a restart continues
+//! (or has finished) the same learning period.
+//!
 //! The state lives in `<state_dir>/denied-edges.json` (versioned JSON, written to a temporary
 //! file in the same directory, synced, then renamed over the old one). A missing file starts
 //! empty; an unreadable or corrupt one is logged, set aside as `denied-edges.json.corrupt`, and
-//! the tracker starts empty rather than failing the daemon.
+//! the tracker starts empty (and learns again) rather than failing the daemon.
 
 use std::fs;
+use std::hash::Hasher;
 use std::io::{self, Write as _};
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -23,8 +38,11 @@ use crate::flow::{Direction, FastMap, Protocol};
 
 /// File name of the state file inside the state directory.
 pub const STATE_FILE: &str = "denied-edges.json";
-/// Version written into (and required from) the state file.
-pub const STATE_VERSION: u32 = 1;
+/// File name of the lock file inside the state directory (see [`StateLock`]).
+pub const LOCK_FILE: &str = "lock";
+/// Version written into the state file. Version 1 files (no learning start, no folded ports,
+/// no compact set) are still read.
+pub const STATE_VERSION: u32 = 2;
 
 /// A denied path between two workloads.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -41,18 +59,97 @@ pub struct DeniedEdge {
     pub destination_workload: String,
     /// Protocol.
     pub protocol: Protocol,
-    /// Destination port; 0 for protocols without ports.
+    /// Destination port; 0 for protocols without ports and for folded edges.
     pub port: u16,
+    /// True for the edge that stands for every port beyond the per-edge port budget (its
+    /// `port` label is `other`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ports_folded: bool,
 }
 
-/// Tracker settings. Defaults: retention 7 d, 20,000 edges, no state directory (in memory),
-/// save 5 s after a new edge and at most every 60 s for refreshed last-denied times.
+impl DeniedEdge {
+    /// The `port` label value: the number, or `other` for a folded edge.
+    pub fn port_label(&self) -> String {
+        if self.ports_folded {
+            "other".to_owned()
+        } else {
+            self.port.to_string()
+        }
+    }
+
+    /// The edge with its port folded: the key of its port budget, and the edge that stands
+    /// for ports beyond it.
+    pub fn folded(&self) -> DeniedEdge {
+        DeniedEdge {
+            port: 0,
+            ports_folded: true,
+            ..self.clone()
+        }
+    }
+
+    /// A hash that stays the same across builds and restarts (FNV-1a over the fields), the
+    /// identity of an edge in the compact known-edge set.
+    fn stable_hash(&self) -> u64 {
+        let mut h = Fnv1a::default();
+        h.write(self.direction.label().as_bytes());
+        for part in [
+            &self.source_namespace,
+            &self.source_workload,
+            &self.destination_namespace,
+            &self.destination_workload,
+        ] {
+            h.write(&[0xff]);
+            h.write(part.as_bytes());
+        }
+        h.write(&[0xff]);
+        h.write(self.protocol.label().as_bytes());
+        h.write(&self.port.to_le_bytes());
+        h.write(&[u8::from(self.ports_folded)]);
+        h.finish()
+    }
+}
+
+/// 64-bit FNV-1a: stable, unlike the std and foldhash hashers, whose output may change between
+/// releases (the compact set's hashes are persisted).
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv1a {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Tracker settings. Defaults: retention 7 d, 20,000 edges in the table plus 100,000 in the
+/// compact set, 16 ports per edge, no learning (`deny-observer run` learns for 1 h by default),
+/// no state directory (in memory), save 5 s
+/// after a new edge and at most every 60 s for refreshed last-denied times.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EdgeConfig {
     /// An edge not denied for this long is forgotten, and fires again when next denied.
     pub retention: Duration,
-    /// Most edges kept; beyond it the least recently denied go first.
+    /// Most edges kept with their labels; beyond it the least recently denied move to the
+    /// compact known-edge set.
     pub max_edges: usize,
+    /// Most edges kept in the compact known-edge set (16 bytes each).
+    pub known_capacity: usize,
+    /// Most distinct ports per (direction, source, destination, protocol); more fold into
+    /// `port="other"`.
+    pub port_budget: usize,
+    /// How long after the state file is created new edges are learned instead of reported.
+    pub learning: Duration,
     /// Directory of the state file; `None` keeps the state in memory only.
     pub state_dir: Option<PathBuf>,
     /// Minimum time between saves after a new edge (debounces bursts of new edges).
@@ -66,6 +163,9 @@ impl Default for EdgeConfig {
         Self {
             retention: Duration::from_secs(7 * 86400),
             max_edges: 20_000,
+            known_capacity: 100_000,
+            port_budget: 16,
+            learning: Duration::ZERO,
             state_dir: None,
             save_debounce: Duration::from_secs(5),
             save_interval: Duration::from_secs(60),
@@ -85,6 +185,12 @@ impl EdgeConfig {
         if self.max_edges == 0 {
             return Err(AlertError::InvalidConfig {
                 field: "edge max entries",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.port_budget == 0 {
+            return Err(AlertError::InvalidConfig {
+                field: "edge port budget",
                 reason: "must be at least 1".into(),
             });
         }
@@ -126,6 +232,86 @@ pub enum EdgeStateError {
     },
 }
 
+/// Failure to take the state directory's lock.
+#[derive(Debug, thiserror::Error)]
+pub enum StateLockError {
+    /// Another process holds the lock.
+    #[error(
+        "another deny-observer{holder} already uses the state directory {dir}: run one daemon \
+         per --state-dir (stop the other one, or give this one its own --state-dir)"
+    )]
+    Held {
+        /// The state directory.
+        dir: PathBuf,
+        /// " (pid N)" when the lock file names its holder, else "".
+        holder: String,
+    },
+    /// The directory or lock file could not be created or locked.
+    #[error("cannot lock the state directory {path}: {source}")]
+    Io {
+        /// File or directory involved.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+}
+
+/// An exclusive `flock` on `<state_dir>/lock`, held for the life of the value (the kernel drops
+/// it when the process exits, however it exits). Two daemons writing one state file would
+/// overwrite each other's edges.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: fs::File,
+    path: PathBuf,
+}
+
+impl StateLock {
+    /// Creates `dir` if needed and locks it, without waiting: a held lock is an error that
+    /// names the holder's pid.
+    pub fn acquire(dir: &Path) -> Result<Self, StateLockError> {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateLockError::Io { path, source }
+        };
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let path = dir.join(LOCK_FILE);
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // SAFETY: flock on a file descriptor this function owns; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let holder = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok())
+                    .map(|pid| format!(" (pid {pid})"))
+                    .unwrap_or_default();
+                return Err(StateLockError::Held {
+                    dir: dir.to_path_buf(),
+                    holder,
+                });
+            }
+            return Err(StateLockError::Io { path, source: err });
+        }
+        // The pid is for the error message of a second daemon; the lock is what counts.
+        let pid = format!("{}\n", std::process::id());
+        file.set_len(0).map_err(io_err(&path))?;
+        file.write_all(pid.as_bytes()).map_err(io_err(&path))?;
+        Ok(Self { _file: file, path })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct EdgeRecord {
     first_ms: u64,
@@ -137,7 +323,14 @@ struct EdgeRecord {
 struct StateFile {
     version: u32,
     saved_at_unix_ms: u64,
+    /// When learning started (absent in version 1 files: those daemons had no learning, so
+    /// nothing is learned after an upgrade).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    learning_started_unix_ms: Option<u64>,
     edges: Vec<StoredEdge>,
+    /// The compact known-edge set: `[stable hash, last denied unix ms]`.
+    #[serde(default)]
+    known: Vec<(u64, u64)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -149,17 +342,46 @@ struct StoredEdge {
     last_denied_unix_ms: u64,
 }
 
+/// What [`EdgeTracker::observe`] made of a deny.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// The edge as recorded: the one given, or its folded form (`port="other"`) when its
+    /// source and destination already have `port_budget` ports.
+    pub edge: DeniedEdge,
+    /// First deny of the edge within the retention, outside learning: report it.
+    pub new: bool,
+    /// First deny of the edge during learning: recorded as known, not reported.
+    pub learned: bool,
+}
+
+/// Edges that left the tracker, for their metric series and the eviction counters.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Edges (with their `expected` flag) no longer in the table: their series go.
+    pub edges: Vec<(DeniedEdge, bool)>,
+    /// How many of them the table's cap moved to the compact set (still known).
+    pub evicted_to_known: u64,
+    /// Edges the compact set's cap forgot (they can be reported as new again).
+    pub evicted_from_known: u64,
+}
+
 /// Remembers which edges were denied recently; see the module docs.
 #[derive(Debug)]
 pub struct EdgeTracker {
     config: EdgeConfig,
     edges: FastMap<DeniedEdge, EdgeRecord>,
+    /// Distinct (unfolded) ports in `edges` per folded edge, for the port budget.
+    ports: FastMap<DeniedEdge, usize>,
+    /// The compact known-edge set: stable hash → last denied (unix ms).
+    known: FastMap<u64, u64>,
+    learning_started_ms: Option<u64>,
     load_outcome: LoadOutcome,
     dirty: bool,
     new_since_save: bool,
     last_save_ms: u64,
     /// Edges evicted by the cap since the last `prune`, so their series go too.
     evicted: Vec<(DeniedEdge, bool)>,
+    evicted_from_known: u64,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -168,53 +390,78 @@ fn ms(d: Duration) -> u64 {
 
 impl EdgeTracker {
     /// Opens the tracker, loading `<state_dir>/denied-edges.json` when there is one. Never
-    /// fails: a bad file is logged and set aside (see [`EdgeTracker::load_outcome`]).
+    /// fails: a bad file is logged and set aside (see [`EdgeTracker::load_outcome`]). A new
+    /// state file (learning start) is written right away, so that a crash in the first
+    /// seconds does not restart learning.
     pub fn open(config: EdgeConfig, now: SystemTime) -> Self {
         let now_ms = unix_ms(now);
         let mut tracker = Self {
             config,
             edges: FastMap::default(),
+            ports: FastMap::default(),
+            known: FastMap::default(),
+            learning_started_ms: Some(now_ms),
             load_outcome: LoadOutcome::InMemory,
             dirty: false,
             new_since_save: false,
             last_save_ms: now_ms,
             evicted: Vec::new(),
+            evicted_from_known: 0,
         };
-        if let Some(path) = tracker.state_path() {
-            tracker.load_outcome = match read_state(&path) {
-                Ok(None) => LoadOutcome::Missing,
-                Ok(Some(file)) => {
-                    let retention = ms(tracker.config.retention);
-                    for stored in file.edges {
-                        if now_ms.saturating_sub(stored.last_denied_unix_ms) < retention {
-                            tracker.edges.insert(
-                                stored.edge,
-                                EdgeRecord {
-                                    first_ms: stored.first_denied_unix_ms,
-                                    last_ms: stored.last_denied_unix_ms,
-                                    expected: stored.expected,
-                                },
-                            );
-                        }
+        let Some(path) = tracker.state_path() else {
+            return tracker;
+        };
+        tracker.load_outcome = match read_state(&path) {
+            Ok(None) => LoadOutcome::Missing,
+            Ok(Some(file)) => {
+                tracker.learning_started_ms = file.learning_started_unix_ms;
+                let retention = ms(tracker.config.retention);
+                for stored in file.edges {
+                    if now_ms.saturating_sub(stored.last_denied_unix_ms) < retention {
+                        tracker.insert(
+                            stored.edge,
+                            EdgeRecord {
+                                first_ms: stored.first_denied_unix_ms,
+                                last_ms: stored.last_denied_unix_ms,
+                                expected: stored.expected,
+                            },
+                        );
                     }
-                    tracker.enforce_cap();
-                    // No series exist yet for edges dropped while loading.
-                    tracker.evicted.clear();
-                    tracing::info!(path = %path.display(), edges = tracker.edges.len(), "loaded denied-edge state");
-                    LoadOutcome::Loaded(tracker.edges.len())
                 }
-                Err(reason) => {
-                    let aside = path.with_extension("json.corrupt");
-                    let moved = fs::rename(&path, &aside).is_ok();
-                    tracing::warn!(
-                        path = %path.display(),
-                        %reason,
-                        set_aside = moved.then(|| aside.display().to_string()),
-                        "denied-edge state unreadable; starting fresh (known edges may fire again)"
-                    );
-                    LoadOutcome::Corrupt(reason)
+                for (hash, last_ms) in file.known {
+                    if now_ms.saturating_sub(last_ms) < retention {
+                        tracker.known.insert(hash, last_ms);
+                    }
                 }
-            };
+                tracker.enforce_cap();
+                // No series exist yet for edges dropped while loading.
+                tracker.evicted.clear();
+                tracker.evicted_from_known = 0;
+                tracing::info!(
+                    path = %path.display(),
+                    edges = tracker.edges.len(),
+                    known = tracker.known.len(),
+                    "loaded denied-edge state"
+                );
+                LoadOutcome::Loaded(tracker.edges.len())
+            }
+            Err(reason) => {
+                let aside = path.with_extension("json.corrupt");
+                let moved = fs::rename(&path, &aside).is_ok();
+                tracing::warn!(
+                    path = %path.display(),
+                    %reason,
+                    set_aside = moved.then(|| aside.display().to_string()),
+                    "denied-edge state unreadable; starting fresh with a new learning period"
+                );
+                LoadOutcome::Corrupt(reason)
+            }
+        };
+        if !matches!(tracker.load_outcome, LoadOutcome::Loaded(_)) {
+            tracker.dirty = true;
+            if let Err(err) = tracker.save(now) {
+                tracing::warn!(error = %err, "cannot write the new denied-edge state; will retry");
+            }
         }
         tracker
     }
@@ -229,22 +476,51 @@ impl EdgeTracker {
         self.config.state_dir.as_ref().map(|d| d.join(STATE_FILE))
     }
 
-    /// Records a deny of `edge` at `now`; true exactly when the edge is new (never denied, or
-    /// not within the retention). `expected` is remembered for the edge's metric labels.
+    /// When the learning period ends (`None`: no learning, e.g. a state file from before
+    /// learning existed). It may lie in the past.
+    pub fn learning_until(&self) -> Option<SystemTime> {
+        let start = self.learning_started_ms?;
+        Some(SystemTime::UNIX_EPOCH + Duration::from_millis(start) + self.config.learning)
+    }
+
+    /// True while new edges are learned rather than reported.
+    pub fn is_learning(&self, now: SystemTime) -> bool {
+        self.learning_until().is_some_and(|until| now < until)
+    }
+
+    /// Records a deny of `edge` at `now`; true exactly when the edge is to be reported as new
+    /// (see [`EdgeTracker::record`] for the details).
     pub fn observe(&mut self, now: SystemTime, edge: &DeniedEdge, expected: bool) -> bool {
+        self.record(now, edge, expected).new
+    }
+
+    /// Records a deny of `edge` at `now`; see [`Observed`]. `expected` is remembered for the
+    /// edge's metric labels.
+    pub fn record(&mut self, now: SystemTime, edge: &DeniedEdge, expected: bool) -> Observed {
         let now_ms = unix_ms(now);
         let retention = ms(self.config.retention);
         self.dirty = true;
-        if let Some(rec) = self.edges.get_mut(edge) {
+        let edge = self.budgeted(edge);
+        let learning = self.is_learning(now);
+        if let Some(rec) = self.edges.get_mut(&edge) {
             let fresh = now_ms.saturating_sub(rec.last_ms) < retention;
             rec.last_ms = rec.last_ms.max(now_ms);
             if fresh {
-                return false;
+                return Observed {
+                    edge,
+                    new: false,
+                    learned: false,
+                };
             }
             rec.first_ms = now_ms;
             rec.expected = expected;
         } else {
-            self.edges.insert(
+            // Back from the compact set: known, so not new; it gets its labels back.
+            let known = self
+                .known
+                .remove(&edge.stable_hash())
+                .is_some_and(|last| now_ms.saturating_sub(last) < retention);
+            self.insert(
                 edge.clone(),
                 EdgeRecord {
                     first_ms: now_ms,
@@ -253,15 +529,65 @@ impl EdgeTracker {
                 },
             );
             self.enforce_cap();
+            if known {
+                return Observed {
+                    edge,
+                    new: false,
+                    learned: false,
+                };
+            }
         }
         self.new_since_save = true;
-        true
+        Observed {
+            edge,
+            new: !learning,
+            learned: learning,
+        }
     }
 
-    /// Forgets edges not denied within the retention and returns them with their `expected`
-    /// flag, so their metric series can be removed; also returns edges the `max_edges` cap
-    /// evicted since the last call.
+    /// `edge`, or its folded form when it is a new port beyond the budget of its pair.
+    fn budgeted(&self, edge: &DeniedEdge) -> DeniedEdge {
+        if edge.ports_folded || !edge.protocol.has_ports() || self.edges.contains_key(edge) {
+            return edge.clone();
+        }
+        let folded = edge.folded();
+        if self.ports.get(&folded).copied().unwrap_or(0) >= self.config.port_budget {
+            folded
+        } else {
+            edge.clone()
+        }
+    }
+
+    fn insert(&mut self, edge: DeniedEdge, record: EdgeRecord) {
+        if !edge.ports_folded && edge.protocol.has_ports() {
+            *self.ports.entry(edge.folded()).or_default() += 1;
+        }
+        self.edges.insert(edge, record);
+    }
+
+    fn remove(&mut self, edge: &DeniedEdge) -> Option<EdgeRecord> {
+        let rec = self.edges.remove(edge)?;
+        if !edge.ports_folded && edge.protocol.has_ports() {
+            let key = edge.folded();
+            if let Some(n) = self.ports.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.ports.remove(&key);
+                }
+            }
+        }
+        Some(rec)
+    }
+
+    /// Forgets edges not denied within the retention and returns those that had labels, with
+    /// their `expected` flag (see [`EdgeTracker::prune_report`]).
     pub fn prune(&mut self, now: SystemTime) -> Vec<(DeniedEdge, bool)> {
+        self.prune_report(now).edges
+    }
+
+    /// Forgets edges not denied within the retention (from the table and the compact set)
+    /// and reports them, with the edges the caps evicted since the last call.
+    pub fn prune_report(&mut self, now: SystemTime) -> Forgotten {
         let now_ms = unix_ms(now);
         let retention = ms(self.config.retention);
         let expired: Vec<DeniedEdge> = self
@@ -270,16 +596,24 @@ impl EdgeTracker {
             .filter(|(_, r)| now_ms.saturating_sub(r.last_ms) >= retention)
             .map(|(e, _)| e.clone())
             .collect();
-        let mut out = std::mem::take(&mut self.evicted);
+        let mut edges = std::mem::take(&mut self.evicted);
+        let evicted_to_known = edges.len() as u64;
         for edge in expired {
-            if let Some(rec) = self.edges.remove(&edge) {
-                out.push((edge, rec.expected));
+            if let Some(rec) = self.remove(&edge) {
+                edges.push((edge, rec.expected));
             }
         }
-        if !out.is_empty() {
+        let known_before = self.known.len();
+        self.known
+            .retain(|_, last| now_ms.saturating_sub(*last) < retention);
+        if !edges.is_empty() || known_before != self.known.len() {
             self.dirty = true;
         }
-        out
+        Forgotten {
+            edges,
+            evicted_to_known,
+            evicted_from_known: std::mem::take(&mut self.evicted_from_known),
+        }
     }
 
     /// Saves when due: a new edge and `save_debounce` since the last save, or other changes
@@ -319,10 +653,14 @@ impl EdgeTracker {
             .collect();
         // Stable output: diffs of the file stay readable when debugging.
         edges.sort_by(|a, b| a.edge.cmp(&b.edge));
+        let mut known: Vec<(u64, u64)> = self.known.iter().map(|(h, t)| (*h, *t)).collect();
+        known.sort_unstable();
         let file = StateFile {
             version: STATE_VERSION,
             saved_at_unix_ms: now_ms,
+            learning_started_unix_ms: self.learning_started_ms,
             edges,
+            known,
         };
         let bytes = serde_json::to_vec(&file).map_err(|source| EdgeStateError::Serialize {
             path: path.clone(),
@@ -335,48 +673,75 @@ impl EdgeTracker {
         Ok(())
     }
 
-    /// Number of edges remembered.
+    /// Number of edges in the table (with labels).
     pub fn len(&self) -> usize {
         self.edges.len()
     }
 
+    /// Number of edges in the compact known-edge set.
+    pub fn known_len(&self) -> usize {
+        self.known.len()
+    }
+
     /// True when no edge is remembered.
     pub fn is_empty(&self) -> bool {
-        self.edges.is_empty()
+        self.edges.is_empty() && self.known.is_empty()
     }
 
-    /// True when `edge` was denied within the retention as of `now`.
+    /// True when `edge` (as given, unfolded) was denied within the retention as of `now`,
+    /// whether it is in the table or in the compact set.
     pub fn is_known(&self, now: SystemTime, edge: &DeniedEdge) -> bool {
+        let now_ms = unix_ms(now);
+        let retention = ms(self.config.retention);
         self.edges
             .get(edge)
-            .is_some_and(|r| unix_ms(now).saturating_sub(r.last_ms) < ms(self.config.retention))
+            .map(|r| r.last_ms)
+            .or_else(|| self.known.get(&edge.stable_hash()).copied())
+            .is_some_and(|last| now_ms.saturating_sub(last) < retention)
     }
 
-    /// Drops the least recently denied edges beyond `max_edges`, a tenth of the cap at a time
-    /// so a port scan at the cap does not sort the table for every new edge.
+    /// Moves the least recently denied edges beyond `max_edges` to the compact set, and
+    /// forgets the oldest of the compact set beyond `known_capacity`, a tenth of the cap at a
+    /// time so a scan at the cap does not sort the table for every new edge.
     fn enforce_cap(&mut self) {
         let max = self.config.max_edges;
-        if self.edges.len() <= max {
-            return;
-        }
-        let target = max - max / 10;
-        let mut by_age: Vec<(u64, DeniedEdge)> = self
-            .edges
-            .iter()
-            .map(|(e, r)| (r.last_ms, e.clone()))
-            .collect();
-        by_age.sort_unstable_by_key(|(last, _)| *last);
-        let excess = self.edges.len() - target;
-        for (_, edge) in by_age.into_iter().take(excess) {
-            if let Some(rec) = self.edges.remove(&edge) {
-                self.evicted.push((edge, rec.expected));
+        if self.edges.len() > max {
+            let target = max - max / 10;
+            let mut by_age: Vec<(u64, DeniedEdge)> = self
+                .edges
+                .iter()
+                .map(|(e, r)| (r.last_ms, e.clone()))
+                .collect();
+            by_age.sort_unstable_by_key(|(last, _)| *last);
+            let excess = self.edges.len() - target;
+            for (_, edge) in by_age.into_iter().take(excess) {
+                if let Some(rec) = self.remove(&edge) {
+                    self.known.insert(edge.stable_hash(), rec.last_ms);
+                    self.evicted.push((edge, rec.expected));
+                }
             }
+            tracing::info!(
+                max_edges = max,
+                moved = excess,
+                "denied-edge table full; moved the least recently denied edges to the compact known set"
+            );
         }
-        tracing::warn!(
-            max_edges = max,
-            evicted = excess,
-            "denied-edge table full; forgot the least recently denied edges"
-        );
+        let cap = self.config.known_capacity;
+        if self.known.len() > cap {
+            let target = cap - cap / 10;
+            let mut by_age: Vec<(u64, u64)> = self.known.iter().map(|(h, t)| (*t, *h)).collect();
+            by_age.sort_unstable();
+            let excess = self.known.len() - target;
+            for (_, hash) in by_age.into_iter().take(excess) {
+                self.known.remove(&hash);
+            }
+            self.evicted_from_known += excess as u64;
+            tracing::warn!(
+                known_capacity = cap,
+                forgotten = excess,
+                "known denied-edge set full; forgot the least recently denied (they may be reported as new again)"
+            );
+        }
     }
 }
 
@@ -392,9 +757,9 @@ fn read_state(path: &Path) -> Result<Option<StateFile>, String> {
     }
     let v: VersionOnly = serde_json::from_slice(&bytes)
         .map_err(|e| format!("cannot parse {}: {e}", path.display()))?;
-    if v.version != STATE_VERSION {
+    if v.version != STATE_VERSION && v.version != 1 {
         return Err(format!(
-            "{} has version {}, this build reads version {STATE_VERSION}",
+            "{} has version {}, this build reads versions 1 to {STATE_VERSION}",
             path.display(),
             v.version
         ));
@@ -442,11 +807,12 @@ mod tests {
             destination_workload: "db".into(),
             protocol: Protocol::Tcp,
             port,
+            ports_folded: false,
         }
     }
 
     #[test]
-    fn cap_evicts_least_recently_denied() {
+    fn cap_moves_least_recently_denied_to_the_known_set() {
         let cfg = EdgeConfig {
             max_edges: 10,
             ..EdgeConfig::default()
@@ -457,13 +823,155 @@ mod tests {
             assert!(t.observe(t0 + Duration::from_secs(u64::from(p)), &edge(p), false));
         }
         assert!(t.len() <= 10, "{}", t.len());
+        assert_eq!(t.len() + t.known_len(), 11);
         let now = t0 + Duration::from_secs(20);
-        assert!(!t.is_known(now, &edge(0)), "oldest must go first");
+        assert!(t.is_known(now, &edge(0)), "evicted, but still known");
         assert!(t.is_known(now, &edge(10)), "newest must stay");
-        let evicted = t.prune(now);
-        assert!(evicted.contains(&(edge(0), false)), "{evicted:?}");
-        assert_eq!(evicted.len() + t.len(), 11);
+        let report = t.prune_report(now);
+        assert!(report.edges.contains(&(edge(0), false)), "{report:?}");
+        assert_eq!(report.evicted_to_known, report.edges.len() as u64);
+        assert_eq!(report.evicted_from_known, 0);
         assert!(t.prune(now).is_empty());
+        // Back from the known set: not new, and it has its labels again.
+        assert!(
+            !t.observe(now, &edge(0), false),
+            "an evicted edge paged again"
+        );
+        assert!(t.record(now, &edge(0), false).edge == edge(0));
+    }
+
+    #[test]
+    fn without_a_known_set_evicted_edges_are_new_again_and_counted() {
+        let cfg = EdgeConfig {
+            max_edges: 10,
+            known_capacity: 0,
+            ..EdgeConfig::default()
+        };
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut t = EdgeTracker::open(cfg, t0);
+        for p in 0..11u16 {
+            t.observe(t0 + Duration::from_secs(u64::from(p)), &edge(p), false);
+        }
+        let now = t0 + Duration::from_secs(20);
+        assert!(!t.is_known(now, &edge(0)));
+        let report = t.prune_report(now);
+        assert_eq!(report.evicted_from_known, report.evicted_to_known);
+        assert!(report.evicted_from_known > 0);
+        assert!(t.observe(now, &edge(0), false));
+    }
+
+    #[test]
+    fn ports_beyond_the_budget_fold_into_other() {
+        let cfg = EdgeConfig {
+            port_budget: 3,
+            ..EdgeConfig::default()
+        };
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut t = EdgeTracker::open(cfg, t0);
+        let mut new = 0;
+        for p in 1..=1000u16 {
+            let o = t.record(t0, &edge(p), false);
+            if p <= 3 {
+                assert_eq!(o.edge, edge(p));
+            } else {
+                assert_eq!(o.edge.port_label(), "other");
+                assert!(o.edge.ports_folded);
+            }
+            new += usize::from(o.new);
+        }
+        assert_eq!(new, 4, "three ports and one `other`");
+        assert_eq!(t.len(), 4);
+        // Known ports keep their own edge.
+        assert_eq!(t.record(t0, &edge(2), false).edge, edge(2));
+        // Another pair has its own budget.
+        let mut other = edge(9);
+        other.source_workload = "x".into();
+        assert_eq!(t.record(t0, &other, false).edge, other);
+        // Once a port expires, its budget slot is free again.
+        let later = t0 + EdgeConfig::default().retention;
+        assert!(!t.prune(later).is_empty());
+        assert_eq!(t.record(later, &edge(77), false).edge, edge(77));
+    }
+
+    #[test]
+    fn learning_records_without_reporting_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EdgeConfig {
+            state_dir: Some(dir.path().to_path_buf()),
+            learning: Duration::from_secs(3600),
+            ..EdgeConfig::default()
+        };
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        {
+            let mut t = EdgeTracker::open(cfg.clone(), t0);
+            assert!(t.is_learning(t0));
+            let o = t.record(t0 + Duration::from_secs(10), &edge(1), false);
+            assert!(!o.new && o.learned, "{o:?}");
+            // The learning start was written at open, before any edge.
+            assert!(dir.path().join(STATE_FILE).exists());
+        }
+        // A restart half an hour in continues the same learning period; the state file was
+        // written at open, so the edge learned afterwards is lost with the crash but learning
+        // is not restarted.
+        let half = t0 + Duration::from_secs(1800);
+        let mut t = EdgeTracker::open(cfg.clone(), half);
+        assert!(t.is_learning(half));
+        assert_eq!(
+            t.learning_until(),
+            Some(t0 + Duration::from_secs(3600)),
+            "learning restarted"
+        );
+        assert!(t.record(half, &edge(2), false).learned);
+        t.save(half).unwrap();
+        let after = t0 + Duration::from_secs(3601);
+        let mut t = EdgeTracker::open(cfg, after);
+        assert!(!t.is_learning(after));
+        assert!(!t.observe(after, &edge(2), false), "learned edge paged");
+        let o = t.record(after, &edge(3), false);
+        assert!(o.new && !o.learned);
+    }
+
+    #[test]
+    fn version_1_state_is_read_and_learns_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let v1 = serde_json::json!({
+            "version": 1,
+            "saved_at_unix_ms": 1_000_000_000u64,
+            "edges": [{
+                "direction": "ingress", "source_namespace": "a", "source_workload": "w",
+                "destination_namespace": "b", "destination_workload": "db",
+                "protocol": "TCP", "port": 5432, "expected": false,
+                "first_denied_unix_ms": 999_000_000u64, "last_denied_unix_ms": 1_000_000_000u64
+            }]
+        });
+        fs::write(dir.path().join(STATE_FILE), v1.to_string()).unwrap();
+        let cfg = EdgeConfig {
+            state_dir: Some(dir.path().to_path_buf()),
+            learning: Duration::from_secs(3600),
+            ..EdgeConfig::default()
+        };
+        let mut t = EdgeTracker::open(cfg, t0);
+        assert_eq!(t.load_outcome(), &LoadOutcome::Loaded(1));
+        assert!(!t.is_learning(t0));
+        assert!(!t.observe(t0, &edge(5432), false));
+        assert!(t.observe(t0, &edge(5433), false));
+    }
+
+    #[test]
+    fn a_second_lock_on_the_state_dir_fails_with_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = StateLock::acquire(dir.path()).unwrap();
+        // flock locks belong to the open file description: a second open in the same process
+        // conflicts just like another process would.
+        let err = StateLock::acquire(dir.path()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())) && msg.contains("--state-dir"),
+            "{msg}"
+        );
+        drop(first);
+        StateLock::acquire(dir.path()).unwrap();
     }
 
     #[test]
@@ -479,7 +987,7 @@ mod tests {
         t.save(t0).unwrap();
         let v: serde_json::Value =
             serde_json::from_slice(&fs::read(dir.path().join(STATE_FILE)).unwrap()).unwrap();
-        assert_eq!(v["version"], 1);
+        assert_eq!(v["version"], STATE_VERSION);
         assert_eq!(v["edges"][0]["port"], 5432);
         assert_eq!(v["edges"][0]["protocol"], "TCP");
         assert_eq!(v["edges"][0]["direction"], "ingress");

@@ -2,11 +2,13 @@
 
 use std::collections::HashMap;
 
-use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use super::AlertError;
 use super::edges::DeniedEdge;
 use super::spike::{SpikeDetector, SpikeKey};
+use crate::export::OVERFLOW;
+use crate::flow::FastSet;
 
 /// `deny_observer_deny_spike_active`: 1 while a spike is active, else 0.
 pub const SPIKE_ACTIVE: &str = "deny_observer_deny_spike_active";
@@ -26,6 +28,18 @@ pub const NEW_DENIED_EDGES: &str = "deny_observer_new_denied_edges_total";
 pub const SPIKE_KEYS_OVERFLOW: &str = "deny_observer_spike_keys_overflow_total";
 /// `deny_observer_alert_state_save_errors_total`: failed writes of the denied-edge state file.
 pub const STATE_SAVE_ERRORS: &str = "deny_observer_alert_state_save_errors_total";
+
+/// `deny_observer_denied_edges_evicted_total{table}`: edges the caps pushed out of the edge
+/// table (`table="edges"`, still known in the compact set) or out of the compact known-edge set
+/// (`table="known"`, may be reported as new again).
+pub const EDGES_EVICTED: &str = "deny_observer_denied_edges_evicted_total";
+/// `deny_observer_denied_edges{table}`: edges remembered in the table and the compact set.
+pub const EDGES_KNOWN: &str = "deny_observer_denied_edges";
+/// `deny_observer_denied_edges_learned_total`: edges first denied during learning (recorded as
+/// known, not counted as new).
+pub const EDGES_LEARNED: &str = "deny_observer_denied_edges_learned_total";
+/// `deny_observer_edge_learning_active`: 1 during the learning period, else 0.
+pub const EDGE_LEARNING: &str = "deny_observer_edge_learning_active";
 
 /// Label names of the spike gauges, in order.
 pub const SPIKE_LABELS: [&str; 4] = ["direction", "workload_namespace", "workload", "expected"];
@@ -61,6 +75,10 @@ pub fn metric_names() -> Vec<&'static str> {
         NEW_DENIED_EDGES,
         SPIKE_KEYS_OVERFLOW,
         STATE_SAVE_ERRORS,
+        EDGES_EVICTED,
+        EDGES_KNOWN,
+        EDGES_LEARNED,
+        EDGE_LEARNING,
     ]
 }
 
@@ -91,6 +109,22 @@ pub struct AlertMetrics {
     overflow: prometheus::IntCounter,
     save_errors: prometheus::IntCounter,
     overflow_seen: u64,
+    edges_evicted: IntCounterVec,
+    edges_known: IntGaugeVec,
+    edges_learned: IntCounter,
+    edge_learning: IntGauge,
+    new_edge_bound: NewEdgeBound,
+}
+
+/// The series limit of `deny_observer_new_denied_edges_total`.
+#[derive(Clone, Debug, Default)]
+struct NewEdgeBound {
+    /// `None`: unbounded (no limit bound yet).
+    limit: Option<usize>,
+    /// Label sets held below the limit.
+    held: FastSet<(DeniedEdge, bool)>,
+    overflow: Option<IntCounter>,
+    series: Option<IntGauge>,
 }
 
 impl AlertMetrics {
@@ -155,6 +189,49 @@ impl AlertMetrics {
             "Failed writes of the denied-edge state file.",
         )
         .map_err(reg(STATE_SAVE_ERRORS))?;
+        let edges_evicted = IntCounterVec::new(
+            Opts::new(
+                EDGES_EVICTED,
+                "Denied edges pushed out by a cap: table=edges moved to the compact known set \
+                 (still known, series removed), table=known forgotten (may be new again).",
+            ),
+            &["table"],
+        )
+        .map_err(reg(EDGES_EVICTED))?;
+        let edges_known = IntGaugeVec::new(
+            Opts::new(
+                EDGES_KNOWN,
+                "Denied edges remembered: table=edges with labels, table=known as compact hashes.",
+            ),
+            &["table"],
+        )
+        .map_err(reg(EDGES_KNOWN))?;
+        let edges_learned = IntCounter::new(
+            EDGES_LEARNED,
+            "Denied edges first seen during the learning period: recorded as known, not new.",
+        )
+        .map_err(reg(EDGES_LEARNED))?;
+        let edge_learning = IntGauge::new(
+            EDGE_LEARNING,
+            "1 while new denied edges are learned (not reported as new), else 0.",
+        )
+        .map_err(reg(EDGE_LEARNING))?;
+        for table in ["edges", "known"] {
+            edges_evicted.with_label_values(&[table]);
+            edges_known.with_label_values(&[table]);
+        }
+        registry
+            .register(Box::new(edges_evicted.clone()))
+            .map_err(reg(EDGES_EVICTED))?;
+        registry
+            .register(Box::new(edges_known.clone()))
+            .map_err(reg(EDGES_KNOWN))?;
+        registry
+            .register(Box::new(edges_learned.clone()))
+            .map_err(reg(EDGES_LEARNED))?;
+        registry
+            .register(Box::new(edge_learning.clone()))
+            .map_err(reg(EDGE_LEARNING))?;
         registry
             .register(Box::new(spike_active.clone()))
             .map_err(reg(SPIKE_ACTIVE))?;
@@ -190,7 +267,45 @@ impl AlertMetrics {
             overflow,
             save_errors,
             overflow_seen: 0,
+            edges_evicted,
+            edges_known,
+            edges_learned,
+            edge_learning,
+            new_edge_bound: NewEdgeBound::default(),
         })
+    }
+
+    /// Bounds `deny_observer_new_denied_edges_total` to `limit` series (see
+    /// [`super::AlertStage::bound_new_edge_series`]).
+    pub fn bound_new_edges(&mut self, limit: usize, overflow: IntCounter, series: IntGauge) {
+        series.set(i64::try_from(self.new_edge_bound.held.len()).unwrap_or(i64::MAX));
+        self.new_edge_bound.limit = Some(limit);
+        self.new_edge_bound.overflow = Some(overflow);
+        self.new_edge_bound.series = Some(series);
+    }
+
+    /// Counts edges evicted by the table's cap (moved to the known set) and by the known
+    /// set's cap (forgotten).
+    pub fn record_evictions(&self, to_known: u64, from_known: u64) {
+        self.edges_evicted
+            .with_label_values(&["edges"])
+            .inc_by(to_known);
+        self.edges_evicted
+            .with_label_values(&["known"])
+            .inc_by(from_known);
+    }
+
+    /// Sets the edge-table gauges and the learning flag.
+    pub fn set_edge_table(&self, edges: usize, known: usize, learning: bool) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        self.edges_known.with_label_values(&["edges"]).set(n(edges));
+        self.edges_known.with_label_values(&["known"]).set(n(known));
+        self.edge_learning.set(i64::from(learning));
+    }
+
+    /// Counts an edge learned during the learning period.
+    pub fn record_learned_edge(&self) {
+        self.edges_learned.inc();
     }
 
     /// Mirrors the detector into the gauges (call after each tick): sets every tracked key and
@@ -250,21 +365,58 @@ impl AlertMetrics {
         self.overflow_seen = overflowed;
     }
 
-    /// Counts a new denied edge.
-    pub fn record_new_edge(&self, edge: &DeniedEdge, expected: bool) {
-        let port = edge.port.to_string();
+    /// Counts a new denied edge, on its own series while the series limit allows, else on
+    /// the overflow series of its direction, protocol and `expected`.
+    pub fn record_new_edge(&mut self, edge: &DeniedEdge, expected: bool) {
+        let bound = &mut self.new_edge_bound;
+        let key = (edge.clone(), expected);
+        let own = bound.held.contains(&key)
+            || match bound.limit {
+                Some(limit) if bound.held.len() >= limit => false,
+                _ => {
+                    bound.held.insert(key);
+                    if let Some(series) = &bound.series {
+                        series.set(i64::try_from(bound.held.len()).unwrap_or(i64::MAX));
+                    }
+                    true
+                }
+            };
+        if own {
+            let port = edge.port_label();
+            self.new_edges
+                .with_label_values(&edge_labels(edge, &port, expected))
+                .inc();
+            return;
+        }
         self.new_edges
-            .with_label_values(&edge_labels(edge, &port, expected))
+            .with_label_values(&[
+                edge.direction.label(),
+                OVERFLOW,
+                OVERFLOW,
+                OVERFLOW,
+                OVERFLOW,
+                edge.protocol.label(),
+                "other",
+                bool_label(expected),
+            ])
             .inc();
+        if let Some(overflow) = &bound.overflow {
+            overflow.inc();
+        }
     }
 
     /// Removes the counters of edges the tracker forgot (bounded series).
-    pub fn forget_edges(&self, edges: &[(DeniedEdge, bool)]) {
+    pub fn forget_edges(&mut self, edges: &[(DeniedEdge, bool)]) {
+        let bound = &mut self.new_edge_bound;
         for (edge, expected) in edges {
-            let port = edge.port.to_string();
+            let port = edge.port_label();
             let _ = self
                 .new_edges
                 .remove_label_values(&edge_labels(edge, &port, *expected));
+            bound.held.remove(&(edge.clone(), *expected));
+        }
+        if let Some(series) = &bound.series {
+            series.set(i64::try_from(bound.held.len()).unwrap_or(i64::MAX));
         }
     }
 

@@ -19,7 +19,9 @@ pub mod spike;
 use std::time::SystemTime;
 
 pub use config::{AlertArgs, AlertConfig};
-pub use edges::{DeniedEdge, EdgeConfig, EdgeStateError, EdgeTracker, LoadOutcome};
+pub use edges::{
+    DeniedEdge, EdgeConfig, EdgeStateError, EdgeTracker, LoadOutcome, StateLock, StateLockError,
+};
 pub use expected::{EXPECTED_DENIES_ANNOTATION, ExpectedDenies, ExpectedEdge};
 pub use metrics::{AlertMetrics, metric_names};
 pub use spike::{SpikeConfig, SpikeDetector, SpikeKey, SpikeTransition};
@@ -79,6 +81,10 @@ pub struct DenyOutcome {
     /// First deny of this edge within the retention window. The daemon logs it; alerting on it
     /// is Prometheus' job (`deny_observer_new_denied_edges_total`).
     pub new_edge: bool,
+    /// First deny of this edge during the learning period: recorded as known, not reported.
+    pub learned: bool,
+    /// The edge was recorded with `port="other"` (its pair is over the per-edge port budget).
+    pub port_folded: bool,
 }
 
 /// The spike key a deny counts towards: the workload whose policy denied, which is the
@@ -124,6 +130,8 @@ impl AlertStage {
         let detector = SpikeDetector::new(config.spike)?;
         let metrics = AlertMetrics::register(registry)?;
         let edges = EdgeTracker::open(config.edges, now);
+        // Right away, not at the first tick: a scrape may come first.
+        metrics.set_edge_table(edges.len(), edges.known_len(), edges.is_learning(now));
         Ok(Self {
             detector,
             edges,
@@ -157,11 +165,32 @@ impl AlertStage {
             self.detector
                 .observe_port(&key, edge.protocol, edge.port, packets);
         }
-        let new_edge = self.edges.observe(now, edge, expected);
-        if new_edge {
-            self.metrics.record_new_edge(edge, expected);
+        let observed = self.edges.record(now, edge, expected);
+        if observed.new {
+            self.metrics.record_new_edge(&observed.edge, expected);
         }
-        DenyOutcome { expected, new_edge }
+        if observed.learned {
+            self.metrics.record_learned_edge();
+        }
+        DenyOutcome {
+            expected,
+            new_edge: observed.new,
+            learned: observed.learned,
+            port_folded: observed.edge.ports_folded,
+        }
+    }
+
+    /// Makes `deny_observer_new_denied_edges_total` hold at most `limit` series; edges beyond
+    /// it are counted on one overflow series per (direction, protocol, expected), and on
+    /// `overflow` (`deny_observer_series_overflow_total{metric}`); `series` tracks how many
+    /// are held (`deny_observer_series{metric}`).
+    pub fn bound_new_edge_series(
+        &mut self,
+        limit: usize,
+        overflow: prometheus::IntCounter,
+        series: prometheus::IntGauge,
+    ) {
+        self.metrics.bound_new_edges(limit, overflow, series);
     }
 
     /// Once per second: advances the detector, updates gauges, forgets expired edges, saves the
@@ -176,9 +205,16 @@ impl AlertStage {
             .is_none_or(|last| now_ms.saturating_sub(last) >= PRUNE_EVERY_MS)
         {
             self.last_prune_ms = Some(now_ms);
-            let forgotten = self.edges.prune(now);
-            self.metrics.forget_edges(&forgotten);
+            let forgotten = self.edges.prune_report(now);
+            self.metrics.forget_edges(&forgotten.edges);
+            self.metrics
+                .record_evictions(forgotten.evicted_to_known, forgotten.evicted_from_known);
         }
+        self.metrics.set_edge_table(
+            self.edges.len(),
+            self.edges.known_len(),
+            self.edges.is_learning(now),
+        );
         if let Err(err) = self.edges.maybe_save(now) {
             self.metrics.record_save_error();
             tracing::warn!(error = %err, "saving denied-edge state failed; will retry");

@@ -360,12 +360,20 @@ impl KernelBtf {
         if args.skb == NO_ARG {
             return Err(problem("no `struct sk_buff *` argument"));
         }
+        // Without a reason argument (kernels before 5.17) the program derives the reason from
+        // the location, so then the location is required.
+        let mut needed = vec![("sk_buff", args.skb)];
         if args.reason == NO_ARG {
-            return Err(problem(
-                "no `enum skb_drop_reason` argument (kernel without drop reasons)",
-            ));
+            if args.location == NO_ARG {
+                return Err(problem(
+                    "neither an `enum skb_drop_reason` nor a `void *location` argument",
+                ));
+            }
+            needed.push(("location", args.location));
+        } else {
+            needed.push(("reason", args.reason));
         }
-        for (what, idx) in [("sk_buff", args.skb), ("reason", args.reason)] {
+        for (what, idx) in needed {
             if idx >= BTF_ARGS_MAX {
                 return Err(problem(&format!(
                     "the {what} argument is number {idx}, beyond the {BTF_ARGS_MAX} the program can load"
@@ -373,7 +381,7 @@ impl KernelBtf {
             }
         }
         if args.location >= BTF_ARGS_MAX {
-            // Only samples use it; they report location 0 then.
+            // Only samples use it then; they report location 0.
             args.location = NO_ARG;
         }
         Ok(args)
@@ -433,6 +441,8 @@ impl KernelBtf {
             dev_ifindex: self.member_offset("net_device.ifindex")?,
             dev_nd_net: self.member_offset("net_device.nd_net.net")?,
             net_ns_inum: self.member_offset("net.ns.inum")?,
+            skb_tail: self.member_offset("sk_buff.tail")?,
+            skb_data_len: self.member_offset("sk_buff.data_len")?,
         })
     }
 }
@@ -531,10 +541,21 @@ mod tests {
             "{args:?}"
         );
         assert!(args.nr_args >= 3, "{args:?}");
-        // A tracepoint without a drop reason (consume_skb: skb, location) is refused.
-        let err = btf.tp_btf_args("consume_skb").unwrap_err().to_string();
+        // consume_skb (skb, location) has the shape of kfree_skb before drop reasons (5.10):
+        // accepted, with the reason to come from the location.
+        let args = btf.tp_btf_args("consume_skb").unwrap();
+        assert_eq!(
+            (args.skb, args.location, args.reason, args.nr_args),
+            (0, 1, NO_ARG, 2),
+            "{args:?}"
+        );
+        // A tracepoint with neither (netif_receive_skb: skb only) is refused.
+        let err = btf
+            .tp_btf_args("netif_receive_skb")
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("btf_trace_consume_skb") && err.contains("skb_drop_reason"),
+            err.contains("btf_trace_netif_receive_skb") && err.contains("location"),
             "{err}"
         );
         let err = btf

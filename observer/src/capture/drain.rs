@@ -380,8 +380,12 @@ impl Capture {
             ringbuf_full: loss_delta(loss::RINGBUF_FULL),
             flow_insert: loss_delta(loss::FLOW_INSERT),
             skb_read: loss_delta(loss::SKB_READ),
+            truncated_header: loss_delta(loss::TRUNCATED_HEADER),
+            ipv6_ext_headers_exceeded: loss_delta(loss::IPV6_EXT_HEADERS_EXCEEDED),
+            header_not_linear: loss_delta(loss::HEADER_NOT_LINEAR),
             evicted_packets: ep,
             evicted_bytes: eb,
+            recursion_miss: self.recursion.as_mut().and_then(|r| r.delta()),
         };
         Ok(())
     }

@@ -4,12 +4,15 @@ use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use observer_ebpf::{
-    BtfArgs, Counter, FlowKey, FlowValue, KernelLayout, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX,
+    BtfArgs, Counter, FlowKey, FlowValue, KernelLayout, LocationTable, MAX_REASONS, ProgramConfig,
+    SKB_SPAN_MAX,
 };
 
 use super::batch::Batch;
 use super::btf::KernelBtf;
 use super::drain::DrainState;
+use super::location::{self, ReasonSource};
+use super::recursion::RecursionMisses;
 use super::startup::{self, Refused};
 use super::tracefs::{self, KfreeSkbFields, ReasonTable};
 use super::{AttachKind, AttachMode, CaptureConfig, CaptureError, ReasonFilter, Sample, decode};
@@ -48,6 +51,11 @@ pub struct Capture {
     bad_samples: u64,
     /// The hook the program is attached to.
     attach_kind: AttachKind,
+    /// Where the drop reasons come from.
+    reason_source: ReasonSource,
+    /// The attached program's recursion misses; `None` if its descriptor could not be
+    /// duplicated.
+    pub(super) recursion: Option<RecursionMisses>,
 }
 
 impl std::fmt::Debug for Capture {
@@ -61,14 +69,15 @@ impl std::fmt::Debug for Capture {
 }
 
 /// Drop-reason names of the running kernel: the format file's `__print_symbolic` list, else
-/// the BTF enum `skb_drop_reason`; kernels without a `reason` field get [`ReasonTable::unknown_only`].
+/// the BTF enum `skb_drop_reason`; kernels without a `reason` field get the call-site reasons
+/// of [`location::reason_table`].
 pub fn kernel_reasons(
     fmt: &tracefs::TracepointFormat,
     fields: &KfreeSkbFields,
     btf: &KernelBtf,
 ) -> Result<ReasonTable, CaptureError> {
     if fields.reason.is_none() {
-        return Ok(ReasonTable::unknown_only());
+        return Ok(location::reason_table());
     }
     if let Some(t) = tracefs::parse_reason_symbols(&fmt.print_fmt) {
         return Ok(t);
@@ -77,6 +86,52 @@ pub fn kernel_reasons(
     Ok(ReasonTable::from_kernel_names(
         values.iter().map(|(n, v)| (*v, n.as_str())),
     ))
+}
+
+/// The program's call-site table on a kernel without drop reasons (an empty one otherwise),
+/// and where reasons come from. Unreadable symbols are not fatal: the drops still count, as
+/// `not_specified`, and the log says what is missing.
+fn call_site_reasons(
+    fields: &KfreeSkbFields,
+    reasons: &ReasonTable,
+) -> (LocationTable, ReasonSource) {
+    if fields.reason.is_some() {
+        return (LocationTable::EMPTY, ReasonSource::Kernel);
+    }
+    match location::load_location_table(std::path::Path::new(location::KALLSYMS), reasons) {
+        Ok((table, left_out)) => {
+            if !left_out.is_empty() {
+                tracing::warn!(
+                    ?left_out,
+                    "more kfree_skb callers than the program's table holds; their drops count as not_specified"
+                );
+            }
+            tracing::info!(
+                functions = ?location::describe(&table, reasons),
+                "this kernel has no drop reasons (< 5.17): reasons come from the caller of kfree_skb"
+            );
+            (
+                table,
+                ReasonSource::CallSite {
+                    functions: table.len,
+                },
+            )
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "this kernel has no drop reasons (< 5.17) and its symbols cannot be read: every drop counts as not_specified (add CAP_SYSLOG to attribute netfilter and tc drops)"
+            );
+            let unmapped = reasons.number(location::UNMAPPED).unwrap_or(0);
+            (
+                LocationTable {
+                    unmapped,
+                    ..LocationTable::EMPTY
+                },
+                ReasonSource::Unavailable,
+            )
+        }
+    }
 }
 
 /// Turns a [`ReasonFilter`] into the program's `(all_reasons, reason_mask)`.
@@ -166,6 +221,8 @@ pub fn skb_span(layout: &KernelLayout) -> (u32, u32) {
         (layout.skb_dev, 8),
         (layout.skb_head, 8),
         (layout.skb_network_header, 2),
+        (layout.skb_tail, 4),
+        (layout.skb_data_len, 4),
     ];
     if fields.iter().any(|&(off, size)| off % size != 0) {
         return (0, 0);
@@ -182,6 +239,24 @@ pub fn skb_span(layout: &KernelLayout) -> (u32, u32) {
         return (0, 0);
     }
     (start, len)
+}
+
+/// A duplicate of the attached program's descriptor, to read its fdinfo.
+fn attached_program_fd(ebpf: &Ebpf, kind: AttachKind) -> Option<aya::programs::ProgramFd> {
+    let name = match kind {
+        AttachKind::Tracepoint => TRACEPOINT_PROGRAM,
+        AttachKind::BtfTracepoint => BTF_PROGRAM,
+    };
+    let fd = ebpf
+        .program(name)
+        .and_then(|p| p.fd().ok())
+        .and_then(|fd| fd.try_clone().ok());
+    if fd.is_none() {
+        tracing::warn!(
+            "cannot duplicate the program's descriptor: recursion misses are not reported"
+        );
+    }
+    fd
 }
 
 /// Loads and attaches the classic tracepoint program to `skb:kfree_skb`.
@@ -232,6 +307,7 @@ impl Capture {
         let layout = btf.kernel_layout(&fields)?;
         let reasons = kernel_reasons(&fmt, &fields, &btf)?;
         let (all_reasons, mask) = reason_mask(&config.reasons, &reasons)?;
+        let (locations, reason_source) = call_site_reasons(&fields, &reasons);
         let (skb_span_start, skb_span_len) = skb_span(&layout);
         // Why the BTF program cannot be used here, if it cannot.
         let btf_args = match config.attach {
@@ -264,6 +340,7 @@ impl Capture {
         })?;
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &program_config, true)
+            .override_global("LOCATIONS", &locations, true)
             .map_max_entries("FLOWS", lru_entries(config.flow_map_entries, nr_cpus))
             .map_max_entries("SAMPLES", config.ringbuf_bytes)
             .load(EBPF_OBJECT)
@@ -296,7 +373,14 @@ impl Capture {
                 AttachKind::Tracepoint
             }
         };
-        tracing::info!(attach = %attach_kind, "kfree_skb capture program attached");
+        let recursion = attached_program_fd(&ebpf, attach_kind).map(RecursionMisses::new);
+        let recursion_misses_reported = recursion.as_ref().is_some_and(RecursionMisses::supported);
+        tracing::info!(
+            attach = %attach_kind,
+            reasons = reason_source.as_str(),
+            recursion_misses_reported,
+            "kfree_skb capture program attached"
+        );
 
         let map_err = |map: &'static str| move |source| CaptureError::Map { map, source };
         let flows = PerCpuHashMap::try_from(
@@ -345,7 +429,23 @@ impl Capture {
             logger,
             bad_samples: 0,
             attach_kind,
+            reason_source,
+            recursion,
         })
+    }
+
+    /// Whether this kernel reports the program's recursion misses (5.12 and later), so that
+    /// [`super::Losses::recursion_miss`] is `Some`.
+    pub fn recursion_misses_reported(&self) -> bool {
+        self.recursion
+            .as_ref()
+            .is_some_and(RecursionMisses::supported)
+    }
+
+    /// Where the drop reasons come from: the kernel, or (before 5.17) the caller of
+    /// `kfree_skb`.
+    pub fn reason_source(&self) -> ReasonSource {
+        self.reason_source
     }
 
     /// The hook the program is attached to: `tp_btf/kfree_skb` or, as the fallback, the
@@ -437,11 +537,14 @@ mod tests {
 
     #[test]
     fn skb_span_covers_the_fields() {
-        // The 6.18 layout: dev 16, len 112, network_header 180, head 192.
+        // The 6.18 layout: dev 16, len 112, data_len 116, network_header 180, tail 184,
+        // head 192.
         let layout = KernelLayout {
             skb_dev: 16,
             skb_len: 112,
+            skb_data_len: 116,
             skb_network_header: 180,
+            skb_tail: 184,
             skb_head: 192,
             ..KernelLayout::default()
         };

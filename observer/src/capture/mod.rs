@@ -26,11 +26,14 @@ pub mod btf;
 mod decode;
 mod drain;
 mod loader;
+pub mod location;
+pub mod recursion;
 pub mod startup;
 pub mod tracefs;
 
 pub use decode::{SampleSizeError, decode, parse_sample, to_sample};
 pub use loader::{Capture, lru_entries};
+pub use location::ReasonSource;
 pub use tracefs::ReasonTable;
 
 /// Which drop reasons the kernel program counts.
@@ -210,11 +213,22 @@ pub struct Losses {
     pub flow_insert: u64,
     /// Drops whose skb could not be read in full (counted with partial or no addresses).
     pub skb_read: u64,
+    /// Drops whose packet ends before a header the flow key needs, or whose header declares
+    /// an impossible length: counted with port 0 and what was read before the cut.
+    pub truncated_header: u64,
+    /// IPv6 drops with more extension headers than the kernel program follows: counted with
+    /// port 0 and the last extension header as protocol.
+    pub ipv6_ext_headers_exceeded: u64,
+    /// Drops whose headers lie past the skb's linear data: counted like `truncated_header`.
+    pub header_not_linear: u64,
     /// Packets counted in the per-reason totals but lost from the flow map (evicted before a
     /// drain saw them, or never inserted).
     pub evicted_packets: u64,
     /// Bytes of those packets.
     pub evicted_bytes: u64,
+    /// Drops the program never ran for: the kernel skipped it because it would have nested
+    /// on one CPU (`bpf_prog_info.recursion_misses`). `None` on kernels that do not report it.
+    pub recursion_miss: Option<u64>,
 }
 
 /// Result of one [`Capture::drain`].

@@ -471,6 +471,41 @@ print fmt: "skbaddr=%p protocol=%u location=%p", REC->skbaddr, REC->protocol, RE
         assert_eq!(t.number("no_socket"), Some(2));
     }
 
+    /// Verbatim from Debian 11's 5.10.0-46 (printed by `cargo xtask kernels`): the record ends
+    /// with `protocol` at byte 26, so the program may load nothing past byte 24 unasked.
+    const FORMAT_5_10: &str = "name: kfree_skb
+ID: 1267
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:void * location;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:unsigned short protocol;\toffset:24;\tsize:2;\tsigned:0;
+
+print fmt: \"skbaddr=%p protocol=%u location=%p\", REC->skbaddr, REC->protocol, REC->location
+";
+
+    #[test]
+    fn parses_5_10() {
+        let fmt = parse_format(FORMAT_5_10).unwrap();
+        let f = KfreeSkbFields::from_format(&fmt).unwrap();
+        assert_eq!(
+            f,
+            KfreeSkbFields {
+                skbaddr: 8,
+                location: 16,
+                protocol: 24,
+                reason: None
+            }
+        );
+        assert!(parse_reason_symbols(&fmt.print_fmt).is_none());
+        let last = fmt.fields.iter().map(|f| f.offset + f.size).max();
+        assert_eq!(last, Some(26));
+    }
+
     #[test]
     fn parses_kernel_without_reason() {
         let fmt = parse_format(FORMAT_NO_REASON).unwrap();

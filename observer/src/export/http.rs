@@ -1,19 +1,41 @@
-//! `/metrics`, `/healthz` and `/readyz` on their own small router.
+//! `/metrics`, `/healthz` and `/readyz` on their own small router, behind a bounded server.
+//!
+//! The port is reachable from every pod of the cluster (unless the optional NetworkPolicy in
+//! `deploy/overlays/metrics-networkpolicy` is applied), so the server assumes hostile clients:
+//! - at most [`HttpLimits::max_connections`] connections; a new connection beyond it closes the
+//!   oldest one (idle keep-alives and slow clients go first in practice, since a scrape lasts
+//!   milliseconds), so a probe always gets in, and the process never runs out of file
+//!   descriptors for its own work (inventory reloads);
+//! - request headers within [`HttpLimits::header_read_timeout`] and
+//!   [`HttpLimits::max_request_bytes`]; an idle connection is closed after
+//!   [`HttpLimits::idle_timeout`], a client that stops reading after
+//!   [`HttpLimits::write_timeout`] without progress;
+//! - `/metrics` is rendered once per counter refresh and the same bytes are shared by every
+//!   client (a non-reading client holds a reference, not a copy).
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Sleep;
 
 use super::ExportError;
 use super::metrics::Metrics;
+use crate::inventory::ReloadStats;
 
 /// A condition `/readyz` waits for.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -47,6 +69,9 @@ pub type RefreshRequest = tokio::sync::oneshot::Sender<()>;
 /// Default for [`HttpState::with_stall_after`].
 pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(60);
 
+/// Default for [`HttpState::with_inventory_max_age`] (and `--inventory-max-age`).
+pub const DEFAULT_INVENTORY_MAX_AGE: Duration = Duration::from_secs(600);
+
 /// State shared by the daemon's loops and the HTTP handlers.
 pub struct HttpState {
     metrics: Arc<Metrics>,
@@ -58,6 +83,16 @@ pub struct HttpState {
     stall_after: Duration,
     /// Where `/metrics` asks for fresh counters (see [`HttpState::set_refresher`]).
     refresher: OnceLock<SyncSender<RefreshRequest>>,
+    /// Bumped by the refresher after each refresh: a render of an older generation is stale.
+    generation: AtomicU64,
+    /// The last `/metrics` render and its generation; the async lock makes concurrent scrapes
+    /// wait for one render instead of each doing its own.
+    rendered: tokio::sync::Mutex<Option<(u64, Bytes)>>,
+    renders: AtomicU64,
+    /// Staleness of the inventory source, for `/readyz`.
+    inventory: OnceLock<Arc<ReloadStats>>,
+    inventory_empty: AtomicBool,
+    inventory_max_age: Duration,
 }
 
 impl HttpState {
@@ -71,7 +106,86 @@ impl HttpState {
             last_beat_ms: AtomicU64::new(0),
             stall_after: DEFAULT_STALL_AFTER,
             refresher: OnceLock::new(),
+            generation: AtomicU64::new(0),
+            rendered: tokio::sync::Mutex::new(None),
+            renders: AtomicU64::new(0),
+            inventory: OnceLock::new(),
+            inventory_empty: AtomicBool::new(false),
+            inventory_max_age: DEFAULT_INVENTORY_MAX_AGE,
         }
+    }
+
+    /// Sets how long since the inventory source last succeeded makes `/readyz` fail.
+    pub fn with_inventory_max_age(mut self, max_age: Duration) -> Self {
+        self.inventory_max_age = max_age;
+        self
+    }
+
+    /// Makes `/readyz` fail while `stats` says the source has not succeeded within the max age
+    /// (see [`HttpState::with_inventory_max_age`]). Only the first call takes effect.
+    pub fn set_inventory_stats(&self, stats: Arc<ReloadStats>) {
+        let _ = self.inventory.set(stats);
+    }
+
+    /// Says whether the inventory in use is empty (no namespace, pod or policy): `/readyz`
+    /// fails while it is.
+    pub fn set_inventory_empty(&self, empty: bool) {
+        self.inventory_empty.store(empty, Ordering::Release);
+    }
+
+    /// Called by the refresher after it refreshed the counters: the next `/metrics` renders
+    /// again; until then every scrape shares the last render.
+    pub fn counters_refreshed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// How many times `/metrics` was rendered (for tests and debugging).
+    pub fn renders(&self) -> u64 {
+        self.renders.load(Ordering::Relaxed)
+    }
+
+    /// The `/metrics` body: the shared render of the current generation, or a new one. Without
+    /// a refresher nobody bumps the generation, so every call renders.
+    async fn render(&self) -> Result<Bytes, ExportError> {
+        let mut cached = self.rendered.lock().await;
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.refresher.get().is_some()
+            && let Some((g, body)) = cached.as_ref()
+            && *g == generation
+        {
+            return Ok(body.clone());
+        }
+        let body = Bytes::from(self.metrics.encode_text()?);
+        self.renders.fetch_add(1, Ordering::Relaxed);
+        *cached = Some((generation, body.clone()));
+        Ok(body)
+    }
+
+    /// Why the inventory is not fit to serve, if it is not.
+    fn inventory_problem(&self) -> Option<String> {
+        if self.inventory_empty.load(Ordering::Acquire)
+            && self.inventory_loaded.load(Ordering::Acquire)
+        {
+            return Some("inventory_not_empty".to_owned());
+        }
+        let stats = self.inventory.get()?;
+        let last = stats.last_success_unix();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let age = now.saturating_sub(u64::try_from(last).unwrap_or(0));
+        (last > 0 && age > self.inventory_max_age.as_secs()).then(|| {
+            format!(
+                "inventory_fresh (last successful reload {age}s ago, --inventory-max-age {}s{})",
+                self.inventory_max_age.as_secs(),
+                stats
+                    .last_error()
+                    .filter(|_| stats.failing())
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            )
+        })
     }
 
     /// Sets how long without a [`HttpState::heartbeat`] makes `/healthz` fail.
@@ -162,25 +276,258 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
-/// Serves [`router`] on `listener` until `shutdown` completes.
+/// Bounds of the HTTP server; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Most open connections; a new one beyond it closes the oldest.
+    pub max_connections: usize,
+    /// Time for a client to send its request headers.
+    pub header_read_timeout: Duration,
+    /// An open connection with no request in flight and nothing received for this long is
+    /// closed.
+    pub idle_timeout: Duration,
+    /// A response write that makes no progress for this long closes the connection.
+    pub write_timeout: Duration,
+    /// Most bytes of a request's line and headers.
+    pub max_request_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 256,
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(10),
+            max_request_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Serves [`router`] on `listener` with [`HttpLimits::default`] until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<HttpState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ExportError> {
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "<unknown>".to_owned());
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| ExportError::Serve { addr, source })
+    serve_with(listener, state, HttpLimits::default(), shutdown).await
+}
+
+/// Open connections, oldest first, each with the sender that closes it.
+#[derive(Default)]
+struct Connections {
+    next: u64,
+    open: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+impl Connections {
+    fn lock(this: &Mutex<Self>) -> std::sync::MutexGuard<'_, Self> {
+        // Only ids and senders inside: consistent even after a panic elsewhere.
+        this.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes the oldest connection; false when none is open.
+    fn close_oldest(&mut self) -> bool {
+        match self.open.pop_first() {
+            Some((_, close)) => {
+                let _ = close.send(());
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Serves [`router`] on `listener` within `limits` until `shutdown` completes; open connections
+/// are then closed.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: Arc<HttpState>,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ExportError> {
+    let router = router(state);
+    let connections = Arc::new(Mutex::new(Connections::default()));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let max = limits.max_connections.max(1);
+    let mut shed_total: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors: the pending connection stays queued and accept
+                // would fail again at once. Free one by closing the oldest connection, and
+                // pause a moment so a reload elsewhere in the process can get its descriptor.
+                let fds = matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                if fds {
+                    Connections::lock(&connections).close_oldest();
+                }
+                tracing::debug!(error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(if fds { 20 } else { 5 })).await;
+                continue;
+            }
+        };
+        let (close_tx, close_rx) = oneshot::channel();
+        let id = {
+            let mut conns = Connections::lock(&connections);
+            while conns.open.len() >= max && conns.close_oldest() {
+                shed_total += 1;
+                if shed_total.is_power_of_two() {
+                    tracing::warn!(
+                        max_connections = max,
+                        shed_total,
+                        "HTTP connection limit reached; closing the oldest connections"
+                    );
+                }
+            }
+            let id = conns.next;
+            conns.next += 1;
+            conns.open.insert(id, close_tx);
+            id
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connections = Arc::clone(&connections);
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(DeadlineIo::new(
+                stream,
+                limits.idle_timeout,
+                limits.write_timeout,
+            ));
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(limits.max_request_bytes.max(8192))
+                .max_headers(64)
+                .keep_alive(true);
+            let conn = builder.serve_connection(io, service);
+            tokio::select! {
+                result = conn => {
+                    if let Err(err) = result {
+                        tracing::debug!(error = %err, "HTTP connection ended with an error");
+                    }
+                }
+                _ = close_rx => {}
+            }
+            Connections::lock(&connections).open.remove(&id);
+        });
+    }
+    let mut conns = Connections::lock(&connections);
+    while conns.close_oldest() {}
+    Ok(())
+}
+
+/// A TCP stream whose reads fail after `idle` without data and whose writes fail after
+/// `write` without progress, so that neither a silent nor a non-reading client holds a
+/// connection (and the response it references) for long.
+struct DeadlineIo {
+    inner: TcpStream,
+    idle: Duration,
+    write: Duration,
+    read_deadline: Option<Pin<Box<Sleep>>>,
+    write_deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl DeadlineIo {
+    fn new(inner: TcpStream, idle: Duration, write: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            write,
+            read_deadline: None,
+            write_deadline: None,
+        }
+    }
+}
+
+/// Polls `deadline` (arming it for `after` from now if unarmed): an error once it passed.
+fn expired(
+    deadline: &mut Option<Pin<Box<Sleep>>>,
+    after: Duration,
+    cx: &mut Context<'_>,
+    what: &str,
+) -> Poll<std::io::Error> {
+    let sleep = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+    match sleep.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} timed out after {}s", after.as_secs_f64()),
+        )),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl AsyncRead for DeadlineIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.read_deadline = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                expired(&mut this.read_deadline, this.idle, cx, "idle connection").map(Err)
+            }
+        }
+    }
+}
+
+impl AsyncWrite for DeadlineIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                this.write_deadline = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => expired(&mut this.write_deadline, this.write, cx, "write").map(Err),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(r) => {
+                this.write_deadline = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => expired(&mut this.write_deadline, this.write, cx, "write").map(Err),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 async fn metrics(State(state): State<Arc<HttpState>>) -> Response {
     state.refresh().await;
-    match state.metrics.encode_text() {
+    match state.render().await {
         Ok(body) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
         Err(err) => {
             tracing::error!(error = %err, "cannot encode /metrics");
@@ -206,10 +553,15 @@ async fn healthz(State(state): State<Arc<HttpState>>) -> Response {
 
 async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
     let missing = state.missing();
-    if missing.is_empty() {
+    let inventory = state.inventory_problem();
+    if missing.is_empty() && inventory.is_none() {
         return (StatusCode::OK, "ready\n").into_response();
     }
-    let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();
+    let names: Vec<String> = missing
+        .iter()
+        .map(|c| c.name().to_owned())
+        .chain(inventory)
+        .collect();
     (
         StatusCode::SERVICE_UNAVAILABLE,
         format!("not ready: waiting for {}\n", names.join(", ")),

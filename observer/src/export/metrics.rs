@@ -29,6 +29,8 @@ pub const FLOW_MAP_ENTRIES: &str = "deny_observer_flow_map_entries";
 pub const FLOW_MAP_CAPACITY: &str = "deny_observer_flow_map_capacity";
 /// `deny_observer_inventory_objects{kind}`.
 pub const INVENTORY_OBJECTS: &str = "deny_observer_inventory_objects";
+/// `deny_observer_inventory_invalid_objects{kind}`.
+pub const INVENTORY_INVALID_OBJECTS: &str = "deny_observer_inventory_invalid_objects";
 /// `deny_observer_inventory_reloads_total{result}`.
 pub const INVENTORY_RELOADS_TOTAL: &str = "deny_observer_inventory_reloads_total";
 /// `deny_observer_inventory_watch_errors_total{resource}`.
@@ -39,6 +41,13 @@ pub const BUILD_INFO: &str = "deny_observer_build_info";
 pub const SERIES_OVERFLOW_TOTAL: &str = "deny_observer_series_overflow_total";
 /// `deny_observer_series{metric}`: series currently held below the limit.
 pub const SERIES: &str = "deny_observer_series";
+/// `deny_observer_inventory_last_reload_successful`: 1 when the inventory source's last attempt
+/// succeeded, else 0 (named like Prometheus' `prometheus_config_last_reload_successful`).
+pub const INVENTORY_LAST_RELOAD_SUCCESSFUL: &str = "deny_observer_inventory_last_reload_successful";
+/// `deny_observer_inventory_last_reload_success_timestamp_seconds`: when the inventory was
+/// last known current.
+pub const INVENTORY_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
+    "deny_observer_inventory_last_reload_success_timestamp_seconds";
 /// `deny_observer_series_limit`: the configured limit per labelled metric.
 pub const SERIES_LIMIT: &str = "deny_observer_series_limit";
 
@@ -195,11 +204,14 @@ pub struct Metrics {
     flow_map_entries: IntGauge,
     flow_map_capacity: IntGauge,
     inventory_objects: IntGaugeVec,
+    inventory_invalid_objects: IntGaugeVec,
     inventory_reloads: IntCounterVec,
     watch_errors: IntCounterVec,
     build_info: IntGaugeVec,
     series_overflow: IntCounterVec,
     series: IntGaugeVec,
+    reload_successful: IntGauge,
+    reload_success_timestamp: IntGauge,
     drops_handles: FamilyHandles,
     policy_denies_handles: FamilyHandles,
     lost_to_overflow: IntCounter,
@@ -262,7 +274,8 @@ impl Metrics {
         series_limit.set(saturating_i64(config.series_limit));
         let series_overflow = counter_vec(
             SERIES_OVERFLOW_TOTAL,
-            "Samples counted on an __overflow__ series because the series limit was reached.",
+            "Units counted on an __overflow__ series because the series limit was reached: \
+             packets for drops and policy denies, edges for new denied edges.",
             &["metric"],
         )?;
         let series = gauge_vec(
@@ -311,6 +324,12 @@ impl Metrics {
                 "Objects in the current inventory, by kind.",
                 &["kind"],
             )?,
+            inventory_invalid_objects: gauge_vec(
+                INVENTORY_INVALID_OBJECTS,
+                "Objects left out of the inventory because the API server would refuse them \
+                 (invalid policies, pods, namespaces), by kind. `deny-observer audit` names them.",
+                &["kind"],
+            )?,
             inventory_reloads: counter_vec(
                 INVENTORY_RELOADS_TOTAL,
                 "Inventory loads, by result (ok, error). On error the last good inventory stays.",
@@ -325,6 +344,15 @@ impl Metrics {
                 BUILD_INFO,
                 "Always 1; labels give the deny-observer version, kernel release and node.",
                 &["version", "kernel_release", "node"],
+            )?,
+            reload_successful: gauge(
+                INVENTORY_LAST_RELOAD_SUCCESSFUL,
+                "1 when the inventory source's last attempt succeeded (manifest directory \
+                 loaded or unchanged; API-server watches without error), else 0.",
+            )?,
+            reload_success_timestamp: gauge(
+                INVENTORY_LAST_RELOAD_SUCCESS_TIMESTAMP,
+                "Unix time when the inventory was last known current (0: never).",
             )?,
             drops_handles: FamilyHandles {
                 series: series.with_label_values(&[DROPS_TOTAL]),
@@ -351,12 +379,15 @@ impl Metrics {
             Box::new(metrics.flow_map_entries.clone()),
             Box::new(metrics.flow_map_capacity.clone()),
             Box::new(metrics.inventory_objects.clone()),
+            Box::new(metrics.inventory_invalid_objects.clone()),
             Box::new(metrics.inventory_reloads.clone()),
             Box::new(metrics.watch_errors.clone()),
             Box::new(metrics.build_info.clone()),
             Box::new(metrics.series_overflow.clone()),
             Box::new(metrics.series.clone()),
             Box::new(series_limit),
+            Box::new(metrics.reload_successful.clone()),
+            Box::new(metrics.reload_success_timestamp.clone()),
         ];
         for c in collectors {
             metrics.register(c)?;
@@ -364,6 +395,12 @@ impl Metrics {
 
         // Series that alerts compare over time exist from the start, at zero (the overflow and
         // series-count handles above already created theirs).
+        for kind in crate::inventory::validate::METRIC_KINDS {
+            metrics
+                .inventory_invalid_objects
+                .with_label_values(&[kind])
+                .set(0);
+        }
         for result in ["ok", "error"] {
             metrics.inventory_reloads.with_label_values(&[result]);
         }
@@ -424,7 +461,9 @@ impl Metrics {
             labels.protocol.label(),
         ];
         let recorded = self.drops.record(values, &[packets, bytes]);
-        self.after_record(recorded, &self.drops_handles);
+        // Every attributed packet is on drops_total: its overflow is where attribution is
+        // lost, so only this family feeds events_lost{stage="series_overflow"}.
+        self.after_record(recorded, &self.drops_handles, packets, true);
     }
 
     /// Counts a policy-attributed deny sample on `deny_observer_policy_denies_total`.
@@ -440,18 +479,31 @@ impl Metrics {
             labels.policy_match.label(),
         ];
         let recorded = self.policy_denies.record(values, &[packets]);
-        self.after_record(recorded, &self.policy_denies_handles);
+        self.after_record(recorded, &self.policy_denies_handles, packets, false);
     }
 
-    fn after_record(&self, recorded: Recorded, handles: &FamilyHandles) {
+    /// Overflow is counted in packets, not in drain records: a record stands for any number
+    /// of packets, so counting records would make the loss look arbitrarily small.
+    fn after_record(&self, recorded: Recorded, handles: &FamilyHandles, packets: u64, lost: bool) {
         match recorded {
             Recorded::Existing => {}
             Recorded::New(len) => handles.series.set(saturating_i64(len)),
             Recorded::Overflow => {
-                handles.overflow.inc();
-                self.lost_to_overflow.inc();
+                handles.overflow.inc_by(packets);
+                if lost {
+                    self.lost_to_overflow.inc_by(packets);
+                }
             }
         }
+    }
+
+    /// The self-monitoring handles of another bounded metric `metric`:
+    /// `deny_observer_series_overflow_total{metric}` and `deny_observer_series{metric}`.
+    pub fn series_accounting(&self, metric: &str) -> (IntCounter, IntGauge) {
+        (
+            self.series_overflow.with_label_values(&[metric]),
+            self.series.with_label_values(&[metric]),
+        )
     }
 
     /// Counts drops of one kernel reason, attributed or not.
@@ -476,6 +528,25 @@ impl Metrics {
         self.flow_map_capacity.set(saturating_i64(capacity));
     }
 
+    /// Sets the invalid objects per kind (as from `Inventory::invalid_counts`); kinds absent
+    /// from `counts` are removed, except the ones always exported at zero.
+    pub fn set_inventory_invalid_objects(
+        &self,
+        counts: &std::collections::BTreeMap<String, usize>,
+    ) {
+        self.inventory_invalid_objects.reset();
+        for kind in crate::inventory::validate::METRIC_KINDS {
+            self.inventory_invalid_objects
+                .with_label_values(&[kind])
+                .set(0);
+        }
+        for (kind, n) in counts {
+            self.inventory_invalid_objects
+                .with_label_values(&[kind.as_str()])
+                .set(saturating_i64(*n));
+        }
+    }
+
     /// Sets the number of inventory objects of `kind` (`pods`, `namespaces`, `networkpolicies`).
     pub fn set_inventory_objects(&self, kind: &str, n: usize) {
         self.inventory_objects
@@ -487,6 +558,12 @@ impl Metrics {
     pub fn record_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.inventory_reloads.with_label_values(&[result]).inc();
+    }
+
+    /// Sets the inventory source's staleness gauges.
+    pub fn set_inventory_reload_status(&self, successful: bool, last_success_unix: i64) {
+        self.reload_successful.set(i64::from(successful));
+        self.reload_success_timestamp.set(last_success_unix);
     }
 
     /// Counts a watch error of `resource` (`pods`, `namespaces`, `networkpolicies`).

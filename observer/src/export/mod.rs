@@ -17,7 +17,8 @@ mod series;
 
 pub use batch::{DrainBatch, endpoint_labels};
 pub use http::{
-    DEFAULT_STALL_AFTER, HttpState, REFRESH_WAIT, ReadyCondition, RefreshRequest, router, serve,
+    DEFAULT_INVENTORY_MAX_AGE, DEFAULT_STALL_AFTER, HttpLimits, HttpState, REFRESH_WAIT,
+    ReadyCondition, RefreshRequest, router, serve, serve_with,
 };
 pub use metrics::*;
 pub use series::{NON_POD_WORKLOADS, OVERFLOW};

@@ -32,8 +32,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use super::convert::{self, ANNOTATION_PREFIX, ConvertError};
+use super::convert::{self, ANNOTATION_PREFIX};
 use super::model::{Inventory, Pod};
+use super::reload::ReloadStats;
+use super::validate::{self, InvalidObject, PodLayout};
 use super::workload::OwnerIndex;
 
 /// Value of the `resource` label for Pods.
@@ -60,6 +62,11 @@ pub enum KubeError {
     #[error("the inventory watchers stopped before the first full sync")]
     Stopped,
 }
+
+/// [`ReloadStats`] parts of the three watches.
+const WATCH_PODS: u32 = 0;
+const WATCH_NAMESPACES: u32 = 1;
+const WATCH_NETWORKPOLICIES: u32 = 2;
 
 /// Settings of [`KubeInventory`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -245,24 +252,85 @@ fn trim_meta(meta: &mut ObjectMeta, keep_own_annotations: bool) {
     };
 }
 
-/// Converts store contents into [`Inventory`] snapshots, reusing the conversion of every pod
-/// whose stored object did not change since the last build.
+/// A stored object and what it became: the model, or why it was left out.
+type Converted<K, M> = (Arc<K>, Result<Arc<M>, InvalidObject>);
+
+/// Converts store contents into [`Inventory`] snapshots, reusing the validation and
+/// conversion of every object whose stored version did not change since the last build.
 #[derive(Default)]
 pub struct SnapshotBuilder {
-    pods: HashMap<ObjectRef<K8sPod>, (Arc<K8sPod>, Arc<Pod>)>,
-    policies: HashMap<ObjectRef<NetworkPolicy>, (Arc<NetworkPolicy>, Arc<NetworkPolicy>)>,
+    pods: HashMap<ObjectRef<K8sPod>, Converted<K8sPod, Pod>>,
+    policies: HashMap<ObjectRef<NetworkPolicy>, Converted<NetworkPolicy, NetworkPolicy>>,
     owners: OwnerIndex,
     current: Option<Arc<Inventory>>,
 }
 
 /// The result of one [`SnapshotBuilder::build`].
 pub struct Build {
-    /// The snapshot (the previous `Arc` when nothing changed).
+    /// The snapshot (the previous `Arc` when nothing changed). Objects left out because the
+    /// API server should have refused them are in its `invalid` list.
     pub inventory: Arc<Inventory>,
     /// True when the content differs from the previous build (or this is the first).
     pub changed: bool,
-    /// Objects left out because they could not be converted.
-    pub errors: Vec<ConvertError>,
+    /// Invalid objects that were not invalid (or not there) in the previous build, to log
+    /// each once rather than at every snapshot.
+    pub newly_invalid: Vec<InvalidObject>,
+}
+
+fn invalid_from_api(kind: &str, meta: &ObjectMeta, errors: Vec<String>) -> InvalidObject {
+    InvalidObject {
+        kind: kind.to_owned(),
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone(),
+        source: None,
+        errors,
+    }
+}
+
+fn field_errors(errors: &[validate::FieldError]) -> Vec<String> {
+    errors.iter().map(ToString::to_string).collect()
+}
+
+/// Validates then converts a Namespace (as the manifest loader does).
+fn check_namespace(ns: &K8sNamespace) -> Result<super::model::Namespace, InvalidObject> {
+    let errors = validate::namespace(ns);
+    if !errors.is_empty() {
+        return Err(invalid_from_api(
+            "Namespace",
+            &ns.metadata,
+            field_errors(&errors),
+        ));
+    }
+    convert::namespace(ns)
+        .map_err(|e| invalid_from_api("Namespace", &ns.metadata, vec![e.to_string()]))
+}
+
+fn check_pod(pod: &K8sPod, owners: &OwnerIndex) -> Result<Arc<Pod>, InvalidObject> {
+    // The stored pod went through `trim_pod`, which merges the containers' ports.
+    let errors = validate::pod(pod, PodLayout::Trimmed);
+    if !errors.is_empty() {
+        return Err(invalid_from_api(
+            "Pod",
+            &pod.metadata,
+            field_errors(&errors),
+        ));
+    }
+    convert::pod(pod, owners)
+        .map(Arc::new)
+        .map_err(|e| invalid_from_api("Pod", &pod.metadata, vec![e.to_string()]))
+}
+
+fn check_policy(np: &NetworkPolicy) -> Result<Arc<NetworkPolicy>, InvalidObject> {
+    let errors = validate::network_policy(np);
+    if !errors.is_empty() {
+        return Err(invalid_from_api(
+            "NetworkPolicy",
+            &np.metadata,
+            field_errors(&errors),
+        ));
+    }
+    convert::policy(np.clone())
+        .map_err(|e| invalid_from_api("NetworkPolicy", &np.metadata, vec![e.to_string()]))
 }
 
 impl SnapshotBuilder {
@@ -273,15 +341,15 @@ impl SnapshotBuilder {
 
     /// Converts the stores' current contents.
     pub fn build(&mut self, stores: &Stores) -> Build {
-        let mut errors = Vec::new();
+        let mut invalid = Vec::new();
 
         let mut namespaces = std::collections::BTreeMap::new();
         for ns in stores.namespaces.state() {
-            match convert::namespace(&ns) {
+            match check_namespace(&ns) {
                 Ok(n) => {
                     namespaces.insert(n.name.clone(), n);
                 }
-                Err(e) => errors.push(e),
+                Err(e) => invalid.push(e),
             }
         }
 
@@ -290,16 +358,14 @@ impl SnapshotBuilder {
         for obj in stores.pods.state() {
             let key = ObjectRef::from_obj(obj.as_ref());
             let converted = match self.pods.remove(&key) {
-                Some((old, model)) if Arc::ptr_eq(&old, &obj) => Ok(model),
-                _ => convert::pod(&obj, &self.owners).map(Arc::new),
+                Some((old, result)) if Arc::ptr_eq(&old, &obj) => result,
+                _ => check_pod(&obj, &self.owners),
             };
-            match converted {
-                Ok(model) => {
-                    pods.push(Arc::clone(&model));
-                    pod_cache.insert(key, (obj, model));
-                }
-                Err(e) => errors.push(e),
+            match &converted {
+                Ok(model) => pods.push(Arc::clone(model)),
+                Err(e) => invalid.push(e.clone()),
             }
+            pod_cache.insert(key, (obj, converted));
         }
         self.pods = pod_cache;
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -315,27 +381,38 @@ impl SnapshotBuilder {
         for obj in stores.policies.state() {
             let key = ObjectRef::from_obj(obj.as_ref());
             let converted = match self.policies.remove(&key) {
-                Some((old, model)) if Arc::ptr_eq(&old, &obj) => Ok(model),
-                _ => convert::policy(obj.as_ref().clone()),
+                Some((old, result)) if Arc::ptr_eq(&old, &obj) => result,
+                _ => check_policy(&obj),
             };
-            match converted {
-                Ok(model) => {
-                    policies.push(Arc::clone(&model));
-                    policy_cache.insert(key, (obj, model));
-                }
-                Err(e) => errors.push(e),
+            match &converted {
+                Ok(model) => policies.push(Arc::clone(model)),
+                Err(e) => invalid.push(e.clone()),
             }
+            policy_cache.insert(key, (obj, converted));
         }
         self.policies = policy_cache;
         policies.sort_by(|a, b| {
             (&a.metadata.namespace, &a.metadata.name)
                 .cmp(&(&b.metadata.namespace, &b.metadata.name))
         });
+        invalid.sort_by(|a, b| {
+            (&a.kind, &a.namespace, &a.name).cmp(&(&b.kind, &b.namespace, &b.name))
+        });
+        let newly_invalid: Vec<InvalidObject> = invalid
+            .iter()
+            .filter(|o| {
+                self.current
+                    .as_ref()
+                    .is_none_or(|cur| !cur.invalid.contains(o))
+            })
+            .cloned()
+            .collect();
 
         let next = Inventory {
             namespaces,
             pods,
             policies,
+            invalid,
         };
         let changed = self
             .current
@@ -352,7 +429,7 @@ impl SnapshotBuilder {
         Build {
             inventory,
             changed,
-            errors,
+            newly_invalid,
         }
     }
 }
@@ -367,12 +444,14 @@ fn same_content(a: &Inventory, b: &Inventory) -> bool {
     a.namespaces == b.namespaces
         && same_arcs(&a.pods, &b.pods)
         && same_arcs(&a.policies, &b.policies)
+        && a.invalid == b.invalid
 }
 
 /// The API-server inventory: watchers, stores and the snapshot channel. Dropping it stops its
 /// tasks.
 pub struct KubeInventory {
     stores: Stores,
+    health: Arc<ReloadStats>,
     snapshots: watch::Receiver<Arc<Inventory>>,
     ready: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -388,6 +467,11 @@ impl KubeInventory {
     ) -> Self {
         let (stores, writers) = stores();
         let changed = Arc::new(Notify::new());
+        // Not successful until every watch has delivered its first event.
+        let health = Arc::new(ReloadStats::default());
+        for part in [WATCH_PODS, WATCH_NAMESPACES, WATCH_NETWORKPOLICIES] {
+            health.mark_failed(part, "not synced yet".to_owned());
+        }
         let mut tasks = Vec::with_capacity(4);
         tasks.push(tokio::spawn(reflect(
             Api::<K8sPod>::all(client.clone()),
@@ -396,6 +480,7 @@ impl KubeInventory {
             RESOURCE_PODS,
             Arc::clone(&on_watch_error),
             Arc::clone(&changed),
+            (WATCH_PODS, Arc::clone(&health)),
         )));
         tasks.push(tokio::spawn(reflect(
             Api::<K8sNamespace>::all(client.clone()),
@@ -404,6 +489,7 @@ impl KubeInventory {
             RESOURCE_NAMESPACES,
             Arc::clone(&on_watch_error),
             Arc::clone(&changed),
+            (WATCH_NAMESPACES, Arc::clone(&health)),
         )));
         tasks.push(tokio::spawn(reflect(
             Api::<NetworkPolicy>::all(client),
@@ -412,6 +498,7 @@ impl KubeInventory {
             RESOURCE_NETWORKPOLICIES,
             on_watch_error,
             Arc::clone(&changed),
+            (WATCH_NETWORKPOLICIES, Arc::clone(&health)),
         )));
         let (snap_tx, snapshots) = watch::channel(Arc::new(Inventory::default()));
         let (ready_tx, ready) = watch::channel(false);
@@ -424,6 +511,7 @@ impl KubeInventory {
         )));
         Self {
             stores,
+            health,
             snapshots,
             ready,
             tasks,
@@ -455,6 +543,13 @@ impl KubeInventory {
         Arc::clone(&self.snapshots.borrow())
     }
 
+    /// Health of the watches, as an inventory source's reload state: not successful while a
+    /// watch's last result was an error (or it has not synced yet), successful again with its
+    /// next event. See [`ReloadStats`].
+    pub fn health(&self) -> Arc<ReloadStats> {
+        Arc::clone(&self.health)
+    }
+
     /// The stores (object counts for self-monitoring).
     pub fn stores(&self) -> &Stores {
         &self.stores
@@ -477,6 +572,7 @@ fn reflect<K>(
     resource: &'static str,
     on_error: WatchErrorCounter,
     changed: Arc<Notify>,
+    health: (u32, Arc<ReloadStats>),
 ) -> impl Future<Output = ()> + Send + 'static
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -487,7 +583,7 @@ where
         .default_backoff()
         .modify(trim)
         .reflect(writer);
-    drive(stream, resource, on_error, changed)
+    drive(stream, resource, on_error, changed, health)
 }
 
 async fn drive<K, S>(
@@ -495,11 +591,16 @@ async fn drive<K, S>(
     resource: &'static str,
     on_error: WatchErrorCounter,
     changed: Arc<Notify>,
+    (part, health): (u32, Arc<ReloadStats>),
 ) where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
+        match &event {
+            Ok(_) => health.mark_ok(part),
+            Err(error) => health.mark_failed(part, format!("{resource} watch: {error}")),
+        }
         match event {
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
                 changed.notify_one();
@@ -534,12 +635,13 @@ async fn snapshot_loop(
     let mut first = true;
     loop {
         let build = builder.build(&stores);
-        if let Some(error) = build.errors.first() {
+        // The API server validates what it stores, so this means it let through what this
+        // version of the rules refuses (a newer or patched API server, or a bug here).
+        for object in &build.newly_invalid {
             tracing::warn!(
                 node,
-                %error,
-                skipped = build.errors.len(),
-                "objects left out of the inventory"
+                %object,
+                "left out of the inventory: the object fails the API server's validation"
             );
         }
         if build.changed {

@@ -28,6 +28,7 @@ use serde_json::Value;
 
 use super::convert::{self, ConvertError};
 use super::model::Inventory;
+use super::validate::{self, InvalidObject, PodLayout};
 use super::workload::OwnerIndex;
 
 /// Namespace of objects that do not name one, as with `kubectl apply`.
@@ -248,6 +249,8 @@ struct Loader {
     pods: Vec<Found<core::Pod>>,
     policies: Vec<Found<NetworkPolicy>>,
     owners: OwnerIndex,
+    /// Objects of a used kind that the API server would refuse: left out, reported.
+    invalid: Vec<InvalidObject>,
     /// (kind, namespace, name) → first place seen, to reject duplicates.
     seen: HashMap<(String, String, String), (Arc<Path>, ObjectLocation)>,
     summary: LoadSummary,
@@ -383,49 +386,89 @@ impl Loader {
             }
             self.seen.insert(key, (path.clone(), at.clone()));
         }
+        // An object of a used kind that does not even deserialize as that kind is one the API
+        // server would refuse too: it is left out like any invalid object, and the rest loads.
         match kind.as_str() {
             "Namespace" => {
-                let obj = typed::<core::Namespace>(path, &at, obj)?;
-                self.namespaces.push(Found {
-                    path: path.clone(),
-                    at,
-                    obj,
-                });
+                if let Some(obj) = self.typed::<core::Namespace>(path, &at, obj) {
+                    self.namespaces.push(Found {
+                        path: path.clone(),
+                        at,
+                        obj,
+                    });
+                }
             }
             "Pod" => {
-                let mut obj = typed::<core::Pod>(path, &at, obj)?;
-                obj.metadata.namespace = at.namespace.clone();
-                self.pods.push(Found {
-                    path: path.clone(),
-                    at,
-                    obj,
-                });
+                if let Some(mut obj) = self.typed::<core::Pod>(path, &at, obj) {
+                    obj.metadata.namespace = at.namespace.clone();
+                    self.pods.push(Found {
+                        path: path.clone(),
+                        at,
+                        obj,
+                    });
+                }
             }
             "NetworkPolicy" => {
-                let mut obj = typed::<NetworkPolicy>(path, &at, obj)?;
-                obj.metadata.namespace = at.namespace.clone();
-                self.policies.push(Found {
-                    path: path.clone(),
-                    at,
-                    obj,
-                });
+                if let Some(mut obj) = self.typed::<NetworkPolicy>(path, &at, obj) {
+                    obj.metadata.namespace = at.namespace.clone();
+                    self.policies.push(Found {
+                        path: path.clone(),
+                        at,
+                        obj,
+                    });
+                }
             }
             "ReplicaSet" => {
-                let mut obj = typed::<ReplicaSet>(path, &at, obj)?;
-                obj.metadata.namespace = at.namespace.clone();
-                require_name(path, &at)?;
-                self.owners.insert_replicaset(&obj);
-                self.summary.owners += 1;
+                if let Some(mut obj) = self.typed::<ReplicaSet>(path, &at, obj)
+                    && self.has_name(path, &at)
+                {
+                    obj.metadata.namespace = at.namespace.clone();
+                    self.owners.insert_replicaset(&obj);
+                    self.summary.owners += 1;
+                }
             }
             _ => {
-                let mut obj = typed::<Job>(path, &at, obj)?;
-                obj.metadata.namespace = at.namespace.clone();
-                require_name(path, &at)?;
-                self.owners.insert_job(&obj);
-                self.summary.owners += 1;
+                if let Some(mut obj) = self.typed::<Job>(path, &at, obj)
+                    && self.has_name(path, &at)
+                {
+                    obj.metadata.namespace = at.namespace.clone();
+                    self.owners.insert_job(&obj);
+                    self.summary.owners += 1;
+                }
             }
         }
         Ok(())
+    }
+
+    /// Deserializes `obj` as `T`, or records it as invalid.
+    fn typed<T: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &Path,
+        at: &ObjectLocation,
+        obj: Value,
+    ) -> Option<T> {
+        match serde_json::from_value(obj) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.invalid.push(invalid_object(
+                    path,
+                    at,
+                    vec![format!("cannot be read: {e}")],
+                ));
+                None
+            }
+        }
+    }
+
+    fn has_name(&mut self, path: &Path, at: &ObjectLocation) -> bool {
+        if at.name.is_none() {
+            self.invalid.push(invalid_object(
+                path,
+                at,
+                vec!["metadata.name: Required value: name or generateName is required".into()],
+            ));
+        }
+        at.name.is_some()
     }
 
     /// Converts everything, now that all owners are known (a Pod may come before its
@@ -436,26 +479,68 @@ impl Loader {
             pods,
             policies,
             owners,
+            mut invalid,
             mut summary,
             ..
         } = self;
-        fn conv<T>(f: &Found<T>, e: ConvertError) -> LoadError {
-            object_error(&f.path, f.at.clone(), e.to_string())
+        // Validation comes first so that an object is reported with every field at fault;
+        // a conversion error after it would be a gap in validation, reported the same way.
+        fn check<T>(
+            f: &Found<T>,
+            errors: Vec<validate::FieldError>,
+            invalid: &mut Vec<InvalidObject>,
+        ) -> bool {
+            if errors.is_empty() {
+                return true;
+            }
+            let errors = errors.iter().map(ToString::to_string).collect();
+            invalid.push(invalid_object(&f.path, &f.at, errors));
+            false
+        }
+        fn conv<T>(f: &Found<T>, e: &ConvertError) -> InvalidObject {
+            invalid_object(&f.path, &f.at, vec![e.to_string()])
         }
         let mut inv = Inventory::default();
         for f in &namespaces {
-            let ns = convert::namespace(&f.obj).map_err(|e| conv(f, e))?;
-            inv.namespaces.insert(ns.name.clone(), ns);
+            if !check(f, validate::namespace(&f.obj), &mut invalid) {
+                continue;
+            }
+            match convert::namespace(&f.obj) {
+                Ok(ns) => {
+                    inv.namespaces.insert(ns.name.clone(), ns);
+                }
+                Err(e) => invalid.push(conv(f, &e)),
+            }
         }
         for f in &pods {
-            let pod = convert::pod(&f.obj, &owners).map_err(|e| conv(f, e))?;
-            inv.pods.push(Arc::new(pod));
+            if !check(f, validate::pod(&f.obj, PodLayout::AsWritten), &mut invalid) {
+                continue;
+            }
+            match convert::pod(&f.obj, &owners) {
+                Ok(pod) => inv.pods.push(Arc::new(pod)),
+                Err(e) => invalid.push(conv(f, &e)),
+            }
         }
         for f in policies {
-            let policy =
-                convert::policy(f.obj).map_err(|e| object_error(&f.path, f.at, e.to_string()))?;
-            inv.policies.push(policy);
+            if !check(&f, validate::network_policy(&f.obj), &mut invalid) {
+                continue;
+            }
+            let (path, at) = (f.path.clone(), f.at.clone());
+            match convert::policy(f.obj) {
+                Ok(policy) => inv.policies.push(policy),
+                Err(e) => invalid.push(invalid_object(&path, &at, vec![e.to_string()])),
+            }
         }
+        for o in &invalid {
+            tracing::warn!(
+                object = %o,
+                "left out of the inventory: the API server would refuse this object"
+            );
+        }
+        invalid.sort_by(|a, b| {
+            (&a.kind, &a.namespace, &a.name).cmp(&(&b.kind, &b.namespace, &b.name))
+        });
+        inv.invalid = invalid;
         let referenced: Vec<String> = inv
             .pods
             .iter()
@@ -505,19 +590,19 @@ fn object_error(path: &Path, object: ObjectLocation, message: String) -> LoadErr
     }
 }
 
-fn require_name(path: &Path, at: &ObjectLocation) -> Result<(), LoadError> {
-    match at.name {
-        Some(_) => Ok(()),
-        None => Err(object_error(path, at.clone(), "no metadata.name".into())),
+/// An invalid object found at `at` in `path`.
+fn invalid_object(path: &Path, at: &ObjectLocation, errors: Vec<String>) -> InvalidObject {
+    let mut source = format!("{}: document {}", path.display(), at.document);
+    if let Some(item) = at.item {
+        source.push_str(&format!(" item {item}"));
     }
-}
-
-fn typed<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    at: &ObjectLocation,
-    obj: Value,
-) -> Result<T, LoadError> {
-    serde_json::from_value(obj).map_err(|e| object_error(path, at.clone(), e.to_string()))
+    InvalidObject {
+        kind: at.kind.clone().unwrap_or_default(),
+        namespace: at.namespace.clone(),
+        name: at.name.clone(),
+        source: Some(source),
+        errors,
+    }
 }
 
 #[cfg(test)]
@@ -665,40 +750,98 @@ metadata:
 
     #[test]
     fn errors_name_file_and_object() {
-        let e = load(
-            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: n}\nspec: {containers: 3}\n",
-        )
-        .unwrap_err();
-        let msg = e.to_string();
-        assert!(msg.starts_with("t.yaml: document 1 (Pod n/a): "), "{msg}");
-
         let e = load("---\napiVersion: v1\nkind: Namespace\nmetadata: {name: ok}\n---\nmetadata: {name: x}\n").unwrap_err();
         assert_eq!(e.to_string(), "t.yaml: document 2 (<no kind> x): no `kind`");
-
-        let e = load("apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Pod, metadata: {name: a, namespace: n}}\n- {apiVersion: v1, kind: Pod, metadata: {name: b, namespace: n}, status: {podIP: nope}}\n")
-            .unwrap_err();
-        let msg = e.to_string();
-        assert!(
-            msg.starts_with("t.yaml: document 1 item 1 (Pod n/b): "),
-            "{msg}"
-        );
-        assert!(msg.contains("\"nope\""), "{msg}");
 
         let e = load("a: [unclosed\n").unwrap_err();
         assert!(matches!(e, LoadError::Syntax { .. }), "{e}");
         assert!(e.to_string().starts_with("t.yaml: document 1: "), "{e}");
 
-        let e = load(
-            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: n}\n",
-        )
-        .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "t.yaml: document 1 (NetworkPolicy n/<no name>): NetworkPolicy has no metadata.name"
-        );
-
         let e = load("- 1\n- 2\n").unwrap_err();
         assert!(e.to_string().contains("not an object"), "{e}");
+
+        let e = load("apiVersion: v1\nkind: List\nitems: 3\n").unwrap_err();
+        assert!(e.to_string().contains("`items` is not a list"), "{e}");
+    }
+
+    /// An object the API server would refuse is left out with a message naming file, object
+    /// and field; everything else loads.
+    #[test]
+    fn invalid_objects_are_left_out_and_reported() {
+        let inv = load(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: n}
+spec: {containers: 3}
+---
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Pod, metadata: {name: ok, namespace: n}, status: {podIP: 10.0.0.1}}
+- {apiVersion: v1, kind: Pod, metadata: {name: b, namespace: n}, status: {podIP: nope}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: n}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: typo, namespace: n}
+spec: {podSelector: {}, policyTypes: [Ingres]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: good, namespace: n}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: Bad}
+---
+apiVersion: apps/v1
+kind: ReplicaSet
+metadata: {namespace: n}
+"#,
+        )
+        .unwrap();
+        assert_eq!(inv.pods.len(), 1);
+        assert_eq!(inv.pods[0].name, "ok");
+        assert_eq!(inv.policies.len(), 1);
+        assert_eq!(inv.policies[0].metadata.name.as_deref(), Some("good"));
+        assert_eq!(inv.namespaces.keys().collect::<Vec<_>>(), ["n"]);
+        let got: Vec<String> = inv.invalid.iter().map(ToString::to_string).collect();
+        assert_eq!(got.len(), 6, "{got:#?}");
+        assert_eq!(
+            got[0],
+            "t.yaml: document 6: Namespace Bad: metadata.name: Invalid value: \"Bad\": a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+        );
+        assert_eq!(
+            got[1],
+            "t.yaml: document 3: NetworkPolicy n/<no name>: metadata.name: Required value: name or generateName is required"
+        );
+        assert_eq!(
+            got[2],
+            "t.yaml: document 4: NetworkPolicy n/typo: spec.policyTypes[0]: Unsupported value: \"Ingres\": supported values: \"Ingress\", \"Egress\""
+        );
+        assert!(
+            got[3].starts_with("t.yaml: document 1: Pod n/a: cannot be read: invalid type"),
+            "{}",
+            got[3]
+        );
+        assert_eq!(
+            got[4],
+            "t.yaml: document 2 item 1: Pod n/b: status.podIP: Invalid value: \"nope\": must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"
+        );
+        assert_eq!(
+            got[5],
+            "t.yaml: document 7: ReplicaSet n/<no name>: metadata.name: Required value: name or generateName is required"
+        );
+        let counts = inv.invalid_counts();
+        assert_eq!(counts["networkpolicies"], 2);
+        assert_eq!(counts["pods"], 2);
+        assert_eq!(counts["namespaces"], 1);
+        assert_eq!(counts["replicasets"], 1);
     }
 
     #[test]

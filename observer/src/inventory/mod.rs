@@ -11,6 +11,7 @@ pub mod kube;
 pub mod manifest;
 pub mod model;
 pub mod reload;
+pub mod validate;
 pub mod workload;
 
 pub use attribution::{Attributor, Endpoint, NodeAddrs};

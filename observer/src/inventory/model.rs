@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
+use super::validate::InvalidObject;
 use crate::flow::Protocol;
 
 /// Labels of an object.
@@ -91,6 +92,9 @@ pub struct Inventory {
     /// All `networking.k8s.io/v1` NetworkPolicies (metadata trimmed to name, namespace,
     /// labels and the annotations deny-observer reads).
     pub policies: Vec<Arc<NetworkPolicy>>,
+    /// Objects left out because the API server would refuse them (see
+    /// [`validate`](super::validate)), sorted by kind, namespace and name.
+    pub invalid: Vec<InvalidObject>,
 }
 
 /// Object counts of an inventory (for `deny_observer_inventory_objects{kind}`).
@@ -112,5 +116,16 @@ impl Inventory {
             pods: self.pods.len(),
             policies: self.policies.len(),
         }
+    }
+
+    /// True when the snapshot holds no namespace, pod or policy (invalid objects aside).
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty() && self.pods.is_empty() && self.policies.is_empty()
+    }
+
+    /// Invalid objects per `kind` label of `deny_observer_inventory_invalid_objects`
+    /// (`namespaces`, `pods` and `networkpolicies` always present).
+    pub fn invalid_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        super::validate::counts_by_kind(&self.invalid)
     }
 }

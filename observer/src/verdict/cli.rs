@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Engine, FlowQuery, MissKind, NamespaceAudit, Peer, SideReport, Verdict, VerdictError};
 use crate::flow::{Direction, Protocol};
+use crate::inventory::validate::InvalidObject;
 use crate::inventory::{Inventory, Pod, PodPhase};
 
 /// Exit status of `explain` when the flow (or one of the explained ports) is denied.
@@ -23,8 +24,16 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 /// Exit status of `explain --flows` when at least one input line was invalid (every other
 /// line is still answered).
 pub const EXIT_BAD_FLOW_LINES: u8 = EXIT_BAD_INPUT;
+/// Exit status of `audit` when the inventory cannot be loaded (missing directory, a file that
+/// does not parse) or holds no Namespace, Pod or NetworkPolicy: an audit of nothing would
+/// otherwise pass every gate.
+pub const EXIT_NO_INVENTORY: u8 = 2;
 /// Exit status of `audit --fail-on-open` when some namespace has no NetworkPolicy.
 pub const EXIT_OPEN_NAMESPACE: u8 = 3;
+/// Exit status of `audit --fail-on-invalid` when some object would be refused by the API
+/// server (it takes precedence over [`EXIT_OPEN_NAMESPACE`]: the rest of the audit is then
+/// about an inventory without those objects).
+pub const EXIT_INVALID_OBJECTS: u8 = 5;
 /// Version of the `audit --output json` schema.
 pub const AUDIT_SCHEMA_VERSION: u32 = 1;
 
@@ -77,6 +86,10 @@ pub struct AuditArgs {
     /// Exit with status 3 when a namespace has no NetworkPolicy at all.
     #[arg(long)]
     pub fail_on_open: bool,
+    /// Exit with status 5 when an object is invalid (the API server would refuse it, so it
+    /// was left out of the audit).
+    #[arg(long)]
+    pub fail_on_invalid: bool,
 }
 
 fn io_err(context: &str) -> impl FnOnce(std::io::Error) -> VerdictError + '_ {
@@ -675,15 +688,56 @@ pub struct AuditReport {
     pub open_namespaces: Vec<String>,
     /// Every namespace, sorted by name.
     pub namespaces: Vec<NamespaceAudit>,
+    /// Objects left out because the API server would refuse them, sorted by kind, namespace
+    /// and name.
+    pub invalid_objects: Vec<InvalidObject>,
 }
 
-/// Runs `audit`. Returns [`EXIT_OPEN_NAMESPACE`] with `--fail-on-open` when a namespace has
-/// no NetworkPolicy, 0 otherwise.
+/// Runs `audit` on the manifest directory `args.inventory`: loads it, then [`audit`]s it.
+/// A directory that cannot be loaded, or that holds no Namespace, Pod or NetworkPolicy, is
+/// reported on `err` with [`EXIT_NO_INVENTORY`].
+pub fn audit_dir(
+    args: &AuditArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<u8, VerdictError> {
+    let inv = match crate::inventory::load_dir(&args.inventory) {
+        Ok(inv) => inv,
+        Err(e) => {
+            writeln!(err, "deny-observer: error: cannot load the inventory: {e}")
+                .map_err(io_err("writing errors"))?;
+            return Ok(EXIT_NO_INVENTORY);
+        }
+    };
+    if inv.is_empty() {
+        let mut msg = format!(
+            "deny-observer: error: the inventory {} holds no Namespace, Pod or NetworkPolicy",
+            args.inventory.display()
+        );
+        if !inv.invalid.is_empty() {
+            msg.push_str(&format!(
+                " (every one of its {} object(s) is invalid)",
+                inv.invalid.len()
+            ));
+        }
+        writeln!(err, "{msg}").map_err(io_err("writing errors"))?;
+        for o in &inv.invalid {
+            writeln!(err, "  {o}").map_err(io_err("writing errors"))?;
+        }
+        return Ok(EXIT_NO_INVENTORY);
+    }
+    audit(args, Arc::new(inv), out)
+}
+
+/// Runs `audit` on a loaded inventory. Returns [`EXIT_INVALID_OBJECTS`] with
+/// `--fail-on-invalid` when the inventory left objects out, else [`EXIT_OPEN_NAMESPACE`] with
+/// `--fail-on-open` when a namespace has no NetworkPolicy, 0 otherwise.
 pub fn audit(
     args: &AuditArgs,
     inv: Arc<Inventory>,
     out: &mut dyn Write,
 ) -> Result<u8, VerdictError> {
+    let invalid_objects = inv.invalid.clone();
     let engine = Engine::new(inv);
     let namespaces = engine.audit();
     let report = AuditReport {
@@ -694,6 +748,7 @@ pub fn audit(
             .map(|n| n.name.clone())
             .collect(),
         namespaces,
+        invalid_objects,
     };
     match args.output {
         AuditOutput::Json => {
@@ -702,11 +757,15 @@ pub fn audit(
         }
         AuditOutput::Table => write_table(&report, out).map_err(io_err("writing output"))?,
     }
-    Ok(if args.fail_on_open && !report.open_namespaces.is_empty() {
-        EXIT_OPEN_NAMESPACE
-    } else {
-        0
-    })
+    Ok(
+        if args.fail_on_invalid && !report.invalid_objects.is_empty() {
+            EXIT_INVALID_OBJECTS
+        } else if args.fail_on_open && !report.open_namespaces.is_empty() {
+            EXIT_OPEN_NAMESPACE
+        } else {
+            0
+        },
+    )
 }
 
 fn write_table(report: &AuditReport, out: &mut dyn Write) -> std::io::Result<()> {
@@ -771,5 +830,21 @@ fn write_table(report: &AuditReport, out: &mut dyn Write) -> std::io::Result<()>
             report.open_namespaces.join(", ")
         }
     )?;
+    if !report.invalid_objects.is_empty() {
+        writeln!(
+            out,
+            "\n{} invalid object(s), left out as the API server would refuse them:",
+            report.invalid_objects.len()
+        )?;
+        for o in &report.invalid_objects {
+            match &o.source {
+                Some(src) => writeln!(out, "  {} {} ({src}):", o.kind, o.id())?,
+                None => writeln!(out, "  {} {}:", o.kind, o.id())?,
+            }
+            for e in &o.errors {
+                writeln!(out, "    {e}")?;
+            }
+        }
+    }
     Ok(())
 }

@@ -10,6 +10,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::selector::Selector;
 use crate::flow::Protocol;
 use crate::inventory::Pod;
+use crate::inventory::validate::parse_cidr;
 
 /// A compiled policy.
 #[derive(Debug)]
@@ -156,21 +157,22 @@ fn compile_rule(
 
 fn compile_peer(peer: &NetworkPolicyPeer, w: &mut impl FnMut(String)) -> PeerMatcher {
     if let Some(block) = &peer.ip_block {
-        let cidr = match block.cidr.parse::<IpNet>() {
-            Ok(c) => c.trunc(),
-            Err(e) => {
-                let msg = format!("ipBlock cidr {:?}: {e}", block.cidr);
+        // The inventory's validation parses CIDRs the same way, so what it accepts matches.
+        let cidr = match parse_cidr(&block.cidr) {
+            Some(c) => c,
+            None => {
+                let msg = format!("ipBlock cidr {:?}: not a CIDR", block.cidr);
                 w(msg.clone());
                 return PeerMatcher::Invalid(msg);
             }
         };
         let mut except = Vec::new();
         for e in block.except.iter().flatten() {
-            match e.parse::<IpNet>() {
-                Ok(n) => except.push(n.trunc()),
-                Err(err) => {
+            match parse_cidr(e) {
+                Some(n) => except.push(n),
+                None => {
                     // Dropping a bad `except` would widen the rule; refuse the whole peer.
-                    let msg = format!("ipBlock except {e:?}: {err}");
+                    let msg = format!("ipBlock except {e:?}: not a CIDR");
                     w(msg.clone());
                     return PeerMatcher::Invalid(msg);
                 }

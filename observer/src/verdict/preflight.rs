@@ -137,6 +137,14 @@ pub fn load_policies(paths: &[PathBuf]) -> Result<Vec<Arc<NetworkPolicy>>, Prefl
             })?;
             crate::inventory::manifest::load_str(path, &text)?
         };
+        if !inv.invalid.is_empty() {
+            let list: Vec<String> = inv.invalid.iter().map(ToString::to_string).collect();
+            return Err(PreflightError::Change(format!(
+                "{}: the API server would refuse this change: {}",
+                path.display(),
+                list.join("; ")
+            )));
+        }
         if !inv.pods.is_empty() {
             return Err(PreflightError::Change(format!(
                 "{}: --apply takes NetworkPolicies, not pods",

@@ -421,11 +421,27 @@ pub fn to_yaml(policies: &[NetworkPolicy]) -> Result<String, PreflightError> {
     Ok(text)
 }
 
-/// Checks the YAML the way the inventory loads manifests, so that what is printed is what
-/// `preflight --apply` and the cluster would read.
-// VALIDATE-HOOK: call inventory::validate's strict schema check here once it is on main.
-pub fn check_yaml(text: &str) -> Result<usize, PreflightError> {
+/// Checks every policy with the API server's rules (`inventory::validate`), then reads the
+/// YAML back the way the inventory loads manifests, so that what is printed is what the
+/// cluster and `preflight --apply` accept. Returns the number of policies read back.
+pub fn check_yaml(policies: &[NetworkPolicy], text: &str) -> Result<usize, PreflightError> {
+    let mut problems = Vec::new();
+    for np in policies {
+        for e in crate::inventory::validate::network_policy(np) {
+            problems.push(format!(
+                "{}: {e}",
+                np.metadata.name.as_deref().unwrap_or_default()
+            ));
+        }
+    }
     let inv = crate::inventory::manifest::load_str(std::path::Path::new("<suggestion>"), text)?;
+    problems.extend(inv.invalid.iter().map(ToString::to_string));
+    if !problems.is_empty() {
+        return Err(PreflightError::Change(format!(
+            "the suggestion does not validate: {}",
+            problems.join("; ")
+        )));
+    }
     Ok(inv.policies.len())
 }
 
@@ -440,7 +456,7 @@ pub fn run_suggest(
     let engine = Engine::new(inventory);
     let suggestion = suggest(&engine, &args.namespace, &fetched.edges, args.egress);
     let text = to_yaml(&suggestion.policies)?;
-    let loaded = check_yaml(&text)?;
+    let loaded = check_yaml(&suggestion.policies, &text)?;
     if loaded != suggestion.policies.len() {
         return Err(PreflightError::Change(format!(
             "the suggestion reads back as {loaded} policies, not {}",

@@ -69,6 +69,7 @@ impl World {
                 .collect::<BTreeMap<_, _>>(),
             pods: pods.into_iter().map(Arc::new).collect(),
             policies: policies.iter().map(|y| policy(y)).collect(),
+            ..Inventory::default()
         };
         World {
             engine: Engine::new(Arc::new(inv)),
