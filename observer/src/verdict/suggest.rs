@@ -485,3 +485,78 @@ pub fn run_suggest(
     out.write_all(text.as_bytes()).map_err(io)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::Workload;
+
+    fn pod(labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            namespace: "ns".into(),
+            name: "p".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ips: Vec::new(),
+            host_network: false,
+            node_name: None,
+            phase: crate::inventory::PodPhase::Running,
+            created_unix: 0,
+            ports: Vec::new(),
+            workload: Workload {
+                kind: "Deployment".into(),
+                name: "w".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn stable_labels_drop_per_revision_labels_and_keep_what_every_pod_shares() {
+        let a = pod(&[
+            ("app", "web"),
+            ("track", "stable"),
+            ("pod-template-hash", "1"),
+        ]);
+        let b = pod(&[
+            ("app", "web"),
+            ("track", "canary"),
+            ("pod-template-hash", "2"),
+        ]);
+        let labels = stable_labels(&[&a, &b]);
+        assert_eq!(labels, Labels::from([("app".into(), "web".into())]));
+        let sts = pod(&[
+            ("app", "db"),
+            ("controller-revision-hash", "db-5"),
+            ("statefulset.kubernetes.io/pod-name", "db-0"),
+            ("apps.kubernetes.io/pod-index", "0"),
+        ]);
+        assert_eq!(
+            stable_labels(&[&sts]),
+            Labels::from([("app".into(), "db".into())])
+        );
+        assert!(stable_labels(&[]).is_empty());
+    }
+
+    #[test]
+    fn outside_classes_become_ip_blocks_that_contain_their_representative() {
+        let world = outside_peers("world");
+        assert_eq!(
+            world[0].ip_block.as_ref().map(|b| b.cidr.as_str()),
+            Some("0.0.0.0/0")
+        );
+        for (class, ip) in super::super::preflight::OUTSIDE_REPRESENTATIVES {
+            let blocks = outside_peers(class);
+            let contains = blocks.iter().filter_map(|p| p.ip_block.as_ref()).any(|b| {
+                let net: ipnet::IpNet = b.cidr.parse().unwrap_or_else(|_| panic!("{}", b.cidr));
+                let excluded = b.except.iter().flatten().any(|e| {
+                    e.parse::<ipnet::IpNet>()
+                        .is_ok_and(|e: ipnet::IpNet| e.contains(ip))
+                });
+                net.contains(ip) && !excluded
+            });
+            assert!(contains, "{class}: {ip} not in {blocks:?}");
+        }
+    }
+}
