@@ -1,4 +1,5 @@
-//! `deny-observer`: the daemon (`run`) and the SRE workflows (`explain`, `audit`).
+//! `deny-observer`: the daemon (`run`) and the SRE workflows (`explain`, `audit`, `preflight`,
+//! `edges`, `suggest`).
 //!
 //! Each subcommand's arguments and logic live in the library module of its stage; this file only
 //! parses the command line, sets up logging, and maps errors to exit codes.
@@ -24,6 +25,12 @@ enum Command {
     Explain(observer::verdict::ExplainArgs),
     /// List namespaces with no NetworkPolicy ("open fields"), unisolated pods, unused policies.
     Audit(observer::verdict::AuditArgs),
+    /// Judge every observed edge before and after a policy change; exit 4 when one breaks.
+    Preflight(observer::verdict::preflight::PreflightArgs),
+    /// Write the edges observed in Prometheus as JSON lines (the input of `--edges`).
+    Edges(observer::verdict::edges::EdgesArgs),
+    /// Write least-privilege NetworkPolicies for a namespace from its observed allowed traffic.
+    Suggest(observer::verdict::suggest::SuggestArgs),
     /// Install the Localhost seccomp profile for kubelet (deploy/overlays/seccomp-localhost's
     /// init container): the runtime default plus bpf() and perf_event_open().
     InstallSeccompProfile(observer::capture::startup::InstallSeccompArgs),
@@ -59,6 +66,10 @@ fn main() -> ExitCode {
     // unknown pod, a bad port) must not exit 1 as well.
     let failure = match cli.command {
         Command::Explain(_) => ExitCode::from(observer::verdict::cli::EXIT_BAD_INPUT),
+        // 4 means "breaks" and CI gates on it; any failure to judge is bad input.
+        Command::Preflight(_) | Command::Suggest(_) | Command::Edges(_) => {
+            ExitCode::from(observer::verdict::preflight::EXIT_BAD_INPUT)
+        }
         _ => ExitCode::FAILURE,
     };
     let result = match cli.command {
@@ -74,6 +85,27 @@ fn main() -> ExitCode {
         )
         .map(ExitCode::from)
         .map_err(Into::into),
+        Command::Preflight(args) => observer::verdict::preflight::preflight(
+            &args,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        )
+        .map(ExitCode::from)
+        .context("preflight"),
+        Command::Edges(args) => observer::verdict::edges::run_edges(
+            &args,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        )
+        .map(|()| ExitCode::SUCCESS)
+        .context("edges"),
+        Command::Suggest(args) => observer::verdict::suggest::run_suggest(
+            &args,
+            &mut std::io::stdout().lock(),
+            &mut std::io::stderr().lock(),
+        )
+        .map(|()| ExitCode::SUCCESS)
+        .context("suggest"),
         Command::InstallSeccompProfile(args) => {
             observer::capture::startup::install_seccomp_profile(&args)
                 .map(|path| {

@@ -312,7 +312,7 @@ pub fn judge(
 
 /// Container ports the destination's pods declare, `(protocol, port, name)`, sorted by port,
 /// only those of `protocol` when given.
-fn declared_ports(
+pub(crate) fn declared_ports(
     to: &Endpoint,
     protocol: Option<Protocol>,
 ) -> Vec<(Protocol, u16, Option<String>)> {

@@ -14,7 +14,10 @@
 mod cache;
 pub mod cli;
 mod compile;
+pub mod edges;
+pub mod preflight;
 mod selector;
+pub mod suggest;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
