@@ -9,11 +9,13 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+
+use crate::simnode::{PodId, SimNode};
 
 /// What to send.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -420,6 +422,42 @@ fn internet_checksum(bytes: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// Sends 32-byte UDP datagrams from pod `from` to `to` at `pps` per second (read every 20 ms, so
+/// a caller changes the rate on the fly) until `stop`; returns the datagrams sent. The credit is
+/// capped at `max_pps`, so a stalled thread does not burst. A send that fails with EPERM counts
+/// as sent: the sender's own output hook (an egress deny) dropped it after the kernel freed it.
+pub fn paced_udp(
+    node: &SimNode,
+    from: PodId,
+    to: SocketAddr,
+    pps: &AtomicU64,
+    max_pps: u64,
+    stop: &AtomicBool,
+) -> anyhow::Result<u64> {
+    node.in_pod(from, || -> anyhow::Result<u64> {
+        let sock = UdpSocket::bind("0.0.0.0:0").context("binding a UDP socket in the pod")?;
+        let (mut credit, mut sent, mut last) = (0.0f64, 0u64, Instant::now());
+        while !stop.load(Ordering::SeqCst) {
+            let now = Instant::now();
+            credit = (credit + pps.load(Ordering::SeqCst) as f64 * (now - last).as_secs_f64())
+                .min(max_pps as f64);
+            last = now;
+            while credit >= 1.0 {
+                if let Err(e) = sock.send_to(&[0x5a; 32], to)
+                    && e.kind() != io::ErrorKind::PermissionDenied
+                {
+                    return Err(e).with_context(|| format!("sending a datagram to {to}"));
+                }
+                sent += 1;
+                credit -= 1.0;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(sent)
+    })
+    .context("entering the sending pod")?
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@
 )]
 mod common;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -27,9 +27,10 @@ use common::promstack::{self, PromStack, StackConfig, render_rules};
 use common::webhook::{ReceivedAlert, Webhook};
 use serde_json::json;
 use xtask::daemon::{Daemon, free_loopback_addr};
+use xtask::flood;
 use xtask::manifests::{self, Owner, PodMeta};
 use xtask::metrics;
-use xtask::simnode::{Enforcement, INGRESS_DROP_COUNTER, PodId, Proto, SimNode};
+use xtask::simnode::{Enforcement, INGRESS_DROP_COUNTER, Proto, SimNode};
 
 fn workspace_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -212,38 +213,6 @@ const FLOOD_PPS: u64 = 1000;
 /// `--spike-for` 3 s + scrape 1 s + rule `for:` 5 s + evaluation 1 s + group_wait 1 s ≈ 13 s.
 const ALERT_BOUND: Duration = Duration::from_secs(60);
 
-/// Sends UDP from pod `from` to `to` at `pps.load()` packets per second (read every 20 ms, so
-/// the caller changes the rate on the fly) until `stop`; returns the packets sent.
-fn paced_udp(
-    node: &SimNode,
-    from: PodId,
-    to: SocketAddr,
-    pps: &AtomicU64,
-    stop: &AtomicBool,
-) -> u64 {
-    node.in_pod(from, || {
-        let sock = UdpSocket::bind("0.0.0.0:0")
-            .unwrap_or_else(|e| panic!("binding a UDP socket in the client pod: {e}"));
-        let (mut credit, mut sent, mut last) = (0.0f64, 0u64, Instant::now());
-        while !stop.load(Ordering::SeqCst) {
-            let now = Instant::now();
-            // Capped so that a stalled thread does not burst.
-            credit = (credit + pps.load(Ordering::SeqCst) as f64 * (now - last).as_secs_f64())
-                .min(FLOOD_PPS as f64);
-            last = now;
-            while credit >= 1.0 {
-                sock.send_to(&[0x5a; 32], to)
-                    .unwrap_or_else(|e| panic!("sending a datagram to {to}: {e}"));
-                sent += 1;
-                credit -= 1.0;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        sent
-    })
-    .unwrap_or_else(|e| panic!("entering the client pod: {e}"))
-}
-
 /// What happened, second by second, for the failure message.
 struct Timeline {
     t0: Instant,
@@ -425,8 +394,14 @@ fn deny_flood_pages_through_prometheus_and_alertmanager() {
         // begins with a zero baseline, and the rule's cluster-wide path (rate > 4x baseline)
         // is then pending until the baseline catches up; a slow start-up would make that
         // outlast the shortened `for:`.)
-        let api_gen = s.spawn(|| paced_udp(&node, client, to_api, &api_pps, &stop));
-        let db_gen = s.spawn(|| paced_udp(&node, client, to_db, &db_pps, &stop));
+        let api_gen = s.spawn(|| {
+            flood::paced_udp(&node, client, to_api, &api_pps, FLOOD_PPS, &stop)
+                .unwrap_or_else(|e| panic!("{e:#}"))
+        });
+        let db_gen = s.spawn(|| {
+            flood::paced_udp(&node, client, to_db, &db_pps, FLOOD_PPS, &stop)
+                .unwrap_or_else(|e| panic!("{e:#}"))
+        });
         // Whatever happens below, the generators stop, so the scope can end.
         struct StopOnDrop<'a>(&'a AtomicBool);
         impl Drop for StopOnDrop<'_> {

@@ -30,7 +30,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -39,8 +39,9 @@ use common::promstack::{self, PromStack, StackConfig, render_rules};
 use common::webhook::Webhook;
 use serde_json::{Value, json};
 use xtask::daemon::{Daemon, free_loopback_addr};
+use xtask::flood;
 use xtask::manifests::{self, Owner, PodMeta};
-use xtask::simnode::{Enforcement, PodId, Proto, SimNode};
+use xtask::simnode::{Enforcement, Proto, SimNode};
 
 fn workspace_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
@@ -125,42 +126,6 @@ const EXPECTED_EMPTY: &[(&str, &str, &str, &str)] = &[
         "the selected workload (api) sends nothing, so it has no egress denies",
     ),
 ];
-
-/// Sends UDP from pod `from` to `to` at `pps.load()` packets per second until `stop`; returns
-/// the datagrams sent (including those the sender's egress hook dropped).
-fn paced_udp(
-    node: &SimNode,
-    from: PodId,
-    to: SocketAddr,
-    pps: &AtomicU64,
-    stop: &AtomicBool,
-) -> u64 {
-    node.in_pod(from, || {
-        let sock = UdpSocket::bind("0.0.0.0:0")
-            .unwrap_or_else(|e| panic!("binding a UDP socket in the client pod: {e}"));
-        let (mut credit, mut sent, mut last) = (0.0f64, 0u64, Instant::now());
-        while !stop.load(Ordering::SeqCst) {
-            let now = Instant::now();
-            credit = (credit + pps.load(Ordering::SeqCst) as f64 * (now - last).as_secs_f64())
-                .min(FLOOD_PPS as f64);
-            last = now;
-            while credit >= 1.0 {
-                // A drop in the sender's own output hook (an egress deny) fails the send
-                // with EPERM after the kernel freed the packet: sent and dropped, as wanted.
-                if let Err(e) = sock.send_to(&[0x5a; 32], to)
-                    && e.kind() != std::io::ErrorKind::PermissionDenied
-                {
-                    panic!("sending a datagram to {to}: {e}");
-                }
-                sent += 1;
-                credit -= 1.0;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        sent
-    })
-    .unwrap_or_else(|e| panic!("entering the client pod: {e}"))
-}
 
 fn scalar(result: &Value) -> Option<f64> {
     result[0]["value"][1].as_str().and_then(|v| v.parse().ok())
@@ -337,17 +302,49 @@ fn page_to_dashboard_to_explain() {
 
     std::thread::scope(|s| {
         s.spawn(|| {
-            paced_udp(
+            flood::paced_udp(
                 &node,
                 client,
                 to(api, BACKGROUND_PORT),
                 &background_pps,
+                FLOOD_PPS,
                 &stop,
             )
+            .unwrap_or_else(|e| panic!("{e:#}"))
         });
-        s.spawn(|| paced_udp(&node, client, to(api, FLOOD_PORT), &flood_pps, &stop));
-        s.spawn(|| paced_udp(&node, client, to(cache, CACHE_PORT), &cache_pps, &stop));
-        s.spawn(|| paced_udp(&node, batch, to(cache, CACHE_PORT), &batch_pps, &stop));
+        s.spawn(|| {
+            flood::paced_udp(
+                &node,
+                client,
+                to(api, FLOOD_PORT),
+                &flood_pps,
+                FLOOD_PPS,
+                &stop,
+            )
+            .unwrap_or_else(|e| panic!("{e:#}"))
+        });
+        s.spawn(|| {
+            flood::paced_udp(
+                &node,
+                client,
+                to(cache, CACHE_PORT),
+                &cache_pps,
+                FLOOD_PPS,
+                &stop,
+            )
+            .unwrap_or_else(|e| panic!("{e:#}"))
+        });
+        s.spawn(|| {
+            flood::paced_udp(
+                &node,
+                batch,
+                to(cache, CACHE_PORT),
+                &batch_pps,
+                FLOOD_PPS,
+                &stop,
+            )
+            .unwrap_or_else(|e| panic!("{e:#}"))
+        });
         struct StopOnDrop<'a>(&'a AtomicBool);
         impl Drop for StopOnDrop<'_> {
             fn drop(&mut self) {
