@@ -799,26 +799,7 @@ fn write_table(report: &AuditReport, out: &mut dyn Write) -> std::io::Result<()>
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
-    };
-    writeln!(out, "{}", line(header.to_vec()))?;
-    for row in &rows {
-        writeln!(out, "{}", line(row.iter().map(String::as_str).collect()))?;
-    }
+    write_columns(out, "", &header, &rows)?;
     let open = report.open_namespaces.len();
     writeln!(
         out,
@@ -845,6 +826,40 @@ fn write_table(report: &AuditReport, out: &mut dyn Write) -> std::io::Result<()>
                 writeln!(out, "    {e}")?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Writes `header` and `rows` as left-aligned columns two spaces apart, each line prefixed with
+/// `indent` and without trailing blanks.
+pub(crate) fn write_columns<R: AsRef<[String]>>(
+    out: &mut dyn Write,
+    indent: &str,
+    header: &[&str],
+    rows: &[R],
+) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row.as_ref()) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        cells
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    writeln!(out, "{indent}{}", line(&mut header.iter().copied()))?;
+    for row in rows {
+        writeln!(
+            out,
+            "{indent}{}",
+            line(&mut row.as_ref().iter().map(String::as_str))
+        )?;
     }
     Ok(())
 }
