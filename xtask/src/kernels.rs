@@ -493,7 +493,13 @@ mount -t devtmpfs dev /newroot/dev
 mkdir -p /newroot/dev/shm /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
-for d in /tmp /run /var/tmp; do mount -t tmpfs -o mode=1777 tmpfs "/newroot$d" || fail "tmpfs $d"; done
+# A workspace under one of these (a checkout in /tmp) must stay visible: that one keeps the
+# host's read-only view, and TMPDIR points the tests at a tmpfs instead.
+for d in /tmp /run /var/tmp; do
+  case "$run" in "$d"/*) continue;; esac
+  mount -t tmpfs -o mode=1777 tmpfs "/newroot$d" || fail "tmpfs $d"
+done
+export TMPDIR=/dev/shm
 mount -t tracefs tracefs /newroot/sys/kernel/tracing || fail "tracefs"
 mount -t bpf bpf /newroot/sys/fs/bpf || fail "bpffs"
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup || true
