@@ -5,7 +5,6 @@
 //! tokio runtime serves HTTP, follows the inventory and sends Kubernetes Events; the pipeline
 //! hands Events over through a bounded channel and counts what does not fit.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,23 +15,21 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use prometheus::{IntGaugeVec, Opts};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::alert::{self, AlertStage, DeniedEdge, SpikeTransition};
-use crate::capture::{self, AttachMode, Capture, CaptureConfig, ReasonFilter};
+use crate::alert::{self, AlertSink, AlertStage, SpikeTransition};
+use crate::attribute::{Attribution, Sink, Views};
+use crate::capture::{AttachMode, Capture, CaptureConfig, ReasonFilter};
 use crate::export::events::{
-    DeniedTraffic, EventMetrics, EventsConfig, PeerRef, PodRef, PolicyDeniedEvents, SpikeNotice,
-    SpikePhase,
+    EventMetrics, EventSink, EventsConfig, PolicyDeniedEvents, SpikeNotice, SpikePhase,
 };
 use crate::export::{
-    self, DrainBatch, HttpLimits, HttpState, Metrics, MetricsConfig, OVERFLOW, PolicyMatch,
-    ReadyCondition, RefreshRequest, endpoint_labels,
+    self, HttpLimits, HttpState, Metrics, MetricsConfig, MetricsSink, OVERFLOW, ReadyCondition,
+    RefreshRequest,
 };
-use crate::flow::{Direction, Protocol};
 use crate::inventory::kube::{KubeInventory, KubeInventoryConfig};
-use crate::inventory::{self, Attributor, Endpoint, Inventory, NodeAddrs, ReloadStats};
-use crate::verdict::{Engine, FlowQuery, Peer, Verdict, VerdictCache};
+use crate::inventory::{self, Inventory, NodeAddrs, ReloadStats};
 
 /// Log output format.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -117,18 +114,10 @@ pub struct RunArgs {
     pub alert: alert::AlertArgs,
 }
 
-/// Kernel drop reasons that mean "a packet filter decided": the ones NetworkPolicy
-/// enforcement produces (iptables/nftables CNIs, tc-based eBPF datapaths, cgroup programs).
-const POLICY_REASONS: &[&str] = &[
-    "netfilter_drop",
-    "tc_ingress",
-    "tc_egress",
-    "bpf_cgroup_egress",
-    "bpf_cgroup_ingress",
-];
-
 /// Most Kubernetes Event summaries queued between the pipeline and the publisher.
 const EVENT_QUEUE: usize = 1024;
+/// How often the Event publisher looks for summaries whose deduplication window ended.
+const EVENT_FLUSH: Duration = Duration::from_secs(10);
 
 /// File descriptors kept out of reach of HTTP connections: BPF maps and links, the inventory
 /// reload's directory and files, the state file, the API-server connections.
@@ -348,8 +337,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut _dir_watch = None;
     let mut reload_stats = None;
     let inventory_health;
-    let mut events = PolicyDeniedEvents::disabled(event_metrics.clone());
-    let mut events_enabled = false;
+    let mut events = None;
     let inventory_rx = match &source {
         Source::Dir(dir) => {
             let watch =
@@ -403,15 +391,14 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 });
             }
             if args.events {
-                events_enabled = true;
-                events = PolicyDeniedEvents::new(
+                events = Some(PolicyDeniedEvents::new(
                     client,
                     EventsConfig {
                         instance: (!args.node_name.is_empty()).then(|| args.node_name.clone()),
                         ..EventsConfig::default()
                     },
                     event_metrics.clone(),
-                );
+                ));
             }
             _kube_inventory = Some(kube);
             rx
@@ -447,25 +434,30 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(health) = &inventory_health {
         http.set_inventory_stats(Arc::clone(health));
     }
-    let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE);
     // Without an API server (or with --events=false) the pipeline does not even build the
     // summaries: nothing would publish them.
-    let event_tx = events_enabled.then_some(event_tx);
-    let events_task = tokio::spawn(publish_events(events, event_rx, stop_rx.clone()));
+    let (events, events_task) = match events {
+        Some(events) => {
+            let queue_full = metrics.loss_counter("event_queue_full");
+            let (sink, task) = events.spawn(EVENT_QUEUE, EVENT_FLUSH, queue_full);
+            (Some(sink), Some(task))
+        }
+        None => (None, None),
+    };
 
     let stopping = Arc::new(AtomicBool::new(false));
-    let pipeline = Pipeline::new(
+    let pipeline = Pipeline::new(Stages {
         capture,
-        Arc::clone(&metrics),
-        Arc::clone(&http),
+        metrics: Arc::clone(&metrics),
+        http: Arc::clone(&http),
         inventory_rx,
         node,
         alert,
         open_namespaces,
         reload_stats,
         inventory_health,
-        event_tx,
-    );
+        events,
+    });
     // Ready only now: the pipeline has taken in the inventory, so the first scrape after
     // /readyz turns 200 already carries its series (inventory objects, open namespaces).
     http.set_ready(ReadyCondition::ProgramsAttached, true);
@@ -500,7 +492,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("joining the pipeline")?;
     let _ = http_task.await;
-    let _ = events_task.await;
+    // The pipeline (and with it the last Event sink) is gone: the publisher flushes and ends.
+    if let Some(task) = events_task {
+        let _ = task.await;
+    }
     match pipeline_result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(_) => bail!("the pipeline thread panicked"),
@@ -608,122 +603,28 @@ pub fn exported_metric_names() -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
-/// What the pipeline asks the Event publisher to do.
-enum EventMsg {
-    Denied(DeniedTraffic),
-    Spike(SpikeNotice),
-}
-
-async fn publish_events(
-    events: PolicyDeniedEvents,
-    mut rx: mpsc::Receiver<EventMsg>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut flush = tokio::time::interval(Duration::from_secs(10));
-    loop {
-        tokio::select! {
-            msg = rx.recv() => match msg {
-                Some(EventMsg::Denied(d)) => { events.record(d).await; }
-                Some(EventMsg::Spike(s)) => { events.spike(&s).await; }
-                None => break,
-            },
-            _ = flush.tick() => { events.flush().await; }
-            changed = stop.changed() => if changed.is_err() || *stop.borrow() { break },
-        }
-    }
-    events.flush().await;
-}
-
-/// The per-snapshot views: rebuilt together whenever the inventory changes.
-struct Views {
-    attributor: Attributor,
-    engine: Engine,
-}
-
-/// The synchronous heart of the daemon.
+/// The synchronous heart of the daemon: drains the capture, attributes, and hands the
+/// outcomes to the sinks.
 struct Pipeline {
     capture: Capture,
+    views: Views,
+    node: NodeAddrs,
+    core: Attribution,
+    metrics_sink: MetricsSink,
+    alert: AlertSink,
+    /// `None` when Events are off.
+    events: Option<EventSink>,
     metrics: Arc<Metrics>,
     http: Arc<HttpState>,
     inventory_rx: watch::Receiver<Arc<Inventory>>,
-    node: NodeAddrs,
-    views: Views,
-    cache: VerdictCache,
-    /// Series increments of the drain being recorded (kept for its capacity).
-    batch: DrainBatch,
-    /// The empty `policy` label of unexplained denies.
-    no_policy: Arc<str>,
-    alert: AlertStage,
     open_namespaces: IntGaugeVec,
     reload_stats: Option<Arc<ReloadStats>>,
     reloads_seen: (u64, u64),
     /// Staleness of the inventory source (manifest directory or API-server watches).
     inventory_health: Option<Arc<ReloadStats>>,
     series_limit: usize,
-    edge_log: EdgeLogLimit,
-    /// `None` when Events are off.
-    events: Option<mpsc::Sender<EventMsg>>,
-    /// Workload kinds by (namespace, workload), for spike Events.
-    kinds: HashMap<(String, String), String>,
     last_retain: Instant,
     last_drain: Instant,
-}
-
-/// Most "new denied edge" log lines per [`EDGE_LOG_WINDOW`]; the rest are counted and summed
-/// up in one line (a port scan would otherwise write a line per port).
-const EDGE_LOG_BURST: u32 = 20;
-const EDGE_LOG_WINDOW: Duration = Duration::from_secs(10);
-
-/// Rate limit of the "new denied edge" log line.
-#[derive(Debug)]
-struct EdgeLogLimit {
-    window_start: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl Default for EdgeLogLimit {
-    fn default() -> Self {
-        Self {
-            window_start: Instant::now(),
-            logged: 0,
-            suppressed: 0,
-        }
-    }
-}
-
-impl EdgeLogLimit {
-    /// True when one more line may be written now; otherwise counts it as suppressed.
-    fn allow(&mut self, now: Instant) -> bool {
-        self.flush(now);
-        if self.logged < EDGE_LOG_BURST {
-            self.logged += 1;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
-
-    /// At the end of a window, says how many lines were left out, and starts a new one.
-    fn flush(&mut self, now: Instant) {
-        if now.saturating_duration_since(self.window_start) < EDGE_LOG_WINDOW {
-            return;
-        }
-        if self.suppressed > 0 {
-            warn!(
-                suppressed = self.suppressed,
-                window_secs = EDGE_LOG_WINDOW.as_secs(),
-                "new denied edge log lines suppressed (at most {EDGE_LOG_BURST} per window); \
-                 every edge is still counted on deny_observer_new_denied_edges_total"
-            );
-        }
-        *self = Self {
-            window_start: now,
-            logged: 0,
-            suppressed: 0,
-        };
-    }
 }
 
 /// Sets `deny_observer_audit_open_namespace` within `limit` series: open namespaces first
@@ -752,8 +653,26 @@ fn export_open_namespaces<'a>(
     }
 }
 
-/// Verdict cache size: distinct (source, destination, protocol, port) flows remembered.
-const VERDICT_CACHE: usize = 65_536;
+/// The Event of a spike transition, on the workload whose policy denied.
+fn spike_notice(views: &Views, t: &SpikeTransition) -> SpikeNotice {
+    SpikeNotice {
+        namespace: t.key.workload_namespace.clone(),
+        kind: views
+            .workload_kind(&t.key.workload_namespace, &t.key.workload)
+            .unwrap_or_default()
+            .to_owned(),
+        name: t.key.workload.clone(),
+        phase: if t.started {
+            SpikePhase::Started
+        } else {
+            SpikePhase::Ended
+        },
+        denied_per_minute: t.rate * 60.0,
+        baseline_per_minute: t.baseline * 60.0,
+        detail: Some(format!("{} denies", t.key.direction)),
+    }
+}
+
 /// A scrape's refresh request drains only if the last drain is at least this old: scrapes in
 /// quick succession (or a dashboard polling) cost one drain per this period at most, and the
 /// counters a scrape sees are never older than this plus the drain itself.
@@ -761,44 +680,40 @@ const REFRESH_MIN_AGE: Duration = Duration::from_millis(100);
 /// How often series of vanished workloads are looked for.
 const RETAIN_EVERY: Duration = Duration::from_secs(30);
 
+/// The stages [`Pipeline::new`] wires together.
+struct Stages {
+    capture: Capture,
+    metrics: Arc<Metrics>,
+    http: Arc<HttpState>,
+    inventory_rx: watch::Receiver<Arc<Inventory>>,
+    node: NodeAddrs,
+    alert: AlertStage,
+    open_namespaces: IntGaugeVec,
+    reload_stats: Option<Arc<ReloadStats>>,
+    inventory_health: Option<Arc<ReloadStats>>,
+    events: Option<EventSink>,
+}
+
 impl Pipeline {
-    #[allow(clippy::too_many_arguments, reason = "one-time wiring of the stages")]
-    fn new(
-        capture: Capture,
-        metrics: Arc<Metrics>,
-        http: Arc<HttpState>,
-        inventory_rx: watch::Receiver<Arc<Inventory>>,
-        node: NodeAddrs,
-        alert: AlertStage,
-        open_namespaces: IntGaugeVec,
-        reload_stats: Option<Arc<ReloadStats>>,
-        inventory_health: Option<Arc<ReloadStats>>,
-        events: Option<mpsc::Sender<EventMsg>>,
-    ) -> Self {
-        let series_limit = metrics.config().series_limit;
-        let empty = Arc::new(Inventory::default());
+    fn new(stages: Stages) -> Self {
+        let series_limit = stages.metrics.config().series_limit;
+        let now = SystemTime::now();
         let mut pipeline = Self {
-            capture,
-            metrics,
-            http,
-            inventory_rx,
-            views: Views {
-                attributor: Attributor::new(&empty, node.clone()),
-                engine: Engine::new(empty),
-            },
-            node,
-            cache: VerdictCache::new(VERDICT_CACHE),
-            batch: DrainBatch::default(),
-            no_policy: Arc::from(""),
-            alert,
-            open_namespaces,
-            reload_stats,
+            capture: stages.capture,
+            views: Views::new(Arc::new(Inventory::default()), stages.node.clone()),
+            node: stages.node,
+            core: Attribution::new(stages.events.is_some(), now),
+            metrics_sink: MetricsSink::new(Arc::clone(&stages.metrics)),
+            alert: AlertSink::new(stages.alert),
+            events: stages.events,
+            metrics: stages.metrics,
+            http: stages.http,
+            inventory_rx: stages.inventory_rx,
+            open_namespaces: stages.open_namespaces,
+            reload_stats: stages.reload_stats,
             reloads_seen: (0, 0),
-            inventory_health,
+            inventory_health: stages.inventory_health,
             series_limit,
-            edge_log: EdgeLogLimit::default(),
-            events,
-            kinds: HashMap::new(),
             last_retain: Instant::now(),
             last_drain: Instant::now(),
         };
@@ -834,7 +749,7 @@ impl Pipeline {
         }
         // A last drain so that drops right before shutdown are not lost from the counters.
         self.tick();
-        if let Err(err) = self.alert.shutdown(SystemTime::now()) {
+        if let Err(err) = self.alert.stage_mut().shutdown(SystemTime::now()) {
             warn!(error = %err, "could not save the denied-edge state");
         }
     }
@@ -853,10 +768,12 @@ impl Pipeline {
         self.metrics
             .set_inventory_invalid_objects(&inv.invalid_counts());
         self.alert
+            .stage_mut()
             .set_policies(inv.policies.iter().map(|p| p.as_ref()));
-        let engine = Engine::new(Arc::clone(&inv));
         self.http
             .set_inventory_empty(counts == inventory::ObjectCounts::default());
+        self.views = Views::new(inv, self.node.clone());
+        let engine = self.views.engine();
         export_open_namespaces(
             &self.open_namespaces,
             engine.audit().iter().map(|ns| (ns.name.as_str(), ns.open)),
@@ -865,11 +782,6 @@ impl Pipeline {
         for warning in engine.warnings() {
             warn!(warning = %warning, "NetworkPolicy the engine cannot fully honour");
         }
-        self.views = Views {
-            attributor: Attributor::new(&inv, self.node.clone()),
-            engine,
-        };
-        self.cache.clear();
         debug!(
             pods = counts.pods,
             policies = counts.policies,
@@ -900,15 +812,22 @@ impl Pipeline {
     fn tick(&mut self) {
         let now = SystemTime::now();
         self.drain(now);
-        self.edge_log.flush(Instant::now());
-        for transition in self.alert.tick(now) {
-            self.on_spike(&transition);
+        self.alert.flush_log(Instant::now());
+        for transition in self.alert.stage_mut().tick(now) {
+            if transition.started {
+                warn!(spike = %transition, "deny spike started");
+            } else {
+                info!(spike = %transition, "deny spike ended");
+            }
+            if let Some(events) = &self.events {
+                events.spike(spike_notice(&self.views, &transition));
+            }
         }
         if self.last_retain.elapsed() >= RETAIN_EVERY {
             self.last_retain = Instant::now();
-            let engine = &self.views.engine;
-            let inv = engine.inventory();
-            let live: std::collections::HashSet<(&str, &str)> = inv
+            let live: std::collections::HashSet<(&str, &str)> = self
+                .views
+                .inventory()
                 .pods
                 .iter()
                 .map(|p| (p.namespace.as_str(), p.workload.name.as_str()))
@@ -935,275 +854,39 @@ impl Pipeline {
         let _ = done.send(());
     }
 
-    /// Drains the kernel maps into the metrics (and the alert stage's per-edge counts).
+    /// Drains the kernel maps, attributes the drain and hands the outcomes to every sink.
     fn drain(&mut self, now: SystemTime) {
         self.refresh_inventory(false);
         self.export_reload_stats();
         self.last_drain = Instant::now();
+        // Samples first: each is of a flow whose first packet the drain then counts.
+        let samples = self.capture.samples();
+        let bad_samples = self.capture.take_bad_samples();
         match self.capture.drain() {
-            Ok(report) => self.record(report, now),
+            Ok(report) => {
+                self.core.attribute(&self.views, &report, &samples, now);
+                self.core.outcomes_mut().bad_samples = bad_samples;
+                let out = self.core.outcomes();
+                let mut sinks: [Option<&mut dyn Sink>; 3] = [
+                    Some(&mut self.metrics_sink),
+                    Some(&mut self.alert),
+                    self.events.as_mut().map(|e| e as &mut dyn Sink),
+                ];
+                for sink in sinks.iter_mut().flatten() {
+                    sink.record(out, now);
+                }
+            }
             Err(err) => {
                 // A failed drain loses nothing: the kernel keeps counting and the next drain
                 // takes the whole delta. Say so loudly anyway.
                 error!(error = %err, "draining the flow map failed");
+                if bad_samples > 0 {
+                    self.metrics.record_loss("sample_malformed", bad_samples);
+                }
             }
         }
         self.http.counters_refreshed();
         self.capture.flush_logs();
-        for sample in self.capture.samples() {
-            debug!(
-                reason = %sample.drop.reason,
-                src = ?sample.drop.src,
-                src_port = sample.src_port,
-                dst = ?sample.drop.dst,
-                dst_port = sample.drop.dst_port,
-                protocol = sample.drop.protocol.label(),
-                ifindex = sample.ifindex,
-                netns = sample.drop.netns,
-                "first drop of a new flow"
-            );
-        }
-        let bad = self.capture.take_bad_samples();
-        if bad > 0 {
-            self.metrics.record_loss("sample_malformed", bad);
-        }
-    }
-
-    fn record(&mut self, report: capture::DrainReport, now: SystemTime) {
-        for (reason, packets, bytes) in &report.reason_totals {
-            self.metrics.record_kernel_drops(reason, *packets, *bytes);
-        }
-        let losses = report.losses;
-        for (stage, n) in [
-            ("ringbuf_full", losses.ringbuf_full),
-            ("flow_insert", losses.flow_insert),
-            ("skb_read", losses.skb_read),
-            ("truncated_header", losses.truncated_header),
-            (
-                "ipv6_ext_headers_exceeded",
-                losses.ipv6_ext_headers_exceeded,
-            ),
-            ("header_not_linear", losses.header_not_linear),
-            ("flow_map_evicted", losses.evicted_packets),
-            ("recursion_miss", losses.recursion_miss.unwrap_or(0)),
-        ] {
-            if n > 0 {
-                self.metrics.record_loss(stage, n);
-            }
-        }
-        self.metrics
-            .set_flow_map(report.flow_map_entries, report.flow_map_capacity);
-        let mut batch = std::mem::take(&mut self.batch);
-        for drop in &report.drops {
-            self.record_drop(drop, now, &mut batch);
-        }
-        batch.flush(&self.metrics);
-        self.batch = batch;
-    }
-
-    fn endpoint(&self, ip: Option<IpAddr>) -> Option<Endpoint> {
-        ip.map(|ip| self.views.attributor.lookup(ip))
-    }
-
-    fn record_drop(&mut self, drop: &capture::Drop, now: SystemTime, batch: &mut DrainBatch) {
-        let src = self.endpoint(drop.src);
-        let dst = self.endpoint(drop.dst);
-        let verdict = self.verdict(drop, src.as_ref(), dst.as_ref());
-        let (src_ns, src_wl) = endpoint_labels(src.as_ref());
-        let (dst_ns, dst_wl) = endpoint_labels(dst.as_ref());
-        let direction = verdict
-            .as_ref()
-            .filter(|v| !v.allowed)
-            .and_then(|v| v.direction)
-            .unwrap_or(Direction::Unknown);
-        batch.add_drop(
-            &drop.reason,
-            direction,
-            drop.protocol,
-            src.as_ref(),
-            dst.as_ref(),
-            drop.packets,
-            drop.bytes,
-        );
-        let Some(verdict) = verdict else {
-            return;
-        };
-        if !POLICY_REASONS.contains(&drop.reason.as_ref()) {
-            return;
-        }
-        if verdict.allowed {
-            batch.add_policy_deny(
-                Direction::Unknown,
-                drop.protocol,
-                src.as_ref(),
-                dst.as_ref(),
-                &self.no_policy,
-                PolicyMatch::Unexplained,
-                drop.packets,
-            );
-            return;
-        }
-        batch.add_policy_deny(
-            direction,
-            drop.protocol,
-            src.as_ref(),
-            dst.as_ref(),
-            &verdict.policy,
-            PolicyMatch::DefaultDeny,
-            drop.packets,
-        );
-        let edge = DeniedEdge {
-            direction,
-            source_namespace: src_ns.to_owned(),
-            source_workload: src_wl.to_owned(),
-            destination_namespace: dst_ns.to_owned(),
-            destination_workload: dst_wl.to_owned(),
-            protocol: drop.protocol,
-            port: if drop.protocol.has_ports() {
-                drop.dst_port
-            } else {
-                0
-            },
-            ports_folded: false,
-        };
-        let isolating: Vec<(&str, &str)> = verdict
-            .deciding_side()
-            .map(|side| {
-                side.isolating_policies
-                    .iter()
-                    .filter_map(|id| id.split_once('/'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let outcome = self
-            .alert
-            .record_deny(now, &edge, drop.packets, isolating.iter().copied());
-        if outcome.new_edge && self.edge_log.allow(Instant::now()) {
-            info!(
-                direction = %direction,
-                source = %format!("{src_ns}/{src_wl}"),
-                destination = %format!("{dst_ns}/{dst_wl}"),
-                protocol = drop.protocol.label(),
-                port = %if outcome.port_folded { "other".to_owned() } else { edge.port.to_string() },
-                policy = %verdict.policy,
-                expected = outcome.expected,
-                "new denied edge"
-            );
-        }
-        let Some(events) = &self.events else {
-            return;
-        };
-        let denied_side = match direction {
-            Direction::Egress => src.as_ref(),
-            _ => dst.as_ref(),
-        };
-        let peer = match direction {
-            Direction::Egress => dst.as_ref(),
-            _ => src.as_ref(),
-        };
-        if let Some(Endpoint::Pod(pod)) = denied_side {
-            let workload = (pod.namespace.clone(), pod.workload.name.clone());
-            self.kinds
-                .entry(workload)
-                .or_insert_with(|| pod.workload.kind.clone());
-            let side = verdict.deciding_side();
-            let msg = EventMsg::Denied(DeniedTraffic {
-                pod: PodRef {
-                    namespace: pod.namespace.clone(),
-                    name: pod.name.clone(),
-                    uid: None,
-                },
-                direction,
-                protocol: drop.protocol,
-                port: drop.protocol.has_ports().then_some(drop.dst_port),
-                peer: PeerRef {
-                    namespace: peer
-                        .map(|p| p.namespace_label().to_owned())
-                        .unwrap_or_default(),
-                    workload: peer
-                        .map(|p| p.workload_label().to_owned())
-                        .unwrap_or_else(|| "unknown".to_owned()),
-                    kind: peer
-                        .map(|p| p.workload_kind().to_owned())
-                        .unwrap_or_default(),
-                },
-                packets: drop.packets,
-                window: Duration::from_secs(1),
-                isolating_policies: side
-                    .map(|s| s.isolating_policies.clone())
-                    .unwrap_or_default(),
-                nearest_misses: side
-                    .map(|s| {
-                        s.nearest_misses
-                            .iter()
-                            .map(|m| m.description.clone())
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            });
-            if events.try_send(msg).is_err() {
-                self.metrics.record_loss("event_queue_full", 1);
-            }
-        }
-    }
-
-    fn verdict(
-        &self,
-        drop: &capture::Drop,
-        src: Option<&Endpoint>,
-        dst: Option<&Endpoint>,
-    ) -> Option<Arc<Verdict>> {
-        let (src, dst) = (src?, dst?);
-        // Policies only speak about pods; between two non-pod addresses there is nothing to judge.
-        if src.pod().is_none() && dst.pod().is_none() {
-            return None;
-        }
-        let peer = |ep: &Endpoint, ip: Option<IpAddr>| match ep {
-            Endpoint::Pod(pod) => Some(Peer::Pod(Arc::clone(pod))),
-            _ => ip.map(Peer::External),
-        };
-        let query = FlowQuery {
-            src: peer(src, drop.src)?,
-            dst: peer(dst, drop.dst)?,
-            protocol: match drop.protocol {
-                Protocol::Other => return None,
-                p => p,
-            },
-            port: drop.dst_port,
-        };
-        Some(self.cache.get_or_evaluate(&self.views.engine, &query))
-    }
-
-    fn on_spike(&mut self, t: &SpikeTransition) {
-        if t.started {
-            warn!(spike = %t, "deny spike started");
-        } else {
-            info!(spike = %t, "deny spike ended");
-        }
-        let Some(events) = &self.events else {
-            return;
-        };
-        let kind = self
-            .kinds
-            .get(&(t.key.workload_namespace.clone(), t.key.workload.clone()))
-            .cloned()
-            .unwrap_or_default();
-        let notice = SpikeNotice {
-            namespace: t.key.workload_namespace.clone(),
-            kind,
-            name: t.key.workload.clone(),
-            phase: if t.started {
-                SpikePhase::Started
-            } else {
-                SpikePhase::Ended
-            },
-            denied_per_minute: t.rate * 60.0,
-            baseline_per_minute: t.baseline * 60.0,
-            detail: Some(format!("{} denies", t.key.direction)),
-        };
-        if events.try_send(EventMsg::Spike(notice)).is_err() {
-            self.metrics.record_loss("event_queue_full", 1);
-        }
     }
 }
 
@@ -1247,22 +930,6 @@ mod tests {
         assert_eq!(s.len(), 6, "{s:?}");
         assert_eq!(s.iter().filter(|(_, v)| *v == 1).count(), 4);
         assert!(s.iter().all(|(n, _)| n != "__overflow__"));
-    }
-
-    #[test]
-    fn edge_log_lines_are_rate_limited_per_window() {
-        let t0 = Instant::now();
-        let mut limit = EdgeLogLimit {
-            window_start: t0,
-            logged: 0,
-            suppressed: 0,
-        };
-        let allowed = (0..1000).filter(|_| limit.allow(t0)).count();
-        assert_eq!(allowed, EDGE_LOG_BURST as usize);
-        assert_eq!(limit.suppressed, 1000 - u64::from(EDGE_LOG_BURST));
-        let later = t0 + EDGE_LOG_WINDOW;
-        assert!(limit.allow(later), "a new window allows lines again");
-        assert_eq!(limit.suppressed, 0);
     }
 
     #[test]

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use observer::capture::{
-    AttachKind, AttachMode, Capture, CaptureConfig, CaptureError, DrainReport, Drop, ReasonFilter,
-    ReasonSource,
+    AttachKind, AttachMode, Capture, CaptureConfig, CaptureError, DrainReport, FlowDrop,
+    ReasonFilter, ReasonSource,
 };
 use observer::flow::Protocol;
 
@@ -452,7 +452,7 @@ type FlowId = (Option<IpAddr>, Option<IpAddr>, Protocol, u16, String);
 fn totals(reports: &[DrainReport]) -> BTreeMap<FlowId, (u64, u64)> {
     let mut out = BTreeMap::new();
     for d in reports.iter().flat_map(|r| &r.drops) {
-        let Drop {
+        let FlowDrop {
             src,
             dst,
             protocol,

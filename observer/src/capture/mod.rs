@@ -183,7 +183,7 @@ pub enum CaptureError {
 
 /// Dropped packets of one flow key since the previous drain.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Drop {
+pub struct FlowDrop {
     /// Drop-reason label (`netfilter_drop`, `no_socket`, ...).
     pub reason: Arc<str>,
     /// Source address; `None` when the packet could not be parsed down to IP.
@@ -235,7 +235,7 @@ pub struct Losses {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DrainReport {
     /// Per-flow deltas (only keys that changed).
-    pub drops: Vec<Drop>,
+    pub drops: Vec<FlowDrop>,
     /// Exact per-reason deltas `(reason label, packets, bytes)`: every counted drop, attributed
     /// to a flow or not. Only reasons that changed.
     pub reason_totals: Vec<(Arc<str>, u64, u64)>,
@@ -251,7 +251,7 @@ pub struct DrainReport {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sample {
     /// The flow (its `packets`/`bytes` are those of this one packet).
-    pub drop: Drop,
+    pub drop: FlowDrop,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the drop.
     pub ts_ns: u64,
     /// Kernel address of the code that dropped the packet.

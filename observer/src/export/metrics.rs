@@ -9,6 +9,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 
 use super::ExportError;
 use super::series::{Family, Recorded};
+use crate::attribute::PolicyMatch;
 use crate::flow::{Direction, Protocol};
 
 /// `deny_observer_drops_total`: packets dropped, attributed to workloads.
@@ -119,25 +120,6 @@ pub struct DropLabels<'a> {
     pub destination_workload: &'a str,
     /// Protocol.
     pub protocol: Protocol,
-}
-
-/// `match` label of `deny_observer_policy_denies_total`.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub enum PolicyMatch {
-    /// Isolated, and no rule allows the flow.
-    DefaultDeny,
-    /// Dropped for a policy-type reason although the policies allow it.
-    Unexplained,
-}
-
-impl PolicyMatch {
-    /// Label value (`default_deny`, `unexplained`).
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::DefaultDeny => "default_deny",
-            Self::Unexplained => "unexplained",
-        }
-    }
 }
 
 /// Labels of one policy-attributed deny sample.
@@ -520,6 +502,11 @@ impl Metrics {
     /// creates the series at zero, which is how the daemon announces its stages up front.
     pub fn record_loss(&self, stage: &str, n: u64) {
         self.events_lost.with_label_values(&[stage]).inc_by(n);
+    }
+
+    /// The counter of losses at `stage`, for a stage that counts on its own thread.
+    pub fn loss_counter(&self, stage: &str) -> IntCounter {
+        self.events_lost.with_label_values(&[stage])
     }
 
     /// Sets the flow-map fill.

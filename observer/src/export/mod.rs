@@ -9,19 +9,20 @@
 //!   inventory for [`MetricsConfig::expiry_grace`] are removed by [`Metrics::retain_workloads`].
 //! - [`serve`] runs `/metrics`, `/healthz` and `/readyz` (see [`HttpState`]).
 
-mod batch;
 pub mod events;
 mod http;
 mod metrics;
 mod series;
+mod sink;
 
-pub use batch::{DrainBatch, endpoint_labels};
+pub use crate::attribute::{PolicyMatch, endpoint_labels};
 pub use http::{
     DEFAULT_INVENTORY_MAX_AGE, DEFAULT_STALL_AFTER, HttpLimits, HttpState, REFRESH_WAIT,
     ReadyCondition, RefreshRequest, router, serve, serve_with,
 };
 pub use metrics::*;
 pub use series::{NON_POD_WORKLOADS, OVERFLOW};
+pub use sink::MetricsSink;
 
 /// Errors of the export stage.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,157 @@
+//! The alert stage as a sink of attribution outcomes: each drain's denied edges feed the
+//! spike detector and the new-edge tracker, and a new edge is logged (rate-limited).
+
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{info, warn};
+
+use super::{AlertStage, DeniedEdge};
+use crate::attribute::{EdgeDeny, Outcomes, Sink, endpoint_labels};
+
+/// Most "new denied edge" log lines per [`EDGE_LOG_WINDOW`]; the rest are counted and summed
+/// up in one line (a port scan would otherwise write a line per port).
+pub const EDGE_LOG_BURST: u32 = 20;
+/// The window of [`EDGE_LOG_BURST`].
+pub const EDGE_LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// Rate limit of the "new denied edge" log line.
+#[derive(Debug)]
+pub struct EdgeLogLimit {
+    window_start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl EdgeLogLimit {
+    /// A limit whose first window starts at `now`.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// True when one more line may be written now; otherwise counts it as suppressed.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        self.flush(now);
+        if self.logged < EDGE_LOG_BURST {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// Lines left out in the current window.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
+    }
+
+    /// At the end of a window, says how many lines were left out, and starts a new one.
+    pub fn flush(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.window_start) < EDGE_LOG_WINDOW {
+            return;
+        }
+        if self.suppressed > 0 {
+            warn!(
+                suppressed = self.suppressed,
+                window_secs = EDGE_LOG_WINDOW.as_secs(),
+                "new denied edge log lines suppressed (at most {EDGE_LOG_BURST} per window); \
+                 every edge is still counted on deny_observer_new_denied_edges_total"
+            );
+        }
+        *self = Self::new(now);
+    }
+}
+
+/// The denied edge an outcome stands for.
+pub fn denied_edge(e: &EdgeDeny) -> DeniedEdge {
+    let (source_namespace, source_workload) = endpoint_labels(e.src.as_ref());
+    let (destination_namespace, destination_workload) = endpoint_labels(e.dst.as_ref());
+    DeniedEdge {
+        direction: e.direction,
+        source_namespace: source_namespace.into(),
+        source_workload: source_workload.into(),
+        destination_namespace: destination_namespace.into(),
+        destination_workload: destination_workload.into(),
+        protocol: e.protocol,
+        port: e.port,
+        ports_folded: false,
+    }
+}
+
+/// [`AlertStage`] fed by attribution outcomes.
+#[derive(Debug)]
+pub struct AlertSink {
+    stage: AlertStage,
+    edge_log: EdgeLogLimit,
+}
+
+impl AlertSink {
+    /// Wraps a stage.
+    pub fn new(stage: AlertStage) -> Self {
+        Self {
+            stage,
+            edge_log: EdgeLogLimit::new(Instant::now()),
+        }
+    }
+
+    /// The stage.
+    pub fn stage(&self) -> &AlertStage {
+        &self.stage
+    }
+
+    /// The stage, to re-read policies or tick it.
+    pub fn stage_mut(&mut self) -> &mut AlertStage {
+        &mut self.stage
+    }
+
+    /// Closes the log window if it is over (call once per tick).
+    pub fn flush_log(&mut self, now: Instant) {
+        self.edge_log.flush(now);
+    }
+}
+
+impl Sink for AlertSink {
+    fn record(&mut self, outcomes: &Outcomes, now: SystemTime) {
+        for e in &outcomes.edges {
+            let edge = denied_edge(e);
+            let outcome = self
+                .stage
+                .record_deny(now, &edge, e.packets, e.isolating_policies());
+            if outcome.new_edge && self.edge_log.allow(Instant::now()) {
+                info!(
+                    direction = %edge.direction,
+                    source = %format!("{}/{}", edge.source_namespace, edge.source_workload),
+                    destination = %format!(
+                        "{}/{}", edge.destination_namespace, edge.destination_workload
+                    ),
+                    protocol = edge.protocol.label(),
+                    port = %if outcome.port_folded { "other".to_owned() } else { edge.port.to_string() },
+                    policy = %e.verdict.policy,
+                    expected = outcome.expected,
+                    "new denied edge"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edge_log_lines_are_rate_limited_per_window() {
+        let t0 = Instant::now();
+        let mut limit = EdgeLogLimit::new(t0);
+        let allowed = (0..1000).filter(|_| limit.allow(t0)).count();
+        assert_eq!(allowed, EDGE_LOG_BURST as usize);
+        assert_eq!(limit.suppressed(), 1000 - u64::from(EDGE_LOG_BURST));
+        let later = t0 + EDGE_LOG_WINDOW;
+        assert!(limit.allow(later), "a new window allows lines again");
+        assert_eq!(limit.suppressed(), 0);
+    }
+}
