@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::metrics::{DropLabels, Metrics, PolicyDenyLabels};
+use super::labels::{DropLabels, PolicyDenyLabels};
+use super::metrics::Metrics;
 use crate::attribute::{Outcomes, Sink, endpoint_labels};
 use crate::capture::Losses;
 
