@@ -656,12 +656,12 @@ fn export_open_namespaces<'a>(
 /// The Event of a spike transition, on the workload whose policy denied.
 fn spike_notice(views: &Views, t: &SpikeTransition) -> SpikeNotice {
     SpikeNotice {
-        namespace: t.key.workload_namespace.clone(),
+        namespace: t.key.workload_namespace.to_string(),
         kind: views
             .workload_kind(&t.key.workload_namespace, &t.key.workload)
             .unwrap_or_default()
             .to_owned(),
-        name: t.key.workload.clone(),
+        name: t.key.workload.to_string(),
         phase: if t.started {
             SpikePhase::Started
         } else {
