@@ -58,6 +58,12 @@ impl Views {
         }
     }
 
+    /// Moves the views to `inventory`. Everything is rebuilt and the verdicts forgotten.
+    pub fn update(&mut self, inventory: Arc<Inventory>) {
+        let node = self.attributor.node().clone();
+        *self = Self::new(inventory, node);
+    }
+
     /// The policy engine (and through it the inventory).
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -296,8 +302,31 @@ pub struct Outcomes {
     pub bad_samples: u64,
 }
 
+/// Grouping capacity kept without use: a burst's maps and vectors are given back once drains
+/// are small again, and a steady drain keeps what it needs.
+const SPARE_CAPACITY: usize = 4096;
+
+fn trim_map<K: Eq + std::hash::Hash, V>(map: &mut FastMap<K, V>) {
+    if map.capacity() > SPARE_CAPACITY && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
+fn trim_vec<T>(v: &mut Vec<T>) {
+    if v.capacity() > SPARE_CAPACITY && v.len() * 4 < v.capacity() {
+        v.shrink_to(v.len() * 2);
+    }
+}
+
 impl Outcomes {
+    /// Empties the outcomes for the next drain; capacity well beyond the last drain's need
+    /// is released.
     fn clear(&mut self) {
+        trim_vec(&mut self.drops);
+        trim_vec(&mut self.denies);
+        trim_vec(&mut self.edges);
+        trim_vec(&mut self.notices);
+        trim_vec(&mut self.connections);
         self.kernel.reason_totals.clear();
         self.kernel.losses = Losses::default();
         self.drops.clear();
@@ -418,6 +447,10 @@ impl Attribution {
         now: SystemTime,
     ) -> &Outcomes {
         self.out.clear();
+        trim_map(&mut self.drop_index);
+        trim_map(&mut self.deny_index);
+        trim_map(&mut self.edge_index);
+        trim_map(&mut self.samples);
         self.drop_index.clear();
         self.deny_index.clear();
         self.edge_index.clear();

@@ -486,3 +486,40 @@ fn workload_kind_is_found_while_the_workload_has_pods() {
     assert_eq!(views.workload_kind("prod", "db"), Some("Deployment"));
     assert_eq!(views.workload_kind("prod", "gone"), None);
 }
+
+#[test]
+fn grouping_capacity_of_a_burst_is_given_back_when_drains_are_small_again() {
+    let r = reasons();
+    let views = views();
+    let mut core = Attribution::new(false, t0());
+    // 20,000 distinct label sets: unparsed flows of as many reasons.
+    let burst: Vec<Arc<str>> = (0..20_000).map(|i| Arc::from(format!("r{i}"))).collect();
+    let flows = burst
+        .iter()
+        .map(|reason| flow(reason, None, None, Protocol::Other, 0, 1))
+        .collect();
+    core.attribute(&views, &report(flows), &[], t0());
+    assert_eq!(core.outcomes().drops.len(), 20_000);
+    let grown = core.drop_index.capacity();
+    assert!(grown >= 20_000);
+    let small = || {
+        report(vec![flow(
+            &r.netfilter,
+            Some(WORLD),
+            Some(DB),
+            Protocol::Tcp,
+            5432,
+            1,
+        )])
+    };
+    core.attribute(&views, &small(), &[], t0());
+    // The first small drain still saw the burst's sizes; the next gives the room back.
+    core.attribute(&views, &small(), &[], t0());
+    assert!(
+        core.drop_index.capacity() <= SPARE_CAPACITY,
+        "{}",
+        core.drop_index.capacity()
+    );
+    assert!(core.outcomes().drops.capacity() <= SPARE_CAPACITY);
+    assert_eq!(core.outcomes().drops.len(), 1);
+}
