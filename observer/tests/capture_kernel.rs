@@ -37,19 +37,6 @@ const UDP_EXT_DROP: u16 = 5354;
 const FLOOD_LO: u16 = 20000;
 const FLOOD_HI: u16 = 29999;
 
-fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var("DENY_OBSERVER_SKIP_PRIVILEGED").as_deref() == Ok("1"),
-        "{test} needs root (netns, nftables, BPF); set DENY_OBSERVER_SKIP_PRIVILEGED=1 to skip"
-    );
-    eprintln!("{test}: SKIPPED (DENY_OBSERVER_SKIP_PRIVILEGED=1, not root)");
-    false
-}
-
 fn run(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -473,7 +460,7 @@ fn totals(reports: &[DrainReport]) -> BTreeMap<FlowId, (u64, u64)> {
 
 #[test]
 fn counts_nft_drops_exactly() {
-    if !privileged("counts_nft_drops_exactly") {
+    if !testkit::privileged("counts_nft_drops_exactly") {
         return;
     }
     exact_counts(AttachMode::Auto);
@@ -490,7 +477,7 @@ fn kernel_has_kfree_skb_btf() -> bool {
 /// does), so the cheaper hook is the one under test in every other test here.
 #[test]
 fn auto_attaches_tp_btf_where_available() {
-    if !privileged("auto_attaches_tp_btf_where_available") {
+    if !testkit::privileged("auto_attaches_tp_btf_where_available") {
         return;
     }
     let capture = Capture::load(&CaptureConfig::default()).unwrap();
@@ -511,7 +498,7 @@ fn auto_attaches_tp_btf_where_available() {
 /// The classic tracepoint stays a tested fallback: forced, it counts exactly too.
 #[test]
 fn classic_tracepoint_counts_exactly() {
-    if !privileged("classic_tracepoint_counts_exactly") {
+    if !testkit::privileged("classic_tracepoint_counts_exactly") {
         return;
     }
     assert_eq!(exact_counts(AttachMode::Tracepoint), AttachKind::Tracepoint);
@@ -520,7 +507,7 @@ fn classic_tracepoint_counts_exactly() {
 /// Forced tp_btf (no fallback can hide a failure) counts exactly.
 #[test]
 fn btf_tracepoint_counts_exactly() {
-    if !privileged("btf_tracepoint_counts_exactly") {
+    if !testkit::privileged("btf_tracepoint_counts_exactly") {
         return;
     }
     assert_eq!(
@@ -828,7 +815,7 @@ fn reason_total(reports: &[DrainReport], reason: &str) -> u64 {
 /// kernels without. The reason filter keeps exactly the named reasons, the same way on both.
 #[test]
 fn counts_tc_drops_exactly() {
-    if !privileged("counts_tc_drops_exactly") {
+    if !testkit::privileged("counts_tc_drops_exactly") {
         return;
     }
     let net = NetPair::new();
@@ -1027,7 +1014,7 @@ fn drop_cap_syslog_in_this_thread() {
 /// `not_specified`, saying so instead of failing.
 #[test]
 fn without_cap_syslog_drops_still_count() {
-    if !privileged("without_cap_syslog_drops_still_count") {
+    if !testkit::privileged("without_cap_syslog_drops_still_count") {
         return;
     }
     let net = NetPair::new();
@@ -1085,7 +1072,7 @@ fn without_cap_syslog_drops_still_count() {
 
 #[test]
 fn tiny_flow_map_reports_evictions() {
-    if !privileged("tiny_flow_map_reports_evictions") {
+    if !testkit::privileged("tiny_flow_map_reports_evictions") {
         return;
     }
     let net = NetPair::new();
@@ -1141,7 +1128,7 @@ fn tiny_flow_map_reports_evictions() {
 /// map that full stays well inside the one-second drain period.
 #[test]
 fn fifty_thousand_flows() {
-    if !privileged("fifty_thousand_flows") {
+    if !testkit::privileged("fifty_thousand_flows") {
         return;
     }
     let net = NetPair::new();
@@ -1195,7 +1182,7 @@ fn fifty_thousand_flows() {
 /// counted again from zero, with nothing lost or double counted.
 #[test]
 fn idle_keys_are_deleted_and_recounted() {
-    if !privileged("idle_keys_are_deleted_and_recounted") {
+    if !testkit::privileged("idle_keys_are_deleted_and_recounted") {
         return;
     }
     let net = NetPair::new();
@@ -1232,7 +1219,7 @@ fn idle_keys_are_deleted_and_recounted() {
 
 #[test]
 fn unknown_reason_name_is_rejected() {
-    if !privileged("unknown_reason_name_is_rejected") {
+    if !testkit::privileged("unknown_reason_name_is_rejected") {
         return;
     }
     let err = Capture::load(&CaptureConfig {
@@ -1291,7 +1278,7 @@ fn flood_rate(net: &NetPair, secs: f64) -> f64 {
 #[test]
 #[ignore = "benchmark; run explicitly"]
 fn flood_rates() {
-    if !privileged("flood_rates") {
+    if !testkit::privileged("flood_rates") {
         return;
     }
     let net = NetPair::new();

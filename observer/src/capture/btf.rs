@@ -452,12 +452,12 @@ mod tests {
     use super::*;
 
     fn vmlinux() -> Option<KernelBtf> {
-        if !Path::new(VMLINUX_BTF).exists() {
-            assert!(
-                std::env::var_os("DENY_OBSERVER_SKIP_PRIVILEGED").is_some(),
-                "{VMLINUX_BTF} is missing; set DENY_OBSERVER_SKIP_PRIVILEGED=1 to skip"
-            );
-            eprintln!("skipped: no {VMLINUX_BTF}");
+        let present = Path::new(VMLINUX_BTF).exists();
+        if !testkit::requires(
+            "capture::btf tests",
+            "the kernel's BTF ({VMLINUX_BTF})",
+            present,
+        ) {
             return None;
         }
         Some(KernelBtf::vmlinux().unwrap())
