@@ -95,8 +95,9 @@ impl KernelBtf {
         Self::from_file(Path::new(VMLINUX_BTF))
     }
 
-    /// Parses raw BTF held in memory (tests, tools); errors name it `<memory>`.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, BtfError> {
+    /// Parses raw BTF held in memory (the fuzz tests' blobs); errors name it `<memory>`.
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self, BtfError> {
         let btf = Btf::from_bytes(bytes).map_err(|e| BtfError::Load {
             path: PathBuf::from("<memory>"),
             message: e.to_string(),
@@ -579,3 +580,6 @@ mod tests {
         assert_eq!(l.skb_len, btf.member_offset("sk_buff.len").unwrap());
     }
 }
+
+#[cfg(test)]
+mod fuzz_tests;

@@ -1,7 +1,7 @@
 //! The fixtures deny-observer's end-to-end tests, `cargo xtask demo` and `cargo xtask bench`
 //! run on: a simulated Kubernetes node on the real kernel ([`simnode`]) and traffic for it
 //! ([`flood`]), inventory manifests ([`manifests`]), the release daemon as a child process
-//! ([`daemon`]) and a `/metrics` reader ([`metrics`]), the demo's shop ([`demo`]), the
+//! ([`daemon`]) and a `/metrics` reader ([`metrics`]), byte mutations for fuzz tests ([`mutate`]), the demo's shop ([`demo`]), the
 //! pod-template-to-podman translation the container test runs ([`podspec`]), a real Prometheus
 //! and Alertmanager ([`promstack`]) with a webhook receiver ([`webhook`]), and the one gate of
 //! machine-dependent tests ([`requires`], [`privileged`]).
@@ -12,6 +12,7 @@ pub mod demo;
 pub mod flood;
 pub mod manifests;
 pub mod metrics;
+pub mod mutate;
 pub mod podspec;
 #[allow(
     clippy::expect_used,

@@ -13,14 +13,13 @@
     reason = "test code panics with context"
 )]
 
-#[path = "fuzz_corpus/mutate.rs"]
-mod mutate;
+use testkit::mutate;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use observer::capture::btf::{BtfError, KernelBtf, VMLINUX_BTF};
-use observer::capture::tracefs::KfreeSkbFields;
+use crate::capture::btf::{BtfError, KernelBtf, VMLINUX_BTF};
+use crate::capture::tracefs::KfreeSkbFields;
 use observer_ebpf::{BTF_ARGS_MAX, BtfArgs, NO_ARG};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;

@@ -11,12 +11,11 @@
     reason = "test code panics with context"
 )]
 
-#[path = "fuzz_corpus/mutate.rs"]
-mod mutate;
+use testkit::mutate;
 
 use std::path::{Path, PathBuf};
 
-use observer::capture::tracefs::{self, KfreeSkbFields, TracefsError};
+use crate::capture::tracefs::{self, KfreeSkbFields, TracefsError};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 

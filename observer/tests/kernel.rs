@@ -466,11 +466,14 @@ fn counts_nft_drops_exactly() {
     exact_counts(AttachMode::Auto);
 }
 
-/// Whether this kernel's BTF describes `tp_btf/kfree_skb` with the arguments the program needs.
+/// Whether this kernel takes the program on `tp_btf/kfree_skb` when that hook is forced (its BTF
+/// describes the arguments the program needs).
 fn kernel_has_kfree_skb_btf() -> bool {
-    observer::capture::btf::KernelBtf::vmlinux()
-        .and_then(|btf| btf.kfree_skb_btf_args())
-        .is_ok()
+    Capture::load(&CaptureConfig {
+        attach: AttachMode::BtfTracepoint,
+        ..CaptureConfig::default()
+    })
+    .is_ok()
 }
 
 /// The default prefers the BTF-enabled raw tracepoint wherever the kernel describes it (6.18
@@ -480,8 +483,9 @@ fn auto_attaches_tp_btf_where_available() {
     if !testkit::privileged("auto_attaches_tp_btf_where_available") {
         return;
     }
+    let has_btf = kernel_has_kfree_skb_btf();
     let capture = Capture::load(&CaptureConfig::default()).unwrap();
-    let want = if kernel_has_kfree_skb_btf() {
+    let want = if has_btf {
         AttachKind::BtfTracepoint
     } else {
         AttachKind::Tracepoint
@@ -490,7 +494,7 @@ fn auto_attaches_tp_btf_where_available() {
     // The platform this project targets (Linux 6.18, BTF) must get tp_btf; a fallback there
     // is a regression even if counts stay right.
     assert!(
-        kernel_has_kfree_skb_btf(),
+        has_btf,
         "this kernel's BTF has no usable btf_trace_kfree_skb"
     );
 }
@@ -1274,7 +1278,7 @@ fn flood_rate(net: &NetPair, secs: f64) -> f64 {
 /// Rough hot-path cost check (not run by default): interleaves runs with no observer, with this
 /// program on each hook, and with a bpftrace count-by-reason one-liner, and prints the rates;
 /// then each hook's own cost per drop (`kernel.bpf_stats_enabled`) and its translated size.
-/// `cargo test -p observer --test capture_kernel flood_rates -- --ignored --nocapture`
+/// `cargo test -p observer --test kernel flood_rates -- --ignored --nocapture`
 #[test]
 #[ignore = "benchmark; run explicitly"]
 fn flood_rates() {
