@@ -388,8 +388,9 @@ struct DenyKey {
     policy_match: PolicyMatch,
 }
 
-/// Edges and notices: one pair of pods (or pod and peer) on one port. Same pods and port mean
-/// the same verdict, so its policies are those of every flow summed here.
+/// Edges and notices: one pair of endpoints on one port, in one deciding direction. The
+/// isolating policies depend only on the pod whose side decides, so they are those of every
+/// flow summed here; a notice keeps the first flow's nearest misses.
 #[derive(PartialEq, Eq, Hash)]
 struct EdgeKey {
     direction: Direction,

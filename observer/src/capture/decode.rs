@@ -197,3 +197,6 @@ mod tests {
         assert_eq!((d.protocol, d.dst_port), (Protocol::Other, 0));
     }
 }
+
+#[cfg(test)]
+mod fuzz_tests;

@@ -22,16 +22,16 @@ use std::sync::Arc;
 use crate::flow::Protocol;
 
 mod batch;
-pub mod btf;
+pub(crate) mod btf;
 mod decode;
 mod drain;
 mod loader;
 pub mod location;
 pub mod recursion;
 pub mod startup;
-pub mod tracefs;
+pub(crate) mod tracefs;
 
-pub use decode::{SampleSizeError, decode, parse_sample, to_sample};
+pub(crate) use decode::decode;
 pub use loader::{Capture, lru_entries};
 pub use location::ReasonSource;
 pub use tracefs::ReasonTable;
