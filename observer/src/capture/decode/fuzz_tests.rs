@@ -239,11 +239,7 @@ fn arb_event() -> impl Strategy<Value = SampleEvent> {
 }
 
 /// What `decode` must make of any key: an independent statement of the contract.
-<<<<<<< HEAD:observer/tests/fuzz_events.rs
-fn check_decoded(key: &FlowKey, d: &observer::capture::FlowDrop) -> Result<(), TestCaseError> {
-=======
-fn check_decoded(key: &FlowKey, d: &crate::capture::Drop) -> Result<(), TestCaseError> {
->>>>>>> main:observer/src/capture/decode/fuzz_tests.rs
+fn check_decoded(key: &FlowKey, d: &crate::capture::FlowDrop) -> Result<(), TestCaseError> {
     match key.family {
         family::INET => {
             let want = |a: &[u8; 16]| IpAddr::from([a[12], a[13], a[14], a[15]]);
