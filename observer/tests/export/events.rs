@@ -1,0 +1,457 @@
+//! `PolicyDenied` Events against a fake API server (tower-test): create, deduplication and the
+//! PATCH of the repeat, rate limiting, disabling. Each request's method, path and body are
+//! asserted.
+
+#![allow(
+    clippy::expect_used,
+    reason = "test helpers panic with context, like the tests themselves"
+)]
+
+use std::pin::pin;
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use kube::client::Body;
+use observer::export::events::{
+    DeniedTraffic, EventMetrics, EventsConfig, Outcome, PeerRef, PodRef, PolicyDeniedEvents,
+    SpikeNotice, SpikePhase,
+};
+use observer::flow::{Direction, Protocol};
+use serde_json::Value;
+use tower_test::mock::{self, Handle};
+
+type MockHandle = Handle<Request<Body>, Response<Body>>;
+
+fn denied(peer: &str, packets: u64) -> DeniedTraffic {
+    DeniedTraffic {
+        pod: PodRef {
+            namespace: "prod".into(),
+            name: "db-0".into(),
+            uid: Some("0b1c".into()),
+        },
+        direction: Direction::Ingress,
+        protocol: Protocol::Tcp,
+        port: Some(5432),
+        peer: PeerRef {
+            namespace: "dev".into(),
+            workload: peer.into(),
+            kind: "Deployment".into(),
+        },
+        packets,
+        window: Duration::from_secs(60),
+        isolating_policies: vec!["prod/default-deny-ingress".into()],
+        nearest_misses: vec!["prod/allow-web-to-db (allows app=web only)".into()],
+        first_packet: None,
+    }
+}
+
+/// Receives the next request, checks method and path, answers with the request body echoed
+/// (what the API server does for a create or a merge patch), and returns that body.
+async fn expect(handle: &mut MockHandle, method: Method, path: &str) -> Value {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("no request within 5s")
+        .expect("service dropped");
+    assert_eq!(request.method(), method);
+    assert_eq!(request.uri().path(), path);
+    let bytes = request.into_body().collect_bytes().await.expect("body");
+    let body: Value = serde_json::from_slice(&bytes).expect("json body");
+    let mut echoed = body.clone();
+    echoed["apiVersion"] = "events.k8s.io/v1".into();
+    echoed["kind"] = "Event".into();
+    send.send_response(
+        Response::builder()
+            .status(if method == Method::POST { 201 } else { 200 })
+            .body(Body::from(serde_json::to_vec(&echoed).expect("encode")))
+            .expect("response"),
+    );
+    body
+}
+
+fn publisher(config: EventsConfig) -> (PolicyDeniedEvents, MockHandle) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let metrics = EventMetrics::new().expect("metrics");
+    (PolicyDeniedEvents::new(client, config, metrics), handle)
+}
+
+#[tokio::test]
+async fn create_then_deduplicate_then_patch() {
+    let config = EventsConfig {
+        dedup_window: Duration::from_millis(400),
+        instance: Some("node-a".into()),
+        ..EventsConfig::default()
+    };
+    let (events, handle) = publisher(config);
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let created = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+        )
+        .await;
+        assert_eq!(created["type"], "Warning");
+        assert_eq!(created["reason"], "PolicyDenied");
+        assert_eq!(created["reportingController"], "deny-observer");
+        assert_eq!(created["reportingInstance"], "node-a");
+        assert_eq!(created["regarding"]["kind"], "Pod");
+        assert_eq!(created["regarding"]["namespace"], "prod");
+        assert_eq!(created["regarding"]["name"], "db-0");
+        assert_eq!(created["regarding"]["uid"], "0b1c");
+        assert_eq!(created["related"]["kind"], "Deployment");
+        assert_eq!(created["related"]["apiVersion"], "apps/v1");
+        assert_eq!(created["related"]["name"], "client");
+        assert_eq!(
+            created["note"],
+            "Denied 37 TCP/5432 packets from dev/client (Deployment) in 1m: isolated by \
+             prod/default-deny-ingress; nearest miss prod/allow-web-to-db (allows app=web only)"
+        );
+        assert!(
+            created.get("series").is_none_or(Value::is_null),
+            "{created}"
+        );
+        let name = created["metadata"]["name"]
+            .as_str()
+            .expect("name")
+            .to_owned();
+        assert!(name.starts_with("db-0."), "{name}");
+
+        // A different peer on the same pod is its own Event, not a patch of the first.
+        let other = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+        )
+        .await;
+        assert_eq!(other["related"]["name"], "batch");
+        assert_ne!(other["metadata"]["name"], created["metadata"]["name"]);
+
+        // The repeat of the first key, after its window: a PATCH of the same Event.
+        let patched = expect(
+            &mut handle,
+            Method::PATCH,
+            &format!("/apis/events.k8s.io/v1/namespaces/prod/events/{name}"),
+        )
+        .await;
+        assert_eq!(patched["series"]["count"], 2);
+        assert_eq!(patched["reason"], "PolicyDenied");
+        assert_eq!(patched["related"]["name"], "client");
+    });
+
+    assert_eq!(
+        events.record(denied("client", 37)).await,
+        Outcome::Published
+    );
+    // Within the window: accumulated, no request (the server task would see it out of order).
+    assert_eq!(
+        events.record(denied("client", 5)).await,
+        Outcome::Deduplicated
+    );
+    assert_eq!(
+        events.record(denied("client", 6)).await,
+        Outcome::Deduplicated
+    );
+    assert_eq!(events.record(denied("batch", 1)).await, Outcome::Published);
+    // Nothing is due yet.
+    assert!(events.flush().await.is_empty());
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(events.flush().await, vec![Outcome::Published]);
+    // The quiet key ("batch") and the flushed one are forgotten after a quiet window.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(events.flush().await.is_empty());
+    server.await.expect("server assertions");
+
+    let m = events.metrics();
+    assert_eq!(m.get("published"), 3);
+    assert_eq!(m.get("deduplicated"), 2);
+    assert_eq!(m.get("failed"), 0);
+}
+
+#[tokio::test]
+async fn rate_limit_holds_back_then_flush_publishes() {
+    let config = EventsConfig {
+        burst: 1,
+        per_minute: 600, // one token every 100 ms
+        ..EventsConfig::default()
+    };
+    let (events, handle) = publisher(config);
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let first = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+        )
+        .await;
+        assert_eq!(first["related"]["name"], "a");
+        let second = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+        )
+        .await;
+        assert_eq!(second["related"]["name"], "b");
+        // Held back twice, so its packets accumulated: 2 + 3.
+        assert!(
+            second["note"]
+                .as_str()
+                .expect("note")
+                .starts_with("Denied 5 TCP/5432"),
+            "{second}"
+        );
+    });
+    assert_eq!(events.record(denied("a", 1)).await, Outcome::Published);
+    assert_eq!(events.record(denied("b", 2)).await, Outcome::RateLimited);
+    assert_eq!(events.record(denied("b", 3)).await, Outcome::RateLimited);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(events.flush().await, vec![Outcome::Published]);
+    server.await.expect("server assertions");
+    assert_eq!(events.metrics().get("rate_limited"), 2);
+}
+
+#[tokio::test]
+async fn api_errors_are_counted_not_fatal() {
+    let (events, handle) = publisher(EventsConfig::default());
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let (request, send) = handle.next_request().await.expect("request");
+        assert_eq!(request.method(), Method::POST);
+        let status = serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "events is forbidden", "reason": "Forbidden", "code": 403
+        });
+        send.send_response(
+            Response::builder()
+                .status(403)
+                .body(Body::from(serde_json::to_vec(&status).expect("encode")))
+                .expect("response"),
+        );
+    });
+    assert_eq!(events.record(denied("client", 1)).await, Outcome::Failed);
+    server.await.expect("server");
+    assert_eq!(events.metrics().get("failed"), 1);
+    // Retried next window, not on every summary.
+    assert_eq!(
+        events.record(denied("client", 1)).await,
+        Outcome::Deduplicated
+    );
+}
+
+#[tokio::test]
+async fn spike_events_on_the_workload() {
+    let (events, handle) = publisher(EventsConfig::default());
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let start = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+        )
+        .await;
+        assert_eq!(start["type"], "Warning");
+        assert_eq!(start["reason"], "DenySpikeStarted");
+        assert_eq!(start["regarding"]["kind"], "StatefulSet");
+        assert_eq!(start["regarding"]["apiVersion"], "apps/v1");
+        assert_eq!(start["regarding"]["name"], "db");
+        assert_eq!(
+            start["note"],
+            "Deny spike started on prod/db (StatefulSet): 120 denied packets/min (baseline 3/min); \
+             top peer dev/client"
+        );
+        let end = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+        )
+        .await;
+        assert_eq!(end["type"], "Normal");
+        assert_eq!(end["reason"], "DenySpikeEnded");
+    });
+    let mut notice = SpikeNotice {
+        namespace: "prod".into(),
+        kind: "StatefulSet".into(),
+        name: "db".into(),
+        phase: SpikePhase::Started,
+        denied_per_minute: 120.0,
+        baseline_per_minute: 3.0,
+        detail: Some("top peer dev/client".into()),
+    };
+    assert_eq!(events.spike(&notice).await, Outcome::Published);
+    notice.phase = SpikePhase::Ended;
+    notice.denied_per_minute = 2.0;
+    assert_eq!(events.spike(&notice).await, Outcome::Published);
+    server.await.expect("server assertions");
+}
+
+#[tokio::test]
+async fn disabled_sends_nothing() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let config = EventsConfig {
+        enabled: false,
+        ..EventsConfig::default()
+    };
+    let events = PolicyDeniedEvents::new(client, config, EventMetrics::new().expect("metrics"));
+    assert_eq!(events.record(denied("client", 1)).await, Outcome::Disabled);
+    assert!(events.flush().await.is_empty());
+    drop(events);
+    // The client (and so the service) is gone; no request was ever made.
+    assert!(handle.next_request().await.is_none());
+}
+
+#[tokio::test]
+async fn sink_queues_without_blocking() {
+    let config = EventsConfig::default();
+    let (events, handle) = publisher(config);
+    let metrics = events.metrics().clone();
+    let queue_full = prometheus::IntCounter::new("queue_full", "t").expect("counter");
+    let (sink, _task) = events.spawn(8, Duration::from_secs(60), queue_full.clone());
+    assert!(sink.denied(denied("client", 4)));
+    let mut handle = pin!(handle);
+    let created = expect(
+        &mut handle,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/prod/events",
+    )
+    .await;
+    assert!(
+        created["note"]
+            .as_str()
+            .expect("note")
+            .starts_with("Denied 4 TCP/5432")
+    );
+    // Let the task count the outcome after the response.
+    for _ in 0..50 {
+        if metrics.get("published") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metrics.get("published"), 1);
+    assert_eq!(queue_full.get(), 0);
+}
+
+/// A one-pod inventory (prod/db-0 of Deployment db, 10.0.0.10) behind an ingress default deny.
+fn db_views() -> observer::attribute::Views {
+    use observer::inventory::{Inventory, Namespace, NodeAddrs, Pod, PodPhase, Workload};
+    use std::sync::Arc;
+
+    let pod = Pod {
+        namespace: "prod".into(),
+        name: "db-0".into(),
+        labels: [("app".to_owned(), "db".to_owned())].into(),
+        ips: vec!["10.0.0.10".parse().expect("address")],
+        host_network: false,
+        node_name: None,
+        phase: PodPhase::Running,
+        created_unix: 0,
+        ports: vec![],
+        workload: Workload {
+            kind: "Deployment".into(),
+            name: "db".into(),
+        },
+    };
+    let policy = serde_yaml::from_str(
+        "metadata: {name: default-deny-ingress, namespace: prod}\n\
+         spec: {podSelector: {}, policyTypes: [Ingress]}",
+    )
+    .expect("policy");
+    let inv = Inventory {
+        namespaces: [(
+            "prod".to_owned(),
+            Namespace {
+                name: "prod".into(),
+                labels: [("kubernetes.io/metadata.name".to_owned(), "prod".to_owned())].into(),
+            },
+        )]
+        .into(),
+        pods: vec![Arc::new(pod)],
+        policies: vec![Arc::new(policy)],
+        ..Inventory::default()
+    };
+    observer::attribute::Views::new(Arc::new(inv), NodeAddrs::new([]))
+}
+
+/// One denied flow from 8.8.8.8 to the db pod's port 5432.
+fn denied_drain(packets: u64) -> observer::capture::DrainReport {
+    observer::capture::DrainReport {
+        drops: vec![observer::capture::FlowDrop {
+            reason: "netfilter_drop".into(),
+            src: Some("8.8.8.8".parse().expect("address")),
+            dst: Some("10.0.0.10".parse().expect("address")),
+            protocol: Protocol::Tcp,
+            dst_port: 5432,
+            icmp: None,
+            netns: 0,
+            packets,
+            bytes: packets * 60,
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn drained_denies_become_events_counted_over_the_drain_window() {
+    use observer::attribute::{Attribution, Sink as _};
+    use std::time::SystemTime;
+
+    let (events, handle) = publisher(EventsConfig::default());
+    let queue_full = prometheus::IntCounter::new("queue_full", "t").expect("counter");
+    let (mut sink, task) = events.spawn(8, Duration::from_secs(60), queue_full.clone());
+    let views = db_views();
+    let start = SystemTime::now();
+    let mut core = Attribution::new(true, start);
+    let out = core.attribute(
+        &views,
+        &denied_drain(6),
+        &[],
+        start + Duration::from_secs(2),
+    );
+    sink.record(out, start + Duration::from_secs(2));
+    let mut handle = pin!(handle);
+    let created = expect(
+        &mut handle,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/prod/events",
+    )
+    .await;
+    assert_eq!(created["regarding"]["name"], "db-0");
+    assert_eq!(created["reason"], "PolicyDenied");
+    assert_eq!(
+        created["note"],
+        "Denied 6 TCP/5432 packets from world in 2s: isolated by prod/default-deny-ingress"
+    );
+    // The last sink gone, the publisher flushes and ends.
+    drop(sink);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("publisher ends")
+        .expect("publisher task");
+    assert_eq!(queue_full.get(), 0);
+}
+
+#[tokio::test]
+async fn a_full_queue_is_counted_not_waited_for() {
+    use observer::attribute::{Attribution, Sink as _};
+    use std::time::SystemTime;
+
+    let (events, _handle) = publisher(EventsConfig::default());
+    let queue_full = prometheus::IntCounter::new("queue_full", "t").expect("counter");
+    // The fake API server never answers: the publisher holds at most one summary in flight
+    // and one in the queue.
+    let (mut sink, _task) = events.spawn(1, Duration::from_secs(60), queue_full.clone());
+    let views = db_views();
+    let start = SystemTime::now();
+    let mut core = Attribution::new(true, start);
+    for i in 1..=5u32 {
+        let now = start + Duration::from_secs(u64::from(i));
+        let out = core.attribute(&views, &denied_drain(1), &[], now);
+        sink.record(out, now);
+    }
+    assert!(
+        (3..=4).contains(&queue_full.get()),
+        "5 summaries, room for at most 2: {}",
+        queue_full.get()
+    );
+}
