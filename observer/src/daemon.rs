@@ -31,8 +31,8 @@ use crate::export::{
 };
 use crate::flow::{Direction, Protocol};
 use crate::inventory::kube::{KubeInventory, KubeInventoryConfig};
-use crate::inventory::{self, Attributor, Endpoint, Inventory, NodeAddrs, ReloadStats};
-use crate::verdict::{Engine, FlowQuery, Peer, Verdict, VerdictCache};
+use crate::inventory::{self, Endpoint, Inventory, NodeAddrs, ReloadStats};
+use crate::verdict::{FlowQuery, Peer, Update, Verdict, VerdictCache, Views};
 
 /// Log output format.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -430,7 +430,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("capture loader task")?
         .context("loading the kfree_skb capture program")?;
-    release_startup_memory();
+    release_freed_memory();
     info!(
         reasons = capture.reasons().len(),
         flow_map_entries = args.flow_map_entries,
@@ -507,13 +507,15 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Hands start-up garbage back to the allocator and the kernel.
+/// Hands freed heap back to the kernel: start-up garbage, and each replaced inventory.
 ///
 /// Parsing the kernel's BTF (megabytes) and loading the program free many small blocks, which
 /// glibc consolidates lazily, inside whichever later allocation needs a large block: that was
 /// 20 to 30 ms of CPU in the first seconds of a drop flood (perf, `cargo xtask bench`). Trimming
-/// now moves the cost to start-up, before the daemon reports ready, and lowers its RSS.
-fn release_startup_memory() {
+/// now moves the cost to start-up, before the daemon reports ready, and lowers its RSS. A
+/// replaced 10,000-pod inventory (and the transient memory of loading the next) is tens of MB
+/// spread over glibc's arenas, which would otherwise stay resident, and grow, across reloads.
+fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim has no preconditions; it only walks glibc's own arenas.
     unsafe {
@@ -634,19 +636,13 @@ async fn publish_events(
     events.flush().await;
 }
 
-/// The per-snapshot views: rebuilt together whenever the inventory changes.
-struct Views {
-    attributor: Attributor,
-    engine: Engine,
-}
-
 /// The synchronous heart of the daemon.
 struct Pipeline {
     capture: Capture,
     metrics: Arc<Metrics>,
     http: Arc<HttpState>,
     inventory_rx: watch::Receiver<Arc<Inventory>>,
-    node: NodeAddrs,
+    /// Attribution index and policy engine, updated in place as pods change.
     views: Views,
     cache: VerdictCache,
     /// Series increments of the drain being recorded (kept for its capacity).
@@ -782,11 +778,7 @@ impl Pipeline {
             metrics,
             http,
             inventory_rx,
-            views: Views {
-                attributor: Attributor::new(&empty, node.clone()),
-                engine: Engine::new(empty),
-            },
-            node,
+            views: Views::new(empty, node),
             cache: VerdictCache::new(VERDICT_CACHE),
             batch: DrainBatch::default(),
             no_policy: Arc::from(""),
@@ -852,28 +844,31 @@ impl Pipeline {
             .set_inventory_objects("networkpolicies", counts.policies);
         self.metrics
             .set_inventory_invalid_objects(&inv.invalid_counts());
-        self.alert
-            .set_policies(inv.policies.iter().map(|p| p.as_ref()));
-        let engine = Engine::new(Arc::clone(&inv));
         self.http
             .set_inventory_empty(counts == inventory::ObjectCounts::default());
-        export_open_namespaces(
-            &self.open_namespaces,
-            engine.audit().iter().map(|ns| (ns.name.as_str(), ns.open)),
-            self.series_limit,
-        );
-        for warning in engine.warnings() {
-            warn!(warning = %warning, "NetworkPolicy the engine cannot fully honour");
+        let update = self.views.update(inv, &self.cache);
+        // Open namespaces, warnings and policy annotations depend on namespaces and policies
+        // only: a change of pods alone leaves them as they are.
+        if update == Update::Rebuilt || force {
+            let engine = &self.views.engine;
+            self.alert
+                .set_policies(engine.inventory().policies.iter().map(|p| p.as_ref()));
+            export_open_namespaces(
+                &self.open_namespaces,
+                engine.audit().iter().map(|ns| (ns.name.as_str(), ns.open)),
+                self.series_limit,
+            );
+            for warning in engine.warnings() {
+                warn!(warning = %warning, "NetworkPolicy the engine cannot fully honour");
+            }
         }
-        self.views = Views {
-            attributor: Attributor::new(&inv, self.node.clone()),
-            engine,
-        };
-        self.cache.clear();
+        // The previous snapshot and views were just freed, mostly in blocks glibc keeps.
+        release_freed_memory();
         debug!(
             pods = counts.pods,
             policies = counts.policies,
             namespaces = counts.namespaces,
+            ?update,
             "inventory snapshot in use"
         );
     }

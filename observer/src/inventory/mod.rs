@@ -7,6 +7,7 @@
 
 pub mod attribution;
 pub mod convert;
+pub mod delta;
 pub mod kube;
 pub mod manifest;
 pub mod model;
@@ -16,6 +17,7 @@ pub mod workload;
 
 pub use attribution::{Attributor, Endpoint, NodeAddrs};
 pub use convert::ConvertError;
+pub use delta::{PodDelta, rebase};
 pub use manifest::{LoadError, load_dir};
 pub use model::*;
 pub use reload::{DirWatch, ReloadStats, watch_dir};
