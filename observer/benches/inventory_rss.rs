@@ -516,8 +516,14 @@ fn main() {
         .iter()
         .map(|f| std::fs::metadata(dir.path().join(f)).map_or(0, |m| m.len()))
         .sum();
+    let pod_list = list_json("PodList", "v1", pods);
+    println!(
+        "inventory memory: the pod list is {:.1} MiB of JSON ({} B per pod)",
+        pod_list.len() as f64 / 1048576.0,
+        pod_list.len() / PODS
+    );
     let server = FakeApiServer::start(
-        list_json("PodList", "v1", pods),
+        pod_list,
         list_json("NamespaceList", "v1", namespaces),
         list_json("NetworkPolicyList", "networking.k8s.io/v1", policies),
     );

@@ -280,7 +280,7 @@ enum Kind {
     Ignored(String),
     /// A used kind that the API server would refuse.
     Invalid(Vec<String>),
-    Namespace(core::Namespace),
+    Namespace(Box<core::Namespace>),
     Pod(Box<core::Pod>),
     Policy(Box<NetworkPolicy>),
     ReplicaSet(Vec<OwnerReference>),
@@ -345,7 +345,7 @@ fn prepare(path: &Path, at: ObjectLocation, obj: Value) -> Result<Prepared, Load
         "Namespace" => typed::<core::Namespace>(obj).and_then(|mut ns| {
             checked(validate::namespace(&ns))?;
             kube::trim_namespace(&mut ns);
-            Ok(Kind::Namespace(ns))
+            Ok(Kind::Namespace(Box::new(ns)))
         }),
         "Pod" => typed::<core::Pod>(obj).and_then(|mut pod| {
             pod.metadata.namespace = namespace;
@@ -663,7 +663,11 @@ impl Loader {
         match what {
             Kind::Ignored(_) => {}
             Kind::Invalid(errors) => self.invalid.push(invalid_object(&path, &at, errors)),
-            Kind::Namespace(obj) => self.namespaces.push(Found { path, at, obj }),
+            Kind::Namespace(obj) => self.namespaces.push(Found {
+                path,
+                at,
+                obj: *obj,
+            }),
             Kind::Pod(obj) => self.pods.push(Found {
                 path,
                 at,
