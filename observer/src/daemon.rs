@@ -266,6 +266,7 @@ fn source(arg: Option<&str>) -> anyhow::Result<Source> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    one_malloc_arena();
     let source = source(args.inventory.as_deref())?;
     // First: a second daemon on the same state directory stops here, before it attaches a
     // second program or binds anything.
@@ -504,6 +505,20 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     match pipeline_result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(_) => bail!("the pipeline thread panicked"),
+    }
+}
+
+/// Makes every thread allocate from glibc's main arena. Inventory loads run on whichever
+/// blocking thread tokio picks, and each thread would otherwise get its own arena: a 10,000-pod
+/// reload's freed memory then stays behind in a different arena each time (measured: 55 MiB
+/// after the first load, 93 MiB after three reloads; one arena: 55 MiB throughout). The hot
+/// path is one thread, so allocator contention is not a cost here.
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a glibc tunable; M_ARENA_MAX takes effect for threads that
+    // have no arena yet and never invalidates existing allocations.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

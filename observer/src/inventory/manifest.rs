@@ -31,8 +31,9 @@ use serde_json::Value;
 use super::convert::{self, ConvertError};
 use super::kube;
 use super::model::Inventory;
+use super::model::Pod;
 use super::validate::{self, InvalidObject, PodLayout};
-use super::workload::OwnerIndex;
+use super::workload::{self, OwnerIndex};
 
 /// Namespace of objects that do not name one, as with `kubectl apply`.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -249,9 +250,9 @@ struct Found<T> {
 #[derive(Default)]
 struct Loader {
     namespaces: Vec<Found<core::Namespace>>,
-    /// Validated as written, then trimmed ([`trim_pod`]): converting waits for every owner,
-    /// and a 10,000-pod dump must not be held whole until then.
-    pods: Vec<Found<core::Pod>>,
+    /// Converted as they are read, so that no API object of a 10,000-pod dump outlives its
+    /// item; the workload is resolved again once every owner is known.
+    pods: Vec<Found<PreparedPod>>,
     policies: Vec<Found<NetworkPolicy>>,
     owners: OwnerIndex,
     /// Objects of a used kind that the API server would refuse: left out, reported.
@@ -265,6 +266,13 @@ fn is_json(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
+/// A converted pod, and its owner when a ReplicaSet or Job of the manifests may name the
+/// workload.
+struct PreparedPod {
+    model: Pod,
+    owner: Option<OwnerReference>,
 }
 
 /// An object read from a file and reduced to what the inventory keeps; [`Loader::commit`]
@@ -281,7 +289,7 @@ enum Kind {
     /// A used kind that the API server would refuse.
     Invalid(Vec<String>),
     Namespace(Box<core::Namespace>),
-    Pod(Box<core::Pod>),
+    Pod(Box<PreparedPod>),
     Policy(Box<NetworkPolicy>),
     ReplicaSet(Vec<OwnerReference>),
     Job(Vec<OwnerReference>),
@@ -350,8 +358,17 @@ fn prepare(path: &Path, at: ObjectLocation, obj: Value) -> Result<Prepared, Load
         "Pod" => typed::<core::Pod>(obj).and_then(|mut pod| {
             pod.metadata.namespace = namespace;
             checked(validate::pod(&pod, PodLayout::AsWritten))?;
-            kube::trim_pod(&mut pod);
-            Ok(Kind::Pod(Box::new(pod)))
+            // Owners seen later can change the workload; which owner is kept for `finish`.
+            let model = convert::pod(&pod, &OwnerIndex::default())
+                .map_err(|e| Kind::Invalid(vec![e.to_string()]))?;
+            let owner = pod
+                .metadata
+                .owner_references
+                .as_deref()
+                .and_then(workload::controller_of)
+                .filter(|o| matches!(o.kind.as_str(), "ReplicaSet" | "Job"))
+                .cloned();
+            Ok(Kind::Pod(Box::new(PreparedPod { model, owner })))
         }),
         "NetworkPolicy" => typed::<NetworkPolicy>(obj).and_then(|mut np| {
             np.metadata.namespace = namespace;
@@ -716,13 +733,19 @@ impl Loader {
                 Err(e) => invalid.push(conv(f, &e)),
             }
         }
-        for f in &pods {
-            match convert::pod(&f.obj, &owners) {
-                Ok(pod) => inv.pods.push(Arc::new(pod)),
-                Err(e) => invalid.push(conv(f, &e)),
+        for f in pods {
+            let PreparedPod { mut model, owner } = f.obj;
+            if let Some(owner) = owner {
+                model.workload = workload::resolve(
+                    &model.namespace,
+                    &model.name,
+                    &model.labels,
+                    std::slice::from_ref(&owner),
+                    &owners,
+                );
             }
+            inv.pods.push(Arc::new(model));
         }
-        drop(pods);
         for f in policies {
             let (path, at) = (f.path.clone(), f.at.clone());
             match convert::policy(f.obj) {
