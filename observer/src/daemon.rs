@@ -531,11 +531,7 @@ fn one_malloc_arena() {
 /// replaced 10,000-pod inventory (and the transient memory of loading the next) is tens of MB
 /// spread over glibc's arenas, which would otherwise stay resident, and grow, across reloads.
 fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim has no preconditions; it only walks glibc's own arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    inventory::release_freed_memory();
 }
 
 /// What a signal asks of the daemon.
