@@ -923,3 +923,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod store_tests;

@@ -28,10 +28,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-pub use self::cache::{EndpointKey, FlowKey, VerdictCache};
+pub use self::cache::{EndpointKey, VerdictCache, VerdictKey};
 pub use self::cli::{AuditArgs, ExplainArgs, audit, explain};
 use self::compile::{CompiledPolicy, PeerView, Rule, compile_policy};
-pub use self::views::{Update, Views};
+pub use self::views::{Update, Views, update_views};
 pub use crate::flow::{Direction, Protocol};
 use crate::inventory::{Inventory, Labels, Pod};
 

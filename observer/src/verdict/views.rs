@@ -52,23 +52,35 @@ impl Views {
     /// [`rebase`](crate::inventory::rebase)), so [`Engine::inventory`] afterwards is
     /// equal to `inventory` but not necessarily the same allocation.
     pub fn update(&mut self, inventory: Arc<Inventory>, cache: &VerdictCache) -> Update {
-        let (inventory, delta) = rebase(self.engine.inventory(), inventory);
-        match self.engine.with_pods_of(Arc::clone(&inventory)) {
-            Some(engine) => {
-                self.attributor.apply(&delta.removed, &delta.added);
-                self.engine = engine;
-                Update::Pods {
-                    removed: delta.removed.len(),
-                    added: delta.added.len(),
-                    invalidated: cache.invalidate(&delta),
-                }
+        update_views(&mut self.attributor, &mut self.engine, cache, inventory)
+    }
+}
+
+/// [`Views::update`] for views held as separate parts: moves `attributor` and `engine` to
+/// `inventory` in place when only pods changed, else rebuilds both; invalidates `cache` to
+/// match.
+pub fn update_views(
+    attributor: &mut Attributor,
+    engine: &mut Engine,
+    cache: &VerdictCache,
+    inventory: Arc<Inventory>,
+) -> Update {
+    let (inventory, delta) = rebase(engine.inventory(), inventory);
+    match engine.with_pods_of(Arc::clone(&inventory)) {
+        Some(next) => {
+            attributor.apply(&delta.removed, &delta.added);
+            *engine = next;
+            Update::Pods {
+                removed: delta.removed.len(),
+                added: delta.added.len(),
+                invalidated: cache.invalidate(&delta),
             }
-            None => {
-                let node = self.attributor.node().clone();
-                *self = Self::new(inventory, node);
-                cache.clear();
-                Update::Rebuilt
-            }
+        }
+        None => {
+            *attributor = Attributor::new(&inventory, attributor.node().clone());
+            *engine = Engine::new(inventory);
+            cache.clear();
+            Update::Rebuilt
         }
     }
 }
