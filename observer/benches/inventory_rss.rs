@@ -9,7 +9,10 @@
 //! - **API server**: the same objects served by a stand-in for the API server's list and watch
 //!   endpoints (there is no API server here); each of the 10 reloads ends every open watch with
 //!   `410 Gone`, as an API server does when a watch falls out of its window, so the daemon lists
-//!   all three resources again.
+//!   all three resources again. Like an API server, the stand-in pages a list that asks for
+//!   `limit` (following `continue`), except a `resourceVersion=0` list, which it serves whole
+//!   as the watch cache does. Measured with the daemon's default `--inventory-list paged`, and
+//!   for reference (not held to the target) with `--inventory-list cache`.
 //!
 //! The figure is the daemon's VmRSS (from /proc) once the reload is in use, and its peak
 //! (VmHWM). The target: at most 64 MiB at every point, for both sources.
@@ -292,6 +295,8 @@ struct Series {
     source: &'static str,
     rss: Vec<u64>,
     peak: u64,
+    /// Held to the target (the reference series is only reported).
+    held: bool,
 }
 
 fn manifest_path(dir: &Path) -> Series {
@@ -325,10 +330,11 @@ fn manifest_path(dir: &Path) -> Series {
         source: "manifest directory",
         rss,
         peak,
+        held: true,
     }
 }
 
-fn api_path(server: &FakeApiServer) -> Series {
+fn api_path(server: &FakeApiServer, list: &'static str) -> Series {
     let kubeconfig = tempfile::NamedTempFile::new().expect("kubeconfig");
     std::fs::write(
         kubeconfig.path(),
@@ -339,7 +345,7 @@ fn api_path(server: &FakeApiServer) -> Series {
     )
     .expect("write kubeconfig");
     let mut d = Daemon::start(
-        &["--inventory", "kube"],
+        &["--inventory", "kube", "--inventory-list", list],
         &[("KUBECONFIG", kubeconfig.path())],
     );
     let mut rss = vec![d.settled_rss()];
@@ -355,9 +361,14 @@ fn api_path(server: &FakeApiServer) -> Series {
     }
     let peak = status_kib(d.pid(), "VmHWM:");
     Series {
-        source: "API server",
+        source: if list == "paged" {
+            "API server, --inventory-list paged"
+        } else {
+            "API server, --inventory-list cache (reference)"
+        },
         rss,
         peak,
+        held: list == "paged",
     }
 }
 
@@ -368,12 +379,60 @@ struct FakeApiServer {
     addr: SocketAddr,
     /// Bumped to end every open watch.
     epoch: Arc<AtomicU64>,
-    /// Pod lists served so far.
+    /// Pod lists served to their last page so far.
     pod_lists: Arc<AtomicU64>,
 }
 
+/// One resource's list: its kinds and its objects, each already encoded.
+struct ListBody {
+    kind: &'static str,
+    api_version: &'static str,
+    items: Vec<Vec<u8>>,
+}
+
+impl ListBody {
+    fn new(kind: &'static str, api_version: &'static str, items: &[serde_json::Value]) -> Self {
+        Self {
+            kind,
+            api_version,
+            items: items
+                .iter()
+                .map(|i| serde_json::to_vec(i).expect("encode item"))
+                .collect(),
+        }
+    }
+
+    /// The JSON of the page at `offset` of at most `limit` objects, and whether it is the
+    /// last. The continue token is the next page's offset.
+    fn page(&self, offset: usize, limit: Option<usize>) -> (Vec<u8>, bool) {
+        let offset = offset.min(self.items.len());
+        let end = limit.map_or(self.items.len(), |l| {
+            offset.saturating_add(l.max(1)).min(self.items.len())
+        });
+        let last = end == self.items.len();
+        let meta = if last {
+            r#"{"resourceVersion":"1000000"}"#.to_owned()
+        } else {
+            format!(r#"{{"resourceVersion":"1000000","continue":"{end}"}}"#)
+        };
+        let mut out = format!(
+            r#"{{"kind":"{}","apiVersion":"{}","metadata":{meta},"items":["#,
+            self.kind, self.api_version
+        )
+        .into_bytes();
+        for (i, item) in self.items[offset..end].iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(item);
+        }
+        out.extend_from_slice(b"]}");
+        (out, last)
+    }
+}
+
 impl FakeApiServer {
-    fn start(pods: Vec<u8>, namespaces: Vec<u8>, policies: Vec<u8>) -> Self {
+    fn start(pods: ListBody, namespaces: ListBody, policies: ListBody) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the API stand-in");
         let addr = listener.local_addr().expect("addr");
         let epoch = Arc::new(AtomicU64::new(0));
@@ -398,7 +457,7 @@ impl FakeApiServer {
     }
 }
 
-fn serve_conn(conn: TcpStream, lists: &[Vec<u8>; 3], epoch: &AtomicU64, pod_lists: &AtomicU64) {
+fn serve_conn(conn: TcpStream, lists: &[ListBody; 3], epoch: &AtomicU64, pod_lists: &AtomicU64) {
     let mut reader = BufReader::new(conn.try_clone().expect("clone stream"));
     let mut out = conn;
     loop {
@@ -462,31 +521,35 @@ fn serve_conn(conn: TcpStream, lists: &[Vec<u8>; 3], epoch: &AtomicU64, pod_list
             let chunk = format!("{:x}\r\n{gone}\r\n0\r\n\r\n", gone.len());
             out.write_all(chunk.as_bytes()).and_then(|()| out.flush())
         } else {
-            if which == 0 {
+            let param = |key: &str| {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            };
+            // The watch cache serves `resourceVersion=0` whole, whatever the limit.
+            let limit = match param("resourceVersion") {
+                Some("0") => None,
+                _ => param("limit").and_then(|l| l.parse::<usize>().ok()),
+            };
+            let offset = param("continue")
+                .and_then(|c| c.parse::<usize>().ok())
+                .unwrap_or(0);
+            let (body, last) = lists[which].page(offset, limit);
+            if which == 0 && last {
                 pod_lists.fetch_add(1, Ordering::SeqCst);
             }
-            let body = &lists[which];
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                 body.len()
             );
             out.write_all(head.as_bytes())
-                .and_then(|()| out.write_all(body))
+                .and_then(|()| out.write_all(&body))
                 .and_then(|()| out.flush())
         };
         if ok.is_err() {
             return;
         }
     }
-}
-
-fn list_json(kind: &str, api_version: &str, items: Vec<serde_json::Value>) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "kind": kind, "apiVersion": api_version,
-        "metadata": {"resourceVersion": "1000000"},
-        "items": items,
-    }))
-    .expect("encode list")
 }
 
 fn yaml_list(path: &Path, items: Vec<serde_json::Value>) {
@@ -516,16 +579,17 @@ fn main() {
         .iter()
         .map(|f| std::fs::metadata(dir.path().join(f)).map_or(0, |m| m.len()))
         .sum();
-    let pod_list = list_json("PodList", "v1", pods);
+    let pod_list = ListBody::new("PodList", "v1", &pods);
+    let pod_bytes = pod_list.page(0, None).0.len();
     println!(
         "inventory memory: the pod list is {:.1} MiB of JSON ({} B per pod)",
-        pod_list.len() as f64 / 1048576.0,
-        pod_list.len() / PODS
+        pod_bytes as f64 / 1048576.0,
+        pod_bytes / PODS
     );
     let server = FakeApiServer::start(
         pod_list,
-        list_json("NamespaceList", "v1", namespaces),
-        list_json("NetworkPolicyList", "networking.k8s.io/v1", policies),
+        ListBody::new("NamespaceList", "v1", &namespaces),
+        ListBody::new("NetworkPolicyList", "networking.k8s.io/v1", &policies),
     );
     println!(
         "inventory memory: {PODS} pods, {POLICIES} policies, {NAMESPACES} namespaces ({:.1} MiB of YAML); generated in {:.1?}",
@@ -533,13 +597,17 @@ fn main() {
         started.elapsed()
     );
 
-    let results = [manifest_path(dir.path()), api_path(&server)];
+    let results = [
+        manifest_path(dir.path()),
+        api_path(&server, "paged"),
+        api_path(&server, "cache"),
+    ];
     let mib = |kib: u64| kib as f64 / 1024.0;
     let mut pass = true;
     for s in &results {
         let worst = s.rss.iter().copied().max().unwrap_or(0);
         let ok = worst <= TARGET_KIB;
-        pass &= ok;
+        pass &= ok || !s.held;
         let series: Vec<String> = s.rss.iter().map(|k| format!("{:.1}", mib(*k))).collect();
         println!(
             "inventory memory [{}]: RSS after start {:.1} MiB, after {RELOADS} reloads {:.1} MiB, max {:.1} MiB, peak (VmHWM) {:.1} MiB; target ≤ {} MiB: {}",
@@ -549,7 +617,11 @@ fn main() {
             mib(worst),
             mib(s.peak),
             TARGET_KIB / 1024,
-            if ok { "PASS" } else { "FAIL" }
+            match (ok, s.held) {
+                (true, _) => "PASS",
+                (false, true) => "FAIL",
+                (false, false) => "over (reference only)",
+            }
         );
         println!(
             "inventory memory [{}]: RSS per reload (MiB): {}",

@@ -25,7 +25,7 @@ use crate::alert::{self, AlertStage};
 use crate::capture::{AttachMode, Capture, CaptureConfig, ReasonFilter};
 use crate::export::events::{EventMetrics, EventsConfig, PolicyDeniedEvents};
 use crate::export::{self, HttpLimits, HttpState, Metrics, MetricsConfig, ReadyCondition};
-use crate::inventory::kube::{KubeInventory, KubeInventoryConfig};
+use crate::inventory::kube::{KubeInventory, KubeInventoryConfig, ListStrategy};
 use crate::inventory::{self, NodeAddrs};
 
 use self::pipeline::{Pipeline, Stages};
@@ -50,6 +50,17 @@ pub struct RunArgs {
     /// changes), or `kube` for the API server. Defaults to `kube` inside a pod.
     #[arg(long, env = "DENY_OBSERVER_INVENTORY")]
     pub inventory: Option<String>,
+    /// How `--inventory kube` lists pods, namespaces and NetworkPolicies at start and after a
+    /// watch expires: `paged` (consistent lists of 500 objects a page; flat memory, pages read
+    /// from etcd before Kubernetes 1.31) or `cache` (one unpaginated list from the API
+    /// server's watch cache; memory grows with the cluster).
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = ListStrategy::Paged,
+        env = "DENY_OBSERVER_INVENTORY_LIST"
+    )]
+    pub inventory_list: ListStrategy,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9965")]
     pub metrics_addr: SocketAddr,
@@ -303,6 +314,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 Arc::new(move |resource: &str| counter_metrics.record_watch_error(resource)),
                 KubeInventoryConfig {
                     node_name: (!args.node_name.is_empty()).then(|| args.node_name.clone()),
+                    list: args.inventory_list,
                     ..KubeInventoryConfig::default()
                 },
             );

@@ -75,6 +75,43 @@ pub struct KubeInventoryConfig {
     pub node_name: Option<String>,
     /// Minimum time between two published snapshots.
     pub debounce: Duration,
+    /// How the initial lists (and the relists after a watch falls out of its window) are made.
+    pub list: ListStrategy,
+}
+
+/// Objects per page of a [`ListStrategy::Paged`] list.
+pub const LIST_PAGE_SIZE: u32 = 500;
+
+/// How the reflectors make their initial lists and relists (`--inventory-list`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ListStrategy {
+    /// Consistent lists of 500 objects a page (`limit`/`continue`): the daemon holds one page
+    /// of API objects at a time, so its memory stays flat whatever the cluster's size. Before
+    /// Kubernetes 1.31 (consistent list from the watch cache) every page is read from etcd.
+    #[default]
+    Paged,
+    /// One `resourceVersion=0` list served from the API server's watch cache, never from etcd;
+    /// the API server ignores `limit` for it, so the daemon decodes the whole list at once and
+    /// its memory grows with the cluster (about 4x the paged figure at 10,000 pods).
+    Cache,
+}
+
+impl ListStrategy {
+    /// The watcher configuration of this strategy.
+    pub fn watcher_config(self) -> watcher::Config {
+        match self {
+            Self::Paged => watcher::Config::default()
+                .list_semantic(watcher::ListSemantic::MostRecent)
+                .page_size(LIST_PAGE_SIZE),
+            Self::Cache => {
+                // kube drops `resourceVersion=0` from a list that has a limit, which turns it
+                // into a consistent paged list: the cache list must ask for no limit.
+                let mut config = watcher::Config::default().any_semantic();
+                config.page_size = None;
+                config
+            }
+        }
+    }
 }
 
 impl Default for KubeInventoryConfig {
@@ -82,6 +119,7 @@ impl Default for KubeInventoryConfig {
         Self {
             node_name: node_name_from_env(),
             debounce: Duration::from_secs(1),
+            list: ListStrategy::default(),
         }
     }
 }
@@ -611,8 +649,10 @@ impl KubeInventory {
             health.mark_failed(part, "not synced yet".to_owned());
         }
         let mut tasks = Vec::with_capacity(4);
+        let lists = config.list.watcher_config();
         tasks.push(tokio::spawn(reflect(
             Api::<K8sPod>::all(client.clone()),
+            lists.clone(),
             writers.pods,
             RESOURCE_PODS,
             Arc::clone(&on_watch_error),
@@ -621,6 +661,7 @@ impl KubeInventory {
         )));
         tasks.push(tokio::spawn(reflect(
             Api::<K8sNamespace>::all(client.clone()),
+            lists.clone(),
             writers.namespaces,
             RESOURCE_NAMESPACES,
             Arc::clone(&on_watch_error),
@@ -629,6 +670,7 @@ impl KubeInventory {
         )));
         tasks.push(tokio::spawn(reflect(
             Api::<NetworkPolicy>::all(client),
+            lists,
             writers.policies,
             RESOURCE_NETWORKPOLICIES,
             on_watch_error,
@@ -703,6 +745,7 @@ impl Drop for KubeInventory {
 /// is aborted.
 fn reflect<K>(
     api: Api<K>,
+    lists: watcher::Config,
     mut writer: StoreWriter<K>,
     resource: &'static str,
     on_error: WatchErrorCounter,
@@ -720,9 +763,7 @@ where
         + 'static,
     K::Stored: Send + Sync + PartialEq,
 {
-    // `any_semantic`: the initial list is served from the API server's watch cache, which
-    // matters when every node of a large cluster lists all pods at once.
-    let stream = watcher(api, watcher::Config::default().any_semantic())
+    let stream = watcher(api, lists)
         .default_backoff()
         .inspect_ok(move |event| writer.apply_watcher_event(event));
     drive(stream, resource, on_error, changed, health)

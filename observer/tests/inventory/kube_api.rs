@@ -16,7 +16,9 @@ use std::time::Duration;
 use http::{Method, Request, Response};
 use kube::client::Body;
 use observer::inventory::Inventory;
-use observer::inventory::kube::{KubeInventory, KubeInventoryConfig, WatchErrorCounter};
+use observer::inventory::kube::{
+    KubeInventory, KubeInventoryConfig, ListStrategy, WatchErrorCounter,
+};
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle, SendResponse};
 
@@ -155,6 +157,7 @@ fn config() -> KubeInventoryConfig {
     KubeInventoryConfig {
         node_name: Some("node-a".into()),
         debounce: Duration::from_millis(20),
+        list: ListStrategy::default(),
     }
 }
 
@@ -408,5 +411,130 @@ async fn not_ready_while_the_api_server_fails() {
         health.last_error().is_some_and(|e| e.contains("pods")),
         "{:?}",
         health.last_error()
+    );
+}
+
+/// A list page that the API server continues with `continue=<token>`.
+fn page(kind: &str, api_version: &str, rv: &str, token: &str, items: Vec<Value>) -> Reply {
+    Reply::Json(
+        200,
+        json!({"apiVersion": api_version, "kind": format!("{kind}List"),
+               "metadata": {"resourceVersion": rv, "continue": token}, "items": items}),
+    )
+}
+
+fn query_param<'a>(seen: &'a Seen, key: &str) -> Option<&'a str> {
+    seen.query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Starts an inventory with `strategy` against a server whose pods come in two pages (`web` then
+/// `db`) and whose namespaces and policies come in one; returns the requests once it is ready.
+async fn two_page_pods(strategy: ListStrategy) -> (KubeInventory, Vec<Seen>) {
+    let script = Script::default()
+        .on(
+            NAMESPACES,
+            false,
+            list_reply("Namespace", "v1", vec![ns("prod", "a")]),
+        )
+        .on(
+            PODS,
+            false,
+            page(
+                "Pod",
+                "v1",
+                "200",
+                "page-2-token",
+                vec![pod("web", "10.0.0.1", "199")],
+            ),
+        )
+        .on(
+            PODS,
+            false,
+            list("Pod", "v1", "200", vec![pod("db", "10.0.0.2", "200")]),
+        )
+        .on(
+            POLICIES,
+            false,
+            list_reply(
+                "NetworkPolicy",
+                "networking.k8s.io/v1",
+                vec![policy("allow-web", "web", "300")],
+            ),
+        );
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let log = serve(handle, script);
+    let (counter, errors) = error_counter();
+    let inv = KubeInventory::start(
+        kube::Client::new(service, "default"),
+        counter,
+        KubeInventoryConfig {
+            list: strategy,
+            ..config()
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(20), inv.wait_until_ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    let snap = wait_for(&inv, "both pages applied", |s| s.pods.len() == 2).await;
+    let mut names: Vec<&str> = snap.pods.iter().map(|p| p.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["db", "web"]);
+    assert!(errors.lock().expect("errors").is_empty());
+    let seen = requests_for(&log, PODS);
+    (inv, seen)
+}
+
+fn list_reply(kind: &str, api_version: &str, items: Vec<Value>) -> Reply {
+    list(kind, api_version, "100", items)
+}
+
+#[tokio::test]
+async fn paged_lists_follow_continue_tokens_then_watch() {
+    let (_inv, seen) = two_page_pods(ListStrategy::Paged).await;
+    assert!(seen.len() >= 3, "two pages, then a watch: {seen:?}");
+    let (first, second, watch) = (&seen[0], &seen[1], &seen[2]);
+    assert!(!first.is_watch() && !second.is_watch(), "{seen:?}");
+    // A consistent list (no resourceVersion), a page at a time.
+    assert_eq!(query_param(first, "resourceVersion"), None, "{first:?}");
+    assert_eq!(query_param(first, "limit"), Some("500"), "{first:?}");
+    assert_eq!(query_param(first, "continue"), None, "{first:?}");
+    assert_eq!(query_param(second, "limit"), Some("500"), "{second:?}");
+    assert_eq!(
+        query_param(second, "continue"),
+        Some("page-2-token"),
+        "{second:?}"
+    );
+    assert!(watch.is_watch(), "{seen:?}");
+    assert_eq!(
+        query_param(watch, "resourceVersion"),
+        Some("200"),
+        "the watch resumes from the last page's resourceVersion: {watch:?}"
+    );
+}
+
+#[tokio::test]
+async fn cache_lists_ask_for_the_watch_cache() {
+    let (_inv, seen) = two_page_pods(ListStrategy::Cache).await;
+    let first = &seen[0];
+    assert!(!first.is_watch(), "{seen:?}");
+    assert_eq!(
+        query_param(first, "resourceVersion"),
+        Some("0"),
+        "{first:?}"
+    );
+    assert_eq!(query_param(first, "limit"), None, "{first:?}");
+    assert_eq!(
+        query_param(first, "resourceVersionMatch"),
+        Some("NotOlderThan"),
+        "{first:?}"
+    );
+    // A server that does paginate it is still followed to the end.
+    assert_eq!(
+        query_param(&seen[1], "continue"),
+        Some("page-2-token"),
+        "{seen:?}"
     );
 }
