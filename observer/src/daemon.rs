@@ -20,7 +20,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::alert::{self, AlertStage, DeniedEdge, SpikeTransition};
-use crate::capture::{self, AttachMode, Capture, CaptureConfig, ReasonFilter};
+use crate::capture::{self, AttachMode, Capture, CaptureConfig, ConnectionsConfig, ReasonFilter};
+use crate::export::connections::ConnectionMetrics;
 use crate::export::events::{
     DeniedTraffic, EventMetrics, EventsConfig, PeerRef, PodRef, PolicyDeniedEvents, SpikeNotice,
     SpikePhase,
@@ -101,6 +102,14 @@ pub struct RunArgs {
     /// the addresses of the network namespace the daemon runs in.
     #[arg(long, env = "NODE_IP", value_delimiter = ',')]
     pub node_ip: Vec<IpAddr>,
+    /// Accepted connections to count on `deny_observer_connections_total`: `tcp`, `udp`
+    /// (comma-separated), or `none`.
+    #[arg(long, default_value = "tcp,udp", value_parser = parse_connection_protocols)]
+    pub count_connections: ConnectionsConfig,
+    /// Distinct edges (source, destination, protocol, port) the kernel connection map holds;
+    /// connections of edges beyond it are counted as lost (`stage="connection_map_full"`).
+    #[arg(long, default_value_t = 16384)]
+    pub connection_map_entries: u32,
     /// Node name (downward API), for logs and deny_observer_build_info.
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_name: String,
@@ -237,6 +246,24 @@ fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
+/// `--count-connections`: `tcp`, `udp`, both, or `none`.
+fn parse_connection_protocols(s: &str) -> Result<ConnectionsConfig, String> {
+    let mut c = ConnectionsConfig::disabled();
+    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match p.to_ascii_lowercase().as_str() {
+            "tcp" => c.tcp = true,
+            "udp" => c.udp = true,
+            "none" => {}
+            other => {
+                return Err(format!(
+                    "unknown protocol {other:?} (expected tcp, udp or none)"
+                ));
+            }
+        }
+    }
+    Ok(c)
+}
+
 fn parse_reasons(s: &str) -> ReasonFilter {
     if s.trim().eq_ignore_ascii_case("all") {
         return ReasonFilter::All;
@@ -282,6 +309,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         open_namespaces,
         events: event_metrics,
         mut alert,
+        connections: connection_metrics,
     } = DaemonMetrics::build(
         MetricsConfig {
             series_limit: args.series_limit,
@@ -424,6 +452,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ringbuf_bytes: args.ringbuf_bytes,
         netns: args.netns_inode,
         attach: args.attach.into(),
+        connections: ConnectionsConfig {
+            map_entries: args.connection_map_entries,
+            ..args.count_connections
+        },
         ..CaptureConfig::default()
     };
     let capture = tokio::task::spawn_blocking(move || Capture::load(&capture_config))
@@ -454,7 +486,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let events_task = tokio::spawn(publish_events(events, event_rx, stop_rx.clone()));
 
     let stopping = Arc::new(AtomicBool::new(false));
-    let pipeline = Pipeline::new(
+    connection_metrics.set_hooks(capture.connection_hooks());
+    let mut pipeline = Pipeline::new(
         capture,
         Arc::clone(&metrics),
         Arc::clone(&http),
@@ -466,6 +499,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         inventory_health,
         event_tx,
     );
+    pipeline.connections = Some(connection_metrics);
     // Ready only now: the pipeline has taken in the inventory, so the first scrape after
     // /readyz turns 200 already carries its series (inventory objects, open namespaces).
     http.set_ready(ReadyCondition::ProgramsAttached, true);
@@ -570,6 +604,7 @@ struct DaemonMetrics {
     open_namespaces: IntGaugeVec,
     events: EventMetrics,
     alert: AlertStage,
+    connections: ConnectionMetrics,
 }
 
 impl DaemonMetrics {
@@ -586,11 +621,13 @@ impl DaemonMetrics {
         let events = EventMetrics::new()?;
         events.register(metrics.registry())?;
         let alert = AlertStage::new(alert, metrics.registry(), SystemTime::now())?;
+        let connections = ConnectionMetrics::new(&metrics)?;
         Ok(Self {
             metrics,
             open_namespaces,
             events,
             alert,
+            connections,
         })
     }
 }
@@ -667,6 +704,8 @@ struct Pipeline {
     kinds: HashMap<(String, String), String>,
     last_retain: Instant,
     last_drain: Instant,
+    /// `deny_observer_connections_total`; `None` only before `run` sets it.
+    connections: Option<ConnectionMetrics>,
 }
 
 /// Most "new denied edge" log lines per [`EDGE_LOG_WINDOW`]; the rest are counted and summed
@@ -801,6 +840,7 @@ impl Pipeline {
             kinds: HashMap::new(),
             last_retain: Instant::now(),
             last_drain: Instant::now(),
+            connections: None,
         };
         pipeline.refresh_inventory(true);
         pipeline
@@ -916,6 +956,14 @@ impl Pipeline {
             let removed = self
                 .metrics
                 .retain_workloads(&|ns, workload| live.contains(&(ns, workload)));
+            let removed = removed
+                + self.connections.as_ref().map_or(0, |c| {
+                    c.retain_workloads_at(
+                        Instant::now(),
+                        self.metrics.config().expiry_grace,
+                        &|ns, workload| live.contains(&(ns, workload)),
+                    )
+                });
             if removed > 0 {
                 debug!(
                     removed,
@@ -948,6 +996,7 @@ impl Pipeline {
                 error!(error = %err, "draining the flow map failed");
             }
         }
+        self.drain_connections();
         self.http.counters_refreshed();
         self.capture.flush_logs();
         for sample in self.capture.samples() {
@@ -966,6 +1015,20 @@ impl Pipeline {
         let bad = self.capture.take_bad_samples();
         if bad > 0 {
             self.metrics.record_loss("sample_malformed", bad);
+        }
+    }
+
+    /// Drains the connection map into `deny_observer_connections_total`.
+    fn drain_connections(&mut self) {
+        let (Some(metrics), Some(capture)) = (&self.connections, self.capture.connections()) else {
+            return;
+        };
+        match capture.drain() {
+            Ok(report) => {
+                let attributor = &self.views.attributor;
+                metrics.record_drain(&self.metrics, &report, |ip| attributor.lookup(ip));
+            }
+            Err(err) => error!(error = %err, "draining the connection map failed"),
         }
     }
 

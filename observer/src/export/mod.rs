@@ -10,6 +10,7 @@
 //! - [`serve`] runs `/metrics`, `/healthz` and `/readyz` (see [`HttpState`]).
 
 mod batch;
+pub mod connections;
 pub mod events;
 mod http;
 mod metrics;

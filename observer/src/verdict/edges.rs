@@ -379,7 +379,7 @@ pub fn fetch_edges(url: &str, window: &str) -> Result<Fetched, EdgeError> {
         let edges = parse_answer(&body, verdict).map_err(err)?;
         if edges.is_empty() && verdict == Observed::Allow {
             fetched.notes.push(format!(
-                "no allowed edges observed: {ALLOWED_METRIC} has no increase over {window} (the daemon does not count allowed connections yet); only denied edges are judged"
+                "no allowed edges observed: {ALLOWED_METRIC} has no increase over {window} (no allowed connection reached a pod, or the daemons run with --count-connections none); only denied edges are judged"
             ));
         }
         fetched.edges.extend(edges);
