@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::simnode::in_netns;
+use testkit::simnode::in_netns;
 
 /// Port of the accept loop in the server pod.
 pub const PORT: u16 = 7070;
@@ -137,38 +137,38 @@ pub fn connect_loop(
 pub const RATIO_TARGET: f64 = 0.95;
 
 /// Per-round `(limit, daemon)` windows of the connection scenario.
-fn pairs(results: &super::Results) -> Vec<(&ConnWindow, &ConnWindow)> {
+fn pairs(results: &crate::Results) -> Vec<(&ConnWindow, &ConnWindow)> {
     results
         .rounds
         .iter()
         .filter_map(|round| {
-            let of = |c: super::Config| {
+            let of = |c: crate::Config| {
                 round
                     .iter()
                     .find(|(config, _)| *config == c)
                     .and_then(|(_, s)| s.conn.as_ref())
             };
-            Some((of(super::Config::Limit)?, of(super::Config::Daemon)?))
+            Some((of(crate::Config::Limit)?, of(crate::Config::Daemon)?))
         })
         .collect()
 }
 
 /// Median per-round ratio of the daemon's connection rate to the limit's.
-pub fn ratio(results: &super::Results) -> Option<super::report::Spread> {
+pub fn ratio(results: &crate::Results) -> Option<crate::report::Spread> {
     let ratios: Vec<f64> = pairs(results)
         .iter()
         .map(|(l, d)| d.rate() / l.rate().max(1e-9))
         .collect();
-    super::report::Spread::of(&ratios)
+    crate::report::Spread::of(&ratios)
 }
 
 /// The connection scenario's targets: rate ratio, and exact counts.
-pub fn targets(results: &super::Results) -> Vec<super::report::Target> {
+pub fn targets(results: &crate::Results) -> Vec<crate::report::Target> {
     let daemon: Vec<&ConnWindow> = results
         .rounds
         .iter()
         .flatten()
-        .filter(|(c, _)| *c == super::Config::Daemon)
+        .filter(|(c, _)| *c == crate::Config::Daemon)
         .filter_map(|(_, s)| s.conn.as_ref())
         .collect();
     if daemon.is_empty() {
@@ -180,7 +180,7 @@ pub fn targets(results: &super::Results) -> Vec<super::report::Target> {
         .iter()
         .filter(|w| w.counted != Some(w.connections))
         .count();
-    let mut t = vec![super::report::Target {
+    let mut t = vec![crate::report::Target {
         name: "accuracy 1.0, tcp-connect (deny_observer_connections_total)".into(),
         pass: Some(inexact == 0),
         detail: format!(
@@ -190,10 +190,10 @@ pub fn targets(results: &super::Results) -> Vec<super::report::Target> {
     let ratio = ratio(results);
     if !pairs(results).is_empty() {
         let rates = |f: fn(&(&ConnWindow, &ConnWindow)) -> f64| {
-            super::report::Spread::of(&pairs(results).iter().map(f).collect::<Vec<_>>())
+            crate::report::Spread::of(&pairs(results).iter().map(f).collect::<Vec<_>>())
                 .map_or("-".to_owned(), |s| format!("{:.0}", s.median))
         };
-        t.push(super::report::Target {
+        t.push(crate::report::Target {
             name: format!("tcp-connect: connection rate ratio to the limit >= {RATIO_TARGET}"),
             pass: ratio.map(|r| r.median >= RATIO_TARGET),
             detail: format!(
@@ -210,7 +210,7 @@ pub fn targets(results: &super::Results) -> Vec<super::report::Target> {
 }
 
 /// The scenario in the JSON report.
-pub fn json(results: &super::Results) -> serde_json::Value {
+pub fn json(results: &crate::Results) -> serde_json::Value {
     let windows: Vec<serde_json::Value> = results
         .rounds
         .iter()
@@ -236,8 +236,8 @@ pub fn json(results: &super::Results) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Config, Results, Session};
     use super::*;
+    use crate::{Config, Results, Session};
 
     fn results(limit: u64, daemon: u64, counted: u64) -> Results {
         let w = |n: u64, counted: Option<u64>| ConnWindow {

@@ -11,23 +11,17 @@
 //!
 //! Run through `cargo xtask test`, which builds the release daemon and sets the variable.
 
-#[allow(
-    dead_code,
-    reason = "each test binary uses a different part of the helpers"
-)]
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::promstack::{self, PromStack, StackConfig};
-use common::webhook::Webhook;
 use serde_json::{Value, json};
-use xtask::daemon::{Daemon, free_loopback_addr};
-use xtask::manifests::{self, Owner, PodMeta};
-use xtask::simnode::{Enforcement, Proto, SimNode};
+use testkit::daemon::{Daemon, free_loopback_addr};
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::promstack::{self, PromStack, StackConfig};
+use testkit::simnode::{Enforcement, Proto, SimNode};
+use testkit::webhook::Webhook;
 
 const APP_NS: &str = "pf-app";
 const OTHER_NS: &str = "pf-other";
@@ -69,12 +63,12 @@ fn probe_to_client<'a>(protocol: &'a str, port: &'a str) -> [(&'a str, &'a str);
 
 #[test]
 fn edges_from_prometheus_gate_a_policy_change() {
-    if !xtask::privileged("edges_from_prometheus_gate_a_policy_change") {
+    if !testkit::privileged("edges_from_prometheus_gate_a_policy_change") {
         return;
     }
-    let bin = xtask::daemon_bin();
+    let bin = testkit::daemon_bin();
     promstack::require_binaries();
-    let _ = xtask::simnode::cleanup_stale();
+    let _ = testkit::simnode::cleanup_stale();
     let work = tempfile::tempdir().unwrap();
 
     let mut node = SimNode::new().expect("simulated node");
@@ -206,7 +200,7 @@ fn edges_from_prometheus_gate_a_policy_change() {
         "TCP connections accepted"
     );
     assert_eq!(udp_listener.received(), rounds * UDP_FLOWS_PER_ROUND * 10);
-    let metrics = xtask::metrics::scrape(daemon.addr()).unwrap();
+    let metrics = testkit::metrics::scrape(daemon.addr()).unwrap();
     let (tcp_port, udp_port) = (CLIENT_TCP_PORT.to_string(), CLIENT_PORT.to_string());
     let tcp_edge = probe_to_client("tcp", &tcp_port);
     let udp_edge = probe_to_client("udp", &udp_port);

@@ -217,7 +217,7 @@ impl<'a> Report<'a> {
                 detail: fmt_opt(d.ratio_to_limit, 3),
             });
         }
-        t.extend(super::connections::targets(r));
+        t.extend(crate::connections::targets(r));
         if let (Some(b), true) = (
             self.config(Config::Bpftrace),
             self.config(Config::Limit).is_some(),
@@ -530,7 +530,7 @@ impl<'a> Report<'a> {
                 "counted": o.counted, "lost": o.lost, "foreign_netfilter_drops": o.foreign,
                 "counted_node": o.counted_all, "kernel_drops_node": o.kernel_all,
             })),
-            "connection_rate": super::connections::json(r),
+            "connection_rate": crate::connections::json(r),
             "port_scan": r.port_scan.as_ref().map(|p| json!({
                 "ports": p.ports, "actual": p.actual, "counted": p.counted,
                 "series_total": p.series_total, "series_destination": p.series_dst,
