@@ -137,7 +137,7 @@ pub fn parse_port_range(text: &str) -> Option<(u32, u32)> {
 /// The layout the connection programs need, from the tracepoint's format file and BTF. Parts
 /// that cannot be found are reported per protocol, so that one missing piece disables only the
 /// hooks that need it.
-pub fn conn_config(
+pub(crate) fn conn_config(
     tracefs_root: &Path,
     btf: &KernelBtf,
     config: &ConnectionsConfig,
@@ -170,7 +170,7 @@ fn read_format(root: &Path) -> Result<TracepointFormat, String> {
 }
 
 /// Fills the tracepoint offsets from its format file, checking each field's size.
-pub fn tcp_offsets(fmt: &TracepointFormat, out: &mut ConnConfig) -> Result<(), String> {
+pub(crate) fn tcp_offsets(fmt: &TracepointFormat, out: &mut ConnConfig) -> Result<(), String> {
     let field = |name: &str, size: u32| -> Result<u32, String> {
         let f = fmt
             .field(name)

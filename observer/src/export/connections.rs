@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 use super::ExportError;
+use super::labels::{LabelSet, Labelled};
 use super::metrics::Metrics;
 use super::series::{Family, Recorded};
 use crate::capture::connections::{Connection, ConnectionReport, Hook, Side};
@@ -46,6 +47,41 @@ pub const CONNECTION_LABELS: [&str; 6] = [
     "port",
 ];
 
+/// One series of `deny_observer_connections_total`, borrowed for recording.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionSeries<'a> {
+    /// Source namespace.
+    pub source_namespace: &'a str,
+    /// Source workload.
+    pub source_workload: &'a str,
+    /// Destination namespace.
+    pub destination_namespace: &'a str,
+    /// Destination workload.
+    pub destination_workload: &'a str,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Destination port, as its label value.
+    pub port: &'a str,
+}
+
+impl LabelSet<6> for ConnectionSeries<'_> {
+    const NAMES: [&'static str; 6] = CONNECTION_LABELS;
+    fn values(&self) -> [&str; 6] {
+        [
+            self.source_namespace,
+            self.source_workload,
+            self.destination_namespace,
+            self.destination_workload,
+            self.protocol.label(),
+            self.port,
+        ]
+    }
+}
+
+impl Labelled<6> for ConnectionSeries<'static> {
+    type Set<'a> = ConnectionSeries<'a>;
+}
+
 /// Whether this node counts a connection seen from `side`, given the attributed ends (`None`:
 /// unknown address). See the module documentation for the rule.
 pub fn counted_here(side: Side, src: Option<&Endpoint>, dst: Option<&Endpoint>) -> bool {
@@ -58,7 +94,7 @@ pub fn counted_here(side: Side, src: Option<&Endpoint>, dst: Option<&Endpoint>) 
 
 /// The connection metrics, registered in the daemon's registry.
 pub struct ConnectionMetrics {
-    family: Family<6>,
+    family: Family<ConnectionSeries<'static>, 6>,
     series: IntGauge,
     overflow: IntCounter,
     hooks: IntGaugeVec,
@@ -190,11 +226,21 @@ impl ConnectionMetrics {
         Ok(Self {
             // Overflow keeps the protocol only: ports are as unbounded as workloads.
             family: Family::new(
+                CONNECTIONS_TOTAL,
                 vec![total],
-                &[0, 1, 2, 3, 5],
-                [(0, 1), (2, 3)],
+                &[
+                    "source_namespace",
+                    "source_workload",
+                    "destination_namespace",
+                    "destination_workload",
+                    "port",
+                ],
+                [
+                    ("source_namespace", "source_workload"),
+                    ("destination_namespace", "destination_workload"),
+                ],
                 series_limit,
-            ),
+            )?,
             series,
             overflow,
             hooks,
@@ -221,15 +267,15 @@ impl ConnectionMetrics {
     pub fn record(&self, sums: &FastMap<ConnectionLabels, u64>) {
         for (l, n) in sums {
             let port = l.port.to_string();
-            let values = [
-                l.source_namespace.as_str(),
-                l.source_workload.as_str(),
-                l.destination_namespace.as_str(),
-                l.destination_workload.as_str(),
-                l.protocol.label(),
-                port.as_str(),
-            ];
-            match self.family.record(values, &[*n]) {
+            let series = ConnectionSeries {
+                source_namespace: &l.source_namespace,
+                source_workload: &l.source_workload,
+                destination_namespace: &l.destination_namespace,
+                destination_workload: &l.destination_workload,
+                protocol: l.protocol,
+                port: &port,
+            };
+            match self.family.record(&series, &[*n]) {
                 Recorded::Existing => {}
                 Recorded::New(len) => self.series.set(i64::try_from(len).unwrap_or(i64::MAX)),
                 Recorded::Overflow => self.overflow.inc_by(*n),
