@@ -18,7 +18,7 @@ mod series;
 pub use batch::{DrainBatch, endpoint_labels};
 pub use http::{
     DEFAULT_INVENTORY_MAX_AGE, DEFAULT_STALL_AFTER, HttpLimits, HttpState, REFRESH_WAIT,
-    ReadyCondition, RefreshRequest, router, serve, serve_with,
+    ReadyCondition, RefreshRequest, router, serve, serve_router, serve_with,
 };
 pub use metrics::*;
 pub use series::{NON_POD_WORKLOADS, OVERFLOW};
