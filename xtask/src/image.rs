@@ -9,11 +9,11 @@
 //! explicit rlimits: inheriting the defaults makes the runtime fail in `setrlimit`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
 use crate::cmd::{self, cmd};
+use testkit::podspec::{podman, ulimit_args};
 
 /// The image `cargo xtask image` builds and the container test runs.
 pub const IMAGE: &str = "localhost/deny-observer:dev";
@@ -43,46 +43,6 @@ const BASE_HOOKS: &[&str] = &[
     r#"rm -rf "$1/usr/share/doc" "$1/usr/share/man" "$1/usr/share/info" "$1/usr/share/locale" "$1/var/cache/apt" "$1/var/lib/apt/lists""#,
     r#"chmod 1777 "$1/tmp""#,
 ];
-
-/// This process's hard limit of `resource`, capped at `cap` (`RLIM_INFINITY` is not a number
-/// podman takes).
-fn hard_limit(resource: libc::__rlimit_resource_t, cap: u64) -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the valid struct we pass and has no other effect.
-    if unsafe { libc::getrlimit(resource, &mut limit) } != 0 {
-        return 1024;
-    }
-    limit.rlim_max.min(cap)
-}
-
-/// `podman` with the OCI runtime that works on these machines.
-pub fn podman() -> Command {
-    let mut c = Command::new("podman");
-    c.args(["--runtime", "runc"]);
-    c
-}
-
-/// `--ulimit` arguments for `podman run` and `podman build`: `nofile` and `nproc` at this
-/// process's own hard limits (soft = hard). A value above them makes runc's setrlimit fail
-/// with EPERM in a sandbox without CAP_SYS_RESOURCE; podman's defaults are such values.
-pub fn ulimit_args() -> Vec<String> {
-    let nofile = hard_limit(libc::RLIMIT_NOFILE, 1 << 20);
-    // More processes than pid_max cannot exist; above it (32768 here) runc's setrlimit fails.
-    let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(32768);
-    let nproc = hard_limit(libc::RLIMIT_NPROC, pid_max);
-    vec![
-        "--ulimit".to_owned(),
-        format!("nofile={nofile}:{nofile}"),
-        "--ulimit".to_owned(),
-        format!("nproc={nproc}:{nproc}"),
-    ]
-}
 
 /// FNV-1a, 64 bits: a cache key that stays the same across Rust versions (std's hasher may not).
 fn fnv1a(text: &str) -> u64 {
@@ -195,13 +155,5 @@ mod tests {
         assert_ne!(fnv1a("a"), fnv1a("b"));
         // A known FNV-1a vector, so the key cannot drift silently between toolchains.
         assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
-    }
-
-    #[test]
-    fn ulimits_are_explicit_pairs() {
-        let args = ulimit_args();
-        assert_eq!(args.len(), 4);
-        assert_eq!(args[0], "--ulimit");
-        assert!(args[1].starts_with("nofile=") && args[3].starts_with("nproc="));
     }
 }

@@ -1,6 +1,9 @@
 //! `cargo xtask <command>`: set-up, build, tests and the demo for deny-observer.
 
 mod deploycheck;
+mod image;
+mod kernels;
+mod setup;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,10 +13,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
-use xtask::{
-    BIN_ENV, IMAGE_ENV, SKIP_PRIVILEGED_ENV, bench, cmd, demo, image, kernels, setup,
-    workspace_root,
-};
+// The tasks' modules reach the fixtures through these names (`crate::cmd`, ...).
+use testkit::{BIN_ENV, IMAGE_ENV, SKIP_PRIVILEGED_ENV, cmd, demo, workspace_root};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "deny-observer developer tasks")]
@@ -204,7 +205,7 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
-    // The container test (xtask/tests/e2e_container.rs) runs this image.
+    // The container test (xtask/testkit/tests/e2e_container.rs) runs this image.
     let image = if skip_privileged {
         None
     } else {

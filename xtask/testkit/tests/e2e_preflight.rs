@@ -11,23 +11,17 @@
 //!
 //! Run through `cargo xtask test`, which builds the release daemon and sets the variable.
 
-#[allow(
-    dead_code,
-    reason = "each test binary uses a different part of the helpers"
-)]
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::promstack::{self, PromStack, StackConfig};
-use common::webhook::Webhook;
 use serde_json::{Value, json};
-use xtask::daemon::{Daemon, free_loopback_addr};
-use xtask::manifests::{self, Owner, PodMeta};
-use xtask::simnode::{Enforcement, Proto, SimNode};
+use testkit::daemon::{Daemon, free_loopback_addr};
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::promstack::{self, PromStack, StackConfig};
+use testkit::simnode::{Enforcement, Proto, SimNode};
+use testkit::webhook::Webhook;
 
 const APP_NS: &str = "pf-app";
 const OTHER_NS: &str = "pf-other";
@@ -53,12 +47,12 @@ fn write(path: &Path, text: &str) {
 
 #[test]
 fn edges_from_prometheus_gate_a_policy_change() {
-    if !xtask::privileged("edges_from_prometheus_gate_a_policy_change") {
+    if !testkit::privileged("edges_from_prometheus_gate_a_policy_change") {
         return;
     }
-    let bin = xtask::daemon_bin();
+    let bin = testkit::daemon_bin();
     promstack::require_binaries();
-    let _ = xtask::simnode::cleanup_stale();
+    let _ = testkit::simnode::cleanup_stale();
     let work = tempfile::tempdir().unwrap();
 
     let mut node = SimNode::new().expect("simulated node");

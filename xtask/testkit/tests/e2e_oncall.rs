@@ -23,29 +23,19 @@
 //!
 //! Run through `cargo xtask test`, which builds the release daemon and sets the variable.
 
-#[allow(
-    dead_code,
-    reason = "each test binary uses a different part of the helpers"
-)]
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::promstack::{self, PromStack, StackConfig, render_rules};
-use common::webhook::Webhook;
 use serde_json::{Value, json};
-use xtask::daemon::{Daemon, free_loopback_addr};
-use xtask::flood;
-use xtask::manifests::{self, Owner, PodMeta};
-use xtask::simnode::{Enforcement, Proto, SimNode};
-
-fn workspace_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
+use testkit::daemon::{Daemon, free_loopback_addr};
+use testkit::flood;
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::promstack::{self, PromStack, StackConfig, render_rules};
+use testkit::simnode::{Enforcement, Proto, SimNode};
+use testkit::webhook::Webhook;
+use testkit::workspace_root;
 
 const APP_NS: &str = "oncall-app";
 /// A namespace without any NetworkPolicy whose pod the simulated CNI still drops: its drops
@@ -200,12 +190,12 @@ fn fail(what: String, daemon: &Daemon, stack: &PromStack) -> ! {
 
 #[test]
 fn page_to_dashboard_to_explain() {
-    if !xtask::privileged("page_to_dashboard_to_explain") {
+    if !testkit::privileged("page_to_dashboard_to_explain") {
         return;
     }
-    let bin = xtask::daemon_bin();
+    let bin = testkit::daemon_bin();
     promstack::require_binaries();
-    let _ = xtask::simnode::cleanup_stale();
+    let _ = testkit::simnode::cleanup_stale();
     let work = tempfile::tempdir().unwrap();
     let root = workspace_root();
     let dashboard: Value = serde_json::from_str(

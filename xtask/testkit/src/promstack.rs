@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::webhook::Webhook;
+use crate::webhook::Webhook;
 
 /// Debian's Prometheus server (package `prometheus`).
 pub const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";

@@ -20,10 +20,10 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use xtask::daemon::{Daemon, free_loopback_addr};
-use xtask::manifests::{self, Owner, PodMeta};
-use xtask::metrics::{self, Metrics};
-use xtask::simnode::{Enforcement, INGRESS_DROP_COUNTER, PodId, SimNode};
+use testkit::daemon::{Daemon, free_loopback_addr};
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::metrics::{self, Metrics};
+use testkit::simnode::{Enforcement, INGRESS_DROP_COUNTER, PodId, SimNode};
 
 const DROPS: &str = "deny_observer_drops_total";
 const EDGES: &str = "deny_observer_new_denied_edges_total";
@@ -268,10 +268,10 @@ fn strip_ansi(s: &str) -> String {
 
 #[test]
 fn crafted_frames_are_counted_with_only_the_ports_they_hold() {
-    if !xtask::privileged("crafted_frames_are_counted_with_only_the_ports_they_hold") {
+    if !testkit::privileged("crafted_frames_are_counted_with_only_the_ports_they_hold") {
         return;
     }
-    let _ = xtask::simnode::cleanup_stale();
+    let _ = testkit::simnode::cleanup_stale();
 
     let mut node = SimNode::new().expect("simulated node");
     let server = node.add_pod(APP_NS, "server-0").unwrap();
@@ -303,7 +303,7 @@ fn crafted_frames_through(
     inventory: &std::path::Path,
     attach: &str,
 ) {
-    let bin = xtask::daemon_bin();
+    let bin = testkit::daemon_bin();
     let work = tempfile::tempdir().unwrap();
     let addr: SocketAddr = free_loopback_addr().unwrap();
     let mut daemon = Daemon::start_with_args(

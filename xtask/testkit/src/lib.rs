@@ -1,20 +1,31 @@
-//! Developer tasks for deny-observer (`cargo xtask ...`), and the pieces the integration tests
-//! share with them: a simulated Kubernetes node on the real kernel ([`simnode`]), inventory
-//! manifests for it ([`manifests`]), a `/metrics` reader ([`metrics`]), and the container image
-//! ([`image`]) with the pod-template-to-podman translation the container test runs ([`podspec`]).
+//! The fixtures deny-observer's end-to-end tests, `cargo xtask demo` and `cargo xtask bench`
+//! run on: a simulated Kubernetes node on the real kernel ([`simnode`]) and traffic for it
+//! ([`flood`]), inventory manifests ([`manifests`]), the release daemon as a child process
+//! ([`daemon`]) and a `/metrics` reader ([`metrics`]), the demo's shop ([`demo`]), the
+//! pod-template-to-podman translation the container test runs ([`podspec`]), a real Prometheus
+//! and Alertmanager ([`promstack`]) with a webhook receiver ([`webhook`]), and the one gate of
+//! privileged tests ([`privileged`]).
 
-pub mod bench;
 pub mod cmd;
 pub mod daemon;
 pub mod demo;
 pub mod flood;
-pub mod image;
-pub mod kernels;
 pub mod manifests;
 pub mod metrics;
 pub mod podspec;
-pub mod setup;
+#[allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test helpers: a panic with context is their failure report"
+)]
+pub mod promstack;
 pub mod simnode;
+#[allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test helpers: a panic with context is their failure report"
+)]
+pub mod webhook;
 
 use std::path::PathBuf;
 
@@ -66,8 +77,12 @@ pub fn privileged(test: &str) -> bool {
     true
 }
 
-/// The workspace root (the parent of this crate's directory).
+/// The workspace root (this crate is `xtask/testkit` in it).
 pub fn workspace_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+    manifest
+        .ancestors()
+        .nth(2)
+        .map(PathBuf::from)
+        .unwrap_or(manifest)
 }

@@ -22,11 +22,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::flood::{self, FloodConfig, FloodKind, Until};
-use crate::manifests::{self, Owner, PodMeta};
-use crate::metrics::Metrics;
-use crate::simnode::{Enforcement, INGRESS_DROP_COUNTER, PodId, SimNode};
+// The bench's modules reach the fixtures through these names (`crate::cmd`, ...).
 use observer::{Bpftrace, Daemon, LogTailer, MapSizes};
+use testkit::flood::{self, FloodConfig, FloodKind, Until};
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::metrics::Metrics;
+use testkit::simnode::{Enforcement, INGRESS_DROP_COUNTER, PodId, SimNode};
+use testkit::{cmd, daemon, metrics, simnode};
 
 /// Kubernetes namespace of the sender pod.
 pub const SRC_NAMESPACE: &str = "bench-src";

@@ -14,11 +14,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use xtask::daemon::{Daemon, free_loopback_addr};
-use xtask::demo::{self, Verdict};
-use xtask::manifests::{self, Owner, PodMeta};
-use xtask::metrics::{self, Metrics, Sample};
-use xtask::simnode::{EGRESS_DROP_COUNTER, INGRESS_DROP_COUNTER, Proto, SimNode};
+use testkit::daemon::{Daemon, free_loopback_addr};
+use testkit::demo::{self, Verdict};
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::metrics::{self, Metrics, Sample};
+use testkit::simnode::{EGRESS_DROP_COUNTER, INGRESS_DROP_COUNTER, Proto, SimNode};
 
 const DROPS: &str = "deny_observer_drops_total";
 const DENIES: &str = "deny_observer_policy_denies_total";
@@ -203,11 +203,11 @@ fn dump(m: &Metrics, daemon: &Daemon) -> String {
 
 #[test]
 fn policy_denies_carry_exact_policy_match_and_direction() {
-    if !xtask::privileged("policy_denies_carry_exact_policy_match_and_direction") {
+    if !testkit::privileged("policy_denies_carry_exact_policy_match_and_direction") {
         return;
     }
-    let bin = xtask::daemon_bin();
-    let _ = xtask::simnode::cleanup_stale();
+    let bin = testkit::daemon_bin();
+    let _ = testkit::simnode::cleanup_stale();
     let t0 = Instant::now();
 
     let mut node = SimNode::new().expect("simulated node");

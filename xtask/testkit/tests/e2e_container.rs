@@ -1,7 +1,7 @@
 //! The DaemonSet as shipped, in a container (privileged): `deploy/` is rendered with kustomize,
 //! and the daemon's container runs from the image of `cargo xtask image` (`DENY_OBSERVER_IMAGE`)
 //! with exactly the pod template's security context, volumes, environment, limits and
-//! arguments, translated by `xtask::podspec` from the rendered manifest.
+//! arguments, translated by `testkit::podspec` from the rendered manifest.
 //!
 //! One deviation, because there is no API server here: `--inventory=kube` becomes
 //! `--inventory=/inventory`, a manifest directory bind-mounted read-only, describing the
@@ -28,12 +28,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use xtask::cmd;
-use xtask::image::{podman, ulimit_args};
-use xtask::manifests::{self, Owner, PodMeta};
-use xtask::metrics::{self, Metrics};
-use xtask::podspec::{self, Context, PodmanRun};
-use xtask::simnode::{Enforcement, INGRESS_DROP_COUNTER, Proto, SimNode, in_netns};
+use testkit::cmd;
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::metrics::{self, Metrics};
+use testkit::podspec::{self, Context, PodmanRun};
+use testkit::podspec::{podman, ulimit_args};
+use testkit::simnode::{Enforcement, INGRESS_DROP_COUNTER, Proto, SimNode, in_netns};
 
 const CONTAINER: &str = "deny-observer";
 const INIT_CONTAINER: &str = "install-seccomp-profile";
@@ -301,12 +301,12 @@ fn pod_spec(dir: &Path) -> serde_yaml::Value {
 
 #[test]
 fn shipped_daemonset_runs_in_a_container_and_counts_exactly() {
-    if !xtask::privileged("shipped_daemonset_runs_in_a_container_and_counts_exactly") {
+    if !testkit::privileged("shipped_daemonset_runs_in_a_container_and_counts_exactly") {
         return;
     }
-    let image = xtask::container_image();
-    let root = xtask::workspace_root();
-    let _ = xtask::simnode::cleanup_stale();
+    let image = testkit::container_image();
+    let root = testkit::workspace_root();
+    let _ = testkit::simnode::cleanup_stale();
     let work = tempfile::tempdir().unwrap();
     let node = node(work.path());
     let tag = format!("{}", std::process::id());

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::process::Command;
 
-use xtask::simnode::{
+use testkit::simnode::{
     EGRESS_DROP_COUNTER, Enforcement, INGRESS_DROP_COUNTER, NETNS_PREFIX, Proto, Rule, SimNode,
     cleanup_stale, owner_pid,
 };
@@ -21,7 +21,7 @@ fn ip_output(args: &[&str]) -> String {
 
 #[test]
 fn nft_drops_exactly_what_was_sent_v4_and_v6() {
-    if !xtask::privileged("nft_drops_exactly_what_was_sent_v4_and_v6") {
+    if !testkit::privileged("nft_drops_exactly_what_was_sent_v4_and_v6") {
         return;
     }
     let mut node = SimNode::new().expect("simulated node");
@@ -137,7 +137,7 @@ fn nft_drops_exactly_what_was_sent_v4_and_v6() {
 
 #[test]
 fn drop_removes_everything() {
-    if !xtask::privileged("drop_removes_everything") {
+    if !testkit::privileged("drop_removes_everything") {
         return;
     }
     let mut node = SimNode::new().unwrap();
@@ -157,7 +157,7 @@ fn drop_removes_everything() {
 
 #[test]
 fn cleanup_stale_removes_only_dead_owners() {
-    if !xtask::privileged("cleanup_stale_removes_only_dead_owners") {
+    if !testkit::privileged("cleanup_stale_removes_only_dead_owners") {
         return;
     }
     // A pid that does not run: the last one below pid_max that has no /proc entry.

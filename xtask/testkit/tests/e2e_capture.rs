@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use xtask::daemon::{Daemon, free_loopback_addr};
-use xtask::manifests::{self, Owner, PodMeta};
-use xtask::metrics::{self, Metrics};
-use xtask::simnode::{
+use testkit::daemon::{Daemon, free_loopback_addr};
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::metrics::{self, Metrics};
+use testkit::simnode::{
     EGRESS_DROP_COUNTER, Enforcement, INGRESS_DROP_COUNTER, Proto, Rule, SimNode,
 };
 
@@ -122,11 +122,11 @@ fn assert_settles(daemon: &mut Daemon, expected: &Expected, phase: &str) {
 
 #[test]
 fn nft_drops_of_syns_and_datagrams_are_counted_exactly_v4_and_v6() {
-    if !xtask::privileged("nft_drops_of_syns_and_datagrams_are_counted_exactly_v4_and_v6") {
+    if !testkit::privileged("nft_drops_of_syns_and_datagrams_are_counted_exactly_v4_and_v6") {
         return;
     }
-    let bin = xtask::daemon_bin();
-    let _ = xtask::simnode::cleanup_stale();
+    let bin = testkit::daemon_bin();
+    let _ = testkit::simnode::cleanup_stale();
 
     let mut node = SimNode::new().expect("simulated node");
     let pods = [

@@ -647,7 +647,7 @@ mod tests {
     /// sysctl go back afterwards.
     #[test]
     fn logs_real_drops_and_restores_the_rule() {
-        if !crate::privileged("logs_real_drops_and_restores_the_rule") {
+        if !testkit::privileged("logs_real_drops_and_restores_the_rule") {
             return;
         }
         let mut node = SimNode::new().unwrap();

@@ -12,29 +12,19 @@
 //!
 //! Run through `cargo xtask test`, which builds the release daemon and sets the variable.
 
-#[allow(
-    dead_code,
-    reason = "each test binary uses a different part of the helpers"
-)]
-mod common;
-
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::promstack::{self, PromStack, StackConfig, render_rules};
-use common::webhook::{ReceivedAlert, Webhook};
 use serde_json::json;
-use xtask::daemon::{Daemon, free_loopback_addr};
-use xtask::flood;
-use xtask::manifests::{self, Owner, PodMeta};
-use xtask::metrics;
-use xtask::simnode::{Enforcement, INGRESS_DROP_COUNTER, Proto, SimNode};
-
-fn workspace_root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-}
+use testkit::daemon::{Daemon, free_loopback_addr};
+use testkit::flood;
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::metrics;
+use testkit::promstack::{self, PromStack, StackConfig, render_rules};
+use testkit::simnode::{Enforcement, INGRESS_DROP_COUNTER, Proto, SimNode};
+use testkit::webhook::{ReceivedAlert, Webhook};
+use testkit::workspace_root;
 
 /// Rules of the harness self-test: one alert that always fires, one that follows a metric the
 /// test serves.
@@ -316,12 +306,12 @@ fn is_spike_for(a: &ReceivedAlert, workload: &str) -> bool {
 
 #[test]
 fn deny_flood_pages_through_prometheus_and_alertmanager() {
-    if !xtask::privileged("deny_flood_pages_through_prometheus_and_alertmanager") {
+    if !testkit::privileged("deny_flood_pages_through_prometheus_and_alertmanager") {
         return;
     }
-    let bin = xtask::daemon_bin();
+    let bin = testkit::daemon_bin();
     promstack::require_binaries();
-    let _ = xtask::simnode::cleanup_stale();
+    let _ = testkit::simnode::cleanup_stale();
     let work = tempfile::tempdir().unwrap();
 
     // The simulated node: a client, and two servers whose ingress is denied by default.

@@ -23,10 +23,10 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use xtask::daemon::{Daemon, free_loopback_addr};
-use xtask::manifests::{self, Owner, PodMeta};
-use xtask::metrics::{self, Metrics};
-use xtask::simnode::{Enforcement, PodId, SimNode};
+use testkit::daemon::{Daemon, free_loopback_addr};
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::metrics::{self, Metrics};
+use testkit::simnode::{Enforcement, PodId, SimNode};
 
 const NEW_EDGES: &str = "deny_observer_new_denied_edges_total";
 
@@ -120,10 +120,10 @@ fn netns_inode(node: &SimNode, pod: PodId) -> String {
 
 #[test]
 fn hostile_http_clients_do_not_starve_probes_reloads_or_memory() {
-    if !xtask::privileged("hostile_http_clients_do_not_starve_probes_reloads_or_memory") {
+    if !testkit::privileged("hostile_http_clients_do_not_starve_probes_reloads_or_memory") {
         return;
     }
-    let bin = xtask::daemon_bin();
+    let bin = testkit::daemon_bin();
     let work = tempfile::tempdir().unwrap();
     let inventory = work.path().join("inventory");
     std::fs::create_dir_all(&inventory).unwrap();
@@ -282,13 +282,13 @@ fn hostile_http_clients_do_not_starve_probes_reloads_or_memory() {
 
 #[test]
 fn a_port_scan_keeps_every_metric_family_within_the_series_limit() {
-    if !xtask::privileged("a_port_scan_keeps_every_metric_family_within_the_series_limit") {
+    if !testkit::privileged("a_port_scan_keeps_every_metric_family_within_the_series_limit") {
         return;
     }
     const LIMIT: usize = 2000;
     const PORTS: u16 = 30_000;
-    let bin = xtask::daemon_bin();
-    let _ = xtask::simnode::cleanup_stale();
+    let bin = testkit::daemon_bin();
+    let _ = testkit::simnode::cleanup_stale();
     let work = tempfile::tempdir().unwrap();
     let inventory = work.path().join("inventory");
     let (node, client, sink) = denied_pair("srv-scan", &inventory);
@@ -384,11 +384,11 @@ fn a_port_scan_keeps_every_metric_family_within_the_series_limit() {
 
 #[test]
 fn signals_lock_staleness_and_learning() {
-    if !xtask::privileged("signals_lock_staleness_and_learning") {
+    if !testkit::privileged("signals_lock_staleness_and_learning") {
         return;
     }
-    let bin = xtask::daemon_bin();
-    let _ = xtask::simnode::cleanup_stale();
+    let bin = testkit::daemon_bin();
+    let _ = testkit::simnode::cleanup_stale();
     let work = tempfile::tempdir().unwrap();
     let inventory = work.path().join("inventory");
     let (node, client, sink) = denied_pair("srv-proc", &inventory);

@@ -11,6 +11,7 @@
 //! silently left out of the test.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use serde_yaml::Value;
 
@@ -483,6 +484,46 @@ pub fn override_arg(args: &mut [String], flag: &str, value: &str) -> Result<(), 
     Err(invalid(format!("the container's args have no {flag}")))
 }
 
+/// This process's hard limit of `resource`, capped at `cap` (`RLIM_INFINITY` is not a number
+/// podman takes).
+fn hard_limit(resource: libc::__rlimit_resource_t, cap: u64) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the valid struct we pass and has no other effect.
+    if unsafe { libc::getrlimit(resource, &mut limit) } != 0 {
+        return 1024;
+    }
+    limit.rlim_max.min(cap)
+}
+
+/// `podman` with the OCI runtime that works on these machines.
+pub fn podman() -> Command {
+    let mut c = Command::new("podman");
+    c.args(["--runtime", "runc"]);
+    c
+}
+
+/// `--ulimit` arguments for `podman run` and `podman build`: `nofile` and `nproc` at this
+/// process's own hard limits (soft = hard). A value above them makes runc's setrlimit fail
+/// with EPERM in a sandbox without CAP_SYS_RESOURCE; podman's defaults are such values.
+pub fn ulimit_args() -> Vec<String> {
+    let nofile = hard_limit(libc::RLIMIT_NOFILE, 1 << 20);
+    // More processes than pid_max cannot exist; above it (32768 here) runc's setrlimit fails.
+    let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    let nproc = hard_limit(libc::RLIMIT_NPROC, pid_max);
+    vec![
+        "--ulimit".to_owned(),
+        format!("nofile={nofile}:{nofile}"),
+        "--ulimit".to_owned(),
+        format!("nproc={nproc}:{nproc}"),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -663,5 +704,13 @@ volumes:
         assert_eq!(cpus("1").unwrap(), "1");
         assert_eq!(cpus("1500m").unwrap(), "1.500");
         assert!(cpus("x").is_err());
+    }
+
+    #[test]
+    fn ulimits_are_explicit_pairs() {
+        let args = ulimit_args();
+        assert_eq!(args.len(), 4);
+        assert_eq!(args[0], "--ulimit");
+        assert!(args[1].starts_with("nofile=") && args[3].starts_with("nproc="));
     }
 }

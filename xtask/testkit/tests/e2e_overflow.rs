@@ -12,10 +12,10 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::MetadataExt as _;
 use std::time::{Duration, Instant};
 
-use xtask::daemon::{Daemon, free_loopback_addr};
-use xtask::manifests::{self, Owner, PodMeta};
-use xtask::metrics::{self, Metrics};
-use xtask::simnode::{Enforcement, INGRESS_DROP_COUNTER, SimNode};
+use testkit::daemon::{Daemon, free_loopback_addr};
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::metrics::{self, Metrics};
+use testkit::simnode::{Enforcement, INGRESS_DROP_COUNTER, SimNode};
 
 const NS: &str = "e2e-flood";
 const FLOW_MAP: u32 = 64;
@@ -46,11 +46,12 @@ fn observed(m: &Metrics) -> (f64, f64, f64) {
 
 #[test]
 fn flood_beyond_the_flow_map_is_counted_as_evicted_and_nothing_vanishes() {
-    if !xtask::privileged("flood_beyond_the_flow_map_is_counted_as_evicted_and_nothing_vanishes") {
+    if !testkit::privileged("flood_beyond_the_flow_map_is_counted_as_evicted_and_nothing_vanishes")
+    {
         return;
     }
-    let bin = xtask::daemon_bin();
-    let _ = xtask::simnode::cleanup_stale();
+    let bin = testkit::daemon_bin();
+    let _ = testkit::simnode::cleanup_stale();
     let t0 = Instant::now();
 
     let mut node = SimNode::new().expect("simulated node");
