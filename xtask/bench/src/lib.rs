@@ -11,6 +11,7 @@
 //! (loss must be counted), and a 50,000-port scan (series must stay bounded).
 
 pub mod logtail;
+pub mod map;
 mod observer;
 mod report;
 mod sys;

@@ -181,7 +181,7 @@
       var classes = m.verdict + (m.match === 'unexplained' ? ' unexplained' : '') + (m.s === m.t ? ' loop' : '');
       els.push({ group: 'edges', data: {
         id: 'e' + i, source: m.s, target: m.t, idx: m.idx.join(','),
-        label: m.verdict === 'denied' ? (m.policy || 'denied') : '',
+        label: m.verdict === 'denied' ? (m.policy || (m.match === 'unexplained' ? 'unexplained' : 'denied')) : '',
         width: widthFor(m.rate, maxRate * (m.idx.length > 1 ? m.idx.length : 1))
       }, classes: classes });
     });
@@ -340,6 +340,11 @@
     }
     var e = data.edges[indexes[0]];
     if (rows[indexes[0]]) { rows[indexes[0]].classList.add('selected'); }
+    if (cy) {
+      var want = String(indexes[0]);
+      cy.edges(':selected').unselect();
+      cy.edges().filter(function (el) { return el.data('idx').split(',').indexOf(want) >= 0; }).select();
+    }
     html.push('<h2>' + esc(e.source) + ' &rarr; ' + esc(e.target) + '</h2>');
     html.push('<table><tr><th>verdict</th><td>' + e.verdict + (e.match ? ' (' + esc(e.match) + ')' : '') + '</td></tr>');
     html.push('<tr><th>protocol/port</th><td>' + esc(portText(e)) + (e.port === null ? ' (the drop metrics carry no port)' : '') + '</td></tr>');
@@ -372,12 +377,25 @@
     }
   }
 
+  // `#edge=<src_ns>/<src_workload>-><dst_ns>/<dst_workload>` selects that edge (a link to
+  // one edge from a ticket or a page); its denied entry first.
+  function selectFromHash() {
+    var m = /^#edge=(.+)$/.exec(location.hash);
+    if (!m) { return false; }
+    var name = decodeURIComponent(m[1]);
+    var found = [];
+    data.edges.forEach(function (e, i) { if (edgeName(e) === name) { found.push(i); } });
+    found.sort(function (a, b) { return (data.edges[a].verdict === 'denied' ? 0 : 1) - (data.edges[b].verdict === 'denied' ? 0 : 1); });
+    if (found.length) { select([found[0]]); }
+    return found.length > 0;
+  }
+
   function draw() {
     header();
     fillFilters();
     buildList();
     render();
-    reselect();
+    if (!ui.selected) { selectFromHash(); } else { reselect(); }
   }
 
   function markReady() {
@@ -401,6 +419,14 @@
   });
   $('details').addEventListener('click', onClickSelect);
   $('edge-list').addEventListener('click', onClickSelect);
+
+  // What is drawn, for tests and the render benchmark (the list shows what the data holds).
+  window.trafficMap = {
+    drawn: function () {
+      return cy ? { workloads: cy.nodes('.workload').length, namespaces: cy.nodes('.namespace').length,
+        edges: cy.edges().length, aggregated: !!ui.aggregate } : null;
+    }
+  };
 
   draw();
   markReady();
