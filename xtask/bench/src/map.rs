@@ -35,6 +35,9 @@ pub struct MapBenchArgs {
     /// The deny-observer binary (default: build target/release/deny-observer).
     #[arg(long)]
     pub daemon: Option<std::path::PathBuf>,
+    /// Keep the generated clusters and pages in this directory (default: a temporary one).
+    #[arg(long)]
+    pub keep: Option<std::path::PathBuf>,
 }
 
 /// A deterministic generator, so every run draws the same cluster.
@@ -176,8 +179,15 @@ pub fn run(args: &MapBenchArgs, bin: &Path) -> anyhow::Result<()> {
     if args.rounds == 0 || args.workloads < 2 || args.edges == 0 {
         bail!("--rounds, --workloads (>= 2) and --edges must be positive");
     }
-    let work = tempfile::tempdir()?;
-    let baseline = work.path().join("baseline.html");
+    let temp = tempfile::tempdir()?;
+    let work = match &args.keep {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            dir.clone()
+        }
+        None => temp.path().to_owned(),
+    };
+    let baseline = work.join("baseline.html");
     std::fs::write(
         &baseline,
         "<!DOCTYPE html><html><body><p>baseline</p><script>requestAnimationFrame(() => requestAnimationFrame(() => { document.body.setAttribute('data-render-ms', String(Math.round(performance.now()))); document.body.setAttribute('data-ready', 'true'); }));</script></body></html>",
@@ -190,7 +200,7 @@ pub fn run(args: &MapBenchArgs, bin: &Path) -> anyhow::Result<()> {
     ];
     let mut pages = Vec::new();
     for (name, workloads, edges) in scenarios {
-        let dir = work.path().join(name);
+        let dir = work.join(name);
         std::fs::create_dir_all(&dir)?;
         write_cluster(&dir, workloads, edges)?;
         let page = dir.join("map.html");

@@ -4,7 +4,12 @@
   'use strict';
 
   var $ = function (id) { return document.getElementById(id); };
+  // Milliseconds since navigation start at each step of the last draw, for the benchmark.
+  var phases = {};
+  function mark(name) { phases[name] = Math.round(performance.now()); }
+  mark('script');
   var data = JSON.parse($('map-data').textContent);
+  mark('parsed');
   var cy = null;
   var ui = { ns: '*', deniedOnly: false, win: -1, aggregate: null, expanded: {}, selected: null };
   // The signature of what is drawn: a refresh that changes nothing drawn keeps the layout.
@@ -89,7 +94,7 @@
   function buildList() {
     var rows = [];
     data.edges.forEach(function (e, i) {
-      rows.push('<tr data-idx="' + i + '" data-edge="' + esc(edgeName(e)) + '" data-verdict="' + e.verdict +
+      rows.push('<tr' + (visible(e) ? '' : ' hidden') + ' data-idx="' + i + '" data-edge="' + esc(edgeName(e)) + '" data-verdict="' + e.verdict +
         '" data-protocol="' + esc(e.protocol) + '" data-port="' + (e.port === null ? '' : e.port) +
         '" data-policy="' + esc(e.policy) + '" data-match="' + esc(e.match || '') +
         '" data-observed="' + count(e) + '"><td>' + esc(e.source) + '</td><td>' + esc(e.target) +
@@ -217,7 +222,8 @@
   // inside each namespace box (most-connected workloads first), and the boxes placed by
   // Cytoscape's `breadthfirst` over the namespace graph (one node per box, sized like it,
   // linked where traffic crosses), so traffic flows from the top (clients, the outside) down
-  // to the services it reaches. Beyond a few hundred namespaces the boxes go in rows.
+  // to the services it reaches. Where that gives a strip (densely linked namespaces) or there
+  // are hundreds of namespaces, Cytoscape's `grid` places the boxes instead.
   function layout() {
     var boxes = [];
     var byId = {};
@@ -226,39 +232,52 @@
       var n = kids.length;
       var cols = Math.max(1, Math.ceil(Math.sqrt(n * 1.6)));
       var rows = Math.max(1, Math.ceil(n / cols));
-      var b = { id: p.id(), p: p, kids: kids, w: n ? cols * 80 : 90, h: n ? rows * 56 : 50 };
+      var b = { id: p.id(), p: p, kids: kids, cols: cols, w: n ? cols * 80 : 90, h: n ? rows * 56 : 50 };
       boxes.push(b);
       byId[b.id] = b;
     });
+    var degree = {};
+    cy.edges().forEach(function (e) {
+      var s = e.data('source'), t = e.data('target');
+      degree[s] = (degree[s] || 0) + 1;
+      degree[t] = (degree[t] || 0) + 1;
+    });
     var origin = {};
+    // The namespace plan: one node per box, sized like it, linked where traffic crosses.
+    var links = {};
+    cy.edges().forEach(function (e) {
+      var s = e.source().isChild() ? e.source().parent().id() : e.source().id();
+      var t = e.target().isChild() ? e.target().parent().id() : e.target().id();
+      if (s !== t) { links[s + '|' + t] = [s, t]; }
+    });
+    var els = boxes.map(function (b) { return { data: { id: b.id, w: b.w + 50, h: b.h + 60 } }; });
+    Object.keys(links).forEach(function (k, i) {
+      els.push({ data: { id: 'l' + i, source: links[k][0], target: links[k][1] } });
+    });
+    var plan = cytoscape({ headless: true, styleEnabled: true, elements: els,
+      style: [{ selector: 'node', style: { width: 'data(w)', height: 'data(h)' } }] });
+    var extent = function () {
+      var bb = plan.nodes().boundingBox();
+      return bb.w / Math.max(bb.h, 1);
+    };
+    var grid = function () {
+      plan.layout({ name: 'grid', avoidOverlap: true, avoidOverlapPadding: 30, condense: true,
+        animate: false, padding: 10, sort: function (a, c) { return a.id() < c.id() ? -1 : 1; } }).run();
+    };
     if (boxes.length > 1 && boxes.length <= 300) {
-      var links = {};
-      cy.edges().forEach(function (e) {
-        var s = e.source().isChild() ? e.source().parent().id() : e.source().id();
-        var t = e.target().isChild() ? e.target().parent().id() : e.target().id();
-        if (s !== t) { links[s + '|' + t] = [s, t]; }
-      });
-      var els = boxes.map(function (b) { return { data: { id: b.id, w: b.w + 50, h: b.h + 60 } }; });
-      Object.keys(links).forEach(function (k, i) {
-        els.push({ data: { id: 'l' + i, source: links[k][0], target: links[k][1] } });
-      });
-      var plan = cytoscape({ headless: true, styleEnabled: true, elements: els,
-        style: [{ selector: 'node', style: { width: 'data(w)', height: 'data(h)' } }] });
       plan.layout({ name: 'breadthfirst', directed: true, avoidOverlap: true, spacingFactor: 1.05,
         animate: false, padding: 10 }).run();
-      plan.nodes().forEach(function (n) {
-        var b = byId[n.id()];
-        origin[b.id] = { x: n.position('x') - b.w / 2, y: n.position('y') - b.h / 2 };
-      });
-      plan.destroy();
+      // Densely linked namespaces all land on one level: a strip nobody can read.
+      var ratio = extent();
+      if (ratio > 4 || ratio < 0.25) { grid(); }
     } else {
-      var side = Math.ceil(Math.sqrt(boxes.length));
-      var cellW = 0, cellH = 0;
-      boxes.forEach(function (b) { cellW = Math.max(cellW, b.w); cellH = Math.max(cellH, b.h); });
-      boxes.forEach(function (b, i) {
-        origin[b.id] = { x: (i % side) * (cellW + 60), y: Math.floor(i / side) * (cellH + 70) };
-      });
+      grid();
     }
+    plan.nodes().forEach(function (n) {
+      var b = byId[n.id()];
+      origin[b.id] = { x: n.position('x') - b.w / 2, y: n.position('y') - b.h / 2 };
+    });
+    plan.destroy();
     cy.batch(function () {
       boxes.forEach(function (b) {
         var o = origin[b.id];
@@ -266,12 +285,33 @@
           b.p.position({ x: o.x + b.w / 2, y: o.y + b.h / 2 });
           return;
         }
-        b.kids.layout({ name: 'grid', animate: false, fit: false, avoidOverlap: true, condense: true,
-          boundingBox: { x1: o.x, y1: o.y, w: b.w, h: b.h },
-          sort: function (a, c) { return a.degree() === c.degree() ? (a.id() < c.id() ? -1 : 1) : c.degree() - a.degree(); }
+        b.kids.layout({ name: 'grid', animate: false, fit: false, avoidOverlap: false, condense: false,
+          boundingBox: { x1: o.x, y1: o.y, w: b.w, h: b.h }, cols: b.cols,
+          sort: function (a, c) {
+            var da = degree[a.id()] || 0, dc = degree[c.id()] || 0;
+            return da === dc ? (a.id() < c.id() ? -1 : 1) : dc - da;
+          }
         }).run();
       });
     });
+  }
+
+  // Fits the view to the nodes' positions. Cytoscape's own fit measures every element's
+  // bounds, labels included, which costs seconds with 10,000 edges.
+  function fit() {
+    var x1 = Infinity, y1 = Infinity, x2 = -Infinity, y2 = -Infinity;
+    cy.nodes().forEach(function (n) {
+      if (n.isParent()) { return; }
+      var p = n.position();
+      x1 = Math.min(x1, p.x); y1 = Math.min(y1, p.y); x2 = Math.max(x2, p.x); y2 = Math.max(y2, p.y);
+    });
+    if (x1 === Infinity) { return; }
+    // Room for namespace boxes, their titles and the outermost labels.
+    x1 -= 90; x2 += 90; y1 -= 80; y2 += 60;
+    var w = cy.width(), h = cy.height();
+    var zoom = Math.min(w / (x2 - x1), h / (y2 - y1), 2);
+    zoom = Math.max(zoom, cy.minZoom());
+    cy.viewport({ zoom: zoom, pan: { x: (w - zoom * (x1 + x2)) / 2, y: (h - zoom * (y1 + y2)) / 2 } });
   }
 
   function render() {
@@ -300,25 +340,42 @@
     } else {
       drawnSignature = signature;
       if (cy) { cy.destroy(); }
+      mark('elements');
       cy = cytoscape({
-        container: $('graph'), elements: els, style: style(big), layout: { name: 'preset' },
-        minZoom: 0.02, maxZoom: 4, wheelSensitivity: 0.3,
+        container: $('graph'), style: style(big), layout: { name: 'preset' },
+        minZoom: 0.02, maxZoom: 4,
         textureOnViewport: big, hideEdgesOnViewport: big, pixelRatio: big ? 1 : 'auto'
       });
+      cy.startBatch();
+      cy.add(els);
+      cy.endBatch();
+      mark('graph');
       layout();
-      cy.fit(undefined, 20);
+      mark('layout');
+      fit();
       cy.on('tap', 'edge', function (evt) { select(evt.target.data('idx').split(',').map(Number)); });
       cy.on('tap', 'node.namespace', function (evt) {
         if (!ui.aggregate) { return; }
         var ns = evt.target.data('ns');
         ui.expanded[ns] = !ui.expanded[ns];
-        render();
+        refilter();
       });
     }
-    var shown = applyListFilters();
-    $('counts').textContent = nodes + ' workloads, ' + shown + ' of ' + data.edges.length + ' edges shown' +
-      (ui.aggregate ? ' (by namespace: select one to expand it)' : '');
+    ui.drawnWorkloads = nodes;
+    ui.shownEdges = edges.length;
     return cy;
+  }
+
+  function counts() {
+    $('counts').textContent = ui.drawnWorkloads + ' workloads, ' + ui.shownEdges + ' of ' + data.edges.length +
+      ' edges shown' + (ui.aggregate ? ' (by namespace: select one to expand it)' : '');
+  }
+
+  // After a filter change: redraw, then update the list in place.
+  function refilter() {
+    render();
+    applyListFilters();
+    counts();
   }
 
   function select(indexes) {
@@ -393,8 +450,14 @@
   function draw() {
     header();
     fillFilters();
-    buildList();
+    // The graph first: the list's 10,000 rows would otherwise be laid out again every time
+    // Cytoscape measures its container.
     render();
+    mark('graph-done');
+    buildList();
+    mark('list');
+    counts();
+    document.body.setAttribute('data-phases', JSON.stringify(phases));
     if (!ui.selected) { selectFromHash(); } else { reselect(); }
   }
 
@@ -403,25 +466,27 @@
     // benchmark reads.
     requestAnimationFrame(function () {
       requestAnimationFrame(function () {
-        document.body.setAttribute('data-render-ms', String(Math.round(performance.now())));
+        mark('painted');
+        document.body.setAttribute('data-render-ms', String(phases.painted));
         document.body.setAttribute('data-ready', 'true');
       });
     });
   }
 
-  $('filter-namespace').addEventListener('change', function (e) { ui.ns = e.target.value; render(); });
-  $('filter-denied').addEventListener('change', function (e) { ui.deniedOnly = e.target.checked; render(); });
-  $('filter-window').addEventListener('change', function (e) { ui.win = Number(e.target.value); render(); });
+  $('filter-namespace').addEventListener('change', function (e) { ui.ns = e.target.value; refilter(); });
+  $('filter-denied').addEventListener('change', function (e) { ui.deniedOnly = e.target.checked; refilter(); });
+  $('filter-window').addEventListener('change', function (e) { ui.win = Number(e.target.value); refilter(); });
   $('filter-aggregate').addEventListener('change', function (e) {
     ui.aggregate = e.target.checked;
     ui.expanded = {};
-    render();
+    refilter();
   });
   $('details').addEventListener('click', onClickSelect);
   $('edge-list').addEventListener('click', onClickSelect);
 
   // What is drawn, for tests and the render benchmark (the list shows what the data holds).
   window.trafficMap = {
+    phases: function () { return phases; },
     drawn: function () {
       return cy ? { workloads: cy.nodes('.workload').length, namespaces: cy.nodes('.namespace').length,
         edges: cy.edges().length, aggregated: !!ui.aggregate } : null;
