@@ -97,12 +97,9 @@ const BODY: &str = r#"<header>
 </main>
 <section id="lists" aria-label="Every workload and edge">
   <h2>Edges</h2>
-  <table id="edge-table">
-    <thead><tr><th scope="col">Source</th><th scope="col">Destination</th><th scope="col">Verdict</th><th scope="col">Protocol/port</th><th scope="col">Observed</th><th scope="col">Policies</th><th scope="col"></th></tr></thead>
-    <tbody id="edge-list"></tbody>
-  </table>
+  <div id="edge-list"></div>
   <h2>Workloads</h2>
-  <ul id="workload-list"></ul>
+  <div class="chunk"><ul id="workload-list"></ul></div>
 </section>
 "#;
 

@@ -38,6 +38,10 @@ pub struct MapBenchArgs {
     /// Keep the generated clusters and pages in this directory (default: a temporary one).
     #[arg(long)]
     pub keep: Option<std::path::PathBuf>,
+    /// Only time these existing pages (no generation, no targets): for work on the page's
+    /// script without rebuilding the binary.
+    #[arg(long)]
+    pub page: Vec<std::path::PathBuf>,
 }
 
 /// A deterministic generator, so every run draws the same cluster.
@@ -165,7 +169,9 @@ fn load(browser: &mut Browser, url: &str) -> anyhow::Result<(f64, Value)> {
         .eval("Number(document.body.dataset.renderMs)")?
         .as_f64()
         .context("no data-render-ms")?;
-    let drawn = browser.eval("window.trafficMap ? window.trafficMap.drawn() : null")?;
+    let drawn = browser.eval(
+        "window.trafficMap ? Object.assign(window.trafficMap.drawn(), {phases: window.trafficMap.phases()}) : null",
+    )?;
     Ok((ms, drawn))
 }
 
@@ -199,6 +205,16 @@ pub fn run(args: &MapBenchArgs, bin: &Path) -> anyhow::Result<()> {
         ("aggregated", args.workloads * 2, args.edges * 2),
     ];
     let mut pages = Vec::new();
+    if !args.page.is_empty() {
+        let mut browser = Browser::launch(1400, 900)?;
+        for page in &args.page {
+            for _ in 0..args.rounds {
+                let (ms, d) = load(&mut browser, &format!("file://{}", page.display()))?;
+                println!("{}: {ms:.0} ms {d}", page.display());
+            }
+        }
+        return Ok(());
+    }
     for (name, workloads, edges) in scenarios {
         let dir = work.join(name);
         std::fs::create_dir_all(&dir)?;
@@ -232,7 +248,12 @@ pub fn run(args: &MapBenchArgs, bin: &Path) -> anyhow::Result<()> {
         base_ms.push(load(&mut browser, &base_url)?.0);
         for (i, (_, _, _, page, _, _)) in pages.iter().enumerate() {
             let (ms, d) = load(&mut browser, &format!("file://{}", page.display()))?;
-            eprintln!("bench-map: round {}: {} {ms:.0} ms", round + 1, pages[i].0);
+            eprintln!(
+                "bench-map: round {}: {} {ms:.0} ms (ms since navigation start: {})",
+                round + 1,
+                pages[i].0,
+                d["phases"]
+            );
             map_ms[i].push(ms);
             drawn[i] = d;
         }

@@ -14,6 +14,9 @@
   var ui = { ns: '*', deniedOnly: false, win: -1, aggregate: null, expanded: {}, selected: null };
   // The signature of what is drawn: a refresh that changes nothing drawn keeps the layout.
   var drawnSignature = '';
+  // The edge list's rows, by edge index; rows per chunk (see map.css .chunk).
+  var rowEls = [];
+  var CHUNK = 250;
 
   function esc(s) {
     return String(s).replace(/[&<>"']/g, function (c) {
@@ -102,7 +105,18 @@
         esc(portText(e)) + '</td><td class="obs">' + count(e) + '</td><td>' + esc(e.policy || '-') +
         '</td><td><button type="button" class="link" data-select="' + i + '">details</button></td></tr>');
     });
-    $('edge-list').innerHTML = rows.join('');
+    // Chunks of CHUNK rows, each its own table with the same fixed columns (see .chunk).
+    var head = '<colgroup><col style="width:20%"><col style="width:20%"><col style="width:11%">' +
+      '<col style="width:9%"><col style="width:8%"><col style="width:26%"><col style="width:6%"></colgroup>' +
+      '<thead class="HEAD"><tr><th scope="col">Source</th><th scope="col">Destination</th><th scope="col">Verdict</th>' +
+      '<th scope="col">Protocol/port</th><th scope="col">Observed</th><th scope="col">Policies</th><th scope="col"></th></tr></thead>';
+    var html = [];
+    for (var c = 0; c < rows.length || c === 0; c += CHUNK) {
+      html.push('<div class="chunk"><table>' + head.replace('HEAD', c === 0 ? '' : 'sr-only') + '<tbody>' +
+        rows.slice(c, c + CHUNK).join('') + '</tbody></table></div>');
+    }
+    $('edge-list').innerHTML = html.join('');
+    rowEls = $('edge-list').querySelectorAll('tr[data-idx]');
     var items = [];
     data.nodes.forEach(function (n) {
       var info = nsInfo(n.namespace);
@@ -115,7 +129,7 @@
   }
 
   function applyListFilters() {
-    var rows = $('edge-list').rows;
+    var rows = rowEls;
     var shown = 0;
     for (var i = 0; i < rows.length; i++) {
       var e = data.edges[i];
@@ -208,7 +222,9 @@
       { selector: 'edge', style: {
         'width': 'data(width)', 'curve-style': big ? 'haystack' : 'bezier', 'line-color': '#2b7a3d', 'opacity': 0.8,
         'target-arrow-shape': big ? 'none' : 'triangle', 'target-arrow-color': '#2b7a3d', 'arrow-scale': 0.8 } },
-      { selector: 'edge.denied', style: {
+      // Thousands of edge labels cost seconds to measure before the first frame, and are
+      // unreadable at that size anyway: a big map names policies in the details and the list.
+      { selector: 'edge.denied', style: big ? { 'line-color': '#d62728', 'width': 2.5 } : {
         'line-color': '#d62728', 'target-arrow-color': '#d62728', 'width': 2.5, 'label': 'data(label)', 'font-size': 9,
         'color': '#a01010', 'text-rotation': 'autorotate', 'text-background-color': '#ffffff', 'text-background-opacity': 0.8,
         'text-background-padding': 1, 'min-zoomed-font-size': 7 } },
@@ -379,7 +395,7 @@
   }
 
   function select(indexes) {
-    var rows = $('edge-list').rows;
+    var rows = rowEls;
     for (var i = 0; i < rows.length; i++) { rows[i].classList.remove('selected'); }
     var box = $('details');
     if (!indexes.length) { return; }
