@@ -29,7 +29,7 @@ pub const DEFAULT_KERNELS: &[&str] = &["bullseye", "bookworm", "bookworm-backpor
 /// Debian stable's. The others add ~1.5 minutes each.
 pub const TEST_KERNELS: &[&str] = &["bullseye", "bookworm"];
 
-/// Tests of `observer/tests/capture_kernel.rs` run on every kernel: which hook the default
+/// Tests of `observer/tests/kernel.rs` run on every kernel: which hook the default
 /// picks, exact counts of nftables drops with it (tp_btf where the kernel has BTF) and with the
 /// classic tracepoint forced, of tc (cls_bpf `TC_ACT_SHOT`) drops, the reason filter, and
 /// what a kernel without drop reasons does when kallsyms is hidden (no CAP_SYSLOG). The flood and 50,000-flow tests stay on the host (TCG runs
@@ -87,7 +87,7 @@ const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
 pub struct Options {
     /// Debian release names (see [`DEFAULT_KERNELS`]) or `host`.
     pub kernels: Vec<String>,
-    /// The `capture_kernel` integration-test binary.
+    /// The `kernel` integration-test binary.
     pub test_bin: PathBuf,
     /// Test names passed to it (exact match).
     pub tests: Vec<String>,

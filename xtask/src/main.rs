@@ -74,7 +74,7 @@ enum Task {
         /// Seconds one guest may take, boot included.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
-        /// Run this prebuilt capture_kernel test binary instead of building it.
+        /// Run this prebuilt `kernel` test binary (observer/tests/kernel.rs) instead of building it.
         #[arg(long)]
         test_bin: Option<PathBuf>,
     },
@@ -255,11 +255,13 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
     with_env(&mut c);
     cmd::interactive(&mut c)?;
 
-    // The fuzz pass over the pure decoders (observer/tests/fuzz_*.rs, corpus in
-    // observer/tests/fuzz_corpus) gets the same depth; it takes under a minute.
-    eprintln!("test: deeper fuzz pass (PROPTEST_CASES=2048, observer/tests/fuzz_*.rs)");
+    // The fuzz tests of the kernel-facing decoders are library unit tests (`fuzz_tests`
+    // modules), so the pass above dug into them; the parsers of operator input
+    // (observer/tests/fuzz, corpus in observer/tests/fuzz_corpus) get the same depth here. It
+    // takes under a minute.
+    eprintln!("test: deeper fuzz pass (PROPTEST_CASES=2048, observer/tests/fuzz)");
     let mut c = cargo(root)?;
-    c.args(["test", "-p", "observer", "--test", "fuzz_*"])
+    c.args(["test", "-p", "observer", "--test", "fuzz"])
         .env("PROPTEST_CASES", "2048");
     with_env(&mut c);
     cmd::interactive(&mut c)?;
@@ -287,7 +289,7 @@ fn test(root: &Path, bin: &Path, skip_privileged: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the `capture_kernel` test binary (with the eBPF object) and runs it on `kernels`.
+/// Builds the `kernel` test binary (with the eBPF object) and runs it on `kernels`.
 fn run_kernels(
     root: &Path,
     kernels: Vec<String>,
@@ -296,7 +298,7 @@ fn run_kernels(
 ) -> anyhow::Result<()> {
     let test_bin = match test_bin {
         Some(bin) => bin,
-        None => capture_kernel_bin(root)?,
+        None => kernel_test_bin(root)?,
     };
     kernels::run(&kernels::Options {
         kernels,
@@ -311,10 +313,10 @@ fn run_kernels(
     })
 }
 
-/// `cargo test --release --no-run` of observer/tests/capture_kernel.rs, with the eBPF object;
+/// `cargo test --release --no-run` of observer/tests/kernel.rs, with the eBPF object;
 /// its path. Optimised because under qemu's TCG the debug build's start-up (BTF parsing) made a
 /// guest take 3 to 4 minutes instead of about 70 seconds.
-fn capture_kernel_bin(root: &Path) -> anyhow::Result<PathBuf> {
+fn kernel_test_bin(root: &Path) -> anyhow::Result<PathBuf> {
     let out = cmd::output(
         cargo(root)?
             .args([
@@ -325,16 +327,16 @@ fn capture_kernel_bin(root: &Path) -> anyhow::Result<PathBuf> {
                 "-p",
                 "observer",
                 "--test",
-                "capture_kernel",
+                "kernel",
             ])
             .env_remove("AYA_BUILD_SKIP"),
     )?;
     let test_bin = out
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"]["name"] == "capture_kernel")
+        .filter(|v| v["target"]["name"] == "kernel")
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .context("cargo built no capture_kernel test binary")?;
+        .context("cargo built no `kernel` test binary")?;
     Ok(test_bin)
 }
 

@@ -28,6 +28,7 @@ use std::hash::Hasher;
 use std::io::{self, Write as _};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -45,18 +46,25 @@ pub const LOCK_FILE: &str = "lock";
 pub const STATE_VERSION: u32 = 2;
 
 /// A denied path between two workloads.
+///
+/// Names are shared `Arc<str>`s: an edge is cloned into the tracker's maps and the spike key at
+/// every drain, and a clone must not copy strings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DeniedEdge {
     /// Direction whose policy denied.
     pub direction: Direction,
     /// Source namespace (the caller's placeholder for off-cluster peers).
-    pub source_namespace: String,
+    #[serde(with = "arc_str")]
+    pub source_namespace: Arc<str>,
     /// Source workload.
-    pub source_workload: String,
+    #[serde(with = "arc_str")]
+    pub source_workload: Arc<str>,
     /// Destination namespace.
-    pub destination_namespace: String,
+    #[serde(with = "arc_str")]
+    pub destination_namespace: Arc<str>,
     /// Destination workload.
-    pub destination_workload: String,
+    #[serde(with = "arc_str")]
+    pub destination_workload: Arc<str>,
     /// Protocol.
     pub protocol: Protocol,
     /// Destination port; 0 for protocols without ports and for folded edges.
@@ -106,6 +114,21 @@ impl DeniedEdge {
         h.write(&self.port.to_le_bytes());
         h.write(&[u8::from(self.ports_folded)]);
         h.finish()
+    }
+}
+
+/// Serde for `Arc<str>` fields as plain strings (serde's own impl needs its `rc` feature).
+mod arc_str {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::Error> {
+        ser.serialize_str(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Arc<str>, D::Error> {
+        String::deserialize(de).map(Arc::from)
     }
 }
 

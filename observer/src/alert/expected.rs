@@ -13,7 +13,7 @@
 //! four names may be `*`. Without `:PROTO` any protocol and port match; with `:PROTO` only
 //! that protocol; with `/PORT` only that port. Patterns ignore the direction.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -169,7 +169,9 @@ pub fn policy_marks_expected(policy: &NetworkPolicy) -> bool {
 /// The expected-deny rules in force: annotated policies plus configured edges.
 #[derive(Clone, Debug, Default)]
 pub struct ExpectedDenies {
-    annotated: HashSet<(String, String)>,
+    /// Names of annotated policies by namespace: looked up per denied edge and drain with
+    /// borrowed names, so without allocating.
+    annotated: HashMap<String, HashSet<String>>,
     edges: Vec<ExpectedEdge>,
 }
 
@@ -177,29 +179,27 @@ impl ExpectedDenies {
     /// Rules from configured edges; add policies with [`ExpectedDenies::set_policies`].
     pub fn new(edges: Vec<ExpectedEdge>) -> Self {
         Self {
-            annotated: HashSet::new(),
+            annotated: HashMap::new(),
             edges,
         }
     }
 
     /// Replaces the annotated-policy set from the current policies (call on inventory change).
     pub fn set_policies<'a>(&mut self, policies: impl IntoIterator<Item = &'a NetworkPolicy>) {
-        self.annotated = policies
-            .into_iter()
-            .filter(|p| policy_marks_expected(p))
-            .map(|p| {
-                (
-                    p.metadata.namespace.clone().unwrap_or_default(),
-                    p.metadata.name.clone().unwrap_or_default(),
-                )
-            })
-            .collect();
+        self.annotated.clear();
+        for p in policies.into_iter().filter(|p| policy_marks_expected(p)) {
+            self.annotated
+                .entry(p.metadata.namespace.clone().unwrap_or_default())
+                .or_default()
+                .insert(p.metadata.name.clone().unwrap_or_default());
+        }
     }
 
     /// True when the policy `namespace/name` is annotated as expected.
     pub fn is_policy_annotated(&self, namespace: &str, name: &str) -> bool {
         self.annotated
-            .contains(&(namespace.to_owned(), name.to_owned()))
+            .get(namespace)
+            .is_some_and(|names| names.contains(name))
     }
 
     /// Whether a deny of `edge` is expected. `isolating_policies` are the `(namespace, name)`
@@ -222,6 +222,6 @@ impl ExpectedDenies {
 
     /// Number of annotated policies known.
     pub fn annotated_policies(&self) -> usize {
-        self.annotated.len()
+        self.annotated.values().map(HashSet::len).sum()
     }
 }

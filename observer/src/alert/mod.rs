@@ -5,8 +5,9 @@
 //! - [`edges::EdgeTracker`]: first deny of an edge within a retention window, persisted.
 //! - [`expected::ExpectedDenies`]: annotated policies and configured edges that never page.
 //! - [`metrics::AlertMetrics`]: the Prometheus side.
-//! - [`AlertStage`]: all of the above behind the two calls the daemon makes,
-//!   [`AlertStage::record_deny`] per drained deny and [`AlertStage::tick`] once per second.
+//! - [`AlertStage`]: all of the above behind two calls, [`AlertStage::record_deny`] per
+//!   denied edge of a drain and [`AlertStage::tick`] once per second.
+//! - [`AlertSink`]: the stage as a sink of the attribution core's outcomes.
 //!
 //! Time is always passed in; nothing here reads the clock, so tests use synthetic series.
 
@@ -14,6 +15,7 @@ pub mod config;
 pub mod edges;
 pub mod expected;
 pub mod metrics;
+pub mod sink;
 pub mod spike;
 
 use std::time::SystemTime;
@@ -24,6 +26,7 @@ pub use edges::{
 };
 pub use expected::{EXPECTED_DENIES_ANNOTATION, ExpectedDenies, ExpectedEdge};
 pub use metrics::{AlertMetrics, metric_names};
+pub use sink::AlertSink;
 pub use spike::{SpikeConfig, SpikeDetector, SpikeKey, SpikeTransition};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;

@@ -41,6 +41,7 @@
 //! per key before it could be trusted, which a DaemonSet restart would throw away.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::AlertError;
@@ -146,9 +147,9 @@ pub struct SpikeKey {
     /// Direction whose policy denied.
     pub direction: Direction,
     /// Namespace of the workload whose policy denied.
-    pub workload_namespace: String,
+    pub workload_namespace: Arc<str>,
     /// Workload whose policy denied.
-    pub workload: String,
+    pub workload: Arc<str>,
     /// True for denies marked expected (they never page).
     pub expected: bool,
 }

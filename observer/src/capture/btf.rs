@@ -95,8 +95,9 @@ impl KernelBtf {
         Self::from_file(Path::new(VMLINUX_BTF))
     }
 
-    /// Parses raw BTF held in memory (tests, tools); errors name it `<memory>`.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, BtfError> {
+    /// Parses raw BTF held in memory (the fuzz tests' blobs); errors name it `<memory>`.
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Result<Self, BtfError> {
         let btf = Btf::from_bytes(bytes).map_err(|e| BtfError::Load {
             path: PathBuf::from("<memory>"),
             message: e.to_string(),
@@ -452,12 +453,12 @@ mod tests {
     use super::*;
 
     fn vmlinux() -> Option<KernelBtf> {
-        if !Path::new(VMLINUX_BTF).exists() {
-            assert!(
-                std::env::var_os("DENY_OBSERVER_SKIP_PRIVILEGED").is_some(),
-                "{VMLINUX_BTF} is missing; set DENY_OBSERVER_SKIP_PRIVILEGED=1 to skip"
-            );
-            eprintln!("skipped: no {VMLINUX_BTF}");
+        let present = Path::new(VMLINUX_BTF).exists();
+        if !testkit::requires(
+            "capture::btf tests",
+            "the kernel's BTF ({VMLINUX_BTF})",
+            present,
+        ) {
             return None;
         }
         Some(KernelBtf::vmlinux().unwrap())
@@ -579,3 +580,6 @@ mod tests {
         assert_eq!(l.skb_len, btf.member_offset("sk_buff.len").unwrap());
     }
 }
+
+#[cfg(test)]
+mod fuzz_tests;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use observer_ebpf::{FlowKey, SampleEvent, family};
 
-use super::{Drop, Sample};
+use super::{FlowDrop, Sample};
 use crate::flow::Protocol;
 
 /// A ring-buffer record that is not exactly one [`SampleEvent`].
@@ -49,12 +49,12 @@ pub fn to_sample(ev: &SampleEvent, reason: Arc<str>) -> Sample {
     }
 }
 
-/// Turns a kernel [`FlowKey`] into a [`Drop`] with the given reason label and counts.
+/// Turns a kernel [`FlowKey`] into a [`FlowDrop`] with the given reason label and counts.
 ///
 /// IPv4 addresses (stored IPv4-mapped) come back as `IpAddr::V4`; an `UNKNOWN` family gives
 /// `None` addresses. For ICMP/ICMPv6 the kernel's `type << 8 | code` becomes `icmp` and
 /// `dst_port` is 0.
-pub fn decode(key: &FlowKey, reason: Arc<str>, packets: u64, bytes: u64) -> Drop {
+pub fn decode(key: &FlowKey, reason: Arc<str>, packets: u64, bytes: u64) -> FlowDrop {
     let (src, dst) = match key.family {
         family::INET => (Some(v4(&key.src_addr)), Some(v4(&key.dst_addr))),
         family::INET6 => (
@@ -76,7 +76,7 @@ pub fn decode(key: &FlowKey, reason: Arc<str>, packets: u64, bytes: u64) -> Drop
         Protocol::Tcp | Protocol::Udp | Protocol::Sctp => (key.dst_port, None),
         Protocol::Other => (0, None),
     };
-    Drop {
+    FlowDrop {
         reason,
         src,
         dst,
@@ -197,3 +197,6 @@ mod tests {
         assert_eq!((d.protocol, d.dst_port), (Protocol::Other, 0));
     }
 }
+
+#[cfg(test)]
+mod fuzz_tests;

@@ -22,16 +22,16 @@ use std::sync::Arc;
 use crate::flow::Protocol;
 
 mod batch;
-pub mod btf;
+pub(crate) mod btf;
 mod decode;
 mod drain;
 mod loader;
 pub mod location;
 pub mod recursion;
 pub mod startup;
-pub mod tracefs;
+pub(crate) mod tracefs;
 
-pub use decode::{SampleSizeError, decode, parse_sample, to_sample};
+pub(crate) use decode::decode;
 pub use loader::{Capture, lru_entries};
 pub use location::ReasonSource;
 pub use tracefs::ReasonTable;
@@ -183,7 +183,7 @@ pub enum CaptureError {
 
 /// Dropped packets of one flow key since the previous drain.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Drop {
+pub struct FlowDrop {
     /// Drop-reason label (`netfilter_drop`, `no_socket`, ...).
     pub reason: Arc<str>,
     /// Source address; `None` when the packet could not be parsed down to IP.
@@ -235,7 +235,7 @@ pub struct Losses {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DrainReport {
     /// Per-flow deltas (only keys that changed).
-    pub drops: Vec<Drop>,
+    pub drops: Vec<FlowDrop>,
     /// Exact per-reason deltas `(reason label, packets, bytes)`: every counted drop, attributed
     /// to a flow or not. Only reasons that changed.
     pub reason_totals: Vec<(Arc<str>, u64, u64)>,
@@ -251,7 +251,7 @@ pub struct DrainReport {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sample {
     /// The flow (its `packets`/`bytes` are those of this one packet).
-    pub drop: Drop,
+    pub drop: FlowDrop,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the drop.
     pub ts_ns: u64,
     /// Kernel address of the code that dropped the packet.

@@ -551,13 +551,13 @@ print fmt: \"skbaddr=%p protocol=%u location=%p\", REC->skbaddr, REC->protocol, 
         );
         assert_eq!(reason_label("SKB_CONSUMED"), "consumed");
         assert_eq!(reason_label("NO_SOCKET"), "no_socket");
-        // Found by tests/fuzz_tracefs.rs: labels are fixed points of reason_label.
+        // Found by the fuzz tests (tracefs/fuzz_tests.rs): labels are fixed points of reason_label.
         assert_eq!(reason_label("SKB_DROP_REASON_\tCSUM"), "csum");
     }
 
     #[test]
     fn data_loc_field_keeps_its_name() {
-        // From net/net_dev_xmit on 6.18; found by tests/fuzz_tracefs.rs.
+        // From net/net_dev_xmit on 6.18; found by the fuzz tests.
         let fmt = parse_format(
             "\tfield:__data_loc char[] name;\toffset:24;\tsize:4;\tsigned:0;\n\tfield:char comm[16];\toffset:28;\tsize:16;\tsigned:0;\n",
         )
@@ -576,3 +576,6 @@ print fmt: \"skbaddr=%p protocol=%u location=%p\", REC->skbaddr, REC->protocol, 
         assert!(err.to_string().contains("line 2"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod fuzz_tests;

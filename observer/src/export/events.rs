@@ -18,6 +18,11 @@
 //!
 //! The alert stage also publishes deny-spike start/end Events on a workload through
 //! [`PolicyDeniedEvents::spike`].
+//!
+//! The daemon reaches the publisher through [`EventSink`], the non-blocking front that
+//! [`PolicyDeniedEvents::spawn`] returns: it turns each drain's notices into summaries and
+//! queues them, and counts what does not fit in the queue as
+//! `deny_observer_events_lost_total{stage="event_queue_full"}`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -26,10 +31,12 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::{Mutex, mpsc};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::attribute::{DenyNotice, FirstPacket, Outcomes, Sink, endpoint_labels};
 use crate::flow::{Direction, Protocol};
 
 /// Reason of the Event published for denied traffic.
@@ -87,6 +94,50 @@ pub struct DeniedTraffic {
     pub isolating_policies: Vec<String>,
     /// Nearest misses, e.g. `prod/allow-web-to-db (allows app=web only)`.
     pub nearest_misses: Vec<String>,
+    /// Where the first packet was seen, when the kernel's sample of it arrived: the source
+    /// port and interface tell which client connection and which veth to look at.
+    pub first_packet: Option<FirstPacket>,
+}
+
+impl DeniedTraffic {
+    /// The summary of a notice.
+    pub fn of(notice: &DenyNotice) -> Self {
+        let (peer_namespace, peer_workload) = endpoint_labels(notice.peer.as_ref());
+        let side = notice.verdict.deciding_side();
+        Self {
+            pod: PodRef {
+                namespace: notice.pod.namespace.clone(),
+                name: notice.pod.name.clone(),
+                uid: None,
+            },
+            direction: notice.direction,
+            protocol: notice.protocol,
+            port: notice.port,
+            peer: PeerRef {
+                namespace: peer_namespace.to_owned(),
+                workload: peer_workload.to_owned(),
+                kind: notice
+                    .peer
+                    .as_ref()
+                    .map(|p| p.workload_kind().to_owned())
+                    .unwrap_or_default(),
+            },
+            packets: notice.packets,
+            window: notice.window,
+            isolating_policies: side
+                .map(|s| s.isolating_policies.clone())
+                .unwrap_or_default(),
+            nearest_misses: side
+                .map(|s| {
+                    s.nearest_misses
+                        .iter()
+                        .map(|m| m.description.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            first_packet: notice.first_packet,
+        }
+    }
 }
 
 /// Whether a deny spike starts or ends.
@@ -176,8 +227,8 @@ impl Outcome {
 pub const EVENTS_TOTAL: &str = "deny_observer_k8s_events_total";
 
 /// Counters of the Event publisher: `deny_observer_k8s_events_total{result}`, where result is
-/// `published`, `deduplicated`, `rate_limited`, `failed`, `disabled` or `dropped` (the queue in
-/// front of the publisher was full).
+/// `published`, `deduplicated`, `rate_limited`, `failed` or `disabled`. Summaries that never
+/// reach the publisher (its queue was full) are losses, counted by [`EventSink`].
 #[derive(Clone, Debug)]
 pub struct EventMetrics {
     total: IntCounterVec,
@@ -436,12 +487,18 @@ impl PolicyDeniedEvents {
     }
 
     /// Starts a background task that records what is sent to the returned [`EventSink`] and
-    /// flushes every `flush_every`. The queue holds `capacity` summaries; beyond that they are
-    /// dropped and counted (`result="dropped"`), so the caller never waits on the API server.
-    pub fn spawn(self, capacity: usize, flush_every: Duration) -> EventSink {
+    /// flushes every `flush_every` (and once more when every sink is gone; the task then
+    /// ends, which the returned handle tells). The queue holds `capacity` summaries; beyond
+    /// that they are dropped and counted on `queue_full`, so the caller never waits on the API
+    /// server.
+    pub fn spawn(
+        self,
+        capacity: usize,
+        flush_every: Duration,
+        queue_full: IntCounter,
+    ) -> (EventSink, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Input>(capacity.max(1));
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(flush_every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -454,8 +511,9 @@ impl PolicyDeniedEvents {
                     _ = tick.tick() => { self.flush().await; }
                 }
             }
+            self.flush().await;
         });
-        EventSink { tx, metrics }
+        (EventSink { tx, queue_full }, task)
     }
 }
 
@@ -468,7 +526,7 @@ enum Input {
 #[derive(Clone)]
 pub struct EventSink {
     tx: mpsc::Sender<Input>,
-    metrics: EventMetrics,
+    queue_full: IntCounter,
 }
 
 impl EventSink {
@@ -485,9 +543,22 @@ impl EventSink {
     fn send(&self, input: Input) -> bool {
         let ok = self.tx.try_send(input).is_ok();
         if !ok {
-            self.metrics.count("dropped");
+            self.queue_full.inc();
         }
         ok
+    }
+}
+
+impl Sink for EventSink {
+    fn record(&mut self, outcomes: &Outcomes, _now: std::time::SystemTime) {
+        for notice in &outcomes.notices {
+            if self.tx.capacity() == 0 {
+                // Full: count without building a summary that would only be thrown away.
+                self.queue_full.inc();
+                continue;
+            }
+            self.denied(DeniedTraffic::of(notice));
+        }
     }
 }
 
@@ -498,6 +569,7 @@ fn accumulate(mut acc: DeniedTraffic, new: DeniedTraffic) -> DeniedTraffic {
     acc.pod = new.pod;
     acc.isolating_policies = new.isolating_policies;
     acc.nearest_misses = new.nearest_misses;
+    acc.first_packet = acc.first_packet.or(new.first_packet);
     acc
 }
 
@@ -604,6 +676,19 @@ pub fn denied_message(d: &DeniedTraffic) -> String {
         let _ = write!(msg, " ({})", d.peer.kind);
     }
     let _ = write!(msg, " in {}", human_duration(d.window));
+    if let Some(first) = &d.first_packet {
+        msg.push_str(" (first packet");
+        if first.src_port != 0 {
+            let _ = write!(msg, " from port {}", first.src_port);
+        }
+        if first.ifindex != 0 {
+            let _ = write!(msg, " on ifindex {}", first.ifindex);
+            if first.netns != 0 {
+                let _ = write!(msg, " of netns {}", first.netns);
+            }
+        }
+        msg.push(')');
+    }
     if d.isolating_policies.is_empty() {
         msg.push_str(": no NetworkPolicy verdict available");
     } else {
@@ -726,6 +811,7 @@ mod tests {
             window: Duration::from_secs(60),
             isolating_policies: vec!["prod/default-deny-ingress".into()],
             nearest_misses: vec!["prod/allow-web-to-db (allows app=web only)".into()],
+            first_packet: None,
         }
     }
 

@@ -5,11 +5,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use prometheus::core::Collector;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounter, IntGauge, Registry, TextEncoder};
 
 use super::ExportError;
+use super::labels::{
+    BuildInfoLabels, Counters, DropLabels, Gauges, KindLabels, MetricLabels, PolicyDenyLabels,
+    ReasonLabels, ResourceLabels, ResultLabels, StageLabels,
+};
 use super::series::{Family, Recorded};
-use crate::flow::{Direction, Protocol};
 
 /// `deny_observer_drops_total`: packets dropped, attributed to workloads.
 pub const DROPS_TOTAL: &str = "deny_observer_drops_total";
@@ -51,27 +54,18 @@ pub const INVENTORY_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
 /// `deny_observer_series_limit`: the configured limit per labelled metric.
 pub const SERIES_LIMIT: &str = "deny_observer_series_limit";
 
-/// Label names of `deny_observer_drops_total` / `deny_observer_drop_bytes_total`, in order.
-pub const DROP_LABELS: [&str; 7] = [
-    "reason",
-    "direction",
-    "source_namespace",
-    "source_workload",
-    "destination_namespace",
-    "destination_workload",
-    "protocol",
+/// The (namespace, workload) label pairs of the attributed families: checked by expiry, and
+/// with the policy, folded into [`OVERFLOW`](super::OVERFLOW) beyond the series limit.
+const ENDPOINT_LABELS: [(&str, &str); 2] = [
+    ("source_namespace", "source_workload"),
+    ("destination_namespace", "destination_workload"),
 ];
-
-/// Label names of `deny_observer_policy_denies_total`, in order.
-pub const POLICY_DENY_LABELS: [&str; 8] = [
-    "direction",
+/// Labels folded into the overflow series of every attributed family.
+const WORKLOAD_LABELS: [&str; 4] = [
     "source_namespace",
     "source_workload",
     "destination_namespace",
     "destination_workload",
-    "protocol",
-    "policy",
-    "match",
 ];
 
 /// `stage` value used when a sample lands in an overflow series.
@@ -100,65 +94,6 @@ impl Default for MetricsConfig {
             expiry_grace: Duration::from_secs(10 * 60),
         }
     }
-}
-
-/// Labels of one attributed drop sample.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub struct DropLabels<'a> {
-    /// Kernel drop reason, lower case, without the `SKB_DROP_REASON_` prefix.
-    pub reason: &'a str,
-    /// Direction (from the verdict when there is one).
-    pub direction: Direction,
-    /// Source namespace ("" for addresses that are no pod's).
-    pub source_namespace: &'a str,
-    /// Source workload, or a non-pod value (`node`, `host`, `world`, `private`).
-    pub source_workload: &'a str,
-    /// Destination namespace.
-    pub destination_namespace: &'a str,
-    /// Destination workload.
-    pub destination_workload: &'a str,
-    /// Protocol.
-    pub protocol: Protocol,
-}
-
-/// `match` label of `deny_observer_policy_denies_total`.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub enum PolicyMatch {
-    /// Isolated, and no rule allows the flow.
-    DefaultDeny,
-    /// Dropped for a policy-type reason although the policies allow it.
-    Unexplained,
-}
-
-impl PolicyMatch {
-    /// Label value (`default_deny`, `unexplained`).
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::DefaultDeny => "default_deny",
-            Self::Unexplained => "unexplained",
-        }
-    }
-}
-
-/// Labels of one policy-attributed deny sample.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PolicyDenyLabels<'a> {
-    /// Deciding direction.
-    pub direction: Direction,
-    /// Source namespace.
-    pub source_namespace: &'a str,
-    /// Source workload.
-    pub source_workload: &'a str,
-    /// Destination namespace.
-    pub destination_namespace: &'a str,
-    /// Destination workload.
-    pub destination_workload: &'a str,
-    /// Protocol.
-    pub protocol: Protocol,
-    /// Isolating policies, as built by [`policy_label`].
-    pub policy: &'a str,
-    /// Why it counts as a deny.
-    pub policy_match: PolicyMatch,
 }
 
 /// Builds the `policy` label value: sorted `ns/name`, comma-joined, at most
@@ -196,20 +131,20 @@ pub struct Metrics {
     registry: Registry,
     config: MetricsConfig,
     names: Mutex<BTreeSet<String>>,
-    drops: Family<7>,
-    policy_denies: Family<8>,
-    kernel_drops: IntCounterVec,
-    kernel_drop_bytes: IntCounterVec,
-    events_lost: IntCounterVec,
+    drops: Family<DropLabels<'static>, 7>,
+    policy_denies: Family<PolicyDenyLabels<'static>, 8>,
+    kernel_drops: Counters<ReasonLabels<'static>, 1>,
+    kernel_drop_bytes: Counters<ReasonLabels<'static>, 1>,
+    events_lost: Counters<StageLabels<'static>, 1>,
     flow_map_entries: IntGauge,
     flow_map_capacity: IntGauge,
-    inventory_objects: IntGaugeVec,
-    inventory_invalid_objects: IntGaugeVec,
-    inventory_reloads: IntCounterVec,
-    watch_errors: IntCounterVec,
-    build_info: IntGaugeVec,
-    series_overflow: IntCounterVec,
-    series: IntGaugeVec,
+    inventory_objects: Gauges<KindLabels<'static>, 1>,
+    inventory_invalid_objects: Gauges<KindLabels<'static>, 1>,
+    inventory_reloads: Counters<ResultLabels<'static>, 1>,
+    watch_errors: Counters<ResourceLabels<'static>, 1>,
+    build_info: Gauges<BuildInfoLabels<'static>, 3>,
+    series_overflow: Counters<MetricLabels<'static>, 1>,
+    series: Gauges<MetricLabels<'static>, 1>,
     reload_successful: IntGauge,
     reload_success_timestamp: IntGauge,
     drops_handles: FamilyHandles,
@@ -221,20 +156,6 @@ pub struct Metrics {
 struct FamilyHandles {
     series: IntGauge,
     overflow: IntCounter,
-}
-
-fn counter_vec(name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, ExportError> {
-    IntCounterVec::new(Opts::new(name, help), labels).map_err(|source| ExportError::Register {
-        name: name.to_owned(),
-        source,
-    })
-}
-
-fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, ExportError> {
-    IntGaugeVec::new(Opts::new(name, help), labels).map_err(|source| ExportError::Register {
-        name: name.to_owned(),
-        source,
-    })
 }
 
 fn gauge(name: &str, help: &str) -> Result<IntGauge, ExportError> {
@@ -251,99 +172,88 @@ fn saturating_i64<T: TryInto<i64>>(n: T) -> i64 {
 impl Metrics {
     /// Creates every metric and registers it in a fresh registry.
     pub fn new(config: MetricsConfig) -> Result<Self, ExportError> {
-        let drops = counter_vec(
+        let drops = Counters::<DropLabels<'static>, 7>::new(
             DROPS_TOTAL,
             "Packets dropped by the kernel, attributed to source and destination workloads.",
-            &DROP_LABELS,
         )?;
-        let drop_bytes = counter_vec(
+        let drop_bytes = Counters::<DropLabels<'static>, 7>::new(
             DROP_BYTES_TOTAL,
             "Bytes of packets dropped by the kernel, attributed to workloads.",
-            &DROP_LABELS,
         )?;
-        let policy_denies = counter_vec(
+        let policy_denies = Counters::<PolicyDenyLabels<'static>, 8>::new(
             POLICY_DENIES_TOTAL,
             "Dropped packets with a NetworkPolicy verdict: default_deny (isolated, no rule \
              allows) or unexplained (policies allow it, yet a policy-type drop happened).",
-            &POLICY_DENY_LABELS,
         )?;
         let series_limit = gauge(
             SERIES_LIMIT,
             "Most label sets kept per labelled metric before the overflow series is used.",
         )?;
         series_limit.set(saturating_i64(config.series_limit));
-        let series_overflow = counter_vec(
+        let series_overflow = Counters::<MetricLabels<'static>, 1>::new(
             SERIES_OVERFLOW_TOTAL,
             "Units counted on an __overflow__ series because the series limit was reached: \
              packets for drops and policy denies, edges for new denied edges.",
-            &["metric"],
         )?;
-        let series = gauge_vec(
+        let series = Gauges::<MetricLabels<'static>, 1>::new(
             SERIES,
             "Label sets currently held per labelled metric (overflow series excluded).",
-            &["metric"],
         )?;
-        let events_lost = counter_vec(
+        let events_lost = Counters::<StageLabels<'static>, 1>::new(
             EVENTS_LOST_TOTAL,
             "Events deny-observer could not count exactly or attribute, by pipeline stage.",
-            &["stage"],
         )?;
 
         let metrics = Self {
             registry: Registry::new(),
             names: Mutex::new(BTreeSet::new()),
             drops: Family::new(
-                vec![drops.clone(), drop_bytes.clone()],
-                &[2, 3, 4, 5],
-                [(2, 3), (4, 5)],
+                DROPS_TOTAL,
+                vec![drops.vec().clone(), drop_bytes.vec().clone()],
+                &WORKLOAD_LABELS,
+                ENDPOINT_LABELS,
                 config.series_limit,
-            ),
+            )?,
             policy_denies: Family::new(
-                vec![policy_denies.clone()],
-                &[1, 2, 3, 4, 6],
-                [(1, 2), (3, 4)],
+                POLICY_DENIES_TOTAL,
+                vec![policy_denies.vec().clone()],
+                &[WORKLOAD_LABELS.as_slice(), &["policy"]].concat(),
+                ENDPOINT_LABELS,
                 config.series_limit,
-            ),
-            kernel_drops: counter_vec(
+            )?,
+            kernel_drops: Counters::new(
                 KERNEL_DROPS_TOTAL,
                 "Every packet the kernel dropped on this node, by drop reason.",
-                &["reason"],
             )?,
-            kernel_drop_bytes: counter_vec(
+            kernel_drop_bytes: Counters::new(
                 KERNEL_DROP_BYTES_TOTAL,
                 "Bytes of every packet the kernel dropped on this node, by drop reason.",
-                &["reason"],
             )?,
             flow_map_entries: gauge(
                 FLOW_MAP_ENTRIES,
                 "Entries in the kernel flow map at the last drain.",
             )?,
             flow_map_capacity: gauge(FLOW_MAP_CAPACITY, "Capacity of the kernel flow map.")?,
-            inventory_objects: gauge_vec(
+            inventory_objects: Gauges::new(
                 INVENTORY_OBJECTS,
                 "Objects in the current inventory, by kind.",
-                &["kind"],
             )?,
-            inventory_invalid_objects: gauge_vec(
+            inventory_invalid_objects: Gauges::new(
                 INVENTORY_INVALID_OBJECTS,
                 "Objects left out of the inventory because the API server would refuse them \
                  (invalid policies, pods, namespaces), by kind. `deny-observer audit` names them.",
-                &["kind"],
             )?,
-            inventory_reloads: counter_vec(
+            inventory_reloads: Counters::new(
                 INVENTORY_RELOADS_TOTAL,
                 "Inventory loads, by result (ok, error). On error the last good inventory stays.",
-                &["result"],
             )?,
-            watch_errors: counter_vec(
+            watch_errors: Counters::new(
                 INVENTORY_WATCH_ERRORS_TOTAL,
                 "Errors of API-server watches, by resource; each is retried with backoff.",
-                &["resource"],
             )?,
-            build_info: gauge_vec(
+            build_info: Gauges::new(
                 BUILD_INFO,
                 "Always 1; labels give the deny-observer version, kernel release and node.",
-                &["version", "kernel_release", "node"],
             )?,
             reload_successful: gauge(
                 INVENTORY_LAST_RELOAD_SUCCESSFUL,
@@ -355,14 +265,24 @@ impl Metrics {
                 "Unix time when the inventory was last known current (0: never).",
             )?,
             drops_handles: FamilyHandles {
-                series: series.with_label_values(&[DROPS_TOTAL]),
-                overflow: series_overflow.with_label_values(&[DROPS_TOTAL]),
+                series: series.with(&MetricLabels {
+                    metric: DROPS_TOTAL,
+                }),
+                overflow: series_overflow.with(&MetricLabels {
+                    metric: DROPS_TOTAL,
+                }),
             },
             policy_denies_handles: FamilyHandles {
-                series: series.with_label_values(&[POLICY_DENIES_TOTAL]),
-                overflow: series_overflow.with_label_values(&[POLICY_DENIES_TOTAL]),
+                series: series.with(&MetricLabels {
+                    metric: POLICY_DENIES_TOTAL,
+                }),
+                overflow: series_overflow.with(&MetricLabels {
+                    metric: POLICY_DENIES_TOTAL,
+                }),
             },
-            lost_to_overflow: events_lost.with_label_values(&[STAGE_SERIES_OVERFLOW]),
+            lost_to_overflow: events_lost.with(&StageLabels {
+                stage: STAGE_SERIES_OVERFLOW,
+            }),
             series_overflow,
             series,
             events_lost,
@@ -370,21 +290,21 @@ impl Metrics {
         };
 
         let collectors: Vec<Box<dyn Collector>> = vec![
-            Box::new(drops),
-            Box::new(drop_bytes),
-            Box::new(policy_denies),
-            Box::new(metrics.kernel_drops.clone()),
-            Box::new(metrics.kernel_drop_bytes.clone()),
-            Box::new(metrics.events_lost.clone()),
+            Box::new(drops.vec().clone()),
+            Box::new(drop_bytes.vec().clone()),
+            Box::new(policy_denies.vec().clone()),
+            Box::new(metrics.kernel_drops.vec().clone()),
+            Box::new(metrics.kernel_drop_bytes.vec().clone()),
+            Box::new(metrics.events_lost.vec().clone()),
             Box::new(metrics.flow_map_entries.clone()),
             Box::new(metrics.flow_map_capacity.clone()),
-            Box::new(metrics.inventory_objects.clone()),
-            Box::new(metrics.inventory_invalid_objects.clone()),
-            Box::new(metrics.inventory_reloads.clone()),
-            Box::new(metrics.watch_errors.clone()),
-            Box::new(metrics.build_info.clone()),
-            Box::new(metrics.series_overflow.clone()),
-            Box::new(metrics.series.clone()),
+            Box::new(metrics.inventory_objects.vec().clone()),
+            Box::new(metrics.inventory_invalid_objects.vec().clone()),
+            Box::new(metrics.inventory_reloads.vec().clone()),
+            Box::new(metrics.watch_errors.vec().clone()),
+            Box::new(metrics.build_info.vec().clone()),
+            Box::new(metrics.series_overflow.vec().clone()),
+            Box::new(metrics.series.vec().clone()),
             Box::new(series_limit),
             Box::new(metrics.reload_successful.clone()),
             Box::new(metrics.reload_success_timestamp.clone()),
@@ -398,11 +318,11 @@ impl Metrics {
         for kind in crate::inventory::validate::METRIC_KINDS {
             metrics
                 .inventory_invalid_objects
-                .with_label_values(&[kind])
+                .with(&KindLabels { kind })
                 .set(0);
         }
         for result in ["ok", "error"] {
-            metrics.inventory_reloads.with_label_values(&[result]);
+            metrics.inventory_reloads.with(&ResultLabels { result });
         }
         Ok(metrics)
     }
@@ -451,16 +371,7 @@ impl Metrics {
     /// Counts an attributed drop sample (`packets`, `bytes`) on `deny_observer_drops_total`
     /// and `deny_observer_drop_bytes_total`.
     pub fn record_drop(&self, labels: &DropLabels<'_>, packets: u64, bytes: u64) {
-        let values = [
-            labels.reason,
-            labels.direction.label(),
-            labels.source_namespace,
-            labels.source_workload,
-            labels.destination_namespace,
-            labels.destination_workload,
-            labels.protocol.label(),
-        ];
-        let recorded = self.drops.record(values, &[packets, bytes]);
+        let recorded = self.drops.record(labels, &[packets, bytes]);
         // Every attributed packet is on drops_total: its overflow is where attribution is
         // lost, so only this family feeds events_lost{stage="series_overflow"}.
         self.after_record(recorded, &self.drops_handles, packets, true);
@@ -468,17 +379,7 @@ impl Metrics {
 
     /// Counts a policy-attributed deny sample on `deny_observer_policy_denies_total`.
     pub fn record_policy_deny(&self, labels: &PolicyDenyLabels<'_>, packets: u64) {
-        let values = [
-            labels.direction.label(),
-            labels.source_namespace,
-            labels.source_workload,
-            labels.destination_namespace,
-            labels.destination_workload,
-            labels.protocol.label(),
-            labels.policy,
-            labels.policy_match.label(),
-        ];
-        let recorded = self.policy_denies.record(values, &[packets]);
+        let recorded = self.policy_denies.record(labels, &[packets]);
         self.after_record(recorded, &self.policy_denies_handles, packets, false);
     }
 
@@ -501,25 +402,30 @@ impl Metrics {
     /// `deny_observer_series_overflow_total{metric}` and `deny_observer_series{metric}`.
     pub fn series_accounting(&self, metric: &str) -> (IntCounter, IntGauge) {
         (
-            self.series_overflow.with_label_values(&[metric]),
-            self.series.with_label_values(&[metric]),
+            self.series_overflow.with(&MetricLabels { metric }),
+            self.series.with(&MetricLabels { metric }),
         )
     }
 
     /// Counts drops of one kernel reason, attributed or not.
     pub fn record_kernel_drops(&self, reason: &str, packets: u64, bytes: u64) {
         self.kernel_drops
-            .with_label_values(&[reason])
+            .with(&ReasonLabels { reason })
             .inc_by(packets);
         self.kernel_drop_bytes
-            .with_label_values(&[reason])
+            .with(&ReasonLabels { reason })
             .inc_by(bytes);
     }
 
     /// Counts `n` lost events at `stage` (`ringbuf_full`, `flow_map_evicted`, ...). `n == 0`
     /// creates the series at zero, which is how the daemon announces its stages up front.
     pub fn record_loss(&self, stage: &str, n: u64) {
-        self.events_lost.with_label_values(&[stage]).inc_by(n);
+        self.events_lost.with(&StageLabels { stage }).inc_by(n);
+    }
+
+    /// The counter of losses at `stage`, for a stage that counts on its own thread.
+    pub fn loss_counter(&self, stage: &str) -> IntCounter {
+        self.events_lost.with(&StageLabels { stage })
     }
 
     /// Sets the flow-map fill.
@@ -534,15 +440,15 @@ impl Metrics {
         &self,
         counts: &std::collections::BTreeMap<String, usize>,
     ) {
-        self.inventory_invalid_objects.reset();
+        self.inventory_invalid_objects.vec().reset();
         for kind in crate::inventory::validate::METRIC_KINDS {
             self.inventory_invalid_objects
-                .with_label_values(&[kind])
+                .with(&KindLabels { kind })
                 .set(0);
         }
         for (kind, n) in counts {
             self.inventory_invalid_objects
-                .with_label_values(&[kind.as_str()])
+                .with(&KindLabels { kind })
                 .set(saturating_i64(*n));
         }
     }
@@ -550,14 +456,14 @@ impl Metrics {
     /// Sets the number of inventory objects of `kind` (`pods`, `namespaces`, `networkpolicies`).
     pub fn set_inventory_objects(&self, kind: &str, n: usize) {
         self.inventory_objects
-            .with_label_values(&[kind])
+            .with(&KindLabels { kind })
             .set(saturating_i64(n));
     }
 
     /// Counts an inventory load (`result="ok"` or `result="error"`).
     pub fn record_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.inventory_reloads.with_label_values(&[result]).inc();
+        self.inventory_reloads.with(&ResultLabels { result }).inc();
     }
 
     /// Sets the inventory source's staleness gauges.
@@ -568,14 +474,18 @@ impl Metrics {
 
     /// Counts a watch error of `resource` (`pods`, `namespaces`, `networkpolicies`).
     pub fn record_watch_error(&self, resource: &str) {
-        self.watch_errors.with_label_values(&[resource]).inc();
+        self.watch_errors.with(&ResourceLabels { resource }).inc();
     }
 
     /// Sets `deny_observer_build_info` to 1 for these labels (replacing earlier values).
     pub fn set_build_info(&self, version: &str, kernel_release: &str, node: &str) {
-        self.build_info.reset();
+        self.build_info.vec().reset();
         self.build_info
-            .with_label_values(&[version, kernel_release, node])
+            .with(&BuildInfoLabels {
+                version,
+                kernel_release,
+                node,
+            })
             .set(1);
     }
 

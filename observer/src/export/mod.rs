@@ -9,19 +9,22 @@
 //!   inventory for [`MetricsConfig::expiry_grace`] are removed by [`Metrics::retain_workloads`].
 //! - [`serve`] runs `/metrics`, `/healthz` and `/readyz` (see [`HttpState`]).
 
-mod batch;
 pub mod events;
 mod http;
+pub mod labels;
 mod metrics;
 mod series;
+mod sink;
 
-pub use batch::{DrainBatch, endpoint_labels};
+pub use crate::attribute::{PolicyMatch, endpoint_labels};
 pub use http::{
     DEFAULT_INVENTORY_MAX_AGE, DEFAULT_STALL_AFTER, HttpLimits, HttpState, REFRESH_WAIT,
     ReadyCondition, RefreshRequest, router, serve, serve_router, serve_with,
 };
+pub use labels::{DropLabels, LabelSet, LabelValue, PolicyDenyLabels};
 pub use metrics::*;
 pub use series::{NON_POD_WORKLOADS, OVERFLOW};
+pub use sink::MetricsSink;
 
 /// Errors of the export stage.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +37,14 @@ pub enum ExportError {
         /// Cause.
         #[source]
         source: prometheus::Error,
+    },
+    /// A bounded family names a label its label set does not have.
+    #[error("metric {metric} has no label {label:?}")]
+    UnknownLabel {
+        /// Metric name.
+        metric: String,
+        /// The label asked for.
+        label: String,
     },
     /// The registry could not be rendered in the text format.
     #[error("cannot encode metrics: {0}")]

@@ -2,7 +2,8 @@
 //! limit with an overflow bucket, and expiry of series whose workloads are gone.
 //!
 //! The cache is keyed by owned label values but looked up with borrowed `[&str; N]`, so
-//! recording into an existing series allocates nothing.
+//! recording into an existing series allocates nothing. A family is typed by its label set;
+//! the labels it folds on overflow and checks on expiry are given by name.
 
 use std::borrow::Borrow;
 use std::hash::{Hash, Hasher};
@@ -11,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntCounterVec};
 
+use super::ExportError;
+use super::labels::{LabelSet, Labelled, position};
 use crate::flow::FastMap;
 
 /// Label value that replaces namespaces, workloads and policies in overflow series.
@@ -102,37 +105,51 @@ pub(crate) enum Recorded {
     Overflow,
 }
 
-/// Positions of a (namespace, workload) label pair in a label set.
-pub(crate) type Endpoint = (usize, usize);
+/// Names of a (namespace, workload) label pair, e.g. `("source_namespace", "source_workload")`.
+pub(crate) type EndpointLabels = (&'static str, &'static str);
 
-/// Counters sharing one label set (e.g. drops and drop bytes), bounded and expiring together.
-pub(crate) struct Family<const N: usize> {
+/// Counters sharing one label set `L` (e.g. drops and drop bytes), bounded and expiring
+/// together.
+pub(crate) struct Family<L, const N: usize> {
     vecs: Vec<IntCounterVec>,
-    /// Label positions replaced by [`OVERFLOW`] in overflow series.
-    overflow_positions: &'static [usize],
+    /// Positions of the labels replaced by [`OVERFLOW`] in overflow series.
+    overflow_positions: Vec<usize>,
     /// (namespace, workload) positions checked by expiry.
-    endpoints: [Endpoint; 2],
+    endpoints: [(usize, usize); 2],
     limit: usize,
     state: Mutex<State<N>>,
+    _labels: std::marker::PhantomData<fn(&L)>,
 }
 
-impl<const N: usize> Family<N> {
+impl<L: Labelled<N>, const N: usize> Family<L, N> {
+    /// A family of `vecs` (each labelled by `L`) holding at most `limit` series; beyond it,
+    /// the labels named `overflow` become [`OVERFLOW`]. Series expire when a workload named
+    /// by one of the `endpoints` label pairs is gone. Fails when a name is not one of `L`'s.
     pub(crate) fn new(
+        metric: &str,
         vecs: Vec<IntCounterVec>,
-        overflow_positions: &'static [usize],
-        endpoints: [Endpoint; 2],
+        overflow: &[&str],
+        endpoints: [EndpointLabels; 2],
         limit: usize,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, ExportError> {
+        let overflow_positions = overflow
+            .iter()
+            .map(|name| position::<L, N>(metric, name))
+            .collect::<Result<_, _>>()?;
+        let pair = |(ns, wl): EndpointLabels| -> Result<(usize, usize), ExportError> {
+            Ok((position::<L, N>(metric, ns)?, position::<L, N>(metric, wl)?))
+        };
+        Ok(Self {
             vecs,
             overflow_positions,
-            endpoints,
+            endpoints: [pair(endpoints[0])?, pair(endpoints[1])?],
             limit,
             state: Mutex::new(State {
                 entries: FastMap::default(),
                 overflow: FastMap::default(),
             }),
-        }
+            _labels: std::marker::PhantomData,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State<N>> {
@@ -149,7 +166,8 @@ impl<const N: usize> Family<N> {
 
     /// Adds `increments[i]` to counter `i` of the series `values`, or of its overflow series
     /// when the family already holds `limit` series.
-    pub(crate) fn record(&self, values: [&str; N], increments: &[u64]) -> Recorded {
+    pub(crate) fn record(&self, labels: &L::Set<'_>, increments: &[u64]) -> Recorded {
+        let values = labels.values();
         let mut state = self.lock();
         let key: &dyn KeyView<N> = &values;
         if let Some(entry) = state.entries.get(key) {
@@ -169,7 +187,7 @@ impl<const N: usize> Family<N> {
             return Recorded::New(state.entries.len());
         }
         let mut folded = values;
-        for &i in self.overflow_positions {
+        for &i in &self.overflow_positions {
             folded[i] = OVERFLOW;
         }
         let key: &dyn KeyView<N> = &folded;
@@ -245,37 +263,89 @@ fn add(handles: &[IntCounter], increments: &[u64]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::labels::label_set;
     use prometheus::Opts;
 
-    fn family(limit: usize) -> Family<3> {
-        let vec = IntCounterVec::new(Opts::new("t_total", "t"), &["ns", "wl", "r"])
-            .expect("valid metric");
-        Family::new(vec![vec], &[0, 1], [(0, 1), (0, 1)], limit)
+    label_set! {
+        /// Test labels, deliberately not in the order the family names them.
+        pub struct Test<'a> {
+            r: &'a str => "r",
+            ns: &'a str => "ns",
+            wl: &'a str => "wl",
+        }
+    }
+
+    fn t<'a>(ns: &'a str, wl: &'a str, r: &'a str) -> Test<'a> {
+        Test { r, ns, wl }
+    }
+
+    fn family(limit: usize) -> Family<Test<'static>, 3> {
+        let vec =
+            IntCounterVec::new(Opts::new("t_total", "t"), &Test::NAMES).expect("valid metric");
+        Family::new(
+            "t_total",
+            vec![vec],
+            &["ns", "wl"],
+            [("ns", "wl"), ("ns", "wl")],
+            limit,
+        )
+        .expect("known labels")
+    }
+
+    #[test]
+    fn unknown_label_names_are_an_error() {
+        let vec =
+            IntCounterVec::new(Opts::new("t_total", "t"), &Test::NAMES).expect("valid metric");
+        let err = Family::<Test<'static>, 3>::new(
+            "t_total",
+            vec![vec],
+            &["namespace"],
+            [("ns", "wl"); 2],
+            1,
+        )
+        .err()
+        .expect("unknown label");
+        assert!(err.to_string().contains("namespace"), "{err}");
     }
 
     #[test]
     fn borrowed_lookup_finds_owned_key() {
         let f = family(10);
-        assert_eq!(f.record(["a", "b", "c"], &[1]), Recorded::New(1));
-        assert_eq!(f.record(["a", "b", "c"], &[2]), Recorded::Existing);
+        assert_eq!(f.record(&t("a", "b", "c"), &[1]), Recorded::New(1));
+        assert_eq!(f.record(&t("a", "b", "c"), &[2]), Recorded::Existing);
         assert_eq!(f.len(), 1);
-        assert_eq!(f.vecs[0].with_label_values(&["a", "b", "c"]).get(), 3);
+        assert_eq!(f.vecs[0].with_label_values(&["c", "a", "b"]).get(), 3);
         // Same concatenation, different split: must be a different series.
-        f.record(["ab", "", "c"], &[1]);
+        f.record(&t("ab", "", "c"), &[1]);
         assert_eq!(f.len(), 2);
     }
 
     #[test]
-    fn overflow_keeps_bounded_labels() {
+    fn overflow_folds_the_named_labels() {
         let f = family(1);
-        f.record(["a", "b", "x"], &[1]);
-        assert_eq!(f.record(["c", "d", "x"], &[5]), Recorded::Overflow);
-        assert_eq!(f.record(["e", "f", "y"], &[7]), Recorded::Overflow);
-        assert_eq!(f.record(["g", "h", "x"], &[1]), Recorded::Overflow);
+        f.record(&t("a", "b", "x"), &[1]);
+        assert_eq!(f.record(&t("c", "d", "x"), &[5]), Recorded::Overflow);
+        assert_eq!(f.record(&t("e", "f", "y"), &[7]), Recorded::Overflow);
+        assert_eq!(f.record(&t("g", "h", "x"), &[1]), Recorded::Overflow);
         assert_eq!(f.len(), 1);
         assert_eq!(f.overflow_len(), 2);
         let v = &f.vecs[0];
-        assert_eq!(v.with_label_values(&[OVERFLOW, OVERFLOW, "x"]).get(), 6);
-        assert_eq!(v.with_label_values(&[OVERFLOW, OVERFLOW, "y"]).get(), 7);
+        assert_eq!(v.with_label_values(&["x", OVERFLOW, OVERFLOW]).get(), 6);
+        assert_eq!(v.with_label_values(&["y", OVERFLOW, OVERFLOW]).get(), 7);
+    }
+
+    #[test]
+    fn expiry_checks_the_named_workload_labels() {
+        let f = family(10);
+        f.record(&t("a", "gone", "x"), &[1]);
+        f.record(&t("a", "live", "x"), &[1]);
+        let now = Instant::now();
+        let live = |_: &str, wl: &str| wl == "live";
+        assert_eq!(f.retain(now, Duration::from_secs(1), &live), 0, "grace");
+        assert_eq!(
+            f.retain(now + Duration::from_secs(1), Duration::from_secs(1), &live),
+            1
+        );
+        assert_eq!(f.len(), 1);
     }
 }

@@ -778,3 +778,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod store_tests;

@@ -61,7 +61,7 @@ impl EndpointKey {
 
 /// Cache key: source, destination, protocol, port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct FlowKey {
+pub struct VerdictKey {
     /// Source endpoint.
     pub src: EndpointKey,
     /// Destination endpoint.
@@ -72,10 +72,10 @@ pub struct FlowKey {
     pub port: u16,
 }
 
-impl FlowKey {
+impl VerdictKey {
     /// The key of a query.
     pub fn of(flow: &FlowQuery) -> Self {
-        FlowKey {
+        VerdictKey {
             src: EndpointKey::of(&flow.src),
             dst: EndpointKey::of(&flow.dst),
             protocol: flow.protocol,
@@ -91,7 +91,7 @@ impl FlowKey {
 #[derive(Debug, Default)]
 struct Inner {
     generation: u64,
-    map: FastMap<FlowKey, Arc<Verdict>>,
+    map: FastMap<VerdictKey, Arc<Verdict>>,
 }
 
 /// A bounded verdict cache. Entries belong to one [`Engine::generation`]: the first lookup
@@ -115,7 +115,7 @@ impl VerdictCache {
 
     /// The cached verdict for `flow`, evaluating it with `engine` on a miss.
     pub fn get_or_evaluate(&self, engine: &Engine, flow: &FlowQuery) -> Arc<Verdict> {
-        let key = FlowKey::of(flow);
+        let key = VerdictKey::of(flow);
         {
             let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             if inner.generation != engine.generation() {

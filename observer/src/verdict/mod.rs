@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-pub use self::cache::{EndpointKey, FlowKey, VerdictCache};
+pub use self::cache::{EndpointKey, VerdictCache, VerdictKey};
 pub use self::cli::{AuditArgs, ExplainArgs, audit, explain};
 use self::compile::{CompiledPolicy, PeerView, Rule, compile_policy};
 pub use crate::flow::{Direction, Protocol};

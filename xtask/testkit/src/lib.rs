@@ -1,10 +1,10 @@
 //! The fixtures deny-observer's end-to-end tests, `cargo xtask demo` and `cargo xtask bench`
 //! run on: a simulated Kubernetes node on the real kernel ([`simnode`]) and traffic for it
 //! ([`flood`]), inventory manifests ([`manifests`]), the release daemon as a child process
-//! ([`daemon`]) and a `/metrics` reader ([`metrics`]), the demo's shop ([`demo`]), the
+//! ([`daemon`]) and a `/metrics` reader ([`metrics`]), byte mutations for fuzz tests ([`mutate`]), the demo's shop ([`demo`]), the
 //! pod-template-to-podman translation the container test runs ([`podspec`]), a real Prometheus
 //! and Alertmanager ([`promstack`]) with a webhook receiver ([`webhook`]), and the one gate of
-//! privileged tests ([`privileged`]).
+//! machine-dependent tests ([`requires`], [`privileged`]).
 
 pub mod chromium;
 pub mod cmd;
@@ -13,6 +13,7 @@ pub mod demo;
 pub mod flood;
 pub mod manifests;
 pub mod metrics;
+pub mod mutate;
 pub mod podspec;
 #[allow(
     clippy::expect_used,
@@ -30,7 +31,8 @@ pub mod webhook;
 
 use std::path::PathBuf;
 
-/// Environment variable that skips privileged tests (set by `cargo xtask test --skip-privileged`).
+/// Environment variable that skips privileged tests when `1` (set by `cargo xtask test
+/// --skip-privileged`); see [`requires`].
 pub const SKIP_PRIVILEGED_ENV: &str = "DENY_OBSERVER_SKIP_PRIVILEGED";
 /// Environment variable naming the release daemon binary for end-to-end tests.
 pub const BIN_ENV: &str = "DENY_OBSERVER_BIN";
@@ -63,19 +65,27 @@ pub fn container_image() -> String {
     })
 }
 
-/// Gate for privileged tests: returns `false` (after saying so) when
-/// `DENY_OBSERVER_SKIP_PRIVILEGED=1`; panics, loudly, when not root; `true` otherwise.
-pub fn privileged(test: &str) -> bool {
+/// The one gate of tests that need something of the machine (root, tracefs, the running
+/// kernel's BTF). `DENY_OBSERVER_SKIP_PRIVILEGED=1` skips them: this says so and returns
+/// `false`. Any other value, or none, means they are required: `true` when `available`, else a
+/// panic naming what is missing and how to skip explicitly, so a test that cannot run never
+/// passes.
+pub fn requires(test: &str, what: &str, available: bool) -> bool {
     if std::env::var(SKIP_PRIVILEGED_ENV).is_ok_and(|v| v == "1") {
         eprintln!("SKIPPED {test}: {SKIP_PRIVILEGED_ENV}=1");
         return false;
     }
     assert!(
-        cmd::is_root(),
-        "{test} needs root (netns, nftables, BPF); run it as root, or set \
-         {SKIP_PRIVILEGED_ENV}=1 to skip it explicitly"
+        available,
+        "{test} needs {what}; run it where it has that, or set {SKIP_PRIVILEGED_ENV}=1 to skip \
+         it explicitly"
     );
     true
+}
+
+/// [`requires`] root: network namespaces, nftables, tracefs and BPF.
+pub fn privileged(test: &str) -> bool {
+    requires(test, "root (netns, nftables, tracefs, BPF)", cmd::is_root())
 }
 
 /// The workspace root (this crate is `xtask/testkit` in it).

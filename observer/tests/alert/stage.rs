@@ -125,8 +125,8 @@ fn a_flood_pages_once_with_labels_and_expected_denies_do_not() {
     assert_eq!(transitions.len(), 1, "{transitions:?}");
     let t = &transitions[0];
     assert!(t.started);
-    assert_eq!(t.key.workload_namespace, "db");
-    assert_eq!(t.key.workload, "postgres");
+    assert_eq!(&*t.key.workload_namespace, "db");
+    assert_eq!(&*t.key.workload, "postgres");
     assert_eq!(t.key.direction, Direction::Ingress);
     assert!(!t.key.expected);
 

@@ -1,5 +1,5 @@
-//! Byte-level mutations of seed inputs for the proptest fuzz tests (`tests/fuzz_*.rs` include
-//! this file with `#[path]`). Each mutation picks its position with [`Index`], so it applies to
+//! Byte-level mutations of seed inputs for observer's proptest fuzz tests (its `fuzz_tests`
+//! modules and `tests/fuzz`). Each mutation picks its position with [`Index`], so it applies to
 //! a seed of any length and shrinks towards the start of the input and fewer edits.
 
 use proptest::prelude::*;

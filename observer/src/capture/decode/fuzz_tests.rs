@@ -1,6 +1,6 @@
 //! Bounded fuzzing of the ring-buffer record decoding: arbitrary bytes go through the same
-//! functions `Capture::samples` uses (`capture::parse_sample`, then `capture::to_sample`, which
-//! calls `capture::decode`). Records of the wrong size are rejected (the daemon counts them);
+//! functions `Capture::samples` uses (`decode::parse_sample`, then `decode::to_sample`, which
+//! calls `decode::decode`). Records of the wrong size are rejected (the daemon counts them);
 //! any 72-byte pattern decodes without panicking; addresses round-trip, IPv4 through its
 //! IPv4-mapped form.
 //!
@@ -13,15 +13,14 @@
     reason = "test code panics with context"
 )]
 
-#[path = "fuzz_corpus/mutate.rs"]
-mod mutate;
+use testkit::mutate;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use observer::capture::{self, SampleSizeError};
-use observer::flow::Protocol;
+use super::{self as capture, SampleSizeError};
+use crate::flow::Protocol;
 use observer_ebpf::{FlowKey, SampleEvent, family};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -240,7 +239,7 @@ fn arb_event() -> impl Strategy<Value = SampleEvent> {
 }
 
 /// What `decode` must make of any key: an independent statement of the contract.
-fn check_decoded(key: &FlowKey, d: &observer::capture::Drop) -> Result<(), TestCaseError> {
+fn check_decoded(key: &FlowKey, d: &crate::capture::FlowDrop) -> Result<(), TestCaseError> {
     match key.family {
         family::INET => {
             let want = |a: &[u8; 16]| IpAddr::from([a[12], a[13], a[14], a[15]]);

@@ -13,14 +13,13 @@
     reason = "test code panics with context"
 )]
 
-#[path = "fuzz_corpus/mutate.rs"]
-mod mutate;
+use testkit::mutate;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use observer::capture::btf::{BtfError, KernelBtf, VMLINUX_BTF};
-use observer::capture::tracefs::KfreeSkbFields;
+use crate::capture::btf::{BtfError, KernelBtf, VMLINUX_BTF};
+use crate::capture::tracefs::KfreeSkbFields;
 use observer_ebpf::{BTF_ARGS_MAX, BtfArgs, NO_ARG};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -633,12 +632,12 @@ fn check_walk(path: &str, r: Result<u32, BtfError>) -> Result<(), TestCaseError>
 fn vmlinux() -> Option<&'static KernelBtf> {
     static BTF: OnceLock<Option<KernelBtf>> = OnceLock::new();
     BTF.get_or_init(|| {
-        if !Path::new(VMLINUX_BTF).exists() {
-            assert!(
-                std::env::var_os("DENY_OBSERVER_SKIP_PRIVILEGED").is_some(),
-                "{VMLINUX_BTF} is missing; set DENY_OBSERVER_SKIP_PRIVILEGED=1 to skip"
-            );
-            eprintln!("skipped: no {VMLINUX_BTF}");
+        let present = Path::new(VMLINUX_BTF).exists();
+        if !testkit::requires(
+            "fuzz_btf on the running kernel",
+            "its BTF ({VMLINUX_BTF})",
+            present,
+        ) {
             return None;
         }
         Some(KernelBtf::vmlinux().unwrap())

@@ -14,8 +14,7 @@
     reason = "test code panics with context"
 )]
 
-#[path = "fuzz_corpus/mutate.rs"]
-mod mutate;
+use testkit::mutate;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -11,12 +11,11 @@
     reason = "test code panics with context"
 )]
 
-#[path = "fuzz_corpus/mutate.rs"]
-mod mutate;
+use testkit::mutate;
 
 use std::path::{Path, PathBuf};
 
-use observer::capture::tracefs::{self, KfreeSkbFields, TracefsError};
+use crate::capture::tracefs::{self, KfreeSkbFields, TracefsError};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
@@ -156,14 +155,12 @@ fn oracle_name(line: &str) -> Option<String> {
 /// declares (covers `__data_loc char[] name`, arrays, pointers, multi-word types).
 #[test]
 fn every_format_file_of_this_kernel_parses() {
+    if !testkit::privileged("every_format_file_of_this_kernel_parses") {
+        return;
+    }
     let events = Path::new(tracefs::TRACEFS_ROOT).join("events");
     if !events.is_dir() {
-        if std::env::var_os("DENY_OBSERVER_SKIP_PRIVILEGED").is_some() {
-            eprintln!("skipped: tracefs is not mounted");
-            return;
-        }
-        tracefs::ensure_mounted()
-            .expect("mounting tracefs (set DENY_OBSERVER_SKIP_PRIVILEGED=1 to skip)");
+        tracefs::ensure_mounted().expect("mounting tracefs");
     }
     let mut files = 0;
     for group in std::fs::read_dir(&events).unwrap() {

@@ -10,13 +10,13 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::inventory::kube::{
+    SnapshotBuilder, Stores, Writers, stores, trim_namespace, trim_pod, trim_policy,
+};
+use crate::inventory::{Attributor, Endpoint, Inventory, NodeAddrs, Workload};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::watcher::Event;
-use observer::inventory::kube::{
-    SnapshotBuilder, Stores, Writers, stores, trim_namespace, trim_pod, trim_policy,
-};
-use observer::inventory::{Attributor, Endpoint, Inventory, NodeAddrs, Workload};
 use serde_json::json;
 
 const NODE_IP: &str = "192.168.10.1";

@@ -694,61 +694,60 @@ fn pod(namespace: &str, name: &str, workload: &str) -> std::sync::Arc<observer::
 }
 
 #[test]
-fn drain_batch_sums_records_into_the_same_series_as_one_by_one() {
-    use observer::export::DrainBatch;
+fn metrics_sink_sums_outcomes_of_one_label_set_into_one_series() {
+    use observer::attribute::{DropSeries, Outcomes, PolicyDeny, Sink as _};
+    use observer::export::MetricsSink;
     use observer::inventory::Endpoint;
     use std::sync::Arc;
+    use std::time::SystemTime;
 
     let netfilter: Arc<str> = Arc::from("netfilter_drop");
-    // A second Arc of the same reason string: a separate group, the same series.
-    let netfilter_again: Arc<str> = Arc::from("netfilter_drop");
     let no_socket: Arc<str> = Arc::from("no_socket");
     let (a1, a2) = (pod("a", "web-1", "web"), pod("a", "web-2", "web"));
     let b = pod("b", "db-1", "db");
     let (web1, web2, db) = (Endpoint::Pod(a1), Endpoint::Pod(a2), Endpoint::Pod(b));
-    let m = metrics(100, Duration::from_secs(60));
-    let mut batch = DrainBatch::default();
+    let m = Arc::new(metrics(100, Duration::from_secs(60)));
+    let mut sink = MetricsSink::new(Arc::clone(&m));
     let deny_all: Arc<str> = Arc::from("b/deny-all");
-    let flows: [(&Arc<str>, &Endpoint, u64); 5] = [
-        (&netfilter, &web1, 1),
-        (&netfilter, &web1, 10),
-        (&netfilter, &web2, 100),
-        (&netfilter_again, &web2, 1000),
-        (&no_socket, &web1, 7),
-    ];
-    for (reason, src, packets) in flows {
-        batch.add_drop(
-            reason,
-            Direction::Ingress,
-            Protocol::Tcp,
-            Some(src),
-            Some(&db),
-            packets,
-            packets * 60,
-        );
-        batch.add_policy_deny(
-            Direction::Ingress,
-            Protocol::Tcp,
-            Some(src),
-            Some(&db),
-            &deny_all,
-            PolicyMatch::DefaultDeny,
-            packets,
-        );
-    }
-    // The world peer and an unknown address keep their own label values.
-    batch.add_drop(
-        &no_socket,
-        Direction::Unknown,
-        Protocol::Udp,
-        Some(&Endpoint::World),
-        None,
-        3,
-        30,
-    );
-    assert!(!batch.is_empty());
-    batch.flush(&m);
-    assert!(batch.is_empty(), "a flush empties the batch");
+    let drop = |reason: &Arc<str>, src: &Endpoint, packets: u64| DropSeries {
+        reason: Arc::clone(reason),
+        direction: Direction::Ingress,
+        protocol: Protocol::Tcp,
+        src: Some(src.clone()),
+        dst: Some(db.clone()),
+        packets,
+        bytes: packets * 60,
+    };
+    let deny = |src: &Endpoint, packets: u64| PolicyDeny {
+        direction: Direction::Ingress,
+        protocol: Protocol::Tcp,
+        src: Some(src.clone()),
+        dst: Some(db.clone()),
+        policy: Arc::clone(&deny_all),
+        policy_match: PolicyMatch::DefaultDeny,
+        packets,
+    };
+    // Two pods of one workload are two outcomes and one series.
+    let mut out = Outcomes {
+        drops: vec![
+            drop(&netfilter, &web1, 11),
+            drop(&netfilter, &web2, 1100),
+            drop(&no_socket, &web1, 7),
+            // The world peer and an unknown address keep their own label values.
+            DropSeries {
+                reason: Arc::clone(&no_socket),
+                direction: Direction::Unknown,
+                protocol: Protocol::Udp,
+                src: Some(Endpoint::World),
+                dst: None,
+                packets: 3,
+                bytes: 30,
+            },
+        ],
+        denies: vec![deny(&web1, 18), deny(&web2, 1100)],
+        ..Outcomes::default()
+    };
+    sink.record(&out, SystemTime::now());
     let web_db = [
         ("source_namespace", "a"),
         ("source_workload", "web"),
@@ -805,16 +804,9 @@ fn drain_batch_sums_records_into_the_same_series_as_one_by_one() {
         Some(3.0)
     );
     // A second drain adds to the same series.
-    batch.add_drop(
-        &netfilter,
-        Direction::Ingress,
-        Protocol::Tcp,
-        Some(&web2),
-        Some(&db),
-        5,
-        300,
-    );
-    batch.flush(&m);
+    out.drops = vec![drop(&netfilter, &web2, 5)];
+    out.denies.clear();
+    sink.record(&out, SystemTime::now());
     assert_eq!(
         value(
             &m,

@@ -41,6 +41,7 @@ fn denied(peer: &str, packets: u64) -> DeniedTraffic {
         window: Duration::from_secs(60),
         isolating_policies: vec!["prod/default-deny-ingress".into()],
         nearest_misses: vec!["prod/allow-web-to-db (allows app=web only)".into()],
+        first_packet: None,
     }
 }
 
@@ -304,7 +305,8 @@ async fn sink_queues_without_blocking() {
     let config = EventsConfig::default();
     let (events, handle) = publisher(config);
     let metrics = events.metrics().clone();
-    let sink = events.spawn(8, Duration::from_secs(60));
+    let queue_full = prometheus::IntCounter::new("queue_full", "t").expect("counter");
+    let (sink, _task) = events.spawn(8, Duration::from_secs(60), queue_full.clone());
     assert!(sink.denied(denied("client", 4)));
     let mut handle = pin!(handle);
     let created = expect(
@@ -327,4 +329,129 @@ async fn sink_queues_without_blocking() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(metrics.get("published"), 1);
+    assert_eq!(queue_full.get(), 0);
+}
+
+/// A one-pod inventory (prod/db-0 of Deployment db, 10.0.0.10) behind an ingress default deny.
+fn db_views() -> observer::attribute::Views {
+    use observer::inventory::{Inventory, Namespace, NodeAddrs, Pod, PodPhase, Workload};
+    use std::sync::Arc;
+
+    let pod = Pod {
+        namespace: "prod".into(),
+        name: "db-0".into(),
+        labels: [("app".to_owned(), "db".to_owned())].into(),
+        ips: vec!["10.0.0.10".parse().expect("address")],
+        host_network: false,
+        node_name: None,
+        phase: PodPhase::Running,
+        created_unix: 0,
+        ports: vec![],
+        workload: Workload {
+            kind: "Deployment".into(),
+            name: "db".into(),
+        },
+    };
+    let policy = serde_yaml::from_str(
+        "metadata: {name: default-deny-ingress, namespace: prod}\n\
+         spec: {podSelector: {}, policyTypes: [Ingress]}",
+    )
+    .expect("policy");
+    let inv = Inventory {
+        namespaces: [(
+            "prod".to_owned(),
+            Namespace {
+                name: "prod".into(),
+                labels: [("kubernetes.io/metadata.name".to_owned(), "prod".to_owned())].into(),
+            },
+        )]
+        .into(),
+        pods: vec![Arc::new(pod)],
+        policies: vec![Arc::new(policy)],
+        ..Inventory::default()
+    };
+    observer::attribute::Views::new(Arc::new(inv), NodeAddrs::new([]))
+}
+
+/// One denied flow from 8.8.8.8 to the db pod's port 5432.
+fn denied_drain(packets: u64) -> observer::capture::DrainReport {
+    observer::capture::DrainReport {
+        drops: vec![observer::capture::FlowDrop {
+            reason: "netfilter_drop".into(),
+            src: Some("8.8.8.8".parse().expect("address")),
+            dst: Some("10.0.0.10".parse().expect("address")),
+            protocol: Protocol::Tcp,
+            dst_port: 5432,
+            icmp: None,
+            netns: 0,
+            packets,
+            bytes: packets * 60,
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn drained_denies_become_events_counted_over_the_drain_window() {
+    use observer::attribute::{Attribution, Sink as _};
+    use std::time::SystemTime;
+
+    let (events, handle) = publisher(EventsConfig::default());
+    let queue_full = prometheus::IntCounter::new("queue_full", "t").expect("counter");
+    let (mut sink, task) = events.spawn(8, Duration::from_secs(60), queue_full.clone());
+    let views = db_views();
+    let start = SystemTime::now();
+    let mut core = Attribution::new(true, start);
+    let out = core.attribute(
+        &views,
+        &denied_drain(6),
+        &[],
+        start + Duration::from_secs(2),
+    );
+    sink.record(out, start + Duration::from_secs(2));
+    let mut handle = pin!(handle);
+    let created = expect(
+        &mut handle,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/prod/events",
+    )
+    .await;
+    assert_eq!(created["regarding"]["name"], "db-0");
+    assert_eq!(created["reason"], "PolicyDenied");
+    assert_eq!(
+        created["note"],
+        "Denied 6 TCP/5432 packets from world in 2s: isolated by prod/default-deny-ingress"
+    );
+    // The last sink gone, the publisher flushes and ends.
+    drop(sink);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("publisher ends")
+        .expect("publisher task");
+    assert_eq!(queue_full.get(), 0);
+}
+
+#[tokio::test]
+async fn a_full_queue_is_counted_not_waited_for() {
+    use observer::attribute::{Attribution, Sink as _};
+    use std::time::SystemTime;
+
+    let (events, _handle) = publisher(EventsConfig::default());
+    let queue_full = prometheus::IntCounter::new("queue_full", "t").expect("counter");
+    // The fake API server never answers: the publisher holds at most one summary in flight
+    // and one in the queue.
+    let (mut sink, _task) = events.spawn(1, Duration::from_secs(60), queue_full.clone());
+    let views = db_views();
+    let start = SystemTime::now();
+    let mut core = Attribution::new(true, start);
+    for i in 1..=5u32 {
+        let now = start + Duration::from_secs(u64::from(i));
+        let out = core.attribute(&views, &denied_drain(1), &[], now);
+        sink.record(out, now);
+    }
+    assert!(
+        (3..=4).contains(&queue_full.get()),
+        "5 summaries, room for at most 2: {}",
+        queue_full.get()
+    );
 }

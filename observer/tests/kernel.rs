@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use observer::capture::{
-    AttachKind, AttachMode, Capture, CaptureConfig, CaptureError, DrainReport, Drop, ReasonFilter,
-    ReasonSource,
+    AttachKind, AttachMode, Capture, CaptureConfig, CaptureError, DrainReport, FlowDrop,
+    ReasonFilter, ReasonSource,
 };
 use observer::flow::Protocol;
 
@@ -36,19 +36,6 @@ const UDP_ALLOW: u16 = 7000;
 const UDP_EXT_DROP: u16 = 5354;
 const FLOOD_LO: u16 = 20000;
 const FLOOD_HI: u16 = 29999;
-
-fn privileged(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    assert!(
-        std::env::var("DENY_OBSERVER_SKIP_PRIVILEGED").as_deref() == Ok("1"),
-        "{test} needs root (netns, nftables, BPF); set DENY_OBSERVER_SKIP_PRIVILEGED=1 to skip"
-    );
-    eprintln!("{test}: SKIPPED (DENY_OBSERVER_SKIP_PRIVILEGED=1, not root)");
-    false
-}
 
 fn run(args: &[&str]) {
     let out = Command::new(args[0])
@@ -452,7 +439,7 @@ type FlowId = (Option<IpAddr>, Option<IpAddr>, Protocol, u16, String);
 fn totals(reports: &[DrainReport]) -> BTreeMap<FlowId, (u64, u64)> {
     let mut out = BTreeMap::new();
     for d in reports.iter().flat_map(|r| &r.drops) {
-        let Drop {
+        let FlowDrop {
             src,
             dst,
             protocol,
@@ -473,28 +460,32 @@ fn totals(reports: &[DrainReport]) -> BTreeMap<FlowId, (u64, u64)> {
 
 #[test]
 fn counts_nft_drops_exactly() {
-    if !privileged("counts_nft_drops_exactly") {
+    if !testkit::privileged("counts_nft_drops_exactly") {
         return;
     }
     exact_counts(AttachMode::Auto);
 }
 
-/// Whether this kernel's BTF describes `tp_btf/kfree_skb` with the arguments the program needs.
+/// Whether this kernel takes the program on `tp_btf/kfree_skb` when that hook is forced (its BTF
+/// describes the arguments the program needs).
 fn kernel_has_kfree_skb_btf() -> bool {
-    observer::capture::btf::KernelBtf::vmlinux()
-        .and_then(|btf| btf.kfree_skb_btf_args())
-        .is_ok()
+    Capture::load(&CaptureConfig {
+        attach: AttachMode::BtfTracepoint,
+        ..CaptureConfig::default()
+    })
+    .is_ok()
 }
 
 /// The default prefers the BTF-enabled raw tracepoint wherever the kernel describes it (6.18
 /// does), so the cheaper hook is the one under test in every other test here.
 #[test]
 fn auto_attaches_tp_btf_where_available() {
-    if !privileged("auto_attaches_tp_btf_where_available") {
+    if !testkit::privileged("auto_attaches_tp_btf_where_available") {
         return;
     }
+    let has_btf = kernel_has_kfree_skb_btf();
     let capture = Capture::load(&CaptureConfig::default()).unwrap();
-    let want = if kernel_has_kfree_skb_btf() {
+    let want = if has_btf {
         AttachKind::BtfTracepoint
     } else {
         AttachKind::Tracepoint
@@ -503,7 +494,7 @@ fn auto_attaches_tp_btf_where_available() {
     // The platform this project targets (Linux 6.18, BTF) must get tp_btf; a fallback there
     // is a regression even if counts stay right.
     assert!(
-        kernel_has_kfree_skb_btf(),
+        has_btf,
         "this kernel's BTF has no usable btf_trace_kfree_skb"
     );
 }
@@ -511,7 +502,7 @@ fn auto_attaches_tp_btf_where_available() {
 /// The classic tracepoint stays a tested fallback: forced, it counts exactly too.
 #[test]
 fn classic_tracepoint_counts_exactly() {
-    if !privileged("classic_tracepoint_counts_exactly") {
+    if !testkit::privileged("classic_tracepoint_counts_exactly") {
         return;
     }
     assert_eq!(exact_counts(AttachMode::Tracepoint), AttachKind::Tracepoint);
@@ -520,7 +511,7 @@ fn classic_tracepoint_counts_exactly() {
 /// Forced tp_btf (no fallback can hide a failure) counts exactly.
 #[test]
 fn btf_tracepoint_counts_exactly() {
-    if !privileged("btf_tracepoint_counts_exactly") {
+    if !testkit::privileged("btf_tracepoint_counts_exactly") {
         return;
     }
     assert_eq!(
@@ -828,7 +819,7 @@ fn reason_total(reports: &[DrainReport], reason: &str) -> u64 {
 /// kernels without. The reason filter keeps exactly the named reasons, the same way on both.
 #[test]
 fn counts_tc_drops_exactly() {
-    if !privileged("counts_tc_drops_exactly") {
+    if !testkit::privileged("counts_tc_drops_exactly") {
         return;
     }
     let net = NetPair::new();
@@ -1027,7 +1018,7 @@ fn drop_cap_syslog_in_this_thread() {
 /// `not_specified`, saying so instead of failing.
 #[test]
 fn without_cap_syslog_drops_still_count() {
-    if !privileged("without_cap_syslog_drops_still_count") {
+    if !testkit::privileged("without_cap_syslog_drops_still_count") {
         return;
     }
     let net = NetPair::new();
@@ -1085,7 +1076,7 @@ fn without_cap_syslog_drops_still_count() {
 
 #[test]
 fn tiny_flow_map_reports_evictions() {
-    if !privileged("tiny_flow_map_reports_evictions") {
+    if !testkit::privileged("tiny_flow_map_reports_evictions") {
         return;
     }
     let net = NetPair::new();
@@ -1141,7 +1132,7 @@ fn tiny_flow_map_reports_evictions() {
 /// map that full stays well inside the one-second drain period.
 #[test]
 fn fifty_thousand_flows() {
-    if !privileged("fifty_thousand_flows") {
+    if !testkit::privileged("fifty_thousand_flows") {
         return;
     }
     let net = NetPair::new();
@@ -1195,7 +1186,7 @@ fn fifty_thousand_flows() {
 /// counted again from zero, with nothing lost or double counted.
 #[test]
 fn idle_keys_are_deleted_and_recounted() {
-    if !privileged("idle_keys_are_deleted_and_recounted") {
+    if !testkit::privileged("idle_keys_are_deleted_and_recounted") {
         return;
     }
     let net = NetPair::new();
@@ -1232,7 +1223,7 @@ fn idle_keys_are_deleted_and_recounted() {
 
 #[test]
 fn unknown_reason_name_is_rejected() {
-    if !privileged("unknown_reason_name_is_rejected") {
+    if !testkit::privileged("unknown_reason_name_is_rejected") {
         return;
     }
     let err = Capture::load(&CaptureConfig {
@@ -1287,11 +1278,11 @@ fn flood_rate(net: &NetPair, secs: f64) -> f64 {
 /// Rough hot-path cost check (not run by default): interleaves runs with no observer, with this
 /// program on each hook, and with a bpftrace count-by-reason one-liner, and prints the rates;
 /// then each hook's own cost per drop (`kernel.bpf_stats_enabled`) and its translated size.
-/// `cargo test -p observer --test capture_kernel flood_rates -- --ignored --nocapture`
+/// `cargo test -p observer --test kernel flood_rates -- --ignored --nocapture`
 #[test]
 #[ignore = "benchmark; run explicitly"]
 fn flood_rates() {
-    if !privileged("flood_rates") {
+    if !testkit::privileged("flood_rates") {
         return;
     }
     let net = NetPair::new();

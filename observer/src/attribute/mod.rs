@@ -1,0 +1,681 @@
+//! Attribution: turns one drain of the kernel maps into typed [`Outcomes`] — drop series,
+//! policy denies (`default_deny`, `unexplained`), denied edges (which the alert stage turns
+//! into spike observations and new-edge alerts) and Kubernetes Event notices.
+//!
+//! A pure stage: no I/O, no clock, no Prometheus, no channels. It reads the inventory through
+//! [`Views`] and the drain through [`DrainReport`]; the daemon hands the [`Outcomes`] to each
+//! [`Sink`] (Prometheus export, the alert stage, Kubernetes Events). Every branch is therefore a
+//! unit test that runs without root.
+//!
+//! Outcomes are summed per label identity within one drain: a scan or a wide flood makes
+//! thousands of flows that differ only in their ports and land on a handful of series, and
+//! looking each record's label strings up in the series maps was about a quarter of the
+//! daemon's CPU in such a flood (`cargo xtask bench`, udp-many). Identities are pointers and
+//! small integers, so grouping allocates nothing once the maps have grown to a drain's size.
+
+#[cfg(test)]
+mod tests;
+
+use std::mem::Discriminant;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::capture::{DrainReport, FlowDrop, Losses, Sample};
+use crate::flow::{Direction, FastMap, Protocol};
+use crate::inventory::{Attributor, Endpoint, Inventory, NodeAddrs, Pod};
+use crate::verdict::{Engine, FlowQuery, Peer, Verdict, VerdictCache};
+
+/// Kernel drop reasons that mean "a packet filter decided": the ones NetworkPolicy
+/// enforcement produces (iptables/nftables CNIs, tc-based eBPF datapaths, cgroup programs).
+pub const POLICY_REASONS: &[&str] = &[
+    "netfilter_drop",
+    "tc_ingress",
+    "tc_egress",
+    "bpf_cgroup_egress",
+    "bpf_cgroup_ingress",
+];
+
+/// Verdict cache size: distinct (source, destination, protocol, port) flows remembered.
+pub const VERDICT_CACHE: usize = 65_536;
+
+/// The inventory as attribution reads it: address → endpoint, the policy engine, and the
+/// verdicts already computed with that engine. Replaced or updated as a whole when the
+/// inventory changes, so that the three never disagree.
+pub struct Views {
+    attributor: Attributor,
+    engine: Engine,
+    cache: VerdictCache,
+}
+
+impl Views {
+    /// Views of `inventory`; `node` are this node's addresses.
+    pub fn new(inventory: Arc<Inventory>, node: NodeAddrs) -> Self {
+        Self {
+            attributor: Attributor::new(&inventory, node),
+            engine: Engine::new(inventory),
+            cache: VerdictCache::new(VERDICT_CACHE),
+        }
+    }
+
+    /// Moves the views to `inventory`. Everything is rebuilt and the verdicts forgotten.
+    pub fn update(&mut self, inventory: Arc<Inventory>) {
+        let node = self.attributor.node().clone();
+        *self = Self::new(inventory, node);
+    }
+
+    /// The policy engine (and through it the inventory).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The inventory these views were built from.
+    pub fn inventory(&self) -> &Arc<Inventory> {
+        self.engine.inventory()
+    }
+
+    /// The endpoint an address belongs to.
+    pub fn endpoint(&self, ip: IpAddr) -> Endpoint {
+        self.attributor.lookup(ip)
+    }
+
+    /// The kind of a workload (`Deployment`, ...) from any of its pods; `None` once it has no
+    /// pod left. A scan, so for rare callers (spike transitions), never per flow.
+    pub fn workload_kind(&self, namespace: &str, workload: &str) -> Option<&str> {
+        self.inventory()
+            .pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.workload.name == workload)
+            .map(|p| p.workload.kind.as_str())
+    }
+
+    /// The verdict on a drained flow between two attributed endpoints; `None` when
+    /// NetworkPolicy has nothing to say about it (an end unknown, no pod at either end, a
+    /// protocol policies cannot name).
+    fn verdict(
+        &self,
+        drop: &FlowDrop,
+        src: Option<&Endpoint>,
+        dst: Option<&Endpoint>,
+    ) -> Option<Arc<Verdict>> {
+        let (src, dst) = (src?, dst?);
+        if src.pod().is_none() && dst.pod().is_none() {
+            return None;
+        }
+        let peer = |ep: &Endpoint, ip: Option<IpAddr>| match ep {
+            Endpoint::Pod(pod) => Some(Peer::Pod(Arc::clone(pod))),
+            _ => ip.map(Peer::External),
+        };
+        let query = FlowQuery {
+            src: peer(src, drop.src)?,
+            dst: peer(dst, drop.dst)?,
+            protocol: match drop.protocol {
+                Protocol::Other => return None,
+                p => p,
+            },
+            port: drop.dst_port,
+        };
+        Some(self.cache.get_or_evaluate(&self.engine, &query))
+    }
+}
+
+/// `match` label of `deny_observer_policy_denies_total`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum PolicyMatch {
+    /// Isolated, and no rule allows the flow.
+    DefaultDeny,
+    /// Dropped for a policy-type reason although the policies allow it.
+    Unexplained,
+}
+
+impl PolicyMatch {
+    /// Label value (`default_deny`, `unexplained`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::DefaultDeny => "default_deny",
+            Self::Unexplained => "unexplained",
+        }
+    }
+}
+
+/// The `(namespace, workload)` labels of an endpoint; `("", "unknown")` when the address is
+/// unknown.
+pub fn endpoint_labels(ep: Option<&Endpoint>) -> (&str, &str) {
+    match ep {
+        Some(ep) => (ep.namespace_label(), ep.workload_label()),
+        None => ("", "unknown"),
+    }
+}
+
+/// Drops of one label set in one drain (`deny_observer_drops_total`,
+/// `deny_observer_drop_bytes_total`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DropSeries {
+    /// Kernel drop reason label.
+    pub reason: Arc<str>,
+    /// Deciding direction when NetworkPolicy denies the flow, else unknown.
+    pub direction: Direction,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Source endpoint (`None`: address not parsed).
+    pub src: Option<Endpoint>,
+    /// Destination endpoint.
+    pub dst: Option<Endpoint>,
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}
+
+/// Policy-attributed denies of one label set in one drain
+/// (`deny_observer_policy_denies_total`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicyDeny {
+    /// Deciding direction (unknown for `unexplained`).
+    pub direction: Direction,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Source endpoint.
+    pub src: Option<Endpoint>,
+    /// Destination endpoint.
+    pub dst: Option<Endpoint>,
+    /// `policy` label: the isolating policies, bounded (empty for `unexplained`).
+    pub policy: Arc<str>,
+    /// Why it counts.
+    pub policy_match: PolicyMatch,
+    /// Packets.
+    pub packets: u64,
+}
+
+/// Default-denied packets of one edge (workload pair, protocol, destination port) in one
+/// drain: what the alert stage observes for spikes and new denied edges.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EdgeDeny {
+    /// Deciding direction.
+    pub direction: Direction,
+    /// Source endpoint.
+    pub src: Option<Endpoint>,
+    /// Destination endpoint.
+    pub dst: Option<Endpoint>,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Destination port; 0 for protocols without ports.
+    pub port: u16,
+    /// Packets.
+    pub packets: u64,
+    /// The verdict (isolating policies, nearest misses).
+    pub verdict: Arc<Verdict>,
+}
+
+impl EdgeDeny {
+    /// Isolating policies of the deciding side as `(namespace, name)`.
+    pub fn isolating_policies(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.verdict
+            .deciding_side()
+            .into_iter()
+            .flat_map(|side| side.isolating_policies.iter())
+            .filter_map(|id| id.split_once('/'))
+    }
+}
+
+/// What the ring buffer said about the first packet of a flow: where a person looks next.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct FirstPacket {
+    /// Source port (0 for protocols without ports).
+    pub src_port: u16,
+    /// Interface index the packet was on (0: none).
+    pub ifindex: u32,
+    /// Inode of that interface's network namespace (0: unknown).
+    pub netns: u32,
+}
+
+/// A `PolicyDenied` Event to publish on the pod whose policy denied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DenyNotice {
+    /// The pod whose policy denied (destination for ingress, source for egress).
+    pub pod: Arc<Pod>,
+    /// Deciding direction.
+    pub direction: Direction,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Destination port (`None` for protocols without ports).
+    pub port: Option<u16>,
+    /// The other end (`None`: address not parsed).
+    pub peer: Option<Endpoint>,
+    /// Denied packets over `window`.
+    pub packets: u64,
+    /// The time the packets were counted over: since the previous drain.
+    pub window: Duration,
+    /// The verdict (isolating policies, nearest misses).
+    pub verdict: Arc<Verdict>,
+    /// Detail of the first packet of one of the flows, when the ring buffer delivered it in
+    /// this drain.
+    pub first_packet: Option<FirstPacket>,
+}
+
+/// An accepted connection (or UDP/SCTP flow) between two endpoints, for
+/// `deny_observer_connections_total`. Filled by the allowed-connection path.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionSeries {
+    /// Source endpoint.
+    pub src: Option<Endpoint>,
+    /// Destination endpoint.
+    pub dst: Option<Endpoint>,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Destination port.
+    pub port: u16,
+    /// Connections.
+    pub connections: u64,
+}
+
+/// The node-wide counters of a drain, passed through unchanged.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelCounts {
+    /// Every counted drop per reason: `(reason label, packets, bytes)`.
+    pub reason_totals: Vec<(Arc<str>, u64, u64)>,
+    /// What the kernel side could not deliver.
+    pub losses: Losses,
+    /// Keys in the flow map.
+    pub flow_map_entries: u64,
+    /// Capacity of the flow map.
+    pub flow_map_capacity: u64,
+}
+
+/// Everything one drain produced. Reused from drain to drain, so its vectors keep their
+/// capacity.
+#[derive(Debug, Default)]
+pub struct Outcomes {
+    /// Node-wide counters.
+    pub kernel: KernelCounts,
+    /// Drop series.
+    pub drops: Vec<DropSeries>,
+    /// Policy denies.
+    pub denies: Vec<PolicyDeny>,
+    /// Denied edges.
+    pub edges: Vec<EdgeDeny>,
+    /// Event notices (empty when Events are off).
+    pub notices: Vec<DenyNotice>,
+    /// Accepted connections.
+    pub connections: Vec<ConnectionSeries>,
+    /// Ring-buffer samples that could not be decoded.
+    pub bad_samples: u64,
+}
+
+/// Grouping capacity kept without use: a burst's maps and vectors are given back once drains
+/// are small again, and a steady drain keeps what it needs.
+const SPARE_CAPACITY: usize = 4096;
+
+fn trim_map<K: Eq + std::hash::Hash, V>(map: &mut FastMap<K, V>) {
+    if map.capacity() > SPARE_CAPACITY && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
+fn trim_vec<T>(v: &mut Vec<T>) {
+    if v.capacity() > SPARE_CAPACITY && v.len() * 4 < v.capacity() {
+        v.shrink_to(v.len() * 2);
+    }
+}
+
+impl Outcomes {
+    /// Empties the outcomes for the next drain; capacity well beyond the last drain's need
+    /// is released.
+    fn clear(&mut self) {
+        trim_vec(&mut self.drops);
+        trim_vec(&mut self.denies);
+        trim_vec(&mut self.edges);
+        trim_vec(&mut self.notices);
+        trim_vec(&mut self.connections);
+        self.kernel.reason_totals.clear();
+        self.kernel.losses = Losses::default();
+        self.drops.clear();
+        self.denies.clear();
+        self.edges.clear();
+        self.notices.clear();
+        self.connections.clear();
+        self.bad_samples = 0;
+    }
+}
+
+/// A consumer of outcomes: Prometheus export, the alert stage, Kubernetes Events.
+pub trait Sink {
+    /// Takes the outcomes of one drain made at `now`.
+    fn record(&mut self, outcomes: &Outcomes, now: SystemTime);
+}
+
+/// Identity of an endpoint within one drain: its kind, and for a pod the address of its `Arc`
+/// (the outcomes hold a clone, so the address stays unique until the next drain). Two pods of
+/// one workload are two identities that share a series: the series map sums them, so grouping
+/// only ever merges equal label sets.
+#[derive(Copy, Clone, PartialEq, Eq, Hash)]
+struct EndpointId(Option<(Discriminant<Endpoint>, usize)>);
+
+impl EndpointId {
+    fn of(ep: Option<&Endpoint>) -> Self {
+        Self(ep.map(|e| {
+            let ptr = match e {
+                Endpoint::Pod(p) => Arc::as_ptr(p) as usize,
+                _ => 0,
+            };
+            (std::mem::discriminant(e), ptr)
+        }))
+    }
+}
+
+fn ptr_id<T: ?Sized>(arc: &Arc<T>) -> usize {
+    Arc::as_ptr(arc).cast::<u8>() as usize
+}
+
+#[derive(PartialEq, Eq, Hash)]
+struct DropKey {
+    /// The reason label's `Arc<str>` (one per reason in the capture stage).
+    reason: usize,
+    direction: Direction,
+    protocol: Protocol,
+    src: EndpointId,
+    dst: EndpointId,
+}
+
+#[derive(PartialEq, Eq, Hash)]
+struct DenyKey {
+    direction: Direction,
+    protocol: Protocol,
+    src: EndpointId,
+    dst: EndpointId,
+    /// The policy label's `Arc<str>` (one per verdict).
+    policy: usize,
+    policy_match: PolicyMatch,
+}
+
+/// Edges and notices: one pair of endpoints on one port, in one deciding direction. The
+/// isolating policies depend only on the pod whose side decides, so they are those of every
+/// flow summed here; a notice keeps the first flow's nearest misses.
+#[derive(PartialEq, Eq, Hash)]
+struct EdgeKey {
+    direction: Direction,
+    protocol: Protocol,
+    port: u16,
+    src: EndpointId,
+    dst: EndpointId,
+}
+
+/// Flow identity of a ring-buffer sample, to find the first packet of a notice's flows.
+#[derive(PartialEq, Eq, Hash)]
+struct SampleKey {
+    src: Option<IpAddr>,
+    dst: Option<IpAddr>,
+    protocol: Protocol,
+    port: u16,
+}
+
+/// The attribution stage's state between drains: grouping maps kept for their capacity, the
+/// time of the previous drain.
+pub struct Attribution {
+    events: bool,
+    last_drain: SystemTime,
+    no_policy: Arc<str>,
+    out: Outcomes,
+    drop_index: FastMap<DropKey, usize>,
+    deny_index: FastMap<DenyKey, usize>,
+    /// Index of the edge in `out.edges`, and of its notice in `out.notices` if one was made.
+    edge_index: FastMap<EdgeKey, (usize, Option<usize>)>,
+    samples: FastMap<SampleKey, FirstPacket>,
+}
+
+impl Attribution {
+    /// A stage started at `now`. With `events` false no notices are made (nothing would
+    /// publish them).
+    pub fn new(events: bool, now: SystemTime) -> Self {
+        Self {
+            events,
+            last_drain: now,
+            no_policy: Arc::from(""),
+            out: Outcomes::default(),
+            drop_index: FastMap::default(),
+            deny_index: FastMap::default(),
+            edge_index: FastMap::default(),
+            samples: FastMap::default(),
+        }
+    }
+
+    /// Attributes one drain made at `now`; `samples` are the ring-buffer samples read with it.
+    pub fn attribute(
+        &mut self,
+        views: &Views,
+        report: &DrainReport,
+        samples: &[Sample],
+        now: SystemTime,
+    ) -> &Outcomes {
+        self.out.clear();
+        trim_map(&mut self.drop_index);
+        trim_map(&mut self.deny_index);
+        trim_map(&mut self.edge_index);
+        trim_map(&mut self.samples);
+        self.drop_index.clear();
+        self.deny_index.clear();
+        self.edge_index.clear();
+        self.samples.clear();
+        let window = now.duration_since(self.last_drain).unwrap_or_default();
+        self.last_drain = now;
+
+        self.out
+            .kernel
+            .reason_totals
+            .extend(report.reason_totals.iter().cloned());
+        self.out.kernel.losses = report.losses;
+        self.out.kernel.flow_map_entries = report.flow_map_entries;
+        self.out.kernel.flow_map_capacity = report.flow_map_capacity;
+        if self.events {
+            for sample in samples {
+                let d = &sample.drop;
+                self.samples
+                    .entry(SampleKey {
+                        src: d.src,
+                        dst: d.dst,
+                        protocol: d.protocol,
+                        port: d.dst_port,
+                    })
+                    .or_insert(FirstPacket {
+                        src_port: sample.src_port,
+                        ifindex: sample.ifindex,
+                        netns: d.netns,
+                    });
+            }
+        }
+        for drop in &report.drops {
+            self.flow(views, drop, window);
+        }
+        &self.out
+    }
+
+    /// The outcomes of the last drain.
+    pub fn outcomes(&self) -> &Outcomes {
+        &self.out
+    }
+
+    /// Mutable outcomes of the last drain, for counts read with the drain but outside the
+    /// report (undecodable samples).
+    pub fn outcomes_mut(&mut self) -> &mut Outcomes {
+        &mut self.out
+    }
+
+    fn flow(&mut self, views: &Views, drop: &FlowDrop, window: Duration) {
+        let src = drop.src.map(|ip| views.endpoint(ip));
+        let dst = drop.dst.map(|ip| views.endpoint(ip));
+        let verdict = views.verdict(drop, src.as_ref(), dst.as_ref());
+        let denied = verdict.as_ref().filter(|v| !v.allowed);
+        let direction = denied
+            .and_then(|v| v.direction)
+            .unwrap_or(Direction::Unknown);
+        self.add_drop(drop, direction, src.as_ref(), dst.as_ref());
+        let Some(verdict) = verdict else {
+            return;
+        };
+        if !POLICY_REASONS.contains(&drop.reason.as_ref()) {
+            return;
+        }
+        if verdict.allowed {
+            let policy = Arc::clone(&self.no_policy);
+            self.add_deny(
+                Direction::Unknown,
+                drop,
+                src.as_ref(),
+                dst.as_ref(),
+                &policy,
+                PolicyMatch::Unexplained,
+            );
+            return;
+        }
+        self.add_deny(
+            direction,
+            drop,
+            src.as_ref(),
+            dst.as_ref(),
+            &verdict.policy,
+            PolicyMatch::DefaultDeny,
+        );
+        self.add_edge(drop, direction, src, dst, &verdict, window);
+    }
+
+    fn add_drop(
+        &mut self,
+        drop: &FlowDrop,
+        direction: Direction,
+        src: Option<&Endpoint>,
+        dst: Option<&Endpoint>,
+    ) {
+        let key = DropKey {
+            reason: ptr_id(&drop.reason),
+            direction,
+            protocol: drop.protocol,
+            src: EndpointId::of(src),
+            dst: EndpointId::of(dst),
+        };
+        let drops = &mut self.out.drops;
+        let i = *self.drop_index.entry(key).or_insert_with(|| {
+            drops.push(DropSeries {
+                reason: Arc::clone(&drop.reason),
+                direction,
+                protocol: drop.protocol,
+                src: src.cloned(),
+                dst: dst.cloned(),
+                packets: 0,
+                bytes: 0,
+            });
+            drops.len() - 1
+        });
+        if let Some(series) = drops.get_mut(i) {
+            series.packets += drop.packets;
+            series.bytes += drop.bytes;
+        }
+    }
+
+    fn add_deny(
+        &mut self,
+        direction: Direction,
+        drop: &FlowDrop,
+        src: Option<&Endpoint>,
+        dst: Option<&Endpoint>,
+        policy: &Arc<str>,
+        policy_match: PolicyMatch,
+    ) {
+        let key = DenyKey {
+            direction,
+            protocol: drop.protocol,
+            src: EndpointId::of(src),
+            dst: EndpointId::of(dst),
+            policy: ptr_id(policy),
+            policy_match,
+        };
+        let denies = &mut self.out.denies;
+        let i = *self.deny_index.entry(key).or_insert_with(|| {
+            denies.push(PolicyDeny {
+                direction,
+                protocol: drop.protocol,
+                src: src.cloned(),
+                dst: dst.cloned(),
+                policy: Arc::clone(policy),
+                policy_match,
+                packets: 0,
+            });
+            denies.len() - 1
+        });
+        if let Some(deny) = denies.get_mut(i) {
+            deny.packets += drop.packets;
+        }
+    }
+
+    fn add_edge(
+        &mut self,
+        drop: &FlowDrop,
+        direction: Direction,
+        src: Option<Endpoint>,
+        dst: Option<Endpoint>,
+        verdict: &Arc<Verdict>,
+        window: Duration,
+    ) {
+        let port = if drop.protocol.has_ports() {
+            drop.dst_port
+        } else {
+            0
+        };
+        let key = EdgeKey {
+            direction,
+            protocol: drop.protocol,
+            port,
+            src: EndpointId::of(src.as_ref()),
+            dst: EndpointId::of(dst.as_ref()),
+        };
+        let sample = SampleKey {
+            src: drop.src,
+            dst: drop.dst,
+            protocol: drop.protocol,
+            port: drop.dst_port,
+        };
+        if let Some(&(i, notice)) = self.edge_index.get(&key) {
+            if let Some(edge) = self.out.edges.get_mut(i) {
+                edge.packets += drop.packets;
+            }
+            if let Some(notice) = notice.and_then(|n| self.out.notices.get_mut(n)) {
+                notice.packets += drop.packets;
+                if notice.first_packet.is_none() {
+                    notice.first_packet = self.samples.get(&sample).copied();
+                }
+            }
+            return;
+        }
+        let i = self.out.edges.len();
+        let (denied_side, peer) = match direction {
+            Direction::Egress => (src.as_ref(), dst.as_ref()),
+            _ => (dst.as_ref(), src.as_ref()),
+        };
+        let mut notice = None;
+        if self.events
+            && let Some(Endpoint::Pod(pod)) = denied_side
+        {
+            notice = Some(self.out.notices.len());
+            self.out.notices.push(DenyNotice {
+                pod: Arc::clone(pod),
+                direction,
+                protocol: drop.protocol,
+                port: drop.protocol.has_ports().then_some(drop.dst_port),
+                peer: peer.cloned(),
+                packets: drop.packets,
+                window,
+                verdict: Arc::clone(verdict),
+                first_packet: self.samples.get(&sample).copied(),
+            });
+        }
+        self.edge_index.insert(key, (i, notice));
+        self.out.edges.push(EdgeDeny {
+            direction,
+            src,
+            dst,
+            protocol: drop.protocol,
+            port,
+            packets: drop.packets,
+            verdict: Arc::clone(verdict),
+        });
+    }
+}

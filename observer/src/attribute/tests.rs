@@ -1,0 +1,525 @@
+//! Every branch of attribution, on a small inventory, without root.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use super::*;
+use crate::capture::{DrainReport, FlowDrop, Losses, Sample};
+use crate::flow::{Direction, Protocol};
+use crate::inventory::{
+    Endpoint, Inventory, Labels, Namespace, NodeAddrs, Pod, PodPhase, Workload,
+};
+
+const NODE: &str = "192.168.1.1";
+const CLIENT: &str = "10.0.1.5";
+const DB: &str = "10.0.0.10";
+const WEB: &str = "10.0.0.20";
+const WORLD: &str = "8.8.8.8";
+const WORLD_2: &str = "1.1.1.1";
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn namespace(name: &str) -> Namespace {
+    Namespace {
+        name: name.into(),
+        labels: labels(&[("kubernetes.io/metadata.name", name)]),
+    }
+}
+
+fn pod(namespace: &str, name: &str, workload: &str, app: &str, ip: &str) -> Pod {
+    Pod {
+        namespace: namespace.into(),
+        name: name.into(),
+        labels: labels(&[("app", app)]),
+        ips: vec![ip.parse().expect("test address")],
+        host_network: false,
+        node_name: None,
+        phase: PodPhase::Running,
+        created_unix: 0,
+        ports: vec![],
+        workload: Workload {
+            kind: "Deployment".into(),
+            name: workload.into(),
+        },
+    }
+}
+
+fn policy(yaml: &str) -> Arc<NetworkPolicy> {
+    Arc::new(serde_yaml::from_str(yaml).expect("test policy"))
+}
+
+/// prod/db and prod/web behind an ingress default deny that lets web reach db on 5432;
+/// dev/client behind an egress default deny.
+fn views() -> Views {
+    let inv = Inventory {
+        namespaces: ["prod", "dev"]
+            .into_iter()
+            .map(|n| (n.to_owned(), namespace(n)))
+            .collect::<BTreeMap<_, _>>(),
+        pods: vec![
+            Arc::new(pod("prod", "db-0", "db", "db", DB)),
+            Arc::new(pod("prod", "web-0", "web", "web", WEB)),
+            Arc::new(pod("dev", "client-0", "client", "client", CLIENT)),
+        ],
+        policies: vec![
+            policy(
+                "metadata: {name: default-deny-ingress, namespace: prod}
+spec: {podSelector: {}, policyTypes: [Ingress]}",
+            ),
+            policy(
+                "metadata: {name: allow-web-to-db, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 5432, protocol: TCP}]",
+            ),
+            policy(
+                "metadata: {name: deny-egress, namespace: dev}
+spec: {podSelector: {}, policyTypes: [Egress]}",
+            ),
+        ],
+        ..Inventory::default()
+    };
+    Views::new(
+        Arc::new(inv),
+        NodeAddrs::new([NODE.parse::<IpAddr>().expect("node address")]),
+    )
+}
+
+struct Reasons {
+    netfilter: Arc<str>,
+    no_socket: Arc<str>,
+}
+
+fn reasons() -> Reasons {
+    Reasons {
+        netfilter: Arc::from("netfilter_drop"),
+        no_socket: Arc::from("no_socket"),
+    }
+}
+
+fn flow(
+    reason: &Arc<str>,
+    src: Option<&str>,
+    dst: Option<&str>,
+    protocol: Protocol,
+    port: u16,
+    packets: u64,
+) -> FlowDrop {
+    FlowDrop {
+        reason: Arc::clone(reason),
+        src: src.map(|s| s.parse().expect("test address")),
+        dst: dst.map(|s| s.parse().expect("test address")),
+        protocol,
+        dst_port: port,
+        icmp: None,
+        netns: 0,
+        packets,
+        bytes: packets * 100,
+    }
+}
+
+fn report(drops: Vec<FlowDrop>) -> DrainReport {
+    DrainReport {
+        drops,
+        ..DrainReport::default()
+    }
+}
+
+fn t0() -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+}
+
+/// Attributes one drain made one second after the stage started.
+fn attribute(events: bool, drops: Vec<FlowDrop>) -> Outcomes {
+    let views = views();
+    let mut core = Attribution::new(events, t0());
+    core.attribute(&views, &report(drops), &[], t0() + Duration::from_secs(1));
+    std::mem::take(&mut core.out)
+}
+
+fn labels_of(ep: Option<&Endpoint>) -> String {
+    let (ns, wl) = endpoint_labels(ep);
+    format!("{ns}/{wl}")
+}
+
+#[test]
+fn egress_default_deny_is_a_drop_a_deny_an_edge_and_a_notice_on_the_source() {
+    let r = reasons();
+    let out = attribute(
+        true,
+        vec![flow(
+            &r.netfilter,
+            Some(CLIENT),
+            Some(DB),
+            Protocol::Tcp,
+            5432,
+            3,
+        )],
+    );
+    assert_eq!(out.drops.len(), 1);
+    let d = &out.drops[0];
+    assert_eq!(d.direction, Direction::Egress);
+    assert_eq!((d.packets, d.bytes), (3, 300));
+    assert_eq!(labels_of(d.src.as_ref()), "dev/client");
+    assert_eq!(labels_of(d.dst.as_ref()), "prod/db");
+
+    assert_eq!(out.denies.len(), 1);
+    let deny = &out.denies[0];
+    assert_eq!(deny.policy_match, PolicyMatch::DefaultDeny);
+    assert_eq!(deny.direction, Direction::Egress);
+    assert_eq!(&*deny.policy, "dev/deny-egress");
+    assert_eq!(deny.packets, 3);
+
+    assert_eq!(out.edges.len(), 1);
+    let e = &out.edges[0];
+    assert_eq!(
+        (e.direction, e.protocol, e.port, e.packets),
+        (Direction::Egress, Protocol::Tcp, 5432, 3)
+    );
+    assert_eq!(
+        e.isolating_policies().collect::<Vec<_>>(),
+        vec![("dev", "deny-egress")]
+    );
+
+    assert_eq!(out.notices.len(), 1);
+    let n = &out.notices[0];
+    assert_eq!(
+        (n.pod.namespace.as_str(), n.pod.name.as_str()),
+        ("dev", "client-0")
+    );
+    assert_eq!(labels_of(n.peer.as_ref()), "prod/db");
+    assert_eq!(n.port, Some(5432));
+    assert_eq!(n.packets, 3);
+    assert_eq!(n.window, Duration::from_secs(1));
+}
+
+#[test]
+fn ingress_default_deny_puts_the_notice_on_the_destination_with_the_peer_as_source() {
+    let r = reasons();
+    let out = attribute(
+        true,
+        vec![flow(
+            &r.netfilter,
+            Some(WORLD),
+            Some(DB),
+            Protocol::Tcp,
+            5432,
+            2,
+        )],
+    );
+    assert_eq!(out.drops[0].direction, Direction::Ingress);
+    assert_eq!(labels_of(out.drops[0].src.as_ref()), "/world");
+    let deny = &out.denies[0];
+    assert_eq!(
+        &*deny.policy,
+        "prod/allow-web-to-db,prod/default-deny-ingress"
+    );
+    let n = &out.notices[0];
+    assert_eq!(n.pod.name, "db-0");
+    assert_eq!(n.direction, Direction::Ingress);
+    assert_eq!(n.peer, Some(Endpoint::World));
+    let misses = &n.verdict.deciding_side().expect("denied").nearest_misses;
+    assert!(!misses.is_empty(), "the web rule is a near miss");
+}
+
+#[test]
+fn allowed_flow_dropped_by_a_filter_is_unexplained_with_no_policy_and_no_edge() {
+    let r = reasons();
+    let out = attribute(
+        true,
+        vec![flow(
+            &r.netfilter,
+            Some(WEB),
+            Some(DB),
+            Protocol::Tcp,
+            5432,
+            4,
+        )],
+    );
+    assert_eq!(out.drops[0].direction, Direction::Unknown);
+    assert_eq!(out.denies.len(), 1);
+    let deny = &out.denies[0];
+    assert_eq!(deny.policy_match, PolicyMatch::Unexplained);
+    assert_eq!(deny.direction, Direction::Unknown);
+    assert_eq!(&*deny.policy, "");
+    assert_eq!(deny.packets, 4);
+    assert!(out.edges.is_empty());
+    assert!(out.notices.is_empty());
+}
+
+#[test]
+fn drops_for_other_reasons_count_as_drops_only() {
+    let r = reasons();
+    let out = attribute(
+        true,
+        vec![
+            // Allowed by policy, dropped for lack of a socket.
+            flow(&r.no_socket, Some(WEB), Some(DB), Protocol::Tcp, 5432, 1),
+            // Denied by policy, yet dropped for another reason first: the direction still
+            // says which side's policy would deny it.
+            flow(&r.no_socket, Some(WORLD), Some(DB), Protocol::Tcp, 5432, 1),
+        ],
+    );
+    assert_eq!(out.drops.len(), 2);
+    let directions: Vec<_> = out.drops.iter().map(|d| d.direction).collect();
+    assert_eq!(directions, vec![Direction::Unknown, Direction::Ingress]);
+    assert!(out.denies.is_empty());
+    assert!(out.edges.is_empty());
+    assert!(out.notices.is_empty());
+}
+
+#[test]
+fn flows_without_a_verdict_count_as_drops_only() {
+    let r = reasons();
+    let out = attribute(
+        true,
+        vec![
+            // Not parsed down to IP.
+            flow(&r.netfilter, None, None, Protocol::Other, 0, 1),
+            // Destination unknown.
+            flow(&r.netfilter, Some(CLIENT), None, Protocol::Tcp, 0, 1),
+            // No pod at either end.
+            flow(&r.netfilter, Some(NODE), Some(WORLD), Protocol::Tcp, 443, 1),
+            // A protocol policies cannot name.
+            flow(&r.netfilter, Some(CLIENT), Some(DB), Protocol::Other, 0, 1),
+        ],
+    );
+    assert_eq!(out.drops.len(), 4);
+    assert!(out.drops.iter().all(|d| d.direction == Direction::Unknown));
+    let ends: Vec<_> = out
+        .drops
+        .iter()
+        .map(|d| (labels_of(d.src.as_ref()), labels_of(d.dst.as_ref())))
+        .collect();
+    assert_eq!(ends[0], ("/unknown".to_owned(), "/unknown".to_owned()));
+    assert_eq!(ends[1], ("dev/client".to_owned(), "/unknown".to_owned()));
+    assert_eq!(ends[2], ("/node".to_owned(), "/world".to_owned()));
+    assert!(out.denies.is_empty() && out.edges.is_empty() && out.notices.is_empty());
+}
+
+#[test]
+fn portless_protocols_have_port_zero_on_the_edge_and_none_on_the_notice() {
+    let r = reasons();
+    let out = attribute(
+        true,
+        vec![flow(
+            &r.netfilter,
+            Some(WORLD),
+            Some(DB),
+            Protocol::Icmp,
+            0,
+            1,
+        )],
+    );
+    assert_eq!(out.edges[0].port, 0);
+    assert_eq!(out.edges[0].protocol, Protocol::Icmp);
+    assert_eq!(out.notices[0].port, None);
+}
+
+#[test]
+fn flows_of_one_label_set_are_summed_once_per_drain() {
+    let r = reasons();
+    let out = attribute(
+        true,
+        vec![
+            flow(&r.netfilter, Some(WORLD), Some(DB), Protocol::Tcp, 5432, 1),
+            flow(
+                &r.netfilter,
+                Some(WORLD_2),
+                Some(DB),
+                Protocol::Tcp,
+                5432,
+                10,
+            ),
+            // Another port: the same drop and deny series, another edge.
+            flow(
+                &r.netfilter,
+                Some(WORLD),
+                Some(DB),
+                Protocol::Tcp,
+                5433,
+                100,
+            ),
+        ],
+    );
+    assert_eq!(out.drops.len(), 1);
+    assert_eq!(out.drops[0].packets, 111);
+    // Each verdict has its own policy label, so denies may split into groups of one label
+    // set; the series map sums them again.
+    assert!(
+        out.denies
+            .iter()
+            .all(|d| *d.policy == *out.denies[0].policy)
+    );
+    assert_eq!(out.denies.iter().map(|d| d.packets).sum::<u64>(), 111);
+    let edges: Vec<_> = out.edges.iter().map(|e| (e.port, e.packets)).collect();
+    assert_eq!(edges, vec![(5432, 11), (5433, 100)]);
+    let notices: Vec<_> = out.notices.iter().map(|n| (n.port, n.packets)).collect();
+    assert_eq!(notices, vec![(Some(5432), 11), (Some(5433), 100)]);
+}
+
+#[test]
+fn without_events_no_notice_is_made_but_edges_still_are() {
+    let r = reasons();
+    let out = attribute(
+        false,
+        vec![flow(
+            &r.netfilter,
+            Some(WORLD),
+            Some(DB),
+            Protocol::Tcp,
+            5432,
+            1,
+        )],
+    );
+    assert_eq!(out.edges.len(), 1);
+    assert!(out.notices.is_empty());
+}
+
+#[test]
+fn the_notice_window_is_the_time_since_the_previous_drain() {
+    let r = reasons();
+    let views = views();
+    let mut core = Attribution::new(true, t0());
+    let drain = || {
+        report(vec![flow(
+            &r.netfilter,
+            Some(WORLD),
+            Some(DB),
+            Protocol::Tcp,
+            5432,
+            1,
+        )])
+    };
+    let out = core.attribute(&views, &drain(), &[], t0() + Duration::from_millis(250));
+    assert_eq!(out.notices[0].window, Duration::from_millis(250));
+    let out = core.attribute(&views, &drain(), &[], t0() + Duration::from_millis(2250));
+    assert_eq!(out.notices[0].window, Duration::from_secs(2));
+    // A clock stepped back gives an empty window, not a panic.
+    let out = core.attribute(&views, &drain(), &[], t0());
+    assert_eq!(out.notices[0].window, Duration::ZERO);
+}
+
+#[test]
+fn a_sample_of_the_flow_gives_the_notice_its_first_packet() {
+    let r = reasons();
+    let views = views();
+    let mut core = Attribution::new(true, t0());
+    let denied = flow(&r.netfilter, Some(WORLD), Some(DB), Protocol::Tcp, 5432, 1);
+    let other = flow(&r.netfilter, Some(WORLD), Some(DB), Protocol::Tcp, 5433, 1);
+    let sample = Sample {
+        drop: FlowDrop {
+            netns: 4026531840,
+            ..denied.clone()
+        },
+        ts_ns: 0,
+        location: 0,
+        ifindex: 7,
+        src_port: 43122,
+        tcp_flags: 0x02,
+    };
+    let out = core.attribute(&views, &report(vec![denied, other]), &[sample], t0());
+    assert_eq!(
+        out.notices[0].first_packet,
+        Some(FirstPacket {
+            src_port: 43122,
+            ifindex: 7,
+            netns: 4026531840
+        })
+    );
+    assert_eq!(out.notices[1].first_packet, None, "no sample of that flow");
+}
+
+#[test]
+fn kernel_counts_pass_through_and_the_next_drain_starts_empty() {
+    let r = reasons();
+    let views = views();
+    let mut core = Attribution::new(true, t0());
+    let first = DrainReport {
+        drops: vec![flow(
+            &r.netfilter,
+            Some(WORLD),
+            Some(DB),
+            Protocol::Tcp,
+            5432,
+            1,
+        )],
+        reason_totals: vec![(Arc::clone(&r.netfilter), 5, 500)],
+        losses: Losses {
+            ringbuf_full: 2,
+            ..Losses::default()
+        },
+        flow_map_entries: 9,
+        flow_map_capacity: 64,
+    };
+    let out = core.attribute(&views, &first, &[], t0());
+    assert_eq!(
+        out.kernel.reason_totals,
+        vec![(Arc::clone(&r.netfilter), 5, 500)]
+    );
+    assert_eq!(out.kernel.losses.ringbuf_full, 2);
+    assert_eq!(
+        (out.kernel.flow_map_entries, out.kernel.flow_map_capacity),
+        (9, 64)
+    );
+    let out = core.attribute(&views, &DrainReport::default(), &[], t0());
+    assert!(out.drops.is_empty() && out.denies.is_empty() && out.edges.is_empty());
+    assert!(out.notices.is_empty() && out.kernel.reason_totals.is_empty());
+    assert_eq!(out.kernel.losses, Losses::default());
+}
+
+#[test]
+fn workload_kind_is_found_while_the_workload_has_pods() {
+    let views = views();
+    assert_eq!(views.workload_kind("prod", "db"), Some("Deployment"));
+    assert_eq!(views.workload_kind("prod", "gone"), None);
+}
+
+#[test]
+fn grouping_capacity_of_a_burst_is_given_back_when_drains_are_small_again() {
+    let r = reasons();
+    let views = views();
+    let mut core = Attribution::new(false, t0());
+    // 20,000 distinct label sets: unparsed flows of as many reasons.
+    let burst: Vec<Arc<str>> = (0..20_000).map(|i| Arc::from(format!("r{i}"))).collect();
+    let flows = burst
+        .iter()
+        .map(|reason| flow(reason, None, None, Protocol::Other, 0, 1))
+        .collect();
+    core.attribute(&views, &report(flows), &[], t0());
+    assert_eq!(core.outcomes().drops.len(), 20_000);
+    let grown = core.drop_index.capacity();
+    assert!(grown >= 20_000);
+    let small = || {
+        report(vec![flow(
+            &r.netfilter,
+            Some(WORLD),
+            Some(DB),
+            Protocol::Tcp,
+            5432,
+            1,
+        )])
+    };
+    core.attribute(&views, &small(), &[], t0());
+    // The first small drain still saw the burst's sizes; the next gives the room back.
+    core.attribute(&views, &small(), &[], t0());
+    assert!(
+        core.drop_index.capacity() <= SPARE_CAPACITY,
+        "{}",
+        core.drop_index.capacity()
+    );
+    assert!(core.outcomes().drops.capacity() <= SPARE_CAPACITY);
+    assert_eq!(core.outcomes().drops.len(), 1);
+}
