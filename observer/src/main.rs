@@ -109,7 +109,8 @@ fn main() -> ExitCode {
         )
         .map(|()| ExitCode::SUCCESS)
         .context("suggest"),
-        Command::Map(args) => observer::map::run_map(&args, &mut std::io::stderr().lock())
+        // Not a locked stderr: `--listen`'s refresh loop reports on stderr from its own thread.
+        Command::Map(args) => observer::map::run_map(&args, &mut std::io::stderr())
             .map(|()| ExitCode::SUCCESS)
             .context("map"),
         Command::InstallSeccompProfile(args) => {

@@ -40,6 +40,8 @@ pub struct MapState {
     last_round: Mutex<Instant>,
     stall_after: Duration,
     loaded: AtomicBool,
+    /// The error last reported on stderr, so a source that stays broken is reported once.
+    last_error: Mutex<Option<String>>,
 }
 
 impl MapState {
@@ -55,6 +57,7 @@ impl MapState {
             last_round: Mutex::new(Instant::now()),
             stall_after,
             loaded: AtomicBool::new(false),
+            last_error: Mutex::new(None),
         }
     }
 
@@ -67,6 +70,7 @@ impl MapState {
         if good {
             served.last_good = Some(data.clone());
             self.loaded.store(true, Ordering::Relaxed);
+            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
     }
 
@@ -349,9 +353,14 @@ async fn refresh_loop(
     }
 }
 
-/// Keeps the last good map, marked with `error`.
+/// Keeps the last good map, marked with `error`; says so on stderr when the error is new.
 fn show_error(state: &MapState, refresh: Duration, error: &str) {
-    eprintln!("deny-observer: map refresh failed (showing the last good map): {error}");
+    let mut last = state.last_error.lock().unwrap_or_else(|e| e.into_inner());
+    if last.as_deref() != Some(error) {
+        eprintln!("deny-observer: map refresh failed (showing the last good map): {error}");
+        *last = Some(error.to_owned());
+    }
+    drop(last);
     let mut data = state.last_good().unwrap_or_else(|| placeholder(error));
     data.error = Some(error.to_owned());
     data.refresh_seconds = Some(refresh.as_secs_f64());
