@@ -183,9 +183,31 @@ fn run(task: Task) -> anyhow::Result<()> {
                     build(&root)?
                 }
             };
-            bench::run(&args, &bin)
+            let flood = bench::run(&args, &bin);
+            // Both run whatever the other's outcome: each prints its own PASS/FAIL lines.
+            let inventory = inventory_benches(&root, &bin);
+            flood.and(inventory)
         }
     }
+}
+
+/// The inventory's benches: the daemon's RSS with 10,000 pods / 2,000 policies through the
+/// manifest directory and the API server, over 10 reloads (`observer/benches/inventory_rss.rs`,
+/// target ≤ 64 MiB), and the cost of a pod change against a rebuild (`observer/benches/churn.rs`).
+fn inventory_benches(root: &Path, bin: &Path) -> anyhow::Result<()> {
+    let mut c = cargo(root)?;
+    c.args([
+        "bench",
+        "-p",
+        "observer",
+        "--bench",
+        "inventory_rss",
+        "--bench",
+        "churn",
+    ])
+    .env(BIN_ENV, bin);
+    cmd::interactive(&mut c).context("the inventory memory and churn benches")?;
+    Ok(())
 }
 
 fn cargo(root: &Path) -> anyhow::Result<Command> {
