@@ -141,7 +141,7 @@ impl Default for LocationTable {
     }
 }
 
-/// Key of the per-CPU LRU flow map: one entry per distinct dropped flow.
+/// Key of the LRU flow map: one entry per distinct dropped flow.
 ///
 /// The key deliberately leaves out the source port so that a SYN flood from random ports stays
 /// one key. For ICMP/ICMPv6, `dst_port` holds `type << 8 | code`.
@@ -174,12 +174,11 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// Per-CPU value of the flow map.
+/// Value of the flow map, shared by all CPUs (the kernel adds to it atomically).
 ///
 /// `created_ns` tells userspace that an entry was evicted and re-created between two drains even
 /// when the new counts are already larger than the old ones: the CPU that inserts a key stamps
-/// its slot with `bpf_ktime_get_ns()`, the other CPUs' slots start at zero, so the maximum over
-/// CPUs identifies one incarnation of the key.
+/// it with `bpf_ktime_get_ns()`, which identifies one incarnation of the key.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
@@ -187,11 +186,11 @@ pub struct FlowValue {
     pub packets: u64,
     /// Dropped bytes (`skb->len` at the drop point).
     pub bytes: u64,
-    /// Insertion time of this incarnation of the key on the inserting CPU, 0 on the others.
+    /// Insertion time of this incarnation of the key.
     pub created_ns: u64,
 }
 
-/// Sample event sent through the ring buffer the first time a CPU inserts a flow key.
+/// Sample event sent through the ring buffer when a flow key is inserted.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub struct SampleEvent {

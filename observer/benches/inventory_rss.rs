@@ -1,71 +1,44 @@
-//! Memory of the API-server inventory: a synthetic 10,000-pod / 2,000-policy cluster fed through
-//! the reflector stores exactly as the watchers feed them (trim, then `apply_watcher_event`),
-//! then converted into an `Inventory` snapshot and an attribution index.
+//! Memory of the whole daemon with a 10,000-pod / 2,000-policy cluster, through both inventory
+//! sources, at start and over 10 reloads. Run by `cargo xtask bench` (root: the daemon loads its
+//! eBPF program), or alone: `cargo bench -p observer --bench inventory_rss` with
+//! `DENY_OBSERVER_BIN` naming a release build of the daemon.
 //!
-//! Run: `cargo bench -p observer --bench inventory_rss`. It prints the resident set size
-//! (VmRSS, from /proc/self/status) before and after, the peak (VmHWM), and, for comparison, the
-//! same cluster stored untrimmed (measured in a child process so the two do not share a heap).
+//! - **Manifest directory**: the cluster as `kubectl get -A -o yaml` writes it (List documents,
+//!   objects with managedFields, annotations and full specs and statuses), then 10 SIGHUP
+//!   reloads.
+//! - **API server**: the same objects served by a stand-in for the API server's list and watch
+//!   endpoints (there is no API server here); each of the 10 reloads ends every open watch with
+//!   `410 Gone`, as an API server does when a watch falls out of its window, so the daemon lists
+//!   all three resources again.
 //!
-//! Objects are generated one at a time and dropped after they enter the store, like objects
-//! arriving from a watch, so the figure is what the daemon keeps, not what the generator held.
+//! The figure is the daemon's VmRSS (from /proc) once the reload is in use, and its peak
+//! (VmHWM). The target: at most 64 MiB at every point, for both sources.
 
 #![allow(
     clippy::expect_used,
+    clippy::unwrap_used,
     reason = "a benchmark binary: panicking with context is the right failure"
 )]
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::runtime::watcher::Event;
-use observer::inventory::kube::{SnapshotBuilder, stores, trim_namespace, trim_pod, trim_policy};
-use observer::inventory::{Attributor, NodeAddrs};
 use serde_json::json;
-
-/// Counts live heap bytes, so the figure can be split into what is kept and what the allocator
-/// holds on to (fragmentation left by the full objects that were trimmed).
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn live_kib() -> usize {
-    LIVE.load(Ordering::Relaxed) / 1024
-}
 
 const PODS: usize = 10_000;
 const POLICIES: usize = 2_000;
 const NAMESPACES: usize = 50;
 const DEPLOYMENTS: usize = 500;
-
-fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} not in /proc/self/status"))
-}
+const RELOADS: usize = 10;
+/// The issue's target for the whole daemon.
+const TARGET_KIB: u64 = 64 * 1024;
 
 fn managed_fields(manager: &str) -> serde_json::Value {
     // Shaped like what kubelet and kube-controller-manager write: the bulk of a real object.
@@ -196,125 +169,399 @@ fn synthetic_namespace(i: usize) -> Namespace {
     .expect("synthetic namespace")
 }
 
-/// Fills the stores, builds the snapshot and the attribution index; returns the RSS after.
-fn run(trimmed: bool) {
-    let rss_before = status_kib("VmRSS:");
-    let live_before = live_kib();
-    let (stores, mut writers) = stores();
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} not in /proc/{pid}/status"))
+}
 
-    let started = Instant::now();
-    writers.namespaces.apply_watcher_event(&Event::Init);
-    for i in 0..NAMESPACES {
-        let mut ns = synthetic_namespace(i);
-        if trimmed {
-            trim_namespace(&mut ns);
-        }
-        writers
-            .namespaces
-            .apply_watcher_event(&Event::InitApply(ns));
-    }
-    writers.namespaces.apply_watcher_event(&Event::InitDone);
-    let live_pods_start = live_kib();
-    writers.pods.apply_watcher_event(&Event::Init);
-    for i in 0..PODS {
-        let mut pod = synthetic_pod(i);
-        if trimmed {
-            trim_pod(&mut pod);
-        }
-        writers.pods.apply_watcher_event(&Event::InitApply(pod));
-    }
-    writers.pods.apply_watcher_event(&Event::InitDone);
-    let live_pods = live_kib().saturating_sub(live_pods_start);
-    writers.policies.apply_watcher_event(&Event::Init);
-    for i in 0..POLICIES {
-        let mut np = synthetic_policy(i);
-        if trimmed {
-            trim_policy(&mut np);
-        }
-        writers.policies.apply_watcher_event(&Event::InitApply(np));
-    }
-    writers.policies.apply_watcher_event(&Event::InitDone);
-    let fill = started.elapsed();
-    let rss_stores = status_kib("VmRSS:");
-    let live_stores = live_kib();
-    println!(
-        "{}: live heap of the pod store {live_pods} KiB ({} B/pod), policy store {} KiB",
-        if trimmed { "trimmed" } else { "untrimmed" },
-        live_pods * 1024 / PODS,
-        live_stores.saturating_sub(live_pods_start + live_pods)
+/// The release daemon: `DENY_OBSERVER_BIN`, else the workspace's `target/release`.
+fn daemon_bin() -> PathBuf {
+    let bin = std::env::var_os("DENY_OBSERVER_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/deny-observer"),
+        PathBuf::from,
     );
-
-    let mut builder = SnapshotBuilder::new();
-    let started = Instant::now();
-    let build = builder.build(&stores);
-    let first_build = started.elapsed();
     assert!(
-        build.inventory.invalid.is_empty(),
-        "{:?}",
-        build.inventory.invalid.first()
+        bin.is_file(),
+        "no daemon binary at {} (build it with `cargo build --release -p observer`, or set \
+         DENY_OBSERVER_BIN; `cargo xtask bench` does both)",
+        bin.display()
     );
-    assert_eq!(build.inventory.pods.len(), PODS);
-    assert_eq!(build.inventory.policies.len(), POLICIES);
-    let attributor = Attributor::new(&build.inventory, NodeAddrs::new([]));
-    assert_eq!(attributor.pod_ips(), PODS);
-    let rss_after = status_kib("VmRSS:");
-    let live_after = live_kib();
+    bin
+}
 
-    // One pod changes: the rebuild reuses every other conversion.
-    let mut changed = synthetic_pod(7);
-    changed.status.as_mut().expect("status").phase = Some("Succeeded".into());
-    if trimmed {
-        trim_pod(&mut changed);
+/// A plain HTTP GET on loopback: status code and body.
+fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+/// The value of the first sample of `name` whose labels contain `labels`.
+fn metric(addr: SocketAddr, name: &str, labels: &str) -> Option<f64> {
+    let (_, body) = get(addr, "/metrics")?;
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    _state: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(args: &[&str], env: &[(&str, &Path)]) -> Daemon {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let state = tempfile::tempdir().expect("state dir");
+        let mut cmd = Command::new(daemon_bin());
+        cmd.arg("run")
+            .args(args)
+            .args(["--metrics-addr", &addr.to_string(), "--events", "false"])
+            .arg("--state-dir")
+            .arg(state.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start the daemon");
+        let mut d = Daemon {
+            child,
+            addr,
+            _state: state,
+        };
+        d.wait(Duration::from_secs(180), "ready with every pod", |d| {
+            get(d.addr, "/readyz").is_some_and(|(c, _)| c == 200)
+                && metric(d.addr, "deny_observer_inventory_objects", "kind=\"pods\"")
+                    == Some(PODS as f64)
+        });
+        d
     }
-    writers.pods.apply_watcher_event(&Event::Apply(changed));
-    let started = Instant::now();
-    let rebuilt = builder.build(&stores);
-    let rebuild = started.elapsed();
-    assert!(rebuilt.changed);
 
-    let mode = if trimmed { "trimmed" } else { "untrimmed" };
-    println!(
-        "{mode}: {PODS} pods, {POLICIES} policies, {NAMESPACES} namespaces\n\
-         {mode}:   VmRSS before        {:>8} KiB\n\
-         {mode}:   VmRSS stores filled {:>8} KiB  (+{} KiB, fill {:?})\n\
-         {mode}:   VmRSS + snapshot    {:>8} KiB  (+{} KiB total; snapshot+index +{} KiB, build {:?})\n\
-         {mode}:   VmHWM (peak)        {:>8} KiB\n\
-         {mode}:   live heap: stores {} KiB ({} B/pod incl. policies), snapshot+index {} KiB\n\
-         {mode}:   incremental rebuild after one pod change: {:?}",
-        rss_before,
-        rss_stores,
-        rss_stores.saturating_sub(rss_before),
-        fill,
-        rss_after,
-        rss_after.saturating_sub(rss_before),
-        rss_after.saturating_sub(rss_stores),
-        first_build,
-        status_kib("VmHWM:"),
-        live_stores.saturating_sub(live_before),
-        live_stores.saturating_sub(live_before) * 1024 / PODS,
-        live_after.saturating_sub(live_stores),
-        rebuild,
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait(&mut self, timeout: Duration, what: &str, mut cond: impl FnMut(&Daemon) -> bool) {
+        let start = Instant::now();
+        while !cond(self) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the daemon exited ({status}) while waiting: {what}");
+            }
+            assert!(start.elapsed() < timeout, "timed out waiting: {what}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// VmRSS once the pipeline has taken in the latest snapshot (it checks at every drain,
+    /// once a second, and frees the replaced one then).
+    fn settled_rss(&self) -> u64 {
+        std::thread::sleep(Duration::from_millis(2500));
+        status_kib(self.pid(), "VmRSS:")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// RSS after start and after each reload, and the peak.
+struct Series {
+    source: &'static str,
+    rss: Vec<u64>,
+    peak: u64,
+}
+
+fn manifest_path(dir: &Path) -> Series {
+    let mut d = Daemon::start(
+        // No polling: the reloads are the SIGHUPs.
+        &[
+            "--inventory",
+            dir.to_str().expect("utf-8 path"),
+            "--inventory-poll-ms",
+            "3600000",
+        ],
+        &[],
     );
-    drop((attributor, rebuilt, build, builder, writers, stores));
+    let mut rss = vec![d.settled_rss()];
+    for i in 1..=RELOADS {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.pid() as i32, libc::SIGHUP) };
+        let want = (i + 1) as f64;
+        d.wait(Duration::from_secs(120), "reload counted", |d| {
+            metric(
+                d.addr,
+                "deny_observer_inventory_reloads_total",
+                "result=\"ok\"",
+            )
+            .is_some_and(|n| n >= want)
+        });
+        rss.push(d.settled_rss());
+    }
+    let peak = status_kib(d.pid(), "VmHWM:");
+    Series {
+        source: "manifest directory",
+        rss,
+        peak,
+    }
+}
+
+fn api_path(server: &FakeApiServer) -> Series {
+    let kubeconfig = tempfile::NamedTempFile::new().expect("kubeconfig");
+    std::fs::write(
+        kubeconfig.path(),
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: bench\nclusters:\n- name: bench\n  cluster: {{server: \"http://{}\"}}\ncontexts:\n- name: bench\n  context: {{cluster: bench, user: bench}}\nusers:\n- name: bench\n  user: {{token: bench}}\n",
+            server.addr
+        ),
+    )
+    .expect("write kubeconfig");
+    let mut d = Daemon::start(
+        &["--inventory", "kube"],
+        &[("KUBECONFIG", kubeconfig.path())],
+    );
+    let mut rss = vec![d.settled_rss()];
+    for _ in 1..=RELOADS {
+        let lists = server.pod_lists.load(Ordering::SeqCst);
+        server.expire_watches();
+        d.wait(Duration::from_secs(120), "pods listed again", |_| {
+            server.pod_lists.load(Ordering::SeqCst) > lists
+        });
+        // The list is served; the daemon converts it and its snapshot task settles.
+        std::thread::sleep(Duration::from_secs(2));
+        rss.push(d.settled_rss());
+    }
+    let peak = status_kib(d.pid(), "VmHWM:");
+    Series {
+        source: "API server",
+        rss,
+        peak,
+    }
+}
+
+/// Serves `GET` lists and watches of pods, namespaces and NetworkPolicies, the way the API
+/// server answers a reflector: a list, then a watch that stays open until
+/// [`expire_watches`](Self::expire_watches) ends it with `410 Gone`.
+struct FakeApiServer {
+    addr: SocketAddr,
+    /// Bumped to end every open watch.
+    epoch: Arc<AtomicU64>,
+    /// Pod lists served so far.
+    pod_lists: Arc<AtomicU64>,
+}
+
+impl FakeApiServer {
+    fn start(pods: Vec<u8>, namespaces: Vec<u8>, policies: Vec<u8>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the API stand-in");
+        let addr = listener.local_addr().expect("addr");
+        let epoch = Arc::new(AtomicU64::new(0));
+        let pod_lists = Arc::new(AtomicU64::new(0));
+        let lists = Arc::new([pods, namespaces, policies]);
+        let (e, pl) = (Arc::clone(&epoch), Arc::clone(&pod_lists));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (lists, e, pl) = (Arc::clone(&lists), Arc::clone(&e), Arc::clone(&pl));
+                std::thread::spawn(move || serve_conn(conn, &lists, &e, &pl));
+            }
+        });
+        Self {
+            addr,
+            epoch,
+            pod_lists,
+        }
+    }
+
+    fn expire_watches(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn serve_conn(conn: TcpStream, lists: &[Vec<u8>; 3], epoch: &AtomicU64, pod_lists: &AtomicU64) {
+    let mut reader = BufReader::new(conn.try_clone().expect("clone stream"));
+    let mut out = conn;
+    loop {
+        let mut request = String::new();
+        if reader.read_line(&mut request).unwrap_or(0) == 0 {
+            return;
+        }
+        // Headers, up to the blank line (GETs have no body).
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            if h == "\r\n" || h == "\n" {
+                break;
+            }
+        }
+        let target = request.split(' ').nth(1).unwrap_or("");
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let which = match path {
+            "/api/v1/pods" => 0,
+            "/api/v1/namespaces" => 1,
+            "/apis/networking.k8s.io/v1/networkpolicies" => 2,
+            _ => {
+                let body = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","code":404}"#;
+                let head = format!(
+                    "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                if out
+                    .write_all(head.as_bytes())
+                    .and_then(|()| out.write_all(body))
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
+            }
+        };
+        let ok = if query
+            .split('&')
+            .any(|kv| kv == "watch=true" || kv == "watch=1")
+        {
+            let start = epoch.load(Ordering::SeqCst);
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+            if out
+                .write_all(head.as_bytes())
+                .and_then(|()| out.flush())
+                .is_err()
+            {
+                return;
+            }
+            while epoch.load(Ordering::SeqCst) == start {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let gone = concat!(
+                r#"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","metadata":{},"#,
+                r#""status":"Failure","message":"too old resource version","reason":"Expired","code":410}}"#,
+                "\n"
+            );
+            let chunk = format!("{:x}\r\n{gone}\r\n0\r\n\r\n", gone.len());
+            out.write_all(chunk.as_bytes()).and_then(|()| out.flush())
+        } else {
+            if which == 0 {
+                pod_lists.fetch_add(1, Ordering::SeqCst);
+            }
+            let body = &lists[which];
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            out.write_all(head.as_bytes())
+                .and_then(|()| out.write_all(body))
+                .and_then(|()| out.flush())
+        };
+        if ok.is_err() {
+            return;
+        }
+    }
+}
+
+fn list_json(kind: &str, api_version: &str, items: Vec<serde_json::Value>) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "kind": kind, "apiVersion": api_version,
+        "metadata": {"resourceVersion": "1000000"},
+        "items": items,
+    }))
+    .expect("encode list")
+}
+
+fn yaml_list(path: &Path, items: Vec<serde_json::Value>) {
+    let text = serde_yaml::to_string(&json!({"apiVersion": "v1", "kind": "List", "items": items}))
+        .expect("encode YAML");
+    std::fs::write(path, text).expect("write manifest");
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--untrimmed-child") {
-        run(false);
-        return;
-    }
-    run(true);
-    // The untrimmed comparison in a fresh process: freed heap is not returned to the kernel,
-    // so measuring it here would be meaningless.
-    let exe = std::env::current_exe().expect("current_exe");
-    let out = Command::new(exe)
-        .arg("--untrimmed-child")
-        .output()
-        .expect("run untrimmed comparison");
-    assert!(
-        out.status.success(),
-        "untrimmed child failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    // `cargo bench` passes `--bench`; there is nothing to filter.
+    let started = Instant::now();
+    let namespaces: Vec<serde_json::Value> = (0..NAMESPACES)
+        .map(|i| serde_json::to_value(synthetic_namespace(i)).expect("ns"))
+        .collect();
+    let pods: Vec<serde_json::Value> = (0..PODS)
+        .map(|i| serde_json::to_value(synthetic_pod(i)).expect("pod"))
+        .collect();
+    let policies: Vec<serde_json::Value> = (0..POLICIES)
+        .map(|i| serde_json::to_value(synthetic_policy(i)).expect("policy"))
+        .collect();
+
+    let dir = tempfile::tempdir().expect("manifest dir");
+    yaml_list(&dir.path().join("namespaces.yaml"), namespaces.clone());
+    yaml_list(&dir.path().join("pods.yaml"), pods.clone());
+    yaml_list(&dir.path().join("networkpolicies.yaml"), policies.clone());
+    let bytes: u64 = ["namespaces.yaml", "pods.yaml", "networkpolicies.yaml"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.path().join(f)).map_or(0, |m| m.len()))
+        .sum();
+    let pod_list = list_json("PodList", "v1", pods);
+    println!(
+        "inventory memory: the pod list is {:.1} MiB of JSON ({} B per pod)",
+        pod_list.len() as f64 / 1048576.0,
+        pod_list.len() / PODS
     );
-    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let server = FakeApiServer::start(
+        pod_list,
+        list_json("NamespaceList", "v1", namespaces),
+        list_json("NetworkPolicyList", "networking.k8s.io/v1", policies),
+    );
+    println!(
+        "inventory memory: {PODS} pods, {POLICIES} policies, {NAMESPACES} namespaces ({:.1} MiB of YAML); generated in {:.1?}",
+        bytes as f64 / 1048576.0,
+        started.elapsed()
+    );
+
+    let results = [manifest_path(dir.path()), api_path(&server)];
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let mut pass = true;
+    for s in &results {
+        let worst = s.rss.iter().copied().max().unwrap_or(0);
+        let ok = worst <= TARGET_KIB;
+        pass &= ok;
+        let series: Vec<String> = s.rss.iter().map(|k| format!("{:.1}", mib(*k))).collect();
+        println!(
+            "inventory memory [{}]: RSS after start {:.1} MiB, after {RELOADS} reloads {:.1} MiB, max {:.1} MiB, peak (VmHWM) {:.1} MiB; target ≤ {} MiB: {}",
+            s.source,
+            mib(s.rss[0]),
+            mib(*s.rss.last().unwrap_or(&0)),
+            mib(worst),
+            mib(s.peak),
+            TARGET_KIB / 1024,
+            if ok { "PASS" } else { "FAIL" }
+        );
+        println!(
+            "inventory memory [{}]: RSS per reload (MiB): {}",
+            s.source,
+            series.join(" ")
+        );
+    }
+    if !pass {
+        eprintln!(
+            "inventory memory: FAIL (RSS above {} MiB)",
+            TARGET_KIB / 1024
+        );
+        std::process::exit(1);
+    }
 }

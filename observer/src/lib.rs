@@ -8,7 +8,7 @@
 //! ```
 //!
 //! - [`flow`]: the small vocabulary every stage shares (protocols, directions).
-//! - [`capture`]: loads the kernel program, drains its per-CPU flow map into [`capture::FlowDrop`]s.
+//! - [`capture`]: loads the kernel program, drains its flow map into [`capture::FlowDrop`]s.
 //! - [`inventory`]: namespaces, pods and policies (from a manifest directory or the API server),
 //!   and the address → pod → workload attribution.
 //! - [`verdict`]: the NetworkPolicy engine that names the policies behind a deny.
@@ -25,4 +25,5 @@ pub mod daemon;
 pub mod export;
 pub mod flow;
 pub mod inventory;
+pub mod map;
 pub mod verdict;

@@ -60,6 +60,9 @@ enum Task {
     /// Benchmark (root): drops/s, CPU, eBPF ns/drop, memory, accuracy and latency of
     /// deny-observer during a deny flood, against no observer and a bpftrace peer.
     Bench(bench::BenchArgs),
+    /// Render time of `deny-observer map` in headless Chromium: 2,000 workloads and 10,000
+    /// edges in full, twice that by namespace, against a trivial page's load.
+    BenchMap(bench::map::MapBenchArgs),
     /// Setup, then the privileged capture tests on other kernels: Debian's kernels (fetched
     /// with a private apt configuration, cached under target/kernels/) booted under qemu, and
     /// the running kernel (`host`). Root.
@@ -159,6 +162,16 @@ fn run(task: Task) -> anyhow::Result<()> {
         }
         Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::LogTail(args) => bench::logtail::tail(&args),
+        Task::BenchMap(args) => {
+            let bin = match &args.daemon {
+                Some(bin) => bin.clone(),
+                None => {
+                    setup::run()?;
+                    build(&root)?
+                }
+            };
+            bench::map::run(&args, &bin)
+        }
         Task::Bench(args) => {
             if !cmd::is_root() {
                 bail!("cargo xtask bench needs root (netns, nftables, BPF); run it as root");
@@ -170,9 +183,31 @@ fn run(task: Task) -> anyhow::Result<()> {
                     build(&root)?
                 }
             };
-            bench::run(&args, &bin)
+            let flood = bench::run(&args, &bin);
+            // Both run whatever the other's outcome: each prints its own PASS/FAIL lines.
+            let inventory = inventory_benches(&root, &bin);
+            flood.and(inventory)
         }
     }
+}
+
+/// The inventory's benches: the daemon's RSS with 10,000 pods / 2,000 policies through the
+/// manifest directory and the API server, over 10 reloads (`observer/benches/inventory_rss.rs`,
+/// target ≤ 64 MiB), and the cost of a pod change against a rebuild (`observer/benches/churn.rs`).
+fn inventory_benches(root: &Path, bin: &Path) -> anyhow::Result<()> {
+    let mut c = cargo(root)?;
+    c.args([
+        "bench",
+        "-p",
+        "observer",
+        "--bench",
+        "inventory_rss",
+        "--bench",
+        "churn",
+    ])
+    .env(BIN_ENV, bin);
+    cmd::interactive(&mut c).context("the inventory memory and churn benches")?;
+    Ok(())
 }
 
 fn cargo(root: &Path) -> anyhow::Result<Command> {

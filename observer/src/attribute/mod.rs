@@ -58,10 +58,15 @@ impl Views {
         }
     }
 
-    /// Moves the views to `inventory`. Everything is rebuilt and the verdicts forgotten.
-    pub fn update(&mut self, inventory: Arc<Inventory>) {
-        let node = self.attributor.node().clone();
-        *self = Self::new(inventory, node);
+    /// Moves the views to `inventory`: in place when only pods changed (the verdicts of the
+    /// changed pods are forgotten, the rest kept), else rebuilt with every verdict forgotten.
+    pub fn update(&mut self, inventory: Arc<Inventory>) -> crate::verdict::Update {
+        crate::verdict::update_views(
+            &mut self.attributor,
+            &mut self.engine,
+            &self.cache,
+            inventory,
+        )
     }
 
     /// The policy engine (and through it the inventory).

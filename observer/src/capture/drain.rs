@@ -147,7 +147,7 @@ impl DrainState {
         delta
     }
 
-    /// Records the current per-CPU-summed value of one flow entry; returns the delta since the
+    /// Records the current value of one flow entry; returns the delta since the
     /// previous drain and whether the entry should be deleted as idle.
     pub(super) fn account_flow(
         &mut self,
@@ -330,10 +330,7 @@ impl Capture {
         // concurrent change to the map (look it up, so its state is not lost and re-counted).
         for key in self.state.unseen() {
             match self.flows.get(&key, 0) {
-                Ok(values) => {
-                    let value = sum_flow(values.iter().copied());
-                    self.account(&key, value, report, &mut to_delete);
-                }
+                Ok(value) => self.account(&key, value, report, &mut to_delete),
                 Err(MapError::KeyNotFound) => self.state.forget(&key),
                 Err(source) => {
                     return Err(CaptureError::Map {
@@ -434,12 +431,15 @@ impl Capture {
         Ok(out)
     }
 
-    /// Every flow entry summed over CPUs, by batch lookup when the kernel has it.
+    /// Every flow entry, by batch lookup when the kernel has it.
     fn read_flows(&mut self, out: &mut Vec<(FlowKey, FlowValue)>) -> Result<(), CaptureError> {
         if self.use_batch {
             let fd = IterableMap::map(&self.flows).fd().as_fd();
             let res = self.flow_batch.for_each::<FlowKey>(fd, |k, values| {
-                out.push((k, sum_flow(values.iter::<FlowValue>())));
+                // A shared value: the batch holds one "CPU".
+                if let Some(v) = values.iter::<FlowValue>().next() {
+                    out.push((k, v));
+                }
             });
             match res {
                 Ok(()) => return Ok(()),
@@ -454,7 +454,7 @@ impl Capture {
         let max_visits = u64::from(self.capacity) * 2 + 1024;
         for (visits, item) in (1u64..).zip(self.flows.iter()) {
             match item {
-                Ok((k, values)) => out.push((k, sum_flow(values.iter().copied()))),
+                Ok((k, value)) => out.push((k, value)),
                 Err(MapError::KeyNotFound) => {}
                 Err(source) => {
                     return Err(CaptureError::Map {
@@ -481,14 +481,6 @@ fn add_counter(acc: Counter, v: Counter) -> Counter {
         packets: acc.packets + v.packets,
         bytes: acc.bytes + v.bytes,
     }
-}
-
-fn sum_flow(values: impl Iterator<Item = FlowValue>) -> FlowValue {
-    values.fold(FlowValue::default(), |acc, v| FlowValue {
-        packets: acc.packets + v.packets,
-        bytes: acc.bytes + v.bytes,
-        created_ns: acc.created_ns.max(v.created_ns),
-    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Loading and attaching the kernel program.
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use observer_ebpf::{
@@ -30,7 +30,7 @@ static EBPF_OBJECT: &[u8] =
 pub struct Capture {
     // Owns the program (and with it the attachment); maps are taken out of it below.
     _ebpf: Ebpf,
-    pub(super) flows: PerCpuHashMap<MapData, FlowKey, FlowValue>,
+    pub(super) flows: HashMap<MapData, FlowKey, FlowValue>,
     pub(super) totals: PerCpuArray<MapData, Counter>,
     pub(super) losses: PerCpuArray<MapData, u64>,
     samples: RingBuf<MapData>,
@@ -391,7 +391,7 @@ impl Capture {
         );
 
         let map_err = |map: &'static str| move |source| CaptureError::Map { map, source };
-        let flows = PerCpuHashMap::try_from(
+        let flows = HashMap::try_from(
             ebpf.take_map("FLOWS")
                 .ok_or(CaptureError::Missing("map FLOWS"))?,
         )
@@ -442,7 +442,8 @@ impl Capture {
             capacity: lru_entries(config.flow_map_entries, nr_cpus),
             idle_drains: config.idle_drains,
             use_batch: true,
-            flow_batch: Batch::new::<FlowValue>(nr_cpus, 4096),
+            // One shared value per key (not per CPU).
+            flow_batch: Batch::new::<FlowValue>(1, 4096),
             totals_batch: Batch::new::<Counter>(nr_cpus, MAX_REASONS as usize),
             scratch: Vec::new(),
             logger,

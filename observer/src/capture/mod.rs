@@ -1,4 +1,4 @@
-//! Capture: loads the `skb:kfree_skb` program and turns its per-CPU maps into exact drop deltas.
+//! Capture: loads the `skb:kfree_skb` program and turns its maps into exact drop deltas.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), observer::capture::CaptureError> {
@@ -94,7 +94,7 @@ impl std::fmt::Display for AttachKind {
 pub struct CaptureConfig {
     /// Drop reasons to count.
     pub reasons: ReasonFilter,
-    /// Capacity of the per-CPU LRU flow map (distinct flow keys held between drains).
+    /// Capacity of the LRU flow map (distinct flow keys held between drains).
     pub flow_map_entries: u32,
     /// Size of the sample ring buffer in bytes: a power of two, a multiple of the page size.
     pub ringbuf_bytes: u32,

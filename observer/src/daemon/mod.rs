@@ -225,6 +225,7 @@ fn source(arg: Option<&str>) -> anyhow::Result<Source> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    process::one_malloc_arena();
     let source = source(args.inventory.as_deref())?;
     // First: a second daemon on the same state directory stops here, before it attaches a
     // second program or binds anything.

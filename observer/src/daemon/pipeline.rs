@@ -189,7 +189,10 @@ impl Pipeline {
             .set_policies(inv.policies.iter().map(|p| p.as_ref()));
         self.http
             .set_inventory_empty(counts == inventory::ObjectCounts::default());
-        self.views.update(inv);
+        let update = self.views.update(inv);
+        // The replaced snapshot and views were just freed, mostly in blocks glibc keeps.
+        crate::inventory::release_freed_memory();
+        debug!(?update, "inventory views updated");
         let engine = self.views.engine();
         export_open_namespaces(
             &self.open_namespaces,

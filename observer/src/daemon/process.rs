@@ -64,6 +64,20 @@ pub(super) fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
+/// Makes every thread allocate from glibc's main arena. Inventory loads run on whichever
+/// blocking thread tokio picks, and each thread would otherwise get its own arena: a 10,000-pod
+/// reload's freed memory then stays behind in a different arena each time (measured: 55 MiB
+/// after the first load, 93 MiB after three reloads; one arena: 55 MiB throughout). The hot
+/// path is one thread, so allocator contention is not a cost here.
+pub(super) fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a glibc tunable; M_ARENA_MAX takes effect for threads that
+    // have no arena yet and never invalidates existing allocations.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Hands start-up garbage back to the allocator and the kernel.
 ///
 /// Parsing the kernel's BTF (megabytes) and loading the program free many small blocks, which

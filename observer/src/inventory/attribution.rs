@@ -169,13 +169,28 @@ fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
     }
 }
 
-/// Maps addresses to [`Endpoint`]s for one inventory snapshot. Lookups are hash lookups plus a
-/// short fixed list of ranges; nothing scans the pods.
+/// Maps addresses to [`Endpoint`]s for an inventory. Lookups are hash lookups plus a short
+/// fixed list of ranges; nothing scans the pods. Pod changes are applied in place
+/// ([`Attributor::apply`]), touching only the addresses of the pods that changed.
 #[derive(Clone, Debug, Default)]
 pub struct Attributor {
-    pods: FastMap<IpAddr, Arc<Pod>>,
-    hosts: FastSet<IpAddr>,
+    /// Pod addresses. Several pods may claim one (a finished pod's status keeps an address a
+    /// new pod already has); the owner is the best ranked ([`claim_rank`]).
+    pods: FastMap<IpAddr, Claims>,
+    /// Addresses of host-network pods, with how many such pods use each.
+    hosts: FastMap<IpAddr, u32>,
+    /// Addresses of host-network pods scheduled on this node: this node's too, even when the
+    /// interface list missed them.
+    local: FastMap<IpAddr, u32>,
     node: NodeAddrs,
+}
+
+/// The pods claiming one address.
+#[derive(Clone, Debug)]
+struct Claims {
+    owner: Arc<Pod>,
+    /// The other claimants, kept so that the next best takes over when the owner goes.
+    others: Vec<Arc<Pod>>,
 }
 
 /// Rank of a pod claiming an IP: live phases first, then the newest. The name breaks the last
@@ -188,53 +203,127 @@ fn claim_rank(p: &Pod) -> (PodPhase, i64, std::cmp::Reverse<(&str, &str)>) {
     )
 }
 
+fn count_up(map: &mut FastMap<IpAddr, u32>, ip: IpAddr) {
+    *map.entry(ip).or_default() += 1;
+}
+
+fn count_down(map: &mut FastMap<IpAddr, u32>, ip: IpAddr) {
+    if let Some(n) = map.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&ip);
+        }
+    }
+}
+
 impl Attributor {
     /// Indexes the pods of `inv`. Host-network pods never own an IP (they share the node's):
     /// their addresses mark other nodes ([`Endpoint::Host`]) unless they are this node's.
-    pub fn new(inv: &Inventory, mut node: NodeAddrs) -> Self {
-        if let Some(this) = node.node_name.clone() {
-            for pod in &inv.pods {
-                if pod.host_network && pod.node_name.as_deref() == Some(this.as_str()) {
-                    pod.ips.iter().for_each(|&ip| node.insert(ip));
-                }
-            }
-        }
-        let mut pods: FastMap<IpAddr, Arc<Pod>> =
-            FastMap::with_capacity_and_hasher(inv.pods.len(), Default::default());
-        let mut hosts = FastSet::default();
+    pub fn new(inv: &Inventory, node: NodeAddrs) -> Self {
+        let mut a = Self {
+            pods: FastMap::with_capacity_and_hasher(inv.pods.len(), Default::default()),
+            hosts: FastMap::default(),
+            local: FastMap::default(),
+            node,
+        };
         for pod in &inv.pods {
-            for &ip in &pod.ips {
-                let ip = ip.to_canonical();
-                if pod.host_network {
-                    if !node.contains(ip) {
-                        hosts.insert(ip);
-                    }
-                    continue;
+            a.insert(pod);
+        }
+        a
+    }
+
+    /// Applies a change of pods: `removed` are pods of the inventory this attributor was built
+    /// from (or last updated with), `added` their replacements and new pods. A changed pod is
+    /// one removal and one addition. Only the addresses of these pods are touched.
+    pub fn apply(&mut self, removed: &[Arc<Pod>], added: &[Arc<Pod>]) {
+        for pod in removed {
+            self.remove(pod);
+        }
+        for pod in added {
+            self.insert(pod);
+        }
+    }
+
+    fn is_local(&self, pod: &Pod) -> bool {
+        self.node.node_name.is_some() && pod.node_name == self.node.node_name
+    }
+
+    fn insert(&mut self, pod: &Arc<Pod>) {
+        let local = pod.host_network && self.is_local(pod);
+        for ip in ips_of(pod) {
+            if pod.host_network {
+                count_up(&mut self.hosts, ip);
+                if local {
+                    count_up(&mut self.local, ip);
                 }
-                match pods.get(&ip) {
-                    Some(cur) if claim_rank(cur) >= claim_rank(pod) => {}
-                    _ => {
-                        pods.insert(ip, pod.clone());
-                    }
+                continue;
+            }
+            match self.pods.get_mut(&ip) {
+                None => {
+                    self.pods.insert(
+                        ip,
+                        Claims {
+                            owner: Arc::clone(pod),
+                            others: Vec::new(),
+                        },
+                    );
                 }
+                Some(c) if claim_rank(pod) > claim_rank(&c.owner) => {
+                    let old = std::mem::replace(&mut c.owner, Arc::clone(pod));
+                    c.others.push(old);
+                }
+                Some(c) => c.others.push(Arc::clone(pod)),
             }
         }
-        // A finished pod's status keeps its old IP; when a node now uses that address, the
-        // node is the live owner.
-        pods.retain(|ip, pod| pod.phase != PodPhase::Terminated || !hosts.contains(ip));
-        Self { pods, hosts, node }
+    }
+
+    fn remove(&mut self, pod: &Arc<Pod>) {
+        let local = pod.host_network && self.is_local(pod);
+        for ip in ips_of(pod) {
+            if pod.host_network {
+                count_down(&mut self.hosts, ip);
+                if local {
+                    count_down(&mut self.local, ip);
+                }
+                continue;
+            }
+            let Some(c) = self.pods.get_mut(&ip) else {
+                continue;
+            };
+            if Arc::ptr_eq(&c.owner, pod) {
+                let next = c
+                    .others
+                    .iter()
+                    .enumerate()
+                    .max_by(|(_, a), (_, b)| claim_rank(a).cmp(&claim_rank(b)))
+                    .map(|(i, _)| i);
+                match next {
+                    Some(i) => c.owner = c.others.swap_remove(i),
+                    None => {
+                        self.pods.remove(&ip);
+                    }
+                }
+            } else if let Some(i) = c.others.iter().position(|o| Arc::ptr_eq(o, pod)) {
+                c.others.swap_remove(i);
+            }
+        }
     }
 
     /// What `ip` is.
     pub fn lookup(&self, ip: IpAddr) -> Endpoint {
         let ip = ip.to_canonical();
-        if self.node.contains(ip) {
+        if self.node.contains(ip) || self.local.contains_key(&ip) {
             return Endpoint::Node;
         }
-        if let Some(pod) = self.pods.get(&ip) {
-            return Endpoint::Pod(pod.clone());
+        let host = self.hosts.contains_key(&ip);
+        if let Some(c) = self.pods.get(&ip) {
+            // A finished pod's status keeps its old IP; when a node now uses that address,
+            // the node is the live owner.
+            if !(host && c.owner.phase == PodPhase::Terminated) {
+                return Endpoint::Pod(Arc::clone(&c.owner));
+            }
         }
-        if self.hosts.contains(&ip) {
+        if host {
             return Endpoint::Host;
         }
         classify(ip)
@@ -249,6 +338,18 @@ impl Attributor {
     pub fn node(&self) -> &NodeAddrs {
         &self.node
     }
+}
+
+/// A pod's addresses, canonical, each once.
+fn ips_of(pod: &Pod) -> impl Iterator<Item = IpAddr> + '_ {
+    pod.ips
+        .iter()
+        .enumerate()
+        .filter(|(i, ip)| {
+            let ip = ip.to_canonical();
+            !pod.ips[..*i].iter().any(|p| p.to_canonical() == ip)
+        })
+        .map(|(_, ip)| ip.to_canonical())
 }
 
 /// Non-public IPv4 ranges (IANA special-purpose registry, RFC 6890 and successors).
@@ -521,6 +622,78 @@ mod tests {
                 ("", "private", "")
             ]
         );
+    }
+
+    /// Every address any of `pods` uses, plus one nobody uses.
+    fn all_lookups(a: &Attributor, pods: &[Arc<Pod>]) -> Vec<(IpAddr, String)> {
+        let mut ips: Vec<IpAddr> = pods.iter().flat_map(|p| p.ips.clone()).collect();
+        ips.push(ip("10.9.9.9"));
+        ips.sort();
+        ips.dedup();
+        ips.into_iter().map(|i| (i, name_of(a.lookup(i)))).collect()
+    }
+
+    #[test]
+    fn applied_changes_match_a_rebuild() {
+        // Pods contend for a few addresses in every phase, host networking and node placement;
+        // after each random change the updated attributor answers as a fresh one does.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        fn random_pod(next: &mut impl FnMut(u64) -> u64, name: u64) -> Arc<Pod> {
+            let phases = [
+                PodPhase::Terminated,
+                PodPhase::Unknown,
+                PodPhase::Pending,
+                PodPhase::Running,
+            ];
+            let ips: Vec<String> = (0..1 + next(2))
+                .map(|_| format!("10.0.0.{}", next(6)))
+                .collect();
+            let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+            let mut p = (*pod(
+                &format!("p{name}"),
+                &ips,
+                phases[next(4) as usize],
+                next(5) as i64,
+                next(4) == 0,
+            ))
+            .clone();
+            p.node_name = Some(format!("node-{}", next(2)));
+            Arc::new(p)
+        }
+        let node = NodeAddrs::new([ip("10.0.0.5")]).with_node_name("node-0");
+        let mut pods: Vec<Arc<Pod>> = (0..12).map(|n| random_pod(&mut next, n)).collect();
+        let mut a = Attributor::new(&inv(pods.clone()), node.clone());
+        for step in 0..400 {
+            let i = next(pods.len() as u64) as usize;
+            let (removed, added) = match next(3) {
+                0 if pods.len() > 1 => (vec![pods.swap_remove(i)], vec![]),
+                1 => {
+                    let p = random_pod(&mut next, 100 + step);
+                    pods.push(Arc::clone(&p));
+                    (vec![], vec![p])
+                }
+                _ => {
+                    // A new name: names break rank ties, and two pods never share one.
+                    let p = random_pod(&mut next, 1000 + step);
+                    let old = std::mem::replace(&mut pods[i], Arc::clone(&p));
+                    (vec![old], vec![p])
+                }
+            };
+            a.apply(&removed, &added);
+            let fresh = Attributor::new(&inv(pods.clone()), node.clone());
+            assert_eq!(
+                all_lookups(&a, &pods),
+                all_lookups(&fresh, &pods),
+                "step {step}"
+            );
+            assert_eq!(a.pod_ips(), fresh.pod_ips(), "step {step}");
+        }
     }
 
     #[test]

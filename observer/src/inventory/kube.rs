@@ -1,31 +1,31 @@
 //! The inventory from the API server: kube-rs reflectors for Pods (all namespaces: peers
 //! matter, not only this node's pods), Namespaces and NetworkPolicies.
 //!
-//! Objects are trimmed before they enter the stores ([`trim_pod`], [`trim_namespace`],
-//! [`trim_policy`]): managedFields, annotations and most of the spec and status go, because a
-//! 10,000-pod cluster is watched by every node. The stores feed a snapshot task that converts
-//! them (through [`convert`](super::convert), the same code as the manifest loader) into an
+//! Each object is validated and converted (through [`convert`](super::convert), the same code
+//! as the manifest loader) as it arrives, and the stores keep only the result ([`Stored`]),
+//! never the API object: a 10,000-pod cluster is watched by every node, and a k8s-openapi `Pod`
+//! is several KB even with [`trim_pod`] applied. A snapshot task gathers the stores into an
 //! [`Inventory`] and publishes it on a `tokio::sync::watch` channel, at most once per debounce
-//! interval and only when the converted content changed.
+//! interval and only when the content changed.
 //!
 //! Watch errors are counted through the caller's callback (the daemon exports them as
 //! `deny_observer_inventory_watch_errors_total{resource}`), and the watchers reconnect with
 //! kube's default backoff. The stores and the last snapshot stay in use meanwhile, so drops
 //! are still attributed while the API server is unreachable.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort as K8sContainerPort, Namespace as K8sNamespace, Pod as K8sPod, PodIP,
     PodSpec, PodStatus,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, Lookup, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
@@ -96,25 +96,182 @@ pub async fn default_client() -> Result<Client, KubeError> {
     Client::try_default().await.map_err(KubeError::Client)
 }
 
-/// The three reflector stores.
+/// An object as a store keeps it: its identity, and what it converted into (or why it was
+/// left out). The API objects themselves are not kept: a k8s-openapi `Pod` is several KB even
+/// trimmed, its model a few hundred bytes, and every node stores every pod of the cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stored<M> {
+    name: String,
+    namespace: Option<String>,
+    /// The model, or why the object was left out of the inventory.
+    pub model: Result<M, InvalidObject>,
+}
+
+impl<M> Stored<M> {
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The object's namespace (`None` for namespaces themselves).
+    pub fn namespace(&self) -> Option<&str> {
+        self.namespace.as_deref()
+    }
+}
+
+/// A converted Pod, as the pod store keeps it.
+pub type StoredPod = Stored<Arc<Pod>>;
+/// A converted Namespace.
+pub type StoredNamespace = Stored<super::model::Namespace>;
+/// A validated NetworkPolicy with its metadata trimmed (the same `Arc` goes into snapshots).
+pub type StoredPolicy = Stored<Arc<NetworkPolicy>>;
+
+macro_rules! stored_lookup {
+    ($model:ty, $kind:literal, $group:literal, $version:literal, $plural:literal) => {
+        impl Lookup for Stored<$model> {
+            type DynamicType = ();
+
+            fn kind(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($kind)
+            }
+
+            fn group(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($group)
+            }
+
+            fn version(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($version)
+            }
+
+            fn plural(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($plural)
+            }
+
+            fn name(&self) -> Option<Cow<'_, str>> {
+                Some(Cow::Borrowed(&self.name))
+            }
+
+            fn namespace(&self) -> Option<Cow<'_, str>> {
+                self.namespace.as_deref().map(Cow::Borrowed)
+            }
+
+            // Not kept: the store keys objects by kind, namespace and name only.
+            fn resource_version(&self) -> Option<Cow<'_, str>> {
+                None
+            }
+
+            fn uid(&self) -> Option<Cow<'_, str>> {
+                None
+            }
+        }
+    };
+}
+
+stored_lookup!(Arc<Pod>, "Pod", "", "v1", "pods");
+stored_lookup!(super::model::Namespace, "Namespace", "", "v1", "namespaces");
+stored_lookup!(
+    Arc<NetworkPolicy>,
+    "NetworkPolicy",
+    "networking.k8s.io",
+    "v1",
+    "networkpolicies"
+);
+
+/// Converts an API object into what its store keeps.
+pub trait ToStored: Sized {
+    /// The stored form.
+    type Stored: Lookup<DynamicType = ()> + Clone + 'static;
+    /// Validates and converts.
+    fn stored(&self) -> Self::Stored;
+}
+
+impl ToStored for K8sPod {
+    type Stored = StoredPod;
+    fn stored(&self) -> StoredPod {
+        stored(&self.metadata, check_pod(self))
+    }
+}
+
+impl ToStored for K8sNamespace {
+    type Stored = StoredNamespace;
+    fn stored(&self) -> StoredNamespace {
+        stored(&self.metadata, check_namespace(self))
+    }
+}
+
+impl ToStored for NetworkPolicy {
+    type Stored = StoredPolicy;
+    fn stored(&self) -> StoredPolicy {
+        stored(&self.metadata, check_policy(self))
+    }
+}
+
+fn stored<M>(meta: &ObjectMeta, model: Result<M, InvalidObject>) -> Stored<M> {
+    Stored {
+        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.clone(),
+        model,
+    }
+}
+
+/// The writer of one store: takes watcher events of API objects, keeps their converted form.
+pub struct StoreWriter<K: ToStored> {
+    inner: reflector::store::Writer<K::Stored>,
+    reader: Store<K::Stored>,
+}
+
+impl<K: ToStored> StoreWriter<K>
+where
+    K::Stored: PartialEq,
+{
+    fn new(inner: reflector::store::Writer<K::Stored>) -> Self {
+        let reader = inner.as_reader();
+        Self { inner, reader }
+    }
+
+    /// Applies one watcher event (what `reflect` does with a store of API objects).
+    pub fn apply_watcher_event(&mut self, event: &watcher::Event<K>) {
+        let event = match event {
+            watcher::Event::Apply(o) => watcher::Event::Apply(self.stored(o)),
+            watcher::Event::Delete(o) => watcher::Event::Delete(o.stored()),
+            watcher::Event::Init => watcher::Event::Init,
+            watcher::Event::InitApply(o) => watcher::Event::InitApply(self.stored(o)),
+            watcher::Event::InitDone => watcher::Event::InitDone,
+        };
+        self.inner.apply_watcher_event(&event);
+    }
+
+    /// The stored form of `o`; the one already stored when nothing changed, so that a relist
+    /// (every watch restart after a 410) or a status update that deny-observer does not read
+    /// keeps the allocations that snapshots and views share.
+    fn stored(&self, o: &K) -> K::Stored {
+        let new = o.stored();
+        match self.reader.get(&new.to_object_ref(())) {
+            Some(old) if *old == new => (*old).clone(),
+            _ => new,
+        }
+    }
+}
+
+/// The three stores.
 #[derive(Clone)]
 pub struct Stores {
-    /// Pods, all namespaces, trimmed by [`trim_pod`].
-    pub pods: Store<K8sPod>,
-    /// Namespaces, trimmed by [`trim_namespace`].
-    pub namespaces: Store<K8sNamespace>,
-    /// NetworkPolicies, trimmed by [`trim_policy`].
-    pub policies: Store<NetworkPolicy>,
+    /// Pods, all namespaces.
+    pub pods: Store<StoredPod>,
+    /// Namespaces.
+    pub namespaces: Store<StoredNamespace>,
+    /// NetworkPolicies.
+    pub policies: Store<StoredPolicy>,
 }
 
 /// Writers of the three stores (tests fill them directly with `apply_watcher_event`).
 pub struct Writers {
     /// Pods.
-    pub pods: reflector::store::Writer<K8sPod>,
+    pub pods: StoreWriter<K8sPod>,
     /// Namespaces.
-    pub namespaces: reflector::store::Writer<K8sNamespace>,
+    pub namespaces: StoreWriter<K8sNamespace>,
     /// NetworkPolicies.
-    pub policies: reflector::store::Writer<NetworkPolicy>,
+    pub policies: StoreWriter<NetworkPolicy>,
 }
 
 /// Three empty stores and their writers.
@@ -129,9 +286,9 @@ pub fn stores() -> (Stores, Writers) {
             policies,
         },
         Writers {
-            pods: pods_w,
-            namespaces: namespaces_w,
-            policies: policies_w,
+            pods: StoreWriter::new(pods_w),
+            namespaces: StoreWriter::new(namespaces_w),
+            policies: StoreWriter::new(policies_w),
         },
     )
 }
@@ -252,16 +409,9 @@ fn trim_meta(meta: &mut ObjectMeta, keep_own_annotations: bool) {
     };
 }
 
-/// A stored object and what it became: the model, or why it was left out.
-type Converted<K, M> = (Arc<K>, Result<Arc<M>, InvalidObject>);
-
-/// Converts store contents into [`Inventory`] snapshots, reusing the validation and
-/// conversion of every object whose stored version did not change since the last build.
+/// Builds [`Inventory`] snapshots from the stores' converted objects.
 #[derive(Default)]
 pub struct SnapshotBuilder {
-    pods: HashMap<ObjectRef<K8sPod>, Converted<K8sPod, Pod>>,
-    policies: HashMap<ObjectRef<NetworkPolicy>, Converted<NetworkPolicy, NetworkPolicy>>,
-    owners: OwnerIndex,
     current: Option<Arc<Inventory>>,
 }
 
@@ -305,9 +455,12 @@ fn check_namespace(ns: &K8sNamespace) -> Result<super::model::Namespace, Invalid
         .map_err(|e| invalid_from_api("Namespace", &ns.metadata, vec![e.to_string()]))
 }
 
-fn check_pod(pod: &K8sPod, owners: &OwnerIndex) -> Result<Arc<Pod>, InvalidObject> {
-    // The stored pod went through `trim_pod`, which merges the containers' ports.
-    let errors = validate::pod(pod, PodLayout::Trimmed);
+/// Validates then converts a Pod. No ReplicaSets or Jobs are watched, so workloads come from
+/// the owner reference and the `pod-template-hash` label (see [`workload::resolve`]).
+///
+/// [`workload::resolve`]: super::workload::resolve
+fn check_pod(pod: &K8sPod) -> Result<Arc<Pod>, InvalidObject> {
+    let errors = validate::pod(pod, PodLayout::AsWritten);
     if !errors.is_empty() {
         return Err(invalid_from_api(
             "Pod",
@@ -315,7 +468,7 @@ fn check_pod(pod: &K8sPod, owners: &OwnerIndex) -> Result<Arc<Pod>, InvalidObjec
             field_errors(&errors),
         ));
     }
-    convert::pod(pod, owners)
+    convert::pod(pod, &OwnerIndex::default())
         .map(Arc::new)
         .map_err(|e| invalid_from_api("Pod", &pod.metadata, vec![e.to_string()]))
 }
@@ -339,35 +492,28 @@ impl SnapshotBuilder {
         Self::default()
     }
 
-    /// Converts the stores' current contents.
+    /// Collects the stores' current contents into a snapshot. Objects were converted as they
+    /// arrived, so this only gathers `Arc`s and sorts them.
     pub fn build(&mut self, stores: &Stores) -> Build {
         let mut invalid = Vec::new();
 
         let mut namespaces = std::collections::BTreeMap::new();
         for ns in stores.namespaces.state() {
-            match check_namespace(&ns) {
+            match &ns.model {
                 Ok(n) => {
-                    namespaces.insert(n.name.clone(), n);
+                    namespaces.insert(n.name.clone(), n.clone());
                 }
-                Err(e) => invalid.push(e),
+                Err(e) => invalid.push(e.clone()),
             }
         }
 
-        let mut pod_cache = HashMap::with_capacity(self.pods.len());
         let mut pods = Vec::with_capacity(stores.pods.len());
         for obj in stores.pods.state() {
-            let key = ObjectRef::from_obj(obj.as_ref());
-            let converted = match self.pods.remove(&key) {
-                Some((old, result)) if Arc::ptr_eq(&old, &obj) => result,
-                _ => check_pod(&obj, &self.owners),
-            };
-            match &converted {
+            match &obj.model {
                 Ok(model) => pods.push(Arc::clone(model)),
                 Err(e) => invalid.push(e.clone()),
             }
-            pod_cache.insert(key, (obj, converted));
         }
-        self.pods = pod_cache;
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         for p in &pods {
             if !namespaces.contains_key(&p.namespace) {
@@ -376,21 +522,13 @@ impl SnapshotBuilder {
             }
         }
 
-        let mut policy_cache = HashMap::with_capacity(self.policies.len());
         let mut policies = Vec::with_capacity(stores.policies.len());
         for obj in stores.policies.state() {
-            let key = ObjectRef::from_obj(obj.as_ref());
-            let converted = match self.policies.remove(&key) {
-                Some((old, result)) if Arc::ptr_eq(&old, &obj) => result,
-                _ => check_policy(&obj),
-            };
-            match &converted {
+            match &obj.model {
                 Ok(model) => policies.push(Arc::clone(model)),
                 Err(e) => invalid.push(e.clone()),
             }
-            policy_cache.insert(key, (obj, converted));
         }
-        self.policies = policy_cache;
         policies.sort_by(|a, b| {
             (&a.metadata.namespace, &a.metadata.name)
                 .cmp(&(&b.metadata.namespace, &b.metadata.name))
@@ -476,7 +614,6 @@ impl KubeInventory {
         tasks.push(tokio::spawn(reflect(
             Api::<K8sPod>::all(client.clone()),
             writers.pods,
-            trim_pod,
             RESOURCE_PODS,
             Arc::clone(&on_watch_error),
             Arc::clone(&changed),
@@ -485,7 +622,6 @@ impl KubeInventory {
         tasks.push(tokio::spawn(reflect(
             Api::<K8sNamespace>::all(client.clone()),
             writers.namespaces,
-            trim_namespace,
             RESOURCE_NAMESPACES,
             Arc::clone(&on_watch_error),
             Arc::clone(&changed),
@@ -494,7 +630,6 @@ impl KubeInventory {
         tasks.push(tokio::spawn(reflect(
             Api::<NetworkPolicy>::all(client),
             writers.policies,
-            trim_policy,
             RESOURCE_NETWORKPOLICIES,
             on_watch_error,
             Arc::clone(&changed),
@@ -564,25 +699,32 @@ impl Drop for KubeInventory {
     }
 }
 
-/// Watches one resource into its store, trimming each object, until the task is aborted.
+/// Watches one resource into its store, converting each object as it arrives, until the task
+/// is aborted.
 fn reflect<K>(
     api: Api<K>,
-    writer: reflector::store::Writer<K>,
-    trim: fn(&mut K),
+    mut writer: StoreWriter<K>,
     resource: &'static str,
     on_error: WatchErrorCounter,
     changed: Arc<Notify>,
     health: (u32, Arc<ReloadStats>),
 ) -> impl Future<Output = ()> + Send + 'static
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: Resource<DynamicType = ()>
+        + ToStored
+        + Clone
+        + DeserializeOwned
+        + Debug
+        + Send
+        + Sync
+        + 'static,
+    K::Stored: Send + Sync + PartialEq,
 {
     // `any_semantic`: the initial list is served from the API server's watch cache, which
     // matters when every node of a large cluster lists all pods at once.
     let stream = watcher(api, watcher::Config::default().any_semantic())
         .default_backoff()
-        .modify(trim)
-        .reflect(writer);
+        .inspect_ok(move |event| writer.apply_watcher_event(event));
     drive(stream, resource, on_error, changed, health)
 }
 
@@ -635,6 +777,9 @@ async fn snapshot_loop(
     let mut first = true;
     loop {
         let build = builder.build(&stores);
+        // A list (initial, or a relist after a 410) decodes every object in full before
+        // conversion: hundreds of MB for a large cluster, freed by now but still resident.
+        super::release_freed_memory();
         // The API server validates what it stores, so this means it let through what this
         // version of the rules refuses (a newer or patched API server, or a bug here).
         for object in &build.newly_invalid {

@@ -23,13 +23,17 @@ use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use serde::Deserialize;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use serde::Deserializer;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use super::convert::{self, ConvertError};
+use super::kube;
 use super::model::Inventory;
+use super::model::Pod;
 use super::validate::{self, InvalidObject, PodLayout};
-use super::workload::OwnerIndex;
+use super::workload::{self, OwnerIndex};
 
 /// Namespace of objects that do not name one, as with `kubectl apply`.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -246,7 +250,9 @@ struct Found<T> {
 #[derive(Default)]
 struct Loader {
     namespaces: Vec<Found<core::Namespace>>,
-    pods: Vec<Found<core::Pod>>,
+    /// Converted as they are read, so that no API object of a 10,000-pod dump outlives its
+    /// item; the workload is resolved again once every owner is known.
+    pods: Vec<Found<PreparedPod>>,
     policies: Vec<Found<NetworkPolicy>>,
     owners: OwnerIndex,
     /// Objects of a used kind that the API server would refuse: left out, reported.
@@ -262,6 +268,304 @@ fn is_json(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("json"))
 }
 
+/// A converted pod, and its owner when a ReplicaSet or Job of the manifests may name the
+/// workload.
+struct PreparedPod {
+    model: Pod,
+    owner: Option<OwnerReference>,
+}
+
+/// An object read from a file and reduced to what the inventory keeps; [`Loader::commit`]
+/// files it. Preparing needs no loader state, so a List's items can be prepared one at a time
+/// while the document is still being parsed.
+struct Prepared {
+    at: ObjectLocation,
+    what: Kind,
+}
+
+enum Kind {
+    /// A kind the inventory does not use, by `apiVersion/kind`.
+    Ignored(String),
+    /// A used kind that the API server would refuse.
+    Invalid(Vec<String>),
+    Namespace(Box<core::Namespace>),
+    Pod(Box<PreparedPod>),
+    Policy(Box<NetworkPolicy>),
+    ReplicaSet(Vec<OwnerReference>),
+    Job(Vec<OwnerReference>),
+}
+
+impl Kind {
+    fn is_used(&self) -> bool {
+        !matches!(self, Kind::Ignored(_))
+    }
+}
+
+/// Reads `obj` as the kind it says it is, validates it and trims it.
+fn prepare(path: &Path, at: ObjectLocation, obj: Value) -> Result<Prepared, LoadError> {
+    let mut at = locate(&obj, at);
+    if !obj.is_object() {
+        return Err(object_error(
+            path,
+            at,
+            "not an object (a mapping with kind, apiVersion, metadata)".into(),
+        ));
+    }
+    let Some(kind) = at.kind.clone() else {
+        return Err(object_error(path, at, "no `kind`".into()));
+    };
+    let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let known = match (api_version, kind.as_str()) {
+        ("v1", "Namespace") => Some(true),
+        ("v1", "Pod")
+        | ("networking.k8s.io/v1", "NetworkPolicy")
+        | ("apps/v1", "ReplicaSet")
+        | ("batch/v1", "Job") => Some(false),
+        _ => None,
+    };
+    let Some(cluster_scoped) = known else {
+        let what = Kind::Ignored(format!("{api_version}/{kind}"));
+        return Ok(Prepared { at, what });
+    };
+    if !cluster_scoped && at.namespace.is_none() {
+        at.namespace = Some(DEFAULT_NAMESPACE.to_owned());
+    }
+    // An object of a used kind that does not even deserialize as that kind is one the API
+    // server would refuse too: it is left out like any invalid object, and the rest loads.
+    fn typed<T: serde::de::DeserializeOwned>(obj: Value) -> Result<T, Kind> {
+        serde_json::from_value(obj).map_err(|e| Kind::Invalid(vec![format!("cannot be read: {e}")]))
+    }
+    fn checked(errors: Vec<validate::FieldError>) -> Result<(), Kind> {
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(Kind::Invalid(
+                errors.iter().map(ToString::to_string).collect(),
+            )),
+        }
+    }
+    let unnamed = || {
+        Kind::Invalid(vec![
+            "metadata.name: Required value: name or generateName is required".into(),
+        ])
+    };
+    let namespace = at.namespace.clone();
+    let what = match kind.as_str() {
+        "Namespace" => typed::<core::Namespace>(obj).and_then(|mut ns| {
+            checked(validate::namespace(&ns))?;
+            kube::trim_namespace(&mut ns);
+            Ok(Kind::Namespace(Box::new(ns)))
+        }),
+        "Pod" => typed::<core::Pod>(obj).and_then(|mut pod| {
+            pod.metadata.namespace = namespace;
+            checked(validate::pod(&pod, PodLayout::AsWritten))?;
+            // Owners seen later can change the workload; which owner is kept for `finish`.
+            let model = convert::pod(&pod, &OwnerIndex::default())
+                .map_err(|e| Kind::Invalid(vec![e.to_string()]))?;
+            let owner = pod
+                .metadata
+                .owner_references
+                .as_deref()
+                .and_then(workload::controller_of)
+                .filter(|o| matches!(o.kind.as_str(), "ReplicaSet" | "Job"))
+                .cloned();
+            Ok(Kind::Pod(Box::new(PreparedPod { model, owner })))
+        }),
+        "NetworkPolicy" => typed::<NetworkPolicy>(obj).and_then(|mut np| {
+            np.metadata.namespace = namespace;
+            checked(validate::network_policy(&np))?;
+            kube::trim_policy(&mut np);
+            Ok(Kind::Policy(Box::new(np)))
+        }),
+        "ReplicaSet" => typed::<ReplicaSet>(obj).and_then(|rs| match at.name {
+            Some(_) => Ok(Kind::ReplicaSet(
+                rs.metadata.owner_references.unwrap_or_default(),
+            )),
+            None => Err(unnamed()),
+        }),
+        _ => typed::<Job>(obj).and_then(|job| match at.name {
+            Some(_) => Ok(Kind::Job(job.metadata.owner_references.unwrap_or_default())),
+            None => Err(unnamed()),
+        }),
+    }
+    .unwrap_or_else(|invalid| invalid);
+    Ok(Prepared { at, what })
+}
+
+/// The `items` of a List document, prepared one by one as the parser reaches them.
+enum Items {
+    /// `items: null`, or absent.
+    None,
+    Prepared(Vec<Result<Prepared, LoadError>>),
+    /// Not a sequence.
+    NotAList,
+}
+
+/// Parses one document. A List's items are turned into [`Prepared`] objects while the parser
+/// walks them, so no value tree of the whole List (hundreds of MB for a large cluster's
+/// `kubectl get -o yaml`) ever exists: one item's at a time.
+struct DocumentSeed<'a> {
+    path: &'a Path,
+    document: usize,
+}
+
+/// A parsed document: its top-level fields without `items`, and the items.
+enum Document {
+    Value(Value),
+    Map(serde_json::Map<String, Value>, Items),
+}
+
+impl<'de> DeserializeSeed<'de> for DocumentSeed<'_> {
+    type Value = Document;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Document, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DocumentSeed<'_> {
+    type Value = Document;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a Kubernetes object or List")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
+        let mut fields = serde_json::Map::new();
+        let mut items = Items::None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" {
+                items = map.next_value_seed(ItemsSeed {
+                    path: self.path,
+                    document: self.document,
+                })?;
+            } else {
+                let value = map.next_value::<Value>()?;
+                fields.insert(key, value);
+            }
+        }
+        Ok(Document::Map(fields, items))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Document, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element::<Value>()? {
+            out.push(v);
+        }
+        Ok(Document::Value(Value::Array(out)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Document, E> {
+        Ok(Document::Value(Value::Null))
+    }
+
+    fn visit_none<E>(self) -> Result<Document, E> {
+        Ok(Document::Value(Value::Null))
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Document, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Document, E> {
+        Ok(Document::Value(Value::Bool(v)))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Document, E> {
+        Ok(Document::Value(Value::from(v)))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Document, E> {
+        Ok(Document::Value(Value::from(v)))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Document, E> {
+        Ok(Document::Value(Value::from(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Document, E> {
+        Ok(Document::Value(Value::from(v)))
+    }
+}
+
+struct ItemsSeed<'a> {
+    path: &'a Path,
+    document: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for ItemsSeed<'_> {
+    type Value = Items;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Items, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ItemsSeed<'_> {
+    type Value = Items;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
+        let mut out = Vec::new();
+        while let Some(item) = seq.next_element::<Value>()? {
+            let at = ObjectLocation {
+                document: self.document,
+                item: Some(out.len()),
+                ..ObjectLocation::default()
+            };
+            out.push(if is_list(&item) {
+                Err(object_error(
+                    self.path,
+                    locate(&item, at),
+                    "a List inside a List".into(),
+                ))
+            } else {
+                prepare(self.path, at, item)
+            });
+        }
+        Ok(Items::Prepared(out))
+    }
+
+    fn visit_unit<E>(self) -> Result<Items, E> {
+        Ok(Items::None)
+    }
+
+    fn visit_none<E>(self) -> Result<Items, E> {
+        Ok(Items::None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Items, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Items, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Items::NotAList)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Items, E> {
+        Ok(Items::NotAList)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Items, E> {
+        Ok(Items::NotAList)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Items, E> {
+        Ok(Items::NotAList)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Items, E> {
+        Ok(Items::NotAList)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Items, E> {
+        Ok(Items::NotAList)
+    }
+}
+
 impl Loader {
     fn add_file(&mut self, path: &Path, text: &str) -> Result<(), LoadError> {
         let path: Arc<Path> = Arc::from(path);
@@ -271,14 +575,38 @@ impl Loader {
             message,
         };
         if is_json(&path) {
-            let stream = serde_json::Deserializer::from_str(text).into_iter::<Value>();
-            for (i, doc) in stream.enumerate() {
-                let doc = doc.map_err(|e| syntax(i + 1, e.to_string()))?;
-                self.add_document(&path, i + 1, doc)?;
+            // Document boundaries first (cheap: nothing is kept), then each document through
+            // the seed, which a stream deserializer cannot drive.
+            let mut bounds = serde_json::Deserializer::from_str(text).into_iter::<IgnoredAny>();
+            let mut document = 0;
+            loop {
+                let start = bounds.byte_offset();
+                match bounds.next() {
+                    None => break,
+                    Some(Err(e)) => return Err(syntax(document + 1, e.to_string())),
+                    Some(Ok(_)) => {}
+                }
+                document += 1;
+                let part = text.get(start..bounds.byte_offset()).unwrap_or_default();
+                let seed = DocumentSeed {
+                    path: &path,
+                    document,
+                };
+                let mut de = serde_json::Deserializer::from_str(part);
+                let doc = seed
+                    .deserialize(&mut de)
+                    .map_err(|e| syntax(document, e.to_string()))?;
+                self.add_document(&path, document, doc)?;
             }
         } else {
-            for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-                let doc = Value::deserialize(doc).map_err(|e| syntax(i + 1, e.to_string()))?;
+            for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+                let seed = DocumentSeed {
+                    path: &path,
+                    document: i + 1,
+                };
+                let doc = seed
+                    .deserialize(de)
+                    .map_err(|e| syntax(i + 1, e.to_string()))?;
                 self.add_document(&path, i + 1, doc)?;
             }
         }
@@ -289,91 +617,51 @@ impl Loader {
         &mut self,
         path: &Arc<Path>,
         document: usize,
-        doc: Value,
+        doc: Document,
     ) -> Result<(), LoadError> {
         let at = ObjectLocation {
             document,
             ..ObjectLocation::default()
         };
-        match doc {
+        let (fields, items) = match doc {
             // An empty document (`---` at the end, comments only).
-            Value::Null => Ok(()),
-            Value::Object(_) if is_list(&doc) => {
-                let at = locate(&doc, at);
-                let Value::Object(mut map) = doc else {
-                    return Ok(());
-                };
-                let items = match map.remove("items") {
-                    None | Some(Value::Null) => Vec::new(),
-                    Some(Value::Array(items)) => items,
-                    Some(_) => {
-                        return Err(object_error(path, at, "`items` is not a list".into()));
-                    }
-                };
-                for (i, item) in items.into_iter().enumerate() {
-                    let at = ObjectLocation {
-                        document,
-                        item: Some(i),
-                        ..ObjectLocation::default()
-                    };
-                    if is_list(&item) {
-                        return Err(object_error(
-                            path,
-                            locate(&item, at),
-                            "a List inside a List".into(),
-                        ));
-                    }
-                    self.add_object(path, at, item)?;
-                }
-                Ok(())
-            }
-            doc => self.add_object(path, at, doc),
+            Document::Value(Value::Null) => return Ok(()),
+            Document::Value(other) => return self.commit(path, prepare(path, at, other)?),
+            Document::Map(fields, items) => (Value::Object(fields), items),
+        };
+        let kind = fields.get("kind").and_then(Value::as_str).unwrap_or("");
+        let list = kind == "List" || (kind.ends_with("List") && !matches!(items, Items::None));
+        if !list {
+            // No kind the inventory reads has a top-level `items`: leaving it out changes
+            // nothing for them.
+            return self.commit(path, prepare(path, at, fields)?);
+        }
+        match items {
+            Items::None => Ok(()),
+            Items::NotAList => Err(object_error(
+                path,
+                locate(&fields, at),
+                "`items` is not a list".into(),
+            )),
+            Items::Prepared(items) => items
+                .into_iter()
+                .try_for_each(|item| self.commit(path, item?)),
         }
     }
 
-    fn add_object(
-        &mut self,
-        path: &Arc<Path>,
-        at: ObjectLocation,
-        obj: Value,
-    ) -> Result<(), LoadError> {
-        let mut at = locate(&obj, at);
-        if !obj.is_object() {
-            return Err(object_error(
-                path,
-                at,
-                "not an object (a mapping with kind, apiVersion, metadata)".into(),
-            ));
-        }
-        let Some(kind) = at.kind.clone() else {
-            return Err(object_error(path, at, "no `kind`".into()));
-        };
-        let api_version = obj
-            .get("apiVersion")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
-        let known = match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Namespace") => Some(true),
-            ("v1", "Pod")
-            | ("networking.k8s.io/v1", "NetworkPolicy")
-            | ("apps/v1", "ReplicaSet")
-            | ("batch/v1", "Job") => Some(false),
-            _ => None,
-        };
-        let Some(cluster_scoped) = known else {
-            let key = format!("{api_version}/{kind}");
+    /// Files a prepared object: rejects a second copy of an object, records invalid ones.
+    fn commit(&mut self, path: &Arc<Path>, prepared: Prepared) -> Result<(), LoadError> {
+        let Prepared { at, what } = prepared;
+        if let Kind::Ignored(key) = &what {
             tracing::debug!(file = %path.display(), object = %at, kind = %key, "skipping object of a kind the inventory does not use");
-            *self.summary.ignored.entry(key).or_default() += 1;
+            *self.summary.ignored.entry(key.clone()).or_default() += 1;
             return Ok(());
-        };
-        if !cluster_scoped && at.namespace.is_none() {
-            at.namespace = Some(DEFAULT_NAMESPACE.to_owned());
         }
-        if let Some(name) = &at.name {
-            let key_ns = match cluster_scoped {
-                true => String::new(),
-                false => at.namespace.clone().unwrap_or_default(),
+        debug_assert!(what.is_used());
+        if let (Some(kind), Some(name)) = (&at.kind, &at.name) {
+            let key_ns = match kind.as_str() {
+                "Namespace" => String::new(),
+                _ => at.namespace.clone().unwrap_or_default(),
             };
             let key = (kind.clone(), key_ns, name.clone());
             if let Some((first_path, first_object)) = self.seen.get(&key) {
@@ -386,89 +674,37 @@ impl Loader {
             }
             self.seen.insert(key, (path.clone(), at.clone()));
         }
-        // An object of a used kind that does not even deserialize as that kind is one the API
-        // server would refuse too: it is left out like any invalid object, and the rest loads.
-        match kind.as_str() {
-            "Namespace" => {
-                if let Some(obj) = self.typed::<core::Namespace>(path, &at, obj) {
-                    self.namespaces.push(Found {
-                        path: path.clone(),
-                        at,
-                        obj,
-                    });
-                }
+        let ns = at.namespace.clone().unwrap_or_default();
+        let name = at.name.clone().unwrap_or_default();
+        let path = path.clone();
+        match what {
+            Kind::Ignored(_) => {}
+            Kind::Invalid(errors) => self.invalid.push(invalid_object(&path, &at, errors)),
+            Kind::Namespace(obj) => self.namespaces.push(Found {
+                path,
+                at,
+                obj: *obj,
+            }),
+            Kind::Pod(obj) => self.pods.push(Found {
+                path,
+                at,
+                obj: *obj,
+            }),
+            Kind::Policy(obj) => self.policies.push(Found {
+                path,
+                at,
+                obj: *obj,
+            }),
+            Kind::ReplicaSet(refs) => {
+                self.owners.insert_replicaset_refs(&ns, &name, &refs);
+                self.summary.owners += 1;
             }
-            "Pod" => {
-                if let Some(mut obj) = self.typed::<core::Pod>(path, &at, obj) {
-                    obj.metadata.namespace = at.namespace.clone();
-                    self.pods.push(Found {
-                        path: path.clone(),
-                        at,
-                        obj,
-                    });
-                }
-            }
-            "NetworkPolicy" => {
-                if let Some(mut obj) = self.typed::<NetworkPolicy>(path, &at, obj) {
-                    obj.metadata.namespace = at.namespace.clone();
-                    self.policies.push(Found {
-                        path: path.clone(),
-                        at,
-                        obj,
-                    });
-                }
-            }
-            "ReplicaSet" => {
-                if let Some(mut obj) = self.typed::<ReplicaSet>(path, &at, obj)
-                    && self.has_name(path, &at)
-                {
-                    obj.metadata.namespace = at.namespace.clone();
-                    self.owners.insert_replicaset(&obj);
-                    self.summary.owners += 1;
-                }
-            }
-            _ => {
-                if let Some(mut obj) = self.typed::<Job>(path, &at, obj)
-                    && self.has_name(path, &at)
-                {
-                    obj.metadata.namespace = at.namespace.clone();
-                    self.owners.insert_job(&obj);
-                    self.summary.owners += 1;
-                }
+            Kind::Job(refs) => {
+                self.owners.insert_job_refs(&ns, &name, &refs);
+                self.summary.owners += 1;
             }
         }
         Ok(())
-    }
-
-    /// Deserializes `obj` as `T`, or records it as invalid.
-    fn typed<T: serde::de::DeserializeOwned>(
-        &mut self,
-        path: &Path,
-        at: &ObjectLocation,
-        obj: Value,
-    ) -> Option<T> {
-        match serde_json::from_value(obj) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                self.invalid.push(invalid_object(
-                    path,
-                    at,
-                    vec![format!("cannot be read: {e}")],
-                ));
-                None
-            }
-        }
-    }
-
-    fn has_name(&mut self, path: &Path, at: &ObjectLocation) -> bool {
-        if at.name.is_none() {
-            self.invalid.push(invalid_object(
-                path,
-                at,
-                vec!["metadata.name: Required value: name or generateName is required".into()],
-            ));
-        }
-        at.name.is_some()
     }
 
     /// Converts everything, now that all owners are known (a Pod may come before its
@@ -483,28 +719,13 @@ impl Loader {
             mut summary,
             ..
         } = self;
-        // Validation comes first so that an object is reported with every field at fault;
-        // a conversion error after it would be a gap in validation, reported the same way.
-        fn check<T>(
-            f: &Found<T>,
-            errors: Vec<validate::FieldError>,
-            invalid: &mut Vec<InvalidObject>,
-        ) -> bool {
-            if errors.is_empty() {
-                return true;
-            }
-            let errors = errors.iter().map(ToString::to_string).collect();
-            invalid.push(invalid_object(&f.path, &f.at, errors));
-            false
-        }
+        // Objects were validated as they were read; a conversion error here would be a gap in
+        // validation, reported the same way.
         fn conv<T>(f: &Found<T>, e: &ConvertError) -> InvalidObject {
             invalid_object(&f.path, &f.at, vec![e.to_string()])
         }
         let mut inv = Inventory::default();
         for f in &namespaces {
-            if !check(f, validate::namespace(&f.obj), &mut invalid) {
-                continue;
-            }
             match convert::namespace(&f.obj) {
                 Ok(ns) => {
                     inv.namespaces.insert(ns.name.clone(), ns);
@@ -512,19 +733,20 @@ impl Loader {
                 Err(e) => invalid.push(conv(f, &e)),
             }
         }
-        for f in &pods {
-            if !check(f, validate::pod(&f.obj, PodLayout::AsWritten), &mut invalid) {
-                continue;
+        for f in pods {
+            let PreparedPod { mut model, owner } = f.obj;
+            if let Some(owner) = owner {
+                model.workload = workload::resolve(
+                    &model.namespace,
+                    &model.name,
+                    &model.labels,
+                    std::slice::from_ref(&owner),
+                    &owners,
+                );
             }
-            match convert::pod(&f.obj, &owners) {
-                Ok(pod) => inv.pods.push(Arc::new(pod)),
-                Err(e) => invalid.push(conv(f, &e)),
-            }
+            inv.pods.push(Arc::new(model));
         }
         for f in policies {
-            if !check(&f, validate::network_policy(&f.obj), &mut invalid) {
-                continue;
-            }
             let (path, at) = (f.path.clone(), f.at.clone());
             match convert::policy(f.obj) {
                 Ok(policy) => inv.policies.push(policy),

@@ -281,7 +281,10 @@ async fn poll_loop(
             Ok(inv) => {
                 stats.record_ok();
                 log_loaded(&path, &inv, "reloaded inventory");
-                tx.send_replace(Arc::new(inv));
+                // Unchanged objects keep the previous snapshot's allocations, so the views
+                // built on it stay valid for them and the fresh copies are freed now.
+                let (inv, _) = super::delta::rebase(&tx.borrow(), Arc::new(inv));
+                tx.send_replace(inv);
             }
             Err(e) => {
                 tracing::error!(

@@ -109,7 +109,7 @@ impl OwnerIndex {
 
 /// The controlling owner reference. Controllers always set `controller: true`; hand-written
 /// manifests often omit it, so the first reference stands in when none is marked.
-fn controller_of(refs: &[OwnerReference]) -> Option<&OwnerReference> {
+pub(crate) fn controller_of(refs: &[OwnerReference]) -> Option<&OwnerReference> {
     refs.iter()
         .find(|r| r.controller == Some(true))
         .or_else(|| refs.first())

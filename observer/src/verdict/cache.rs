@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{Engine, FlowQuery, Peer, Verdict};
-use crate::flow::{FastMap, Protocol};
-use crate::inventory::Pod;
+use crate::flow::{FastMap, FastSet, Protocol};
+use crate::inventory::{Pod, PodDelta};
 
 /// Identity of one endpoint in a cache key.
 ///
@@ -149,6 +149,27 @@ impl VerdictCache {
     /// True when nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Drops the verdicts that involve a pod of `delta`: flows from or to a removed pod, and
+    /// flows from or to an address of a removed or added pod (an address that was no pod's, or
+    /// another pod's, before). Every other verdict stays: it reads no other pod.
+    pub fn invalidate(&self, delta: &PodDelta) -> usize {
+        if delta.is_empty() {
+            return 0;
+        }
+        let pods: FastSet<*const Pod> = delta.removed.iter().map(Arc::as_ptr).collect();
+        let ips: FastSet<IpAddr> = delta.addresses().collect();
+        let involved = |e: &EndpointKey| match e {
+            EndpointKey::Pod(p) => pods.contains(&Arc::as_ptr(p)),
+            EndpointKey::Ip(ip) => ips.contains(&ip.to_canonical()),
+        };
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = inner.map.len();
+        inner
+            .map
+            .retain(|k, _| !involved(&k.src) && !involved(&k.dst));
+        before - inner.map.len()
     }
 
     /// Drops every entry.

@@ -388,7 +388,8 @@ pub fn fetch_edges(url: &str, window: &str) -> Result<Fetched, EdgeError> {
     Ok(fetched)
 }
 
-fn parse_base(url: &str) -> Result<http::Uri, EdgeError> {
+/// Checks `--prometheus`: an `http://host:port[/prefix]` URL.
+pub(crate) fn parse_base(url: &str) -> Result<http::Uri, EdgeError> {
     let bad = |reason: &str| EdgeError::BadUrl {
         url: url.to_owned(),
         reason: reason.to_owned(),
@@ -421,7 +422,9 @@ fn encode_query(q: &str) -> String {
     out
 }
 
-async fn query_prometheus(base: &http::Uri, query: &str) -> Result<Vec<u8>, String> {
+/// One instant query through `/api/v1/query`: the answer's bytes (within
+/// [`MAX_RESPONSE_BYTES`] and [`QUERY_TIMEOUT`]).
+pub(crate) async fn query_prometheus(base: &http::Uri, query: &str) -> Result<Vec<u8>, String> {
     use http_body_util::BodyExt as _;
     let prefix = base.path().trim_end_matches('/');
     let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();

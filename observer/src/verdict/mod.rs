@@ -18,6 +18,7 @@ pub mod edges;
 pub mod preflight;
 mod selector;
 pub mod suggest;
+mod views;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -30,6 +31,7 @@ use serde::Serialize;
 pub use self::cache::{EndpointKey, VerdictCache, VerdictKey};
 pub use self::cli::{AuditArgs, ExplainArgs, audit, explain};
 use self::compile::{CompiledPolicy, PeerView, Rule, compile_policy};
+pub use self::views::{Update, Views, update_views};
 pub use crate::flow::{Direction, Protocol};
 use crate::inventory::{Inventory, Labels, Pod};
 
@@ -224,11 +226,19 @@ static GENERATION: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 pub struct Engine {
     inventory: Arc<Inventory>,
+    /// Shared by the engines of snapshots that differ only in pods: no verdict reads another
+    /// pod than the two ends of its flow, so the policies need not be compiled again.
+    compiled: Arc<Compiled>,
+    empty_labels: Labels,
+}
+
+/// What [`Engine::new`] derives from the policies.
+#[derive(Debug)]
+struct Compiled {
     generation: u64,
     policies: Vec<CompiledPolicy>,
     by_namespace: HashMap<String, NamespaceIndex>,
     warnings: Vec<String>,
-    empty_labels: Labels,
 }
 
 impl Engine {
@@ -274,12 +284,26 @@ impl Engine {
         }
         Engine {
             inventory,
-            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
-            policies,
-            by_namespace,
-            warnings,
+            compiled: Arc::new(Compiled {
+                generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+                policies,
+                by_namespace,
+                warnings,
+            }),
             empty_labels: Labels::new(),
         }
+    }
+
+    /// This engine for `inventory`, whose namespaces and policies must be this engine's (only
+    /// pods differ): the compiled policies and the [`generation`](Self::generation) are kept,
+    /// so cached verdicts of unchanged pods stay valid. Returns `None` when namespaces or
+    /// policies differ; then only [`Engine::new`] gives a correct engine.
+    pub fn with_pods_of(&self, inventory: Arc<Inventory>) -> Option<Engine> {
+        same_policies_and_namespaces(&self.inventory, &inventory).then(|| Engine {
+            inventory,
+            compiled: Arc::clone(&self.compiled),
+            empty_labels: Labels::new(),
+        })
     }
 
     /// The inventory this engine judges against.
@@ -289,13 +313,13 @@ impl Engine {
 
     /// A number unique to this engine; a [`VerdictCache`] drops its entries when it changes.
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.compiled.generation
     }
 
     /// Problems met while compiling policies (invalid selectors, CIDRs, ports), each naming
     /// its policy. Such parts match nothing.
     pub fn warnings(&self) -> &[String] {
-        &self.warnings
+        &self.compiled.warnings
     }
 
     /// Labels of a namespace (empty when the inventory does not know it).
@@ -321,7 +345,7 @@ impl Engine {
     /// Ids of policies whose pod selector selects no (non-terminated) pod of the inventory,
     /// sorted.
     pub fn policies_selecting_no_pod(&self) -> Vec<String> {
-        let mut used = vec![false; self.policies.len()];
+        let mut used = vec![false; self.compiled.policies.len()];
         let live = self
             .inventory
             .pods
@@ -329,7 +353,7 @@ impl Engine {
             .filter(|p| p.phase != crate::inventory::PodPhase::Terminated);
         for pod in live {
             for idx in self.candidates(pod) {
-                if let Some(p) = self.policies.get(idx as usize)
+                if let Some(p) = self.compiled.policies.get(idx as usize)
                     && p.pod_selector.matches(&pod.labels)
                 {
                     used[idx as usize] = true;
@@ -337,6 +361,7 @@ impl Engine {
             }
         }
         let mut ids: Vec<String> = self
+            .compiled
             .policies
             .iter()
             .zip(used)
@@ -349,7 +374,7 @@ impl Engine {
 
     /// Indexed candidates: policies of the pod's namespace whose selector may select it.
     fn candidates<'a>(&'a self, pod: &'a Pod) -> impl Iterator<Item = u32> + 'a {
-        let index = self.by_namespace.get(&pod.namespace);
+        let index = self.compiled.by_namespace.get(&pod.namespace);
         let always = index.into_iter().flat_map(|i| i.always.iter().copied());
         let labelled = index.into_iter().flat_map(move |i| {
             pod.labels.iter().flat_map(move |(k, v)| {
@@ -372,7 +397,7 @@ impl Engine {
         let host = pod.host_network;
         self.candidates(pod)
             .filter(move |_| !host)
-            .filter_map(|i| self.policies.get(i as usize))
+            .filter_map(|i| self.compiled.policies.get(i as usize))
             .filter(move |p| match direction {
                 Direction::Ingress => p.ingress.is_some(),
                 Direction::Egress => p.egress.is_some(),
@@ -515,6 +540,16 @@ impl Engine {
     }
 }
 
+/// True when `a` and `b` have the same namespaces (labels included) and policies.
+fn same_policies_and_namespaces(a: &Inventory, b: &Inventory) -> bool {
+    a.namespaces == b.namespaces
+        && a.policies.len() == b.policies.len()
+        && a.policies
+            .iter()
+            .zip(&b.policies)
+            .all(|(p, q)| Arc::ptr_eq(p, q) || p == q)
+}
+
 impl fmt::Display for Verdict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.direction {
@@ -571,7 +606,7 @@ impl Engine {
         for ns in self.inventory.namespaces.keys() {
             entry(&mut out, ns);
         }
-        for p in &self.policies {
+        for p in &self.compiled.policies {
             entry(&mut out, &p.namespace);
             if let Some(a) = out.get_mut(&p.namespace) {
                 a.policies += 1;

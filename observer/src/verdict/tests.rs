@@ -639,3 +639,111 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress]}"],
     assert!(!v.allowed, "another node's host-network pod is not exempt");
     assert!(!v.ingress.node_exempt);
 }
+
+mod views {
+    use super::*;
+    use crate::inventory::{Endpoint, NodeAddrs};
+
+    const DENY_DB: &str = "
+metadata: {name: db-from-web, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]
+";
+
+    fn inventory(pods: Vec<Arc<Pod>>, policies: &[&str]) -> Arc<Inventory> {
+        Arc::new(Inventory {
+            namespaces: [("prod".to_owned(), ns("prod", &[]))].into(),
+            pods,
+            policies: policies.iter().map(|y| policy(y)).collect(),
+            ..Inventory::default()
+        })
+    }
+
+    fn peer(views: &Views, ip: &str) -> Peer {
+        match views.attributor.lookup(ip.parse().unwrap()) {
+            Endpoint::Pod(p) => Peer::Pod(p),
+            _ => Peer::External(ip.parse().unwrap()),
+        }
+    }
+
+    /// Judges src → dst:5432 through the cache, as the daemon does.
+    fn judge(views: &Views, cache: &VerdictCache, src: &str, dst: &str) -> bool {
+        let flow = FlowQuery {
+            src: peer(views, src),
+            dst: peer(views, dst),
+            protocol: Protocol::Tcp,
+            port: 5432,
+        };
+        cache.get_or_evaluate(&views.engine, &flow).allowed
+    }
+
+    #[test]
+    fn a_pod_change_invalidates_only_its_verdicts() {
+        let web = Arc::new(pod("prod/web", &[("app", "web")], "10.0.0.1"));
+        let db = Arc::new(pod("prod/db", &[("app", "db")], "10.0.0.2"));
+        let cli = Arc::new(pod("prod/cli", &[("app", "cli")], "10.0.0.3"));
+        let old = inventory(vec![cli.clone(), db.clone(), web.clone()], &[DENY_DB]);
+        let mut views = Views::new(Arc::clone(&old), NodeAddrs::default());
+        let generation = views.engine.generation();
+        let cache = VerdictCache::new(100);
+        assert!(judge(&views, &cache, "10.0.0.1", "10.0.0.2"));
+        assert!(!judge(&views, &cache, "10.0.0.3", "10.0.0.2"));
+        // An address no pod has yet: the flow is judged as from outside.
+        assert!(!judge(&views, &cache, "10.0.0.9", "10.0.0.2"));
+        assert_eq!(cache.len(), 3);
+
+        // cli is relabelled app=web, and a new web pod takes 10.0.0.9.
+        let cli2 = Arc::new(pod("prod/cli", &[("app", "web")], "10.0.0.3"));
+        let web2 = Arc::new(pod("prod/web2", &[("app", "web")], "10.0.0.9"));
+        let new = inventory(vec![cli2, db.clone(), web.clone(), web2], &[DENY_DB]);
+        let new = Arc::new(Inventory {
+            policies: old.policies.clone(),
+            ..(*new).clone()
+        });
+        let update = views.update(new, &cache);
+        assert_eq!(
+            update,
+            Update::Pods {
+                removed: 1,
+                added: 2,
+                invalidated: 2
+            }
+        );
+        assert_eq!(views.engine.generation(), generation, "policies kept");
+        assert_eq!(cache.len(), 1, "web → db stays cached");
+        assert!(
+            judge(&views, &cache, "10.0.0.3", "10.0.0.2"),
+            "cli is web now"
+        );
+        assert!(
+            judge(&views, &cache, "10.0.0.9", "10.0.0.2"),
+            "web2 is a pod now"
+        );
+        assert!(judge(&views, &cache, "10.0.0.1", "10.0.0.2"));
+
+        // Verdicts after the update are those of a fresh engine on the same snapshot.
+        let fresh = Views::new(Arc::clone(views.engine.inventory()), NodeAddrs::default());
+        let fresh_cache = VerdictCache::new(100);
+        for (s, d) in [("10.0.0.3", "10.0.0.2"), ("10.0.0.9", "10.0.0.2")] {
+            assert_eq!(
+                judge(&views, &cache, s, d),
+                judge(&fresh, &fresh_cache, s, d)
+            );
+        }
+
+        // A policy change rebuilds everything.
+        let cur = Arc::clone(views.engine.inventory());
+        let relaxed = Arc::new(Inventory {
+            policies: vec![],
+            ..(*cur).clone()
+        });
+        assert_eq!(views.update(relaxed, &cache), Update::Rebuilt);
+        assert!(cache.is_empty());
+        assert_ne!(views.engine.generation(), generation);
+        assert!(
+            judge(&views, &cache, "10.0.0.3", "10.0.0.2"),
+            "no policy: allowed"
+        );
+    }
+}

@@ -256,9 +256,15 @@ async fn initial_list_then_watch_for_each_resource() {
         ann.keys().collect::<Vec<_>>(),
         vec!["deny-observer.io/owner"]
     );
+    // The store keeps the converted pod, the very `Arc` the snapshot holds.
     let stored = inv.stores().pods.state();
     assert_eq!(stored.len(), 1);
-    assert!(stored[0].metadata.managed_fields.is_none());
+    assert_eq!(
+        (stored[0].namespace(), stored[0].name()),
+        (Some("prod"), "db")
+    );
+    let model = stored[0].model.as_ref().expect("valid pod");
+    assert!(Arc::ptr_eq(model, &snap.pods[0]));
 
     for (path, rv) in [(PODS, "200"), (NAMESPACES, "100"), (POLICIES, "300")] {
         let seen = requests_for(&log, path);

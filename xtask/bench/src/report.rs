@@ -251,6 +251,24 @@ impl<'a> Report<'a> {
                 ),
             });
         }
+        if let Some(b) = self.config(Config::Bpftrace) {
+            t.push(Target {
+                name: "eBPF ns/drop <= bpftrace one-liner's (costliest scenario)".into(),
+                pass: match (d.ns_per_drop, b.ns_per_drop) {
+                    (Some(x), Some(y)) => Some(x.median <= y.median),
+                    _ => None,
+                },
+                detail: format!(
+                    "median over rounds {} vs {} ns (deny-observer min-max {}-{}, bpftrace {}-{})",
+                    fmt_opt(d.ns_per_drop.map(|x| x.median), 1),
+                    fmt_opt(b.ns_per_drop.map(|x| x.median), 1),
+                    fmt_opt(d.ns_per_drop.map(|x| x.min), 1),
+                    fmt_opt(d.ns_per_drop.map(|x| x.max), 1),
+                    fmt_opt(b.ns_per_drop.map(|x| x.min), 1),
+                    fmt_opt(b.ns_per_drop.map(|x| x.max), 1),
+                ),
+            });
+        }
         t.push(Target {
             name: format!("drop -> counter <= {LATENCY_TARGET_S} s (worst burst)"),
             pass: match (d.latency, d.latency_missing) {
@@ -397,8 +415,8 @@ impl<'a> Report<'a> {
              latency: from the last of {} datagrams until /metrics shows them all ({} bursts per session, polled every 10 ms).\n\
              evicted: deny_observer_events_lost_total{{stage=\"flow_map_evicted\"}} during the windows (whole node).\n\
              cpu: observer CPU time (sum of its threads' schedstat, ns) per million drops (windows: flood plus one drain, no scraping meanwhile).\n\
-             eBPF ns/drop: run_time_ns/run_cnt of the observer's programs over a 1 s flood with kernel.bpf_stats_enabled=1\n\
-             (stats are off while throughput is measured).\n\
+             eBPF ns/drop: run_time_ns/run_cnt of the observer's programs over a 1 s flood of each scenario with\n\
+             kernel.bpf_stats_enabled=1, the costliest scenario's (stats are off while throughput is measured).\n\
              log-tail (kube-iptables-tailer style, no targets): while it runs, the destination's nft drop rule also does\n\
              `log prefix \"{}\"` (LOG before DROP, no rate limit; nf_log_all_netns=1), and a tailer process\n\
              (`cargo xtask log-tail`) reads /dev/kmsg and counts per (src, dst, proto, dport); its cpu is the tailer's only\n\
