@@ -288,6 +288,110 @@ impl Default for ProgramConfig {
     }
 }
 
+/// Which end of a connection the kernel saw it on (`ConnKey::side`).
+pub mod conn_side {
+    /// The local socket opened it: TCP `SYN_SENT -> ESTABLISHED`, or the first UDP datagram a
+    /// local socket sends to a peer. The source is the local address.
+    pub const CONNECT: u8 = 1;
+    /// The local socket accepted it: TCP `SYN_RECV -> ESTABLISHED`, or the first UDP datagram
+    /// a local socket receives from a peer it has not sent to. The destination is local.
+    pub const ACCEPT: u8 = 2;
+}
+
+/// Indexes into the per-CPU `CONN_LOSSES` array of the connection programs; userspace exports
+/// them as `deny_observer_events_lost_total{stage}`.
+pub mod conn_loss {
+    /// A new connection key could not be inserted into the connection map (it is full): the
+    /// connection is not counted.
+    pub const MAP_FULL: u32 = 0;
+    /// A tracepoint record, socket address or packet header could not be read.
+    pub const READ: u32 = 1;
+    /// Number of slots.
+    pub const COUNT: u32 = 4;
+}
+
+/// Key of the connection map: accepted connections (TCP) and flows (UDP) per edge.
+///
+/// The source port is left out, so every connection of one client to one service is one key.
+/// Addresses are IPv4-mapped for IPv4, as in [`FlowKey`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ConnKey {
+    /// The side that opened the connection.
+    pub src_addr: [u8; 16],
+    /// The side that accepted it.
+    pub dst_addr: [u8; 16],
+    /// Destination port (host order).
+    pub dst_port: u16,
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub protocol: u8,
+    /// One of [`conn_side`].
+    pub side: u8,
+}
+
+/// Key of the UDP flow tracker, from the local socket's point of view; a datagram in either
+/// direction between the same two sockets has the same key, so replies are not new flows.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct UdpTuple {
+    /// Address of the local socket (IPv4-mapped for IPv4).
+    pub local_addr: [u8; 16],
+    /// Address of the peer.
+    pub remote_addr: [u8; 16],
+    /// Local port (host order).
+    pub local_port: u16,
+    /// Peer port (host order).
+    pub remote_port: u16,
+}
+
+/// Layout facts of the connection programs, set by userspace with
+/// `EbpfLoader::override_global("CONN_CONFIG", ..)`: offsets in the `sock:inet_sock_set_state`
+/// record (from its format file) and in kernel structs (from BTF).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ConnConfig {
+    /// `oldstate` (int) in the tracepoint record.
+    pub tp_oldstate: u32,
+    /// `newstate` (int).
+    pub tp_newstate: u32,
+    /// `sport` (u16, host order).
+    pub tp_sport: u32,
+    /// `dport` (u16, host order).
+    pub tp_dport: u32,
+    /// `family` (u16).
+    pub tp_family: u32,
+    /// `protocol` (u16).
+    pub tp_protocol: u32,
+    /// `saddr` (4 bytes).
+    pub tp_saddr: u32,
+    /// `daddr` (4 bytes).
+    pub tp_daddr: u32,
+    /// `saddr_v6` (16 bytes).
+    pub tp_saddr_v6: u32,
+    /// `daddr_v6` (16 bytes).
+    pub tp_daddr_v6: u32,
+    /// `offsetof(struct sk_buff, head)`.
+    pub skb_head: u32,
+    /// `offsetof(struct sk_buff, network_header)` (u16).
+    pub skb_network_header: u32,
+    /// `offsetof(struct sk_buff, transport_header)` (u16).
+    pub skb_transport_header: u32,
+    /// `offsetof(struct sock, sk_protocol)` (u16).
+    pub sk_protocol: u32,
+    /// `offsetof(struct sock, sk_receive_queue) + offsetof(struct sk_buff_head, prev)`: the
+    /// datagram queued last.
+    pub sk_rcvq_prev: u32,
+    /// `offsetof(struct sock, sk_receive_queue)`: an empty queue's `prev` points here.
+    pub sk_rcvq: u32,
+    /// First port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
+    pub ephemeral_lo: u32,
+    /// Last port of the ephemeral range.
+    pub ephemeral_hi: u32,
+    /// A UDP 4-tuple with no datagram for this many seconds starts a new flow when traffic
+    /// resumes (as conntrack's UDP timeout does).
+    pub udp_idle_secs: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of them are #[repr(C)], Copy, made only of integers and integer arrays, and have
@@ -301,6 +405,9 @@ mod pod {
     unsafe impl aya::Pod for super::ProgramConfig {}
     unsafe impl aya::Pod for super::LocationRange {}
     unsafe impl aya::Pod for super::LocationTable {}
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::UdpTuple {}
+    unsafe impl aya::Pod for super::ConnConfig {}
 }
 
 #[cfg(test)]
@@ -328,5 +435,8 @@ mod tests {
             core::mem::offset_of!(ProgramConfig, reason_mask),
             14 * 4 + 16 + 16
         );
+        assert_eq!(size_of::<ConnKey>(), 16 + 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<UdpTuple>(), 16 + 16 + 2 + 2);
+        assert_eq!(size_of::<ConnConfig>(), 19 * 4);
     }
 }

@@ -25,4 +25,5 @@ pub mod daemon;
 pub mod export;
 pub mod flow;
 pub mod inventory;
+pub mod map;
 pub mod verdict;

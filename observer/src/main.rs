@@ -1,5 +1,5 @@
 //! `deny-observer`: the daemon (`run`) and the SRE workflows (`explain`, `audit`, `preflight`,
-//! `edges`, `suggest`).
+//! `edges`, `suggest`, `map`).
 //!
 //! Each subcommand's arguments and logic live in the library module of its stage; this file only
 //! parses the command line, sets up logging, and maps errors to exit codes.
@@ -31,6 +31,9 @@ enum Command {
     Edges(observer::verdict::edges::EdgesArgs),
     /// Write least-privilege NetworkPolicies for a namespace from its observed allowed traffic.
     Suggest(observer::verdict::suggest::SuggestArgs),
+    /// Draw the observed edges as a traffic map: one self-contained HTML page, or served and
+    /// refreshed with `--listen`.
+    Map(Box<observer::map::MapArgs>),
     /// Install the Localhost seccomp profile for kubelet (deploy/overlays/seccomp-localhost's
     /// init container): the runtime default plus bpf() and perf_event_open().
     InstallSeccompProfile(observer::capture::startup::InstallSeccompArgs),
@@ -67,7 +70,7 @@ fn main() -> ExitCode {
     let failure = match cli.command {
         Command::Explain(_) => ExitCode::from(observer::verdict::cli::EXIT_BAD_INPUT),
         // 4 means "breaks" and CI gates on it; any failure to judge is bad input.
-        Command::Preflight(_) | Command::Suggest(_) | Command::Edges(_) => {
+        Command::Preflight(_) | Command::Suggest(_) | Command::Edges(_) | Command::Map(_) => {
             ExitCode::from(observer::verdict::preflight::EXIT_BAD_INPUT)
         }
         _ => ExitCode::FAILURE,
@@ -106,6 +109,10 @@ fn main() -> ExitCode {
         )
         .map(|()| ExitCode::SUCCESS)
         .context("suggest"),
+        // Not a locked stderr: `--listen`'s refresh loop reports on stderr from its own thread.
+        Command::Map(args) => observer::map::run_map(&args, &mut std::io::stderr())
+            .map(|()| ExitCode::SUCCESS)
+            .context("map"),
         Command::InstallSeccompProfile(args) => {
             observer::capture::startup::install_seccomp_profile(&args)
                 .map(|path| {

@@ -1414,3 +1414,119 @@ fn new_prog(name: &str, old: &[u64]) -> serde_json::Value {
     assert_eq!(found.len(), 1, "new programs named {name}: {found:?}");
     found[0].clone()
 }
+
+/// Whether this kernel has the `sock:sk_data_ready` tracepoint (6.6 and later) that the UDP
+/// flow counter needs.
+fn kernel_has_sk_data_ready() -> bool {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .any(|root| std::path::Path::new(&format!("{root}/events/sock/sk_data_ready")).exists())
+}
+
+/// Accepted TCP connections (IPv4 and IPv6) and UDP flows between two namespaces are counted
+/// exactly per edge and side; SYNs that nftables drops are not; the UDP hook is attached
+/// exactly where the kernel has its tracepoint, and reported missing elsewhere.
+#[test]
+fn counts_accepted_connections_exactly() {
+    use observer::capture::connections::Side;
+    use std::net::{TcpListener, TcpStream};
+    if !testkit::privileged("counts_accepted_connections_exactly") {
+        return;
+    }
+    // Ports no other test of this binary uses: the namespaces of parallel tests share the
+    // addresses, and the connection programs see every namespace.
+    const TCP_PORT: u16 = 7101;
+    const UDP_PORT: u16 = 7102;
+    const TCP4: u64 = 5;
+    const TCP6: u64 = 2;
+    const UDP_SOCKETS: u64 = 3;
+    let net = NetPair::new();
+    let mut capture = Capture::load(&CaptureConfig {
+        netns: Some(net.dst_inode),
+        ..CaptureConfig::default()
+    })
+    .unwrap();
+    let hooks = capture.connection_hooks().to_vec();
+    let attached = |name: &str| {
+        hooks
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no hook {name} in {hooks:?}"))
+            .error
+            .is_none()
+    };
+    assert!(attached("tcp"), "{hooks:?}");
+    let udp = kernel_has_sk_data_ready();
+    assert_eq!(attached("udp_receive"), udp, "{hooks:?}");
+
+    let (tcp, udp_sock) = net.in_ns(&net.dst, || {
+        let any: SocketAddr = (Ipv6Addr::UNSPECIFIED, 0).into();
+        (
+            TcpListener::bind(SocketAddr::new(any.ip(), TCP_PORT)).unwrap(),
+            UdpSocket::bind(SocketAddr::new(any.ip(), UDP_PORT)).unwrap(),
+        )
+    });
+    tcp.set_nonblocking(true).unwrap();
+    let accepted = std::thread::spawn(move || {
+        let mut n = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while n < TCP4 + TCP6 && std::time::Instant::now() < deadline {
+            match tcp.accept() {
+                Ok(_) => n += 1,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+        n
+    });
+    net.in_ns(&net.src, || {
+        for i in 0..TCP4 + TCP6 {
+            let ip: IpAddr = if i < TCP4 { DST4.into() } else { DST6.into() };
+            TcpStream::connect(SocketAddr::new(ip, TCP_PORT)).unwrap();
+        }
+        for _ in 0..UDP_SOCKETS {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+            for _ in 0..5 {
+                s.send_to(b"flow", (DST4, UDP_PORT)).unwrap();
+            }
+        }
+        // Denied: nftables drops these SYNs in the destination.
+        for _ in 0..3 {
+            let to = SocketAddr::new(DST4.into(), TCP_DROP);
+            let r = TcpStream::connect_timeout(&to, std::time::Duration::from_millis(200));
+            assert!(r.is_err(), "nftables let a SYN to {to} through");
+        }
+    });
+    assert_eq!(accepted.join().unwrap(), TCP4 + TCP6);
+    drop(udp_sock);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let report = capture.connections().unwrap().drain().unwrap();
+    let count = |src: IpAddr, dst: IpAddr, port: u16, side: Side| -> u64 {
+        report
+            .connections
+            .iter()
+            .filter(|c| c.src == src && c.dst == dst && c.dst_port == port && c.side == side)
+            .map(|c| c.count)
+            .sum()
+    };
+    let (s4, d4, s6, d6) = (
+        IpAddr::from(SRC4),
+        IpAddr::from(DST4),
+        IpAddr::from(SRC6),
+        IpAddr::from(DST6),
+    );
+    // Both ends live on this kernel: the client's and the server's.
+    for side in [Side::Connect, Side::Accept] {
+        assert_eq!(count(s4, d4, TCP_PORT, side), TCP4, "{side:?} {report:?}");
+        assert_eq!(count(s6, d6, TCP_PORT, side), TCP6, "{side:?} {report:?}");
+    }
+    assert_eq!(
+        count(s4, d4, UDP_PORT, Side::Accept),
+        if udp { UDP_SOCKETS } else { 0 },
+        "{report:?}"
+    );
+    assert!(
+        !report.connections.iter().any(|c| c.dst_port == TCP_DROP),
+        "dropped SYNs counted as connections: {report:?}"
+    );
+    assert_eq!(report.map_full, 0);
+}

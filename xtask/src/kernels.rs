@@ -32,7 +32,8 @@ pub const TEST_KERNELS: &[&str] = &["bullseye", "bookworm"];
 /// Tests of `observer/tests/kernel.rs` run on every kernel: which hook the default
 /// picks, exact counts of nftables drops with it (tp_btf where the kernel has BTF) and with the
 /// classic tracepoint forced, of tc (cls_bpf `TC_ACT_SHOT`) drops, the reason filter, and
-/// what a kernel without drop reasons does when kallsyms is hidden (no CAP_SYSLOG). The flood and 50,000-flow tests stay on the host (TCG runs
+/// what a kernel without drop reasons does when kallsyms is hidden (no CAP_SYSLOG), and the
+/// accepted-connection counters (TCP everywhere, UDP where `sk_data_ready` exists). The flood and 50,000-flow tests stay on the host (TCG runs
 /// them at a small fraction of the speed and they test userspace, not the kernel).
 pub const GUEST_TESTS: &[&str] = &[
     "auto_attaches_tp_btf_where_available",
@@ -41,6 +42,7 @@ pub const GUEST_TESTS: &[&str] = &[
     "counts_tc_drops_exactly",
     "without_cap_syslog_drops_still_count",
     "unknown_reason_name_is_rejected",
+    "counts_accepted_connections_exactly",
 ];
 
 /// A Debian release whose `linux-image-amd64` the command can boot.

@@ -60,6 +60,9 @@ enum Task {
     /// Benchmark (root): drops/s, CPU, eBPF ns/drop, memory, accuracy and latency of
     /// deny-observer during a deny flood, against no observer and a bpftrace peer.
     Bench(bench::BenchArgs),
+    /// Render time of `deny-observer map` in headless Chromium: 2,000 workloads and 10,000
+    /// edges in full, twice that by namespace, against a trivial page's load.
+    BenchMap(bench::map::MapBenchArgs),
     /// Setup, then the privileged capture tests on other kernels: Debian's kernels (fetched
     /// with a private apt configuration, cached under target/kernels/) booted under qemu, and
     /// the running kernel (`host`). Root.
@@ -159,6 +162,16 @@ fn run(task: Task) -> anyhow::Result<()> {
         }
         Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::LogTail(args) => bench::logtail::tail(&args),
+        Task::BenchMap(args) => {
+            let bin = match &args.daemon {
+                Some(bin) => bin.clone(),
+                None => {
+                    setup::run()?;
+                    build(&root)?
+                }
+            };
+            bench::map::run(&args, &bin)
+        }
         Task::Bench(args) => {
             if !cmd::is_root() {
                 bail!("cargo xtask bench needs root (netns, nftables, BPF); run it as root");

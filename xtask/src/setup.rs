@@ -30,6 +30,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "prometheus-alertmanager",
     "python3-pip",
+    // Headless, for the traffic map's end-to-end tests and render benchmark.
+    "chromium",
 ];
 
 /// Debian packages of `cargo xtask kernels` (Debian's kernels booted under qemu with a busybox

@@ -56,6 +56,8 @@ pub struct Capture {
     /// The attached program's recursion misses; `None` if its descriptor could not be
     /// duplicated.
     pub(super) recursion: Option<RecursionMisses>,
+    /// Accepted-connection counting; `None` when disabled.
+    connections: Option<super::connections::ConnectionCapture>,
 }
 
 impl std::fmt::Debug for Capture {
@@ -338,9 +340,15 @@ impl Capture {
         let nr_cpus = aya::util::nr_cpus().map_err(|(path, e)| {
             CaptureError::Config(format!("reading the CPU count from {path}: {e}"))
         })?;
+        let conns = &config.connections;
+        let (conn_config, tcp_unusable, udp_unusable) =
+            super::connections::conn_config(&tracefs_root, &btf, conns);
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &program_config, true)
             .override_global("LOCATIONS", &locations, true)
+            .override_global("CONN_CONFIG", &conn_config, true)
+            .map_max_entries("CONNECTIONS", conns.map_entries.max(1))
+            .map_max_entries("UDP_TRACK", conns.udp_track_entries.max(1))
             .map_max_entries("FLOWS", lru_entries(config.flow_map_entries, nr_cpus))
             .map_max_entries("SAMPLES", config.ringbuf_bytes)
             .load(EBPF_OBJECT)
@@ -403,6 +411,17 @@ impl Capture {
                 .ok_or(CaptureError::Missing("map SAMPLES"))?,
         )
         .map_err(map_err("SAMPLES"))?;
+        let connections = if conns.enabled() {
+            Some(super::connections::ConnectionCapture::attach(
+                &mut ebpf,
+                conns,
+                tcp_unusable,
+                udp_unusable,
+                config.idle_drains,
+            )?)
+        } else {
+            None
+        };
         let state = DrainState::new(&reasons);
         // The log map exists only if the program logs; its absence is not an error.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -432,7 +451,18 @@ impl Capture {
             attach_kind,
             reason_source,
             recursion,
+            connections,
         })
+    }
+
+    /// The connection hooks and whether each is attached (empty when no protocol is counted).
+    pub fn connection_hooks(&self) -> &[super::connections::Hook] {
+        self.connections.as_ref().map_or(&[], |c| c.hooks())
+    }
+
+    /// The connection counters, `None` when no protocol is counted.
+    pub fn connections(&mut self) -> Option<&mut super::connections::ConnectionCapture> {
+        self.connections.as_mut()
     }
 
     /// Whether this kernel reports the program's recursion misses (5.12 and later), so that

@@ -23,6 +23,7 @@ use crate::flow::Protocol;
 
 mod batch;
 pub(crate) mod btf;
+pub mod connections;
 mod decode;
 mod drain;
 mod loader;
@@ -31,6 +32,7 @@ pub mod recursion;
 pub mod startup;
 pub(crate) mod tracefs;
 
+pub use connections::{ConnectionCapture, ConnectionReport, ConnectionsConfig};
 pub(crate) use decode::decode;
 pub use loader::{Capture, lru_entries};
 pub use location::ReasonSource;
@@ -104,6 +106,8 @@ pub struct CaptureConfig {
     pub netns: Option<u32>,
     /// Which hook to attach to; [`AttachMode::Auto`] prefers `tp_btf` and falls back.
     pub attach: AttachMode,
+    /// Accepted connections to count (see [`connections`]).
+    pub connections: ConnectionsConfig,
 }
 
 impl Default for CaptureConfig {
@@ -115,6 +119,7 @@ impl Default for CaptureConfig {
             idle_drains: 30,
             netns: None,
             attach: AttachMode::Auto,
+            connections: ConnectionsConfig::default(),
         }
     }
 }

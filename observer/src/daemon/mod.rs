@@ -22,7 +22,8 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::alert::{self, AlertStage};
-use crate::capture::{AttachMode, Capture, CaptureConfig, ReasonFilter};
+use crate::capture::{AttachMode, Capture, CaptureConfig, ConnectionsConfig, ReasonFilter};
+use crate::export::connections::ConnectionMetrics;
 use crate::export::events::{EventMetrics, EventsConfig, PolicyDeniedEvents};
 use crate::export::{self, HttpLimits, HttpState, Metrics, MetricsConfig, ReadyCondition};
 use crate::inventory::kube::{KubeInventory, KubeInventoryConfig, ListStrategy};
@@ -112,6 +113,14 @@ pub struct RunArgs {
     /// the addresses of the network namespace the daemon runs in.
     #[arg(long, env = "NODE_IP", value_delimiter = ',')]
     pub node_ip: Vec<IpAddr>,
+    /// Accepted connections to count on `deny_observer_connections_total`: `tcp`, `udp`
+    /// (comma-separated), or `none`.
+    #[arg(long, default_value = "tcp,udp", value_parser = parse_connection_protocols)]
+    pub count_connections: ConnectionsConfig,
+    /// Distinct edges (source, destination, protocol, port) the kernel connection map holds;
+    /// connections of edges beyond it are counted as lost (`stage="connection_map_full"`).
+    #[arg(long, default_value_t = 16384)]
+    pub connection_map_entries: u32,
     /// Node name (downward API), for logs and deny_observer_build_info.
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_name: String,
@@ -180,6 +189,24 @@ fn connection_cap(flag: usize, nofile: Option<u64>) -> usize {
     flag.min(by_fds).max(8)
 }
 
+/// `--count-connections`: `tcp`, `udp`, both, or `none`.
+fn parse_connection_protocols(s: &str) -> Result<ConnectionsConfig, String> {
+    let mut c = ConnectionsConfig::disabled();
+    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match p.to_ascii_lowercase().as_str() {
+            "tcp" => c.tcp = true,
+            "udp" => c.udp = true,
+            "none" => {}
+            other => {
+                return Err(format!(
+                    "unknown protocol {other:?} (expected tcp, udp or none)"
+                ));
+            }
+        }
+    }
+    Ok(c)
+}
+
 fn parse_reasons(s: &str) -> ReasonFilter {
     if s.trim().eq_ignore_ascii_case("all") {
         return ReasonFilter::All;
@@ -226,6 +253,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         open_namespaces,
         events: event_metrics,
         mut alert,
+        connections: connection_metrics,
     } = DaemonMetrics::build(
         MetricsConfig {
             series_limit: args.series_limit,
@@ -367,6 +395,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ringbuf_bytes: args.ringbuf_bytes,
         netns: args.netns_inode,
         attach: args.attach.into(),
+        connections: ConnectionsConfig {
+            map_entries: args.connection_map_entries,
+            ..args.count_connections
+        },
         ..CaptureConfig::default()
     };
     let capture = tokio::task::spawn_blocking(move || Capture::load(&capture_config))
@@ -402,6 +434,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
 
     let stopping = Arc::new(AtomicBool::new(false));
+    connection_metrics.set_hooks(capture.connection_hooks());
     let pipeline = Pipeline::new(Stages {
         capture,
         metrics: Arc::clone(&metrics),
@@ -413,6 +446,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         reload_stats,
         inventory_health,
         events,
+        connections: connection_metrics,
     });
     // Ready only now: the pipeline has taken in the inventory, so the first scrape after
     // /readyz turns 200 already carries its series (inventory objects, open namespaces).
@@ -464,6 +498,7 @@ struct DaemonMetrics {
     open_namespaces: IntGaugeVec,
     events: EventMetrics,
     alert: AlertStage,
+    connections: ConnectionMetrics,
 }
 
 impl DaemonMetrics {
@@ -480,11 +515,13 @@ impl DaemonMetrics {
         let events = EventMetrics::new()?;
         events.register(metrics.registry())?;
         let alert = AlertStage::new(alert, metrics.registry(), SystemTime::now())?;
+        let connections = ConnectionMetrics::new(&metrics)?;
         Ok(Self {
             metrics,
             open_namespaces,
             events,
             alert,
+            connections,
         })
     }
 }

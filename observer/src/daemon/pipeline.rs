@@ -13,6 +13,7 @@ use tracing::{debug, error, info, warn};
 use crate::alert::{AlertSink, AlertStage, SpikeTransition};
 use crate::attribute::{Attribution, Sink, Views};
 use crate::capture::Capture;
+use crate::export::connections::ConnectionMetrics;
 use crate::export::events::{EventSink, SpikeNotice, SpikePhase};
 use crate::export::{HttpState, Metrics, MetricsSink, OVERFLOW, RefreshRequest};
 use crate::inventory::{self, Inventory, NodeAddrs, ReloadStats};
@@ -38,6 +39,8 @@ pub(super) struct Pipeline {
     series_limit: usize,
     last_retain: Instant,
     last_drain: Instant,
+    /// `deny_observer_connections_total`.
+    connections: ConnectionMetrics,
 }
 
 /// Sets `deny_observer_audit_open_namespace` within `limit` series: open namespaces first
@@ -105,6 +108,7 @@ pub(super) struct Stages {
     pub(super) reload_stats: Option<Arc<ReloadStats>>,
     pub(super) inventory_health: Option<Arc<ReloadStats>>,
     pub(super) events: Option<EventSink>,
+    pub(super) connections: ConnectionMetrics,
 }
 
 impl Pipeline {
@@ -128,6 +132,7 @@ impl Pipeline {
             series_limit,
             last_retain: Instant::now(),
             last_drain: Instant::now(),
+            connections: stages.connections,
         };
         pipeline.refresh_inventory(true);
         pipeline
@@ -249,7 +254,12 @@ impl Pipeline {
                 .collect();
             let removed = self
                 .metrics
-                .retain_workloads(&|ns, workload| live.contains(&(ns, workload)));
+                .retain_workloads(&|ns, workload| live.contains(&(ns, workload)))
+                + self.connections.retain_workloads_at(
+                    Instant::now(),
+                    self.metrics.config().expiry_grace,
+                    &|ns, workload| live.contains(&(ns, workload)),
+                );
             if removed > 0 {
                 debug!(
                     removed,
@@ -300,8 +310,24 @@ impl Pipeline {
                 }
             }
         }
+        self.drain_connections();
         self.http.counters_refreshed();
         self.capture.flush_logs();
+    }
+
+    /// Drains the connection map into `deny_observer_connections_total`.
+    fn drain_connections(&mut self) {
+        let Some(capture) = self.capture.connections() else {
+            return;
+        };
+        match capture.drain() {
+            Ok(report) => {
+                let views = &self.views;
+                self.connections
+                    .record_drain(&self.metrics, &report, |ip| views.endpoint(ip));
+            }
+            Err(err) => error!(error = %err, "draining the connection map failed"),
+        }
     }
 }
 

@@ -346,7 +346,17 @@ pub async fn serve_with(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ExportError> {
-    let router = router(state);
+    serve_router(listener, router(state), limits, shutdown).await
+}
+
+/// Serves any `router` on `listener` within `limits` until `shutdown` completes, with the same
+/// connection cap and timeouts as the metrics server (`deny-observer map --listen` uses it).
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ExportError> {
     let connections = Arc::new(Mutex::new(Connections::default()));
     let mut shutdown = std::pin::pin!(shutdown);
     let max = limits.max_connections.max(1);

@@ -9,6 +9,7 @@
 //!   inventory for [`MetricsConfig::expiry_grace`] are removed by [`Metrics::retain_workloads`].
 //! - [`serve`] runs `/metrics`, `/healthz` and `/readyz` (see [`HttpState`]).
 
+pub mod connections;
 pub mod events;
 mod http;
 pub mod labels;
@@ -19,7 +20,7 @@ mod sink;
 pub use crate::attribute::{PolicyMatch, endpoint_labels};
 pub use http::{
     DEFAULT_INVENTORY_MAX_AGE, DEFAULT_STALL_AFTER, HttpLimits, HttpState, REFRESH_WAIT,
-    ReadyCondition, RefreshRequest, router, serve, serve_with,
+    ReadyCondition, RefreshRequest, router, serve, serve_router, serve_with,
 };
 pub use labels::{DropLabels, LabelSet, LabelValue, PolicyDenyLabels};
 pub use metrics::*;

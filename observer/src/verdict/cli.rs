@@ -457,6 +457,18 @@ fn workload_line(role: &str, endpoint: &Endpoint, shown: &Peer) -> Option<String
     ))
 }
 
+/// Writes a [`Judgement`] as `explain` prints it (verdict, deciding side, both sides, nearest
+/// misses); `port_name` is the container port name, when the port was given by name.
+pub fn write_judgement(
+    judged: &Judgement,
+    from: &Endpoint,
+    to: &Endpoint,
+    port_name: Option<&str>,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    write_human(judged, from, to, port_name, out)
+}
+
 fn write_human(
     judged: &Judgement,
     from: &Endpoint,

@@ -379,7 +379,7 @@ pub fn fetch_edges(url: &str, window: &str) -> Result<Fetched, EdgeError> {
         let edges = parse_answer(&body, verdict).map_err(err)?;
         if edges.is_empty() && verdict == Observed::Allow {
             fetched.notes.push(format!(
-                "no allowed edges observed: {ALLOWED_METRIC} has no increase over {window} (the daemon does not count allowed connections yet); only denied edges are judged"
+                "no allowed edges observed: {ALLOWED_METRIC} has no increase over {window} (no allowed connection reached a pod, or the daemons run with --count-connections none); only denied edges are judged"
             ));
         }
         fetched.edges.extend(edges);
@@ -388,7 +388,8 @@ pub fn fetch_edges(url: &str, window: &str) -> Result<Fetched, EdgeError> {
     Ok(fetched)
 }
 
-fn parse_base(url: &str) -> Result<http::Uri, EdgeError> {
+/// Checks `--prometheus`: an `http://host:port[/prefix]` URL.
+pub(crate) fn parse_base(url: &str) -> Result<http::Uri, EdgeError> {
     let bad = |reason: &str| EdgeError::BadUrl {
         url: url.to_owned(),
         reason: reason.to_owned(),
@@ -421,7 +422,9 @@ fn encode_query(q: &str) -> String {
     out
 }
 
-async fn query_prometheus(base: &http::Uri, query: &str) -> Result<Vec<u8>, String> {
+/// One instant query through `/api/v1/query`: the answer's bytes (within
+/// [`MAX_RESPONSE_BYTES`] and [`QUERY_TIMEOUT`]).
+pub(crate) async fn query_prometheus(base: &http::Uri, query: &str) -> Result<Vec<u8>, String> {
     use http_body_util::BodyExt as _;
     let prefix = base.path().trim_end_matches('/');
     let authority = base.authority().map(|a| a.as_str()).unwrap_or_default();

@@ -7,10 +7,14 @@
 //! sender ([`crate::flood`]) sends UDP and raw TCP SYNs to it, with few flows and with many.
 //! The configurations (no observer, deny-observer, bpftrace, log-tail) are interleaved within each round,
 //! with the order rotated every round: the machine is noisy, so only ratios within a run mean
-//! anything. Then two one-off phases run the daemon alone: a flood beyond a small flow map
+//! anything. A connection-rate scenario (TCP connect/accept between two pods, nothing dropped)
+//! runs with no observer and with the daemon, and checks `deny_observer_connections_total`.
+//! Then two one-off phases run the daemon alone: a flood beyond a small flow map
 //! (loss must be counted), and a 50,000-port scan (series must stay bounded).
 
+mod connections;
 pub mod logtail;
+pub mod map;
 mod observer;
 mod report;
 mod sys;
@@ -38,6 +42,8 @@ pub const SRC_WORKLOAD: &str = "flood-source";
 pub const DST_NAMESPACE: &str = "bench-dst";
 /// Workload (Deployment) of the destination pod.
 pub const DST_WORKLOAD: &str = "flood-target";
+/// Workload (Deployment) of the connection scenario's server pod (not isolated).
+pub const CONN_WORKLOAD: &str = "conn-target";
 
 const FEW_FLOWS: u16 = 4;
 const FIRST_PORT: u16 = 10_000;
@@ -184,6 +190,8 @@ pub struct Session {
     pub session_count: Option<(u64, u64)>,
     /// What the log tailer lost on the way, when it ran.
     pub log_loss: Option<LogLoss>,
+    /// The connection-rate window (no observer and the daemon only).
+    pub conn: Option<connections::ConnWindow>,
 }
 
 /// What the kernel-log path lost in one log-tail session, as the tailer could see it.
@@ -273,6 +281,8 @@ struct Bench {
     src: PodId,
     dst: PodId,
     dst_ip: IpAddr,
+    /// The connection scenario's server.
+    conn: PodId,
     inventory: tempfile::TempDir,
     logs: tempfile::TempDir,
     bin: PathBuf,
@@ -426,6 +436,7 @@ impl Bench {
         policy.ingress_isolated.insert(dst);
         node.enforce(&policy)?;
         let dst_ip = node.pod(dst)?.ip(false);
+        let conn = node.add_pod(DST_NAMESPACE, "conn-target-6d7e8-fghij")?;
 
         let inventory = tempfile::Builder::new()
             .prefix("deny-observer-bench-inv-")
@@ -435,7 +446,11 @@ impl Bench {
             manifests::namespace_manifest(SRC_NAMESPACE),
             manifests::namespace_manifest(DST_NAMESPACE),
         ];
-        for (id, workload, hash) in [(src, SRC_WORKLOAD, "7c9d8"), (dst, DST_WORKLOAD, "5f6b7")] {
+        for (id, workload, hash) in [
+            (src, SRC_WORKLOAD, "7c9d8"),
+            (dst, DST_WORKLOAD, "5f6b7"),
+            (conn, CONN_WORKLOAD, "6d7e8"),
+        ] {
             let meta = PodMeta::app(
                 workload,
                 Owner::Deployment {
@@ -456,6 +471,7 @@ impl Bench {
             src,
             dst,
             dst_ip,
+            conn,
             inventory,
             logs,
             bin: bin.to_owned(),
@@ -503,6 +519,7 @@ impl Bench {
                 for s in scenarios {
                     session.windows.push(self.window(s, None, None, false)?);
                 }
+                session.conn = Some(self.conn_window(None)?);
             }
             Config::Daemon => {
                 let sizes = MapSizes {
@@ -531,6 +548,7 @@ impl Bench {
                         .windows
                         .push(self.window(s, Some(pid), Some(&mut daemon), false)?);
                 }
+                session.conn = Some(self.conn_window(Some(&mut daemon))?);
                 for i in 0..BURSTS {
                     // Bursts at different phases of the drain cycle.
                     std::thread::sleep(BURST_STEP * i as u32);
@@ -660,6 +678,52 @@ impl Bench {
             );
             w.cpu = Some(d.total);
         }
+        Ok(w)
+    }
+
+    /// The connection-rate scenario: TCP connect/accept from the sender pod to the (allowed)
+    /// connection server for the window length. With a daemon, waits until its /metrics shows
+    /// every connection on the edge (or [`CATCH_UP`] passes) and records what it counted.
+    fn conn_window(
+        &self,
+        mut daemon: Option<&mut Daemon>,
+    ) -> anyhow::Result<connections::ConnWindow> {
+        let server = connections::Server::start(&self.node.pod(self.conn)?.netns)?;
+        let to = std::net::SocketAddr::new(self.node.pod(self.conn)?.ip(false), connections::PORT);
+        let base = match daemon.as_deref_mut() {
+            Some(d) => Some(conn_counted(&d.scrape()?.0)),
+            None => None,
+        };
+        let (made, elapsed) =
+            connections::connect_loop(&self.node.pod(self.src)?.netns, to, self.window)
+                .context("connect loop")?;
+        let end = Instant::now();
+        let mut w = connections::ConnWindow {
+            connections: made,
+            elapsed,
+            ..connections::ConnWindow::default()
+        };
+        if let (Some(d), Some(base)) = (daemon, base) {
+            std::thread::sleep(DRAIN_SETTLE);
+            loop {
+                let counted = conn_counted(&d.scrape()?.0).saturating_sub(base);
+                w.counted = Some(counted);
+                if counted >= made || end.elapsed() > CATCH_UP {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        w.accepted = server.accepted();
+        eprintln!(
+            "bench:   tcp-connect: {} connections in {:.2} s ({:.0}/s){}",
+            made,
+            elapsed.as_secs_f64(),
+            w.rate(),
+            w.counted
+                .map(|c| format!(", counted {c}"))
+                .unwrap_or_default()
+        );
         Ok(w)
     }
 
@@ -802,6 +866,20 @@ impl Bench {
 
 /// Waits until process `pid` uses under [`IDLE_SHARE`] of a core over a [`SETTLE_STEP`], or
 /// [`CATCH_UP`] passes.
+/// Connections the daemon counted from the sender to the connection server.
+fn conn_counted(m: &Metrics) -> u64 {
+    m.sum(
+        "deny_observer_connections_total",
+        &[
+            ("source_namespace", SRC_NAMESPACE),
+            ("source_workload", SRC_WORKLOAD),
+            ("destination_namespace", DST_NAMESPACE),
+            ("destination_workload", CONN_WORKLOAD),
+            ("protocol", "tcp"),
+        ],
+    ) as u64
+}
+
 fn settle_cpu(pid: u32) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut last = sys::CpuSnapshot::take(pid)?;

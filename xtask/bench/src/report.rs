@@ -217,6 +217,7 @@ impl<'a> Report<'a> {
                 detail: fmt_opt(d.ratio_to_limit, 3),
             });
         }
+        t.extend(crate::connections::targets(r));
         if let (Some(b), true) = (
             self.config(Config::Bpftrace),
             self.config(Config::Limit).is_some(),
@@ -547,6 +548,7 @@ impl<'a> Report<'a> {
                 "counted": o.counted, "lost": o.lost, "foreign_netfilter_drops": o.foreign,
                 "counted_node": o.counted_all, "kernel_drops_node": o.kernel_all,
             })),
+            "connection_rate": crate::connections::json(r),
             "port_scan": r.port_scan.as_ref().map(|p| json!({
                 "ports": p.ports, "actual": p.actual, "counted": p.counted,
                 "series_total": p.series_total, "series_destination": p.series_dst,
@@ -732,6 +734,7 @@ mod tests {
                 Some(Duration::from_millis(900)),
             ],
             idle_cpu: Some(0.001),
+            conn: None,
         };
         let bpftrace = Session {
             windows: vec![window(900_000, 1.0, None)],

@@ -6,6 +6,7 @@
 //! and Alertmanager ([`promstack`]) with a webhook receiver ([`webhook`]), and the one gate of
 //! machine-dependent tests ([`requires`], [`privileged`]).
 
+pub mod chromium;
 pub mod cmd;
 pub mod daemon;
 pub mod demo;

@@ -1,12 +1,12 @@
 //! Policies as code on real parts: the daemon from `DENY_OBSERVER_BIN` on a simulated node sees
 //! real denied traffic, a real Prometheus scrapes it, and then:
 //!
-//! 1. `deny-observer edges --prometheus` writes the denied edge from Prometheus' HTTP API (and
-//!    says that no allowed edge is counted: the kernel side of issue 14 item 1 is not built, so
-//!    allowed edges come from a file describing real allowed traffic the test sends).
-//! 2. `deny-observer preflight` over those edges exits 4 on a change that denies the observed
-//!    allowed traffic and names the policy, and 0 on a harmless change, which it reports as
-//!    newly allowing the observed denied edge.
+//! 1. The daemon counts the allowed TCP connections and UDP flows exactly on
+//!    `deny_observer_connections_total`, and none of the denied ones.
+//! 2. `deny-observer edges --prometheus` writes the allowed and denied edges from Prometheus'
+//!    HTTP API, and `deny-observer preflight` over them exits 4 on a change that denies the
+//!    observed allowed traffic and names the policy, and 0 on a harmless change, which it
+//!    reports as newly allowing the observed denied edge.
 //! 3. `deny-observer suggest` for the namespace, applied by `preflight`, breaks nothing.
 //!
 //! Run through `cargo xtask test`, which builds the release daemon and sets the variable.
@@ -28,6 +28,10 @@ const OTHER_NS: &str = "pf-other";
 const NODE: &str = "pf-node";
 const API_PORT: u16 = 8080;
 const CLIENT_PORT: u16 = 9000;
+const CLIENT_TCP_PORT: u16 = 9001;
+const API_TCP_PORT: u16 = 8443;
+const UDP_FLOWS_PER_ROUND: u64 = 2;
+const CONNECTIONS: &str = "deny_observer_connections_total";
 
 fn run(bin: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(bin)
@@ -43,6 +47,18 @@ fn run(bin: &Path, args: &[&str]) -> (i32, String, String) {
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+/// Labels of the allowed edge probe -> client.
+fn probe_to_client<'a>(protocol: &'a str, port: &'a str) -> [(&'a str, &'a str); 6] {
+    [
+        ("source_namespace", OTHER_NS),
+        ("source_workload", "probe"),
+        ("destination_namespace", APP_NS),
+        ("destination_workload", "client"),
+        ("protocol", protocol),
+        ("port", port),
+    ]
 }
 
 #[test]
@@ -64,11 +80,9 @@ fn edges_from_prometheus_gate_a_policy_change() {
         (
             APP_NS,
             "client-5d4f8c7b9-w8xkq",
-            PodMeta::app("client", deployment("client", "5d4f8c7b9")).port(
-                "ingest",
-                CLIENT_PORT,
-                Proto::Udp,
-            ),
+            PodMeta::app("client", deployment("client", "5d4f8c7b9"))
+                .port("ingest", CLIENT_PORT, Proto::Udp)
+                .port("grpc", CLIENT_TCP_PORT, Proto::Tcp),
         ),
         (
             APP_NS,
@@ -124,27 +138,30 @@ fn edges_from_prometheus_gate_a_policy_change() {
         Webhook::start().unwrap(),
     );
 
-    // Real allowed traffic (probe -> client), which the kernel does not count yet: the edges
-    // file below records it with the count the client received.
-    let client_addr = SocketAddr::new(node.pod(client).unwrap().ip(false), CLIENT_PORT);
-    let listener = node.listen(client, Proto::Udp, CLIENT_PORT).unwrap();
-    node.send_udp(probe, client_addr, 50).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while listener.received() < 50 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let received = listener.received();
-    assert!(
-        received > 0,
-        "the allowed probe -> client traffic did not arrive"
-    );
-
-    // Real denied traffic (client -> api), in rounds until Prometheus has an increase.
+    // Real traffic in rounds until Prometheus has an increase of every edge: allowed TCP
+    // connections (IPv4 and IPv6) and UDP flows probe -> client, which the kernel counts, and
+    // denied UDP datagrams and TCP SYNs client -> api, which it must not count as allowed.
+    let client_ip = |v6| node.pod(client).unwrap().ip(v6);
+    let udp_listener = node.listen(client, Proto::Udp, CLIENT_PORT).unwrap();
+    let tcp_listener = node.listen(client, Proto::Tcp, CLIENT_TCP_PORT).unwrap();
     let api_addr = SocketAddr::new(node.pod(api).unwrap().ip(false), API_PORT);
     let prometheus = format!("http://{}", stack.prometheus_addr());
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let (edges_text, notes) = loop {
+    let mut rounds = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let edges_text = loop {
+        for v6 in [false, false, true] {
+            node.tcp_exchange(probe, SocketAddr::new(client_ip(v6), CLIENT_TCP_PORT))
+                .unwrap();
+        }
+        for _ in 0..UDP_FLOWS_PER_ROUND {
+            // One socket per call: one flow of 10 datagrams each.
+            node.send_udp(probe, SocketAddr::new(client_ip(false), CLIENT_PORT), 10)
+                .unwrap();
+        }
         node.send_udp(client, api_addr, 20).unwrap();
+        node.send_tcp_syns(client, SocketAddr::new(api_addr.ip(), API_TCP_PORT), 5)
+            .unwrap();
+        rounds += 1;
         std::thread::sleep(Duration::from_secs(2));
         daemon.check_alive().unwrap_or_else(|e| panic!("{e}"));
         stack.check_alive();
@@ -153,45 +170,108 @@ fn edges_from_prometheus_gate_a_policy_change() {
             &["edges", "--prometheus", &prometheus, "--window", "10m"],
         );
         assert_eq!(code, 0, "edges failed: {err}");
-        if out.contains("\"verdict\":\"deny\"") {
-            break (out, err);
+        let has = |verdict: &str, proto: &str| {
+            out.lines().any(|l| {
+                l.contains(&format!("\"verdict\":\"{verdict}\""))
+                    && l.contains(&format!("\"protocol\":\"{proto}\""))
+            })
+        };
+        if has("deny", "udp") && has("allow", "udp") && has("allow", "tcp") {
+            break out;
         }
         assert!(
             Instant::now() < deadline,
-            "no denied edge in Prometheus after 90s\n{}\n{}",
+            "edges incomplete in Prometheus after 120s:\n{out}\n{}\n{}",
             stack.report(),
             daemon.log_tail()
         );
     };
-    let denied: Vec<Value> = edges_text
+
+    // Exact counts on the daemon: one per TCP connection, one per UDP socket (its datagrams
+    // are one flow), and nothing for denied traffic.
+    let tcp_sent = rounds * 3;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tcp_listener.received() < tcp_sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        tcp_listener.received(),
+        tcp_sent,
+        "TCP connections accepted"
+    );
+    assert_eq!(udp_listener.received(), rounds * UDP_FLOWS_PER_ROUND * 10);
+    let metrics = testkit::metrics::scrape(daemon.addr()).unwrap();
+    let (tcp_port, udp_port) = (CLIENT_TCP_PORT.to_string(), CLIENT_PORT.to_string());
+    let tcp_edge = probe_to_client("tcp", &tcp_port);
+    let udp_edge = probe_to_client("udp", &udp_port);
+    assert_eq!(
+        metrics.sum(CONNECTIONS, &tcp_edge),
+        tcp_sent as f64,
+        "TCP connections probe -> client after {rounds} rounds\n{}",
+        daemon.log_tail()
+    );
+    assert_eq!(
+        metrics.sum(CONNECTIONS, &udp_edge),
+        (rounds * UDP_FLOWS_PER_ROUND) as f64,
+        "UDP flows probe -> client after {rounds} rounds"
+    );
+    assert_eq!(
+        metrics
+            .select(CONNECTIONS, &[("destination_workload", "api")])
+            .count(),
+        0,
+        "denied traffic counted as allowed: {:?}",
+        metrics.select(CONNECTIONS, &[]).collect::<Vec<_>>()
+    );
+    for hook in ["tcp", "udp_receive"] {
+        assert_eq!(
+            metrics.sum("deny_observer_connection_hooks", &[("hook", hook)]),
+            1.0,
+            "hook {hook} not attached on this kernel"
+        );
+    }
+
+    let lines: Vec<Value> = edges_text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let edge = denied
+    let denied = lines
         .iter()
-        .find(|e| e["destination_workload"] == "api")
-        .unwrap_or_else(|| panic!("no edge to api in {edges_text}"));
-    assert_eq!(edge["source_namespace"], APP_NS, "{edge}");
-    assert_eq!(edge["source_workload"], "client", "{edge}");
-    assert_eq!(edge["protocol"], "udp", "{edge}");
-    assert_eq!(
-        edge["port"],
-        Value::Null,
-        "the drop metrics carry no port: {edge}"
-    );
-    assert!(edge["observed"].as_u64().unwrap_or(0) > 0, "{edge}");
+        .find(|e| e["destination_workload"] == "api" && e["protocol"] == "udp")
+        .unwrap_or_else(|| panic!("no UDP edge to api in {edges_text}"));
     assert!(
-        notes.contains("no allowed edges observed"),
-        "edges must say no allowed traffic is counted: {notes}"
+        lines.iter().any(|e| e["destination_workload"] == "api"
+            && e["protocol"] == "tcp"
+            && e["verdict"] == "deny"),
+        "the denied SYNs to api are a denied edge: {edges_text}"
+    );
+    assert_eq!(denied["source_namespace"], APP_NS, "{denied}");
+    assert_eq!(denied["source_workload"], "client", "{denied}");
+    assert_eq!(denied["protocol"], "udp", "{denied}");
+    assert_eq!(denied["verdict"], "deny", "{denied}");
+    assert_eq!(
+        denied["port"],
+        Value::Null,
+        "the drop metrics carry no port: {denied}"
+    );
+    for (proto, port) in [("tcp", CLIENT_TCP_PORT), ("udp", CLIENT_PORT)] {
+        let allowed = lines
+            .iter()
+            .find(|e| e["verdict"] == "allow" && e["protocol"] == proto)
+            .unwrap_or_else(|| panic!("no allowed {proto} edge in {edges_text}"));
+        assert_eq!(allowed["source_workload"], "probe", "{allowed}");
+        assert_eq!(allowed["destination_workload"], "client", "{allowed}");
+        assert_eq!(allowed["port"], port, "{allowed}");
+        assert!(allowed["observed"].as_u64().unwrap_or(0) > 0, "{allowed}");
+    }
+    assert_eq!(
+        lines.iter().filter(|e| e["verdict"] == "allow").count(),
+        2,
+        "only probe -> client is allowed traffic between pods: {edges_text}"
     );
 
-    let allowed = json!({
-        "source_namespace": OTHER_NS, "source_workload": "probe",
-        "destination_namespace": APP_NS, "destination_workload": "client",
-        "protocol": "udp", "port": CLIENT_PORT, "observed": received, "verdict": "allow",
-    });
     let edges = work.path().join("edges.jsonl");
-    write(&edges, &format!("{edges_text}{allowed}\n"));
+    write(&edges, &edges_text);
     let edges = edges.to_str().unwrap();
     let inv = inventory.to_str().unwrap();
 
@@ -220,22 +300,27 @@ fn edges_from_prometheus_gate_a_policy_change() {
     assert_eq!(code, 4, "breaking change must exit 4\n{out}\n{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
     let breaks = report["breaks"].as_array().unwrap();
-    assert_eq!(breaks.len(), 1, "{out}");
-    assert_eq!(breaks[0]["source_workload"], "probe", "{out}");
-    assert_eq!(breaks[0]["port"], CLIENT_PORT, "{out}");
-    assert_eq!(breaks[0]["observed"], received, "{out}");
+    assert_eq!(breaks.len(), 2, "both observed allowed edges break: {out}");
+    for b in breaks {
+        assert_eq!(b["source_workload"], "probe", "{out}");
+        assert_eq!(b["destination_workload"], "client", "{out}");
+        assert!(b["observed"].as_u64().unwrap_or(0) > 0, "{out}");
+        assert_eq!(
+            b["policies"],
+            json!([format!("{APP_NS}/lockdown")]),
+            "{out}"
+        );
+    }
+    let mut ports: Vec<u64> = breaks.iter().filter_map(|b| b["port"].as_u64()).collect();
+    ports.sort_unstable();
     assert_eq!(
-        breaks[0]["policies"],
-        json!([format!("{APP_NS}/lockdown")]),
+        ports,
+        [u64::from(CLIENT_PORT), u64::from(CLIENT_TCP_PORT)],
         "{out}"
     );
     let judged = report["edges_evaluated"].as_u64().unwrap_or(0) as usize
         + report["edges_unresolved"].as_array().map_or(0, Vec::len);
-    assert_eq!(
-        judged,
-        denied.len() + 1,
-        "every edge is judged or named: {out}"
-    );
+    assert_eq!(judged, lines.len(), "every edge is judged or named: {out}");
 
     // Opening api to client: nothing breaks, the observed denied edge is newly allowed on
     // the port api declares.
@@ -307,6 +392,6 @@ fn edges_from_prometheus_gate_a_policy_change() {
     );
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["newly_allowed"], json!([]), "{yaml}\n{out}");
-    println!("edges:\n{edges_text}{allowed}\nsuggested:\n{yaml}");
+    println!("edges:\n{edges_text}\nsuggested:\n{yaml}");
     drop(stack);
 }

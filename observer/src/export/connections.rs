@@ -1,0 +1,451 @@
+//! `deny_observer_connections_total`: accepted connections per edge, and the rule that counts
+//! each connection once cluster-wide.
+//!
+//! A connection between two pods can be seen by up to two kernels (one per end), and by one
+//! kernel twice when both pods share a node. Each daemon counts only the end chosen by
+//! [`counted_here`]:
+//!
+//! - the **accepting end** when the destination is a pod: that pod runs on this node, and the
+//!   addresses there are the ones NetworkPolicy judges (after a Service's DNAT);
+//! - the **opening end** when the source is a pod and the destination is not (a node, another
+//!   host, an address outside the cluster): no daemon sees an accepting pod for it.
+//!
+//! Connections where neither end is a pod (node to outside) are not pod traffic and are not
+//! counted. `sum(rate(deny_observer_connections_total[5m]))` over every node then counts each
+//! connection once.
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
+
+use super::ExportError;
+use super::labels::{LabelSet, Labelled};
+use super::metrics::Metrics;
+use super::series::{Family, Recorded};
+use crate::capture::connections::{Connection, ConnectionReport, Hook, Side};
+use crate::flow::{FastMap, Protocol};
+use crate::inventory::Endpoint;
+
+/// `deny_observer_connections_total`.
+pub const CONNECTIONS_TOTAL: &str = "deny_observer_connections_total";
+/// `deny_observer_connection_hooks{hook}`: 1 when a connection hook is attached.
+pub const CONNECTION_HOOKS: &str = "deny_observer_connection_hooks";
+/// `deny_observer_connection_map_entries`: edges in the kernel connection map.
+pub const CONNECTION_MAP_ENTRIES: &str = "deny_observer_connection_map_entries";
+
+/// `stage` of connections the kernel map had no room for.
+pub const STAGE_MAP_FULL: &str = "connection_map_full";
+/// `stage` of connections whose record or headers could not be read.
+pub const STAGE_READ: &str = "connection_read";
+
+/// Label names of `deny_observer_connections_total`, in order.
+pub const CONNECTION_LABELS: [&str; 6] = [
+    "source_namespace",
+    "source_workload",
+    "destination_namespace",
+    "destination_workload",
+    "protocol",
+    "port",
+];
+
+/// One series of `deny_observer_connections_total`, borrowed for recording.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionSeries<'a> {
+    /// Source namespace.
+    pub source_namespace: &'a str,
+    /// Source workload.
+    pub source_workload: &'a str,
+    /// Destination namespace.
+    pub destination_namespace: &'a str,
+    /// Destination workload.
+    pub destination_workload: &'a str,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Destination port, as its label value.
+    pub port: &'a str,
+}
+
+impl LabelSet<6> for ConnectionSeries<'_> {
+    const NAMES: [&'static str; 6] = CONNECTION_LABELS;
+    fn values(&self) -> [&str; 6] {
+        [
+            self.source_namespace,
+            self.source_workload,
+            self.destination_namespace,
+            self.destination_workload,
+            self.protocol.label(),
+            self.port,
+        ]
+    }
+}
+
+impl Labelled<6> for ConnectionSeries<'static> {
+    type Set<'a> = ConnectionSeries<'a>;
+}
+
+/// Whether this node counts a connection seen from `side`, given the attributed ends (`None`:
+/// unknown address). See the module documentation for the rule.
+pub fn counted_here(side: Side, src: Option<&Endpoint>, dst: Option<&Endpoint>) -> bool {
+    let is_pod = |e: Option<&Endpoint>| matches!(e, Some(Endpoint::Pod(_)));
+    match side {
+        Side::Accept => is_pod(dst),
+        Side::Connect => is_pod(src) && !is_pod(dst),
+    }
+}
+
+/// The connection metrics, registered in the daemon's registry.
+pub struct ConnectionMetrics {
+    family: Family<ConnectionSeries<'static>, 6>,
+    series: IntGauge,
+    overflow: IntCounter,
+    hooks: IntGaugeVec,
+    map_entries: IntGauge,
+    series_limit: usize,
+}
+
+impl std::fmt::Debug for ConnectionMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionMetrics")
+            .field("series", &self.family.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Labels of one edge, owned (one drain's sums are keyed by them).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionLabels {
+    /// Source namespace ("" for addresses that are no pod's).
+    pub source_namespace: String,
+    /// Source workload, or `node`, `host`, `world`, `private`, `unknown`.
+    pub source_workload: String,
+    /// Destination namespace.
+    pub destination_namespace: String,
+    /// Destination workload.
+    pub destination_workload: String,
+    /// `tcp`, `udp` or `sctp`.
+    pub protocol: Protocol,
+    /// Destination port.
+    pub port: u16,
+}
+
+impl ConnectionLabels {
+    /// The labels of a connection between `src` and `dst`.
+    pub fn new(src: Option<&Endpoint>, dst: Option<&Endpoint>, c: &Connection) -> Self {
+        let (sn, sw) = super::endpoint_labels(src);
+        let (dn, dw) = super::endpoint_labels(dst);
+        Self {
+            source_namespace: sn.to_owned(),
+            source_workload: sw.to_owned(),
+            destination_namespace: dn.to_owned(),
+            destination_workload: dw.to_owned(),
+            protocol: c.protocol,
+            port: c.dst_port,
+        }
+    }
+}
+
+/// The edges of one drain that this node counts (see [`counted_here`]), summed per label set.
+/// `lookup` attributes an address.
+pub fn attribute(
+    report: &ConnectionReport,
+    lookup: impl Fn(std::net::IpAddr) -> Endpoint,
+) -> FastMap<ConnectionLabels, u64> {
+    let mut sums: FastMap<ConnectionLabels, u64> = FastMap::default();
+    for c in &report.connections {
+        let (src, dst) = (lookup(c.src), lookup(c.dst));
+        if !counted_here(c.side, Some(&src), Some(&dst)) {
+            continue;
+        }
+        *sums
+            .entry(ConnectionLabels::new(Some(&src), Some(&dst), c))
+            .or_default() += c.count;
+    }
+    sums
+}
+
+impl ConnectionMetrics {
+    /// Records one drain: the counted edges, the map fill, and what the kernel could not
+    /// count (`deny_observer_events_lost_total{stage="connection_map_full"|"connection_read"}`).
+    pub fn record_drain(
+        &self,
+        metrics: &Metrics,
+        report: &ConnectionReport,
+        lookup: impl Fn(std::net::IpAddr) -> Endpoint,
+    ) {
+        self.record(&attribute(report, lookup));
+        self.set_map_entries(report.map_entries);
+        if report.map_full > 0 {
+            metrics.record_loss(STAGE_MAP_FULL, report.map_full);
+        }
+        if report.read_errors > 0 {
+            metrics.record_loss(STAGE_READ, report.read_errors);
+        }
+    }
+
+    /// Creates the metrics and registers them in `metrics`' registry, under its series limit.
+    pub fn new(metrics: &Metrics) -> Result<Self, ExportError> {
+        let total = IntCounterVec::new(
+            Opts::new(
+                CONNECTIONS_TOTAL,
+                "Accepted TCP connections and UDP flows, by source and destination workload, \
+                 protocol and destination port; each connection is counted on one node only.",
+            ),
+            &CONNECTION_LABELS,
+        )
+        .map_err(|source| ExportError::Register {
+            name: CONNECTIONS_TOTAL.to_owned(),
+            source,
+        })?;
+        let hooks = IntGaugeVec::new(
+            Opts::new(
+                CONNECTION_HOOKS,
+                "1 when the kernel hook counting connections is attached, 0 when this kernel \
+                 or the configuration does not allow it (those connections are not counted).",
+            ),
+            &["hook"],
+        )
+        .map_err(|source| ExportError::Register {
+            name: CONNECTION_HOOKS.to_owned(),
+            source,
+        })?;
+        let map_entries = IntGauge::new(
+            CONNECTION_MAP_ENTRIES,
+            "Edges in the kernel connection map at the last drain.",
+        )
+        .map_err(|source| ExportError::Register {
+            name: CONNECTION_MAP_ENTRIES.to_owned(),
+            source,
+        })?;
+        metrics.register(Box::new(total.clone()))?;
+        metrics.register(Box::new(hooks.clone()))?;
+        metrics.register(Box::new(map_entries.clone()))?;
+        // Announced at zero, like the drop path's stages.
+        metrics.record_loss(STAGE_MAP_FULL, 0);
+        metrics.record_loss(STAGE_READ, 0);
+        let (overflow, series) = metrics.series_accounting(CONNECTIONS_TOTAL);
+        let series_limit = metrics.config().series_limit;
+        Ok(Self {
+            // Overflow keeps the protocol only: ports are as unbounded as workloads.
+            family: Family::new(
+                CONNECTIONS_TOTAL,
+                vec![total],
+                &[
+                    "source_namespace",
+                    "source_workload",
+                    "destination_namespace",
+                    "destination_workload",
+                    "port",
+                ],
+                [
+                    ("source_namespace", "source_workload"),
+                    ("destination_namespace", "destination_workload"),
+                ],
+                series_limit,
+            )?,
+            series,
+            overflow,
+            hooks,
+            map_entries,
+            series_limit,
+        })
+    }
+
+    /// Sets `deny_observer_connection_hooks{hook}` from the capture's hooks.
+    pub fn set_hooks(&self, hooks: &[Hook]) {
+        for h in hooks {
+            self.hooks
+                .with_label_values(&[h.name])
+                .set(i64::from(h.error.is_none()));
+        }
+    }
+
+    /// Sets the kernel map fill.
+    pub fn set_map_entries(&self, n: u64) {
+        self.map_entries.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Adds the connections of one drain, summed per label set.
+    pub fn record(&self, sums: &FastMap<ConnectionLabels, u64>) {
+        for (l, n) in sums {
+            let port = l.port.to_string();
+            let series = ConnectionSeries {
+                source_namespace: &l.source_namespace,
+                source_workload: &l.source_workload,
+                destination_namespace: &l.destination_namespace,
+                destination_workload: &l.destination_workload,
+                protocol: l.protocol,
+                port: &port,
+            };
+            match self.family.record(&series, &[*n]) {
+                Recorded::Existing => {}
+                Recorded::New(len) => self.series.set(i64::try_from(len).unwrap_or(i64::MAX)),
+                Recorded::Overflow => self.overflow.inc_by(*n),
+            }
+        }
+    }
+
+    /// Expires series of workloads gone for `grace` (as [`Metrics::retain_workloads`] does
+    /// for the drop metrics). Returns the number removed.
+    pub fn retain_workloads_at(
+        &self,
+        now: Instant,
+        grace: Duration,
+        live: &dyn Fn(&str, &str) -> bool,
+    ) -> usize {
+        let removed = self.family.retain(now, grace, live);
+        self.series
+            .set(i64::try_from(self.family.len()).unwrap_or(i64::MAX));
+        removed
+    }
+
+    /// Label sets held below the limit, and the limit.
+    pub fn series(&self) -> (usize, usize) {
+        (self.family.len(), self.series_limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use crate::export::MetricsConfig;
+    use crate::inventory::{Pod, PodPhase, Workload};
+
+    fn pod(ns: &str, wl: &str) -> Endpoint {
+        Endpoint::Pod(Arc::new(Pod {
+            namespace: ns.into(),
+            name: format!("{wl}-0"),
+            labels: Default::default(),
+            ips: vec![],
+            host_network: false,
+            node_name: None,
+            phase: PodPhase::Running,
+            created_unix: 0,
+            ports: vec![],
+            workload: Workload {
+                kind: "Deployment".into(),
+                name: wl.into(),
+            },
+        }))
+    }
+
+    #[test]
+    fn each_connection_is_counted_on_one_end() {
+        let (a, b) = (pod("shop", "web"), pod("shop", "db"));
+        // Pod to pod: the accepting end only, wherever the two pods run.
+        assert!(counted_here(Side::Accept, Some(&a), Some(&b)));
+        assert!(!counted_here(Side::Connect, Some(&a), Some(&b)));
+        // Outside to pod: only the accepting end exists in the cluster.
+        assert!(counted_here(Side::Accept, Some(&Endpoint::World), Some(&b)));
+        assert!(counted_here(Side::Accept, None, Some(&b)));
+        // Pod to outside, node or another host: the opening end.
+        for peer in [
+            Endpoint::World,
+            Endpoint::Private,
+            Endpoint::Node,
+            Endpoint::Host,
+        ] {
+            assert!(counted_here(Side::Connect, Some(&a), Some(&peer)));
+            assert!(!counted_here(Side::Accept, Some(&a), Some(&peer)));
+        }
+        assert!(counted_here(Side::Connect, Some(&a), None));
+        // Neither end a pod: not pod traffic.
+        assert!(!counted_here(
+            Side::Connect,
+            Some(&Endpoint::Node),
+            Some(&Endpoint::World)
+        ));
+        assert!(!counted_here(
+            Side::Accept,
+            Some(&Endpoint::World),
+            Some(&Endpoint::Node)
+        ));
+    }
+
+    #[test]
+    fn a_drain_keeps_one_end_per_connection_and_sums_per_edge() {
+        use crate::capture::connections::Connection;
+        let conn = |src: &str, dst: &str, side, count| Connection {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            dst_port: 8080,
+            side,
+            count,
+        };
+        // 10.0.0.1 and 10.0.0.2 are pods of `client` (two replicas), 10.0.0.9 of `server`.
+        let report = ConnectionReport {
+            connections: vec![
+                conn("10.0.0.1", "10.0.0.9", Side::Connect, 5),
+                conn("10.0.0.1", "10.0.0.9", Side::Accept, 5),
+                conn("10.0.0.2", "10.0.0.9", Side::Accept, 2),
+                conn("10.0.0.1", "1.1.1.1", Side::Connect, 7),
+            ],
+            ..ConnectionReport::default()
+        };
+        let sums = attribute(&report, |ip| match ip.to_string().as_str() {
+            "10.0.0.1" | "10.0.0.2" => pod("a", "client"),
+            "10.0.0.9" => pod("b", "server"),
+            _ => Endpoint::World,
+        });
+        let edge = |dn: &str, dw: &str| ConnectionLabels {
+            source_namespace: "a".into(),
+            source_workload: "client".into(),
+            destination_namespace: dn.into(),
+            destination_workload: dw.into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        };
+        assert_eq!(sums.len(), 2, "{sums:?}");
+        assert_eq!(sums[&edge("b", "server")], 7);
+        assert_eq!(sums[&edge("", "world")], 7);
+    }
+
+    #[test]
+    fn series_are_bounded_and_expire_with_their_workloads() {
+        let metrics = Metrics::new(MetricsConfig {
+            series_limit: 2,
+            ..MetricsConfig::default()
+        })
+        .unwrap();
+        let conns = ConnectionMetrics::new(&metrics).unwrap();
+        let mut sums = FastMap::default();
+        for (port, n) in [(80u16, 3u64), (81, 4), (82, 5)] {
+            sums.insert(
+                ConnectionLabels {
+                    source_namespace: "a".into(),
+                    source_workload: "client".into(),
+                    destination_namespace: "b".into(),
+                    destination_workload: "server".into(),
+                    protocol: Protocol::Tcp,
+                    port,
+                },
+                n,
+            );
+        }
+        conns.record(&sums);
+        let text = metrics.encode_text().unwrap();
+        let total: u64 = text
+            .lines()
+            .filter(|l| l.starts_with(CONNECTIONS_TOTAL))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(total, 12, "{text}");
+        assert_eq!(conns.series().0, 2);
+        assert!(
+            text.contains(
+                r#"deny_observer_series_overflow_total{metric="deny_observer_connections_total"}"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"port="__overflow__""#), "{text}");
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(60);
+        assert_eq!(conns.retain_workloads_at(t0, grace, &|_, _| false), 0);
+        assert_eq!(
+            conns.retain_workloads_at(t0 + grace, grace, &|_, _| false),
+            2
+        );
+        assert_eq!(conns.series().0, 0);
+    }
+}

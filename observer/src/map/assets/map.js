@@ -1,0 +1,533 @@
+// deny-observer traffic map: draws the embedded (or served) map document with Cytoscape.js
+// and keeps an accessible list of every workload and edge next to it.
+(function () {
+  'use strict';
+
+  var $ = function (id) { return document.getElementById(id); };
+  // Milliseconds since navigation start at each step of the last draw, for the benchmark.
+  var phases = {};
+  function mark(name) { phases[name] = Math.round(performance.now()); }
+  mark('script');
+  var data = JSON.parse($('map-data').textContent);
+  mark('parsed');
+  var cy = null;
+  var ui = { ns: '*', deniedOnly: false, win: -1, aggregate: null, expanded: {}, selected: null };
+  // The signature of what is drawn: a refresh that changes nothing drawn keeps the layout.
+  var drawnSignature = '';
+  // The edge list's rows, by edge index; rows per chunk (see map.css .chunk).
+  var rowEls = [];
+  var CHUNK = 250;
+
+  function esc(s) {
+    return String(s).replace(/[&<>"']/g, function (c) {
+      return { '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c];
+    });
+  }
+  function nsName(ns) { return ns === '' ? 'outside the cluster' : ns; }
+  function nsOf(id) { return id.slice(0, id.indexOf('/')); }
+  function edgeName(e) { return e.source + '->' + e.target; }
+  function portText(e) { return e.protocol + (e.port === null || e.port === undefined ? '' : '/' + e.port); }
+  function count(e) { return e.observed[ui.win] || 0; }
+  // Per second; an edges file has no window length, and its counts stand in for rates.
+  function rate(e) {
+    var secs = data.window_seconds[ui.win] || 0;
+    return secs > 0 ? count(e) / secs : count(e);
+  }
+  function nsInfo(ns) {
+    for (var i = 0; i < data.namespaces.length; i++) {
+      if (data.namespaces[i].name === ns) { return data.namespaces[i]; }
+    }
+    return { name: ns, open: false, policies: 0, known: false };
+  }
+
+  // Which edges pass the filters (the list hides the others, the graph leaves them out).
+  function visible(e) {
+    if (count(e) <= 0) { return false; }
+    if (ui.deniedOnly && e.verdict !== 'denied') { return false; }
+    if (ui.ns !== '*' && nsOf(e.source) !== ui.ns && nsOf(e.target) !== ui.ns) { return false; }
+    return true;
+  }
+
+  function fillFilters() {
+    var nsSel = $('filter-namespace');
+    var keep = nsSel.value;
+    nsSel.length = 1;
+    data.namespaces.forEach(function (n) {
+      var o = document.createElement('option');
+      o.value = n.name;
+      o.textContent = nsName(n.name) + (n.open ? ' (open field)' : '');
+      nsSel.appendChild(o);
+    });
+    nsSel.value = Array.prototype.some.call(nsSel.options, function (o) { return o.value === keep; }) ? keep : '*';
+    ui.ns = nsSel.value;
+    var winSel = $('filter-window');
+    var keepWin = winSel.value;
+    winSel.length = 0;
+    data.windows.forEach(function (w, i) {
+      var o = document.createElement('option');
+      o.value = String(i);
+      o.textContent = w;
+      winSel.appendChild(o);
+    });
+    var last = String(data.windows.length - 1);
+    winSel.value = keepWin !== '' && Number(keepWin) < data.windows.length ? keepWin : last;
+    ui.win = Number(winSel.value);
+  }
+
+  function header() {
+    var when = new Date(data.generated_unix * 1000).toISOString().replace('.000', '');
+    var src = data.source ? data.source + ', ' + when : when;
+    if (data.refresh_seconds) { src += ', refreshed every ' + data.refresh_seconds + ' s'; }
+    $('source').textContent = src;
+    var banner = $('banner');
+    if (data.error) {
+      banner.className = '';
+      banner.textContent = data.error;
+      banner.hidden = false;
+    } else if (data.notes && data.notes.length) {
+      banner.className = 'note';
+      banner.textContent = data.notes.join(' · ');
+      banner.hidden = false;
+    } else {
+      banner.hidden = true;
+    }
+  }
+
+  // The accessible list: every workload and every edge, with the data attributes tools read.
+  function buildList() {
+    var rows = [];
+    data.edges.forEach(function (e, i) {
+      rows.push('<tr' + (visible(e) ? '' : ' hidden') + ' data-idx="' + i + '" data-edge="' + esc(edgeName(e)) + '" data-verdict="' + e.verdict +
+        '" data-protocol="' + esc(e.protocol) + '" data-port="' + (e.port === null ? '' : e.port) +
+        '" data-policy="' + esc(e.policy) + '" data-match="' + esc(e.match || '') +
+        '" data-observed="' + count(e) + '"><td>' + esc(e.source) + '</td><td>' + esc(e.target) +
+        '</td><td>' + e.verdict + (e.match === 'unexplained' ? ' (unexplained)' : '') + '</td><td>' +
+        esc(portText(e)) + '</td><td class="obs">' + count(e) + '</td><td>' + esc(e.policy || '-') +
+        '</td><td><button type="button" class="link" data-select="' + i + '">details</button></td></tr>');
+    });
+    // Chunks of CHUNK rows, each its own table with the same fixed columns (see .chunk).
+    var head = '<colgroup><col style="width:20%"><col style="width:20%"><col style="width:11%">' +
+      '<col style="width:9%"><col style="width:8%"><col style="width:26%"><col style="width:6%"></colgroup>' +
+      '<thead class="HEAD"><tr><th scope="col">Source</th><th scope="col">Destination</th><th scope="col">Verdict</th>' +
+      '<th scope="col">Protocol/port</th><th scope="col">Observed</th><th scope="col">Policies</th><th scope="col"></th></tr></thead>';
+    var html = [];
+    for (var c = 0; c < rows.length || c === 0; c += CHUNK) {
+      html.push('<div class="chunk"><table>' + head.replace('HEAD', c === 0 ? '' : 'sr-only') + '<tbody>' +
+        rows.slice(c, c + CHUNK).join('') + '</tbody></table></div>');
+    }
+    $('edge-list').innerHTML = html.join('');
+    rowEls = $('edge-list').querySelectorAll('tr[data-idx]');
+    var items = [];
+    data.nodes.forEach(function (n) {
+      var info = nsInfo(n.namespace);
+      items.push('<li data-workload="' + esc(n.id) + '" data-namespace="' + esc(n.namespace) +
+        '" data-open="' + (info.open ? 'true' : 'false') + '" data-kind="' + esc(n.kind || '') + '">' +
+        esc(n.namespace === '' ? n.workload + ' (outside the cluster)' : n.id) +
+        (n.kind ? ' <small>' + esc(n.kind) + ', ' + n.pods + ' pod(s)</small>' : '') + '</li>');
+    });
+    $('workload-list').innerHTML = items.join('');
+  }
+
+  function applyListFilters() {
+    var rows = rowEls;
+    var shown = 0;
+    for (var i = 0; i < rows.length; i++) {
+      var e = data.edges[i];
+      var on = visible(e);
+      rows[i].hidden = !on;
+      rows[i].setAttribute('data-observed', String(count(e)));
+      rows[i].cells[4].textContent = String(count(e));
+      if (on) { shown++; }
+    }
+    return shown;
+  }
+
+  function widthFor(r, max) {
+    if (r === null || max <= 0) { return 2; }
+    return 1.5 + 8 * Math.log1p(r) / Math.log1p(max);
+  }
+
+  // Graph elements for the visible edges: every workload, or namespaces first when the map is
+  // beyond the full-detail limits (a namespace expands on click).
+  function elements(edges) {
+    var nodeIds = {};
+    edges.forEach(function (e) { nodeIds[e.source] = true; nodeIds[e.target] = true; });
+    var ids = Object.keys(nodeIds).sort();
+    var aggregate = ui.aggregate;
+    var endpoint = function (id) {
+      var ns = nsOf(id);
+      return aggregate && !ui.expanded[ns] ? 'ns:' + ns : id;
+    };
+    var els = [];
+    var parents = {};
+    ids.forEach(function (id) {
+      var ns = nsOf(id);
+      parents[ns] = true;
+    });
+    Object.keys(parents).sort().forEach(function (ns) {
+      var info = nsInfo(ns);
+      var collapsed = aggregate && !ui.expanded[ns];
+      var members = ids.filter(function (id) { return nsOf(id) === ns; }).length;
+      els.push({ group: 'nodes', data: {
+        id: 'ns:' + ns,
+        label: nsName(ns) + (info.open ? ' (open field: no NetworkPolicy)' : '') + (collapsed ? ' [' + members + ' workloads]' : ''),
+        ns: ns
+      }, classes: 'namespace' + (info.open ? ' open' : '') + (collapsed ? ' collapsed' : '') + (ns === '' ? ' outside' : '') });
+    });
+    ids.forEach(function (id) {
+      var ns = nsOf(id);
+      if (aggregate && !ui.expanded[ns]) { return; }
+      els.push({ group: 'nodes', data: { id: id, parent: 'ns:' + ns, label: id.slice(ns.length + 1) }, classes: 'workload' });
+    });
+    var maxRate = 0;
+    edges.forEach(function (e) { var r = rate(e); if (r !== null && r > maxRate) { maxRate = r; } });
+    var merged = {};
+    edges.forEach(function (e) {
+      var at = e._idx;
+      var s = endpoint(e.source), t = endpoint(e.target);
+      var key = s + '|' + t + '|' + e.verdict + '|' + (e.verdict === 'denied' ? e.policy + '|' + (e.match || '') : '');
+      var m = merged[key];
+      if (!m) {
+        m = merged[key] = { s: s, t: t, verdict: e.verdict, policy: e.policy, match: e.match, idx: [], count: 0, rate: null };
+      }
+      m.idx.push(at);
+      m.count += count(e);
+      var r = rate(e);
+      if (r !== null) { m.rate = (m.rate || 0) + r; }
+    });
+    Object.keys(merged).sort().forEach(function (key, i) {
+      var m = merged[key];
+      var classes = m.verdict + (m.match === 'unexplained' ? ' unexplained' : '') + (m.s === m.t ? ' loop' : '');
+      els.push({ group: 'edges', data: {
+        id: 'e' + i, source: m.s, target: m.t, idx: m.idx.join(','),
+        label: m.verdict === 'denied' ? (m.policy || (m.match === 'unexplained' ? 'unexplained' : 'denied')) : '',
+        width: widthFor(m.rate, maxRate * (m.idx.length > 1 ? m.idx.length : 1))
+      }, classes: classes });
+    });
+    return els;
+  }
+
+  function style(big) {
+    return [
+      { selector: 'node.workload', style: {
+        'label': 'data(label)', 'font-size': 10, 'text-valign': 'bottom', 'text-margin-y': 3,
+        'width': 18, 'height': 18, 'background-color': '#4a6fa5', 'min-zoomed-font-size': 6 } },
+      { selector: 'node.namespace', style: {
+        'label': 'data(label)', 'font-size': 12, 'font-weight': 'bold', 'text-valign': 'top', 'text-halign': 'center',
+        'background-color': '#f2f5fa', 'background-opacity': 0.6, 'border-width': 1, 'border-color': '#9aa8bd',
+        'shape': 'round-rectangle', 'padding': 14, 'min-zoomed-font-size': 5 } },
+      { selector: 'node.namespace.collapsed', style: { 'width': 60, 'height': 40, 'text-valign': 'center', 'text-wrap': 'wrap', 'text-max-width': 160, 'background-color': '#dbe4f1' } },
+      { selector: 'node.namespace.open', style: { 'border-color': '#e08a00', 'border-style': 'dashed', 'border-width': 3, 'background-color': '#fff3e0', 'color': '#8a5300' } },
+      { selector: 'node.namespace.outside', style: { 'background-color': '#eeeeee', 'border-style': 'dotted' } },
+      { selector: 'edge', style: {
+        'width': 'data(width)', 'curve-style': big ? 'haystack' : 'bezier', 'line-color': '#2b7a3d', 'opacity': 0.8,
+        'target-arrow-shape': big ? 'none' : 'triangle', 'target-arrow-color': '#2b7a3d', 'arrow-scale': 0.8 } },
+      // Thousands of edge labels cost seconds to measure before the first frame, and are
+      // unreadable at that size anyway: a big map names policies in the details and the list.
+      { selector: 'edge.denied', style: big ? { 'line-color': '#d62728', 'width': 2.5 } : {
+        'line-color': '#d62728', 'target-arrow-color': '#d62728', 'width': 2.5, 'label': 'data(label)', 'font-size': 9,
+        'color': '#a01010', 'text-rotation': 'autorotate', 'text-background-color': '#ffffff', 'text-background-opacity': 0.8,
+        'text-background-padding': 1, 'min-zoomed-font-size': 7 } },
+      { selector: 'edge.unexplained', style: { 'line-style': 'dashed' } },
+      { selector: 'edge.loop', style: { 'curve-style': 'bezier', 'loop-direction': '0deg', 'loop-sweep': '50deg' } },
+      { selector: ':selected', style: { 'overlay-color': '#1a56c4', 'overlay-opacity': 0.25 } }
+    ];
+  }
+
+  // Lays out the workloads with Cytoscape's layouts, namespace by namespace: Cytoscape's `grid`
+  // inside each namespace box (most-connected workloads first), and the boxes placed by
+  // Cytoscape's `breadthfirst` over the namespace graph (one node per box, sized like it,
+  // linked where traffic crosses), so traffic flows from the top (clients, the outside) down
+  // to the services it reaches. Where that gives a strip (densely linked namespaces) or there
+  // are hundreds of namespaces, Cytoscape's `grid` places the boxes instead.
+  function layout() {
+    var boxes = [];
+    var byId = {};
+    cy.nodes('.namespace').forEach(function (p) {
+      var kids = p.children();
+      var n = kids.length;
+      var cols = Math.max(1, Math.ceil(Math.sqrt(n * 1.6)));
+      var rows = Math.max(1, Math.ceil(n / cols));
+      var b = { id: p.id(), p: p, kids: kids, cols: cols, w: n ? cols * 80 : 90, h: n ? rows * 56 : 50 };
+      boxes.push(b);
+      byId[b.id] = b;
+    });
+    var degree = {};
+    cy.edges().forEach(function (e) {
+      var s = e.data('source'), t = e.data('target');
+      degree[s] = (degree[s] || 0) + 1;
+      degree[t] = (degree[t] || 0) + 1;
+    });
+    var origin = {};
+    // The namespace plan: one node per box, sized like it, linked where traffic crosses.
+    var links = {};
+    cy.edges().forEach(function (e) {
+      var s = e.source().isChild() ? e.source().parent().id() : e.source().id();
+      var t = e.target().isChild() ? e.target().parent().id() : e.target().id();
+      if (s !== t) { links[s + '|' + t] = [s, t]; }
+    });
+    var els = boxes.map(function (b) { return { data: { id: b.id, w: b.w + 50, h: b.h + 60 } }; });
+    Object.keys(links).forEach(function (k, i) {
+      els.push({ data: { id: 'l' + i, source: links[k][0], target: links[k][1] } });
+    });
+    var plan = cytoscape({ headless: true, styleEnabled: true, elements: els,
+      style: [{ selector: 'node', style: { width: 'data(w)', height: 'data(h)' } }] });
+    var extent = function () {
+      var bb = plan.nodes().boundingBox();
+      return bb.w / Math.max(bb.h, 1);
+    };
+    var grid = function () {
+      plan.layout({ name: 'grid', avoidOverlap: true, avoidOverlapPadding: 30, condense: true,
+        animate: false, padding: 10, sort: function (a, c) { return a.id() < c.id() ? -1 : 1; } }).run();
+    };
+    if (boxes.length > 1 && boxes.length <= 300) {
+      plan.layout({ name: 'breadthfirst', directed: true, avoidOverlap: true, spacingFactor: 1.05,
+        animate: false, padding: 10 }).run();
+      // Densely linked namespaces all land on one level: a strip nobody can read.
+      var ratio = extent();
+      if (ratio > 4 || ratio < 0.25) { grid(); }
+    } else {
+      grid();
+    }
+    plan.nodes().forEach(function (n) {
+      var b = byId[n.id()];
+      origin[b.id] = { x: n.position('x') - b.w / 2, y: n.position('y') - b.h / 2 };
+    });
+    plan.destroy();
+    cy.batch(function () {
+      boxes.forEach(function (b) {
+        var o = origin[b.id];
+        if (b.kids.length === 0) {
+          b.p.position({ x: o.x + b.w / 2, y: o.y + b.h / 2 });
+          return;
+        }
+        b.kids.layout({ name: 'grid', animate: false, fit: false, avoidOverlap: false, condense: false,
+          boundingBox: { x1: o.x, y1: o.y, w: b.w, h: b.h }, cols: b.cols,
+          sort: function (a, c) {
+            var da = degree[a.id()] || 0, dc = degree[c.id()] || 0;
+            return da === dc ? (a.id() < c.id() ? -1 : 1) : dc - da;
+          }
+        }).run();
+      });
+    });
+  }
+
+  // Fits the view to the nodes' positions. Cytoscape's own fit measures every element's
+  // bounds, labels included, which costs seconds with 10,000 edges.
+  function fit() {
+    var x1 = Infinity, y1 = Infinity, x2 = -Infinity, y2 = -Infinity;
+    cy.nodes().forEach(function (n) {
+      if (n.isParent()) { return; }
+      var p = n.position();
+      x1 = Math.min(x1, p.x); y1 = Math.min(y1, p.y); x2 = Math.max(x2, p.x); y2 = Math.max(y2, p.y);
+    });
+    if (x1 === Infinity) { return; }
+    // Room for namespace boxes, their titles and the outermost labels.
+    x1 -= 90; x2 += 90; y1 -= 80; y2 += 60;
+    var w = cy.width(), h = cy.height();
+    var zoom = Math.min(w / (x2 - x1), h / (y2 - y1), 2);
+    zoom = Math.max(zoom, cy.minZoom());
+    cy.viewport({ zoom: zoom, pan: { x: (w - zoom * (x1 + x2)) / 2, y: (h - zoom * (y1 + y2)) / 2 } });
+  }
+
+  function render() {
+    var edges = data.edges.filter(visible);
+    data.edges.forEach(function (e, i) { e._idx = i; });
+    var nWorkloads = {};
+    edges.forEach(function (e) { nWorkloads[e.source] = 1; nWorkloads[e.target] = 1; });
+    var nodes = Object.keys(nWorkloads).length;
+    var over = nodes > data.full_detail_max_workloads || edges.length > data.full_detail_max_edges;
+    if (ui.aggregate === null || ui.autoAggregate !== over) {
+      ui.aggregate = over;
+      ui.autoAggregate = over;
+      $('filter-aggregate').checked = over;
+    }
+    var els = elements(edges);
+    var signature = els.map(function (el) { return el.data.id + ':' + (el.data.source || '') + '>' + (el.data.target || '') + ':' + (el.classes || ''); }).join('\n');
+    var big = els.length > 3000;
+    if (signature === drawnSignature && cy) {
+      // Same drawing: update widths and labels only, keep positions.
+      cy.batch(function () {
+        els.forEach(function (el) {
+          var c = cy.getElementById(el.data.id);
+          if (c.nonempty()) { c.data(el.data); }
+        });
+      });
+    } else {
+      drawnSignature = signature;
+      if (cy) { cy.destroy(); }
+      mark('elements');
+      cy = cytoscape({
+        container: $('graph'), style: style(big), layout: { name: 'preset' },
+        minZoom: 0.02, maxZoom: 4,
+        textureOnViewport: big, hideEdgesOnViewport: big, pixelRatio: big ? 1 : 'auto'
+      });
+      cy.startBatch();
+      cy.add(els);
+      cy.endBatch();
+      mark('graph');
+      layout();
+      mark('layout');
+      fit();
+      cy.on('tap', 'edge', function (evt) { select(evt.target.data('idx').split(',').map(Number)); });
+      cy.on('tap', 'node.namespace', function (evt) {
+        if (!ui.aggregate) { return; }
+        var ns = evt.target.data('ns');
+        ui.expanded[ns] = !ui.expanded[ns];
+        refilter();
+      });
+    }
+    ui.drawnWorkloads = nodes;
+    ui.shownEdges = edges.length;
+    return cy;
+  }
+
+  function counts() {
+    $('counts').textContent = ui.drawnWorkloads + ' workloads, ' + ui.shownEdges + ' of ' + data.edges.length +
+      ' edges shown' + (ui.aggregate ? ' (by namespace: select one to expand it)' : '');
+  }
+
+  // After a filter change: redraw, then update the list in place.
+  function refilter() {
+    render();
+    applyListFilters();
+    counts();
+  }
+
+  function select(indexes) {
+    var rows = rowEls;
+    for (var i = 0; i < rows.length; i++) { rows[i].classList.remove('selected'); }
+    var box = $('details');
+    if (!indexes.length) { return; }
+    ui.selected = indexes.map(function (i) { return edgeName(data.edges[i]) + '|' + portText(data.edges[i]) + '|' + data.edges[i].verdict; });
+    var html = [];
+    if (indexes.length > 1) {
+      html.push('<h2>' + indexes.length + ' edges</h2><p class="hint">Between these namespaces or workloads; select one below.</p><ul>');
+      indexes.slice(0, 200).forEach(function (i) {
+        var e = data.edges[i];
+        html.push('<li><button type="button" class="link" data-select="' + i + '">' + esc(edgeName(e)) + ' ' + esc(portText(e)) + ' ' + e.verdict + '</button> ' + count(e) + '</li>');
+      });
+      html.push('</ul>');
+      box.innerHTML = html.join('');
+      return;
+    }
+    var e = data.edges[indexes[0]];
+    if (rows[indexes[0]]) { rows[indexes[0]].classList.add('selected'); }
+    if (cy) {
+      var want = String(indexes[0]);
+      cy.edges(':selected').unselect();
+      cy.edges().filter(function (el) { return el.data('idx').split(',').indexOf(want) >= 0; }).select();
+    }
+    html.push('<h2>' + esc(e.source) + ' &rarr; ' + esc(e.target) + '</h2>');
+    html.push('<table><tr><th>verdict</th><td>' + e.verdict + (e.match ? ' (' + esc(e.match) + ')' : '') + '</td></tr>');
+    html.push('<tr><th>protocol/port</th><td>' + esc(portText(e)) + (e.port === null ? ' (the drop metrics carry no port)' : '') + '</td></tr>');
+    html.push('<tr><th>policies</th><td>' + esc(e.policy || '-') + '</td></tr>');
+    html.push('<tr><th>engine today</th><td>' + esc(e.judged) + '</td></tr>');
+    data.windows.forEach(function (w, i) {
+      var secs = data.window_seconds[i];
+      var n = e.observed[i] || 0;
+      html.push('<tr><th>' + (e.verdict === 'denied' ? 'dropped packets' : 'connections') + ', ' + esc(w) + '</th><td>' + n +
+        (secs > 0 ? ' (' + (n / secs).toPrecision(3) + '/s)' : '') + '</td></tr>');
+    });
+    html.push('</table><h3>explain</h3><pre>' + esc(e.explain) + '</pre>');
+    box.innerHTML = html.join('');
+  }
+
+  function reselect() {
+    if (!ui.selected) { return; }
+    var want = ui.selected;
+    var found = [];
+    data.edges.forEach(function (e, i) {
+      if (want.indexOf(edgeName(e) + '|' + portText(e) + '|' + e.verdict) >= 0) { found.push(i); }
+    });
+    if (found.length) { select(found); }
+  }
+
+  function onClickSelect(evt) {
+    var t = evt.target;
+    if (t && t.getAttribute && t.getAttribute('data-select') !== null) {
+      select([Number(t.getAttribute('data-select'))]);
+    }
+  }
+
+  // `#edge=<src_ns>/<src_workload>-><dst_ns>/<dst_workload>` selects that edge (a link to
+  // one edge from a ticket or a page); its denied entry first.
+  function selectFromHash() {
+    var m = /^#edge=(.+)$/.exec(location.hash);
+    if (!m) { return false; }
+    var name = decodeURIComponent(m[1]);
+    var found = [];
+    data.edges.forEach(function (e, i) { if (edgeName(e) === name) { found.push(i); } });
+    found.sort(function (a, b) { return (data.edges[a].verdict === 'denied' ? 0 : 1) - (data.edges[b].verdict === 'denied' ? 0 : 1); });
+    if (found.length) { select([found[0]]); }
+    return found.length > 0;
+  }
+
+  function draw() {
+    header();
+    fillFilters();
+    // The graph first: the list's 10,000 rows would otherwise be laid out again every time
+    // Cytoscape measures its container.
+    render();
+    mark('graph-done');
+    buildList();
+    mark('list');
+    counts();
+    document.body.setAttribute('data-phases', JSON.stringify(phases));
+    if (!ui.selected) { selectFromHash(); } else { reselect(); }
+  }
+
+  function markReady() {
+    // Time from navigation start to the first painted frame of the graph: what the scale
+    // benchmark reads.
+    requestAnimationFrame(function () {
+      requestAnimationFrame(function () {
+        mark('painted');
+        document.body.setAttribute('data-render-ms', String(phases.painted));
+        document.body.setAttribute('data-ready', 'true');
+      });
+    });
+  }
+
+  $('filter-namespace').addEventListener('change', function (e) { ui.ns = e.target.value; refilter(); });
+  $('filter-denied').addEventListener('change', function (e) { ui.deniedOnly = e.target.checked; refilter(); });
+  $('filter-window').addEventListener('change', function (e) { ui.win = Number(e.target.value); refilter(); });
+  $('filter-aggregate').addEventListener('change', function (e) {
+    ui.aggregate = e.target.checked;
+    ui.expanded = {};
+    refilter();
+  });
+  $('details').addEventListener('click', onClickSelect);
+  $('edge-list').addEventListener('click', onClickSelect);
+
+  // What is drawn, for tests and the render benchmark (the list shows what the data holds).
+  window.trafficMap = {
+    phases: function () { return phases; },
+    drawn: function () {
+      return cy ? { workloads: cy.nodes('.workload').length, namespaces: cy.nodes('.namespace').length,
+        edges: cy.edges().length, aggregated: !!ui.aggregate } : null;
+    }
+  };
+
+  draw();
+  markReady();
+
+  if (data.refresh_seconds) {
+    var poll = function () {
+      fetch('data.json', { cache: 'no-store' }).then(function (r) {
+        if (!r.ok) { throw new Error('data.json: HTTP ' + r.status); }
+        return r.json();
+      }).then(function (next) {
+        data = next;
+        draw();
+        document.body.setAttribute('data-refreshed', String(data.generated_unix));
+      }).catch(function (err) {
+        var banner = $('banner');
+        banner.className = '';
+        banner.textContent = 'refresh failed: ' + err.message + ' (showing the last map)';
+        banner.hidden = false;
+      }).then(function () { setTimeout(poll, data.refresh_seconds * 1000); });
+    };
+    setTimeout(poll, data.refresh_seconds * 1000);
+  }
+})();

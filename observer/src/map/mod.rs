@@ -1,0 +1,770 @@
+//! `deny-observer map`: who talks to whom, and where it is denied, as one self-contained HTML
+//! page.
+//!
+//! The edges come from Prometheus (allowed connections and policy denies, over `--window`
+//! and the shorter standard windows the page can filter on) or from an `--edges` file; the
+//! inventory marks open-field namespaces and lets the verdict engine explain every edge. The
+//! result is a [`MapData`] document, embedded in the page ([`page::render`]) or served and
+//! refreshed by [`serve::serve`] (`--listen`).
+
+pub mod page;
+pub mod serve;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::flow::Protocol;
+use crate::inventory::Inventory;
+use crate::verdict::cli::{Endpoint, PortRef, declared_ports, judge, write_judgement};
+use crate::verdict::edges::{
+    ALLOWED_METRIC, DENIED_METRIC, EdgeError, Observed, check_window, parse_base, query_prometheus,
+    read_edges,
+};
+use crate::verdict::preflight::{PreflightError, resolve_side};
+use crate::verdict::{Engine, bounded_policy_list};
+
+/// Version of the embedded map document; fields are only ever added.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Up to this many workloads the page draws every workload; beyond it, namespaces first.
+pub const FULL_DETAIL_MAX_WORKLOADS: usize = 2000;
+/// Up to this many edges the page draws every edge; beyond it, namespaces first.
+pub const FULL_DETAIL_MAX_EDGES: usize = 10_000;
+/// Shorter windows the page offers besides `--window` (those shorter than it).
+pub const FILTER_WINDOWS: [&str; 4] = ["5m", "1h", "6h", "1d"];
+/// Ports explained per edge whose port is unknown (denied edges: the drop metrics have no
+/// port label, so every port the destination declares is judged).
+const MAX_EXPLAINED_PORTS: usize = 4;
+
+/// Errors of `deny-observer map`.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// The edges could not be read or fetched.
+    #[error(transparent)]
+    Edges(#[from] EdgeError),
+    /// The inventory could not be loaded.
+    #[error(transparent)]
+    Inventory(#[from] PreflightError),
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// The page could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The output file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server could not start or stopped with an error.
+    #[error("serving the map on {addr}: {reason}")]
+    Serve {
+        /// `--listen`.
+        addr: SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Arguments of `deny-observer map`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MapArgs {
+    /// Inventory: a directory of manifests, or `kube` for the API server; marks open-field
+    /// namespaces and explains each edge. Defaults to `kube` inside a pod.
+    #[arg(long, env = "DENY_OBSERVER_INVENTORY")]
+    pub inventory: Option<String>,
+    /// Prometheus base URL (`http://prometheus:9090`), queried through `/api/v1/query`.
+    #[arg(long, required_unless_present = "edges", conflicts_with = "edges")]
+    pub prometheus: Option<String>,
+    /// How far back to look in Prometheus; the page also filters on the standard windows
+    /// shorter than it (5m, 1h, 6h, 1d).
+    #[arg(long, default_value = "1h")]
+    pub window: String,
+    /// JSON lines of observed edges (as written by `deny-observer edges`) instead of
+    /// Prometheus.
+    #[arg(long)]
+    pub edges: Option<PathBuf>,
+    /// Write the page to this file.
+    #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
+    pub output: Option<PathBuf>,
+    /// Serve the page on this address (`127.0.0.1:9966`), refreshed from the source.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// With `--listen`: how often the edges are read again and the open pages update.
+    #[arg(long, default_value = "5s", value_parser = crate::alert::config::parse_duration)]
+    pub refresh: Duration,
+}
+
+impl MapArgs {
+    /// The inventory source: `--inventory`, else `kube` inside a cluster.
+    pub fn inventory_source(&self) -> Result<String, MapError> {
+        match &self.inventory {
+            Some(spec) => Ok(spec.clone()),
+            None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => Ok("kube".to_owned()),
+            None => Err(MapError::Usage(
+                "--inventory is required outside a cluster: a manifest directory or `kube`"
+                    .to_owned(),
+            )),
+        }
+    }
+
+    /// Where the edges come from.
+    pub fn source(&self) -> Result<EdgeSource, MapError> {
+        match (&self.edges, &self.prometheus) {
+            (Some(path), _) => Ok(EdgeSource::File(path.clone())),
+            (None, Some(url)) => {
+                check_window(&self.window)?;
+                parse_base(url)?;
+                Ok(EdgeSource::Prometheus {
+                    url: url.clone(),
+                    windows: filter_windows(&self.window)?,
+                })
+            }
+            (None, None) => Err(MapError::Usage(
+                "pass --prometheus <url> or --edges <file>".to_owned(),
+            )),
+        }
+    }
+}
+
+/// Runs `deny-observer map`: writes the page, or serves it until interrupted.
+pub fn run_map(args: &MapArgs, notes: &mut dyn std::io::Write) -> Result<(), MapError> {
+    let spec = args.inventory_source()?;
+    let source = args.source()?;
+    match (&args.output, args.listen) {
+        (Some(path), _) => {
+            let inventory = crate::verdict::preflight::load_inventory(&spec)?;
+            let observations = source.load_blocking()?;
+            let data = build(&Engine::new(inventory), &observations, now_unix());
+            for note in &data.notes {
+                let _ = writeln!(notes, "deny-observer: note: {note}");
+            }
+            let html = page::render(&data);
+            std::fs::write(path, html).map_err(|source| MapError::Write {
+                path: path.clone(),
+                source,
+            })
+        }
+        (None, Some(addr)) => serve::serve(&spec, source, addr, args.refresh),
+        (None, None) => Err(MapError::Usage(
+            "pass --output <file.html> or --listen <addr:port>".to_owned(),
+        )),
+    }
+}
+
+/// Seconds in a Prometheus duration (`1h`, `1d12h`, `500ms`).
+pub fn window_seconds(window: &str) -> Result<f64, EdgeError> {
+    check_window(window)?;
+    let mut rest = window;
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let n: f64 = rest[..digits]
+            .parse()
+            .map_err(|_| EdgeError::BadWindow(window.to_owned()))?;
+        rest = &rest[digits..];
+        let (unit, secs) = [
+            ("ms", 0.001),
+            ("s", 1.0),
+            ("m", 60.0),
+            ("h", 3600.0),
+            ("d", 86400.0),
+            ("w", 604_800.0),
+            ("y", 31_536_000.0),
+        ]
+        .into_iter()
+        .find(|(u, _)| rest.starts_with(u))
+        .ok_or_else(|| EdgeError::BadWindow(window.to_owned()))?;
+        rest = &rest[unit.len()..];
+        total += n * secs;
+    }
+    Ok(total)
+}
+
+/// The windows the page filters on: the standard ones shorter than `window`, then `window`.
+pub fn filter_windows(window: &str) -> Result<Vec<(String, f64)>, EdgeError> {
+    let longest = window_seconds(window)?;
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for w in FILTER_WINDOWS {
+        let secs = window_seconds(w)?;
+        if secs < longest {
+            out.push((w.to_owned(), secs));
+        }
+    }
+    out.push((window.to_owned(), longest));
+    Ok(out)
+}
+
+/// Where the edges come from.
+#[derive(Clone, Debug)]
+pub enum EdgeSource {
+    /// An edges file (JSON lines), read again at each refresh.
+    File(PathBuf),
+    /// Prometheus, one pair of queries per window.
+    Prometheus {
+        /// Base URL.
+        url: String,
+        /// `(window, seconds)`, shortest first; the last is `--window`.
+        windows: Vec<(String, f64)>,
+    },
+}
+
+/// An observed edge with its counts per window, before it is judged.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Observation {
+    /// Namespace of the source (`""` outside the cluster's pods).
+    pub source_namespace: String,
+    /// Workload of the source, or `world`, `private`, `node`, `host`.
+    pub source_workload: String,
+    /// Namespace of the destination.
+    pub destination_namespace: String,
+    /// Workload of the destination.
+    pub destination_workload: String,
+    /// `tcp`, `udp`, `sctp`.
+    pub protocol: String,
+    /// Destination port, when the source knows it (allowed connections).
+    pub port: Option<u16>,
+    /// Allowed or denied.
+    pub verdict: Observed,
+    /// The deny's `policy` label, when the source has it (Prometheus).
+    pub policy: Option<String>,
+    /// The deny's `match` label (`default_deny`, `unexplained`), when the source has it.
+    pub matched: Option<String>,
+    /// Connections (allowed) or dropped packets (denied) per window of [`Observations`].
+    pub counts: Vec<u64>,
+}
+
+/// What a source gave: edges and the windows their counts are for.
+#[derive(Clone, Debug, Default)]
+pub struct Observations {
+    /// Human description of the source (`Prometheus http://...`, `edges file x.jsonl`).
+    pub source: String,
+    /// `(window, seconds)`; seconds is 0 when unknown (an edges file).
+    pub windows: Vec<(String, f64)>,
+    /// The edges.
+    pub edges: Vec<Observation>,
+    /// Remarks for the operator.
+    pub notes: Vec<String>,
+}
+
+impl EdgeSource {
+    /// Reads the source on a private runtime (for `--output`).
+    pub fn load_blocking(&self) -> Result<Observations, MapError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| MapError::Usage(format!("starting the HTTP client: {e}")))?;
+        runtime.block_on(self.load())
+    }
+
+    /// Reads the source.
+    pub async fn load(&self) -> Result<Observations, MapError> {
+        match self {
+            Self::File(path) => {
+                let edges = read_edges(path)?;
+                Ok(Observations {
+                    source: format!("edges file {}", path.display()),
+                    windows: vec![("edges file".to_owned(), 0.0)],
+                    edges: edges
+                        .into_iter()
+                        .map(|e| Observation {
+                            source_namespace: e.source_namespace,
+                            source_workload: e.source_workload,
+                            destination_namespace: e.destination_namespace,
+                            destination_workload: e.destination_workload,
+                            protocol: e.protocol,
+                            port: e.port,
+                            verdict: e.verdict,
+                            policy: None,
+                            matched: None,
+                            counts: vec![e.observed],
+                        })
+                        .collect(),
+                    notes: Vec::new(),
+                })
+            }
+            Self::Prometheus { url, windows } => fetch(url, windows).await,
+        }
+    }
+}
+
+const KEY_LABELS: &str =
+    "source_namespace, source_workload, destination_namespace, destination_workload, protocol";
+
+/// The PromQL of the allowed edges over `window`, by port.
+pub fn allowed_query(window: &str) -> String {
+    format!("sum by ({KEY_LABELS}, port) (increase({ALLOWED_METRIC}[{window}])) > 0")
+}
+
+/// The PromQL of the denied edges over `window`, by deciding policies and match.
+pub fn denied_query(window: &str) -> String {
+    format!("sum by ({KEY_LABELS}, policy, match) (increase({DENIED_METRIC}[{window}])) > 0")
+}
+
+#[derive(Deserialize)]
+struct PromAnswer {
+    status: String,
+    #[serde(default)]
+    data: Option<PromData>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PromData {
+    #[serde(rename = "resultType")]
+    result_type: String,
+    result: Vec<PromSample>,
+}
+
+#[derive(Deserialize)]
+struct PromSample {
+    metric: BTreeMap<String, String>,
+    value: (f64, String),
+}
+
+/// Parses an `/api/v1/query` vector answer into observations of `verdict` (counts in the
+/// slot `slot` of `slots`).
+pub fn parse_samples(
+    body: &[u8],
+    verdict: Observed,
+    slot: usize,
+    slots: usize,
+) -> Result<Vec<Observation>, String> {
+    let answer: PromAnswer =
+        serde_json::from_slice(body).map_err(|e| format!("not a Prometheus answer: {e}"))?;
+    if answer.status != "success" {
+        return Err(format!(
+            "status {}: {}",
+            answer.status,
+            answer.error.unwrap_or_default()
+        ));
+    }
+    let data = answer.data.ok_or("answer without data")?;
+    if data.result_type != "vector" {
+        return Err(format!("expected a vector, got {}", data.result_type));
+    }
+    let mut out = Vec::with_capacity(data.result.len());
+    for sample in data.result {
+        let label = |k: &str| sample.metric.get(k).cloned().unwrap_or_default();
+        let port = match sample.metric.get("port").map(String::as_str) {
+            None | Some("") => None,
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .map_err(|_| format!("sample with invalid port label {p:?}"))?,
+            ),
+        };
+        let value: f64 = sample
+            .value
+            .1
+            .parse()
+            .map_err(|_| format!("sample with invalid value {:?}", sample.value.1))?;
+        let mut counts = vec![0; slots];
+        if let Some(c) = counts.get_mut(slot) {
+            // increase() extrapolates: 0.6 of a connection was still one.
+            *c = value.ceil().max(0.0) as u64;
+        }
+        let nonempty = |k: &str| sample.metric.get(k).filter(|v| !v.is_empty()).cloned();
+        let obs = Observation {
+            source_namespace: label("source_namespace"),
+            source_workload: label("source_workload"),
+            destination_namespace: label("destination_namespace"),
+            destination_workload: label("destination_workload"),
+            protocol: label("protocol").to_ascii_lowercase(),
+            port,
+            verdict,
+            policy: nonempty("policy"),
+            matched: nonempty("match"),
+            counts,
+        };
+        if obs.source_workload.is_empty() || obs.destination_workload.is_empty() {
+            return Err(format!(
+                "sample without workload labels: {:?}",
+                sample.metric
+            ));
+        }
+        out.push(obs);
+    }
+    Ok(out)
+}
+
+/// Merges observations that differ only in their counts (the same edge in several windows).
+pub fn merge(observations: Vec<Observation>, slots: usize) -> Vec<Observation> {
+    let mut merged: BTreeMap<Observation, Vec<u64>> = BTreeMap::new();
+    for mut obs in observations {
+        let counts = std::mem::take(&mut obs.counts);
+        let entry = merged.entry(obs).or_insert_with(|| vec![0; slots]);
+        for (slot, c) in entry.iter_mut().zip(counts) {
+            *slot = (*slot).max(c);
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(mut obs, counts)| {
+            obs.counts = counts;
+            obs
+        })
+        .collect()
+}
+
+async fn fetch(url: &str, windows: &[(String, f64)]) -> Result<Observations, MapError> {
+    let base = parse_base(url)?;
+    let mut all = Vec::new();
+    let mut allowed_seen = false;
+    for (slot, (window, _)) in windows.iter().enumerate() {
+        for (metric, verdict, query) in [
+            (ALLOWED_METRIC, Observed::Allow, allowed_query(window)),
+            (DENIED_METRIC, Observed::Deny, denied_query(window)),
+        ] {
+            let err = |reason: String| EdgeError::Query {
+                url: url.to_owned(),
+                metric,
+                reason,
+            };
+            let body = query_prometheus(&base, &query).await.map_err(err)?;
+            let found = parse_samples(&body, verdict, slot, windows.len()).map_err(err)?;
+            allowed_seen |= verdict == Observed::Allow && !found.is_empty();
+            all.extend(found);
+        }
+    }
+    let mut notes = Vec::new();
+    if !allowed_seen {
+        let longest = windows.last().map(|(w, _)| w.as_str()).unwrap_or_default();
+        notes.push(format!(
+            "no allowed edges observed: {ALLOWED_METRIC} has no increase over {longest}; the map shows denied edges only"
+        ));
+    }
+    Ok(Observations {
+        source: format!("Prometheus {url}"),
+        windows: windows.to_vec(),
+        edges: merge(all, windows.len()),
+        notes,
+    })
+}
+
+/// The document the page draws (embedded as JSON; served as `/data.json` with `--listen`).
+#[derive(Clone, Debug, Serialize)]
+pub struct MapData {
+    /// [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// When the edges were read, Unix seconds.
+    pub generated_unix: u64,
+    /// Where the edges came from.
+    pub source: String,
+    /// The windows of [`MapEdge::observed`], shortest first.
+    pub windows: Vec<String>,
+    /// Their lengths in seconds (0: unknown, an edges file).
+    pub window_seconds: Vec<f64>,
+    /// Namespaces of the drawn workloads, sorted (`""`: outside the cluster's pods).
+    pub namespaces: Vec<MapNamespace>,
+    /// Workloads, sorted by id.
+    pub nodes: Vec<MapNode>,
+    /// Edges, sorted.
+    pub edges: Vec<MapEdge>,
+    /// Beyond these the page shows namespaces first.
+    pub full_detail_max_workloads: usize,
+    /// See [`MapData::full_detail_max_workloads`].
+    pub full_detail_max_edges: usize,
+    /// With `--listen`: seconds between refreshes (the page polls `data.json`).
+    pub refresh_seconds: Option<f64>,
+    /// With `--listen`: the last refresh's error (the data shown is the last good one).
+    pub error: Option<String>,
+    /// Remarks (no allowed edges observed, unknown workloads...).
+    pub notes: Vec<String>,
+}
+
+/// A namespace of the map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MapNamespace {
+    /// Name; `""` for peers outside the cluster's pods.
+    pub name: String,
+    /// True when the inventory has no NetworkPolicy in it ("open field").
+    pub open: bool,
+    /// NetworkPolicies in it.
+    pub policies: usize,
+    /// Whether the inventory knows it.
+    pub known: bool,
+}
+
+/// A workload (or an outside peer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MapNode {
+    /// `ns/workload` (`/world` for outside peers), the `data-workload` attribute.
+    pub id: String,
+    /// Namespace (`""` outside).
+    pub namespace: String,
+    /// Workload name.
+    pub workload: String,
+    /// `Deployment`, `StatefulSet`..., when the inventory knows it.
+    pub kind: Option<String>,
+    /// Pods of the workload in the inventory.
+    pub pods: usize,
+}
+
+/// An edge of the map.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MapEdge {
+    /// Source node id.
+    pub source: String,
+    /// Destination node id.
+    pub target: String,
+    /// `allowed` or `denied`, as observed.
+    pub verdict: &'static str,
+    /// `tcp`, `udp`, `sctp`.
+    pub protocol: String,
+    /// Destination port, when known.
+    pub port: Option<u16>,
+    /// Count per window of [`MapData::windows`].
+    pub observed: Vec<u64>,
+    /// Denied: the deciding (isolating) policies, the metric's `policy` label. Allowed: the
+    /// policies that allow it (empty when neither side is isolated).
+    pub policy: String,
+    /// Denied: `default_deny` or `unexplained` (the policies allow it, yet it was dropped).
+    #[serde(rename = "match")]
+    pub matched: Option<String>,
+    /// What the verdict engine says today: `allow`, `deny` or `unknown` (not judged).
+    pub judged: &'static str,
+    /// The `explain` answer for the edge.
+    pub explain: String,
+}
+
+/// Now, in Unix seconds.
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn node_id(ns: &str, workload: &str) -> String {
+    format!("{ns}/{workload}")
+}
+
+struct Explained {
+    judged: &'static str,
+    policies: Vec<String>,
+    text: String,
+}
+
+fn explain_edge(
+    engine: &Engine,
+    obs: &Observation,
+    from: &Endpoint,
+    to: &Endpoint,
+) -> Result<Explained, String> {
+    let protocol: Protocol = obs
+        .protocol
+        .parse()
+        .map_err(|_| format!("invalid protocol {:?}", obs.protocol))?;
+    let ports: Vec<(u16, Option<String>)> = match obs.port {
+        Some(p) => vec![(p, None)],
+        None if protocol.has_ports() => {
+            let declared: Vec<(u16, Option<String>)> = declared_ports(to, Some(protocol))
+                .into_iter()
+                .map(|(_, n, name)| (n, name))
+                .collect();
+            if declared.is_empty() {
+                vec![(0, None)]
+            } else {
+                declared
+            }
+        }
+        None => vec![(0, None)],
+    };
+    let mut text = String::new();
+    if obs.port.is_none() && protocol.has_ports() {
+        text.push_str(&format!(
+            "The drop metrics carry no port: judged on the {} port(s) {} declares.\n\n",
+            protocol.label(),
+            obs.destination_workload
+        ));
+    }
+    let mut any_denied = false;
+    let mut policies = BTreeSet::new();
+    for (i, (port, name)) in ports.iter().enumerate() {
+        let judged = judge(engine, from, to, protocol, &PortRef::Number(*port))
+            .map_err(|e| e.to_string())?;
+        if !judged.verdict.allowed || judged.denied > 0 {
+            if !any_denied {
+                policies.clear();
+            }
+            any_denied = true;
+            if let Some(side) = judged.verdict.deciding_side() {
+                policies.extend(side.isolating_policies.iter().cloned());
+            }
+        } else if !any_denied {
+            policies.extend(judged.verdict.egress.allowed_by.iter().cloned());
+            policies.extend(judged.verdict.ingress.allowed_by.iter().cloned());
+        }
+        if i < MAX_EXPLAINED_PORTS {
+            if i > 0 {
+                text.push('\n');
+            }
+            let mut buf = Vec::new();
+            write_judgement(&judged, from, to, name.as_deref(), &mut buf)
+                .map_err(|e| e.to_string())?;
+            text.push_str(&String::from_utf8_lossy(&buf));
+        }
+    }
+    if ports.len() > MAX_EXPLAINED_PORTS {
+        text.push_str(&format!(
+            "\n... and {} more declared port(s); `deny-observer explain --from {} --to {}` lists them all\n",
+            ports.len() - MAX_EXPLAINED_PORTS,
+            from.given,
+            to.given
+        ));
+    }
+    Ok(Explained {
+        judged: if any_denied { "deny" } else { "allow" },
+        policies: policies.into_iter().collect(),
+        text,
+    })
+}
+
+/// Judges and explains every observation with `engine` and lays out the document.
+pub fn build(engine: &Engine, observations: &Observations, generated_unix: u64) -> MapData {
+    let inventory: &Arc<Inventory> = engine.inventory();
+    let audit: HashMap<String, (bool, usize)> = engine
+        .audit()
+        .into_iter()
+        .map(|a| (a.name, (a.open, a.policies)))
+        .collect();
+    let mut kinds: HashMap<(&str, &str), (String, usize)> = HashMap::new();
+    for pod in &inventory.pods {
+        let entry = kinds
+            .entry((pod.namespace.as_str(), pod.workload.name.as_str()))
+            .or_insert_with(|| (pod.workload.kind.clone(), 0));
+        entry.1 += 1;
+    }
+    let mut sides: HashMap<(String, String), Result<Endpoint, String>> = HashMap::new();
+    let mut side = |ns: &str, wl: &str| -> Result<Endpoint, String> {
+        sides
+            .entry((ns.to_owned(), wl.to_owned()))
+            .or_insert_with(|| resolve_side(engine, ns, wl))
+            .clone()
+    };
+    let mut nodes: BTreeMap<String, MapNode> = BTreeMap::new();
+    let mut edges = Vec::with_capacity(observations.edges.len());
+    let mut unresolved = BTreeSet::new();
+    for obs in &observations.edges {
+        for (ns, wl) in [
+            (&obs.source_namespace, &obs.source_workload),
+            (&obs.destination_namespace, &obs.destination_workload),
+        ] {
+            let id = node_id(ns, wl);
+            nodes.entry(id.clone()).or_insert_with(|| {
+                let known = kinds.get(&(ns.as_str(), wl.as_str()));
+                MapNode {
+                    id,
+                    namespace: ns.clone(),
+                    workload: wl.clone(),
+                    kind: known.map(|(k, _)| k.clone()),
+                    pods: known.map_or(0, |(_, n)| *n),
+                }
+            });
+        }
+        let explained = side(&obs.source_namespace, &obs.source_workload)
+            .map_err(|e| format!("source: {e}"))
+            .and_then(|from| {
+                side(&obs.destination_namespace, &obs.destination_workload)
+                    .map_err(|e| format!("destination: {e}"))
+                    .map(|to| (from, to))
+            })
+            .and_then(|(from, to)| explain_edge(engine, obs, &from, &to));
+        let (judged, engine_policies, explain) = match explained {
+            Ok(e) => (e.judged, e.policies, e.text),
+            Err(reason) => {
+                unresolved.insert(reason.clone());
+                (
+                    "unknown",
+                    Vec::new(),
+                    format!("cannot judge this edge with the inventory: {reason}\n"),
+                )
+            }
+        };
+        let (verdict, policy, matched) = match obs.verdict {
+            Observed::Allow => ("allowed", bounded_policy_list(&engine_policies), None),
+            Observed::Deny => {
+                let policy = obs
+                    .policy
+                    .clone()
+                    .unwrap_or_else(|| bounded_policy_list(&engine_policies));
+                let matched = obs.matched.clone().or_else(|| match judged {
+                    "allow" => Some("unexplained".to_owned()),
+                    "deny" => Some("default_deny".to_owned()),
+                    _ => None,
+                });
+                ("denied", policy, matched)
+            }
+        };
+        edges.push(MapEdge {
+            source: node_id(&obs.source_namespace, &obs.source_workload),
+            target: node_id(&obs.destination_namespace, &obs.destination_workload),
+            verdict,
+            protocol: obs.protocol.clone(),
+            port: obs.port,
+            observed: obs.counts.clone(),
+            policy,
+            matched,
+            judged,
+            explain,
+        });
+    }
+    edges.sort_by(|a, b| {
+        (&a.source, &a.target, &a.protocol, a.port, a.verdict).cmp(&(
+            &b.source,
+            &b.target,
+            &b.protocol,
+            b.port,
+            b.verdict,
+        ))
+    });
+    let namespaces: BTreeSet<&str> = nodes.values().map(|n| n.namespace.as_str()).collect();
+    let namespaces = namespaces
+        .into_iter()
+        .map(|name| {
+            let known = audit.get(name);
+            MapNamespace {
+                name: name.to_owned(),
+                open: known.is_some_and(|(open, _)| *open),
+                policies: known.map_or(0, |(_, p)| *p),
+                known: known.is_some(),
+            }
+        })
+        .collect();
+    let mut notes = observations.notes.clone();
+    if !unresolved.is_empty() {
+        notes.push(format!(
+            "{} edge endpoint(s) not in the inventory (shown, not judged); first: {}",
+            unresolved.len(),
+            unresolved.iter().next().map(String::as_str).unwrap_or("")
+        ));
+    }
+    MapData {
+        schema_version: SCHEMA_VERSION,
+        generated_unix,
+        source: observations.source.clone(),
+        windows: observations
+            .windows
+            .iter()
+            .map(|(w, _)| w.clone())
+            .collect(),
+        window_seconds: observations.windows.iter().map(|(_, s)| *s).collect(),
+        namespaces,
+        nodes: nodes.into_values().collect(),
+        edges,
+        full_detail_max_workloads: FULL_DETAIL_MAX_WORKLOADS,
+        full_detail_max_edges: FULL_DETAIL_MAX_EDGES,
+        refresh_seconds: None,
+        error: None,
+        notes,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,144 @@
+//! The map page: one HTML file with its scripts, styles and data inlined, so that it opens
+//! from a file, a CI artifact or an air-gapped laptop without any network access.
+
+use super::MapData;
+
+/// Cytoscape.js, vendored unmodified (see `assets/README.md` and `assets/LICENSE-cytoscape`).
+const CYTOSCAPE_JS: &str = include_str!("assets/cytoscape.min.js");
+/// Version of [`CYTOSCAPE_JS`].
+pub const CYTOSCAPE_VERSION: &str = "3.34.4";
+const MAP_JS: &str = include_str!("assets/map.js");
+const MAP_CSS: &str = include_str!("assets/map.css");
+
+/// The data as JSON that is safe inside a `<script>` element: `<`, `>` and `&` are escaped
+/// as JSON `\u` sequences, so no policy or workload name can close the element.
+pub fn script_json(data: &MapData) -> String {
+    let json = serde_json::to_string(data).unwrap_or_else(|e| {
+        // Serializing plain strings and numbers cannot fail; should it, the page says so.
+        format!("{{\"schema_version\":1,\"error\":\"serializing the map: {e}\",\"nodes\":[],\"edges\":[],\"namespaces\":[],\"windows\":[],\"window_seconds\":[],\"notes\":[]}}")
+    });
+    let mut out = String::with_capacity(json.len() + 64);
+    for c in json.chars() {
+        match c {
+            '<' => out.push_str("\\u003c"),
+            '>' => out.push_str("\\u003e"),
+            '&' => out.push_str("\\u0026"),
+            '\u{2028}' => out.push_str("\\u2028"),
+            '\u{2029}' => out.push_str("\\u2029"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The whole page for `data`.
+pub fn render(data: &MapData) -> String {
+    let json = script_json(data);
+    let title = format!("deny-observer traffic map: {}", escape_html(&data.source));
+    let mut page = String::with_capacity(CYTOSCAPE_JS.len() + json.len() + 16 * 1024);
+    page.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
+    page.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n");
+    // Nothing may load from elsewhere: the page is data for an incident, possibly offline.
+    page.push_str(
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'\">\n",
+    );
+    page.push_str(&format!("<title>{title}</title>\n<style>\n"));
+    page.push_str(MAP_CSS);
+    page.push_str("</style>\n</head>\n<body>\n");
+    page.push_str(BODY);
+    page.push_str("<script id=\"map-data\" type=\"application/json\">");
+    page.push_str(&json);
+    page.push_str("</script>\n<script>\n/* Cytoscape.js ");
+    page.push_str(CYTOSCAPE_VERSION);
+    page.push_str(", MIT licence (see the licence header below) */\n");
+    page.push_str(CYTOSCAPE_JS);
+    page.push_str("\n</script>\n<script>\n");
+    page.push_str(MAP_JS);
+    page.push_str("\n</script>\n</body>\n</html>\n");
+    page
+}
+
+const BODY: &str = r#"<header>
+  <h1>Traffic map</h1>
+  <p id="source"></p>
+  <div id="banner" role="alert" hidden></div>
+  <form id="filters" aria-label="Filters" onsubmit="return false">
+    <label>Namespace <select id="filter-namespace"><option value="*">all</option></select></label>
+    <label><input type="checkbox" id="filter-denied"> denied only</label>
+    <label>Window <select id="filter-window"></select></label>
+    <label><input type="checkbox" id="filter-aggregate"> namespaces only</label>
+    <span id="counts" aria-live="polite"></span>
+  </form>
+  <ul id="legend" aria-label="Legend">
+    <li><span class="swatch allowed"></span>allowed (width: rate)</li>
+    <li><span class="swatch denied"></span>denied, labelled with the deciding policies</li>
+    <li><span class="swatch unexplained"></span>denied although the policies allow it (<code>unexplained</code>)</li>
+    <li><span class="swatch open"></span>open field: namespace without NetworkPolicy</li>
+  </ul>
+</header>
+<main>
+  <div id="graph" role="img" aria-label="Traffic graph; the same nodes and edges are listed below"></div>
+  <aside id="details" aria-live="polite"><p class="hint">Select an edge (in the graph or in the list) for its counts, protocol, port and the explain answer. Select a namespace box to expand or collapse it.</p></aside>
+</main>
+<section id="lists" aria-label="Every workload and edge">
+  <h2>Edges</h2>
+  <div id="edge-list"></div>
+  <h2>Workloads</h2>
+  <div class="chunk"><ul id="workload-list"></ul></div>
+</section>
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_json_cannot_close_the_script_element() {
+        let data = MapData {
+            schema_version: 1,
+            generated_unix: 0,
+            source: "</script><script>alert(1)</script>".to_owned(),
+            windows: vec![],
+            window_seconds: vec![],
+            namespaces: vec![],
+            nodes: vec![],
+            edges: vec![],
+            full_detail_max_workloads: 1,
+            full_detail_max_edges: 1,
+            refresh_seconds: None,
+            error: None,
+            notes: vec!["a & b\u{2028}".to_owned()],
+        };
+        let json = script_json(&data);
+        assert!(!json.contains('<') && !json.contains('&'), "{json}");
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+        assert_eq!(back["source"], data.source);
+        assert_eq!(back["notes"][0], "a & b\u{2028}");
+        let page = render(&data);
+        assert_eq!(
+            page.matches("</script>").count(),
+            3,
+            "only the page's own scripts close"
+        );
+        assert!(page.contains("&lt;/script&gt;"), "the title is escaped");
+        assert!(
+            !page.contains("src=\"http"),
+            "nothing is loaded from elsewhere"
+        );
+    }
+}

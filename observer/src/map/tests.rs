@@ -1,0 +1,284 @@
+use super::*;
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
+- {apiVersion: v1, kind: Namespace, metadata: {name: dev}}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: web-7d4f8c7b9-abcde, namespace: shop, labels: {app: web, pod-template-hash: 7d4f8c7b9}, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d4f8c7b9, uid: u1, controller: true}]}
+  spec: {containers: [{name: c, image: x, ports: [{name: http, containerPort: 80}]}]}
+  status: {phase: Running, podIP: 10.0.0.1}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: api-6c9f8b7d4-k2x9z, namespace: shop, labels: {app: api, pod-template-hash: 6c9f8b7d4}, ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: api-6c9f8b7d4, uid: u2, controller: true}]}
+  spec: {containers: [{name: c, image: x, ports: [{name: http, containerPort: 8080}, {name: admin, containerPort: 9000}]}]}
+  status: {phase: Running, podIP: 10.0.0.2}
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: tool, namespace: dev, labels: {app: tool}}
+  spec: {containers: [{name: c, image: x}]}
+  status: {phase: Running, podIP: 10.0.0.4}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: default-deny, namespace: shop}
+  spec: {podSelector: {}, policyTypes: [Ingress]}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: allow-web-to-api, namespace: shop}
+  spec:
+    podSelector: {matchLabels: {app: api}}
+    ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 8080}]}]
+"#;
+
+fn engine() -> Engine {
+    let inv = crate::inventory::manifest::load_str("cluster.yaml".as_ref(), CLUSTER)
+        .unwrap_or_else(|e| panic!("{e}"));
+    Engine::new(Arc::new(inv))
+}
+
+fn obs(
+    src: &str,
+    dst: &str,
+    port: Option<u16>,
+    verdict: Observed,
+    counts: Vec<u64>,
+) -> Observation {
+    let (sn, sw) = src.split_once('/').unwrap_or(("", src));
+    let (dn, dw) = dst.split_once('/').unwrap_or(("", dst));
+    Observation {
+        source_namespace: sn.into(),
+        source_workload: sw.into(),
+        destination_namespace: dn.into(),
+        destination_workload: dw.into(),
+        protocol: "tcp".into(),
+        port,
+        verdict,
+        policy: None,
+        matched: None,
+        counts,
+    }
+}
+
+fn observations(edges: Vec<Observation>) -> Observations {
+    Observations {
+        source: "test".into(),
+        windows: vec![("5m".into(), 300.0), ("1h".into(), 3600.0)],
+        edges,
+        notes: vec![],
+    }
+}
+
+#[test]
+fn edges_are_judged_explained_and_namespaces_marked() {
+    let engine = engine();
+    let data = build(
+        &engine,
+        &observations(vec![
+            obs(
+                "shop/web",
+                "shop/api",
+                Some(8080),
+                Observed::Allow,
+                vec![3, 40],
+            ),
+            obs("dev/tool", "shop/api", None, Observed::Deny, vec![0, 7]),
+            obs(
+                "shop/web",
+                "shop/api",
+                Some(9000),
+                Observed::Deny,
+                vec![1, 1],
+            ),
+            obs("world", "shop/web", Some(80), Observed::Allow, vec![5, 5]),
+            obs(
+                "shop/gone",
+                "shop/api",
+                Some(8080),
+                Observed::Allow,
+                vec![1, 1],
+            ),
+        ]),
+        7,
+    );
+    let ids: Vec<&str> = data.nodes.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["/world", "dev/tool", "shop/api", "shop/gone", "shop/web"]
+    );
+    let api = &data.nodes[2];
+    assert_eq!((api.kind.as_deref(), api.pods), (Some("Deployment"), 1));
+    let ns: Vec<(&str, bool, bool)> = data
+        .namespaces
+        .iter()
+        .map(|n| (n.name.as_str(), n.open, n.known))
+        .collect();
+    assert_eq!(
+        ns,
+        [
+            ("", false, false),
+            ("dev", true, true),
+            ("shop", false, true)
+        ]
+    );
+
+    let find = |src: &str, port: Option<u16>, verdict: &str| {
+        data.edges
+            .iter()
+            .find(|e| e.source == src && e.port == port && e.verdict == verdict)
+            .unwrap_or_else(|| panic!("no {src} {port:?} {verdict} in {:#?}", data.edges))
+    };
+    let allowed = find("shop/web", Some(8080), "allowed");
+    assert_eq!(allowed.policy, "shop/allow-web-to-api");
+    assert_eq!(allowed.judged, "allow");
+    assert_eq!(allowed.observed, [3, 40]);
+    assert!(
+        allowed.explain.starts_with("verdict: ALLOW"),
+        "{}",
+        allowed.explain
+    );
+
+    // No port from the drop metrics: judged on every declared port, and denied on both.
+    let denied = find("dev/tool", None, "denied");
+    assert_eq!(denied.policy, "shop/allow-web-to-api,shop/default-deny");
+    assert_eq!(denied.matched.as_deref(), Some("default_deny"));
+    assert_eq!(denied.judged, "deny");
+    assert!(
+        denied.explain.contains("TCP/8080") && denied.explain.contains("TCP/9000"),
+        "{}",
+        denied.explain
+    );
+    assert!(
+        denied.explain.contains("nearest misses"),
+        "{}",
+        denied.explain
+    );
+
+    // Seen denied, and the policies deny it: default_deny; outside peers are judged too.
+    let admin = find("shop/web", Some(9000), "denied");
+    assert_eq!(admin.matched.as_deref(), Some("default_deny"));
+    let world = find("/world", Some(80), "allowed");
+    assert_eq!(
+        world.judged, "deny",
+        "no rule allows the outside into shop/web"
+    );
+
+    let gone = find("shop/gone", Some(8080), "allowed");
+    assert_eq!(gone.judged, "unknown");
+    assert!(gone.explain.contains("cannot judge"), "{}", gone.explain);
+    assert!(
+        data.notes
+            .iter()
+            .any(|n| n.contains("not in the inventory")),
+        "{:?}",
+        data.notes
+    );
+    assert_eq!(data.windows, ["5m", "1h"]);
+}
+
+#[test]
+fn a_deny_the_policies_allow_is_unexplained_and_labels_from_prometheus_win() {
+    let engine = engine();
+    let mut from_prom = obs("dev/tool", "shop/api", None, Observed::Deny, vec![2]);
+    from_prom.policy = Some("shop/x".into());
+    from_prom.matched = Some("default_deny".into());
+    let data = build(
+        &engine,
+        &observations(vec![
+            obs("shop/web", "shop/api", Some(8080), Observed::Deny, vec![4]),
+            from_prom,
+        ]),
+        0,
+    );
+    let web = data.edges.iter().find(|e| e.source == "shop/web").unwrap();
+    assert_eq!(web.matched.as_deref(), Some("unexplained"));
+    assert_eq!(web.judged, "allow");
+    let tool = data.edges.iter().find(|e| e.source == "dev/tool").unwrap();
+    assert_eq!(
+        (tool.policy.as_str(), tool.matched.as_deref()),
+        ("shop/x", Some("default_deny"))
+    );
+}
+
+#[test]
+fn prometheus_samples_keep_policy_match_and_merge_across_windows() {
+    let short = br#"{"status":"success","data":{"resultType":"vector","result":[
+        {"metric":{"source_namespace":"dev","source_workload":"tool","destination_namespace":"shop","destination_workload":"api","protocol":"tcp","policy":"shop/default-deny","match":"default_deny"},"value":[1,"2.2"]}]}}"#;
+    let long = br#"{"status":"success","data":{"resultType":"vector","result":[
+        {"metric":{"source_namespace":"dev","source_workload":"tool","destination_namespace":"shop","destination_workload":"api","protocol":"tcp","policy":"shop/default-deny","match":"default_deny"},"value":[1,"30"]},
+        {"metric":{"source_namespace":"","source_workload":"world","destination_namespace":"shop","destination_workload":"web","protocol":"TCP","policy":"shop/default-deny","match":"unexplained"},"value":[1,"1"]}]}}"#;
+    let mut all = parse_samples(short, Observed::Deny, 0, 2).unwrap_or_default();
+    all.extend(parse_samples(long, Observed::Deny, 1, 2).unwrap_or_default());
+    let merged = merge(all, 2);
+    assert_eq!(merged.len(), 2, "{merged:#?}");
+    let tool = merged.iter().find(|o| o.source_workload == "tool").unwrap();
+    assert_eq!(tool.counts, [3, 30]);
+    assert_eq!(tool.policy.as_deref(), Some("shop/default-deny"));
+    let world = merged
+        .iter()
+        .find(|o| o.source_workload == "world")
+        .unwrap();
+    assert_eq!(
+        (world.counts.as_slice(), world.protocol.as_str()),
+        (&[0, 1][..], "tcp")
+    );
+    assert_eq!(world.matched.as_deref(), Some("unexplained"));
+
+    assert!(
+        parse_samples(
+            b"{\"status\":\"error\",\"error\":\"bad\"}",
+            Observed::Deny,
+            0,
+            1
+        )
+        .is_err()
+    );
+    let no_workload = br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"protocol":"tcp"},"value":[1,"1"]}]}}"#;
+    assert!(parse_samples(no_workload, Observed::Allow, 0, 1).is_err());
+}
+
+#[test]
+fn windows_are_the_standard_shorter_ones_then_the_given_one() {
+    let names = |w: &str| -> Vec<String> {
+        filter_windows(w)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    };
+    assert_eq!(names("1h"), ["5m", "1h"]);
+    assert_eq!(names("7d"), ["5m", "1h", "6h", "1d", "7d"]);
+    assert_eq!(names("2m"), ["2m"]);
+    assert_eq!(window_seconds("1d12h").ok(), Some(129_600.0));
+    assert!(window_seconds("7x").is_err());
+    assert!(denied_query("1h").contains("policy, match"));
+    assert!(allowed_query("1h").contains(", port)"));
+}
+
+#[test]
+fn the_page_embeds_everything_it_needs() {
+    let data = build(
+        &engine(),
+        &observations(vec![obs(
+            "dev/tool",
+            "shop/api",
+            None,
+            Observed::Deny,
+            vec![1, 2],
+        )]),
+        0,
+    );
+    let html = page::render(&data);
+    assert!(html.contains("id=\"map-data\""));
+    assert!(
+        html.contains("The Cytoscape Consortium"),
+        "the licence header stays in"
+    );
+    assert!(
+        !html.contains("<script src") && !html.contains("<link"),
+        "nothing loads from elsewhere"
+    );
+    assert!(html.contains("\"source\":\"dev/tool\""));
+}

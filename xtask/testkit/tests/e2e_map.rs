@@ -1,0 +1,624 @@
+//! The traffic map on real parts: the daemon from `DENY_OBSERVER_BIN` on a simulated node drops
+//! real traffic, a real Prometheus scrapes it, `deny-observer map` draws it, and headless
+//! Chromium (Debian's package) loads the page:
+//!
+//! 1. `map --output`: every expected workload and edge is in the page's list with the right
+//!    `data-*` attributes (verdict, protocol, port, deciding policy, `unexplained` for a drop
+//!    the policies allow), open-field namespaces are marked, the graph draws them, and
+//!    selecting an edge shows its `explain` answer. A second page from an `--edges` file adds
+//!    real allowed traffic; its screenshot is the README's.
+//! 2. `map --listen`: a page left open sees a new denied edge appear after its refresh, and
+//!    `/healthz` answers like the daemon's.
+//!
+//! Run through `cargo xtask test`, which builds the release daemon and sets the variable.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers panic with context, like the tests"
+)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use testkit::chromium::{self, Browser};
+use testkit::daemon::{Daemon, free_loopback_addr};
+use testkit::manifests::{self, Owner, PodMeta};
+use testkit::promstack::{self, PromStack, StackConfig, http_get};
+use testkit::simnode::{Enforcement, PodId, Proto, Rule, SimNode};
+use testkit::webhook::Webhook;
+
+const SHOP: &str = "mp-shop";
+const DEV: &str = "mp-dev";
+const NODE: &str = "mp-node";
+const API_PORT: u16 = 8080;
+const WEB_PORT: u16 = 80;
+const OTHER_PORT: u16 = 7000;
+
+/// Both tests build a node and run a daemon; one at a time keeps each daemon's drops its own.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn run(bin: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The node: `mp-shop` with `web` and `api` (api isolated for ingress, only web may reach
+/// it on UDP 8080), `mp-dev` with `tool` and no policy (an open field). `web` is also dropped
+/// by the node's firewall although no policy selects it: its denies are `unexplained`.
+struct Cluster {
+    node: SimNode,
+    inventory: PathBuf,
+    web: PodId,
+    api: PodId,
+    tool: PodId,
+    daemon: Daemon,
+    stack: PromStack,
+    bin: PathBuf,
+}
+
+impl Cluster {
+    fn start(work: &Path) -> Self {
+        let bin = testkit::daemon_bin();
+        promstack::require_binaries();
+        assert!(
+            chromium::binary().is_some(),
+            "chromium is not installed: `cargo xtask setup` installs Debian's chromium"
+        );
+        let _ = testkit::simnode::cleanup_stale();
+        let mut node = SimNode::new().expect("simulated node");
+        let deployment = |name: &str, hash: &str| Owner::Deployment {
+            name: name.into(),
+            hash: hash.into(),
+        };
+        let pods = [
+            (
+                SHOP,
+                "web-5d4f8c7b9-w8xkq",
+                PodMeta::app("web", deployment("web", "5d4f8c7b9")).port(
+                    "http",
+                    WEB_PORT,
+                    Proto::Udp,
+                ),
+            ),
+            (
+                SHOP,
+                "api-6c9f8b7d4-k2x9z",
+                PodMeta::app("api", deployment("api", "6c9f8b7d4")).port(
+                    "http",
+                    API_PORT,
+                    Proto::Udp,
+                ),
+            ),
+            (
+                DEV,
+                "tool-7b8c9d6f5-q4r7t",
+                PodMeta::app("tool", deployment("tool", "7b8c9d6f5")),
+            ),
+        ];
+        let mut metas = Vec::new();
+        for (ns, name, meta) in pods {
+            node.add_pod(ns, name).unwrap();
+            metas.push(meta);
+        }
+        let (web, api, tool) = (0, 1, 2);
+        let mut enforcement = Enforcement::default();
+        enforcement.ingress_isolated.insert(api);
+        enforcement.ingress_isolated.insert(web);
+        enforcement.ingress_allow.insert(Rule {
+            from: web,
+            to: api,
+            protocol: Proto::Udp,
+            port: API_PORT,
+        });
+        node.enforce(&enforcement).unwrap();
+        let inventory = work.join("inventory");
+        manifests::write_inventory(
+            &inventory,
+            node.pods(),
+            &metas,
+            NODE,
+            vec![json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "api-allow-web", "namespace": SHOP},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "api"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                                 "ports": [{"protocol": "UDP", "port": API_PORT}]}],
+                },
+            })],
+        )
+        .unwrap();
+        let mut daemon = Daemon::start_with_args(
+            &bin,
+            &inventory,
+            free_loopback_addr().unwrap(),
+            work.join("daemon.log"),
+            &["--node-name", NODE],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        daemon
+            .wait_ready(Duration::from_secs(60), || false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stack = PromStack::start(
+            &StackConfig {
+                job: "deny-observer".into(),
+                targets: vec![daemon.addr()],
+                rule_files: vec![],
+            },
+            Webhook::start().unwrap(),
+        );
+        Self {
+            node,
+            inventory,
+            web,
+            api,
+            tool,
+            daemon,
+            stack,
+            bin,
+        }
+    }
+
+    fn prometheus(&self) -> String {
+        format!("http://{}", self.stack.prometheus_addr())
+    }
+
+    fn addr(&self, pod: PodId, port: u16) -> SocketAddr {
+        SocketAddr::new(self.node.pod(pod).unwrap().ip(false), port)
+    }
+
+    /// Sends `n` datagrams from `from` to `to:port`.
+    fn send(&self, from: PodId, to: PodId, port: u16, n: u64) {
+        self.node.send_udp(from, self.addr(to, port), n).unwrap();
+    }
+
+    /// Sends the denied traffic in rounds until Prometheus has an increase for every edge
+    /// `(source, destination)` of `want`.
+    fn until_denied_in_prometheus(
+        &mut self,
+        rounds: &[(PodId, PodId, u16)],
+        want: &[(&str, &str)],
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let prometheus = self.prometheus();
+        loop {
+            for &(from, to, port) in rounds {
+                self.send(from, to, port, 20);
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            self.daemon.check_alive().unwrap_or_else(|e| panic!("{e}"));
+            self.stack.check_alive();
+            let (code, out, err) = run(
+                &self.bin,
+                &["edges", "--prometheus", &prometheus, "--window", "10m"],
+            );
+            assert_eq!(code, 0, "edges failed: {err}");
+            let seen = |(src, dst): &(&str, &str)| {
+                out.lines().any(|l| {
+                    let e: Value = serde_json::from_str(l).unwrap_or_default();
+                    e["verdict"] == "deny"
+                        && format!(
+                            "{}/{}",
+                            e["source_namespace"].as_str().unwrap_or(""),
+                            e["source_workload"].as_str().unwrap_or("")
+                        ) == *src
+                        && format!(
+                            "{}/{}",
+                            e["destination_namespace"].as_str().unwrap_or(""),
+                            e["destination_workload"].as_str().unwrap_or("")
+                        ) == *dst
+                })
+            };
+            if want.iter().all(seen) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "denied edges {want:?} not all in Prometheus after 120s:\n{out}\n{}\n{}",
+                self.stack.report(),
+                self.daemon.log_tail()
+            );
+        }
+    }
+}
+
+/// The page's list, restricted to this test's namespaces (other tests' daemons on the machine
+/// may add drops of their own to the kernel's view).
+const LIST_JS: &str = r#"(() => {
+  const mine = (s) => s.includes('mp-shop/') || s.includes('mp-dev/');
+  return {
+    edges: Array.from(document.querySelectorAll('[data-edge]')).filter(e => mine(e.dataset.edge)).map(e => ({
+      edge: e.dataset.edge, verdict: e.dataset.verdict, protocol: e.dataset.protocol,
+      port: e.dataset.port, policy: e.dataset.policy, match: e.dataset.match,
+      observed: Number(e.dataset.observed), hidden: e.hidden })),
+    nodes: Array.from(document.querySelectorAll('[data-workload]')).filter(n => mine(n.dataset.workload + '/')).map(n => ({
+      workload: n.dataset.workload, open: n.dataset.open, kind: n.dataset.kind })),
+    drawn: window.trafficMap.drawn(),
+    banner: document.getElementById('banner').hidden ? '' : document.getElementById('banner').textContent,
+  };
+})()"#;
+
+fn edge<'a>(list: &'a Value, name: &str, verdict: &str) -> &'a Value {
+    list["edges"]
+        .as_array()
+        .and_then(|edges| {
+            edges
+                .iter()
+                .find(|e| e["edge"] == name && e["verdict"] == verdict)
+        })
+        .unwrap_or_else(|| panic!("no {verdict} edge {name} in the page: {list:#}"))
+}
+
+fn screenshot_path() -> PathBuf {
+    let dir = testkit::workspace_root().join("target/e2e-map");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("traffic-map.png")
+}
+
+#[test]
+fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
+    if !testkit::privileged("map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let work = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(work.path());
+    let (web, api, tool) = (cluster.web, cluster.api, cluster.tool);
+
+    // Real allowed traffic, web -> api:8080, which the edges file below records with the count
+    // api received.
+    let listener = cluster.node.listen(api, Proto::Udp, API_PORT).unwrap();
+    cluster.send(web, api, API_PORT, 50);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while listener.received() < 50 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let received = listener.received();
+    assert!(
+        received > 0,
+        "the allowed web -> api traffic did not arrive"
+    );
+
+    cluster.until_denied_in_prometheus(
+        &[(tool, api, API_PORT), (tool, web, WEB_PORT)],
+        &[
+            ("mp-dev/tool", "mp-shop/api"),
+            ("mp-dev/tool", "mp-shop/web"),
+        ],
+    );
+    let prometheus = cluster.prometheus();
+    let inv = cluster.inventory.to_str().unwrap().to_owned();
+    let from_prometheus = work.path().join("map-prometheus.html");
+    let (code, _, err) = run(
+        &cluster.bin,
+        &[
+            "map",
+            "--inventory",
+            &inv,
+            "--prometheus",
+            &prometheus,
+            "--window",
+            "10m",
+            "--output",
+            from_prometheus.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "map --prometheus failed: {err}");
+
+    let mut browser = Browser::launch(1400, 900).unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .navigate(&format!("file://{}", from_prometheus.display()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .wait_for(
+            "document.body.dataset.ready === 'true'",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let list = browser.eval(LIST_JS).unwrap_or_else(|e| panic!("{e}"));
+
+    let denied = edge(&list, "mp-dev/tool->mp-shop/api", "denied");
+    assert_eq!(denied["protocol"], "udp", "{denied}");
+    assert_eq!(
+        denied["port"], "",
+        "the drop metrics carry no port: {denied}"
+    );
+    assert_eq!(denied["policy"], "mp-shop/api-allow-web", "{denied}");
+    assert_eq!(denied["match"], "default_deny", "{denied}");
+    assert!(denied["observed"].as_u64().unwrap_or(0) > 0, "{denied}");
+    // Dropped by the node's firewall, yet no policy selects web: unexplained, no policy.
+    let unexplained = edge(&list, "mp-dev/tool->mp-shop/web", "denied");
+    assert_eq!(unexplained["match"], "unexplained", "{unexplained}");
+    assert_eq!(unexplained["policy"], "", "{unexplained}");
+    let mut names: Vec<String> = list["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["edge"].as_str().unwrap(),
+                e["verdict"].as_str().unwrap()
+            )
+        })
+        .collect();
+    names.sort();
+    // web -> api is allowed: only the allowed-connections counter can show it, and only the
+    // denied edges are asserted from Prometheus.
+    let denied_names: Vec<&String> = names.iter().filter(|n| n.ends_with(" denied")).collect();
+    assert_eq!(
+        denied_names,
+        [
+            "mp-dev/tool->mp-shop/api denied",
+            "mp-dev/tool->mp-shop/web denied"
+        ],
+        "{list:#}"
+    );
+    let nodes: Vec<(String, String)> = list["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["workload"].as_str().unwrap().to_owned(),
+                n["open"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for (workload, open) in [
+        ("mp-dev/tool", "true"),
+        ("mp-shop/api", "false"),
+        ("mp-shop/web", "false"),
+    ] {
+        assert!(
+            nodes.contains(&(workload.to_owned(), open.to_owned())),
+            "{workload} open={open} missing: {nodes:?}"
+        );
+    }
+    let drawn = &list["drawn"];
+    assert!(drawn["workloads"].as_u64().unwrap_or(0) >= 3, "{drawn}");
+    assert!(drawn["edges"].as_u64().unwrap_or(0) >= 2, "{drawn}");
+
+    // Selecting the edge shows the engine's explain answer for it.
+    let details = browser
+        .eval(
+            "document.querySelector('[data-edge=\"mp-dev/tool->mp-shop/api\"][data-verdict=\"denied\"] button').click(); \
+             document.getElementById('details').textContent",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let details = details.as_str().unwrap_or_default();
+    assert!(details.contains("verdict: DENY"), "{details}");
+    assert!(
+        details.contains("decided by: ingress at mp-shop/api"),
+        "{details}"
+    );
+    assert!(details.contains("mp-shop/api-allow-web"), "{details}");
+
+    // The same map from an edges file: the denied edges as `edges` reads them, plus the real
+    // allowed traffic.
+    let (code, edges_text, err) = run(
+        &cluster.bin,
+        &["edges", "--prometheus", &prometheus, "--window", "10m"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let allowed = json!({
+        "source_namespace": SHOP, "source_workload": "web",
+        "destination_namespace": SHOP, "destination_workload": "api",
+        "protocol": "udp", "port": API_PORT, "observed": received, "verdict": "allow",
+    });
+    let edges_file = work.path().join("edges.jsonl");
+    std::fs::write(&edges_file, format!("{edges_text}{allowed}\n")).unwrap();
+    let from_file = work.path().join("map-edges.html");
+    let (code, _, err) = run(
+        &cluster.bin,
+        &[
+            "map",
+            "--inventory",
+            &inv,
+            "--edges",
+            edges_file.to_str().unwrap(),
+            "--output",
+            from_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "map --edges failed: {err}");
+    browser
+        .navigate(&format!("file://{}", from_file.display()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .wait_for(
+            "document.body.dataset.ready === 'true'",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let list = browser.eval(LIST_JS).unwrap_or_else(|e| panic!("{e}"));
+    let ok = edge(&list, "mp-shop/web->mp-shop/api", "allowed");
+    assert_eq!(ok["protocol"], "udp", "{ok}");
+    assert_eq!(ok["port"], API_PORT.to_string(), "{ok}");
+    assert_eq!(
+        ok["policy"], "mp-shop/api-allow-web",
+        "the allowing policy: {ok}"
+    );
+    assert_eq!(ok["observed"], received, "{ok}");
+    assert_eq!(
+        edge(&list, "mp-dev/tool->mp-shop/api", "denied")["policy"],
+        "mp-shop/api-allow-web"
+    );
+    // "Denied only" hides the allowed edge from the list.
+    let hidden = browser
+        .eval(
+            "(() => { const c = document.getElementById('filter-denied'); c.checked = true; \
+             c.dispatchEvent(new Event('change')); \
+             return document.querySelector('[data-edge=\"mp-shop/web->mp-shop/api\"][data-verdict=\"allowed\"]').hidden; })()",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        hidden,
+        Value::Bool(true),
+        "denied only must hide allowed edges"
+    );
+    drop(browser);
+
+    let png = screenshot_path();
+    // The README's picture, with the denied edge selected through the page's `#edge=` link.
+    chromium::screenshot(
+        &format!(
+            "file://{}#edge=mp-dev/tool-%3Emp-shop/api",
+            from_file.display()
+        ),
+        &png,
+        1400,
+        900,
+        3000,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size > 10_000,
+        "screenshot {} is {size} bytes",
+        png.display()
+    );
+    println!(
+        "screenshot: {}\nedges:\n{edges_text}{allowed}",
+        png.display()
+    );
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn map_listen_page_shows_a_new_denied_edge() {
+    if !testkit::privileged("map_listen_page_shows_a_new_denied_edge") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let work = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(work.path());
+    let (web, api, tool) = (cluster.web, cluster.api, cluster.tool);
+    cluster.until_denied_in_prometheus(&[(tool, api, API_PORT)], &[("mp-dev/tool", "mp-shop/api")]);
+
+    let addr = free_loopback_addr().unwrap();
+    let log = std::fs::File::create(work.path().join("map.log")).unwrap();
+    let mut server = Server(
+        Command::new(&cluster.bin)
+            .args([
+                "map",
+                "--inventory",
+                cluster.inventory.to_str().unwrap(),
+                "--prometheus",
+                &cluster.prometheus(),
+                "--window",
+                "10m",
+                "--listen",
+                &addr.to_string(),
+                "--refresh",
+                "1s",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((200, body)) = http_get(addr, "/readyz") {
+            assert_eq!(body, "ready\n");
+            break;
+        }
+        assert!(
+            server.0.try_wait().unwrap().is_none(),
+            "map --listen exited: {}",
+            promstack::tail(&work.path().join("map.log"), 20)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "map --listen not ready after 30s: {}",
+            promstack::tail(&work.path().join("map.log"), 20)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(http_get(addr, "/healthz"), Ok((200, "ok\n".to_owned())));
+
+    let mut browser = Browser::launch(1400, 900).unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .navigate(&format!("http://{addr}/"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .wait_for(
+            "document.body.dataset.ready === 'true'",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let new_edge = "document.querySelector('[data-edge=\"mp-shop/web->mp-shop/api\"][data-verdict=\"denied\"]')";
+    let before = browser.eval(LIST_JS).unwrap_or_else(|e| panic!("{e}"));
+    edge(&before, "mp-dev/tool->mp-shop/api", "denied");
+    assert_eq!(
+        browser.eval(&format!("{new_edge} === null")).ok(),
+        Some(Value::Bool(true)),
+        "{before:#}"
+    );
+    let drawn_before = before["drawn"]["edges"].as_u64().unwrap_or(0);
+
+    // web may reach api only on 8080: 7000 is a new denied edge. The page stays open and
+    // must pick it up on a refresh.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        cluster.send(web, api, OTHER_PORT, 20);
+        if browser
+            .wait_for(&format!("{new_edge} !== null"), Duration::from_secs(3))
+            .is_ok()
+        {
+            break;
+        }
+        cluster
+            .daemon
+            .check_alive()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            server.0.try_wait().unwrap().is_none(),
+            "map --listen exited: {}",
+            promstack::tail(&work.path().join("map.log"), 20)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the new denied edge did not appear in the open page within 120s\n{}\n{}",
+            cluster.stack.report(),
+            promstack::tail(&work.path().join("map.log"), 20)
+        );
+    }
+    let after = browser.eval(LIST_JS).unwrap_or_else(|e| panic!("{e}"));
+    let new = edge(&after, "mp-shop/web->mp-shop/api", "denied");
+    assert_eq!(new["policy"], "mp-shop/api-allow-web", "{new}");
+    assert_eq!(new["match"], "default_deny", "{new}");
+    assert!(
+        after["drawn"]["edges"].as_u64().unwrap_or(0) > drawn_before,
+        "the graph must draw the new edge: {after:#}"
+    );
+    assert!(
+        browser
+            .eval("document.body.dataset.refreshed")
+            .ok()
+            .is_some_and(|v| v.is_string()),
+        "the page must have refreshed from data.json"
+    );
+    assert_eq!(http_get(addr, "/healthz"), Ok((200, "ok\n".to_owned())));
+}
