@@ -92,7 +92,7 @@ pub enum ListStrategy {
     Paged,
     /// One `resourceVersion=0` list served from the API server's watch cache, never from etcd;
     /// the API server ignores `limit` for it, so the daemon decodes the whole list at once and
-    /// its memory grows with the cluster (about 4x the paged figure at 10,000 pods).
+    /// its memory grows with the cluster.
     Cache,
 }
 
