@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::flow::Protocol;
 use crate::inventory::Inventory;
@@ -306,28 +306,6 @@ pub fn denied_query(window: &str) -> String {
     format!("sum by ({KEY_LABELS}, policy, match) (increase({DENIED_METRIC}[{window}])) > 0")
 }
 
-#[derive(Deserialize)]
-struct PromAnswer {
-    status: String,
-    #[serde(default)]
-    data: Option<PromData>,
-    #[serde(default)]
-    error: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct PromData {
-    #[serde(rename = "resultType")]
-    result_type: String,
-    result: Vec<PromSample>,
-}
-
-#[derive(Deserialize)]
-struct PromSample {
-    metric: BTreeMap<String, String>,
-    value: (f64, String),
-}
-
 /// Parses an `/api/v1/query` vector answer into observations of `verdict` (counts in the
 /// slot `slot` of `slots`).
 pub fn parse_samples(
@@ -336,61 +314,28 @@ pub fn parse_samples(
     slot: usize,
     slots: usize,
 ) -> Result<Vec<Observation>, String> {
-    let answer: PromAnswer =
-        serde_json::from_slice(body).map_err(|e| format!("not a Prometheus answer: {e}"))?;
-    if answer.status != "success" {
-        return Err(format!(
-            "status {}: {}",
-            answer.status,
-            answer.error.unwrap_or_default()
-        ));
-    }
-    let data = answer.data.ok_or("answer without data")?;
-    if data.result_type != "vector" {
-        return Err(format!("expected a vector, got {}", data.result_type));
-    }
-    let mut out = Vec::with_capacity(data.result.len());
-    for sample in data.result {
-        let label = |k: &str| sample.metric.get(k).cloned().unwrap_or_default();
-        let port = match sample.metric.get("port").map(String::as_str) {
-            None | Some("") => None,
-            Some(p) => Some(
-                p.parse::<u16>()
-                    .map_err(|_| format!("sample with invalid port label {p:?}"))?,
-            ),
-        };
-        let value: f64 = sample
-            .value
-            .1
-            .parse()
-            .map_err(|_| format!("sample with invalid value {:?}", sample.value.1))?;
-        let mut counts = vec![0; slots];
-        if let Some(c) = counts.get_mut(slot) {
-            // increase() extrapolates: 0.6 of a connection was still one.
-            *c = value.ceil().max(0.0) as u64;
-        }
-        let nonempty = |k: &str| sample.metric.get(k).filter(|v| !v.is_empty()).cloned();
-        let obs = Observation {
-            source_namespace: label("source_namespace"),
-            source_workload: label("source_workload"),
-            destination_namespace: label("destination_namespace"),
-            destination_workload: label("destination_workload"),
-            protocol: label("protocol").to_ascii_lowercase(),
-            port,
-            verdict,
-            policy: nonempty("policy"),
-            matched: nonempty("match"),
-            counts,
-        };
-        if obs.source_workload.is_empty() || obs.destination_workload.is_empty() {
-            return Err(format!(
-                "sample without workload labels: {:?}",
-                sample.metric
-            ));
-        }
-        out.push(obs);
-    }
-    Ok(out)
+    Ok(crate::verdict::edges::parse_vector(body)?
+        .into_iter()
+        .map(|s| {
+            let mut counts = vec![0; slots];
+            if let Some(c) = counts.get_mut(slot) {
+                *c = s.observed;
+            }
+            let nonempty = |k: &str| s.labels.get(k).filter(|v| !v.is_empty()).cloned();
+            Observation {
+                source_namespace: s.label("source_namespace"),
+                source_workload: s.label("source_workload"),
+                destination_namespace: s.label("destination_namespace"),
+                destination_workload: s.label("destination_workload"),
+                protocol: s.label("protocol").to_ascii_lowercase(),
+                port: s.port,
+                verdict,
+                policy: nonempty("policy"),
+                matched: nonempty("match"),
+                counts,
+            }
+        })
+        .collect())
 }
 
 /// Merges observations that differ only in their counts (the same edge in several windows).

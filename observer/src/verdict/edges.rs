@@ -245,10 +245,27 @@ struct PromSample {
     value: (f64, String),
 }
 
-/// Turns a Prometheus `/api/v1/query` answer into edges of `verdict`. Samples without a
+/// One sample of a Prometheus vector answer over edge labels.
+pub(crate) struct EdgeSample {
+    /// Every label of the sample.
+    pub labels: BTreeMap<String, String>,
+    /// The `port` label, when present and not empty.
+    pub port: Option<u16>,
+    /// The value rounded up: increase() extrapolates, and 0.6 of a connection was still one.
+    pub observed: u64,
+}
+
+impl EdgeSample {
+    /// The label `k`, empty when absent.
+    pub fn label(&self, k: &str) -> String {
+        self.labels.get(k).cloned().unwrap_or_default()
+    }
+}
+
+/// Parses a Prometheus `/api/v1/query` vector answer over edge labels. Samples without a
 /// workload label or with an unparsable port or value are errors: they mean the metric is not
 /// the one this reads.
-pub fn parse_answer(body: &[u8], verdict: Observed) -> Result<Vec<Edge>, String> {
+pub(crate) fn parse_vector(body: &[u8]) -> Result<Vec<EdgeSample>, String> {
     let answer: PromAnswer =
         serde_json::from_slice(body).map_err(|e| format!("not a Prometheus answer: {e}"))?;
     if answer.status != "success" {
@@ -264,7 +281,6 @@ pub fn parse_answer(body: &[u8], verdict: Observed) -> Result<Vec<Edge>, String>
     }
     let mut out = Vec::with_capacity(data.result.len());
     for sample in data.result {
-        let label = |k: &str| sample.metric.get(k).cloned().unwrap_or_default();
         let port = match sample.metric.get("port").map(String::as_str) {
             None | Some("") => None,
             Some(p) => Some(
@@ -277,26 +293,37 @@ pub fn parse_answer(body: &[u8], verdict: Observed) -> Result<Vec<Edge>, String>
             .1
             .parse()
             .map_err(|_| format!("sample with invalid value {:?}", sample.value.1))?;
-        let edge = Edge {
-            source_namespace: label("source_namespace"),
-            source_workload: label("source_workload"),
-            destination_namespace: label("destination_namespace"),
-            destination_workload: label("destination_workload"),
-            protocol: label("protocol"),
-            port,
-            // increase() extrapolates: 0.6 of a connection was still one.
-            observed: value.ceil().max(0.0) as u64,
-            verdict,
-        };
-        if edge.source_workload.is_empty() || edge.destination_workload.is_empty() {
+        let has = |k: &str| sample.metric.get(k).is_some_and(|v| !v.is_empty());
+        if !has("source_workload") || !has("destination_workload") {
             return Err(format!(
                 "sample without workload labels: {:?}",
                 sample.metric
             ));
         }
-        out.push(edge);
+        out.push(EdgeSample {
+            labels: sample.metric,
+            port,
+            observed: value.ceil().max(0.0) as u64,
+        });
     }
     Ok(out)
+}
+
+/// Turns a Prometheus `/api/v1/query` answer into edges of `verdict` (see [`parse_vector`]).
+pub fn parse_answer(body: &[u8], verdict: Observed) -> Result<Vec<Edge>, String> {
+    Ok(parse_vector(body)?
+        .into_iter()
+        .map(|s| Edge {
+            source_namespace: s.label("source_namespace"),
+            source_workload: s.label("source_workload"),
+            destination_namespace: s.label("destination_namespace"),
+            destination_workload: s.label("destination_workload"),
+            protocol: s.label("protocol"),
+            port: s.port,
+            observed: s.observed,
+            verdict,
+        })
+        .collect())
 }
 
 /// Arguments shared by the commands that read edges.
