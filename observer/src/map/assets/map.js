@@ -26,6 +26,12 @@
   function nsName(ns) { return ns === '' ? 'outside the cluster' : ns; }
   function nsOf(id) { return id.slice(0, id.indexOf('/')); }
   function edgeName(e) { return e.source + '->' + e.target; }
+  // The explain answer: the page's data holds it as indexes into lines shared by all edges.
+  function explainText(e) {
+    if (typeof e.explain === 'string') { return e.explain; }
+    var lines = data.explain_lines || [];
+    return (e.explain || []).map(function (i) { return lines[i]; }).join('\n');
+  }
   function portText(e) { return e.protocol + (e.port === null || e.port === undefined ? '' : '/' + e.port); }
   function count(e) { return e.observed[ui.win] || 0; }
   // Per second; an edges file has no window length, and its counts stand in for rates.
@@ -485,7 +491,7 @@
       html.push('<tr><th>' + (e.verdict === 'denied' ? 'dropped packets' : 'connections') + ', ' + esc(w) + '</th><td>' + n +
         (secs > 0 ? ' (' + (n / secs).toPrecision(3) + '/s)' : '') + '</td></tr>');
     });
-    html.push('</table><h3>explain</h3><pre>' + esc(e.explain) + '</pre>');
+    html.push('</table><h3>explain</h3><pre>' + esc(explainText(e)) + '</pre>');
     box.innerHTML = html.join('');
   }
 
