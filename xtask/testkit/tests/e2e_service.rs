@@ -84,7 +84,7 @@ fn connections_through_a_cluster_ip_are_one_pod_to_pod_edge() {
         &format!(
             "table inet {NFT_TABLE} {{\n\
              \tchain output {{\n\
-             \t\ttype nat hook output priority dstnat; policy accept;\n\
+             \t\ttype nat hook output priority -100; policy accept;\n\
              \t\tip daddr {CLUSTER_IP_V4} tcp dport {SERVICE_PORT} dnat ip to {}:{BACKEND_PORT}\n\
              \t\tip6 daddr {CLUSTER_IP_V6} tcp dport {SERVICE_PORT} dnat ip6 to [{}]:{BACKEND_PORT}\n\
              \t}}\n\
