@@ -592,6 +592,62 @@ mod tests {
     }
 
     #[test]
+    fn opening_ends_to_a_cluster_ip_are_counted_by_service_not_as_edges() {
+        use crate::capture::connections::Connection;
+        use crate::inventory::Service;
+        let metrics = Metrics::new(MetricsConfig::default()).unwrap();
+        let conns = ConnectionMetrics::new(&metrics).unwrap();
+        let web = Arc::new(Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+            cluster_ips: vec!["10.96.0.20".parse().unwrap()],
+        });
+        let conn = |dst: &str, port, side, count| Connection {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            dst_port: port,
+            side,
+            count,
+        };
+        let report = ConnectionReport {
+            connections: vec![
+                conn("10.96.0.20", 80, Side::Connect, 5),
+                conn("10.0.0.9", 8080, Side::Accept, 5),
+            ],
+            ..ConnectionReport::default()
+        };
+        let lookup = |ip: std::net::IpAddr| match ip.to_string().as_str() {
+            "10.0.0.1" => pod("a", "client"),
+            "10.0.0.9" => pod("shop", "web"),
+            _ => Endpoint::Private,
+        };
+        let service = |ip: std::net::IpAddr| (ip == web.cluster_ips[0]).then_some(&web);
+        conns.record_drain(&metrics, &report, lookup, service);
+        let text = metrics.encode_text().unwrap();
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("deny_observer_") && l.contains("connections_total{"))
+            .collect();
+        assert_eq!(
+            samples,
+            [
+                r#"deny_observer_connections_total{destination_namespace="shop",destination_workload="web",port="8080",protocol="tcp",source_namespace="a",source_workload="client"} 5"#,
+                r#"deny_observer_service_connections_total{port="80",protocol="tcp",service="web",service_namespace="shop",source_namespace="a",source_workload="client"} 5"#,
+            ],
+            "{text}"
+        );
+        // Series expire with their source workload, like the edges.
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(1);
+        conns.retain_workloads_at(t0, grace, &|_, _| false);
+        assert_eq!(
+            conns.retain_workloads_at(t0 + grace, grace, &|_, _| false),
+            2
+        );
+    }
+
+    #[test]
     fn series_are_bounded_and_expire_with_their_workloads() {
         let metrics = Metrics::new(MetricsConfig {
             series_limit: 2,
