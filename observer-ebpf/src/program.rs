@@ -17,10 +17,10 @@ use core::mem::{MaybeUninit, align_of, size_of};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use observer_ebpf::{
@@ -89,246 +89,6 @@ static SAMPLES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 /// lookup is inlined by the verifier, so this costs a few instructions.
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
-
-// ---- PROTOTYPE (issue 16 phase 1, throwaway): hot-path variants selected at load time. ----
-
-/// 0: main's FLOWS path; 1: A, per-CPU 4-way slot lines; 2: B, per-CPU log array; 3: B,
-/// ringbuf output without wakeup; 4: hash only, then FLOWS; 5: A with one way (direct-mapped).
-#[unsafe(no_mangle)]
-static PROTO_VARIANT: u32 = 0;
-/// Lines per CPU minus one (power of two minus one).
-#[unsafe(no_mangle)]
-static PROTO_LINES_MASK: u32 = 0;
-/// Log records per CPU minus one (power of two minus one).
-#[unsafe(no_mangle)]
-static PROTO_LOG_MASK: u32 = 0;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SlotEntry {
-    fp: u64,
-    packets: u32,
-    bytes: u32,
-}
-
-#[repr(C, align(64))]
-struct SlotLine {
-    e: [SlotEntry; 4],
-}
-
-#[repr(C)]
-struct LogRec {
-    key: FlowKey,
-    len: u32,
-}
-
-#[map]
-static SLOTS: Array<SlotLine> = Array::with_max_entries(1, BPF_F_MMAPABLE);
-#[map]
-static SLOT_KEYS: Array<FlowKey> = Array::with_max_entries(1, 0);
-#[map]
-static LOG: Array<LogRec> = Array::with_max_entries(1, BPF_F_MMAPABLE);
-#[map]
-static LOG_HEAD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-/// Variant 6 (C): per-CPU direct-mapped aggregation cache, whole key in the line; a conflict
-/// or an old entry is flushed to LOG.
-#[repr(C, align(64))]
-struct CacheLine {
-    key: FlowKey,
-    packets: u32,
-    bytes: u64,
-    first_ns: u64,
-}
-#[repr(C)]
-struct FlushRec {
-    key: FlowKey,
-    packets: u32,
-    bytes: u64,
-}
-#[map]
-static CACHE: Array<CacheLine> = Array::with_max_entries(1, BPF_F_MMAPABLE);
-#[map]
-static FLUSH: Array<FlushRec> = Array::with_max_entries(1, BPF_F_MMAPABLE);
-#[map]
-static LOGRB: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
-
-macro_rules! proto {
-    ($name:ident) => {
-        // SAFETY: plain, always-initialised static.
-        unsafe { core::ptr::read_volatile(&raw const $name) }
-    };
-}
-
-#[inline(always)]
-fn key_hash(key: &FlowKey) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let w = (key as *const FlowKey).cast::<u32>();
-    let mut h: u64 = 0x243F_6A88_85A3_08D3;
-    let mut i = 0;
-    while i < 5 {
-        // SAFETY: 11 words in a 44-byte key.
-        let x = unsafe { u64::from(*w.add(2 * i)) | u64::from(*w.add(2 * i + 1)) << 32 };
-        h = (h ^ x).wrapping_mul(K);
-        h ^= h >> 31;
-        i += 1;
-    }
-    // SAFETY: word 10 of 11.
-    h = (h ^ u64::from(unsafe { *w.add(10) })).wrapping_mul(K);
-    h ^= h >> 29;
-    if h == 0 { 1 } else { h }
-}
-
-/// Returns true when counted in the slot table.
-#[inline(always)]
-fn proto_slots<S: DropSource>(
-    src: &S,
-    key: &FlowKey,
-    extra: &Extra,
-    len: u32,
-    dev: u64,
-    ways: usize,
-) -> bool {
-    let h = key_hash(key);
-    // SAFETY: helper without preconditions.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let mask = proto!(PROTO_LINES_MASK);
-    let idx = cpu
-        .wrapping_mul(mask.wrapping_add(1))
-        .wrapping_add(h as u32 & mask);
-    let Some(line) = SLOTS.get_ptr_mut(idx) else {
-        return false;
-    };
-    let mut w = 0;
-    while w < 4 && w < ways {
-        // SAFETY: this CPU's line; tracing programs do not nest on one CPU.
-        let e = unsafe { &mut (*line).e[w] };
-        if e.fp == h {
-            e.packets += 1;
-            e.bytes = e.bytes.wrapping_add(len);
-            return true;
-        }
-        if e.fp == 0 {
-            if let Some(k) = SLOT_KEYS.get_ptr_mut(idx.wrapping_mul(4).wrapping_add(w as u32)) {
-                // SAFETY: this CPU's cold slot.
-                unsafe { *k = *key };
-            }
-            e.packets = 1;
-            e.bytes = len;
-            e.fp = h;
-            // SAFETY: helper without preconditions.
-            let now = unsafe { bpf_ktime_get_ns() };
-            send_sample(src, key, extra, len, dev, now);
-            return true;
-        }
-        w += 1;
-    }
-    false
-}
-
-#[inline(always)]
-fn proto_log(key: &FlowKey, len: u32) {
-    let Some(head) = LOG_HEAD.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: helper without preconditions.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let mask = proto!(PROTO_LOG_MASK);
-    // SAFETY: per-CPU slot.
-    let n = unsafe { *head };
-    let idx = cpu
-        .wrapping_mul(mask.wrapping_add(1))
-        .wrapping_add(n as u32 & mask);
-    if let Some(r) = LOG.get_ptr_mut(idx) {
-        // SAFETY: this CPU's record.
-        unsafe {
-            (*r).key = *key;
-            (*r).len = len;
-            *head = n + 1;
-        }
-    }
-}
-
-#[inline(always)]
-fn key_eq(a: &FlowKey, b: &FlowKey) -> bool {
-    let x = (a as *const FlowKey).cast::<u32>();
-    let y = (b as *const FlowKey).cast::<u32>();
-    let mut d = 0u32;
-    let mut i = 0;
-    while i < 11 {
-        // SAFETY: 11 words in a 44-byte key.
-        d |= unsafe { *x.add(i) ^ *y.add(i) };
-        i += 1;
-    }
-    d == 0
-}
-
-#[inline(always)]
-fn proto_flush(cpu: u32, e: &CacheLine) {
-    let Some(head) = LOG_HEAD.get_ptr_mut(0) else {
-        return;
-    };
-    let mask = proto!(PROTO_LOG_MASK);
-    // SAFETY: per-CPU slot.
-    let n = unsafe { *head };
-    let idx = cpu
-        .wrapping_mul(mask.wrapping_add(1))
-        .wrapping_add(n as u32 & mask);
-    if let Some(r) = FLUSH.get_ptr_mut(idx) {
-        // SAFETY: this CPU's record.
-        unsafe {
-            (*r).key = e.key;
-            (*r).packets = e.packets;
-            (*r).bytes = e.bytes;
-            *head = n + 1;
-        }
-    }
-}
-
-#[inline(always)]
-fn proto_cache(key: &FlowKey, len: u32, stamp: bool) -> bool {
-    let h = key_hash(key);
-    // SAFETY: helper without preconditions.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let mask = proto!(PROTO_LINES_MASK);
-    let idx = cpu
-        .wrapping_mul(mask.wrapping_add(1))
-        .wrapping_add(h as u32 & mask);
-    let Some(line) = CACHE.get_ptr_mut(idx) else {
-        return false;
-    };
-    // SAFETY: this CPU's line; tracing programs do not nest on one CPU.
-    let e = unsafe { &mut *line };
-    if e.packets != 0 && key_eq(&e.key, key) {
-        e.packets += 1;
-        e.bytes += u64::from(len);
-        if e.packets & 63 == 0 {
-            // SAFETY: helper without preconditions.
-            let now = unsafe { bpf_ktime_get_ns() };
-            if now.wrapping_sub(e.first_ns) > 500_000_000 {
-                proto_flush(cpu, e);
-                e.packets = 0;
-                e.bytes = 0;
-                e.first_ns = now;
-            }
-        }
-        return true;
-    }
-    if e.packets != 0 {
-        proto_flush(cpu, e);
-    }
-    e.key = *key;
-    e.packets = 1;
-    e.bytes = u64::from(len);
-    e.first_ns = if stamp {
-        // SAFETY: helper without preconditions.
-        unsafe { bpf_ktime_get_ns() }
-    } else {
-        0
-    };
-    true
-}
-
-// ---- end PROTOTYPE ----
 
 #[repr(C)]
 struct Scratch {
@@ -823,59 +583,29 @@ fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> R
 
     let key: &FlowKey = key;
     let bytes = u64::from(len);
-    let variant = proto!(PROTO_VARIANT);
-    let mut done = false;
-    if variant == 1 || variant == 5 {
-        done = proto_slots(src, key, &extra, len, dev, if variant == 1 { 4 } else { 1 });
-    } else if variant == 2 {
-        proto_log(key, len);
-        done = true;
-    } else if variant == 3 {
-        let rec = LogRec { key: *key, len };
-        if LOGRB
-            .output::<LogRec>(&rec, u64::from(BPF_RB_NO_WAKEUP))
-            .is_err()
-        {
-            count_loss(loss::RINGBUF_FULL);
-        }
-        done = true;
-    } else if variant == 6 {
-        done = proto_cache(key, len, true);
-    } else if variant == 7 {
-        done = proto_cache(key, len, false);
-    } else if variant == 4 {
-        // SAFETY: reads a local.
-        let h = key_hash(key);
-        if unsafe { core::ptr::read_volatile(&h) } == 7 {
-            count_loss(loss::RINGBUF_FULL);
-        }
-    }
-    if done {
-    } else {
-        // Flow entry first, then the total: see the module comment.
-        match FLOWS.get_ptr_mut(key) {
-            Some(v) => add(v, bytes),
-            None => {
-                // SAFETY: helper without preconditions.
-                let now = unsafe { bpf_ktime_get_ns() };
-                let value = FlowValue {
-                    packets: 1,
-                    bytes,
-                    created_ns: now,
-                };
-                match FLOWS.insert(key, &value, u64::from(BPF_NOEXIST)) {
-                    Ok(()) => send_sample(src, key, &extra, len, dev, now),
-                    // Another CPU inserted the key between our lookup and insert: add to its entry.
-                    Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {
-                        Some(v) => add(v, bytes),
-                        None => count_loss(loss::FLOW_INSERT),
-                    },
-                    Err(e) => {
-                        count_loss(loss::FLOW_INSERT);
-                        // Rare (an LRU map evicts rather than fails), so a log line per failure is
-                        // affordable and says why, next to the counted loss.
-                        aya_log_ebpf::warn!(ctx, "flow map insert failed: error {}", e);
-                    }
+    // Flow entry first, then the total: see the module comment.
+    match FLOWS.get_ptr_mut(key) {
+        Some(v) => add(v, bytes),
+        None => {
+            // SAFETY: helper without preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            let value = FlowValue {
+                packets: 1,
+                bytes,
+                created_ns: now,
+            };
+            match FLOWS.insert(key, &value, u64::from(BPF_NOEXIST)) {
+                Ok(()) => send_sample(src, key, &extra, len, dev, now),
+                // Another CPU inserted the key between our lookup and insert: add to its entry.
+                Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {
+                    Some(v) => add(v, bytes),
+                    None => count_loss(loss::FLOW_INSERT),
+                },
+                Err(e) => {
+                    count_loss(loss::FLOW_INSERT);
+                    // Rare (an LRU map evicts rather than fails), so a log line per failure is
+                    // affordable and says why, next to the counted loss.
+                    aya_log_ebpf::warn!(ctx, "flow map insert failed: error {}", e);
                 }
             }
         }

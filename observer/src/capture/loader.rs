@@ -392,33 +392,7 @@ impl Capture {
         let conns = &config.connections;
         let (conn_config, tcp_unusable, udp_unusable) =
             super::connections::conn_config(&tracefs_root, &btf, conns);
-        // PROTOTYPE (issue 16 phase 1, throwaway): hot-path variant from the environment.
-        let proto_env = |name: &str, default: u32| -> u32 {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default)
-        };
-        let proto_variant = proto_env("DENY_OBSERVER_PROTO_VARIANT", 0);
-        let proto_lines = proto_env("DENY_OBSERVER_PROTO_LINES", 1).next_power_of_two();
-        let proto_log = proto_env("DENY_OBSERVER_PROTO_LOG", 1).next_power_of_two();
-        let proto_lines_mask = proto_lines - 1;
-        let proto_log_mask = proto_log - 1;
-        tracing::warn!(
-            proto_variant,
-            proto_lines,
-            proto_log,
-            "PROTOTYPE hot-path variant"
-        );
         let mut ebpf = EbpfLoader::new()
-            .override_global("PROTO_VARIANT", &proto_variant, true)
-            .override_global("PROTO_LINES_MASK", &proto_lines_mask, true)
-            .override_global("PROTO_LOG_MASK", &proto_log_mask, true)
-            .map_max_entries("SLOTS", proto_lines * nr_cpus as u32)
-            .map_max_entries("SLOT_KEYS", proto_lines * 4 * nr_cpus as u32)
-            .map_max_entries("LOG", proto_log * nr_cpus as u32)
-            .map_max_entries("CACHE", proto_lines * nr_cpus as u32)
-            .map_max_entries("FLUSH", proto_log * nr_cpus as u32)
             .override_global("CONFIG", &program_config, true)
             .override_global("LOCATIONS", &locations, true)
             .override_global("CONN_CONFIG", &conn_config, true)
