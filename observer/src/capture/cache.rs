@@ -1,0 +1,548 @@
+//! Reader of the kernel's per-CPU drop cache and flush logs.
+//!
+//! The kernel program counts a drop in its CPU's cache line for the key, and when another key
+//! takes the line it copies the old entry, with its final counts, into the CPU's flush log
+//! (docs/perf-notes.md, "Design C"). Counts are cumulative per *incarnation* of a line, named
+//! by `(cpu, tag)`. This reader keeps what it has emitted of each incarnation that may still
+//! change, and emits differences:
+//!
+//! 1. **Log**: records `tail .. head` of each CPU; each one ends its incarnation (its final
+//!    counts minus what was emitted). Then `tail = head`, which lets the kernel reuse the slots.
+//!    The kernel never writes a record the reader has not released, so none is torn or lost.
+//! 2. **Snapshot** of live lines, under the CPU's sequence count, which the kernel keeps odd
+//!    while it replaces a line (flush record, `head`, new key). The log is read first, so a
+//!    snapshot never sees an incarnation whose flush record was already consumed.
+//!
+//! The reader never writes the cache or the log; the only store is `tail`. It relies on the
+//! CPU's store order (x86-64), which is why the loader enables the cache only there.
+use std::collections::hash_map::Entry;
+use std::os::fd::BorrowedFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use observer_ebpf::{CACHE_LINES, CacheEntry, Counter, CpuState, FlowKey};
+
+use crate::flow::FastMap;
+
+/// Consistent copies of a line attempted per snapshot before leaving it for the next one.
+const SNAPSHOT_TRIES: u32 = 8;
+
+/// A shared memory mapping of a BPF array created with `BPF_F_MMAPABLE`.
+#[derive(Debug)]
+pub(super) struct Mmap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; every access through it goes through raw
+// pointers with volatile or atomic operations, which are sound from any thread.
+unsafe impl Send for Mmap {}
+// SAFETY: as above.
+unsafe impl Sync for Mmap {}
+
+impl Mmap {
+    /// Maps the first `len` bytes of the map behind `fd` (rounded up to whole pages).
+    pub(super) fn map(fd: BorrowedFd<'_>, len: usize, writable: bool) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh mapping chosen by the kernel (no fixed address), of a descriptor we
+        // borrow for the duration of the call; the kernel keeps the map alive while mapped.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+        Ok(Self { ptr, len })
+    }
+}
+
+impl Mmap {
+    /// Start of the mapping (page aligned).
+    pub(super) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for Mmap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`, which nothing uses any more (the
+        // regions that point into it are owned by the same reader).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Where the three arrays are: pointers into mappings (or, in tests, into owned buffers).
+#[derive(Debug)]
+pub(super) struct Regions {
+    /// `nr_cpus * CACHE_LINES` cache lines.
+    pub cache: *const CacheEntry,
+    /// `nr_cpus * log_records` flush records.
+    pub log: *const CacheEntry,
+    /// `nr_cpus` CPU states.
+    pub cpus: *mut CpuState,
+    pub nr_cpus: u32,
+    /// Records per CPU log: a power of two.
+    pub log_records: u32,
+    /// Keeps the memory behind the pointers alive.
+    pub _owner: Box<dyn Send + Sync + std::fmt::Debug>,
+}
+
+// SAFETY: the pointers are only dereferenced with volatile/atomic accesses, and `_owner` keeps
+// the memory alive as long as the regions.
+unsafe impl Send for Regions {}
+
+/// What the reader has emitted of an incarnation that may still change.
+#[derive(Copy, Clone, Debug)]
+struct Emitted {
+    packets: u64,
+    bytes: u64,
+}
+
+/// Reader statistics, cumulative.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct ReaderStats {
+    /// Flush records consumed.
+    pub records: u64,
+    /// Lines left for a later snapshot because the kernel kept changing them.
+    pub busy_lines: u64,
+    /// Incarnations tracked now (live lines seen, plus ones whose flush is unread).
+    pub tracked: usize,
+}
+
+/// Consumes the flush logs and snapshots live lines into per-key deltas.
+#[derive(Debug)]
+pub(super) struct CacheReader {
+    regions: Regions,
+    emitted: FastMap<(u32, u32), Emitted>,
+    /// Deltas not yet handed out, per key.
+    deltas: FastMap<FlowKey, Counter>,
+    stats: ReaderStats,
+}
+
+impl CacheReader {
+    pub(super) fn new(regions: Regions) -> Self {
+        Self {
+            regions,
+            emitted: FastMap::default(),
+            deltas: FastMap::default(),
+            stats: ReaderStats::default(),
+        }
+    }
+
+    fn cpu_state(&self, cpu: u32) -> *mut CpuState {
+        // SAFETY: `cpu < nr_cpus`, the length of the array (checked by callers' loops).
+        unsafe { self.regions.cpus.add(cpu as usize) }
+    }
+
+    /// Consumes every CPU's flush log; returns the records read.
+    pub(super) fn consume_logs(&mut self) -> u64 {
+        let mut total = 0;
+        for cpu in 0..self.regions.nr_cpus {
+            let st = self.cpu_state(cpu);
+            // SAFETY: field pointers of a live CpuState.
+            let (head_p, tail_p) = unsafe { (&raw mut (*st).head, &raw mut (*st).tail) };
+            // Acquire: the records the kernel wrote before advancing `head` are visible.
+            let head = load(head_p, Ordering::Acquire);
+            let tail = load(tail_p, Ordering::Relaxed);
+            let n = head.wrapping_sub(tail);
+            if n == 0 {
+                continue;
+            }
+            let records = u64::from(self.regions.log_records);
+            // The kernel never runs more than a log ahead; anything else is a corrupt state,
+            // which the reader resolves by skipping to `head` rather than reading garbage.
+            if n > records {
+                tracing::warn!(
+                    cpu,
+                    head,
+                    tail,
+                    "drop-cache log positions inconsistent; skipping"
+                );
+                store(tail_p, head, Ordering::Release);
+                continue;
+            }
+            let mask = records - 1;
+            for pos in tail..head {
+                let idx = cpu as usize * records as usize + (pos & mask) as usize;
+                // SAFETY: `idx < nr_cpus * log_records`; the kernel does not write this slot
+                // until `tail` passes it.
+                let rec = unsafe { std::ptr::read_volatile(self.regions.log.add(idx)) };
+                self.flushed(cpu, &rec);
+            }
+            // Release: the record loads above complete before the kernel may reuse the slots.
+            store(tail_p, head, Ordering::Release);
+            total += n;
+        }
+        self.stats.records += total;
+        total
+    }
+
+    /// Accounts a flush record: the final counts of its incarnation.
+    fn flushed(&mut self, cpu: u32, rec: &CacheEntry) {
+        let (packets, bytes) = match self.emitted.remove(&(cpu, rec.tag)) {
+            Some(e) => (
+                rec.packets.saturating_sub(e.packets),
+                rec.bytes.saturating_sub(e.bytes),
+            ),
+            None => (rec.packets, rec.bytes),
+        };
+        self.add(&rec.key, packets, bytes);
+    }
+
+    /// Snapshots every CPU's live lines. Call after [`CacheReader::consume_logs`].
+    pub(super) fn snapshot(&mut self) {
+        for cpu in 0..self.regions.nr_cpus {
+            let st = self.cpu_state(cpu);
+            // SAFETY: field pointer of a live CpuState.
+            let seq = unsafe { &raw mut (*st).seq };
+            for line in 0..CACHE_LINES {
+                let idx = cpu as usize * CACHE_LINES as usize + line as usize;
+                let mut copy = None;
+                for _ in 0..SNAPSHOT_TRIES {
+                    let s1 = load(seq, Ordering::Acquire);
+                    if s1 % 2 == 1 {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    // SAFETY: `idx < nr_cpus * CACHE_LINES`; a racing kernel store is caught by
+                    // the sequence check (key and tag change only under an odd `seq`).
+                    let e = unsafe { std::ptr::read_volatile(self.regions.cache.add(idx)) };
+                    fence(Ordering::Acquire);
+                    if load(seq, Ordering::Relaxed) == s1 {
+                        copy = Some(e);
+                        break;
+                    }
+                }
+                match copy {
+                    Some(e) if e.packets != 0 => self.live(cpu, &e),
+                    Some(_) => {}
+                    None => self.stats.busy_lines += 1,
+                }
+            }
+        }
+    }
+
+    /// Accounts a snapshot of a live line.
+    fn live(&mut self, cpu: u32, e: &CacheEntry) {
+        let (packets, bytes) = match self.emitted.entry((cpu, e.tag)) {
+            Entry::Occupied(mut o) => {
+                let prev = o.get_mut();
+                // Both only grow within an incarnation; a snapshot that caught a hit half done
+                // (packets stored, bytes not yet) is behind on bytes only, never ahead.
+                let d = (
+                    e.packets.saturating_sub(prev.packets),
+                    e.bytes.saturating_sub(prev.bytes),
+                );
+                prev.packets = prev.packets.max(e.packets);
+                prev.bytes = prev.bytes.max(e.bytes);
+                d
+            }
+            Entry::Vacant(v) => {
+                v.insert(Emitted {
+                    packets: e.packets,
+                    bytes: e.bytes,
+                });
+                (e.packets, e.bytes)
+            }
+        };
+        self.add(&e.key, packets, bytes);
+    }
+
+    fn add(&mut self, key: &FlowKey, packets: u64, bytes: u64) {
+        if packets == 0 && bytes == 0 {
+            return;
+        }
+        let c = self.deltas.entry(*key).or_default();
+        c.packets += packets;
+        c.bytes += bytes;
+    }
+
+    /// Hands out the deltas accumulated since the previous call.
+    pub(super) fn take(&mut self, out: &mut Vec<(FlowKey, Counter)>) {
+        out.extend(self.deltas.drain());
+    }
+
+    /// Statistics (cumulative counts, current size).
+    pub(super) fn stats(&self) -> ReaderStats {
+        ReaderStats {
+            tracked: self.emitted.len(),
+            ..self.stats
+        }
+    }
+}
+
+/// Log polling interval while records are arriving. A CPU's log of 2^14 records then holds
+/// 3 M evictions a second before the kernel has to fall back to `FLOWS`.
+const POLL_BUSY: Duration = Duration::from_millis(5);
+/// Log polling interval while the logs are empty.
+const POLL_IDLE: Duration = Duration::from_millis(25);
+
+/// The reader shared between the log-polling thread and [`super::Capture::drain`].
+#[derive(Debug)]
+pub(super) struct CacheHandle {
+    reader: Arc<Mutex<CacheReader>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CacheHandle {
+    /// Starts the thread that keeps the flush logs consumed between drains: at a million
+    /// evictions a second a log fills in milliseconds, not in the drain's second.
+    pub(super) fn start(reader: CacheReader) -> std::io::Result<Self> {
+        let reader = Arc::new(Mutex::new(reader));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let reader = Arc::clone(&reader);
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("drop-log".to_owned())
+                .spawn(move || {
+                    let mut wait = POLL_IDLE;
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::park_timeout(wait);
+                        let n = lock(&reader).consume_logs();
+                        wait = if n > 0 { POLL_BUSY } else { POLL_IDLE };
+                    }
+                })?
+        };
+        Ok(Self {
+            reader,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Consumes the logs, snapshots the live lines and hands out every delta since the
+    /// previous call.
+    pub(super) fn collect(&self, out: &mut Vec<(FlowKey, Counter)>) -> ReaderStats {
+        let mut r = lock(&self.reader);
+        r.consume_logs();
+        r.snapshot();
+        r.take(out);
+        r.stats()
+    }
+}
+
+impl Drop for CacheHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            if t.join().is_err() {
+                tracing::warn!("drop-log reader thread panicked");
+            }
+        }
+    }
+}
+
+/// The reader, even if a holder panicked: its state is consistent between method calls, which
+/// never panic half-way through an update.
+fn lock(m: &Mutex<CacheReader>) -> MutexGuard<'_, CacheReader> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Atomic load of a `u64` of a [`CpuState`] in the regions.
+fn load(p: *mut u64, order: Ordering) -> u64 {
+    // SAFETY: callers pass a field of a CpuState inside the regions, 8-byte aligned and alive
+    // as long as the reader; AtomicU64 has u64's layout, and every other access to it is
+    // atomic or the kernel's.
+    unsafe { AtomicU64::from_ptr(p) }.load(order)
+}
+
+/// Atomic store to a `u64` of a [`CpuState`] in the regions.
+fn store(p: *mut u64, v: u64, order: Ordering) {
+    // SAFETY: as in `load`.
+    unsafe { AtomicU64::from_ptr(p) }.store(v, order);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use observer_ebpf::CACHE_TAG_LINE_BITS;
+
+    /// The buffers behind a test reader's regions.
+    #[derive(Debug)]
+    struct Buffers {
+        _cache: Vec<CacheEntry>,
+        _log: Vec<CacheEntry>,
+        _cpus: Vec<CpuState>,
+    }
+
+    /// A fake kernel writing the cache and log as the program does, through the same raw
+    /// pointers the reader reads (single-threaded: it never runs during a read).
+    struct Kernel {
+        cache: *mut CacheEntry,
+        log: *mut CacheEntry,
+        cpus: *mut CpuState,
+        log_records: u32,
+    }
+
+    impl Kernel {
+        fn cpu(&mut self, cpu: u32) -> &mut CpuState {
+            // SAFETY: `cpu` is below the test's CPU count; the buffers outlive the test body.
+            unsafe { &mut *self.cpus.add(cpu as usize) }
+        }
+
+        /// Counts one drop of `key` in `line` of `cpu`; false when the log is full.
+        fn drop(&mut self, cpu: u32, line: u32, key: FlowKey, len: u64) -> bool {
+            let records = self.log_records;
+            // SAFETY: indexes inside the buffers sized by `setup`.
+            let e = unsafe { &mut *self.cache.add((cpu * CACHE_LINES + line) as usize) };
+            if e.packets != 0 && e.key == key {
+                e.packets += 1;
+                e.bytes += len;
+                return true;
+            }
+            let log = self.log;
+            let st = self.cpu(cpu);
+            if e.packets != 0 {
+                if st.head - st.tail >= u64::from(records) {
+                    return false;
+                }
+                let r = (cpu * records) as usize + (st.head % u64::from(records)) as usize;
+                // SAFETY: inside the log buffer.
+                unsafe { *log.add(r) = *e };
+                st.head += 1;
+            }
+            *e = CacheEntry {
+                key,
+                tag: ((e.tag >> CACHE_TAG_LINE_BITS) + 1) << CACHE_TAG_LINE_BITS | line,
+                packets: 1,
+                bytes: len,
+            };
+            true
+        }
+    }
+
+    fn setup(nr_cpus: u32, log_records: u32) -> (CacheReader, Kernel) {
+        let mut cache = vec![CacheEntry::default(); (nr_cpus * CACHE_LINES) as usize];
+        let mut log = vec![CacheEntry::default(); (nr_cpus * log_records) as usize];
+        let mut cpus = vec![CpuState::default(); nr_cpus as usize];
+        let k = Kernel {
+            cache: cache.as_mut_ptr(),
+            log: log.as_mut_ptr(),
+            cpus: cpus.as_mut_ptr(),
+            log_records,
+        };
+        let regions = Regions {
+            cache: k.cache,
+            log: k.log,
+            cpus: k.cpus,
+            nr_cpus,
+            log_records,
+            _owner: Box::new(Buffers {
+                _cache: cache,
+                _log: log,
+                _cpus: cpus,
+            }),
+        };
+        (CacheReader::new(regions), k)
+    }
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            reason: 12,
+            dst_port: port,
+            protocol: 17,
+            family: observer_ebpf::family::INET,
+            ..FlowKey::default()
+        }
+    }
+
+    fn collect(r: &mut CacheReader) -> FastMap<FlowKey, Counter> {
+        r.consume_logs();
+        r.snapshot();
+        let mut v = Vec::new();
+        r.take(&mut v);
+        let mut m = FastMap::default();
+        for (k, c) in v {
+            let e: &mut Counter = m.entry(k).or_default();
+            e.packets += c.packets;
+            e.bytes += c.bytes;
+        }
+        m
+    }
+
+    #[test]
+    fn snapshots_and_flushes_of_one_incarnation_add_up_exactly() {
+        let (mut r, mut k) = setup(2, 8);
+        for _ in 0..3 {
+            assert!(k.drop(1, 5, key(80), 100));
+        }
+        let first = collect(&mut r);
+        assert_eq!(first[&key(80)].packets, 3);
+        // Two more, then another key takes the line: the flush carries 5 in all, of which
+        // 3 were already emitted.
+        assert!(k.drop(1, 5, key(80), 100));
+        assert!(k.drop(1, 5, key(80), 100));
+        assert!(k.drop(1, 5, key(81), 10));
+        let second = collect(&mut r);
+        assert_eq!(second[&key(80)].packets, 2);
+        assert_eq!(second[&key(80)].bytes, 200);
+        assert_eq!(second[&key(81)].packets, 1);
+        // Nothing new: nothing emitted, and only the live incarnation is tracked.
+        assert!(collect(&mut r).is_empty());
+        assert_eq!(r.stats().tracked, 1);
+    }
+
+    #[test]
+    fn a_key_returning_to_its_line_is_a_new_incarnation() {
+        let (mut r, mut k) = setup(1, 16);
+        let mut sent = 0u64;
+        let mut got = 0u64;
+        for round in 0..10u16 {
+            // Alternate two keys in one line, with reads in between at odd moments.
+            for i in 0..=round {
+                assert!(k.drop(0, 3, key(1 + (i % 2)), 1));
+                sent += 1;
+            }
+            got += collect(&mut r).values().map(|c| c.packets).sum::<u64>();
+        }
+        assert_eq!(got, sent);
+    }
+
+    #[test]
+    fn a_full_log_refuses_the_eviction_and_the_reader_frees_it() {
+        let (mut r, mut k) = setup(1, 2);
+        assert!(k.drop(0, 0, key(1), 1));
+        assert!(k.drop(0, 0, key(2), 1));
+        assert!(k.drop(0, 0, key(3), 1));
+        // Two unread records: the next eviction is refused (the kernel counts it in FLOWS).
+        assert!(!k.drop(0, 0, key(4), 1));
+        let m = collect(&mut r);
+        assert_eq!(m.values().map(|c| c.packets).sum::<u64>(), 3);
+        assert!(k.drop(0, 0, key(4), 1));
+        assert_eq!(collect(&mut r)[&key(4)].packets, 1);
+    }
+
+    #[test]
+    fn a_line_changing_under_the_reader_is_left_for_later_not_misread() {
+        let (mut r, mut k) = setup(1, 4);
+        assert!(k.drop(0, 7, key(9), 1));
+        // The kernel is inside an install on this CPU: every line is left alone.
+        k.cpu(0).seq = 1;
+        assert!(collect(&mut r).is_empty());
+        assert_eq!(r.stats().busy_lines, u64::from(CACHE_LINES));
+        k.cpu(0).seq = 2;
+        assert_eq!(collect(&mut r)[&key(9)].packets, 1);
+    }
+}
