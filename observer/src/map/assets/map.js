@@ -32,8 +32,13 @@
     var lines = data.explain_lines || [];
     return (e.explain || []).map(function (i) { return lines[i]; }).join('\n');
   }
-  function portText(e) { return e.protocol + (e.port === null || e.port === undefined ? '' : '/' + e.port); }
+  function hasPort(e) { return e.port !== null && e.port !== undefined; }
+  // A denied edge shown once per port carries the edge's count over all its ports
+  // (`count_ports`): the drop metrics count packets per edge, not per port.
+  function shared(e) { return !!(e.count_ports && e.count_ports.length); }
+  function portText(e) { return e.protocol + (hasPort(e) ? '/' + e.port : (shared(e) ? '/other' : '')); }
   function count(e) { return e.observed[ui.win] || 0; }
+  function obsText(e) { return String(count(e)) + (shared(e) ? ' (edge, all ports)' : ''); }
   // Per second; an edges file has no window length, and its counts stand in for rates.
   function rate(e) {
     var secs = data.window_seconds[ui.win] || 0;
@@ -104,11 +109,12 @@
     var rows = [];
     data.edges.forEach(function (e, i) {
       rows.push('<tr' + (visible(e) ? '' : ' hidden') + ' data-idx="' + i + '" data-edge="' + esc(edgeName(e)) + '" data-verdict="' + e.verdict +
-        '" data-protocol="' + esc(e.protocol) + '" data-port="' + (e.port === null ? '' : e.port) +
+        '" data-protocol="' + esc(e.protocol) + '" data-port="' + (hasPort(e) ? e.port : '') +
+        (shared(e) ? '" data-count-ports="' + esc(e.count_ports.join(',')) : '') +
         '" data-policy="' + esc(e.policy) + '" data-match="' + esc(e.match || '') +
         '" data-observed="' + count(e) + '"><td>' + esc(e.source) + '</td><td>' + esc(e.target) +
         '</td><td>' + e.verdict + (e.match === 'unexplained' ? ' (unexplained)' : '') + '</td><td>' +
-        esc(portText(e)) + '</td><td class="obs">' + count(e) + '</td><td>' + esc(e.policy || '-') +
+        esc(portText(e)) + '</td><td class="obs">' + obsText(e) + '</td><td>' + esc(e.policy || '-') +
         '</td><td><button type="button" class="link" data-select="' + i + '">details</button></td></tr>');
     });
     // Chunks of CHUNK rows, each its own table with the same fixed columns (see .chunk).
@@ -142,7 +148,7 @@
       var on = visible(e);
       rows[i].hidden = !on;
       rows[i].setAttribute('data-observed', String(count(e)));
-      rows[i].cells[4].textContent = String(count(e));
+      rows[i].cells[4].textContent = obsText(e);
       if (on) { shown++; }
     }
     return shown;
@@ -199,6 +205,13 @@
         m = merged[key] = { s: s, t: t, verdict: e.verdict, policy: e.policy, match: e.match, idx: [], count: 0, rate: null };
       }
       m.idx.push(at);
+      // The ports of one denied edge share its count: add it once.
+      if (shared(e)) {
+        var edgeKey = e.source + '>' + e.target + '|' + e.protocol;
+        m.sharedSeen = m.sharedSeen || {};
+        if (m.sharedSeen[edgeKey]) { return; }
+        m.sharedSeen[edgeKey] = true;
+      }
       m.count += count(e);
       var r = rate(e);
       if (r !== null) { m.rate = (m.rate || 0) + r; }
@@ -482,13 +495,22 @@
     }
     html.push('<h2>' + esc(e.source) + ' &rarr; ' + esc(e.target) + '</h2>');
     html.push('<table><tr><th>verdict</th><td>' + e.verdict + (e.match ? ' (' + esc(e.match) + ')' : '') + '</td></tr>');
-    html.push('<tr><th>protocol/port</th><td>' + esc(portText(e)) + (e.port === null ? ' (the drop metrics carry no port)' : '') + '</td></tr>');
+    var portNote = '';
+    if (!hasPort(e)) {
+      portNote = shared(e) ? ' (ports the daemon does not name: beyond 16 per edge, or a header cut short)' :
+        ' (the drop metrics carry no port, and no new-edge series names one)';
+    }
+    html.push('<tr><th>protocol/port</th><td>' + esc(portText(e)) + portNote + '</td></tr>');
+    if (shared(e)) {
+      html.push('<tr><th>ports of the edge</th><td>' + esc(e.count_ports.join(', ')) +
+        '<br><small>The counts below are the edge\'s, over all these ports: the drop metrics count packets per edge, not per port.</small></td></tr>');
+    }
     html.push('<tr><th>policies</th><td>' + esc(e.policy || '-') + '</td></tr>');
     html.push('<tr><th>engine today</th><td>' + esc(e.judged) + '</td></tr>');
     data.windows.forEach(function (w, i) {
       var secs = data.window_seconds[i];
       var n = e.observed[i] || 0;
-      html.push('<tr><th>' + (e.verdict === 'denied' ? 'dropped packets' : 'connections') + ', ' + esc(w) + '</th><td>' + n +
+      html.push('<tr><th>' + (e.verdict === 'denied' ? 'dropped packets' + (shared(e) ? ' (edge, all ports)' : '') : 'connections') + ', ' + esc(w) + '</th><td>' + n +
         (secs > 0 ? ' (' + (n / secs).toPrecision(3) + '/s)' : '') + '</td></tr>');
     });
     html.push('</table><h3>explain</h3><pre>' + esc(explainText(e)) + '</pre>');
