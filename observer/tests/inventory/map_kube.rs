@@ -1,7 +1,7 @@
 //! `deny-observer map --listen` with the inventory from the API server (faked with tower-test,
-//! as in `kube_api`): open fields and explain answers come from the watched objects, and an
-//! API server that refuses the lists gives a page that says what the map waits for while the
-//! server keeps answering.
+//! as in `kube_api`): open fields and explain answers come from the watched objects; an API
+//! server that refuses the lists gives a page that says what the map waits for while the
+//! server keeps answering; a watch that fails later leaves the last inventory in use, noted.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -285,6 +285,90 @@ async fn listen_with_a_failing_api_server_serves_a_page_that_says_so() {
     let (status, page) = get(addr, "/").await;
     assert_eq!(status, 200);
     assert!(page.contains("cannot list resource"), "the page says why");
+    let _ = stop.send(());
+    done.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_keeps_the_last_inventory_and_says_so_when_a_watch_fails() {
+    let status = |code: u16, reason: &str| {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": reason, "reason": reason, "code": code})
+    };
+    // Listed once, then the policies' watch expires and every relist fails.
+    let mut script = Script::default()
+        .on(
+            NAMESPACES,
+            false,
+            list(
+                "Namespace",
+                "v1",
+                "1",
+                vec![ns("prod", "a"), ns("dev", "b")],
+            ),
+        )
+        .on(
+            PODS,
+            false,
+            list(
+                "Pod",
+                "v1",
+                "2",
+                vec![
+                    pod("web", "10.0.0.1", "2"),
+                    pod("api", "10.0.0.2", "2"),
+                    tool_pod(),
+                ],
+            ),
+        )
+        .on(
+            POLICIES,
+            false,
+            list(
+                "NetworkPolicy",
+                "networking.k8s.io/v1",
+                "3",
+                vec![policy("only-api", "api", "3")],
+            ),
+        )
+        .on(
+            POLICIES,
+            true,
+            Reply::Events(vec![
+                json!({"type": "ERROR", "object": status(410, "Expired")}),
+            ]),
+        )
+        .on(SERVICES, false, no_services());
+    for _ in 0..50 {
+        script = script.on(
+            POLICIES,
+            false,
+            Reply::Json(500, status(500, "etcdserver: request timed out")),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (addr, stop, done) = start_map(script, EDGES, dir.path()).await;
+    until(addr, "/readyz", "ready", |s, _| s == 200).await;
+    // First the expired watch, then the failing relists.
+    let (_, body) = until(addr, "/data.json", "the stale-inventory note", |_, b| {
+        b.contains("inventory: reading the API server fails") && b.contains("etcdserver")
+    })
+    .await;
+    let data: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let notes = data["notes"].to_string();
+    assert!(
+        notes.contains("explain answers are from the inventory of")
+            && notes.contains("networkpolicies"),
+        "{notes}"
+    );
+    // The last good inventory still judges: the policy listed before the failure.
+    let denied = data["edges"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["verdict"] == "denied").cloned())
+        .unwrap_or_else(|| panic!("no denied edge: {data:#}"));
+    assert_eq!(denied["policy"], "prod/only-api", "{denied}");
+    assert_eq!(data["error"], Value::Null, "{data:#}");
+    assert_eq!(get(addr, "/healthz").await, (200, "ok\n".to_owned()));
     let _ = stop.send(());
     done.await;
 }
