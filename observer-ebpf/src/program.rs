@@ -667,7 +667,7 @@ fn count_in_flows<C: EbpfContext, S: DropSource>(
                 created_ns: now,
             };
             match FLOWS.insert(key, &value, u64::from(BPF_NOEXIST)) {
-                Ok(()) => send_sample(src, key, extra, len, dev, now),
+                Ok(()) => send_sample(src, key, extra, len, dev, Some(now)),
                 // Another CPU inserted the key between our lookup and insert: add to its entry.
                 Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {
                     Some(v) => add(v, bytes),
@@ -807,10 +807,10 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
         // SAFETY: this CPU's filter; the mask keeps the index in bounds.
         let known = unsafe { &mut (*f).fingerprints[slot] };
         if *known != fp {
+            // Set whether or not the ring has room: a full ring is a counted loss, and retrying
+            // on every install would contend for the ring's lock.
             *known = fp;
-            // SAFETY: helper without preconditions.
-            let now = unsafe { bpf_ktime_get_ns() };
-            send_sample(src, key, extra, len, dev, now);
+            send_sample(src, key, extra, len, dev, None);
         }
     }
     true
@@ -1142,13 +1142,24 @@ fn parse_ip(p: &mut Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), 
     Ok(())
 }
 
-/// Sends the detail of a newly inserted key; a full ring buffer is a counted loss.
+/// Sends the detail of a newly inserted key; a full ring buffer is a counted loss. `ts` is the
+/// drop's time if the caller has read the clock, else it is read here, only once the ring has
+/// taken the record (a clock read costs about as much as the rest of a cache hit).
 #[inline(always)]
-fn send_sample<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, dev: u64, ts: u64) {
+fn send_sample<S: DropSource>(
+    src: &S,
+    key: &FlowKey,
+    extra: &Extra,
+    len: u32,
+    dev: u64,
+    ts: Option<u64>,
+) {
     let Some(mut entry) = SAMPLES.reserve::<SampleEvent>(0) else {
         count_loss(loss::RINGBUF_FULL);
         return;
     };
+    // SAFETY: helper without preconditions.
+    let ts = ts.unwrap_or_else(|| unsafe { bpf_ktime_get_ns() });
     let location = src.location();
     let ifindex = if dev == 0 { 0 } else { src.ifindex(dev) };
     entry.write(SampleEvent {
