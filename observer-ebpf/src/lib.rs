@@ -260,13 +260,19 @@ pub struct CpuState {
     pub seq: u64,
     /// Flush records ever written by this CPU; record `n` is at `n % log_records`.
     pub head: u64,
+    /// Samples this CPU's cache installs have sent (or tried to: a full ring counts too).
+    pub samples: u64,
     /// Padding to the end of the kernel's cache line.
-    pub _kernel_pad: [u64; 6],
+    pub _kernel_pad: [u64; 5],
     /// Flush records consumed by userspace: the program never writes a record at or beyond
     /// `tail + log_records`.
     pub tail: u64,
+    /// The program sends no sample from a cache install once `samples` reaches this; userspace
+    /// raises it a little on every poll, which bounds the samples per second per CPU (a key
+    /// that finds the budget spent is sampled at a later install instead).
+    pub sample_limit: u64,
     /// Padding to the end of the reader's cache line.
-    pub _reader_pad: [u64; 7],
+    pub _reader_pad: [u64; 6],
 }
 
 /// Load-time configuration of the drop cache, set with

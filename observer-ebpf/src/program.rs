@@ -807,10 +807,23 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
         // SAFETY: this CPU's filter; the mask keeps the index in bounds.
         let known = unsafe { &mut (*f).fingerprints[slot] };
         if *known != fp {
-            // Set whether or not the ring has room: a full ring is a counted loss, and retrying
-            // on every install would contend for the ring's lock.
-            *known = fp;
-            send_sample(src, key, extra, len, dev, None);
+            // SAFETY: this CPU's state; `sample_limit` is userspace's, read only.
+            let (sent, limit) = unsafe {
+                (
+                    core::ptr::read_volatile(&raw const (*st).samples),
+                    core::ptr::read_volatile(&raw const (*st).sample_limit),
+                )
+            };
+            // With more flows than filter slots, keys sharing a slot would otherwise send a
+            // sample at almost every install; the budget bounds that cost per CPU.
+            if sent < limit {
+                // SAFETY: this CPU's state, written only by this CPU's program.
+                unsafe { core::ptr::write_volatile(&raw mut (*st).samples, sent + 1) };
+                // Set whether or not the ring has room: a full ring is a counted loss, and
+                // retrying on every install would contend for the ring's lock.
+                *known = fp;
+                send_sample(src, key, extra, len, dev, None);
+            }
         }
     }
     true

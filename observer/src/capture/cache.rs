@@ -26,6 +26,11 @@ use observer_ebpf::{CACHE_LINES, CacheEntry, Counter, CpuState, FlowKey};
 
 use crate::flow::FastMap;
 
+/// Samples each CPU's cache installs may send per poll of the reader thread (see
+/// [`CpuState::sample_limit`]): about 1,500 a second per CPU while drops arrive, more than
+/// the default sample ring holds between two drains.
+const SAMPLE_BUDGET: u64 = 32;
+
 /// Consistent copies of a line attempted per snapshot before leaving it for the next one.
 const SNAPSHOT_TRIES: u32 = 8;
 
@@ -142,12 +147,28 @@ pub(super) struct CacheReader {
 
 impl CacheReader {
     pub(super) fn new(regions: Regions) -> Self {
-        Self {
+        let reader = Self {
             regions,
             emitted: FastMap::default(),
             deltas: FastMap::default(),
             stats: ReaderStats::default(),
             batch: Vec::new(),
+        };
+        for cpu in 0..reader.regions.nr_cpus {
+            reader.refill_samples(cpu);
+        }
+        reader
+    }
+
+    /// Lets `cpu` send up to [`SAMPLE_BUDGET`] more samples.
+    fn refill_samples(&self, cpu: u32) {
+        let st = self.cpu_state(cpu);
+        // SAFETY: field pointers of a live CpuState.
+        let (sent_p, limit_p) = unsafe { (&raw mut (*st).samples, &raw mut (*st).sample_limit) };
+        let want = load(sent_p, Ordering::Relaxed).saturating_add(SAMPLE_BUDGET);
+        // Only store on a change: an idle CPU's line stays clean.
+        if load(limit_p, Ordering::Relaxed) != want {
+            store(limit_p, want, Ordering::Relaxed);
         }
     }
 
@@ -160,6 +181,7 @@ impl CacheReader {
     pub(super) fn consume_logs(&mut self) -> u64 {
         let mut total = 0;
         for cpu in 0..self.regions.nr_cpus {
+            self.refill_samples(cpu);
             let st = self.cpu_state(cpu);
             // SAFETY: field pointers of a live CpuState.
             let (head_p, tail_p) = unsafe { (&raw mut (*st).head, &raw mut (*st).tail) };
@@ -553,6 +575,19 @@ mod tests {
         assert_eq!(m.values().map(|c| c.packets).sum::<u64>(), 3);
         assert!(k.drop(0, 0, key(4), 1));
         assert_eq!(collect(&mut r)[&key(4)].packets, 1);
+    }
+
+    #[test]
+    fn each_poll_allows_a_bounded_number_of_samples() {
+        let (mut r, mut k) = setup(2, 4);
+        assert_eq!(k.cpu(1).sample_limit, SAMPLE_BUDGET);
+        // The CPU spent its budget; the next poll grants the same again, not more.
+        k.cpu(1).samples = SAMPLE_BUDGET;
+        r.consume_logs();
+        assert_eq!(k.cpu(1).sample_limit, 2 * SAMPLE_BUDGET);
+        r.consume_logs();
+        assert_eq!(k.cpu(1).sample_limit, 2 * SAMPLE_BUDGET);
+        assert_eq!(k.cpu(0).sample_limit, SAMPLE_BUDGET);
     }
 
     #[test]
