@@ -739,7 +739,8 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
     let h = key_hash(key);
     // SAFETY: helper without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let line = (h as u32) & (CACHE_LINES - 1);
+    // The top bits of the last multiply are the best mixed.
+    let line = (h >> (64 - CACHE_LINES.trailing_zeros())) as u32 & (CACHE_LINES - 1);
     let mask = config_cache!(log_mask);
     let Some(st) = DROP_CPU.get_ptr_mut(cpu) else {
         return false;
