@@ -559,7 +559,14 @@ fn yaml_list(path: &Path, items: Vec<serde_json::Value>) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; there is nothing to filter.
+    // `cargo bench` passes `--bench`; any other argument keeps only the series whose name
+    // contains it (`manifest`, `paged`, `cache`).
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let started = Instant::now();
     let namespaces: Vec<serde_json::Value> = (0..NAMESPACES)
         .map(|i| serde_json::to_value(synthetic_namespace(i)).expect("ns"))
@@ -597,11 +604,15 @@ fn main() {
         started.elapsed()
     );
 
-    let results = [
-        manifest_path(dir.path()),
-        api_path(&server, "paged"),
-        api_path(&server, "cache"),
-    ];
+    let mut results = Vec::new();
+    if wanted("manifest directory") {
+        results.push(manifest_path(dir.path()));
+    }
+    for list in ["paged", "cache"] {
+        if wanted(list) {
+            results.push(api_path(&server, list));
+        }
+    }
     let mib = |kib: u64| kib as f64 / 1024.0;
     let mut pass = true;
     for s in &results {

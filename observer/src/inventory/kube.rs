@@ -13,7 +13,7 @@
 //! kube's default backoff. The stores and the last snapshot stay in use meanwhile, so drops
 //! are still attributed while the API server is unreachable.
 
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,9 @@ use super::model::{Inventory, Pod};
 use super::reload::ReloadStats;
 use super::validate::{self, InvalidObject, PodLayout};
 use super::workload::OwnerIndex;
+
+mod slim;
+pub use slim::Slim;
 
 /// Value of the `resource` label for Pods.
 pub const RESOURCE_PODS: &str = "pods";
@@ -269,11 +272,17 @@ where
 
     /// Applies one watcher event (what `reflect` does with a store of API objects).
     pub fn apply_watcher_event(&mut self, event: &watcher::Event<K>) {
+        self.apply_event(event);
+    }
+
+    /// [`apply_watcher_event`](Self::apply_watcher_event) for events of `K` itself or of its
+    /// [`Slim`] form (what the watchers decode).
+    pub fn apply_event<T: Borrow<K>>(&mut self, event: &watcher::Event<T>) {
         let event = match event {
-            watcher::Event::Apply(o) => watcher::Event::Apply(self.stored(o)),
-            watcher::Event::Delete(o) => watcher::Event::Delete(o.stored()),
+            watcher::Event::Apply(o) => watcher::Event::Apply(self.stored(o.borrow())),
+            watcher::Event::Delete(o) => watcher::Event::Delete(o.borrow().stored()),
             watcher::Event::Init => watcher::Event::Init,
-            watcher::Event::InitApply(o) => watcher::Event::InitApply(self.stored(o)),
+            watcher::Event::InitApply(o) => watcher::Event::InitApply(self.stored(o.borrow())),
             watcher::Event::InitDone => watcher::Event::InitDone,
         };
         self.inner.apply_watcher_event(&event);
@@ -651,7 +660,7 @@ impl KubeInventory {
         let mut tasks = Vec::with_capacity(4);
         let lists = config.list.watcher_config();
         tasks.push(tokio::spawn(reflect(
-            Api::<K8sPod>::all(client.clone()),
+            Api::<Slim<K8sPod>>::all(client.clone()),
             lists.clone(),
             writers.pods,
             RESOURCE_PODS,
@@ -660,7 +669,7 @@ impl KubeInventory {
             (WATCH_PODS, Arc::clone(&health)),
         )));
         tasks.push(tokio::spawn(reflect(
-            Api::<K8sNamespace>::all(client.clone()),
+            Api::<Slim<K8sNamespace>>::all(client.clone()),
             lists.clone(),
             writers.namespaces,
             RESOURCE_NAMESPACES,
@@ -669,7 +678,7 @@ impl KubeInventory {
             (WATCH_NAMESPACES, Arc::clone(&health)),
         )));
         tasks.push(tokio::spawn(reflect(
-            Api::<NetworkPolicy>::all(client),
+            Api::<Slim<NetworkPolicy>>::all(client),
             lists,
             writers.policies,
             RESOURCE_NETWORKPOLICIES,
@@ -742,9 +751,9 @@ impl Drop for KubeInventory {
 }
 
 /// Watches one resource into its store, converting each object as it arrives, until the task
-/// is aborted.
+/// is aborted. Objects are decoded [`Slim`]: what conversion does not read is never allocated.
 fn reflect<K>(
-    api: Api<K>,
+    api: Api<Slim<K>>,
     lists: watcher::Config,
     mut writer: StoreWriter<K>,
     resource: &'static str,
@@ -753,19 +762,13 @@ fn reflect<K>(
     health: (u32, Arc<ReloadStats>),
 ) -> impl Future<Output = ()> + Send + 'static
 where
-    K: Resource<DynamicType = ()>
-        + ToStored
-        + Clone
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Resource<DynamicType = ()> + ToStored + Clone + Debug + Send + Sync + 'static,
+    Slim<K>: DeserializeOwned,
     K::Stored: Send + Sync + PartialEq,
 {
     let stream = watcher(api, lists)
         .default_backoff()
-        .inspect_ok(move |event| writer.apply_watcher_event(event));
+        .inspect_ok(move |event| writer.apply_event(event));
     drive(stream, resource, on_error, changed, health)
 }
 
