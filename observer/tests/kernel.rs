@@ -1221,6 +1221,45 @@ fn idle_keys_are_deleted_and_recounted() {
     assert_eq!(net.counter("udp_drop").0, 12);
 }
 
+/// One DaemonSet `--reasons` list on nodes with different kernels: a reason this kernel lacks
+/// but a newer one has (`tcp_invalid_sequence`, 6.x; on 5.10 even `netfilter_drop` is only a
+/// call-site label) is reported, and the node still loads and counts the others.
+#[test]
+fn reasons_of_newer_kernels_are_reported_not_refused() {
+    if !testkit::privileged("reasons_of_newer_kernels_are_reported_not_refused") {
+        return;
+    }
+    let newer = "tcp_invalid_sequence";
+    let capture = Capture::load(&CaptureConfig {
+        reasons: ReasonFilter::Names(vec!["netfilter_drop".into(), newer.into()]),
+        ..CaptureConfig::default()
+    })
+    .expect("a reason of another kernel must not stop the node");
+    let has_newer = capture.reasons().iter().any(|(_, l)| &**l == newer);
+    if has_newer {
+        assert!(
+            capture.unavailable_reasons().is_empty(),
+            "{:?}",
+            capture.unavailable_reasons()
+        );
+    } else {
+        assert_eq!(capture.unavailable_reasons(), [newer]);
+    }
+    drop(capture);
+    // Only reasons this kernel lacks would count nothing: refused, where the kernel lacks it.
+    let only_newer = Capture::load(&CaptureConfig {
+        reasons: ReasonFilter::Names(vec![newer.into()]),
+        ..CaptureConfig::default()
+    });
+    match (has_newer, only_newer) {
+        (true, Ok(_)) => {}
+        (false, Err(err)) => {
+            assert!(matches!(err, CaptureError::UnknownReasons { .. }), "{err}");
+        }
+        (has, other) => panic!("kernel has {newer}: {has}; load gave {:?}", other.err()),
+    }
+}
+
 #[test]
 fn unknown_reason_name_is_rejected() {
     if !testkit::privileged("unknown_reason_name_is_rejected") {

@@ -42,6 +42,7 @@ pub const GUEST_TESTS: &[&str] = &[
     "counts_tc_drops_exactly",
     "without_cap_syslog_drops_still_count",
     "unknown_reason_name_is_rejected",
+    "reasons_of_newer_kernels_are_reported_not_refused",
     "counts_accepted_connections_exactly",
 ];
 

@@ -14,7 +14,7 @@ use super::drain::DrainState;
 use super::location::{self, ReasonSource};
 use super::recursion::RecursionMisses;
 use super::startup::{self, Refused};
-use super::tracefs::{self, KfreeSkbFields, ReasonTable};
+use super::tracefs::{self, KfreeSkbFields, ReasonTable, reason_label};
 use super::{AttachKind, AttachMode, CaptureConfig, CaptureError, ReasonFilter, Sample, decode};
 
 /// Name of the classic tracepoint program in the object.
@@ -53,6 +53,8 @@ pub struct Capture {
     attach_kind: AttachKind,
     /// Where the drop reasons come from.
     reason_source: ReasonSource,
+    /// Configured reasons this kernel does not have (see [`ReasonSelection::unavailable`]).
+    unavailable_reasons: Vec<String>,
     /// The attached program's recursion misses; `None` if its descriptor could not be
     /// duplicated.
     pub(super) recursion: Option<RecursionMisses>,
@@ -136,14 +138,38 @@ fn call_site_reasons(
     }
 }
 
-/// Turns a [`ReasonFilter`] into the program's `(all_reasons, reason_mask)`.
+/// What the program filters on, from a [`ReasonFilter`].
+#[derive(Debug)]
+pub struct ReasonSelection {
+    /// 1: count every reason (the mask is unused).
+    pub all_reasons: u32,
+    /// One bit per reason number to count.
+    pub mask: [u64; (MAX_REASONS / 64) as usize],
+    /// Listed reasons this kernel does not have but some kernel does (a reason newer than
+    /// this kernel, or any kernel reason before 5.17, which has only call-site labels): not
+    /// counted here, reported instead of refused, so that one DaemonSet configuration runs on
+    /// every node's kernel.
+    pub unavailable: Vec<String>,
+}
+
+/// Turns a [`ReasonFilter`] into the program's reason filter.
+///
+/// A name no kernel has is a typo, and an error; so is a list of which this kernel has none
+/// (the node would count nothing). Names only other kernels have go to
+/// [`ReasonSelection::unavailable`].
 pub fn reason_mask(
     filter: &ReasonFilter,
     table: &ReasonTable,
-) -> Result<(u32, [u64; (MAX_REASONS / 64) as usize]), CaptureError> {
+) -> Result<ReasonSelection, CaptureError> {
     let mut mask = [0u64; (MAX_REASONS / 64) as usize];
     let names = match filter {
-        ReasonFilter::All => return Ok((1, mask)),
+        ReasonFilter::All => {
+            return Ok(ReasonSelection {
+                all_reasons: 1,
+                mask,
+                unavailable: Vec::new(),
+            });
+        }
         ReasonFilter::Names(names) => names,
     };
     if names.is_empty() {
@@ -153,12 +179,15 @@ pub fn reason_mask(
         ));
     }
     let mut unknown = Vec::new();
+    let mut unavailable = Vec::new();
+    let mut selected = 0usize;
     for name in names {
         match table.number(name) {
             Some(n) if n < MAX_REASONS => {
                 if let Some(w) = mask.get_mut((n / 64) as usize) {
                     *w |= 1u64 << (n % 64);
                 }
+                selected += 1;
             }
             Some(n) => {
                 return Err(CaptureError::ReasonOutOfRange {
@@ -167,8 +196,14 @@ pub fn reason_mask(
                     max: MAX_REASONS,
                 });
             }
+            None if super::known_reasons::is_upstream(&reason_label(name)) => {
+                unavailable.push(reason_label(name));
+            }
             None => unknown.push(name.clone()),
         }
+    }
+    if unknown.is_empty() && selected == 0 {
+        unknown = unavailable.clone();
     }
     if !unknown.is_empty() {
         let valid = table
@@ -178,7 +213,13 @@ pub fn reason_mask(
             .join(", ");
         return Err(CaptureError::UnknownReasons { unknown, valid });
     }
-    Ok((0, mask))
+    unavailable.sort();
+    unavailable.dedup();
+    Ok(ReasonSelection {
+        all_reasons: 0,
+        mask,
+        unavailable,
+    })
 }
 
 fn validate(config: &CaptureConfig) -> Result<(), CaptureError> {
@@ -308,7 +349,13 @@ impl Capture {
         let btf = KernelBtf::vmlinux()?;
         let layout = btf.kernel_layout(&fields)?;
         let reasons = kernel_reasons(&fmt, &fields, &btf)?;
-        let (all_reasons, mask) = reason_mask(&config.reasons, &reasons)?;
+        let selection = reason_mask(&config.reasons, &reasons)?;
+        if !selection.unavailable.is_empty() {
+            tracing::warn!(
+                unavailable = ?selection.unavailable,
+                "this kernel does not have some of the configured drop reasons: they are not counted on this node (deny_observer_capture_reasons_unavailable)"
+            );
+        }
         let (locations, reason_source) = call_site_reasons(&fields, &reasons);
         let (skb_span_start, skb_span_len) = skb_span(&layout);
         // Why the BTF program cannot be used here, if it cannot.
@@ -324,12 +371,12 @@ impl Capture {
         };
         let program_config = ProgramConfig {
             layout,
-            all_reasons,
+            all_reasons: selection.all_reasons,
             netns_filter: config.netns.unwrap_or(0),
             skb_span_start,
             skb_span_len,
             btf_args: btf_args.clone().unwrap_or(BtfArgs::NONE),
-            reason_mask: mask,
+            reason_mask: selection.mask,
         };
         tracing::debug!(
             ?program_config,
@@ -450,6 +497,7 @@ impl Capture {
             bad_samples: 0,
             attach_kind,
             reason_source,
+            unavailable_reasons: selection.unavailable,
             recursion,
             connections,
         })
@@ -477,6 +525,11 @@ impl Capture {
     /// `kfree_skb`.
     pub fn reason_source(&self) -> ReasonSource {
         self.reason_source
+    }
+
+    /// Configured reasons this kernel does not have and so does not count (labels, sorted).
+    pub fn unavailable_reasons(&self) -> &[String] {
+        &self.unavailable_reasons
     }
 
     /// The hook the program is attached to: `tp_btf/kfree_skb` or, as the fallback, the
@@ -540,14 +593,21 @@ mod tests {
 
     #[test]
     fn all_sets_flag() {
-        assert_eq!(reason_mask(&ReasonFilter::All, &table()).unwrap().0, 1);
+        assert_eq!(
+            reason_mask(&ReasonFilter::All, &table())
+                .unwrap()
+                .all_reasons,
+            1
+        );
     }
 
     #[test]
     fn names_set_bits() {
         let f = ReasonFilter::Names(vec!["netfilter_drop".into(), "TC_INGRESS".into()]);
-        let (all, mask) = reason_mask(&f, &table()).unwrap();
+        let sel = reason_mask(&f, &table()).unwrap();
+        let (all, mask) = (sel.all_reasons, sel.mask);
         assert_eq!(all, 0);
+        assert!(sel.unavailable.is_empty());
         assert_eq!(mask[0], 1 << 12);
         assert_eq!(mask[1], 1 << (73 - 64));
         assert!(mask[2..].iter().all(|w| *w == 0));
@@ -559,6 +619,33 @@ mod tests {
         let err = reason_mask(&f, &table()).unwrap_err().to_string();
         assert!(err.contains("bogus_reason"), "{err}");
         assert!(err.contains("netfilter_drop, tc_ingress"), "{err}");
+    }
+
+    #[test]
+    fn reasons_of_other_kernels_are_reported_not_refused() {
+        // `tcp_invalid_sequence` exists from 6.x on, not in this (older) table: the node runs,
+        // counting the reasons it has, and says which ones it cannot.
+        let f = ReasonFilter::Names(vec![
+            "NETFILTER_DROP".into(),
+            "SKB_DROP_REASON_TCP_INVALID_SEQUENCE".into(),
+            "ip_inaddrerrors".into(),
+        ]);
+        let sel = reason_mask(&f, &table()).unwrap();
+        assert_eq!(sel.mask[0], 1 << 12);
+        assert_eq!(sel.unavailable, ["ip_inaddrerrors", "tcp_invalid_sequence"]);
+        // Only other kernels' reasons: this node would count nothing, which is refused.
+        let f = ReasonFilter::Names(vec!["tcp_invalid_sequence".into()]);
+        let err = reason_mask(&f, &table()).unwrap_err().to_string();
+        assert!(err.contains("tcp_invalid_sequence"), "{err}");
+        // A typo next to a reason of another kernel is still refused.
+        let f = ReasonFilter::Names(vec![
+            "netfilter_drop".into(),
+            "tcp_invalid_sequence".into(),
+            "netfliter_drop".into(),
+        ]);
+        let err = reason_mask(&f, &table()).unwrap_err().to_string();
+        assert!(err.contains("netfliter_drop"), "{err}");
+        assert!(!err.contains("tcp_invalid_sequence\""), "{err}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub(crate) mod btf;
 pub mod connections;
 mod decode;
 mod drain;
+mod known_reasons;
 mod loader;
 pub mod location;
 pub mod recursion;
@@ -133,7 +134,8 @@ pub enum CaptureError {
     /// A BTF lookup failed (the running kernel lacks a field the program needs).
     #[error(transparent)]
     Btf(#[from] btf::BtfError),
-    /// The reason filter names reasons this kernel does not have.
+    /// The reason filter names reasons no kernel has (a typo), or only reasons this kernel
+    /// does not have (nothing would be counted).
     #[error("unknown drop reason(s) {unknown:?}; this kernel's reasons are: {valid}")]
     UnknownReasons {
         /// The names that were not found.

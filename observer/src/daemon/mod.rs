@@ -406,6 +406,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("capture loader task")?
         .context("loading the kfree_skb capture program")?;
     release_startup_memory();
+    metrics.set_reasons_unavailable(capture.unavailable_reasons());
     info!(
         reasons = capture.reasons().len(),
         flow_map_entries = args.flow_map_entries,

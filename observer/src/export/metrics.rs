@@ -51,6 +51,9 @@ pub const INVENTORY_LAST_RELOAD_SUCCESSFUL: &str = "deny_observer_inventory_last
 /// last known current.
 pub const INVENTORY_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
     "deny_observer_inventory_last_reload_success_timestamp_seconds";
+/// `deny_observer_capture_reasons_unavailable{reason}`: 1 for each configured drop reason
+/// this node's kernel does not have, and so does not count.
+pub const CAPTURE_REASONS_UNAVAILABLE: &str = "deny_observer_capture_reasons_unavailable";
 /// `deny_observer_series_limit`: the configured limit per labelled metric.
 pub const SERIES_LIMIT: &str = "deny_observer_series_limit";
 
@@ -143,6 +146,7 @@ pub struct Metrics {
     inventory_reloads: Counters<ResultLabels<'static>, 1>,
     watch_errors: Counters<ResourceLabels<'static>, 1>,
     build_info: Gauges<BuildInfoLabels<'static>, 3>,
+    reasons_unavailable: Gauges<ReasonLabels<'static>, 1>,
     series_overflow: Counters<MetricLabels<'static>, 1>,
     series: Gauges<MetricLabels<'static>, 1>,
     reload_successful: IntGauge,
@@ -255,6 +259,11 @@ impl Metrics {
                 BUILD_INFO,
                 "Always 1; labels give the deny-observer version, kernel release and node.",
             )?,
+            reasons_unavailable: Gauges::new(
+                CAPTURE_REASONS_UNAVAILABLE,
+                "1 for each drop reason in --reasons that this node's kernel does not have \
+                 (newer than the kernel, or any reason before 5.17): not counted on this node.",
+            )?,
             reload_successful: gauge(
                 INVENTORY_LAST_RELOAD_SUCCESSFUL,
                 "1 when the inventory source's last attempt succeeded (manifest directory \
@@ -303,6 +312,7 @@ impl Metrics {
             Box::new(metrics.inventory_reloads.vec().clone()),
             Box::new(metrics.watch_errors.vec().clone()),
             Box::new(metrics.build_info.vec().clone()),
+            Box::new(metrics.reasons_unavailable.vec().clone()),
             Box::new(metrics.series_overflow.vec().clone()),
             Box::new(metrics.series.vec().clone()),
             Box::new(series_limit),
@@ -426,6 +436,16 @@ impl Metrics {
     /// The counter of losses at `stage`, for a stage that counts on its own thread.
     pub fn loss_counter(&self, stage: &str) -> IntCounter {
         self.events_lost.with(&StageLabels { stage })
+    }
+
+    /// Marks the configured reasons this node's kernel does not have.
+    pub fn set_reasons_unavailable(&self, reasons: &[String]) {
+        self.reasons_unavailable.vec().reset();
+        for reason in reasons {
+            self.reasons_unavailable
+                .with(&ReasonLabels { reason })
+                .set(1);
+        }
     }
 
     /// Sets the flow-map fill.
