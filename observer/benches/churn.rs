@@ -106,6 +106,7 @@ fn inventory() -> Inventory {
         namespaces,
         pods,
         policies,
+        services: vec![],
         invalid: vec![],
     }
 }

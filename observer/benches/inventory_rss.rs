@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::json;
 
@@ -61,6 +61,26 @@ fn managed_fields(manager: &str) -> serde_json::Value {
             "f:containerStatuses": {}, "f:hostIP": {}, "f:phase": {}, "f:podIP": {},
             "f:podIPs": {".": {}, "k:{\"ip\":\"10.0.0.1\"}": {".": {}, "f:ip": {}}}, "f:startTime": {}}}}
     ])
+}
+
+/// The ClusterIP Service in front of deployment `d`.
+fn synthetic_service(d: usize) -> Service {
+    let deploy = format!("service-{d}");
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": deploy, "namespace": format!("team-{}", d % NAMESPACES),
+                     "uid": format!("{:08x}-0000-4000-9000-{:012x}", d, d),
+                     "resourceVersion": format!("{}", 500 + d),
+                     "labels": {"app": deploy}, "managedFields": managed_fields("kubectl")},
+        "spec": {"type": "ClusterIP", "selector": {"app": deploy},
+                 "clusterIP": format!("10.96.{}.{}", d / 256, d % 256),
+                 "clusterIPs": [format!("10.96.{}.{}", d / 256, d % 256)],
+                 "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
+                 "sessionAffinity": "None", "internalTrafficPolicy": "Cluster",
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
+        "status": {"loadBalancer": {}}
+    }))
+    .expect("service")
 }
 
 fn synthetic_pod(i: usize) -> Pod {
@@ -255,6 +275,11 @@ impl Daemon {
             get(d.addr, "/readyz").is_some_and(|(c, _)| c == 200)
                 && metric(d.addr, "deny_observer_inventory_objects", "kind=\"pods\"")
                     == Some(PODS as f64)
+                && metric(
+                    d.addr,
+                    "deny_observer_inventory_objects",
+                    "kind=\"services\"",
+                ) == Some(DEPLOYMENTS as f64)
         });
         d
     }
@@ -432,12 +457,12 @@ impl ListBody {
 }
 
 impl FakeApiServer {
-    fn start(pods: ListBody, namespaces: ListBody, policies: ListBody) -> Self {
+    fn start(pods: ListBody, namespaces: ListBody, policies: ListBody, services: ListBody) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the API stand-in");
         let addr = listener.local_addr().expect("addr");
         let epoch = Arc::new(AtomicU64::new(0));
         let pod_lists = Arc::new(AtomicU64::new(0));
-        let lists = Arc::new([pods, namespaces, policies]);
+        let lists = Arc::new([pods, namespaces, policies, services]);
         let (e, pl) = (Arc::clone(&epoch), Arc::clone(&pod_lists));
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
@@ -457,7 +482,7 @@ impl FakeApiServer {
     }
 }
 
-fn serve_conn(conn: TcpStream, lists: &[ListBody; 3], epoch: &AtomicU64, pod_lists: &AtomicU64) {
+fn serve_conn(conn: TcpStream, lists: &[ListBody; 4], epoch: &AtomicU64, pod_lists: &AtomicU64) {
     let mut reader = BufReader::new(conn.try_clone().expect("clone stream"));
     let mut out = conn;
     loop {
@@ -481,6 +506,7 @@ fn serve_conn(conn: TcpStream, lists: &[ListBody; 3], epoch: &AtomicU64, pod_lis
             "/api/v1/pods" => 0,
             "/api/v1/namespaces" => 1,
             "/apis/networking.k8s.io/v1/networkpolicies" => 2,
+            "/api/v1/services" => 3,
             _ => {
                 let body = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","code":404}"#;
                 let head = format!(
@@ -578,14 +604,24 @@ fn main() {
         .map(|i| serde_json::to_value(synthetic_policy(i)).expect("policy"))
         .collect();
 
+    let services: Vec<serde_json::Value> = (0..DEPLOYMENTS)
+        .map(|d| serde_json::to_value(synthetic_service(d)).expect("service"))
+        .collect();
+
     let dir = tempfile::tempdir().expect("manifest dir");
     yaml_list(&dir.path().join("namespaces.yaml"), namespaces.clone());
     yaml_list(&dir.path().join("pods.yaml"), pods.clone());
     yaml_list(&dir.path().join("networkpolicies.yaml"), policies.clone());
-    let bytes: u64 = ["namespaces.yaml", "pods.yaml", "networkpolicies.yaml"]
-        .iter()
-        .map(|f| std::fs::metadata(dir.path().join(f)).map_or(0, |m| m.len()))
-        .sum();
+    yaml_list(&dir.path().join("services.yaml"), services.clone());
+    let bytes: u64 = [
+        "namespaces.yaml",
+        "pods.yaml",
+        "networkpolicies.yaml",
+        "services.yaml",
+    ]
+    .iter()
+    .map(|f| std::fs::metadata(dir.path().join(f)).map_or(0, |m| m.len()))
+    .sum();
     let pod_list = ListBody::new("PodList", "v1", &pods);
     let pod_bytes = pod_list.page(0, None).0.len();
     println!(
@@ -597,9 +633,10 @@ fn main() {
         pod_list,
         ListBody::new("NamespaceList", "v1", &namespaces),
         ListBody::new("NetworkPolicyList", "networking.k8s.io/v1", &policies),
+        ListBody::new("ServiceList", "v1", &services),
     );
     println!(
-        "inventory memory: {PODS} pods, {POLICIES} policies, {NAMESPACES} namespaces ({:.1} MiB of YAML); generated in {:.1?}",
+        "inventory memory: {PODS} pods, {POLICIES} policies, {NAMESPACES} namespaces, {DEPLOYMENTS} services ({:.1} MiB of YAML); generated in {:.1?}",
         bytes as f64 / 1048576.0,
         started.elapsed()
     );

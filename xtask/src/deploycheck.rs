@@ -762,6 +762,7 @@ fn check_rbac(doc: &Value) -> Result<()> {
     let allowed: BTreeMap<&str, (&[&str], &[&str])> = BTreeMap::from([
         ("pods", (&[""][..], &["get", "list", "watch"][..])),
         ("namespaces", (&[""][..], &["get", "list", "watch"][..])),
+        ("services", (&[""][..], &["get", "list", "watch"][..])),
         (
             "networkpolicies",
             (&["networking.k8s.io"][..], &["get", "list", "watch"][..]),

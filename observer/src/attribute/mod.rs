@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::capture::{DrainReport, FlowDrop, Losses, Sample};
 use crate::flow::{Direction, FastMap, Protocol};
-use crate::inventory::{Attributor, Endpoint, Inventory, NodeAddrs, Pod};
+use crate::inventory::{Attributor, Endpoint, Inventory, NodeAddrs, Pod, Service};
 use crate::verdict::{Engine, FlowQuery, Peer, Verdict, VerdictCache};
 
 /// Kernel drop reasons that mean "a packet filter decided": the ones NetworkPolicy
@@ -82,6 +82,11 @@ impl Views {
     /// The endpoint an address belongs to.
     pub fn endpoint(&self, ip: IpAddr) -> Endpoint {
         self.attributor.lookup(ip)
+    }
+
+    /// The Service whose ClusterIP `ip` is.
+    pub fn service(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.attributor.service(ip)
     }
 
     /// The kind of a workload (`Deployment`, ...) from any of its pods; `None` once it has no

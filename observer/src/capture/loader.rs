@@ -180,14 +180,12 @@ pub fn reason_mask(
     }
     let mut unknown = Vec::new();
     let mut unavailable = Vec::new();
-    let mut selected = 0usize;
     for name in names {
         match table.number(name) {
             Some(n) if n < MAX_REASONS => {
                 if let Some(w) = mask.get_mut((n / 64) as usize) {
                     *w |= 1u64 << (n % 64);
                 }
-                selected += 1;
             }
             Some(n) => {
                 return Err(CaptureError::ReasonOutOfRange {
@@ -196,13 +194,17 @@ pub fn reason_mask(
                     max: MAX_REASONS,
                 });
             }
-            None if super::known_reasons::is_upstream(&reason_label(name)) => {
-                unavailable.push(reason_label(name));
+            None => {
+                let label = reason_label(name);
+                if super::known_reasons::is_upstream(&label) {
+                    unavailable.push(label);
+                } else {
+                    unknown.push(name.clone());
+                }
             }
-            None => unknown.push(name.clone()),
         }
     }
-    if unknown.is_empty() && selected == 0 {
+    if unknown.is_empty() && mask.iter().all(|w| *w == 0) {
         unknown = unavailable.clone();
     }
     if !unknown.is_empty() {

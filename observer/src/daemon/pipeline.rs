@@ -16,7 +16,7 @@ use crate::capture::Capture;
 use crate::export::connections::ConnectionMetrics;
 use crate::export::events::{EventSink, SpikeNotice, SpikePhase};
 use crate::export::{HttpState, Metrics, MetricsSink, OVERFLOW, RefreshRequest};
-use crate::inventory::{self, Inventory, NodeAddrs, ReloadStats};
+use crate::inventory::{Inventory, NodeAddrs, ReloadStats};
 
 /// The synchronous heart of the daemon: drains the capture, attributes, and hands the
 /// outcomes to the sinks.
@@ -183,12 +183,13 @@ impl Pipeline {
         self.metrics
             .set_inventory_objects("networkpolicies", counts.policies);
         self.metrics
+            .set_inventory_objects("services", counts.services);
+        self.metrics
             .set_inventory_invalid_objects(&inv.invalid_counts());
         self.alert
             .stage_mut()
             .set_policies(inv.policies.iter().map(|p| p.as_ref()));
-        self.http
-            .set_inventory_empty(counts == inventory::ObjectCounts::default());
+        self.http.set_inventory_empty(inv.is_empty());
         let update = self.views.update(inv);
         // The replaced snapshot and views were just freed, mostly in blocks glibc keeps.
         crate::inventory::release_freed_memory();
@@ -323,8 +324,12 @@ impl Pipeline {
         match capture.drain() {
             Ok(report) => {
                 let views = &self.views;
-                self.connections
-                    .record_drain(&self.metrics, &report, |ip| views.endpoint(ip));
+                self.connections.record_drain(
+                    &self.metrics,
+                    &report,
+                    |ip| views.endpoint(ip),
+                    |ip| views.service(ip),
+                );
             }
             Err(err) => error!(error = %err, "draining the connection map failed"),
         }

@@ -13,6 +13,15 @@
 //! Connections where neither end is a pod (node to outside) are not pod traffic and are not
 //! counted. `sum(rate(deny_observer_connections_total[5m]))` over every node then counts each
 //! connection once.
+//!
+//! **Services.** A pod that connects to a Service's ClusterIP has its opening end recorded with
+//! the ClusterIP as destination: kube-proxy (or an eBPF replacement) translates the address to a
+//! backend pod after the socket chose it, so the client socket never sees the backend. That end
+//! is not a `private` edge: the backend pod's accepting end counts the same connection, with
+//! the addresses NetworkPolicy judges. The opening end is counted instead on
+//! `deny_observer_service_connections_total{source_namespace, source_workload,
+//! service_namespace, service, protocol, port}` (the Service port, as the client dialled it),
+//! which says which workloads use which Service and never adds to the edge count.
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
@@ -21,12 +30,18 @@ use super::ExportError;
 use super::labels::{LabelSet, Labelled};
 use super::metrics::Metrics;
 use super::series::{Family, Recorded};
+use std::net::IpAddr;
+use std::sync::Arc;
+
 use crate::capture::connections::{Connection, ConnectionReport, Hook, Side};
 use crate::flow::{FastMap, Protocol};
-use crate::inventory::Endpoint;
+use crate::inventory::{Endpoint, Service};
 
 /// `deny_observer_connections_total`.
 pub const CONNECTIONS_TOTAL: &str = "deny_observer_connections_total";
+/// `deny_observer_service_connections_total`: opening ends of connections to a Service
+/// ClusterIP.
+pub const SERVICE_CONNECTIONS_TOTAL: &str = "deny_observer_service_connections_total";
 /// `deny_observer_connection_hooks{hook}`: 1 when a connection hook is attached.
 pub const CONNECTION_HOOKS: &str = "deny_observer_connection_hooks";
 /// `deny_observer_connection_map_entries`: edges in the kernel connection map.
@@ -82,6 +97,51 @@ impl Labelled<6> for ConnectionSeries<'static> {
     type Set<'a> = ConnectionSeries<'a>;
 }
 
+/// Label names of `deny_observer_service_connections_total`, in order.
+pub const SERVICE_CONNECTION_LABELS: [&str; 6] = [
+    "source_namespace",
+    "source_workload",
+    "service_namespace",
+    "service",
+    "protocol",
+    "port",
+];
+
+/// One series of `deny_observer_service_connections_total`, borrowed for recording.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceConnectionSeries<'a> {
+    /// Source namespace.
+    pub source_namespace: &'a str,
+    /// Source workload.
+    pub source_workload: &'a str,
+    /// The Service's namespace.
+    pub service_namespace: &'a str,
+    /// The Service's name.
+    pub service: &'a str,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Service port, as its label value.
+    pub port: &'a str,
+}
+
+impl LabelSet<6> for ServiceConnectionSeries<'_> {
+    const NAMES: [&'static str; 6] = SERVICE_CONNECTION_LABELS;
+    fn values(&self) -> [&str; 6] {
+        [
+            self.source_namespace,
+            self.source_workload,
+            self.service_namespace,
+            self.service,
+            self.protocol.label(),
+            self.port,
+        ]
+    }
+}
+
+impl Labelled<6> for ServiceConnectionSeries<'static> {
+    type Set<'a> = ServiceConnectionSeries<'a>;
+}
+
 /// Whether this node counts a connection seen from `side`, given the attributed ends (`None`:
 /// unknown address). See the module documentation for the rule.
 pub fn counted_here(side: Side, src: Option<&Endpoint>, dst: Option<&Endpoint>) -> bool {
@@ -97,6 +157,9 @@ pub struct ConnectionMetrics {
     family: Family<ConnectionSeries<'static>, 6>,
     series: IntGauge,
     overflow: IntCounter,
+    services: Family<ServiceConnectionSeries<'static>, 6>,
+    service_series: IntGauge,
+    service_overflow: IntCounter,
     hooks: IntGaugeVec,
     map_entries: IntGauge,
     series_limit: usize,
@@ -143,35 +206,97 @@ impl ConnectionLabels {
     }
 }
 
-/// The edges of one drain that this node counts (see [`counted_here`]), summed per label set.
-/// `lookup` attributes an address.
-pub fn attribute(
+/// Labels of one pod's connections to one Service port, owned.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceConnectionLabels {
+    /// Source namespace.
+    pub source_namespace: String,
+    /// Source workload.
+    pub source_workload: String,
+    /// The Service's namespace.
+    pub service_namespace: String,
+    /// The Service's name.
+    pub service: String,
+    /// `tcp`, `udp` or `sctp`.
+    pub protocol: Protocol,
+    /// The Service port the client dialled.
+    pub port: u16,
+}
+
+/// One drain, attributed: the edges this node counts and the opening ends that went to a
+/// Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttributedConnections {
+    /// `deny_observer_connections_total` increments, per edge (see [`counted_here`]).
+    pub edges: FastMap<ConnectionLabels, u64>,
+    /// `deny_observer_service_connections_total` increments: opening ends whose destination
+    /// is a Service ClusterIP, which the accepting backend counts as the edge.
+    pub services: FastMap<ServiceConnectionLabels, u64>,
+}
+
+/// The Service a connection's opening end dialled, when it is a pod's connection to a
+/// ClusterIP. Such an end is never an edge: the DNATed connection reaches a backend whose
+/// accepting end is the edge (counted where that backend runs).
+fn dialled_service<'s>(
+    c: &Connection,
+    src: &Endpoint,
+    dst: &Endpoint,
+    service: &impl Fn(IpAddr) -> Option<&'s Arc<Service>>,
+) -> Option<&'s Arc<Service>> {
+    if c.side != Side::Connect || src.pod().is_none() || dst.pod().is_some() {
+        return None;
+    }
+    service(c.dst)
+}
+
+/// The edges of one drain that this node counts (see [`counted_here`]), summed per label set,
+/// and the opening ends that dialled a Service. `lookup` attributes an address; `service`
+/// names the Service whose ClusterIP an address is.
+pub fn attribute<'s>(
     report: &ConnectionReport,
-    lookup: impl Fn(std::net::IpAddr) -> Endpoint,
-) -> FastMap<ConnectionLabels, u64> {
-    let mut sums: FastMap<ConnectionLabels, u64> = FastMap::default();
+    lookup: impl Fn(IpAddr) -> Endpoint,
+    service: impl Fn(IpAddr) -> Option<&'s Arc<Service>>,
+) -> AttributedConnections {
+    let mut out = AttributedConnections::default();
     for c in &report.connections {
         let (src, dst) = (lookup(c.src), lookup(c.dst));
+        if let Some(svc) = dialled_service(c, &src, &dst, &service) {
+            let (sn, sw) = super::endpoint_labels(Some(&src));
+            *out.services
+                .entry(ServiceConnectionLabels {
+                    source_namespace: sn.to_owned(),
+                    source_workload: sw.to_owned(),
+                    service_namespace: svc.namespace.clone(),
+                    service: svc.name.clone(),
+                    protocol: c.protocol,
+                    port: c.dst_port,
+                })
+                .or_default() += c.count;
+            continue;
+        }
         if !counted_here(c.side, Some(&src), Some(&dst)) {
             continue;
         }
-        *sums
+        *out.edges
             .entry(ConnectionLabels::new(Some(&src), Some(&dst), c))
             .or_default() += c.count;
     }
-    sums
+    out
 }
 
 impl ConnectionMetrics {
     /// Records one drain: the counted edges, the map fill, and what the kernel could not
     /// count (`deny_observer_events_lost_total{stage="connection_map_full"|"connection_read"}`).
-    pub fn record_drain(
+    pub fn record_drain<'s>(
         &self,
         metrics: &Metrics,
         report: &ConnectionReport,
-        lookup: impl Fn(std::net::IpAddr) -> Endpoint,
+        lookup: impl Fn(IpAddr) -> Endpoint,
+        service: impl Fn(IpAddr) -> Option<&'s Arc<Service>>,
     ) {
-        self.record(&attribute(report, lookup));
+        let attributed = attribute(report, lookup, service);
+        self.record(&attributed.edges);
+        self.record_services(&attributed.services);
         self.set_map_entries(report.map_entries);
         if report.map_full > 0 {
             metrics.record_loss(STAGE_MAP_FULL, report.map_full);
@@ -215,13 +340,29 @@ impl ConnectionMetrics {
             name: CONNECTION_MAP_ENTRIES.to_owned(),
             source,
         })?;
+        let services = IntCounterVec::new(
+            Opts::new(
+                SERVICE_CONNECTIONS_TOTAL,
+                "Connections pods opened to a Service ClusterIP, by source workload, Service, \
+                 protocol and Service port. Counted where the client runs; the backend's \
+                 accepting end counts the same connection on deny_observer_connections_total.",
+            ),
+            &SERVICE_CONNECTION_LABELS,
+        )
+        .map_err(|source| ExportError::Register {
+            name: SERVICE_CONNECTIONS_TOTAL.to_owned(),
+            source,
+        })?;
         metrics.register(Box::new(total.clone()))?;
+        metrics.register(Box::new(services.clone()))?;
         metrics.register(Box::new(hooks.clone()))?;
         metrics.register(Box::new(map_entries.clone()))?;
         // Announced at zero, like the drop path's stages.
         metrics.record_loss(STAGE_MAP_FULL, 0);
         metrics.record_loss(STAGE_READ, 0);
         let (overflow, series) = metrics.series_accounting(CONNECTIONS_TOTAL);
+        let (service_overflow, service_series) =
+            metrics.series_accounting(SERVICE_CONNECTIONS_TOTAL);
         let series_limit = metrics.config().series_limit;
         Ok(Self {
             // Overflow keeps the protocol only: ports are as unbounded as workloads.
@@ -243,6 +384,25 @@ impl ConnectionMetrics {
             )?,
             series,
             overflow,
+            // Only the source expires a series: a Service is not a workload.
+            services: Family::new(
+                SERVICE_CONNECTIONS_TOTAL,
+                vec![services],
+                &[
+                    "source_namespace",
+                    "source_workload",
+                    "service_namespace",
+                    "service",
+                    "port",
+                ],
+                [
+                    ("source_namespace", "source_workload"),
+                    ("source_namespace", "source_workload"),
+                ],
+                series_limit,
+            )?,
+            service_series,
+            service_overflow,
             hooks,
             map_entries,
             series_limit,
@@ -283,6 +443,28 @@ impl ConnectionMetrics {
         }
     }
 
+    /// Adds the opening ends of one drain that dialled a Service, summed per label set.
+    pub fn record_services(&self, sums: &FastMap<ServiceConnectionLabels, u64>) {
+        for (l, n) in sums {
+            let port = l.port.to_string();
+            let series = ServiceConnectionSeries {
+                source_namespace: &l.source_namespace,
+                source_workload: &l.source_workload,
+                service_namespace: &l.service_namespace,
+                service: &l.service,
+                protocol: l.protocol,
+                port: &port,
+            };
+            match self.services.record(&series, &[*n]) {
+                Recorded::Existing => {}
+                Recorded::New(len) => self
+                    .service_series
+                    .set(i64::try_from(len).unwrap_or(i64::MAX)),
+                Recorded::Overflow => self.service_overflow.inc_by(*n),
+            }
+        }
+    }
+
     /// Expires series of workloads gone for `grace` (as [`Metrics::retain_workloads`] does
     /// for the drop metrics). Returns the number removed.
     pub fn retain_workloads_at(
@@ -291,9 +473,11 @@ impl ConnectionMetrics {
         grace: Duration,
         live: &dyn Fn(&str, &str) -> bool,
     ) -> usize {
-        let removed = self.family.retain(now, grace, live);
+        let removed = self.family.retain(now, grace, live) + self.services.retain(now, grace, live);
         self.series
             .set(i64::try_from(self.family.len()).unwrap_or(i64::MAX));
+        self.service_series
+            .set(i64::try_from(self.services.len()).unwrap_or(i64::MAX));
         removed
     }
 
@@ -383,11 +567,17 @@ mod tests {
             ],
             ..ConnectionReport::default()
         };
-        let sums = attribute(&report, |ip| match ip.to_string().as_str() {
-            "10.0.0.1" | "10.0.0.2" => pod("a", "client"),
-            "10.0.0.9" => pod("b", "server"),
-            _ => Endpoint::World,
-        });
+        let sums = attribute(
+            &report,
+            |ip| match ip.to_string().as_str() {
+                "10.0.0.1" | "10.0.0.2" => pod("a", "client"),
+                "10.0.0.9" => pod("b", "server"),
+                _ => Endpoint::World,
+            },
+            |_| None,
+        );
+        assert!(sums.services.is_empty());
+        let sums = sums.edges;
         let edge = |dn: &str, dw: &str| ConnectionLabels {
             source_namespace: "a".into(),
             source_workload: "client".into(),
@@ -399,6 +589,62 @@ mod tests {
         assert_eq!(sums.len(), 2, "{sums:?}");
         assert_eq!(sums[&edge("b", "server")], 7);
         assert_eq!(sums[&edge("", "world")], 7);
+    }
+
+    #[test]
+    fn opening_ends_to_a_cluster_ip_are_counted_by_service_not_as_edges() {
+        use crate::capture::connections::Connection;
+        use crate::inventory::Service;
+        let metrics = Metrics::new(MetricsConfig::default()).unwrap();
+        let conns = ConnectionMetrics::new(&metrics).unwrap();
+        let web = Arc::new(Service {
+            namespace: "shop".into(),
+            name: "web".into(),
+            cluster_ips: vec!["10.96.0.20".parse().unwrap()],
+        });
+        let conn = |dst: &str, port, side, count| Connection {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            dst_port: port,
+            side,
+            count,
+        };
+        let report = ConnectionReport {
+            connections: vec![
+                conn("10.96.0.20", 80, Side::Connect, 5),
+                conn("10.0.0.9", 8080, Side::Accept, 5),
+            ],
+            ..ConnectionReport::default()
+        };
+        let lookup = |ip: std::net::IpAddr| match ip.to_string().as_str() {
+            "10.0.0.1" => pod("a", "client"),
+            "10.0.0.9" => pod("shop", "web"),
+            _ => Endpoint::Private,
+        };
+        let service = |ip: std::net::IpAddr| (ip == web.cluster_ips[0]).then_some(&web);
+        conns.record_drain(&metrics, &report, lookup, service);
+        let text = metrics.encode_text().unwrap();
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("deny_observer_") && l.contains("connections_total{"))
+            .collect();
+        assert_eq!(
+            samples,
+            [
+                r#"deny_observer_connections_total{destination_namespace="shop",destination_workload="web",port="8080",protocol="tcp",source_namespace="a",source_workload="client"} 5"#,
+                r#"deny_observer_service_connections_total{port="80",protocol="tcp",service="web",service_namespace="shop",source_namespace="a",source_workload="client"} 5"#,
+            ],
+            "{text}"
+        );
+        // Series expire with their source workload, like the edges.
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(1);
+        conns.retain_workloads_at(t0, grace, &|_, _| false);
+        assert_eq!(
+            conns.retain_workloads_at(t0 + grace, grace, &|_, _| false),
+            2
+        );
     }
 
     #[test]

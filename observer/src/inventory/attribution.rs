@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use super::model::{Inventory, Pod, PodPhase};
+use super::model::{Inventory, Pod, PodPhase, Service};
 use crate::flow::{FastMap, FastSet};
 
 /// What an address is.
@@ -182,6 +182,9 @@ pub struct Attributor {
     /// Addresses of host-network pods scheduled on this node: this node's too, even when the
     /// interface list missed them.
     local: FastMap<IpAddr, u32>,
+    /// Service ClusterIPs: virtual addresses a connection's opening end may name, translated
+    /// to a backend before any pod sees the connection.
+    services: FastMap<IpAddr, Arc<Service>>,
     node: NodeAddrs,
 }
 
@@ -224,12 +227,38 @@ impl Attributor {
             pods: FastMap::with_capacity_and_hasher(inv.pods.len(), Default::default()),
             hosts: FastMap::default(),
             local: FastMap::default(),
+            services: FastMap::default(),
             node,
         };
         for pod in &inv.pods {
             a.insert(pod);
         }
+        a.set_services(&inv.services);
         a
+    }
+
+    /// Replaces the ClusterIP index with the addresses of `services`. ClusterIPs are unique
+    /// in a cluster; should two manifests claim one, the first in inventory order (namespace,
+    /// name) keeps it.
+    pub fn set_services(&mut self, services: &[Arc<Service>]) {
+        let n = services.iter().map(|s| s.cluster_ips.len()).sum();
+        let mut index = FastMap::with_capacity_and_hasher(n, Default::default());
+        for svc in services {
+            for ip in &svc.cluster_ips {
+                index
+                    .entry(ip.to_canonical())
+                    .or_insert_with(|| Arc::clone(svc));
+            }
+        }
+        self.services = index;
+    }
+
+    /// The Service whose ClusterIP `ip` is.
+    pub fn service(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        if self.services.is_empty() {
+            return None;
+        }
+        self.services.get(&ip.to_canonical())
     }
 
     /// Applies a change of pods: `removed` are pods of the inventory this attributor was built

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::model::{ContainerPort, Labels, Namespace, Pod, PodPhase};
+use super::model::{ContainerPort, Labels, Namespace, Pod, PodPhase, Service};
 use super::workload::{self, OwnerIndex};
 use crate::flow::Protocol;
 
@@ -77,6 +77,16 @@ pub enum ConvertError {
         /// The offending protocol text.
         protocol: String,
     },
+    /// An address in `spec.clusterIP`/`clusterIPs` is neither an IP address nor `None`.
+    #[error("Service {namespace}/{name}: cluster IP {ip:?} is not an IP address or \"None\"")]
+    BadClusterIp {
+        /// Service namespace.
+        namespace: String,
+        /// Service name.
+        name: String,
+        /// The offending text.
+        ip: String,
+    },
 }
 
 fn non_empty(s: &Option<String>) -> Option<&str> {
@@ -94,6 +104,49 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
         .entry(NAMESPACE_NAME_LABEL.to_owned())
         .or_insert_with(|| name.clone());
     Ok(Namespace { name, labels })
+}
+
+/// Converts a Service: its namespace, name and ClusterIPs (`spec.clusterIPs`, else
+/// `spec.clusterIP`; none for a headless Service, whose `clusterIP` is `None`, or one without an
+/// allocated address). Each address appears once.
+pub fn service(svc: &core::Service) -> Result<Service, ConvertError> {
+    let meta = &svc.metadata;
+    let name = non_empty(&meta.name).ok_or(ConvertError::MissingName { kind: "Service" })?;
+    let namespace = non_empty(&meta.namespace).ok_or_else(|| ConvertError::MissingNamespace {
+        kind: "Service",
+        name: name.to_owned(),
+    })?;
+    let spec = svc.spec.as_ref();
+    let listed = spec
+        .and_then(|s| s.cluster_ips.as_deref())
+        .filter(|ips| !ips.is_empty());
+    let single = spec.and_then(|s| non_empty(&s.cluster_ip));
+    let texts: Vec<&str> = match listed {
+        Some(ips) => ips.iter().map(String::as_str).collect(),
+        None => single.into_iter().collect(),
+    };
+    let mut cluster_ips: Vec<IpAddr> = Vec::with_capacity(texts.len());
+    for text in texts {
+        if text.is_empty() || text == "None" {
+            continue;
+        }
+        let ip = text
+            .parse::<IpAddr>()
+            .map_err(|_| ConvertError::BadClusterIp {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                ip: text.to_owned(),
+            })?
+            .to_canonical();
+        if !cluster_ips.contains(&ip) {
+            cluster_ips.push(ip);
+        }
+    }
+    Ok(Service {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        cluster_ips,
+    })
 }
 
 /// A namespace known only by name (referenced by a pod or policy but not listed).

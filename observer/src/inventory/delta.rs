@@ -61,6 +61,7 @@ pub fn rebase(old: &Inventory, new: Arc<Inventory>) -> (Arc<Inventory>, PodDelta
         namespaces: new.namespaces.clone(),
         pods,
         policies,
+        services: new.services.clone(),
         invalid: new.invalid.clone(),
     };
     (Arc::new(inventory), delta)

@@ -1,5 +1,6 @@
 //! The inventory from the API server: kube-rs reflectors for Pods (all namespaces: peers
-//! matter, not only this node's pods), Namespaces and NetworkPolicies.
+//! matter, not only this node's pods), Namespaces, NetworkPolicies and Services (their
+//! ClusterIPs only).
 //!
 //! Each object is validated and converted (through [`convert`](super::convert), the same code
 //! as the manifest loader) as it arrives, and the stores keep only the result ([`Stored`]),
@@ -21,7 +22,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort as K8sContainerPort, Namespace as K8sNamespace, Pod as K8sPod, PodIP,
-    PodSpec, PodStatus,
+    PodSpec, PodStatus, Service as K8sService,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -33,7 +34,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::convert::{self, ANNOTATION_PREFIX};
-use super::model::{Inventory, Pod};
+use super::model::{Inventory, Pod, Service};
 use super::reload::ReloadStats;
 use super::validate::{self, InvalidObject, PodLayout};
 use super::workload::OwnerIndex;
@@ -47,12 +48,14 @@ pub const RESOURCE_PODS: &str = "pods";
 pub const RESOURCE_NAMESPACES: &str = "namespaces";
 /// Value of the `resource` label for NetworkPolicies.
 pub const RESOURCE_NETWORKPOLICIES: &str = "networkpolicies";
+/// Value of the `resource` label for Services.
+pub const RESOURCE_SERVICES: &str = "services";
 
 /// Environment variable (set from the downward API) that names this node.
 pub const NODE_NAME_ENV: &str = "NODE_NAME";
 
-/// Called with the `resource` label value (`pods`, `namespaces`, `networkpolicies`) for each
-/// watch error.
+/// Called with the `resource` label value (`pods`, `namespaces`, `networkpolicies`,
+/// `services`) for each watch error.
 pub type WatchErrorCounter = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Errors of the API-server inventory.
@@ -66,10 +69,11 @@ pub enum KubeError {
     Stopped,
 }
 
-/// [`ReloadStats`] parts of the three watches.
+/// [`ReloadStats`] parts of the four watches.
 const WATCH_PODS: u32 = 0;
 const WATCH_NAMESPACES: u32 = 1;
 const WATCH_NETWORKPOLICIES: u32 = 2;
+const WATCH_SERVICES: u32 = 3;
 
 /// Settings of [`KubeInventory`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,6 +170,8 @@ pub type StoredPod = Stored<Arc<Pod>>;
 pub type StoredNamespace = Stored<super::model::Namespace>;
 /// A validated NetworkPolicy with its metadata trimmed (the same `Arc` goes into snapshots).
 pub type StoredPolicy = Stored<Arc<NetworkPolicy>>;
+/// A converted Service: namespace, name and ClusterIPs.
+pub type StoredService = Stored<Arc<Service>>;
 
 macro_rules! stored_lookup {
     ($model:ty, $kind:literal, $group:literal, $version:literal, $plural:literal) => {
@@ -217,6 +223,7 @@ stored_lookup!(
     "v1",
     "networkpolicies"
 );
+stored_lookup!(Arc<Service>, "Service", "", "v1", "services");
 
 /// Converts an API object into what its store keeps.
 pub trait ToStored: Sized {
@@ -244,6 +251,18 @@ impl ToStored for NetworkPolicy {
     type Stored = StoredPolicy;
     fn stored(&self) -> StoredPolicy {
         stored(&self.metadata, check_policy(self))
+    }
+}
+
+impl ToStored for K8sService {
+    type Stored = StoredService;
+    fn stored(&self) -> StoredService {
+        stored(
+            &self.metadata,
+            convert::service(self)
+                .map(Arc::new)
+                .map_err(|e| invalid_from_api("Service", &self.metadata, vec![e.to_string()])),
+        )
     }
 }
 
@@ -300,7 +319,7 @@ where
     }
 }
 
-/// The three stores.
+/// The four stores.
 #[derive(Clone)]
 pub struct Stores {
     /// Pods, all namespaces.
@@ -309,9 +328,11 @@ pub struct Stores {
     pub namespaces: Store<StoredNamespace>,
     /// NetworkPolicies.
     pub policies: Store<StoredPolicy>,
+    /// Services.
+    pub services: Store<StoredService>,
 }
 
-/// Writers of the three stores (tests fill them directly with `apply_watcher_event`).
+/// Writers of the four stores (tests fill them directly with `apply_watcher_event`).
 pub struct Writers {
     /// Pods.
     pub pods: StoreWriter<K8sPod>,
@@ -319,23 +340,28 @@ pub struct Writers {
     pub namespaces: StoreWriter<K8sNamespace>,
     /// NetworkPolicies.
     pub policies: StoreWriter<NetworkPolicy>,
+    /// Services.
+    pub services: StoreWriter<K8sService>,
 }
 
-/// Three empty stores and their writers.
+/// Four empty stores and their writers.
 pub fn stores() -> (Stores, Writers) {
     let (pods, pods_w) = reflector::store();
     let (namespaces, namespaces_w) = reflector::store();
     let (policies, policies_w) = reflector::store();
+    let (services, services_w) = reflector::store();
     (
         Stores {
             pods,
             namespaces,
             policies,
+            services,
         },
         Writers {
             pods: StoreWriter::new(pods_w),
             namespaces: StoreWriter::new(namespaces_w),
             policies: StoreWriter::new(policies_w),
+            services: StoreWriter::new(services_w),
         },
     )
 }
@@ -580,6 +606,16 @@ impl SnapshotBuilder {
             (&a.metadata.namespace, &a.metadata.name)
                 .cmp(&(&b.metadata.namespace, &b.metadata.name))
         });
+        // Headless and ExternalName Services have no address to attribute: not kept.
+        let mut services = Vec::new();
+        for obj in stores.services.state() {
+            match &obj.model {
+                Ok(model) if !model.cluster_ips.is_empty() => services.push(Arc::clone(model)),
+                Ok(_) => {}
+                Err(e) => invalid.push(e.clone()),
+            }
+        }
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         invalid.sort_by(|a, b| {
             (&a.kind, &a.namespace, &a.name).cmp(&(&b.kind, &b.namespace, &b.name))
         });
@@ -597,6 +633,7 @@ impl SnapshotBuilder {
             namespaces,
             pods,
             policies,
+            services,
             invalid,
         };
         let changed = self
@@ -629,6 +666,7 @@ fn same_content(a: &Inventory, b: &Inventory) -> bool {
     a.namespaces == b.namespaces
         && same_arcs(&a.pods, &b.pods)
         && same_arcs(&a.policies, &b.policies)
+        && same_arcs(&a.services, &b.services)
         && a.invalid == b.invalid
 }
 
@@ -643,7 +681,7 @@ pub struct KubeInventory {
 }
 
 impl KubeInventory {
-    /// Starts the three watchers and the snapshot task on the current Tokio runtime.
+    /// Starts the four watchers and the snapshot task on the current Tokio runtime.
     /// `on_watch_error` is called with the resource label for every watch error.
     pub fn start(
         client: Client,
@@ -654,10 +692,15 @@ impl KubeInventory {
         let changed = Arc::new(Notify::new());
         // Not successful until every watch has delivered its first event.
         let health = Arc::new(ReloadStats::default());
-        for part in [WATCH_PODS, WATCH_NAMESPACES, WATCH_NETWORKPOLICIES] {
+        for part in [
+            WATCH_PODS,
+            WATCH_NAMESPACES,
+            WATCH_NETWORKPOLICIES,
+            WATCH_SERVICES,
+        ] {
             health.mark_failed(part, "not synced yet".to_owned());
         }
-        let mut tasks = Vec::with_capacity(4);
+        let mut tasks = Vec::with_capacity(5);
         let lists = config.list.watcher_config();
         tasks.push(tokio::spawn(reflect(
             Api::<Slim<K8sPod>>::all(client.clone()),
@@ -678,13 +721,22 @@ impl KubeInventory {
             (WATCH_NAMESPACES, Arc::clone(&health)),
         )));
         tasks.push(tokio::spawn(reflect(
-            Api::<Slim<NetworkPolicy>>::all(client),
-            lists,
+            Api::<Slim<NetworkPolicy>>::all(client.clone()),
+            lists.clone(),
             writers.policies,
             RESOURCE_NETWORKPOLICIES,
-            on_watch_error,
+            Arc::clone(&on_watch_error),
             Arc::clone(&changed),
             (WATCH_NETWORKPOLICIES, Arc::clone(&health)),
+        )));
+        tasks.push(tokio::spawn(reflect(
+            Api::<Slim<K8sService>>::all(client),
+            lists,
+            writers.services,
+            RESOURCE_SERVICES,
+            on_watch_error,
+            Arc::clone(&changed),
+            (WATCH_SERVICES, Arc::clone(&health)),
         )));
         let (snap_tx, snapshots) = watch::channel(Arc::new(Inventory::default()));
         let (ready_tx, ready) = watch::channel(false);
@@ -704,7 +756,7 @@ impl KubeInventory {
         }
     }
 
-    /// Waits for the first full sync of all three resources and the first snapshot.
+    /// Waits for the first full sync of all four resources and the first snapshot.
     pub async fn wait_until_ready(&self) -> Result<(), KubeError> {
         let mut ready = self.ready.clone();
         ready
@@ -812,6 +864,7 @@ async fn snapshot_loop(
         stores.pods.wait_until_ready(),
         stores.namespaces.wait_until_ready(),
         stores.policies.wait_until_ready(),
+        stores.services.wait_until_ready(),
     );
     if synced.is_err() {
         tracing::error!(node, "inventory watchers stopped before the first sync");
@@ -839,6 +892,7 @@ async fn snapshot_loop(
                 pods = build.inventory.pods.len(),
                 namespaces = build.inventory.namespaces.len(),
                 policies = build.inventory.policies.len(),
+                services = build.inventory.services.len(),
                 "inventory snapshot"
             );
             snapshots.send_replace(build.inventory);
@@ -851,6 +905,7 @@ async fn snapshot_loop(
                 pods = stores.pods.len(),
                 namespaces = stores.namespaces.len(),
                 policies = stores.policies.len(),
+                services = stores.services.len(),
                 "inventory synced from the API server"
             );
         }

@@ -3,8 +3,9 @@
 //! The directory is read recursively, in sorted order, taking `*.yaml`, `*.yml` and `*.json`
 //! files. A file may hold several YAML documents, a stream of JSON objects, or `kind: List` (and
 //! typed lists like `PodList`), which is what `kubectl get ns,pods,networkpolicies -A -o yaml`
-//! writes. Namespaces, Pods and `networking.k8s.io/v1` NetworkPolicies make up the inventory;
-//! ReplicaSets and Jobs only teach the [`OwnerIndex`] who owns them; anything else is skipped.
+//! writes. Namespaces, Pods and `networking.k8s.io/v1` NetworkPolicies make up the inventory,
+//! and Services contribute their ClusterIPs; ReplicaSets and Jobs only teach the
+//! [`OwnerIndex`] who owns them; anything else is skipped.
 //!
 //! Entries whose name starts with `.` are skipped. Besides editor droppings, this matters for
 //! ConfigMap volumes: they hold the files twice, once through the visible symlinks and once in
@@ -31,7 +32,7 @@ use serde_json::Value;
 use super::convert::{self, ConvertError};
 use super::kube;
 use super::model::Inventory;
-use super::model::Pod;
+use super::model::{Pod, Service};
 use super::validate::{self, InvalidObject, PodLayout};
 use super::workload::{self, OwnerIndex};
 
@@ -254,6 +255,7 @@ struct Loader {
     /// item; the workload is resolved again once every owner is known.
     pods: Vec<Found<PreparedPod>>,
     policies: Vec<Found<NetworkPolicy>>,
+    services: Vec<Service>,
     owners: OwnerIndex,
     /// Objects of a used kind that the API server would refuse: left out, reported.
     invalid: Vec<InvalidObject>,
@@ -291,6 +293,7 @@ enum Kind {
     Namespace(Box<core::Namespace>),
     Pod(Box<PreparedPod>),
     Policy(Box<NetworkPolicy>),
+    Service(Box<Service>),
     ReplicaSet(Vec<OwnerReference>),
     Job(Vec<OwnerReference>),
 }
@@ -318,6 +321,7 @@ fn prepare(path: &Path, at: ObjectLocation, obj: Value) -> Result<Prepared, Load
     let known = match (api_version, kind.as_str()) {
         ("v1", "Namespace") => Some(true),
         ("v1", "Pod")
+        | ("v1", "Service")
         | ("networking.k8s.io/v1", "NetworkPolicy")
         | ("apps/v1", "ReplicaSet")
         | ("batch/v1", "Job") => Some(false),
@@ -375,6 +379,12 @@ fn prepare(path: &Path, at: ObjectLocation, obj: Value) -> Result<Prepared, Load
             checked(validate::network_policy(&np))?;
             kube::trim_policy(&mut np);
             Ok(Kind::Policy(Box::new(np)))
+        }),
+        "Service" => typed::<core::Service>(obj).and_then(|mut svc| {
+            svc.metadata.namespace = namespace;
+            convert::service(&svc)
+                .map(|model| Kind::Service(Box::new(model)))
+                .map_err(|e| Kind::Invalid(vec![e.to_string()]))
         }),
         "ReplicaSet" => typed::<ReplicaSet>(obj).and_then(|rs| match at.name {
             Some(_) => Ok(Kind::ReplicaSet(
@@ -695,6 +705,7 @@ impl Loader {
                 at,
                 obj: *obj,
             }),
+            Kind::Service(obj) => self.services.push(*obj),
             Kind::ReplicaSet(refs) => {
                 self.owners.insert_replicaset_refs(&ns, &name, &refs);
                 self.summary.owners += 1;
@@ -714,6 +725,7 @@ impl Loader {
             namespaces,
             pods,
             policies,
+            services,
             owners,
             mut invalid,
             mut summary,
@@ -753,6 +765,14 @@ impl Loader {
                 Err(e) => invalid.push(invalid_object(&path, &at, vec![e.to_string()])),
             }
         }
+        // Headless and ExternalName Services have no address to attribute: not kept.
+        inv.services = services
+            .into_iter()
+            .filter(|s| !s.cluster_ips.is_empty())
+            .map(Arc::new)
+            .collect();
+        inv.services
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         for o in &invalid {
             tracing::warn!(
                 object = %o,

@@ -82,6 +82,19 @@ pub struct Pod {
     pub workload: Workload,
 }
 
+/// A Service, trimmed to what connection attribution reads: the virtual addresses kube-proxy
+/// (or an eBPF replacement) translates to a backend pod, and the Service's identity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Namespace.
+    pub namespace: String,
+    /// Service name.
+    pub name: String,
+    /// `spec.clusterIPs` (or `spec.clusterIP`): one per IP family on a dual-stack Service,
+    /// empty for a headless (`None`), ExternalName or not yet allocated Service.
+    pub cluster_ips: Vec<IpAddr>,
+}
+
 /// Complete inventory snapshot. Cheap to share: downstream stages hold an `Arc<Inventory>`.
 #[derive(Clone, Debug, Default)]
 pub struct Inventory {
@@ -92,6 +105,8 @@ pub struct Inventory {
     /// All `networking.k8s.io/v1` NetworkPolicies (metadata trimmed to name, namespace,
     /// labels and the annotations deny-observer reads).
     pub policies: Vec<Arc<NetworkPolicy>>,
+    /// Services that have a ClusterIP, sorted by namespace and name.
+    pub services: Vec<Arc<Service>>,
     /// Objects left out because the API server would refuse them (see
     /// [`validate`](super::validate)), sorted by kind, namespace and name.
     pub invalid: Vec<InvalidObject>,
@@ -106,6 +121,8 @@ pub struct ObjectCounts {
     pub pods: usize,
     /// NetworkPolicies.
     pub policies: usize,
+    /// Services with a ClusterIP.
+    pub services: usize,
 }
 
 impl Inventory {
@@ -115,6 +132,7 @@ impl Inventory {
             namespaces: self.namespaces.len(),
             pods: self.pods.len(),
             policies: self.policies.len(),
+            services: self.services.len(),
         }
     }
 

@@ -212,7 +212,7 @@ pub async fn watch_dir(path: PathBuf, poll: Duration) -> Result<DirWatch, LoadEr
 /// [`manifest::load_dir`], refusing a directory without a single object.
 fn load_non_empty(dir: &Path) -> Result<Inventory, LoadError> {
     let inv = manifest::load_dir(dir)?;
-    if inv.counts() == ObjectCounts::default() {
+    if inv.is_empty() {
         return Err(LoadError::Io {
             path: dir.to_path_buf(),
             source: std::io::Error::new(

@@ -1,6 +1,10 @@
 //! The map page: one HTML file with its scripts, styles and data inlined, so that it opens
 //! from a file, a CI artifact or an air-gapped laptop without any network access.
 
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
 use super::MapData;
 
 /// Cytoscape.js, vendored unmodified (see `assets/README.md` and `assets/LICENSE-cytoscape`).
@@ -10,10 +14,40 @@ pub const CYTOSCAPE_VERSION: &str = "3.34.4";
 const MAP_JS: &str = include_str!("assets/map.js");
 const MAP_CSS: &str = include_str!("assets/map.css");
 
+/// The document as the page reads it: each edge's `explain` answer as indexes into
+/// `explain_lines`, the lines all answers share. Answers repeat most of their lines (the same
+/// workloads, pods and policies), and the embedded data is what the browser parses before it
+/// draws anything: this halves the page of a 10,000-edge map.
+fn page_value(data: &MapData) -> Result<Value, serde_json::Error> {
+    let mut value = serde_json::to_value(data)?;
+    let mut lines: Vec<&str> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    if let Some(edges) = value.get_mut("edges").and_then(Value::as_array_mut) {
+        for (edge, source) in edges.iter_mut().zip(&data.edges) {
+            let ids: Vec<usize> = source
+                .explain
+                .split('\n')
+                .map(|line| {
+                    let next = lines.len();
+                    let id = *index.entry(line).or_insert(next);
+                    if id == next {
+                        lines.push(line);
+                    }
+                    id
+                })
+                .collect();
+            edge["explain"] = json!(ids);
+        }
+    }
+    value["explain_lines"] = json!(lines);
+    Ok(value)
+}
+
 /// The data as JSON that is safe inside a `<script>` element: `<`, `>` and `&` are escaped
-/// as JSON `\u` sequences, so no policy or workload name can close the element.
+/// as JSON `\u` sequences, so no policy or workload name can close the element. Explain
+/// answers are shared lines (see [`page_value`]).
 pub fn script_json(data: &MapData) -> String {
-    let json = serde_json::to_string(data).unwrap_or_else(|e| {
+    let json = page_value(data).and_then(|v| serde_json::to_string(&v)).unwrap_or_else(|e| {
         // Serializing plain strings and numbers cannot fail; should it, the page says so.
         format!("{{\"schema_version\":1,\"error\":\"serializing the map: {e}\",\"nodes\":[],\"edges\":[],\"namespaces\":[],\"windows\":[],\"window_seconds\":[],\"notes\":[]}}")
     });
@@ -106,6 +140,68 @@ const BODY: &str = r#"<header>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn explain_answers_share_their_lines_and_read_back_whole() {
+        let edge = |target: &str, explain: &str| super::super::MapEdge {
+            source: "shop/web".to_owned(),
+            target: target.to_owned(),
+            verdict: "denied",
+            protocol: "tcp".to_owned(),
+            port: None,
+            observed: vec![1],
+            policy: String::new(),
+            matched: None,
+            judged: "deny",
+            explain: explain.to_owned(),
+        };
+        let data = MapData {
+            schema_version: 1,
+            generated_unix: 0,
+            source: String::new(),
+            windows: vec![],
+            window_seconds: vec![],
+            namespaces: vec![],
+            nodes: vec![],
+            edges: vec![
+                edge("shop/api", "verdict: DENY a\nfrom shop/web\nshared\n"),
+                edge("shop/db", "verdict: DENY b\nfrom shop/web\nshared\n"),
+                edge("shop/x", ""),
+            ],
+            full_detail_max_workloads: 1,
+            full_detail_max_edges: 1,
+            refresh_seconds: None,
+            error: None,
+            notes: vec![],
+        };
+        let page: Value = serde_json::from_str(&script_json(&data)).unwrap_or_default();
+        let lines: Vec<&str> = page["explain_lines"]
+            .as_array()
+            .map(|l| l.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            lines,
+            [
+                "verdict: DENY a",
+                "from shop/web",
+                "shared",
+                "",
+                "verdict: DENY b"
+            ],
+            "each line once"
+        );
+        for (i, want) in data.edges.iter().enumerate() {
+            let text: Vec<&str> = page["edges"][i]["explain"]
+                .as_array()
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(|id| lines.get(usize::try_from(id.as_u64()?).ok()?).copied())
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(text.join("\n"), want.explain, "edge {i}");
+        }
+    }
 
     #[test]
     fn script_json_cannot_close_the_script_element() {

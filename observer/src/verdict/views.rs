@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::{Engine, VerdictCache};
-use crate::inventory::{Attributor, Inventory, NodeAddrs, rebase};
+use crate::inventory::{Attributor, Inventory, NodeAddrs, Service, rebase};
 
 /// Attribution index and policy engine over the same snapshot.
 #[derive(Debug)]
@@ -65,10 +65,14 @@ pub fn update_views(
     cache: &VerdictCache,
     inventory: Arc<Inventory>,
 ) -> Update {
+    let services_changed = !same_services(&engine.inventory().services, &inventory.services);
     let (inventory, delta) = rebase(engine.inventory(), inventory);
     match engine.with_pods_of(Arc::clone(&inventory)) {
         Some(next) => {
             attributor.apply(&delta.removed, &delta.added);
+            if services_changed {
+                attributor.set_services(&inventory.services);
+            }
             *engine = next;
             Update::Pods {
                 removed: delta.removed.len(),
@@ -83,4 +87,11 @@ pub fn update_views(
             Update::Rebuilt
         }
     }
+}
+
+fn same_services(a: &[Arc<Service>], b: &[Arc<Service>]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| Arc::ptr_eq(x, y) || x.as_ref() == y.as_ref())
 }

@@ -204,13 +204,68 @@ fn ignored_kinds_are_counted() {
     let dir = tempfile::tempdir().unwrap();
     fs::write(
         dir.path().join("m.yaml"),
-        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: t}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: s}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: t}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
     )
     .unwrap();
     let (inv, summary) = manifest::load_dir_with_summary(dir.path()).unwrap();
     assert_eq!(inv.counts().pods, 0);
-    assert_eq!(summary.ignored.get("v1/Service"), Some(&2));
+    assert_eq!(summary.ignored.get("v1/ConfigMap"), Some(&2));
     assert_eq!(summary.ignored.get("apps/v1/Deployment"), Some(&1));
+}
+
+#[test]
+fn services_contribute_their_cluster_ips_only() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("svc.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\n\
+         spec: {clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, 'fd00:96::a'], ports: [{port: 80}]}\n\
+         ---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: legacy}\nspec: {clusterIP: 10.96.0.11}\n\
+         ---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {clusterIP: None}\n\
+         ---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: pending, namespace: shop}\nspec: {ports: [{port: 1}]}\n\
+         ---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: bad, namespace: shop}\nspec: {clusterIP: 10.96.0.300}\n",
+    )
+    .unwrap();
+    let (inv, summary) = manifest::load_dir_with_summary(dir.path()).unwrap();
+    assert!(summary.ignored.is_empty(), "{:?}", summary.ignored);
+    let got: Vec<(String, String, Vec<String>)> = inv
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.namespace.clone(),
+                s.name.clone(),
+                s.cluster_ips.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect();
+    // Headless and unallocated Services have no address and are not kept; a Service with no
+    // namespace is in `default`.
+    assert_eq!(
+        got,
+        [
+            ("default".into(), "legacy".into(), vec!["10.96.0.11".into()]),
+            (
+                "shop".into(),
+                "web".into(),
+                vec!["10.96.0.10".into(), "fd00:96::a".into()]
+            ),
+        ]
+    );
+    assert_eq!(inv.counts().services, 2);
+    // A malformed address is an invalid object, named, and the rest loads.
+    assert_eq!(inv.invalid.len(), 1, "{:?}", inv.invalid);
+    assert_eq!(inv.invalid[0].id(), "shop/bad");
+    assert!(
+        inv.invalid[0].to_string().contains("10.96.0.300"),
+        "{}",
+        inv.invalid[0]
+    );
+    assert_eq!(inv.invalid_counts()["services"], 1);
 }
 
 #[test]

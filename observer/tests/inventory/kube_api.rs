@@ -140,6 +140,18 @@ fn event(type_: &str, object: Value) -> Value {
 const PODS: &str = "/api/v1/pods";
 const NAMESPACES: &str = "/api/v1/namespaces";
 const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
+const SERVICES: &str = "/api/v1/services";
+
+fn svc(name: &str, cluster_ips: &[&str], rv: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": name, "namespace": "prod", "resourceVersion": rv},
+           "spec": {"clusterIP": cluster_ips.first().copied().unwrap_or("None"),
+                    "clusterIPs": cluster_ips, "ports": [{"port": 80}]}})
+}
+
+fn no_services() -> Reply {
+    list("Service", "v1", "1", vec![])
+}
 
 fn error_counter() -> (WatchErrorCounter, Arc<Mutex<HashMap<String, u64>>>) {
     let counts = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
@@ -223,6 +235,24 @@ async fn initial_list_then_watch_for_each_resource() {
             POLICIES,
             true,
             Reply::Events(vec![event("MODIFIED", policy("allow-web", "api", "301"))]),
+        )
+        .on(
+            SERVICES,
+            false,
+            list(
+                "Service",
+                "v1",
+                "400",
+                vec![svc("web", &["10.96.0.10"], "400"), svc("db", &[], "400")],
+            ),
+        )
+        .on(
+            SERVICES,
+            true,
+            Reply::Events(vec![event(
+                "ADDED",
+                svc("api", &["10.96.0.11", "fd00:96::11"], "401"),
+            )]),
         );
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let log = serve(handle, script);
@@ -247,8 +277,30 @@ async fn initial_list_then_watch_for_each_resource() {
                 && serde_json::to_value(&s.policies[0].spec).expect("json")["ingress"][0]["from"][0]
                     ["podSelector"]["matchLabels"]["app"]
                     == "api"
+                && s.services.len() == 2
         })
         .await;
+    // Services keep their ClusterIPs (both families); the headless one has none and is left out.
+    let services: Vec<(&str, Vec<String>)> = snap
+        .services
+        .iter()
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.cluster_ips.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        services,
+        [
+            (
+                "api",
+                vec!["10.96.0.11".to_owned(), "fd00:96::11".to_owned()]
+            ),
+            ("web", vec!["10.96.0.10".to_owned()]),
+        ]
+    );
     // Trimmed on the way into the store: only deny-observer's annotation is left.
     let ann = snap.policies[0]
         .metadata
@@ -269,7 +321,12 @@ async fn initial_list_then_watch_for_each_resource() {
     let model = stored[0].model.as_ref().expect("valid pod");
     assert!(Arc::ptr_eq(model, &snap.pods[0]));
 
-    for (path, rv) in [(PODS, "200"), (NAMESPACES, "100"), (POLICIES, "300")] {
+    for (path, rv) in [
+        (PODS, "200"),
+        (NAMESPACES, "100"),
+        (POLICIES, "300"),
+        (SERVICES, "400"),
+    ] {
         let seen = requests_for(&log, path);
         assert!(seen.len() >= 2, "{path}: {seen:?}");
         assert!(seen.iter().all(|s| s.method == Method::GET), "{seen:?}");
@@ -327,7 +384,8 @@ async fn watch_errors_are_counted_and_recovered() {
                 "400",
                 vec![policy("allow-web", "api", "400")],
             ),
-        );
+        )
+        .on(SERVICES, false, no_services());
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let log = serve(handle, script);
     let (counter, errors) = error_counter();
@@ -382,6 +440,7 @@ async fn watch_errors_are_counted_and_recovered() {
 async fn not_ready_while_the_api_server_fails() {
     let script = Script::default()
         .on(NAMESPACES, false, list("Namespace", "v1", "1", vec![]))
+        .on(SERVICES, false, no_services())
         .on(
             POLICIES,
             false,
@@ -462,7 +521,8 @@ async fn two_page_pods(strategy: ListStrategy) -> (KubeInventory, Vec<Seen>) {
                 "networking.k8s.io/v1",
                 vec![policy("allow-web", "web", "300")],
             ),
-        );
+        )
+        .on(SERVICES, false, no_services());
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let log = serve(handle, script);
     let (counter, errors) = error_counter();

@@ -177,8 +177,9 @@ impl Window {
 pub struct Session {
     /// One window per scenario, in scenario order.
     pub windows: Vec<Window>,
-    /// eBPF run time per program run in the costliest scenario, from the stats windows.
-    pub ns_per_drop: Option<f64>,
+    /// eBPF run time per program run in each scenario (scenario order; `None` where the
+    /// programs did not run), from the stats windows.
+    pub ns_per_drop: Vec<Option<f64>>,
     /// Drop → counter latency of small bursts: `None` where /metrics never showed the burst.
     pub latencies: Vec<Option<Duration>>,
     /// Observer CPU per second of wall time with no flood (its fixed cost).
@@ -745,30 +746,33 @@ impl Bench {
         Ok(None)
     }
 
-    /// A short flood of each scenario with `bpf_stats_enabled` on: run time per program run in
-    /// the costliest one. Every scenario, not only the few-flows one: the per-drop cost grows
-    /// with the number of keys (hash buckets and entries that no longer fit the caches).
+    /// A short flood of each scenario with `bpf_stats_enabled` on: run time per program run,
+    /// per scenario. Every scenario, not only the few-flows one: the per-drop cost grows with
+    /// the number of keys (hash buckets and entries that no longer fit the caches), so each is
+    /// compared with the peer's in the same scenario.
     fn stats_window(
         &self,
         scenarios: &[Scenario],
         progs: &BTreeSet<u64>,
-    ) -> anyhow::Result<Option<f64>> {
+    ) -> anyhow::Result<Vec<Option<f64>>> {
         let _on = sys::SysctlGuard::bpf_stats()?;
-        let mut worst: Option<f64> = None;
+        let mut out = Vec::new();
         let mut each = Vec::new();
         for s in scenarios {
             let cfg = self.flood_config(s.kind, s.flows, FIRST_PORT)?;
             let (t0, c0) = sys::run_stats(progs)?;
             flood::flood(&cfg, Until::Elapsed(STATS_WINDOW))?;
             let (t1, c1) = sys::run_stats(progs)?;
-            if c1 > c0 {
-                let ns = (t1 - t0) as f64 / (c1 - c0) as f64;
-                each.push(format!("{} {ns:.1}", s.name));
-                worst = Some(worst.map_or(ns, |w| w.max(ns)));
-            }
+            let ns = (c1 > c0).then(|| (t1 - t0) as f64 / (c1 - c0) as f64);
+            each.push(format!(
+                "{} {}",
+                s.name,
+                ns.map_or("-".into(), |ns| format!("{ns:.1}"))
+            ));
+            out.push(ns);
         }
         eprintln!("bench:   eBPF ns/drop: {}", each.join(", "));
-        Ok(worst)
+        Ok(out)
     }
 
     fn overflow(&self) -> anyhow::Result<Overflow> {

@@ -4,7 +4,8 @@
 //!
 //! 1. `map --output`: every expected workload and edge is in the page's list with the right
 //!    `data-*` attributes (verdict, protocol, port, deciding policy, `unexplained` for a drop
-//!    the policies allow), open-field namespaces are marked, the graph draws them, and
+//!    the policies allow; the allowed edge with its protocol and port from the daemon's
+//!    `deny_observer_connections_total`), open-field namespaces are marked, the graph draws them, and
 //!    selecting an edge shows its `explain` answer. A second page from an `--edges` file adds
 //!    real allowed traffic; its screenshot is the README's.
 //! 2. `map --listen`: a page left open sees a new denied edge appear after its refresh, and
@@ -184,13 +185,9 @@ impl Cluster {
         self.node.send_udp(from, self.addr(to, port), n).unwrap();
     }
 
-    /// Sends the denied traffic in rounds until Prometheus has an increase for every edge
-    /// `(source, destination)` of `want`.
-    fn until_denied_in_prometheus(
-        &mut self,
-        rounds: &[(PodId, PodId, u16)],
-        want: &[(&str, &str)],
-    ) {
+    /// Sends the traffic in rounds (a new UDP flow each time) until `deny-observer edges`
+    /// reads every edge `(source, destination, verdict)` of `want` from Prometheus.
+    fn until_in_prometheus(&mut self, rounds: &[(PodId, PodId, u16)], want: &[(&str, &str, &str)]) {
         let deadline = Instant::now() + Duration::from_secs(120);
         let prometheus = self.prometheus();
         loop {
@@ -205,10 +202,10 @@ impl Cluster {
                 &["edges", "--prometheus", &prometheus, "--window", "10m"],
             );
             assert_eq!(code, 0, "edges failed: {err}");
-            let seen = |(src, dst): &(&str, &str)| {
+            let seen = |(src, dst, verdict): &(&str, &str, &str)| {
                 out.lines().any(|l| {
                     let e: Value = serde_json::from_str(l).unwrap_or_default();
-                    e["verdict"] == "deny"
+                    e["verdict"] == *verdict
                         && format!(
                             "{}/{}",
                             e["source_namespace"].as_str().unwrap_or(""),
@@ -226,7 +223,7 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "denied edges {want:?} not all in Prometheus after 120s:\n{out}\n{}\n{}",
+                "edges {want:?} not all in Prometheus after 120s:\n{out}\n{}\n{}",
                 self.stack.report(),
                 self.daemon.log_tail()
             );
@@ -291,11 +288,18 @@ fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
         "the allowed web -> api traffic did not arrive"
     );
 
-    cluster.until_denied_in_prometheus(
-        &[(tool, api, API_PORT), (tool, web, WEB_PORT)],
+    // The denied traffic, and more allowed flows (web -> api:8080), which the daemon counts
+    // on deny_observer_connections_total once api's socket has queued a datagram.
+    cluster.until_in_prometheus(
         &[
-            ("mp-dev/tool", "mp-shop/api"),
-            ("mp-dev/tool", "mp-shop/web"),
+            (tool, api, API_PORT),
+            (tool, web, WEB_PORT),
+            (web, api, API_PORT),
+        ],
+        &[
+            ("mp-dev/tool", "mp-shop/api", "deny"),
+            ("mp-dev/tool", "mp-shop/web", "deny"),
+            ("mp-shop/web", "mp-shop/api", "allow"),
         ],
     );
     let prometheus = cluster.prometheus();
@@ -355,8 +359,27 @@ fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
         })
         .collect();
     names.sort();
-    // web -> api is allowed: only the allowed-connections counter can show it, and only the
-    // denied edges are asserted from Prometheus.
+    // web -> api is allowed, from the daemon's count of the flows api received: protocol and
+    // port as the kernel saw them, and the policy that allows it.
+    let allowed = edge(&list, "mp-shop/web->mp-shop/api", "allowed");
+    assert_eq!(allowed["protocol"], "udp", "{allowed}");
+    assert_eq!(allowed["port"], API_PORT.to_string(), "{allowed}");
+    assert_eq!(allowed["policy"], "mp-shop/api-allow-web", "{allowed}");
+    assert_eq!(allowed["match"], "", "{allowed}");
+    assert!(allowed["observed"].as_u64().unwrap_or(0) > 0, "{allowed}");
+    assert!(
+        !list["banner"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no allowed edges observed"),
+        "{list:#}"
+    );
+    let allowed_names: Vec<&String> = names.iter().filter(|n| n.ends_with(" allowed")).collect();
+    assert_eq!(
+        allowed_names,
+        ["mp-shop/web->mp-shop/api allowed"],
+        "only the traffic the test allowed: {list:#}"
+    );
     let denied_names: Vec<&String> = names.iter().filter(|n| n.ends_with(" denied")).collect();
     assert_eq!(
         denied_names,
@@ -418,8 +441,15 @@ fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
         "destination_namespace": SHOP, "destination_workload": "api",
         "protocol": "udp", "port": API_PORT, "observed": received, "verdict": "allow",
     });
+    // The allowed edge comes from the test's own count here: `edges` also reads the daemon's
+    // (flows, not datagrams), which the file must not hold twice.
+    let denied_text: String = edges_text
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).unwrap_or_default()["verdict"] == "deny")
+        .map(|l| format!("{l}\n"))
+        .collect();
     let edges_file = work.path().join("edges.jsonl");
-    std::fs::write(&edges_file, format!("{edges_text}{allowed}\n")).unwrap();
+    std::fs::write(&edges_file, format!("{denied_text}{allowed}\n")).unwrap();
     let from_file = work.path().join("map-edges.html");
     let (code, _, err) = run(
         &cluster.bin,
@@ -491,7 +521,7 @@ fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
         png.display()
     );
     println!(
-        "screenshot: {}\nedges:\n{edges_text}{allowed}",
+        "screenshot: {}\nedges:\n{denied_text}{allowed}",
         png.display()
     );
 }
@@ -514,7 +544,10 @@ fn map_listen_page_shows_a_new_denied_edge() {
     let work = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(work.path());
     let (web, api, tool) = (cluster.web, cluster.api, cluster.tool);
-    cluster.until_denied_in_prometheus(&[(tool, api, API_PORT)], &[("mp-dev/tool", "mp-shop/api")]);
+    cluster.until_in_prometheus(
+        &[(tool, api, API_PORT)],
+        &[("mp-dev/tool", "mp-shop/api", "deny")],
+    );
 
     let addr = free_loopback_addr().unwrap();
     let log = std::fs::File::create(work.path().join("map.log")).unwrap();

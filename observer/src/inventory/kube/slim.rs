@@ -12,14 +12,14 @@
 //! [`convert`](super::super::convert) read (name, namespace, uid, resourceVersion, labels,
 //! annotations, owner references, creation and deletion times; the watcher needs the
 //! resourceVersion), a Pod's nodeName, hostNetwork, containers' and init containers' names and
-//! ports, its phase and addresses, and a NetworkPolicy's whole spec. Namespaces keep metadata
-//! only.
+//! ports, its phase and addresses, a NetworkPolicy's whole spec and a Service's cluster IPs.
+//! Namespaces keep metadata only.
 
 use std::borrow::{Borrow, Cow};
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus,
+    Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus, Service, ServiceSpec,
 };
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
@@ -204,6 +204,36 @@ impl<'de> Deserialize<'de> for Slim<NetworkPolicy> {
     }
 }
 
+#[derive(Deserialize)]
+struct SlimService {
+    metadata: Option<Meta>,
+    spec: Option<SlimServiceSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SlimServiceSpec {
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs")]
+    cluster_ips: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for Slim<Service> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let svc = SlimService::deserialize(d)?;
+        Ok(Slim(Service {
+            metadata: svc.metadata.map(ObjectMeta::from).unwrap_or_default(),
+            spec: svc.spec.map(|s| ServiceSpec {
+                cluster_ip: s.cluster_ip,
+                cluster_ips: s.cluster_ips,
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +375,34 @@ mod tests {
     }
 
     #[test]
+    fn slim_service_converts_as_the_full_one() {
+        let svc = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "prod", "resourceVersion": "7",
+                         "managedFields": [{"manager": "kube-controller-manager"}]},
+            "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.10",
+                     "clusterIPs": ["10.96.0.10", "fd00::a"], "selector": {"app": "web"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+            "status": {"loadBalancer": {}}});
+        let full: Service = serde_json::from_value(svc.clone()).unwrap();
+        let slim: Slim<Service> = serde_json::from_value(svc).unwrap();
+        assert_eq!(
+            convert::service(&slim.0).unwrap(),
+            convert::service(&full).unwrap()
+        );
+        assert_eq!(convert::service(&slim.0).unwrap().cluster_ips.len(), 2);
+        assert_eq!(slim.meta().resource_version.as_deref(), Some("7"));
+        let spec = slim.0.spec.as_ref().unwrap();
+        assert!(spec.ports.is_none() && spec.selector.is_none());
+        assert!(slim.0.metadata.managed_fields.is_none());
+
+        let headless: Slim<Service> = serde_json::from_value(json!({
+            "metadata": {"name": "h", "namespace": "n"},
+            "spec": {"clusterIP": "None", "clusterIPs": null}}))
+        .unwrap();
+        assert!(convert::service(&headless.0).unwrap().cluster_ips.is_empty());
+    }
+
+    #[test]
     fn slim_requests_are_the_full_kinds_requests() {
         assert_eq!(Slim::<Pod>::url_path(&(), None), Pod::url_path(&(), None));
         assert_eq!(
@@ -352,5 +410,9 @@ mod tests {
             NetworkPolicy::url_path(&(), Some("n"))
         );
         assert_eq!(Slim::<Namespace>::kind(&()), "Namespace");
+        assert_eq!(
+            Slim::<Service>::url_path(&(), None),
+            Service::url_path(&(), None)
+        );
     }
 }

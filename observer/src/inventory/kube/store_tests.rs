@@ -473,3 +473,137 @@ fn invalid_policy_from_the_api_server_is_left_out_and_reported() {
     assert!(b.inventory.invalid.is_empty());
     assert!(b.newly_invalid.is_empty());
 }
+
+fn service(
+    namespace: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> k8s_openapi::api::core::v1::Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": namespace, "resourceVersion": "3",
+                     "managedFields": [{"manager": "kube-controller-manager"}]},
+        "spec": spec
+    }))
+    .expect("service")
+}
+
+/// A client pod dials Service ClusterIPs; the backend's accepting end is the edge. The opening
+/// end is attributed to the Service, never to `private`, and a Service the stores no longer
+/// hold stops claiming its address.
+#[test]
+fn service_cluster_ips_take_the_opening_end_off_the_edges() {
+    use crate::attribute::Views;
+    use crate::capture::connections::{Connection, ConnectionReport, Side};
+    use crate::export::connections::{ConnectionLabels, ServiceConnectionLabels, attribute};
+    use crate::flow::Protocol;
+
+    let mut c = Cluster::listed(
+        vec![ns("shop", json!({})), ns("dev", json!({}))],
+        vec![
+            pod(
+                "dev",
+                "client",
+                "Running",
+                "10.0.1.1",
+                "2025-01-01T00:00:00Z",
+            ),
+            pod("shop", "web", "Running", "10.0.2.2", "2025-01-01T00:00:00Z"),
+        ],
+        vec![],
+    );
+    c.writers.services.apply_watcher_event(&Event::Init);
+    for svc in [
+        service(
+            "shop",
+            "web",
+            json!({"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20", "fd00:96::20"],
+                   "ipFamilies": ["IPv4", "IPv6"], "ports": [{"port": 80, "targetPort": 8080}]}),
+        ),
+        service("shop", "web-headless", json!({"clusterIP": "None"})),
+        service(
+            "shop",
+            "ext",
+            json!({"type": "ExternalName", "externalName": "db.example.com"}),
+        ),
+    ] {
+        c.writers
+            .services
+            .apply_watcher_event(&Event::InitApply(svc));
+    }
+    c.writers.services.apply_watcher_event(&Event::InitDone);
+    let (inv, _) = c.build();
+    assert_eq!(
+        inv.services.len(),
+        1,
+        "headless and ExternalName have no address"
+    );
+    assert_eq!(inv.counts().services, 1);
+    let mut views = Views::new(Arc::clone(&inv), NodeAddrs::new([ip(NODE_IP)]));
+
+    let conn = |src: &str, dst: &str, port, side, count| Connection {
+        src: ip(src),
+        dst: ip(dst),
+        protocol: Protocol::Tcp,
+        dst_port: port,
+        side,
+        count,
+    };
+    // Both pods on this node: the client's end names the ClusterIP (v4 and v6), the backend's
+    // end names the pods. 10.96.0.99 is no Service's: still a private destination.
+    let report = ConnectionReport {
+        connections: vec![
+            conn("10.0.1.1", "10.96.0.20", 80, Side::Connect, 3),
+            conn("fd00:1::1", "fd00:96::20", 80, Side::Connect, 2),
+            conn("10.0.1.1", "10.0.2.2", 8080, Side::Accept, 3),
+            conn("10.0.1.1", "10.96.0.99", 80, Side::Connect, 4),
+        ],
+        ..ConnectionReport::default()
+    };
+    let edge = |dn: &str, dw: &str, port| ConnectionLabels {
+        source_namespace: "dev".into(),
+        source_workload: "client".into(),
+        destination_namespace: dn.into(),
+        destination_workload: dw.into(),
+        protocol: Protocol::Tcp,
+        port,
+    };
+    let got = attribute(&report, |a| views.endpoint(a), |a| views.service(a));
+    assert_eq!(got.edges.len(), 2, "{:?}", got.edges);
+    assert_eq!(got.edges[&edge("shop", "web", 8080)], 3);
+    assert_eq!(got.edges[&edge("", "private", 80)], 4);
+    // The v6 client address is no pod's, so only the v4 opening end is pod traffic.
+    assert_eq!(
+        got.services.iter().collect::<Vec<_>>(),
+        [(
+            &ServiceConnectionLabels {
+                source_namespace: "dev".into(),
+                source_workload: "client".into(),
+                service_namespace: "shop".into(),
+                service: "web".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+            },
+            &3
+        )]
+    );
+    assert_eq!(
+        views.service(ip("fd00:96::20")).map(|s| s.name.as_str()),
+        Some("web")
+    );
+
+    // The Service is deleted: its address is private again once the views take the snapshot.
+    c.writers
+        .services
+        .apply_watcher_event(&Event::Delete(service(
+            "shop",
+            "web",
+            json!({"clusterIP": "10.96.0.20"}),
+        )));
+    let (next, changed) = c.build();
+    assert!(changed);
+    assert!(next.services.is_empty());
+    views.update(next);
+    let got = attribute(&report, |a| views.endpoint(a), |a| views.service(a));
+    assert!(got.services.is_empty(), "{:?}", got.services);
+    assert_eq!(got.edges[&edge("", "private", 80)], 7);
+}

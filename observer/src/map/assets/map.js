@@ -26,6 +26,12 @@
   function nsName(ns) { return ns === '' ? 'outside the cluster' : ns; }
   function nsOf(id) { return id.slice(0, id.indexOf('/')); }
   function edgeName(e) { return e.source + '->' + e.target; }
+  // The explain answer: the page's data holds it as indexes into lines shared by all edges.
+  function explainText(e) {
+    if (typeof e.explain === 'string') { return e.explain; }
+    var lines = data.explain_lines || [];
+    return (e.explain || []).map(function (i) { return lines[i]; }).join('\n');
+  }
   function portText(e) { return e.protocol + (e.port === null || e.port === undefined ? '' : '/' + e.port); }
   function count(e) { return e.observed[ui.win] || 0; }
   // Per second; an edges file has no window length, and its counts stand in for rates.
@@ -159,25 +165,27 @@
       return aggregate && !ui.expanded[ns] ? 'ns:' + ns : id;
     };
     var els = [];
-    var parents = {};
+    var members = {};
     ids.forEach(function (id) {
       var ns = nsOf(id);
-      parents[ns] = true;
+      members[ns] = (members[ns] || 0) + 1;
     });
-    Object.keys(parents).sort().forEach(function (ns) {
+    // Namespace boxes are plain nodes drawn beneath their workloads, not Cytoscape compound
+    // parents: with compound nodes every style property applied to any element re-dirties its
+    // parents, descendants and their edges, which took seconds at 10,000 edges.
+    Object.keys(members).sort().forEach(function (ns) {
       var info = nsInfo(ns);
       var collapsed = aggregate && !ui.expanded[ns];
-      var members = ids.filter(function (id) { return nsOf(id) === ns; }).length;
       els.push({ group: 'nodes', data: {
         id: 'ns:' + ns,
-        label: nsName(ns) + (info.open ? ' (open field: no NetworkPolicy)' : '') + (collapsed ? ' [' + members + ' workloads]' : ''),
+        label: nsName(ns) + (info.open ? ' (open field: no NetworkPolicy)' : '') + (collapsed ? ' [' + members[ns] + ' workloads]' : ''),
         ns: ns
       }, classes: 'namespace' + (info.open ? ' open' : '') + (collapsed ? ' collapsed' : '') + (ns === '' ? ' outside' : '') });
     });
     ids.forEach(function (id) {
       var ns = nsOf(id);
       if (aggregate && !ui.expanded[ns]) { return; }
-      els.push({ group: 'nodes', data: { id: id, parent: 'ns:' + ns, label: id.slice(ns.length + 1) }, classes: 'workload' });
+      els.push({ group: 'nodes', data: { id: id, box: 'ns:' + ns, label: id.slice(ns.length + 1) }, classes: 'workload' });
     });
     var maxRate = 0;
     edges.forEach(function (e) { var r = rate(e); if (r !== null && r > maxRate) { maxRate = r; } });
@@ -207,70 +215,75 @@
     return els;
   }
 
+  // The drawing's style. Each property an element gets costs Cytoscape work per element before
+  // the first frame, so a big map (`big`) sets only what it shows: straight (`haystack`, the
+  // default) edges without arrows, opaque colours, and policy labels on denied edges once
+  // zoomed in far enough to read them (class `named`, see render) or on the selected edge.
   function style(big) {
+    var deniedLabel = { 'label': 'data(label)', 'font-size': 9, 'color': '#a01010', 'text-rotation': 'autorotate',
+      'text-background-color': '#ffffff', 'text-background-opacity': 0.8, 'text-background-padding': 1,
+      'min-zoomed-font-size': 7 };
     return [
       { selector: 'node.workload', style: {
         'label': 'data(label)', 'font-size': 10, 'text-valign': 'bottom', 'text-margin-y': 3,
         'width': 18, 'height': 18, 'background-color': '#4a6fa5', 'min-zoomed-font-size': 6 } },
+      // Boxes are sized by the layout (data w, h) and drawn beneath everything else.
       { selector: 'node.namespace', style: {
         'label': 'data(label)', 'font-size': 12, 'font-weight': 'bold', 'text-valign': 'top', 'text-halign': 'center',
         'background-color': '#f2f5fa', 'background-opacity': 0.6, 'border-width': 1, 'border-color': '#9aa8bd',
-        'shape': 'round-rectangle', 'padding': 14, 'min-zoomed-font-size': 5 } },
-      { selector: 'node.namespace.collapsed', style: { 'width': 60, 'height': 40, 'text-valign': 'center', 'text-wrap': 'wrap', 'text-max-width': 160, 'background-color': '#dbe4f1' } },
+        'shape': 'round-rectangle', 'width': 'data(w)', 'height': 'data(h)', 'z-compound-depth': 'bottom',
+        'min-zoomed-font-size': 5 } },
+      { selector: 'node.namespace.collapsed', style: { 'text-valign': 'center', 'text-wrap': 'wrap', 'text-max-width': 160, 'background-color': '#dbe4f1' } },
       { selector: 'node.namespace.open', style: { 'border-color': '#e08a00', 'border-style': 'dashed', 'border-width': 3, 'background-color': '#fff3e0', 'color': '#8a5300' } },
       { selector: 'node.namespace.outside', style: { 'background-color': '#eeeeee', 'border-style': 'dotted' } },
-      { selector: 'edge', style: {
-        'width': 'data(width)', 'curve-style': big ? 'haystack' : 'bezier', 'line-color': '#2b7a3d', 'opacity': 0.8,
-        'target-arrow-shape': big ? 'none' : 'triangle', 'target-arrow-color': '#2b7a3d', 'arrow-scale': 0.8 } },
-      // Thousands of edge labels cost seconds to measure before the first frame, and are
-      // unreadable at that size anyway: a big map names policies in the details and the list.
-      { selector: 'edge.denied', style: big ? { 'line-color': '#d62728', 'width': 2.5 } : {
-        'line-color': '#d62728', 'target-arrow-color': '#d62728', 'width': 2.5, 'label': 'data(label)', 'font-size': 9,
-        'color': '#a01010', 'text-rotation': 'autorotate', 'text-background-color': '#ffffff', 'text-background-opacity': 0.8,
-        'text-background-padding': 1, 'min-zoomed-font-size': 7 } },
+      { selector: 'edge', style: big ? { 'width': 'data(width)', 'line-color': '#559564' } : {
+        'width': 'data(width)', 'curve-style': 'bezier', 'line-color': '#2b7a3d', 'opacity': 0.8,
+        'target-arrow-shape': 'triangle', 'target-arrow-color': '#2b7a3d', 'arrow-scale': 0.8 } },
+      // Denied edges are drawn over allowed ones.
+      { selector: 'edge.denied', style: big ? { 'line-color': '#d62728', 'width': 2.5, 'z-index': 1 } :
+        Object.assign({ 'line-color': '#d62728', 'target-arrow-color': '#d62728', 'width': 2.5, 'z-index': 1 }, deniedLabel) },
+      { selector: 'edge.denied.named, edge.denied:selected', style: deniedLabel },
       { selector: 'edge.unexplained', style: { 'line-style': 'dashed' } },
       { selector: 'edge.loop', style: { 'curve-style': 'bezier', 'loop-direction': '0deg', 'loop-sweep': '50deg' } },
       { selector: ':selected', style: { 'overlay-color': '#1a56c4', 'overlay-opacity': 0.25 } }
     ];
   }
 
-  // Lays out the workloads with Cytoscape's layouts, namespace by namespace: Cytoscape's `grid`
-  // inside each namespace box (most-connected workloads first), and the boxes placed by
+  // Lays out the map with Cytoscape's layouts, namespace by namespace: the boxes are placed by
   // Cytoscape's `breadthfirst` over the namespace graph (one node per box, sized like it,
   // linked where traffic crosses), so traffic flows from the top (clients, the outside) down
   // to the services it reaches. Where that gives a strip (densely linked namespaces) or there
-  // are hundreds of namespaces, Cytoscape's `grid` places the boxes instead.
-  function layout() {
+  // are hundreds of namespaces, Cytoscape's `grid` places the boxes instead. Sets each box
+  // element's position and size (data w, h) and returns the boxes for placeWorkloads.
+  function planBoxes(els) {
     var boxes = [];
     var byId = {};
-    cy.nodes('.namespace').forEach(function (p) {
-      var kids = p.children();
-      var n = kids.length;
-      var cols = Math.max(1, Math.ceil(Math.sqrt(n * 1.6)));
-      var rows = Math.max(1, Math.ceil(n / cols));
-      var b = { id: p.id(), p: p, kids: kids, cols: cols, w: n ? cols * 80 : 90, h: n ? rows * 56 : 50 };
-      boxes.push(b);
-      byId[b.id] = b;
+    els.forEach(function (el) {
+      if (el.group === 'nodes' && !el.data.box) {
+        var b = { id: el.data.id, el: el, n: 0 };
+        boxes.push(b);
+        byId[b.id] = b;
+      }
     });
-    var degree = {};
-    cy.edges().forEach(function (e) {
-      var s = e.data('source'), t = e.data('target');
-      degree[s] = (degree[s] || 0) + 1;
-      degree[t] = (degree[t] || 0) + 1;
-    });
-    var origin = {};
-    // The namespace plan: one node per box, sized like it, linked where traffic crosses.
     var links = {};
-    cy.edges().forEach(function (e) {
-      var s = e.source().isChild() ? e.source().parent().id() : e.source().id();
-      var t = e.target().isChild() ? e.target().parent().id() : e.target().id();
-      if (s !== t) { links[s + '|' + t] = [s, t]; }
+    els.forEach(function (el) {
+      if (el.group === 'nodes' && el.data.box) { byId[el.data.box].n++; }
+      if (el.group !== 'edges') { return; }
+      var s = el.data.source, t = el.data.target;
+      var sb = byId[s] ? s : 'ns:' + nsOf(s), tb = byId[t] ? t : 'ns:' + nsOf(t);
+      if (sb !== tb) { links[sb + '|' + tb] = [sb, tb]; }
     });
-    var els = boxes.map(function (b) { return { data: { id: b.id, w: b.w + 50, h: b.h + 60 } }; });
+    boxes.forEach(function (b) {
+      b.cols = Math.max(1, Math.ceil(Math.sqrt(b.n * 1.6)));
+      var rows = Math.max(1, Math.ceil(b.n / b.cols));
+      b.w = b.n ? b.cols * 80 : 60;
+      b.h = b.n ? rows * 56 : 40;
+    });
+    var planEls = boxes.map(function (b) { return { data: { id: b.id, w: b.w + 50, h: b.h + 60 } }; });
     Object.keys(links).forEach(function (k, i) {
-      els.push({ data: { id: 'l' + i, source: links[k][0], target: links[k][1] } });
+      planEls.push({ data: { id: 'l' + i, source: links[k][0], target: links[k][1] } });
     });
-    var plan = cytoscape({ headless: true, styleEnabled: true, elements: els,
+    var plan = cytoscape({ headless: true, styleEnabled: true, elements: planEls,
       style: [{ selector: 'node', style: { width: 'data(w)', height: 'data(h)' } }] });
     var extent = function () {
       var bb = plan.nodes().boundingBox();
@@ -291,39 +304,65 @@
     }
     plan.nodes().forEach(function (n) {
       var b = byId[n.id()];
-      origin[b.id] = { x: n.position('x') - b.w / 2, y: n.position('y') - b.h / 2 };
+      var p = n.position();
+      b.x1 = p.x - b.w / 2;
+      b.y1 = p.y - b.h / 2;
+      b.el.data.w = b.w;
+      b.el.data.h = b.h;
+      b.el.position = { x: p.x, y: p.y };
     });
     plan.destroy();
-    cy.batch(function () {
-      boxes.forEach(function (b) {
-        var o = origin[b.id];
-        if (b.kids.length === 0) {
-          b.p.position({ x: o.x + b.w / 2, y: o.y + b.h / 2 });
-          return;
+    return boxes;
+  }
+
+  // Places the workloads of each box with Cytoscape's `grid`, most connected first.
+  function placeWorkloads(boxes, els) {
+    var degree = {};
+    els.forEach(function (el) {
+      if (el.group !== 'edges') { return; }
+      degree[el.data.source] = (degree[el.data.source] || 0) + 1;
+      degree[el.data.target] = (degree[el.data.target] || 0) + 1;
+    });
+    var byBox = {};
+    cy.nodes('.workload').forEach(function (w) { (byBox[w.data('box')] = byBox[w.data('box')] || []).push(w); });
+    boxes.forEach(function (b) {
+      if (!byBox[b.id]) { return; }
+      cy.collection(byBox[b.id]).layout({ name: 'grid', animate: false, fit: false, avoidOverlap: false,
+        condense: false, boundingBox: { x1: b.x1, y1: b.y1, w: b.w, h: b.h }, cols: b.cols,
+        sort: function (a, c) {
+          var da = degree[a.id()] || 0, dc = degree[c.id()] || 0;
+          return da === dc ? (a.id() < c.id() ? -1 : 1) : dc - da;
         }
-        b.kids.layout({ name: 'grid', animate: false, fit: false, avoidOverlap: false, condense: false,
-          boundingBox: { x1: o.x, y1: o.y, w: b.w, h: b.h }, cols: b.cols,
-          sort: function (a, c) {
-            var da = degree[a.id()] || 0, dc = degree[c.id()] || 0;
-            return da === dc ? (a.id() < c.id() ? -1 : 1) : dc - da;
-          }
-        }).run();
-      });
+      }).run();
     });
   }
 
-  // Fits the view to the nodes' positions. Cytoscape's own fit measures every element's
-  // bounds, labels included, which costs seconds with 10,000 edges.
+  // A namespace box is not a compound parent: dragging it takes its workloads along.
+  function dragWithBox(evt) {
+    var box = evt.target;
+    var now = box.position();
+    var last = box.scratch('_lastPos') || now;
+    var dx = now.x - last.x, dy = now.y - last.y;
+    box.scratch('_lastPos', { x: now.x, y: now.y });
+    if (!dx && !dy) { return; }
+    cy.batch(function () {
+      cy.nodes('.workload').filter(function (w) { return w.data('box') === box.id(); }).shift({ x: dx, y: dy });
+    });
+  }
+
+  // Fits the view to the boxes and workloads from their positions and sizes. Cytoscape's own
+  // fit measures every element's bounds, labels included, which costs seconds with 10,000 edges.
   function fit() {
     var x1 = Infinity, y1 = Infinity, x2 = -Infinity, y2 = -Infinity;
     cy.nodes().forEach(function (n) {
-      if (n.isParent()) { return; }
       var p = n.position();
-      x1 = Math.min(x1, p.x); y1 = Math.min(y1, p.y); x2 = Math.max(x2, p.x); y2 = Math.max(y2, p.y);
+      var hw = n.hasClass('namespace') ? (n.data('w') || 0) / 2 : 9;
+      var hh = n.hasClass('namespace') ? (n.data('h') || 0) / 2 : 9;
+      x1 = Math.min(x1, p.x - hw); y1 = Math.min(y1, p.y - hh); x2 = Math.max(x2, p.x + hw); y2 = Math.max(y2, p.y + hh);
     });
     if (x1 === Infinity) { return; }
-    // Room for namespace boxes, their titles and the outermost labels.
-    x1 -= 90; x2 += 90; y1 -= 80; y2 += 60;
+    // Room for the box titles above and the outermost labels.
+    x1 -= 40; x2 += 40; y1 -= 40; y2 += 30;
     var w = cy.width(), h = cy.height();
     var zoom = Math.min(w / (x2 - x1), h / (y2 - y1), 2);
     zoom = Math.max(zoom, cy.minZoom());
@@ -362,13 +401,36 @@
         minZoom: 0.02, maxZoom: 4,
         textureOnViewport: big, hideEdgesOnViewport: big, pixelRatio: big ? 1 : 'auto'
       });
+      var boxes = planBoxes(els);
+      // Nodes first, placed and styled while they have no edges: Cytoscape re-dirties every
+      // connected edge for each style property a node gets, which costs seconds with
+      // 10,000 edges present.
       cy.startBatch();
-      cy.add(els);
+      cy.add(els.filter(function (el) { return el.group === 'nodes'; }));
+      placeWorkloads(boxes, els);
+      cy.endBatch();
+      mark('layout');
+      cy.nodes().forEach(function (n) { n.numericStyle('width'); });
+      cy.startBatch();
+      cy.add(els.filter(function (el) { return el.group === 'edges'; }));
       cy.endBatch();
       mark('graph');
-      layout();
-      mark('layout');
       fit();
+      if (big) {
+        // Policy labels on thousands of denied edges cost seconds before the first frame and
+        // are unreadable at the fitted zoom: they are styled once the view is zoomed in.
+        var named = false;
+        cy.on('zoom', function () {
+          if (named || cy.zoom() < 0.5) { return; }
+          named = true;
+          cy.edges('.denied').addClass('named');
+        });
+      }
+      cy.on('grab', 'node.namespace', function (evt) {
+        var p = evt.target.position();
+        evt.target.scratch('_lastPos', { x: p.x, y: p.y });
+      });
+      cy.on('drag', 'node.namespace', dragWithBox);
       cy.on('tap', 'edge', function (evt) { select(evt.target.data('idx').split(',').map(Number)); });
       cy.on('tap', 'node.namespace', function (evt) {
         if (!ui.aggregate) { return; }
@@ -429,7 +491,7 @@
       html.push('<tr><th>' + (e.verdict === 'denied' ? 'dropped packets' : 'connections') + ', ' + esc(w) + '</th><td>' + n +
         (secs > 0 ? ' (' + (n / secs).toPrecision(3) + '/s)' : '') + '</td></tr>');
     });
-    html.push('</table><h3>explain</h3><pre>' + esc(e.explain) + '</pre>');
+    html.push('</table><h3>explain</h3><pre>' + esc(explainText(e)) + '</pre>');
     box.innerHTML = html.join('');
   }
 
