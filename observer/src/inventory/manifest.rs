@@ -14,6 +14,10 @@
 //! Defaults follow `kubectl apply`: an object without a namespace is in `default`. A namespace
 //! that pods or policies refer to but that is not in the manifests is created with only its
 //! `kubernetes.io/metadata.name` label, so namespace selectors still match it by name.
+//!
+//! A YAML file is parsed as it is read, and a List's items are prepared one at a time (see
+//! [`yaml`]): neither the text nor the parse of a whole `kubectl get -A -o yaml` dump is ever
+//! held, only the reduced objects.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -35,6 +39,8 @@ use super::model::Inventory;
 use super::model::{Pod, Service};
 use super::validate::{self, InvalidObject, PodLayout};
 use super::workload::{self, OwnerIndex};
+
+mod yaml;
 
 /// Namespace of objects that do not name one, as with `kubectl apply`.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -161,11 +167,18 @@ pub fn load_dir_with_summary(path: &Path) -> Result<(Inventory, LoadSummary), Lo
     let files = manifest_files(path)?;
     let mut loader = Loader::default();
     for file in &files {
-        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Io {
+        let io = |source| LoadError::Io {
             path: file.clone(),
             source,
-        })?;
-        loader.add_file(file, &text)?;
+        };
+        if is_json(file) {
+            let text = std::fs::read_to_string(file).map_err(io)?;
+            loader.add_json(file, &text)?;
+        } else {
+            // Parsed as it is read: the text of a large dump is never held whole.
+            let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(io)?);
+            loader.add_yaml(file, yaml::from_reader(reader))?;
+        }
     }
     loader.summary.files = files.len();
     let out = loader.finish()?;
@@ -183,7 +196,11 @@ pub fn load_dir_with_summary(path: &Path) -> Result<(Inventory, LoadSummary), Lo
 /// Parses manifests from text, as if read from a file named `path` (used by tests and tools).
 pub fn load_str(path: &Path, text: &str) -> Result<Inventory, LoadError> {
     let mut loader = Loader::default();
-    loader.add_file(path, text)?;
+    if is_json(path) {
+        loader.add_json(path, text)?;
+    } else {
+        loader.add_yaml(path, yaml::from_str(text))?;
+    }
     loader.finish().map(|(inv, _)| inv)
 }
 
@@ -497,6 +514,29 @@ impl<'de> Visitor<'de> for DocumentSeed<'_> {
     }
 }
 
+/// Item `index` of the List that is document `document`.
+fn prepare_item(
+    path: &Path,
+    document: usize,
+    index: usize,
+    item: Value,
+) -> Result<Prepared, LoadError> {
+    let at = ObjectLocation {
+        document,
+        item: Some(index),
+        ..ObjectLocation::default()
+    };
+    if is_list(&item) {
+        Err(object_error(
+            path,
+            locate(&item, at),
+            "a List inside a List".into(),
+        ))
+    } else {
+        prepare(path, at, item)
+    }
+}
+
 struct ItemsSeed<'a> {
     path: &'a Path,
     document: usize,
@@ -520,20 +560,7 @@ impl<'de> Visitor<'de> for ItemsSeed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
         let mut out = Vec::new();
         while let Some(item) = seq.next_element::<Value>()? {
-            let at = ObjectLocation {
-                document: self.document,
-                item: Some(out.len()),
-                ..ObjectLocation::default()
-            };
-            out.push(if is_list(&item) {
-                Err(object_error(
-                    self.path,
-                    locate(&item, at),
-                    "a List inside a List".into(),
-                ))
-            } else {
-                prepare(self.path, at, item)
-            });
+            out.push(prepare_item(self.path, self.document, out.len(), item));
         }
         Ok(Items::Prepared(out))
     }
@@ -577,48 +604,48 @@ impl<'de> Visitor<'de> for ItemsSeed<'_> {
 }
 
 impl Loader {
-    fn add_file(&mut self, path: &Path, text: &str) -> Result<(), LoadError> {
+    /// Reads a stream of YAML documents.
+    fn add_yaml<'i, T: granit_parser::BorrowedInput<'i>>(
+        &mut self,
+        path: &Path,
+        parser: granit_parser::Parser<'i, T>,
+    ) -> Result<(), LoadError> {
+        let shared: Arc<Path> = Arc::from(path);
+        yaml::documents(parser, path, |document, doc| {
+            self.add_document(&shared, document, doc)
+        })
+    }
+
+    /// Reads a stream of JSON values.
+    fn add_json(&mut self, path: &Path, text: &str) -> Result<(), LoadError> {
         let path: Arc<Path> = Arc::from(path);
         let syntax = |document: usize, message: String| LoadError::Syntax {
             path: path.to_path_buf(),
             what: format!("document {document}"),
             message,
         };
-        if is_json(&path) {
-            // Document boundaries first (cheap: nothing is kept), then each document through
-            // the seed, which a stream deserializer cannot drive.
-            let mut bounds = serde_json::Deserializer::from_str(text).into_iter::<IgnoredAny>();
-            let mut document = 0;
-            loop {
-                let start = bounds.byte_offset();
-                match bounds.next() {
-                    None => break,
-                    Some(Err(e)) => return Err(syntax(document + 1, e.to_string())),
-                    Some(Ok(_)) => {}
-                }
-                document += 1;
-                let part = text.get(start..bounds.byte_offset()).unwrap_or_default();
-                let seed = DocumentSeed {
-                    path: &path,
-                    document,
-                };
-                let mut de = serde_json::Deserializer::from_str(part);
-                let doc = seed
-                    .deserialize(&mut de)
-                    .map_err(|e| syntax(document, e.to_string()))?;
-                self.add_document(&path, document, doc)?;
+        // Document boundaries first (cheap: nothing is kept), then each document through
+        // the seed, which a stream deserializer cannot drive.
+        let mut bounds = serde_json::Deserializer::from_str(text).into_iter::<IgnoredAny>();
+        let mut document = 0;
+        loop {
+            let start = bounds.byte_offset();
+            match bounds.next() {
+                None => break,
+                Some(Err(e)) => return Err(syntax(document + 1, e.to_string())),
+                Some(Ok(_)) => {}
             }
-        } else {
-            for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-                let seed = DocumentSeed {
-                    path: &path,
-                    document: i + 1,
-                };
-                let doc = seed
-                    .deserialize(de)
-                    .map_err(|e| syntax(i + 1, e.to_string()))?;
-                self.add_document(&path, i + 1, doc)?;
-            }
+            document += 1;
+            let part = text.get(start..bounds.byte_offset()).unwrap_or_default();
+            let seed = DocumentSeed {
+                path: &path,
+                document,
+            };
+            let mut de = serde_json::Deserializer::from_str(part);
+            let doc = seed
+                .deserialize(&mut de)
+                .map_err(|e| syntax(document, e.to_string()))?;
+            self.add_document(&path, document, doc)?;
         }
         Ok(())
     }

@@ -399,7 +399,12 @@ mod tests {
             "metadata": {"name": "h", "namespace": "n"},
             "spec": {"clusterIP": "None", "clusterIPs": null}}))
         .unwrap();
-        assert!(convert::service(&headless.0).unwrap().cluster_ips.is_empty());
+        assert!(
+            convert::service(&headless.0)
+                .unwrap()
+                .cluster_ips
+                .is_empty()
+        );
     }
 
     #[test]
