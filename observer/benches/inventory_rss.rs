@@ -325,6 +325,8 @@ struct Series {
     source: &'static str,
     rss: Vec<u64>,
     peak: u64,
+    /// VmRSS's anonymous and file-backed (the binary's code) parts at the end, KiB.
+    anon_file: (u64, u64),
     ready_after: Duration,
     /// Held to the target (the reference series is only reported).
     held: bool,
@@ -361,6 +363,10 @@ fn manifest_path(dir: &Path) -> Series {
         source: "manifest directory",
         rss,
         peak,
+        anon_file: (
+            status_kib(d.pid(), "RssAnon:"),
+            status_kib(d.pid(), "RssFile:"),
+        ),
         ready_after: d.ready_after,
         held: true,
     }
@@ -400,6 +406,10 @@ fn api_path(server: &FakeApiServer, list: &'static str) -> Series {
         },
         rss,
         peak,
+        anon_file: (
+            status_kib(d.pid(), "RssAnon:"),
+            status_kib(d.pid(), "RssFile:"),
+        ),
         ready_after: d.ready_after,
         held: list == "paged",
     }
@@ -681,9 +691,11 @@ fn main() {
             }
         );
         println!(
-            "inventory memory [{}]: RSS per reload (MiB): {}",
+            "inventory memory [{}]: RSS per reload (MiB): {}; at the end {:.1} MiB anonymous, {:.1} MiB file-backed",
             s.source,
-            series.join(" ")
+            series.join(" "),
+            mib(s.anon_file.0),
+            mib(s.anon_file.1)
         );
     }
     if !pass {

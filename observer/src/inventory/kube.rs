@@ -141,26 +141,76 @@ pub async fn default_client() -> Result<Client, KubeError> {
     Client::try_default().await.map_err(KubeError::Client)
 }
 
-/// An object as a store keeps it: its identity, and what it converted into (or why it was
-/// left out). The API objects themselves are not kept: a k8s-openapi `Pod` is several KB even
-/// trimmed, its model a few hundred bytes, and every node stores every pod of the cluster.
+/// An object as a store keeps it: what it converted into, or why it was left out. The API
+/// objects themselves are not kept: a k8s-openapi `Pod` is several KB even trimmed, its model
+/// a few hundred bytes, and every node stores every pod of the cluster. The identity is the
+/// model's (or the refusal's), not a copy: the store's key already holds one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stored<M> {
-    name: String,
-    namespace: Option<String>,
-    /// The model, or why the object was left out of the inventory.
-    pub model: Result<M, InvalidObject>,
+    /// The model, or why the object was left out of the inventory (boxed: rare, and five
+    /// times the size of the model's `Arc`).
+    pub model: Result<M, Box<InvalidObject>>,
 }
 
-impl<M> Stored<M> {
+/// The name and namespace of a stored model.
+pub trait Named {
+    /// The object's name.
+    fn name(&self) -> &str;
+    /// The object's namespace (`None` for namespaces themselves).
+    fn namespace(&self) -> Option<&str>;
+}
+
+impl Named for Arc<Pod> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.namespace)
+    }
+}
+
+impl Named for super::model::Namespace {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn namespace(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl Named for Arc<NetworkPolicy> {
+    fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+    fn namespace(&self) -> Option<&str> {
+        self.metadata.namespace.as_deref()
+    }
+}
+
+impl Named for Arc<Service> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.namespace)
+    }
+}
+
+impl<M: Named> Stored<M> {
     /// The object's name.
     pub fn name(&self) -> &str {
-        &self.name
+        match &self.model {
+            Ok(m) => m.name(),
+            Err(e) => e.name.as_deref().unwrap_or_default(),
+        }
     }
 
     /// The object's namespace (`None` for namespaces themselves).
     pub fn namespace(&self) -> Option<&str> {
-        self.namespace.as_deref()
+        match &self.model {
+            Ok(m) => m.namespace(),
+            Err(e) => e.namespace.as_deref(),
+        }
     }
 }
 
@@ -195,11 +245,11 @@ macro_rules! stored_lookup {
             }
 
             fn name(&self) -> Option<Cow<'_, str>> {
-                Some(Cow::Borrowed(&self.name))
+                Some(Cow::Borrowed(Stored::name(self)))
             }
 
             fn namespace(&self) -> Option<Cow<'_, str>> {
-                self.namespace.as_deref().map(Cow::Borrowed)
+                Stored::namespace(self).map(Cow::Borrowed)
             }
 
             // Not kept: the store keys objects by kind, namespace and name only.
@@ -236,21 +286,21 @@ pub trait ToStored: Sized {
 impl ToStored for K8sPod {
     type Stored = StoredPod;
     fn stored(&self) -> StoredPod {
-        stored(&self.metadata, check_pod(self))
+        stored(check_pod(self))
     }
 }
 
 impl ToStored for K8sNamespace {
     type Stored = StoredNamespace;
     fn stored(&self) -> StoredNamespace {
-        stored(&self.metadata, check_namespace(self))
+        stored(check_namespace(self))
     }
 }
 
 impl ToStored for NetworkPolicy {
     type Stored = StoredPolicy;
     fn stored(&self) -> StoredPolicy {
-        stored(&self.metadata, check_policy(self))
+        stored(check_policy(self))
     }
 }
 
@@ -258,7 +308,6 @@ impl ToStored for K8sService {
     type Stored = StoredService;
     fn stored(&self) -> StoredService {
         stored(
-            &self.metadata,
             convert::service(self)
                 .map(Arc::new)
                 .map_err(|e| invalid_from_api("Service", &self.metadata, vec![e.to_string()])),
@@ -266,11 +315,9 @@ impl ToStored for K8sService {
     }
 }
 
-fn stored<M>(meta: &ObjectMeta, model: Result<M, InvalidObject>) -> Stored<M> {
+fn stored<M>(model: Result<M, InvalidObject>) -> Stored<M> {
     Stored {
-        name: meta.name.clone().unwrap_or_default(),
-        namespace: meta.namespace.clone(),
-        model,
+        model: model.map_err(Box::new),
     }
 }
 
@@ -576,7 +623,7 @@ impl SnapshotBuilder {
                 Ok(n) => {
                     namespaces.insert(n.name.clone(), n.clone());
                 }
-                Err(e) => invalid.push(e.clone()),
+                Err(e) => invalid.push((**e).clone()),
             }
         }
 
@@ -584,7 +631,7 @@ impl SnapshotBuilder {
         for obj in stores.pods.state() {
             match &obj.model {
                 Ok(model) => pods.push(Arc::clone(model)),
-                Err(e) => invalid.push(e.clone()),
+                Err(e) => invalid.push((**e).clone()),
             }
         }
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -599,7 +646,7 @@ impl SnapshotBuilder {
         for obj in stores.policies.state() {
             match &obj.model {
                 Ok(model) => policies.push(Arc::clone(model)),
-                Err(e) => invalid.push(e.clone()),
+                Err(e) => invalid.push((**e).clone()),
             }
         }
         policies.sort_by(|a, b| {
@@ -612,7 +659,7 @@ impl SnapshotBuilder {
             match &obj.model {
                 Ok(model) if !model.cluster_ips.is_empty() => services.push(Arc::clone(model)),
                 Ok(_) => {}
-                Err(e) => invalid.push(e.clone()),
+                Err(e) => invalid.push((**e).clone()),
             }
         }
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
