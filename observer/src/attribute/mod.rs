@@ -84,6 +84,12 @@ impl Views {
         self.attributor.lookup(ip)
     }
 
+    /// The endpoint a drop's address belongs to: a ClusterIP is its Service (see
+    /// [`Attributor::drop_endpoint`]).
+    pub fn drop_endpoint(&self, ip: IpAddr) -> Endpoint {
+        self.attributor.drop_endpoint(ip)
+    }
+
     /// The Service whose ClusterIP `ip` is.
     pub fn service(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.attributor.service(ip)
@@ -110,6 +116,11 @@ impl Views {
     ) -> Option<Arc<Verdict>> {
         let (src, dst) = (src?, dst?);
         if src.pod().is_none() && dst.pod().is_none() {
+            return None;
+        }
+        // Policies are enforced after a ClusterIP is translated to a backend: a packet dropped
+        // while still addressed to one was not denied by a NetworkPolicy.
+        if matches!(src, Endpoint::Service(_)) || matches!(dst, Endpoint::Service(_)) {
             return None;
         }
         let peer = |ep: &Endpoint, ip: Option<IpAddr>| match ep {
@@ -366,6 +377,7 @@ impl EndpointId {
         Self(ep.map(|e| {
             let ptr = match e {
                 Endpoint::Pod(p) => Arc::as_ptr(p) as usize,
+                Endpoint::Service(s) => Arc::as_ptr(s) as usize,
                 _ => 0,
             };
             (std::mem::discriminant(e), ptr)
@@ -511,8 +523,8 @@ impl Attribution {
     }
 
     fn flow(&mut self, views: &Views, drop: &FlowDrop, window: Duration) {
-        let src = drop.src.map(|ip| views.endpoint(ip));
-        let dst = drop.dst.map(|ip| views.endpoint(ip));
+        let src = drop.src.map(|ip| views.drop_endpoint(ip));
+        let dst = drop.dst.map(|ip| views.drop_endpoint(ip));
         let verdict = views.verdict(drop, src.as_ref(), dst.as_ref());
         let denied = verdict.as_ref().filter(|v| !v.allowed);
         let direction = denied

@@ -11,7 +11,7 @@ use super::*;
 use crate::capture::{DrainReport, FlowDrop, Losses, Sample};
 use crate::flow::{Direction, Protocol};
 use crate::inventory::{
-    Endpoint, Inventory, Labels, Namespace, NodeAddrs, Pod, PodPhase, Workload,
+    Endpoint, Inventory, Labels, Namespace, NodeAddrs, Pod, PodPhase, Service, Workload,
 };
 
 const NODE: &str = "192.168.1.1";
@@ -20,6 +20,10 @@ const DB: &str = "10.0.0.10";
 const WEB: &str = "10.0.0.20";
 const WORLD: &str = "8.8.8.8";
 const WORLD_2: &str = "1.1.1.1";
+/// prod/api's ClusterIP.
+const CLUSTER_IP: &str = "10.96.0.10";
+/// In the Service range, but no Service's.
+const NOT_A_CLUSTER_IP: &str = "10.96.0.11";
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
@@ -89,6 +93,11 @@ spec:
 spec: {podSelector: {}, policyTypes: [Egress]}",
             ),
         ],
+        services: vec![Arc::new(Service {
+            namespace: "prod".into(),
+            name: "api".into(),
+            cluster_ips: vec![CLUSTER_IP.parse().expect("test address")],
+        })],
         ..Inventory::default()
     };
     Views::new(
@@ -203,6 +212,54 @@ fn egress_default_deny_is_a_drop_a_deny_an_edge_and_a_notice_on_the_source() {
     assert_eq!(n.port, Some(5432));
     assert_eq!(n.packets, 3);
     assert_eq!(n.window, Duration::from_secs(1));
+}
+
+#[test]
+fn a_drop_still_addressed_to_a_cluster_ip_is_the_service_and_no_policy_deny() {
+    let r = reasons();
+    // dev/client is egress-isolated and no rule allows 10.96.0.0/12: judged as an address,
+    // the drop would be a default deny by dev/deny-egress. But the packet was never
+    // translated to a backend (kube-proxy rejects a Service without endpoints that way), so
+    // NetworkPolicy did not decide it.
+    let out = attribute(
+        true,
+        vec![
+            flow(
+                &r.netfilter,
+                Some(CLIENT),
+                Some(CLUSTER_IP),
+                Protocol::Tcp,
+                80,
+                4,
+            ),
+            flow(
+                &r.netfilter,
+                Some(CLIENT),
+                Some(NOT_A_CLUSTER_IP),
+                Protocol::Tcp,
+                80,
+                1,
+            ),
+        ],
+    );
+    let to_service = out
+        .drops
+        .iter()
+        .find(|d| labels_of(d.dst.as_ref()) == "prod/service/api")
+        .expect("a drop series to the Service");
+    assert_eq!(to_service.direction, Direction::Unknown);
+    assert_eq!(to_service.packets, 4);
+    assert_eq!(labels_of(to_service.src.as_ref()), "dev/client");
+    assert_eq!(
+        to_service.dst.as_ref().map(Endpoint::workload_kind),
+        Some("Service")
+    );
+    // Only the address that is no Service's is judged by the policies.
+    assert_eq!(out.denies.len(), 1);
+    assert_eq!(out.denies[0].packets, 1);
+    assert_eq!(labels_of(out.denies[0].dst.as_ref()), "/private");
+    assert_eq!(out.edges.len(), 1);
+    assert_eq!(out.notices.len(), 1);
 }
 
 #[test]

@@ -16,7 +16,7 @@ use crate::capture::Capture;
 use crate::export::connections::ConnectionMetrics;
 use crate::export::events::{EventSink, SpikeNotice, SpikePhase};
 use crate::export::{HttpState, Metrics, MetricsSink, OVERFLOW, RefreshRequest};
-use crate::inventory::{Inventory, NodeAddrs, ReloadStats};
+use crate::inventory::{Inventory, NodeAddrs, ReloadStats, SERVICE_WORKLOAD_PREFIX};
 
 /// The synchronous heart of the daemon: drains the capture, attributes, and hands the
 /// outcomes to the sinks.
@@ -253,9 +253,21 @@ impl Pipeline {
                 .iter()
                 .map(|p| (p.namespace.as_str(), p.workload.name.as_str()))
                 .collect();
-            let removed = self
-                .metrics
-                .retain_workloads(&|ns, workload| live.contains(&(ns, workload)))
+            let services: std::collections::HashSet<(&str, &str)> = self
+                .views
+                .inventory()
+                .services
+                .iter()
+                .map(|s| (s.namespace.as_str(), s.name.as_str()))
+                .collect();
+            // A ClusterIP's drop series (`service/<name>`) lives as long as its Service.
+            let live_drop_end = |ns: &str, workload: &str| {
+                live.contains(&(ns, workload))
+                    || workload
+                        .strip_prefix(SERVICE_WORKLOAD_PREFIX)
+                        .is_some_and(|name| services.contains(&(ns, name)))
+            };
+            let removed = self.metrics.retain_workloads(&live_drop_end)
                 + self.connections.retain_workloads_at(
                     Instant::now(),
                     self.metrics.config().expiry_grace,

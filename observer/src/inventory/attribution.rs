@@ -26,22 +26,51 @@ pub enum Endpoint {
     World,
     /// A non-public address that is no pod's or node's (RFC 1918, CGNAT, ULA, link-local, ...).
     Private,
+    /// A Service's ClusterIP that was never translated to a backend: what kube-proxy's
+    /// reject rule drops when a Service has no ready endpoint. Only [`Attributor::drop_endpoint`]
+    /// gives it.
+    Service(Arc<ServiceAddr>),
 }
 
+/// A Service as the end of a drop, with its workload label made once per Service.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServiceAddr {
+    /// The Service.
+    pub service: Arc<Service>,
+    /// `service/<name>`. A pod's workload name never holds a `/`, so the value cannot collide
+    /// with one.
+    workload: String,
+}
+
+impl ServiceAddr {
+    fn new(service: &Arc<Service>) -> Self {
+        Self {
+            workload: format!("{SERVICE_WORKLOAD_PREFIX}{}", service.name),
+            service: Arc::clone(service),
+        }
+    }
+}
+
+/// Prefix of the `*_workload` label of a Service's ClusterIP.
+pub const SERVICE_WORKLOAD_PREFIX: &str = "service/";
+
 impl Endpoint {
-    /// The `*_namespace` metric label: the pod's namespace, `""` for non-pods.
+    /// The `*_namespace` metric label: the pod's or Service's namespace, `""` for other
+    /// addresses.
     pub fn namespace_label(&self) -> &str {
         match self {
             Self::Pod(p) => &p.namespace,
+            Self::Service(s) => &s.service.namespace,
             _ => "",
         }
     }
 
-    /// The `*_workload` metric label: the pod's workload name, or `node`, `host`, `world`,
-    /// `private`.
+    /// The `*_workload` metric label: the pod's workload name, `service/<name>` for a
+    /// ClusterIP, or `node`, `host`, `world`, `private`.
     pub fn workload_label(&self) -> &str {
         match self {
             Self::Pod(p) => &p.workload.name,
+            Self::Service(s) => &s.workload,
             Self::Node => "node",
             Self::Host => "host",
             Self::World => "world",
@@ -49,10 +78,12 @@ impl Endpoint {
         }
     }
 
-    /// The workload kind (`Deployment`, `Pod`, ...), `""` for non-pods.
+    /// The workload kind (`Deployment`, `Pod`, ..., `Service` for a ClusterIP), `""` for other
+    /// addresses.
     pub fn workload_kind(&self) -> &str {
         match self {
             Self::Pod(p) => &p.workload.kind,
+            Self::Service(_) => "Service",
             _ => "",
         }
     }
@@ -184,7 +215,7 @@ pub struct Attributor {
     local: FastMap<IpAddr, u32>,
     /// Service ClusterIPs: virtual addresses a connection's opening end may name, translated
     /// to a backend before any pod sees the connection.
-    services: FastMap<IpAddr, Arc<Service>>,
+    services: FastMap<IpAddr, Arc<ServiceAddr>>,
     node: NodeAddrs,
 }
 
@@ -244,10 +275,11 @@ impl Attributor {
         let n = services.iter().map(|s| s.cluster_ips.len()).sum();
         let mut index = FastMap::with_capacity_and_hasher(n, Default::default());
         for svc in services {
+            let addr = Arc::new(ServiceAddr::new(svc));
             for ip in &svc.cluster_ips {
                 index
                     .entry(ip.to_canonical())
-                    .or_insert_with(|| Arc::clone(svc));
+                    .or_insert_with(|| Arc::clone(&addr));
             }
         }
         self.services = index;
@@ -258,7 +290,28 @@ impl Attributor {
         if self.services.is_empty() {
             return None;
         }
-        self.services.get(&ip.to_canonical())
+        self.services.get(&ip.to_canonical()).map(|s| &s.service)
+    }
+
+    /// What the end of a *drop* at `ip` is: as [`Attributor::lookup`], except that a Service's
+    /// ClusterIP is that Service rather than `private` or `world`. A packet still addressed to a
+    /// ClusterIP when it is dropped was never translated to a backend, which is how kube-proxy
+    /// rejects traffic to a Service without ready endpoints; NetworkPolicy, enforced after the
+    /// translation, has no say in it. Pod, node and host addresses keep precedence (a ClusterIP
+    /// range overlapping them would be a cluster misconfiguration).
+    pub fn drop_endpoint(&self, ip: IpAddr) -> Endpoint {
+        match self.lookup(ip) {
+            ep @ (Endpoint::Private | Endpoint::World) => {
+                if self.services.is_empty() {
+                    return ep;
+                }
+                match self.services.get(&ip.to_canonical()) {
+                    Some(s) => Endpoint::Service(Arc::clone(s)),
+                    None => ep,
+                }
+            }
+            ep => ep,
+        }
     }
 
     /// Applies a change of pods: `removed` are pods of the inventory this attributor was built

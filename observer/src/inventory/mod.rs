@@ -15,7 +15,7 @@ pub mod reload;
 pub mod validate;
 pub mod workload;
 
-pub use attribution::{Attributor, Endpoint, NodeAddrs};
+pub use attribution::{Attributor, Endpoint, NodeAddrs, SERVICE_WORKLOAD_PREFIX, ServiceAddr};
 pub use convert::ConvertError;
 pub use delta::{PodDelta, rebase};
 pub use manifest::{LoadError, load_dir};

@@ -10,6 +10,9 @@
 //! 3. `deny-observer edges --prometheus` has no `private` edge, and `suggest --egress` for the
 //!    client's namespace allows egress to the backend and proposes no `ipBlock`.
 //!
+//! A second test rejects datagrams to a Service without endpoints, as kube-proxy does, and
+//! asserts that the drop is counted against the Service and is no policy deny.
+//!
 //! Run through `cargo xtask test`, which builds the release daemon and sets the variable.
 
 use std::net::{IpAddr, SocketAddr};
@@ -290,4 +293,162 @@ fn connections_through_a_cluster_ip_are_one_pod_to_pod_edge() {
     );
     println!("edges:\n{edges_text}\nsuggested:\n{yaml}");
     drop(stack);
+}
+
+/// ClusterIPs of `empty`, a dual-stack Service with no ready endpoint, and an address of the
+/// same range that is no Service's.
+const EMPTY_IP_V4: &str = "10.96.77.20";
+const EMPTY_IP_V6: &str = "fd00:96::77:20";
+const NOT_A_SERVICE_V4: &str = "10.96.77.21";
+const DNS_PORT: u16 = 53;
+const DROPS: &str = "deny_observer_drops_total";
+const DENIES: &str = "deny_observer_policy_denies_total";
+
+/// A client behind an egress default deny sends to a Service without endpoints, which
+/// kube-proxy's reject rule drops while the packet still names the ClusterIP. NetworkPolicy
+/// did not decide that drop: it must be counted against the Service, with no policy deny (a
+/// page would send the SRE to the wrong policy). The same drop to an address that is no
+/// Service's is still judged, and denied by the egress policy.
+#[test]
+fn a_drop_at_a_cluster_ip_without_endpoints_is_the_service_not_a_policy_deny() {
+    if !testkit::privileged(
+        "a_drop_at_a_cluster_ip_without_endpoints_is_the_service_not_a_policy_deny",
+    ) {
+        return;
+    }
+    let bin = testkit::daemon_bin();
+    let _ = testkit::simnode::cleanup_stale();
+    let work = tempfile::tempdir().unwrap();
+
+    let mut node = SimNode::new().expect("simulated node");
+    let deployment = |name: &str, hash: &str| Owner::Deployment {
+        name: name.into(),
+        hash: hash.into(),
+    };
+    let client = node.add_pod(CLIENT_NS, "client-6f7d8c9b5-z9x8w").unwrap();
+    node.add_pod(SHOP_NS, "web-7c8d9e6f5-k2j3h").unwrap();
+    let metas = [
+        PodMeta::app("client", deployment("client", "6f7d8c9b5")),
+        PodMeta::app("web", deployment("web", "7c8d9e6f5")),
+    ];
+    // What kube-proxy installs for a Service with no endpoint (here in the client's own netns,
+    // which only this test uses).
+    node.nft(
+        client,
+        &format!(
+            "table inet {NFT_TABLE}_reject {{\n\
+             \tchain output {{\n\
+             \t\ttype filter hook output priority 0; policy accept;\n\
+             \t\tip daddr {{ {EMPTY_IP_V4}, {NOT_A_SERVICE_V4} }} udp dport {DNS_PORT} reject\n\
+             \t\tip6 daddr {EMPTY_IP_V6} udp dport {DNS_PORT} reject\n\
+             \t}}\n\
+             }}\n"
+        ),
+    )
+    .unwrap();
+
+    let inventory = work.path().join("inventory");
+    let egress_deny = json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "default-deny-egress", "namespace": CLIENT_NS},
+        "spec": {"podSelector": {}, "policyTypes": ["Egress"]},
+    });
+    manifests::write_inventory(&inventory, node.pods(), &metas, NODE, vec![egress_deny]).unwrap();
+    manifests::write_list(
+        &inventory,
+        "services.json",
+        vec![json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "empty", "namespace": SHOP_NS},
+            "spec": {"selector": {"app": "nothing-matches"}, "clusterIP": EMPTY_IP_V4,
+                     "clusterIPs": [EMPTY_IP_V4, EMPTY_IP_V6],
+                     "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "PreferDualStack",
+                     "ports": [{"port": DNS_PORT, "protocol": "UDP"}]},
+        })],
+    )
+    .unwrap();
+
+    let mut daemon = Daemon::start_with_args(
+        &bin,
+        &inventory,
+        free_loopback_addr().unwrap(),
+        work.path().join("daemon.log"),
+        &["--node-name", NODE],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    daemon
+        .wait_ready(Duration::from_secs(60), || false)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    const N: u64 = 25;
+    for ip in [EMPTY_IP_V4, EMPTY_IP_V6, NOT_A_SERVICE_V4] {
+        let to = SocketAddr::new(ip.parse().unwrap(), DNS_PORT);
+        let report = node.send_udp(client, to, N).unwrap();
+        assert_eq!(
+            report.refused_locally, N,
+            "every datagram to {to} is rejected in the client's output hook: {report:?}"
+        );
+    }
+
+    let to_service = [
+        ("reason", "netfilter_drop"),
+        ("source_namespace", CLIENT_NS),
+        ("source_workload", "client"),
+        ("destination_namespace", SHOP_NS),
+        ("destination_workload", "service/empty"),
+        ("protocol", "udp"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metrics = loop {
+        daemon.check_alive().unwrap_or_else(|e| panic!("{e}"));
+        let m = testkit::metrics::scrape(daemon.addr()).unwrap();
+        let private = m.sum(DENIES, &[("destination_workload", "private")]);
+        if (m.sum(DROPS, &to_service) >= (2 * N) as f64 && private >= N as f64)
+            || Instant::now() > deadline
+        {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let all_drops = || metrics.select(DROPS, &[]).collect::<Vec<_>>();
+    assert_eq!(
+        metrics.sum(DROPS, &to_service),
+        (2 * N) as f64,
+        "drops at both ClusterIPs of svc-shop/empty\n{:?}\n{}",
+        all_drops(),
+        daemon.log_tail()
+    );
+    assert_eq!(
+        metrics.sum(
+            DROPS,
+            &[
+                ("destination_workload", "service/empty"),
+                ("direction", "unknown")
+            ]
+        ),
+        (2 * N) as f64,
+        "no policy direction for a drop NetworkPolicy did not decide: {:?}",
+        all_drops()
+    );
+    assert_eq!(
+        metrics.sum(DENIES, &[("destination_workload", "service/empty")]),
+        0.0,
+        "a drop at a ClusterIP is no policy deny: {:?}",
+        metrics.select(DENIES, &[]).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        metrics.sum(
+            DENIES,
+            &[
+                ("source_workload", "client"),
+                ("destination_workload", "private"),
+                ("direction", "egress"),
+                ("match", "default_deny"),
+                ("policy", "svc-app/default-deny-egress"),
+            ]
+        ),
+        N as f64,
+        "the address that is no Service's is still judged: {:?}",
+        metrics.select(DENIES, &[]).collect::<Vec<_>>()
+    );
 }
