@@ -22,8 +22,8 @@ use crate::flow::Protocol;
 use crate::inventory::Inventory;
 use crate::verdict::cli::{Endpoint, PortRef, declared_ports, judge, write_judgement};
 use crate::verdict::edges::{
-    ALLOWED_METRIC, DENIED_METRIC, EdgeError, Observed, check_window, parse_base, query_prometheus,
-    read_edges,
+    ALLOWED_METRIC, DENIED_METRIC, DENIED_PORTS_METRIC, DeniedPorts, EdgeError, EdgeKey, Observed,
+    check_window, denied_ports_query, parse_base, parse_denied_ports, query_prometheus, read_edges,
 };
 use crate::verdict::preflight::{PreflightError, resolve_side};
 use crate::verdict::{Engine, bounded_policy_list};
@@ -36,8 +36,8 @@ pub const FULL_DETAIL_MAX_WORKLOADS: usize = 2000;
 pub const FULL_DETAIL_MAX_EDGES: usize = 10_000;
 /// Shorter windows the page offers besides `--window` (those shorter than it).
 pub const FILTER_WINDOWS: [&str; 4] = ["5m", "1h", "6h", "1d"];
-/// Ports explained per edge whose port is unknown (denied edges: the drop metrics have no
-/// port label, so every port the destination declares is judged).
+/// Ports explained per edge whose port is unknown (a denied edge none of whose ports the
+/// daemon named: every port the destination declares is judged).
 const MAX_EXPLAINED_PORTS: usize = 4;
 
 /// Errors of `deny-observer map`.
@@ -237,6 +237,73 @@ pub struct Observation {
     pub matched: Option<String>,
     /// Connections (allowed) or dropped packets (denied) per window of [`Observations`].
     pub counts: Vec<u64>,
+    /// A denied edge split by port: every port of the edge (`other` for the unnamed ones).
+    /// The counts are the edge's over all of them, the same on each: the drop metrics count
+    /// packets per edge, not per port. Empty when the counts are this observation's own.
+    pub count_ports: Vec<String>,
+}
+
+impl Observation {
+    fn key(&self) -> EdgeKey {
+        EdgeKey {
+            source_namespace: self.source_namespace.clone(),
+            source_workload: self.source_workload.clone(),
+            destination_namespace: self.destination_namespace.clone(),
+            destination_workload: self.destination_workload.clone(),
+            protocol: self.protocol.clone(),
+        }
+    }
+}
+
+/// Splits each denied observation without a port into one per port the daemon named for the
+/// edge (see [`DeniedPorts`]); the counts stay the edge's, marked by `count_ports`.
+pub fn split_by_port(
+    observations: Vec<Observation>,
+    ports: &BTreeMap<EdgeKey, DeniedPorts>,
+) -> Vec<Observation> {
+    let mut out = Vec::with_capacity(observations.len());
+    for obs in observations {
+        let known = (obs.verdict == Observed::Deny && obs.port.is_none())
+            .then(|| ports.get(&obs.key()))
+            .flatten();
+        match known {
+            Some(known) => {
+                let labels = known.labels();
+                for port in known.split() {
+                    out.push(Observation {
+                        port,
+                        count_ports: labels.clone(),
+                        ..obs.clone()
+                    });
+                }
+            }
+            None => out.push(obs),
+        }
+    }
+    out
+}
+
+/// Denied edges of an edges file as `deny-observer edges` writes them: one line per port, each
+/// with the edge's count over all its ports. Marks them so, with the ports of their edge.
+fn mark_file_ports(observations: &mut [Observation]) {
+    let mut by_edge: BTreeMap<EdgeKey, DeniedPorts> = BTreeMap::new();
+    for obs in observations.iter().filter(|o| o.verdict == Observed::Deny) {
+        let entry = by_edge.entry(obs.key()).or_default();
+        match obs.port {
+            Some(p) => {
+                entry.ports.insert(p);
+            }
+            None => entry.other = true,
+        }
+    }
+    for obs in observations.iter_mut() {
+        if obs.verdict != Observed::Deny {
+            continue;
+        }
+        if let Some(ports) = by_edge.get(&obs.key()).filter(|p| !p.ports.is_empty()) {
+            obs.count_ports = ports.labels();
+        }
+    }
 }
 
 /// What a source gave: edges and the windows their counts are for.
@@ -267,7 +334,7 @@ impl EdgeSource {
         match self {
             Self::File(path) => {
                 let edges = read_edges(path)?;
-                Ok(Observations {
+                let mut observations = Observations {
                     source: format!("edges file {}", path.display()),
                     windows: vec![("edges file".to_owned(), 0.0)],
                     edges: edges
@@ -283,10 +350,13 @@ impl EdgeSource {
                             policy: None,
                             matched: None,
                             counts: vec![e.observed],
+                            count_ports: Vec::new(),
                         })
                         .collect(),
                     notes: Vec::new(),
-                })
+                };
+                mark_file_ports(&mut observations.edges);
+                Ok(observations)
             }
             Self::Prometheus { url, windows } => fetch(url, windows).await,
         }
@@ -333,6 +403,7 @@ pub fn parse_samples(
                 policy: nonempty("policy"),
                 matched: nonempty("match"),
                 counts,
+                count_ports: Vec::new(),
             }
         })
         .collect())
@@ -376,6 +447,24 @@ async fn fetch(url: &str, windows: &[(String, f64)]) -> Result<Observations, Map
             allowed_seen |= verdict == Observed::Allow && !found.is_empty();
             all.extend(found);
         }
+    }
+    // The ports of the denied edges, over the longest window (the edges of shorter windows
+    // are among its).
+    if let Some((window, _)) = windows.last()
+        && all
+            .iter()
+            .any(|o| o.verdict == Observed::Deny && o.port.is_none())
+    {
+        let err = |reason: String| EdgeError::Query {
+            url: url.to_owned(),
+            metric: DENIED_PORTS_METRIC,
+            reason,
+        };
+        let body = query_prometheus(&base, &denied_ports_query(window))
+            .await
+            .map_err(err)?;
+        let ports = parse_denied_ports(&body).map_err(err)?;
+        all = split_by_port(all, &ports);
     }
     let mut notes = Vec::new();
     if !allowed_seen {
@@ -476,6 +565,12 @@ pub struct MapEdge {
     pub judged: &'static str,
     /// The `explain` answer for the edge.
     pub explain: String,
+    /// A denied edge shown once per port: all its ports (`other`: ports the daemon did not
+    /// name). [`MapEdge::observed`] is then the edge's count over all of them, repeated on
+    /// each port, since the drop metrics count packets per edge, not per port. Absent when
+    /// the count is this edge's own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub count_ports: Vec<String>,
 }
 
 /// Now, in Unix seconds.
@@ -523,8 +618,19 @@ fn explain_edge(
     };
     let mut text = String::new();
     if obs.port.is_none() && protocol.has_ports() {
+        let why = if obs.matched.as_deref() == Some("unexplained") {
+            format!(
+                "The drop metrics carry no port, and {DENIED_PORTS_METRIC} names ports only for the denies the policies explain"
+            )
+        } else if obs.count_ports.is_empty() {
+            format!(
+                "The drop metrics carry no port, and {DENIED_PORTS_METRIC} names none for this edge (first denied while the daemon was learning, beyond its series limit, or allowed by the policies)"
+            )
+        } else {
+            "These drops were on ports the daemon does not name (beyond 16 per edge, or a header cut short)".to_owned()
+        };
         text.push_str(&format!(
-            "The drop metrics carry no port: judged on the {} port(s) {} declares.\n\n",
+            "{why}: judged on the {} port(s) {} declares.\n\n",
             protocol.label(),
             obs.destination_workload
         ));
@@ -658,6 +764,7 @@ pub fn build(engine: &Engine, observations: &Observations, generated_unix: u64) 
             matched,
             judged,
             explain,
+            count_ports: obs.count_ports.clone(),
         });
     }
     edges.sort_by(|a, b| {

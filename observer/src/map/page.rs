@@ -154,6 +154,7 @@ mod tests {
             matched: None,
             judged: "deny",
             explain: explain.to_owned(),
+            count_ports: Vec::new(),
         };
         let data = MapData {
             schema_version: 1,

@@ -188,6 +188,14 @@ async fn readyz(State(state): State<Arc<MapState>>) -> Response {
     }
 }
 
+/// Where the map's inventory comes from, for [`serve_listener`].
+pub enum InventoryInput {
+    /// A manifest directory, watched for changes.
+    Dir(std::path::PathBuf),
+    /// The API server, through this client (watched like the daemon does).
+    Kube(kube::Client),
+}
+
 /// The inventory behind the map, kept current.
 enum Feed {
     Dir(crate::inventory::DirWatch),
@@ -195,26 +203,25 @@ enum Feed {
 }
 
 impl Feed {
-    async fn start(spec: &str) -> Result<Self, MapError> {
-        let err = |reason: String| MapError::Usage(format!("loading the inventory: {reason}"));
-        if spec == "kube" {
-            use crate::inventory::kube::{KubeInventory, KubeInventoryConfig, default_client};
-            let client = default_client().await.map_err(|e| err(e.to_string()))?;
-            let inv = KubeInventory::start(
-                client,
-                Arc::new(|_: &str| {}),
-                KubeInventoryConfig::default(),
-            );
-            tokio::time::timeout(Duration::from_secs(60), inv.wait_until_ready())
-                .await
-                .map_err(|_| err("no full sync with the API server within 60s".to_owned()))?
-                .map_err(|e| err(e.to_string()))?;
-            return Ok(Self::Kube(inv));
+    /// Starts the feed. The API server's is not waited for: until its first full sync the
+    /// page says what it waits for, and the server answers meanwhile.
+    async fn start(input: InventoryInput) -> Result<Self, MapError> {
+        match input {
+            InventoryInput::Kube(client) => {
+                use crate::inventory::kube::{KubeInventory, KubeInventoryConfig};
+                Ok(Self::Kube(KubeInventory::start(
+                    client,
+                    Arc::new(|_: &str| {}),
+                    KubeInventoryConfig::default(),
+                )))
+            }
+            InventoryInput::Dir(dir) => {
+                let watch = crate::inventory::watch_dir(dir, Duration::from_secs(2))
+                    .await
+                    .map_err(|e| MapError::Usage(format!("loading the inventory: {e}")))?;
+                Ok(Self::Dir(watch))
+            }
         }
-        let watch = crate::inventory::watch_dir(spec.into(), Duration::from_secs(2))
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        Ok(Self::Dir(watch))
     }
 
     fn current(&self) -> Arc<Inventory> {
@@ -222,6 +229,42 @@ impl Feed {
             Self::Dir(w) => w.current(),
             Self::Kube(k) => k.current(),
         }
+    }
+
+    /// `Err` (what it waits for) until the first full inventory is in.
+    fn ready(&self) -> Result<(), String> {
+        match self {
+            Self::Dir(_) => Ok(()),
+            Self::Kube(k) if k.is_ready() => Ok(()),
+            Self::Kube(k) => Err(format!(
+                "waiting for the inventory: no full list from the API server yet ({})",
+                k.health()
+                    .last_error()
+                    .unwrap_or_else(|| "not synced yet".to_owned())
+            )),
+        }
+    }
+
+    /// A remark when the inventory in use is no longer current (a watch or reload failing).
+    fn stale(&self) -> Option<String> {
+        let (stats, what) = match self {
+            Self::Dir(w) => (w.stats(), "the manifest directory"),
+            Self::Kube(k) => (k.health(), "the API server"),
+        };
+        if !stats.failing() {
+            return None;
+        }
+        let since = stats.last_success_unix();
+        let age = i64::try_from(now_unix()).unwrap_or(i64::MAX) - since;
+        Some(format!(
+            "inventory: reading {what} fails, so open fields and explain answers are from the inventory of {}: {}",
+            if since > 0 {
+                format!("{age}s ago")
+            } else {
+                "the start".to_owned()
+            },
+            stats.last_error().unwrap_or_default()
+        ))
     }
 }
 
@@ -239,51 +282,75 @@ pub fn serve(
         .build()
         .map_err(|e| fail(format!("starting the runtime: {e}")))?;
     runtime.block_on(async move {
-        let feed = Feed::start(spec).await?;
+        let input = if spec == "kube" {
+            let client = crate::inventory::kube::default_client()
+                .await
+                .map_err(|e| MapError::Usage(format!("loading the inventory: {e}")))?;
+            InventoryInput::Kube(client)
+        } else {
+            InventoryInput::Dir(spec.into())
+        };
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| fail(format!("binding: {e}")))?;
-        let bound = listener.local_addr().unwrap_or(addr);
-        let refresh = refresh.max(Duration::from_millis(500));
-        let windows = match &source {
-            EdgeSource::Prometheus { windows, .. } => windows.len(),
-            EdgeSource::File(_) => 1,
-        };
-        // Each round runs two queries per window, each within QUERY_TIMEOUT.
-        let stall_after =
-            refresh * 3 + QUERY_TIMEOUT * (2 * windows as u32) + Duration::from_secs(30);
-        let state = Arc::new(MapState::new(stall_after));
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let refresher = tokio::spawn(refresh_loop(
-            Arc::clone(&state),
-            feed,
-            source,
-            refresh,
-            stop_rx.clone(),
-        ));
-        eprintln!(
-            "deny-observer: serving the traffic map on http://{bound}/ (refresh every {}s)",
-            refresh.as_secs_f64()
-        );
-        let shutdown = async move {
-            let mut stop = stop_rx;
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        let server = tokio::spawn(serve_router(
-            listener,
-            router(Arc::clone(&state)),
-            HttpLimits::default(),
-            shutdown,
-        ));
-        wait_for_signal().await;
-        let _ = stop_tx.send(true);
-        let _ = refresher.await;
-        match server.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(fail(e.to_string())),
-            Err(e) => Err(fail(e.to_string())),
-        }
+        serve_listener(listener, input, source, refresh, wait_for_signal()).await
     })
+}
+
+/// Serves the map on `listener` until `shutdown` completes: the refresh loop and the HTTP
+/// server of [`serve`], on the caller's runtime.
+pub async fn serve_listener(
+    listener: tokio::net::TcpListener,
+    inventory: InventoryInput,
+    source: EdgeSource,
+    refresh: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), MapError> {
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let fail = |reason: String| MapError::Serve { addr, reason };
+    let feed = Feed::start(inventory).await?;
+    let refresh = refresh.max(Duration::from_millis(500));
+    let windows = match &source {
+        EdgeSource::Prometheus { windows, .. } => windows.len(),
+        EdgeSource::File(_) => 1,
+    };
+    // Each round runs two queries per window and one for the denied ports, each within
+    // QUERY_TIMEOUT.
+    let stall_after =
+        refresh * 3 + QUERY_TIMEOUT * (2 * windows as u32 + 1) + Duration::from_secs(30);
+    let state = Arc::new(MapState::new(stall_after));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let refresher = tokio::spawn(refresh_loop(
+        Arc::clone(&state),
+        feed,
+        source,
+        refresh,
+        stop_rx.clone(),
+    ));
+    eprintln!(
+        "deny-observer: serving the traffic map on http://{addr}/ (refresh every {}s)",
+        refresh.as_secs_f64()
+    );
+    let stopped = async move {
+        let mut stop = stop_rx;
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let server = tokio::spawn(serve_router(
+        listener,
+        router(Arc::clone(&state)),
+        HttpLimits::default(),
+        stopped,
+    ));
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let _ = refresher.await;
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(fail(e.to_string())),
+        Err(e) => Err(fail(e.to_string())),
+    }
 }
 
 async fn wait_for_signal() {
@@ -310,6 +377,15 @@ async fn refresh_loop(
 ) {
     let mut engine: Option<(Arc<Inventory>, Arc<Engine>)> = None;
     loop {
+        if let Err(waiting) = feed.ready() {
+            show_error(&state, refresh, &waiting);
+            state.round_done();
+            tokio::select! {
+                _ = tokio::time::sleep(refresh) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            continue;
+        }
         let inventory = feed.current();
         let current = match &engine {
             Some((inv, e)) if Arc::ptr_eq(inv, &inventory) => Arc::clone(e),
@@ -332,9 +408,11 @@ async fn refresh_loop(
         };
         match source.load().await {
             Ok(observations) => {
+                let stale = feed.stale();
                 let built = tokio::task::spawn_blocking(move || {
                     let mut data = build(&current, &observations, now_unix());
                     data.refresh_seconds = Some(refresh.as_secs_f64());
+                    data.notes.extend(stale);
                     data
                 })
                 .await;

@@ -59,6 +59,7 @@ fn obs(
         policy: None,
         matched: None,
         counts,
+        count_ports: Vec::new(),
     }
 }
 
@@ -281,4 +282,98 @@ fn the_page_embeds_everything_it_needs() {
         "nothing loads from elsewhere"
     );
     assert!(html.contains("\"source\":\"dev/tool\""));
+}
+
+#[test]
+fn denied_edges_take_their_ports_from_the_new_edge_series() {
+    // tool -> api was denied on 8080 and 9000, and on more ports than the daemon names
+    // (`other`); world -> web has a series only on port 0 (a header cut short); dev/tool ->
+    // shop/web has none (learned): it keeps no port.
+    let ports = br#"{"status":"success","data":{"resultType":"vector","result":[
+        {"metric":{"source_namespace":"dev","source_workload":"tool","destination_namespace":"shop","destination_workload":"api","protocol":"tcp","port":"9000"},"value":[1,"1"]},
+        {"metric":{"source_namespace":"dev","source_workload":"tool","destination_namespace":"shop","destination_workload":"api","protocol":"tcp","port":"8080"},"value":[1,"1"]},
+        {"metric":{"source_namespace":"dev","source_workload":"tool","destination_namespace":"shop","destination_workload":"api","protocol":"tcp","port":"other"},"value":[1,"1"]},
+        {"metric":{"source_namespace":"dev","source_workload":"tool","destination_namespace":"shop","destination_workload":"api","protocol":"udp","port":"53"},"value":[1,"1"]},
+        {"metric":{"source_namespace":"","source_workload":"world","destination_namespace":"shop","destination_workload":"web","protocol":"tcp","port":"0"},"value":[1,"1"]},
+        {"metric":{"source_namespace":"dev","source_workload":"tool","destination_namespace":"shop","destination_workload":"api","protocol":"icmp","port":"0"},"value":[1,"1"]}]}}"#;
+    let ports = parse_denied_ports(ports).unwrap_or_else(|e| panic!("{e}"));
+    let mut denied = obs("dev/tool", "shop/api", None, Observed::Deny, vec![3, 30]);
+    denied.policy = Some("shop/allow-web-to-api,shop/default-deny".into());
+    let split = split_by_port(
+        vec![
+            denied,
+            obs("world", "shop/web", None, Observed::Deny, vec![1, 1]),
+            obs("dev/tool", "shop/web", None, Observed::Deny, vec![0, 2]),
+            obs("shop/web", "shop/api", None, Observed::Allow, vec![1, 1]),
+        ],
+        &ports,
+    );
+    let data = build(&engine(), &observations(split), 0);
+    let tool_api: Vec<&MapEdge> = data
+        .edges
+        .iter()
+        .filter(|e| e.source == "dev/tool" && e.target == "shop/api")
+        .collect();
+    let got: Vec<Option<u16>> = tool_api.iter().map(|e| e.port).collect();
+    assert_eq!(got, [None, Some(8080), Some(9000)], "{tool_api:#?}");
+    for e in &tool_api {
+        assert_eq!(e.observed, [3, 30], "the edge's count on each port");
+        assert_eq!(e.count_ports, ["8080", "9000", "other"]);
+        assert_eq!(e.policy, "shop/allow-web-to-api,shop/default-deny");
+    }
+    // Explained for its own port only.
+    let p9000 = tool_api[2];
+    assert!(p9000.explain.contains("TCP/9000"), "{}", p9000.explain);
+    assert!(!p9000.explain.contains("TCP/8080"), "{}", p9000.explain);
+    // The unnamed ports: every declared port, saying why.
+    assert!(
+        tool_api[0]
+            .explain
+            .contains("ports the daemon does not name")
+            && tool_api[0].explain.contains("TCP/8080")
+            && tool_api[0].explain.contains("TCP/9000"),
+        "{}",
+        tool_api[0].explain
+    );
+    let world: Vec<&MapEdge> = data.edges.iter().filter(|e| e.source == "/world").collect();
+    assert_eq!(world.len(), 1);
+    assert_eq!(
+        (world[0].port, world[0].count_ports.as_slice()),
+        (None, &["other".to_owned()][..])
+    );
+    let learned: Vec<&MapEdge> = data
+        .edges
+        .iter()
+        .filter(|e| e.source == "dev/tool" && e.target == "shop/web")
+        .collect();
+    assert_eq!(learned.len(), 1);
+    assert_eq!(learned[0].port, None);
+    assert!(learned[0].count_ports.is_empty());
+    assert!(
+        learned[0].explain.contains("names none for this edge"),
+        "{}",
+        learned[0].explain
+    );
+    let allowed: Vec<&MapEdge> = data
+        .edges
+        .iter()
+        .filter(|e| e.verdict == "allowed")
+        .collect();
+    assert_eq!(allowed.len(), 1, "allowed edges are never split");
+    assert!(denied_ports_query("1h").contains("deny_observer_new_denied_edges_total[1h]"));
+}
+
+#[test]
+fn an_edges_file_marks_denied_counts_shared_by_the_ports_of_an_edge() {
+    let mut edges = vec![
+        obs("dev/tool", "shop/api", Some(8080), Observed::Deny, vec![5]),
+        obs("dev/tool", "shop/api", Some(9000), Observed::Deny, vec![5]),
+        obs("dev/tool", "shop/web", None, Observed::Deny, vec![2]),
+        obs("shop/web", "shop/api", Some(8080), Observed::Allow, vec![1]),
+    ];
+    mark_file_ports(&mut edges);
+    assert_eq!(edges[0].count_ports, ["8080", "9000"]);
+    assert_eq!(edges[1].count_ports, ["8080", "9000"]);
+    assert!(edges[2].count_ports.is_empty());
+    assert!(edges[3].count_ports.is_empty());
 }

@@ -3,11 +3,13 @@
 //!
 //! One line per edge: `{"source_namespace":"shop","source_workload":"web",
 //! "destination_namespace":"db","destination_workload":"postgres","protocol":"tcp","port":5432,
-//! "observed":1234,"verdict":"allow"}`. `port` is `null` for denied edges read from the drop
-//! metrics, which carry no port. Outside peers have an empty namespace and the workload
-//! `world`, `private`, `node` or `host`, as in the daemon's metrics.
+//! "observed":1234,"verdict":"allow"}`. The drop metrics carry no port, so a denied edge from
+//! Prometheus takes its ports from `deny_observer_new_denied_edges_total` (one line per port,
+//! each with the edge's count over all its ports: see [`DeniedPorts`]); `port` is `null` where
+//! that metric names none. Outside peers have an empty namespace and the workload `world`,
+//! `private`, `node` or `host`, as in the daemon's metrics.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,6 +22,8 @@ use crate::flow::Protocol;
 pub const ALLOWED_METRIC: &str = "deny_observer_connections_total";
 /// Drops the NetworkPolicy engine attributes to policies: the denied edges.
 pub const DENIED_METRIC: &str = "deny_observer_policy_denies_total";
+/// First denies of an edge, by destination port: where the denied edges' ports come from.
+pub const DENIED_PORTS_METRIC: &str = "deny_observer_new_denied_edges_total";
 /// Largest Prometheus response read, so a huge answer is an error, not an out-of-memory kill.
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 /// Time allowed for one Prometheus query, connection included.
@@ -108,6 +112,17 @@ impl Edge {
         self.protocol
             .parse::<Protocol>()
             .map_err(|_| format!("invalid protocol {:?}", self.protocol))
+    }
+
+    /// The edge without its port.
+    pub fn key(&self) -> EdgeKey {
+        EdgeKey {
+            source_namespace: self.source_namespace.clone(),
+            source_workload: self.source_workload.clone(),
+            destination_namespace: self.destination_namespace.clone(),
+            destination_workload: self.destination_workload.clone(),
+            protocol: self.protocol.to_ascii_lowercase(),
+        }
     }
 
     /// `ns/workload` of the source, or the bare outside name.
@@ -282,7 +297,9 @@ pub(crate) fn parse_vector(body: &[u8]) -> Result<Vec<EdgeSample>, String> {
     let mut out = Vec::with_capacity(data.result.len());
     for sample in data.result {
         let port = match sample.metric.get("port").map(String::as_str) {
-            None | Some("") => None,
+            // Port labels that stand for many ports: beyond the new-edge port budget, or
+            // folded by the series limit. The raw label stays in `labels`.
+            None | Some("" | "other" | "__overflow__") => None,
             Some(p) => Some(
                 p.parse::<u16>()
                     .map_err(|_| format!("sample with invalid port label {p:?}"))?,
@@ -324,6 +341,117 @@ pub fn parse_answer(body: &[u8], verdict: Observed) -> Result<Vec<Edge>, String>
             verdict,
         })
         .collect())
+}
+
+/// An edge without its port: the labels the denied edges and their ports are joined on.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EdgeKey {
+    /// Namespace of the source.
+    pub source_namespace: String,
+    /// Workload of the source.
+    pub source_workload: String,
+    /// Namespace of the destination.
+    pub destination_namespace: String,
+    /// Workload of the destination.
+    pub destination_workload: String,
+    /// `tcp`, `udp`, `sctp` (lower case).
+    pub protocol: String,
+}
+
+/// The destination ports a denied edge is known by.
+///
+/// `deny_observer_policy_denies_total` has no port label (a port scan must not make a series
+/// per port); the daemon names the ports of each denied edge on
+/// `deny_observer_new_denied_edges_total` instead, one series per port, at most 16 per edge
+/// (then `port="other"`), from its first deny until the edge has been quiet for the
+/// daemon's retention. A series present over the window therefore names a port this edge was
+/// denied on within the retention, not necessarily within the window; and the packet counts
+/// stay per edge: they cannot be split by port. An edge first denied during the daemon's
+/// `--edge-learning` period has no such series, and no port.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeniedPorts {
+    /// The ports named.
+    pub ports: BTreeSet<u16>,
+    /// Denied on further ports too: `port="other"` (beyond 16 per edge), or port 0 (a header
+    /// cut short, so the port was not read).
+    pub other: bool,
+}
+
+impl DeniedPorts {
+    /// The ports to give the edge: each named port, then `None` for the others (when any).
+    pub fn split(&self) -> Vec<Option<u16>> {
+        let mut out: Vec<Option<u16>> = self.ports.iter().copied().map(Some).collect();
+        if self.other {
+            out.push(None);
+        }
+        out
+    }
+
+    /// The ports as labels (`80`, `443`, `other`), for the operator.
+    pub fn labels(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        if self.other {
+            out.push("other".to_owned());
+        }
+        out
+    }
+}
+
+/// The PromQL of the denied edges' ports: the new-edge series present over `window`. Their
+/// value is a count of first denies, not of packets: only their presence is used.
+pub fn denied_ports_query(window: &str) -> String {
+    format!("max by ({KEY_LABELS}, port) (max_over_time({DENIED_PORTS_METRIC}[{window}]))")
+}
+
+/// Parses the answer of [`denied_ports_query`]. Protocols without ports (ICMP) are left out:
+/// their edges keep no port.
+pub fn parse_denied_ports(body: &[u8]) -> Result<BTreeMap<EdgeKey, DeniedPorts>, String> {
+    let mut out: BTreeMap<EdgeKey, DeniedPorts> = BTreeMap::new();
+    for s in parse_vector(body)? {
+        let protocol = s.label("protocol").to_ascii_lowercase();
+        if !protocol.parse::<Protocol>().is_ok_and(|p| p.has_ports()) {
+            continue;
+        }
+        let key = EdgeKey {
+            source_namespace: s.label("source_namespace"),
+            source_workload: s.label("source_workload"),
+            destination_namespace: s.label("destination_namespace"),
+            destination_workload: s.label("destination_workload"),
+            protocol,
+        };
+        let entry = out.entry(key).or_default();
+        match s.port {
+            Some(0) | None => entry.other = true,
+            Some(p) => {
+                entry.ports.insert(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Gives each denied edge without a port the ports [`parse_denied_ports`] found for it: one
+/// edge per port, each with the edge's count (over all its ports). Edges with no known port
+/// stay as they are.
+pub fn split_denied_by_port(edges: Vec<Edge>, ports: &BTreeMap<EdgeKey, DeniedPorts>) -> Vec<Edge> {
+    let mut out = Vec::with_capacity(edges.len());
+    for edge in edges {
+        let known = (edge.verdict == Observed::Deny && edge.port.is_none())
+            .then(|| ports.get(&edge.key()))
+            .flatten();
+        match known {
+            Some(known) => {
+                for port in known.split() {
+                    out.push(Edge {
+                        port,
+                        ..edge.clone()
+                    });
+                }
+            }
+            None => out.push(edge),
+        }
+    }
+    out
 }
 
 /// Arguments shared by the commands that read edges.
@@ -410,6 +538,34 @@ pub fn fetch_edges(url: &str, window: &str) -> Result<Fetched, EdgeError> {
             ));
         }
         fetched.edges.extend(edges);
+    }
+    if fetched
+        .edges
+        .iter()
+        .any(|e| e.verdict == Observed::Deny && e.port.is_none())
+    {
+        let query = denied_ports_query(window);
+        let err = |reason: String| EdgeError::Query {
+            url: url.to_owned(),
+            metric: DENIED_PORTS_METRIC,
+            reason,
+        };
+        let body = runtime
+            .block_on(query_prometheus(&base, &query))
+            .map_err(err)?;
+        let ports = parse_denied_ports(&body).map_err(err)?;
+        let before = fetched.edges.len();
+        fetched.edges = split_denied_by_port(std::mem::take(&mut fetched.edges), &ports);
+        if fetched
+            .edges
+            .iter()
+            .any(|e| e.verdict == Observed::Deny && e.port.is_some())
+        {
+            fetched.notes.push(format!(
+                "denied edges take their ports from {DENIED_PORTS_METRIC} ({} line(s) added): each port's line carries the edge's dropped packets over all its ports ({DENIED_METRIC} counts none per port); an edge first denied while the daemon was learning has no port (null)",
+                fetched.edges.len() - before
+            ));
+        }
     }
     fetched.edges.sort();
     Ok(fetched)
@@ -567,6 +723,56 @@ mod tests {
         assert!(parse_answer(b"<html>", Observed::Deny).is_err());
         let bad_port = br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"source_workload":"a","destination_workload":"b","port":"http"},"value":[1,"1"]}]}}"#;
         assert!(parse_answer(bad_port, Observed::Deny).is_err());
+    }
+
+    #[test]
+    fn denied_edges_split_by_the_ports_the_daemon_named() {
+        let ports = br#"{"status":"success","data":{"resultType":"vector","result":[
+            {"metric":{"source_namespace":"a","source_workload":"web","destination_namespace":"b","destination_workload":"db","protocol":"tcp","port":"5432"},"value":[1,"1"]},
+            {"metric":{"source_namespace":"a","source_workload":"web","destination_namespace":"b","destination_workload":"db","protocol":"tcp","port":"other"},"value":[1,"1"]}]}}"#;
+        let ports = parse_denied_ports(ports).unwrap_or_default();
+        let edge = |dst: &str, port: Option<u16>, verdict: Observed| Edge {
+            source_namespace: "a".into(),
+            source_workload: "web".into(),
+            destination_namespace: "b".into(),
+            destination_workload: dst.into(),
+            protocol: "tcp".into(),
+            port,
+            observed: 9,
+            verdict,
+        };
+        let split = split_denied_by_port(
+            vec![
+                edge("db", None, Observed::Deny),
+                edge("db", Some(5432), Observed::Allow),
+                edge("cache", None, Observed::Deny),
+            ],
+            &ports,
+        );
+        let got: Vec<(&str, Option<u16>, Observed, u64)> = split
+            .iter()
+            .map(|e| {
+                (
+                    e.destination_workload.as_str(),
+                    e.port,
+                    e.verdict,
+                    e.observed,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("db", Some(5432), Observed::Deny, 9),
+                ("db", None, Observed::Deny, 9),
+                ("db", Some(5432), Observed::Allow, 9),
+                ("cache", None, Observed::Deny, 9),
+            ]
+        );
+        // The series limit folds ports into `__overflow__`: read as an unnamed port, not
+        // an error.
+        let overflow = br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{"source_workload":"a","destination_workload":"b","protocol":"tcp","port":"__overflow__"},"value":[1,"1"]}]}}"#;
+        assert!(parse_answer(overflow, Observed::Allow).is_ok_and(|e| e[0].port.is_none()));
     }
 
     #[test]

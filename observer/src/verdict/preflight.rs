@@ -109,7 +109,14 @@ fn load_kube() -> Result<Inventory, PreflightError> {
         );
         tokio::time::timeout(std::time::Duration::from_secs(60), inv.wait_until_ready())
             .await
-            .map_err(|_| PreflightError::Kube("no full sync within 60s".to_owned()))?
+            .map_err(|_| {
+                PreflightError::Kube(format!(
+                    "no full sync within 60s (last: {})",
+                    inv.health()
+                        .last_error()
+                        .unwrap_or_else(|| "no answer".to_owned())
+                ))
+            })?
             .map_err(|e| PreflightError::Kube(e.to_string()))?;
         Ok(inv.current().as_ref().clone())
     })

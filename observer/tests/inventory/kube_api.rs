@@ -22,10 +22,10 @@ use observer::inventory::kube::{
 use serde_json::{Value, json};
 use tower_test::mock::{self, Handle, SendResponse};
 
-type MockHandle = Handle<Request<Body>, Response<Body>>;
+pub(crate) type MockHandle = Handle<Request<Body>, Response<Body>>;
 
 /// A scripted answer.
-enum Reply {
+pub(crate) enum Reply {
     /// Status code and JSON body.
     Json(u16, Value),
     /// Newline-delimited watch events, then the end of the stream.
@@ -35,12 +35,12 @@ enum Reply {
 /// What the fake API server answers, per (path, is-watch), in order. Once a script runs out,
 /// the request is held open (a quiet watch).
 #[derive(Default)]
-struct Script {
+pub(crate) struct Script {
     replies: HashMap<(String, bool), VecDeque<Reply>>,
 }
 
 impl Script {
-    fn on(mut self, path: &str, watch: bool, reply: Reply) -> Self {
+    pub(crate) fn on(mut self, path: &str, watch: bool, reply: Reply) -> Self {
         self.replies
             .entry((path.to_owned(), watch))
             .or_default()
@@ -51,7 +51,7 @@ impl Script {
 
 /// One request as seen by the fake server.
 #[derive(Clone, Debug)]
-struct Seen {
+pub(crate) struct Seen {
     method: Method,
     path: String,
     query: String,
@@ -63,7 +63,7 @@ impl Seen {
     }
 }
 
-fn serve(handle: MockHandle, mut script: Script) -> Arc<Mutex<Vec<Seen>>> {
+pub(crate) fn serve(handle: MockHandle, mut script: Script) -> Arc<Mutex<Vec<Seen>>> {
     let log = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&log);
     tokio::spawn(async move {
@@ -102,7 +102,7 @@ fn serve(handle: MockHandle, mut script: Script) -> Arc<Mutex<Vec<Seen>>> {
     log
 }
 
-fn list(kind: &str, api_version: &str, rv: &str, items: Vec<Value>) -> Reply {
+pub(crate) fn list(kind: &str, api_version: &str, rv: &str, items: Vec<Value>) -> Reply {
     Reply::Json(
         200,
         json!({"apiVersion": api_version, "kind": format!("{kind}List"),
@@ -110,13 +110,13 @@ fn list(kind: &str, api_version: &str, rv: &str, items: Vec<Value>) -> Reply {
     )
 }
 
-fn ns(name: &str, team: &str) -> Value {
+pub(crate) fn ns(name: &str, team: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace",
            "metadata": {"name": name, "resourceVersion": "1",
                         "labels": {"kubernetes.io/metadata.name": name, "team": team}}})
 }
 
-fn pod(name: &str, ip: &str, rv: &str) -> Value {
+pub(crate) fn pod(name: &str, ip: &str, rv: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "namespace": "prod", "resourceVersion": rv,
                         "labels": {"app": name},
@@ -125,7 +125,7 @@ fn pod(name: &str, ip: &str, rv: &str) -> Value {
            "status": {"phase": "Running", "podIP": ip}})
 }
 
-fn policy(name: &str, app: &str, rv: &str) -> Value {
+pub(crate) fn policy(name: &str, app: &str, rv: &str) -> Value {
     json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
            "metadata": {"name": name, "namespace": "prod", "resourceVersion": rv,
                         "annotations": {"deny-observer.io/owner": "team-a", "noise": "x"}},
@@ -133,14 +133,14 @@ fn policy(name: &str, app: &str, rv: &str) -> Value {
                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": app}}}]}]}})
 }
 
-fn event(type_: &str, object: Value) -> Value {
+pub(crate) fn event(type_: &str, object: Value) -> Value {
     json!({"type": type_, "object": object})
 }
 
-const PODS: &str = "/api/v1/pods";
-const NAMESPACES: &str = "/api/v1/namespaces";
-const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
-const SERVICES: &str = "/api/v1/services";
+pub(crate) const PODS: &str = "/api/v1/pods";
+pub(crate) const NAMESPACES: &str = "/api/v1/namespaces";
+pub(crate) const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
+pub(crate) const SERVICES: &str = "/api/v1/services";
 
 fn svc(name: &str, cluster_ips: &[&str], rv: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Service",
@@ -149,7 +149,7 @@ fn svc(name: &str, cluster_ips: &[&str], rv: &str) -> Value {
                     "clusterIPs": cluster_ips, "ports": [{"port": 80}]}})
 }
 
-fn no_services() -> Reply {
+pub(crate) fn no_services() -> Reply {
     list("Service", "v1", "1", vec![])
 }
 

@@ -238,7 +238,7 @@ const LIST_JS: &str = r#"(() => {
   return {
     edges: Array.from(document.querySelectorAll('[data-edge]')).filter(e => mine(e.dataset.edge)).map(e => ({
       edge: e.dataset.edge, verdict: e.dataset.verdict, protocol: e.dataset.protocol,
-      port: e.dataset.port, policy: e.dataset.policy, match: e.dataset.match,
+      port: e.dataset.port, countPorts: e.dataset.countPorts || '', policy: e.dataset.policy, match: e.dataset.match,
       observed: Number(e.dataset.observed), hidden: e.hidden })),
     nodes: Array.from(document.querySelectorAll('[data-workload]')).filter(n => mine(n.dataset.workload + '/')).map(n => ({
       workload: n.dataset.workload, open: n.dataset.open, kind: n.dataset.kind })),
@@ -335,9 +335,14 @@ fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
 
     let denied = edge(&list, "mp-dev/tool->mp-shop/api", "denied");
     assert_eq!(denied["protocol"], "udp", "{denied}");
+    // The drop metrics carry no port: it comes from the daemon's new-denied-edge series.
+    assert_eq!(denied["port"], API_PORT.to_string(), "{denied}");
+    assert_eq!(denied["countPorts"], API_PORT.to_string(), "{denied}");
+    // The daemon names new-edge ports only for the denies its policies explain.
     assert_eq!(
-        denied["port"], "",
-        "the drop metrics carry no port: {denied}"
+        edge(&list, "mp-dev/tool->mp-shop/web", "denied")["port"],
+        "",
+        "{list:#}"
     );
     assert_eq!(denied["policy"], "mp-shop/api-allow-web", "{denied}");
     assert_eq!(denied["match"], "default_deny", "{denied}");
@@ -428,6 +433,10 @@ fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
         "{details}"
     );
     assert!(details.contains("mp-shop/api-allow-web"), "{details}");
+    // Explained for the port it was denied on, not for every declared port.
+    assert!(details.contains("UDP/8080"), "{details}");
+    assert!(!details.contains("judged on the udp port(s)"), "{details}");
+    assert!(details.contains("edge, all ports"), "{details}");
 
     // The same map from an edges file: the denied edges as `edges` reads them, plus the real
     // allowed traffic.
@@ -436,6 +445,26 @@ fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
         &["edges", "--prometheus", &prometheus, "--window", "10m"],
     );
     assert_eq!(code, 0, "{err}");
+    // `edges` gives denied edges their ports the same way.
+    let denied_ports: Vec<(String, Value)> = edges_text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_default())
+        .filter(|e| e["verdict"] == "deny" && e["source_workload"] == "tool")
+        .map(|e| {
+            (
+                e["destination_workload"].as_str().unwrap_or("").to_owned(),
+                e["port"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        denied_ports,
+        [
+            ("api".to_owned(), json!(API_PORT)),
+            ("web".to_owned(), Value::Null)
+        ],
+        "{edges_text}"
+    );
     let allowed = json!({
         "source_namespace": SHOP, "source_workload": "web",
         "destination_namespace": SHOP, "destination_workload": "api",
@@ -482,10 +511,12 @@ fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
         "the allowing policy: {ok}"
     );
     assert_eq!(ok["observed"], received, "{ok}");
+    let file_denied = edge(&list, "mp-dev/tool->mp-shop/api", "denied");
     assert_eq!(
-        edge(&list, "mp-dev/tool->mp-shop/api", "denied")["policy"],
-        "mp-shop/api-allow-web"
+        file_denied["policy"], "mp-shop/api-allow-web",
+        "{file_denied}"
     );
+    assert_eq!(file_denied["port"], API_PORT.to_string(), "{file_denied}");
     // "Denied only" hides the allowed edge from the list.
     let hidden = browser
         .eval(
@@ -642,6 +673,7 @@ fn map_listen_page_shows_a_new_denied_edge() {
     let new = edge(&after, "mp-shop/web->mp-shop/api", "denied");
     assert_eq!(new["policy"], "mp-shop/api-allow-web", "{new}");
     assert_eq!(new["match"], "default_deny", "{new}");
+    assert_eq!(new["port"], OTHER_PORT.to_string(), "{new}");
     assert!(
         after["drawn"]["edges"].as_u64().unwrap_or(0) > drawn_before,
         "the graph must draw the new edge: {after:#}"

@@ -249,10 +249,14 @@ fn edges_from_prometheus_gate_a_policy_change() {
     assert_eq!(denied["source_workload"], "client", "{denied}");
     assert_eq!(denied["protocol"], "udp", "{denied}");
     assert_eq!(denied["verdict"], "deny", "{denied}");
-    assert_eq!(
-        denied["port"],
-        Value::Null,
-        "the drop metrics carry no port: {denied}"
+    // The drop metrics carry no port: it comes from the daemon's new-denied-edge series.
+    assert_eq!(denied["port"], API_PORT, "{denied}");
+    assert!(
+        lines.iter().any(|e| e["destination_workload"] == "api"
+            && e["protocol"] == "tcp"
+            && e["verdict"] == "deny"
+            && e["port"] == API_TCP_PORT),
+        "the denied SYNs' port: {edges_text}"
     );
     for (proto, port) in [("tcp", CLIENT_TCP_PORT), ("udp", CLIENT_PORT)] {
         let allowed = lines

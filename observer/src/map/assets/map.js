@@ -32,8 +32,13 @@
     var lines = data.explain_lines || [];
     return (e.explain || []).map(function (i) { return lines[i]; }).join('\n');
   }
-  function portText(e) { return e.protocol + (e.port === null || e.port === undefined ? '' : '/' + e.port); }
+  function hasPort(e) { return e.port !== null && e.port !== undefined; }
+  // A denied edge shown once per port carries the edge's count over all its ports
+  // (`count_ports`): the drop metrics count packets per edge, not per port.
+  function shared(e) { return !!(e.count_ports && e.count_ports.length); }
+  function portText(e) { return e.protocol + (hasPort(e) ? '/' + e.port : (shared(e) ? '/other' : '')); }
   function count(e) { return e.observed[ui.win] || 0; }
+  function obsText(e) { return String(count(e)) + (shared(e) ? ' (edge)' : ''); }
   // Per second; an edges file has no window length, and its counts stand in for rates.
   function rate(e) {
     var secs = data.window_seconds[ui.win] || 0;
@@ -100,38 +105,71 @@
   }
 
   // The accessible list: every workload and every edge, with the data attributes tools read.
-  function buildList() {
+  // Its 10,000 rows cost a third of a second of script and parsing: they are built after the
+  // graph's first frame, a slice at a time between tasks so the page stays responsive, into a
+  // detached element that replaces the old list at once (a refresh never shows it half built).
+  // `listGen` drops the slices of a list a newer draw replaced.
+  var listGen = 0;
+  var LIST_SLICE = 2000;
+  function edgeRow(e, i) {
+    return '<tr' + (visible(e) ? '' : ' hidden') + ' data-idx="' + i + '" data-edge="' + esc(edgeName(e)) + '" data-verdict="' + e.verdict +
+      '" data-protocol="' + esc(e.protocol) + '" data-port="' + (hasPort(e) ? e.port : '') +
+      (shared(e) ? '" data-count-ports="' + esc(e.count_ports.join(',')) : '') +
+      '" data-policy="' + esc(e.policy) + '" data-match="' + esc(e.match || '') +
+      '" data-observed="' + count(e) + '"><td>' + esc(e.source) + '</td><td>' + esc(e.target) +
+      '</td><td>' + e.verdict + (e.match === 'unexplained' ? ' (unexplained)' : '') + '</td><td>' +
+      esc(portText(e)) + '</td><td class="obs">' + obsText(e) + '</td><td>' + esc(e.policy || '-') +
+      '</td><td><button type="button" class="link" data-select="' + i + '">details</button></td></tr>';
+  }
+  // Chunks of CHUNK rows, each its own table with the same fixed columns (see .chunk).
+  var LIST_HEAD = '<colgroup><col style="width:20%"><col style="width:20%"><col style="width:11%">' +
+    '<col style="width:9%"><col style="width:8%"><col style="width:26%"><col style="width:6%"></colgroup>' +
+    '<thead class="HEAD"><tr><th scope="col">Source</th><th scope="col">Destination</th><th scope="col">Verdict</th>' +
+    '<th scope="col">Protocol/port</th><th scope="col">Observed</th><th scope="col">Policies</th><th scope="col"></th></tr></thead>';
+  function chunkHtml(from) {
     var rows = [];
-    data.edges.forEach(function (e, i) {
-      rows.push('<tr' + (visible(e) ? '' : ' hidden') + ' data-idx="' + i + '" data-edge="' + esc(edgeName(e)) + '" data-verdict="' + e.verdict +
-        '" data-protocol="' + esc(e.protocol) + '" data-port="' + (e.port === null ? '' : e.port) +
-        '" data-policy="' + esc(e.policy) + '" data-match="' + esc(e.match || '') +
-        '" data-observed="' + count(e) + '"><td>' + esc(e.source) + '</td><td>' + esc(e.target) +
-        '</td><td>' + e.verdict + (e.match === 'unexplained' ? ' (unexplained)' : '') + '</td><td>' +
-        esc(portText(e)) + '</td><td class="obs">' + count(e) + '</td><td>' + esc(e.policy || '-') +
-        '</td><td><button type="button" class="link" data-select="' + i + '">details</button></td></tr>');
-    });
-    // Chunks of CHUNK rows, each its own table with the same fixed columns (see .chunk).
-    var head = '<colgroup><col style="width:20%"><col style="width:20%"><col style="width:11%">' +
-      '<col style="width:9%"><col style="width:8%"><col style="width:26%"><col style="width:6%"></colgroup>' +
-      '<thead class="HEAD"><tr><th scope="col">Source</th><th scope="col">Destination</th><th scope="col">Verdict</th>' +
-      '<th scope="col">Protocol/port</th><th scope="col">Observed</th><th scope="col">Policies</th><th scope="col"></th></tr></thead>';
-    var html = [];
-    for (var c = 0; c < rows.length || c === 0; c += CHUNK) {
-      html.push('<div class="chunk"><table>' + head.replace('HEAD', c === 0 ? '' : 'sr-only') + '<tbody>' +
-        rows.slice(c, c + CHUNK).join('') + '</tbody></table></div>');
+    var to = Math.min(from + CHUNK, data.edges.length);
+    for (var i = from; i < to; i++) { rows.push(edgeRow(data.edges[i], i)); }
+    return '<div class="chunk"><table>' + LIST_HEAD.replace('HEAD', from === 0 ? '' : 'sr-only') + '<tbody>' +
+      rows.join('') + '</tbody></table></div>';
+  }
+  function buildList(done) {
+    var gen = ++listGen;
+    var holder = document.createElement('div');
+    // The rows on screen may be of the previous data: filters leave them alone until the new
+    // list replaces them.
+    rowEls = [];
+    ui.listBuilding = true;
+    var next = 0;
+    var n = data.edges.length;
+    function slice() {
+      if (gen !== listGen) { return; }
+      var html = [];
+      var end = Math.min(next + LIST_SLICE, n);
+      do {
+        html.push(chunkHtml(next));
+        next += CHUNK;
+      } while (next < end);
+      holder.insertAdjacentHTML('beforeend', html.join(''));
+      if (next < n) { setTimeout(slice, 0); return; }
+      var items = [];
+      data.nodes.forEach(function (nd) {
+        var info = nsInfo(nd.namespace);
+        items.push('<li data-workload="' + esc(nd.id) + '" data-namespace="' + esc(nd.namespace) +
+          '" data-open="' + (info.open ? 'true' : 'false') + '" data-kind="' + esc(nd.kind || '') + '">' +
+          esc(nd.namespace === '' ? nd.workload + ' (outside the cluster)' : nd.id) +
+          (nd.kind ? ' <small>' + esc(nd.kind) + ', ' + nd.pods + ' pod(s)</small>' : '') + '</li>');
+      });
+      $('edge-list').replaceChildren.apply($('edge-list'), Array.prototype.slice.call(holder.childNodes));
+      $('workload-list').innerHTML = items.join('');
+      rowEls = $('edge-list').querySelectorAll('tr[data-idx]');
+      // A filter changed while the slices were built: bring the early ones up to date.
+      ui.listBuilding = false;
+      if (ui.listStale) { applyListFilters(); }
+      ui.listStale = false;
+      done();
     }
-    $('edge-list').innerHTML = html.join('');
-    rowEls = $('edge-list').querySelectorAll('tr[data-idx]');
-    var items = [];
-    data.nodes.forEach(function (n) {
-      var info = nsInfo(n.namespace);
-      items.push('<li data-workload="' + esc(n.id) + '" data-namespace="' + esc(n.namespace) +
-        '" data-open="' + (info.open ? 'true' : 'false') + '" data-kind="' + esc(n.kind || '') + '">' +
-        esc(n.namespace === '' ? n.workload + ' (outside the cluster)' : n.id) +
-        (n.kind ? ' <small>' + esc(n.kind) + ', ' + n.pods + ' pod(s)</small>' : '') + '</li>');
-    });
-    $('workload-list').innerHTML = items.join('');
+    slice();
   }
 
   function applyListFilters() {
@@ -142,7 +180,7 @@
       var on = visible(e);
       rows[i].hidden = !on;
       rows[i].setAttribute('data-observed', String(count(e)));
-      rows[i].cells[4].textContent = String(count(e));
+      rows[i].cells[4].textContent = obsText(e);
       if (on) { shown++; }
     }
     return shown;
@@ -199,6 +237,13 @@
         m = merged[key] = { s: s, t: t, verdict: e.verdict, policy: e.policy, match: e.match, idx: [], count: 0, rate: null };
       }
       m.idx.push(at);
+      // The ports of one denied edge share its count: add it once.
+      if (shared(e)) {
+        var edgeKey = e.source + '>' + e.target + '|' + e.protocol;
+        m.sharedSeen = m.sharedSeen || {};
+        if (m.sharedSeen[edgeKey]) { return; }
+        m.sharedSeen[edgeKey] = true;
+      }
       m.count += count(e);
       var r = rate(e);
       if (r !== null) { m.rate = (m.rate || 0) + r; }
@@ -452,6 +497,7 @@
   // After a filter change: redraw, then update the list in place.
   function refilter() {
     render();
+    ui.listStale = !!ui.listBuilding;
     applyListFilters();
     counts();
   }
@@ -482,13 +528,22 @@
     }
     html.push('<h2>' + esc(e.source) + ' &rarr; ' + esc(e.target) + '</h2>');
     html.push('<table><tr><th>verdict</th><td>' + e.verdict + (e.match ? ' (' + esc(e.match) + ')' : '') + '</td></tr>');
-    html.push('<tr><th>protocol/port</th><td>' + esc(portText(e)) + (e.port === null ? ' (the drop metrics carry no port)' : '') + '</td></tr>');
+    var portNote = '';
+    if (!hasPort(e)) {
+      portNote = shared(e) ? ' (ports the daemon does not name: beyond 16 per edge, or a header cut short)' :
+        ' (the drop metrics carry no port, and no new-edge series names one)';
+    }
+    html.push('<tr><th>protocol/port</th><td>' + esc(portText(e)) + portNote + '</td></tr>');
+    if (shared(e)) {
+      html.push('<tr><th>ports of the edge</th><td>' + esc(e.count_ports.join(', ')) +
+        '<br><small>The counts below are the edge\'s, over all these ports: the drop metrics count packets per edge, not per port.</small></td></tr>');
+    }
     html.push('<tr><th>policies</th><td>' + esc(e.policy || '-') + '</td></tr>');
     html.push('<tr><th>engine today</th><td>' + esc(e.judged) + '</td></tr>');
     data.windows.forEach(function (w, i) {
       var secs = data.window_seconds[i];
       var n = e.observed[i] || 0;
-      html.push('<tr><th>' + (e.verdict === 'denied' ? 'dropped packets' : 'connections') + ', ' + esc(w) + '</th><td>' + n +
+      html.push('<tr><th>' + (e.verdict === 'denied' ? 'dropped packets' + (shared(e) ? ' (edge, all ports)' : '') : 'connections') + ', ' + esc(w) + '</th><td>' + n +
         (secs > 0 ? ' (' + (n / secs).toPrecision(3) + '/s)' : '') + '</td></tr>');
     });
     html.push('</table><h3>explain</h3><pre>' + esc(explainText(e)) + '</pre>');
@@ -525,29 +580,41 @@
     return found.length > 0;
   }
 
-  function draw() {
+  // Draws the graph, then (after `before`, if given) the list; `after` once both are done.
+  function draw(before, after) {
     header();
     fillFilters();
     // The graph first: the list's 10,000 rows would otherwise be laid out again every time
     // Cytoscape measures its container.
     render();
     mark('graph-done');
-    buildList();
-    mark('list');
     counts();
-    document.body.setAttribute('data-phases', JSON.stringify(phases));
-    if (!ui.selected) { selectFromHash(); } else { reselect(); }
+    var list = function () {
+      buildList(function () {
+        mark('list');
+        document.body.setAttribute('data-phases', JSON.stringify(phases));
+        if (!ui.selected) { selectFromHash(); } else { reselect(); }
+        if (after) { after(); }
+      });
+    };
+    if (before) { before(list); } else { list(); }
   }
 
-  function markReady() {
-    // Time from navigation start to the first painted frame of the graph: what the scale
-    // benchmark reads.
-    requestAnimationFrame(function () {
+  // The first draw: the time from navigation start to the graph's first painted frame
+  // (`data-render-ms`) and to the complete list (`data-list-ms`), which the scale benchmark
+  // reads; `data-ready` once both are there.
+  function firstDraw() {
+    draw(function (list) {
       requestAnimationFrame(function () {
-        mark('painted');
-        document.body.setAttribute('data-render-ms', String(phases.painted));
-        document.body.setAttribute('data-ready', 'true');
+        requestAnimationFrame(function () {
+          mark('painted');
+          document.body.setAttribute('data-render-ms', String(phases.painted));
+          setTimeout(list, 0);
+        });
       });
+    }, function () {
+      document.body.setAttribute('data-list-ms', String(phases.list));
+      document.body.setAttribute('data-ready', 'true');
     });
   }
 
@@ -571,8 +638,7 @@
     }
   };
 
-  draw();
-  markReady();
+  firstDraw();
 
   if (data.refresh_seconds) {
     var poll = function () {
@@ -581,8 +647,7 @@
         return r.json();
       }).then(function (next) {
         data = next;
-        draw();
-        document.body.setAttribute('data-refreshed', String(data.generated_unix));
+        draw(null, function () { document.body.setAttribute('data-refreshed', String(data.generated_unix)); });
       }).catch(function (err) {
         var banner = $('banner');
         banner.className = '';
