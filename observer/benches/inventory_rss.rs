@@ -244,6 +244,8 @@ fn metric(addr: SocketAddr, name: &str, labels: &str) -> Option<f64> {
 struct Daemon {
     child: Child,
     addr: SocketAddr,
+    /// From spawn to ready with every pod: the first load's time.
+    ready_after: Duration,
     _state: tempfile::TempDir,
 }
 
@@ -265,10 +267,12 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        let spawned = Instant::now();
         let child = cmd.spawn().expect("start the daemon");
         let mut d = Daemon {
             child,
             addr,
+            ready_after: Duration::ZERO,
             _state: state,
         };
         d.wait(Duration::from_secs(180), "ready with every pod", |d| {
@@ -281,6 +285,7 @@ impl Daemon {
                     "kind=\"services\"",
                 ) == Some(DEPLOYMENTS as f64)
         });
+        d.ready_after = spawned.elapsed();
         d
     }
 
@@ -320,6 +325,9 @@ struct Series {
     source: &'static str,
     rss: Vec<u64>,
     peak: u64,
+    /// VmRSS's anonymous and file-backed (the binary's code) parts at the end, KiB.
+    anon_file: (u64, u64),
+    ready_after: Duration,
     /// Held to the target (the reference series is only reported).
     held: bool,
 }
@@ -355,6 +363,11 @@ fn manifest_path(dir: &Path) -> Series {
         source: "manifest directory",
         rss,
         peak,
+        anon_file: (
+            status_kib(d.pid(), "RssAnon:"),
+            status_kib(d.pid(), "RssFile:"),
+        ),
+        ready_after: d.ready_after,
         held: true,
     }
 }
@@ -393,6 +406,11 @@ fn api_path(server: &FakeApiServer, list: &'static str) -> Series {
         },
         rss,
         peak,
+        anon_file: (
+            status_kib(d.pid(), "RssAnon:"),
+            status_kib(d.pid(), "RssFile:"),
+        ),
+        ready_after: d.ready_after,
         held: list == "paged",
     }
 }
@@ -585,7 +603,14 @@ fn yaml_list(path: &Path, items: Vec<serde_json::Value>) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; there is nothing to filter.
+    // `cargo bench` passes `--bench`; any other argument keeps only the series whose name
+    // contains it (`manifest`, `paged`, `cache`).
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let started = Instant::now();
     let namespaces: Vec<serde_json::Value> = (0..NAMESPACES)
         .map(|i| serde_json::to_value(synthetic_namespace(i)).expect("ns"))
@@ -634,11 +659,15 @@ fn main() {
         started.elapsed()
     );
 
-    let results = [
-        manifest_path(dir.path()),
-        api_path(&server, "paged"),
-        api_path(&server, "cache"),
-    ];
+    let mut results = Vec::new();
+    if wanted("manifest directory") {
+        results.push(manifest_path(dir.path()));
+    }
+    for list in ["paged", "cache"] {
+        if wanted(list) {
+            results.push(api_path(&server, list));
+        }
+    }
     let mib = |kib: u64| kib as f64 / 1024.0;
     let mut pass = true;
     for s in &results {
@@ -647,8 +676,9 @@ fn main() {
         pass &= ok || !s.held;
         let series: Vec<String> = s.rss.iter().map(|k| format!("{:.1}", mib(*k))).collect();
         println!(
-            "inventory memory [{}]: RSS after start {:.1} MiB, after {RELOADS} reloads {:.1} MiB, max {:.1} MiB, peak (VmHWM) {:.1} MiB; target ≤ {} MiB: {}",
+            "inventory memory [{}]: ready after {:.1?}; RSS after start {:.1} MiB, after {RELOADS} reloads {:.1} MiB, max {:.1} MiB, peak (VmHWM) {:.1} MiB; target ≤ {} MiB: {}",
             s.source,
+            s.ready_after,
             mib(s.rss[0]),
             mib(*s.rss.last().unwrap_or(&0)),
             mib(worst),
@@ -661,9 +691,11 @@ fn main() {
             }
         );
         println!(
-            "inventory memory [{}]: RSS per reload (MiB): {}",
+            "inventory memory [{}]: RSS per reload (MiB): {}; at the end {:.1} MiB anonymous, {:.1} MiB file-backed",
             s.source,
-            series.join(" ")
+            series.join(" "),
+            mib(s.anon_file.0),
+            mib(s.anon_file.1)
         );
     }
     if !pass {

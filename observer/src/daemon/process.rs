@@ -69,12 +69,20 @@ pub(super) fn kernel_release() -> String {
 /// reload's freed memory then stays behind in a different arena each time (measured: 55 MiB
 /// after the first load, 93 MiB after three reloads; one arena: 55 MiB throughout). The hot
 /// path is one thread, so allocator contention is not a cost here.
+///
+/// It also pins the mmap threshold at 64 KiB. glibc otherwise raises it to the size of every
+/// large block freed, up to 32 MiB: after the first API-server list page, each page's response
+/// body (megabytes) comes from the heap, the models converted meanwhile are placed around it,
+/// and the freed body can no longer be returned. Pinned, such buffers are mapped and unmapped
+/// on their own (measured with 10,000 pods through the API server: 64 to 62 MiB after start,
+/// 78 to 68 MiB over 10 relists).
 pub(super) fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a glibc tunable; M_ARENA_MAX takes effect for threads that
-    // have no arena yet and never invalidates existing allocations.
+    // SAFETY: mallopt only sets glibc tunables; M_ARENA_MAX takes effect for threads that have
+    // no arena yet, M_MMAP_THRESHOLD for later allocations; neither invalidates existing ones.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
     }
 }
 

@@ -14,7 +14,7 @@
 //! kube's default backoff. The stores and the last snapshot stay in use meanwhile, so drops
 //! are still attributed while the API server is unreachable.
 
-use std::borrow::Cow;
+use std::borrow::{Borrow, Cow};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +38,9 @@ use super::model::{Inventory, Pod, Service};
 use super::reload::ReloadStats;
 use super::validate::{self, InvalidObject, PodLayout};
 use super::workload::OwnerIndex;
+
+mod slim;
+pub use slim::Slim;
 
 /// Value of the `resource` label for Pods.
 pub const RESOURCE_PODS: &str = "pods";
@@ -138,26 +141,76 @@ pub async fn default_client() -> Result<Client, KubeError> {
     Client::try_default().await.map_err(KubeError::Client)
 }
 
-/// An object as a store keeps it: its identity, and what it converted into (or why it was
-/// left out). The API objects themselves are not kept: a k8s-openapi `Pod` is several KB even
-/// trimmed, its model a few hundred bytes, and every node stores every pod of the cluster.
+/// An object as a store keeps it: what it converted into, or why it was left out. The API
+/// objects themselves are not kept: a k8s-openapi `Pod` is several KB even trimmed, its model
+/// a few hundred bytes, and every node stores every pod of the cluster. The identity is the
+/// model's (or the refusal's), not a copy: the store's key already holds one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stored<M> {
-    name: String,
-    namespace: Option<String>,
-    /// The model, or why the object was left out of the inventory.
-    pub model: Result<M, InvalidObject>,
+    /// The model, or why the object was left out of the inventory (boxed: rare, and five
+    /// times the size of the model's `Arc`).
+    pub model: Result<M, Box<InvalidObject>>,
 }
 
-impl<M> Stored<M> {
+/// The name and namespace of a stored model.
+pub trait Named {
+    /// The object's name.
+    fn name(&self) -> &str;
+    /// The object's namespace (`None` for namespaces themselves).
+    fn namespace(&self) -> Option<&str>;
+}
+
+impl Named for Arc<Pod> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.namespace)
+    }
+}
+
+impl Named for super::model::Namespace {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn namespace(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl Named for Arc<NetworkPolicy> {
+    fn name(&self) -> &str {
+        self.metadata.name.as_deref().unwrap_or_default()
+    }
+    fn namespace(&self) -> Option<&str> {
+        self.metadata.namespace.as_deref()
+    }
+}
+
+impl Named for Arc<Service> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.namespace)
+    }
+}
+
+impl<M: Named> Stored<M> {
     /// The object's name.
     pub fn name(&self) -> &str {
-        &self.name
+        match &self.model {
+            Ok(m) => m.name(),
+            Err(e) => e.name.as_deref().unwrap_or_default(),
+        }
     }
 
     /// The object's namespace (`None` for namespaces themselves).
     pub fn namespace(&self) -> Option<&str> {
-        self.namespace.as_deref()
+        match &self.model {
+            Ok(m) => m.namespace(),
+            Err(e) => e.namespace.as_deref(),
+        }
     }
 }
 
@@ -192,11 +245,11 @@ macro_rules! stored_lookup {
             }
 
             fn name(&self) -> Option<Cow<'_, str>> {
-                Some(Cow::Borrowed(&self.name))
+                Some(Cow::Borrowed(Stored::name(self)))
             }
 
             fn namespace(&self) -> Option<Cow<'_, str>> {
-                self.namespace.as_deref().map(Cow::Borrowed)
+                Stored::namespace(self).map(Cow::Borrowed)
             }
 
             // Not kept: the store keys objects by kind, namespace and name only.
@@ -233,21 +286,21 @@ pub trait ToStored: Sized {
 impl ToStored for K8sPod {
     type Stored = StoredPod;
     fn stored(&self) -> StoredPod {
-        stored(&self.metadata, check_pod(self))
+        stored(check_pod(self))
     }
 }
 
 impl ToStored for K8sNamespace {
     type Stored = StoredNamespace;
     fn stored(&self) -> StoredNamespace {
-        stored(&self.metadata, check_namespace(self))
+        stored(check_namespace(self))
     }
 }
 
 impl ToStored for NetworkPolicy {
     type Stored = StoredPolicy;
     fn stored(&self) -> StoredPolicy {
-        stored(&self.metadata, check_policy(self))
+        stored(check_policy(self))
     }
 }
 
@@ -255,7 +308,6 @@ impl ToStored for K8sService {
     type Stored = StoredService;
     fn stored(&self) -> StoredService {
         stored(
-            &self.metadata,
             convert::service(self)
                 .map(Arc::new)
                 .map_err(|e| invalid_from_api("Service", &self.metadata, vec![e.to_string()])),
@@ -263,11 +315,9 @@ impl ToStored for K8sService {
     }
 }
 
-fn stored<M>(meta: &ObjectMeta, model: Result<M, InvalidObject>) -> Stored<M> {
+fn stored<M>(model: Result<M, InvalidObject>) -> Stored<M> {
     Stored {
-        name: meta.name.clone().unwrap_or_default(),
-        namespace: meta.namespace.clone(),
-        model,
+        model: model.map_err(Box::new),
     }
 }
 
@@ -288,11 +338,17 @@ where
 
     /// Applies one watcher event (what `reflect` does with a store of API objects).
     pub fn apply_watcher_event(&mut self, event: &watcher::Event<K>) {
+        self.apply_event(event);
+    }
+
+    /// [`apply_watcher_event`](Self::apply_watcher_event) for events of `K` itself or of its
+    /// [`Slim`] form (what the watchers decode).
+    pub fn apply_event<T: Borrow<K>>(&mut self, event: &watcher::Event<T>) {
         let event = match event {
-            watcher::Event::Apply(o) => watcher::Event::Apply(self.stored(o)),
-            watcher::Event::Delete(o) => watcher::Event::Delete(o.stored()),
+            watcher::Event::Apply(o) => watcher::Event::Apply(self.stored(o.borrow())),
+            watcher::Event::Delete(o) => watcher::Event::Delete(o.borrow().stored()),
             watcher::Event::Init => watcher::Event::Init,
-            watcher::Event::InitApply(o) => watcher::Event::InitApply(self.stored(o)),
+            watcher::Event::InitApply(o) => watcher::Event::InitApply(self.stored(o.borrow())),
             watcher::Event::InitDone => watcher::Event::InitDone,
         };
         self.inner.apply_watcher_event(&event);
@@ -567,7 +623,7 @@ impl SnapshotBuilder {
                 Ok(n) => {
                     namespaces.insert(n.name.clone(), n.clone());
                 }
-                Err(e) => invalid.push(e.clone()),
+                Err(e) => invalid.push((**e).clone()),
             }
         }
 
@@ -575,7 +631,7 @@ impl SnapshotBuilder {
         for obj in stores.pods.state() {
             match &obj.model {
                 Ok(model) => pods.push(Arc::clone(model)),
-                Err(e) => invalid.push(e.clone()),
+                Err(e) => invalid.push((**e).clone()),
             }
         }
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -590,7 +646,7 @@ impl SnapshotBuilder {
         for obj in stores.policies.state() {
             match &obj.model {
                 Ok(model) => policies.push(Arc::clone(model)),
-                Err(e) => invalid.push(e.clone()),
+                Err(e) => invalid.push((**e).clone()),
             }
         }
         policies.sort_by(|a, b| {
@@ -603,7 +659,7 @@ impl SnapshotBuilder {
             match &obj.model {
                 Ok(model) if !model.cluster_ips.is_empty() => services.push(Arc::clone(model)),
                 Ok(_) => {}
-                Err(e) => invalid.push(e.clone()),
+                Err(e) => invalid.push((**e).clone()),
             }
         }
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -694,7 +750,7 @@ impl KubeInventory {
         let mut tasks = Vec::with_capacity(5);
         let lists = config.list.watcher_config();
         tasks.push(tokio::spawn(reflect(
-            Api::<K8sPod>::all(client.clone()),
+            Api::<Slim<K8sPod>>::all(client.clone()),
             lists.clone(),
             writers.pods,
             RESOURCE_PODS,
@@ -703,7 +759,7 @@ impl KubeInventory {
             (WATCH_PODS, Arc::clone(&health)),
         )));
         tasks.push(tokio::spawn(reflect(
-            Api::<K8sNamespace>::all(client.clone()),
+            Api::<Slim<K8sNamespace>>::all(client.clone()),
             lists.clone(),
             writers.namespaces,
             RESOURCE_NAMESPACES,
@@ -712,7 +768,7 @@ impl KubeInventory {
             (WATCH_NAMESPACES, Arc::clone(&health)),
         )));
         tasks.push(tokio::spawn(reflect(
-            Api::<NetworkPolicy>::all(client.clone()),
+            Api::<Slim<NetworkPolicy>>::all(client.clone()),
             lists.clone(),
             writers.policies,
             RESOURCE_NETWORKPOLICIES,
@@ -721,7 +777,7 @@ impl KubeInventory {
             (WATCH_NETWORKPOLICIES, Arc::clone(&health)),
         )));
         tasks.push(tokio::spawn(reflect(
-            Api::<K8sService>::all(client),
+            Api::<Slim<K8sService>>::all(client),
             lists,
             writers.services,
             RESOURCE_SERVICES,
@@ -794,9 +850,9 @@ impl Drop for KubeInventory {
 }
 
 /// Watches one resource into its store, converting each object as it arrives, until the task
-/// is aborted.
+/// is aborted. Objects are decoded [`Slim`]: what conversion does not read is never allocated.
 fn reflect<K>(
-    api: Api<K>,
+    api: Api<Slim<K>>,
     lists: watcher::Config,
     mut writer: StoreWriter<K>,
     resource: &'static str,
@@ -805,19 +861,13 @@ fn reflect<K>(
     health: (u32, Arc<ReloadStats>),
 ) -> impl Future<Output = ()> + Send + 'static
 where
-    K: Resource<DynamicType = ()>
-        + ToStored
-        + Clone
-        + DeserializeOwned
-        + Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Resource<DynamicType = ()> + ToStored + Clone + Debug + Send + Sync + 'static,
+    Slim<K>: DeserializeOwned,
     K::Stored: Send + Sync + PartialEq,
 {
     let stream = watcher(api, lists)
         .default_backoff()
-        .inspect_ok(move |event| writer.apply_watcher_event(event));
+        .inspect_ok(move |event| writer.apply_event(event));
     drive(stream, resource, on_error, changed, health)
 }
 

@@ -14,9 +14,14 @@
 //! Defaults follow `kubectl apply`: an object without a namespace is in `default`. A namespace
 //! that pods or policies refer to but that is not in the manifests is created with only its
 //! `kubernetes.io/metadata.name` label, so namespace selectors still match it by name.
+//!
+//! A YAML file is parsed as it is read, and a List's items are prepared one at a time (see
+//! [`yaml`]): neither the text nor the parse of a whole `kubectl get -A -o yaml` dump is ever
+//! held, only the reduced objects.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -35,6 +40,8 @@ use super::model::Inventory;
 use super::model::{Pod, Service};
 use super::validate::{self, InvalidObject, PodLayout};
 use super::workload::{self, OwnerIndex};
+
+mod yaml;
 
 /// Namespace of objects that do not name one, as with `kubectl apply`.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -161,11 +168,17 @@ pub fn load_dir_with_summary(path: &Path) -> Result<(Inventory, LoadSummary), Lo
     let files = manifest_files(path)?;
     let mut loader = Loader::default();
     for file in &files {
-        let text = std::fs::read_to_string(file).map_err(|source| LoadError::Io {
+        let io = |source| LoadError::Io {
             path: file.clone(),
             source,
-        })?;
-        loader.add_file(file, &text)?;
+        };
+        // Parsed as it is read: the text of a large dump is never held whole.
+        let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(io)?);
+        if is_json(file) {
+            loader.add_json(file, reader)?;
+        } else {
+            loader.add_yaml(file, yaml::from_reader(reader))?;
+        }
     }
     loader.summary.files = files.len();
     let out = loader.finish()?;
@@ -183,7 +196,11 @@ pub fn load_dir_with_summary(path: &Path) -> Result<(Inventory, LoadSummary), Lo
 /// Parses manifests from text, as if read from a file named `path` (used by tests and tools).
 pub fn load_str(path: &Path, text: &str) -> Result<Inventory, LoadError> {
     let mut loader = Loader::default();
-    loader.add_file(path, text)?;
+    if is_json(path) {
+        loader.add_json(path, text.as_bytes())?;
+    } else {
+        loader.add_yaml(path, yaml::from_str(text))?;
+    }
     loader.finish().map(|(inv, _)| inv)
 }
 
@@ -262,6 +279,78 @@ struct Loader {
     /// (kind, namespace, name) → first place seen, to reject duplicates.
     seen: HashMap<(String, String, String), (Arc<Path>, ObjectLocation)>,
     summary: LoadSummary,
+}
+
+/// A JSON file's bytes for serde_json, checked as UTF-8 a line at a time (a file that is not
+/// UTF-8 is an I/O error, as from `read_to_string`), with the position of the next byte.
+struct JsonInput<R> {
+    reader: R,
+    text: String,
+    pos: usize,
+    /// 1-based line of the next byte.
+    line: usize,
+    /// Bytes before the next one on its line.
+    column: usize,
+}
+
+impl<R: BufRead> JsonInput<R> {
+    fn new(reader: R) -> Self {
+        Self {
+            reader,
+            text: String::new(),
+            pos: 0,
+            line: 1,
+            column: 0,
+        }
+    }
+
+    /// The unread part of the current line, reading the next line when it is used up; empty
+    /// at the end of the input.
+    fn rest(&mut self) -> std::io::Result<&[u8]> {
+        if self.pos >= self.text.len() {
+            self.text.clear();
+            self.pos = 0;
+            self.reader.read_line(&mut self.text)?;
+        }
+        Ok(self.text.as_bytes().get(self.pos..).unwrap_or_default())
+    }
+
+    fn consume(&mut self, n: usize) {
+        let used = self.text.as_bytes().get(self.pos..self.pos + n);
+        for &b in used.unwrap_or_default() {
+            if b == b'\n' {
+                self.line += 1;
+                self.column = 0;
+            } else {
+                self.column += 1;
+            }
+        }
+        self.pos += n;
+    }
+
+    /// Skips the whitespace between documents; false at the end of the input.
+    fn skip_whitespace(&mut self) -> std::io::Result<bool> {
+        loop {
+            let rest = self.rest()?;
+            let Some(&b) = rest.first() else {
+                return Ok(false);
+            };
+            if !matches!(b, b' ' | b'\t' | b'\r' | b'\n') {
+                return Ok(true);
+            }
+            self.consume(1);
+        }
+    }
+}
+
+impl<R: BufRead> Read for JsonInput<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let rest = self.rest()?;
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.consume(n);
+        Ok(n)
+    }
 }
 
 fn is_json(path: &Path) -> bool {
@@ -497,6 +586,29 @@ impl<'de> Visitor<'de> for DocumentSeed<'_> {
     }
 }
 
+/// Item `index` of the List that is document `document`.
+fn prepare_item(
+    path: &Path,
+    document: usize,
+    index: usize,
+    item: Value,
+) -> Result<Prepared, LoadError> {
+    let at = ObjectLocation {
+        document,
+        item: Some(index),
+        ..ObjectLocation::default()
+    };
+    if is_list(&item) {
+        Err(object_error(
+            path,
+            locate(&item, at),
+            "a List inside a List".into(),
+        ))
+    } else {
+        prepare(path, at, item)
+    }
+}
+
 struct ItemsSeed<'a> {
     path: &'a Path,
     document: usize,
@@ -520,20 +632,7 @@ impl<'de> Visitor<'de> for ItemsSeed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
         let mut out = Vec::new();
         while let Some(item) = seq.next_element::<Value>()? {
-            let at = ObjectLocation {
-                document: self.document,
-                item: Some(out.len()),
-                ..ObjectLocation::default()
-            };
-            out.push(if is_list(&item) {
-                Err(object_error(
-                    self.path,
-                    locate(&item, at),
-                    "a List inside a List".into(),
-                ))
-            } else {
-                prepare(self.path, at, item)
-            });
+            out.push(prepare_item(self.path, self.document, out.len(), item));
         }
         Ok(Items::Prepared(out))
     }
@@ -577,48 +676,56 @@ impl<'de> Visitor<'de> for ItemsSeed<'_> {
 }
 
 impl Loader {
-    fn add_file(&mut self, path: &Path, text: &str) -> Result<(), LoadError> {
-        let path: Arc<Path> = Arc::from(path);
-        let syntax = |document: usize, message: String| LoadError::Syntax {
+    /// Reads a stream of YAML documents.
+    fn add_yaml<'i, T: granit_parser::BorrowedInput<'i>>(
+        &mut self,
+        path: &Path,
+        parser: granit_parser::Parser<'i, T>,
+    ) -> Result<(), LoadError> {
+        let shared: Arc<Path> = Arc::from(path);
+        yaml::documents(parser, path, |document, doc| {
+            self.add_document(&shared, document, doc)
+        })
+    }
+
+    /// Reads a stream of JSON values as it is read, one document at a time (a List's items
+    /// one at a time, as for YAML).
+    fn add_json<R: BufRead>(&mut self, path: &Path, reader: R) -> Result<(), LoadError> {
+        let shared: Arc<Path> = Arc::from(path);
+        let io = |source| LoadError::Io {
             path: path.to_path_buf(),
-            what: format!("document {document}"),
-            message,
+            source,
         };
-        if is_json(&path) {
-            // Document boundaries first (cheap: nothing is kept), then each document through
-            // the seed, which a stream deserializer cannot drive.
-            let mut bounds = serde_json::Deserializer::from_str(text).into_iter::<IgnoredAny>();
-            let mut document = 0;
-            loop {
-                let start = bounds.byte_offset();
-                match bounds.next() {
-                    None => break,
-                    Some(Err(e)) => return Err(syntax(document + 1, e.to_string())),
-                    Some(Ok(_)) => {}
-                }
-                document += 1;
-                let part = text.get(start..bounds.byte_offset()).unwrap_or_default();
-                let seed = DocumentSeed {
-                    path: &path,
-                    document,
-                };
-                let mut de = serde_json::Deserializer::from_str(part);
-                let doc = seed
-                    .deserialize(&mut de)
-                    .map_err(|e| syntax(document, e.to_string()))?;
-                self.add_document(&path, document, doc)?;
-            }
-        } else {
-            for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-                let seed = DocumentSeed {
-                    path: &path,
-                    document: i + 1,
-                };
-                let doc = seed
-                    .deserialize(de)
-                    .map_err(|e| syntax(i + 1, e.to_string()))?;
-                self.add_document(&path, i + 1, doc)?;
-            }
+        let mut input = JsonInput::new(reader);
+        let mut document = 0;
+        while input.skip_whitespace().map_err(io)? {
+            document += 1;
+            let (line, column) = (input.line, input.column);
+            let seed = DocumentSeed { path, document };
+            let doc = seed
+                .deserialize(&mut serde_json::Deserializer::from_reader(&mut input))
+                .map_err(|e| {
+                    if e.is_io() {
+                        return io(std::io::Error::from(e));
+                    }
+                    // Positions count from the document's start; the file's are wanted.
+                    let message = e.to_string();
+                    let message = match (e.line(), message.rsplit_once(" at line ")) {
+                        (0, _) | (_, None) => message,
+                        (1, Some((bare, _))) => {
+                            format!("{bare} at line {line} column {}", column + e.column())
+                        }
+                        (n, Some((bare, _))) => {
+                            format!("{bare} at line {} column {}", line + n - 1, e.column())
+                        }
+                    };
+                    LoadError::Syntax {
+                        path: path.to_path_buf(),
+                        what: format!("document {document}"),
+                        message,
+                    }
+                })?;
+            self.add_document(&shared, document, doc)?;
         }
         Ok(())
     }
@@ -937,6 +1044,39 @@ metadata: {name: calico, namespace: prod}
         let names: Vec<_> = inv.pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["a", "b", "c"]);
         assert_eq!(inv.namespaces.keys().collect::<Vec<_>>(), ["x", "y"]);
+    }
+
+    #[test]
+    fn json_errors_give_the_file_position_and_bad_utf8_is_an_io_error() {
+        let text = "{\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"name\": \"a\"}}\n\n  {\"kind\":\n   \"Pod\" \"x\"}\n";
+        let e = load_str(Path::new("x.json"), text).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "x.json: document 2: expected `,` or `}` at line 4 column 10"
+        );
+        let e = load_str(Path::new("x.json"), "  {\"kind\" 1}").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "x.json: document 1: expected `:` at line 1 column 11"
+        );
+        // Trailing garbage is a document of its own, refused.
+        let e = load_str(
+            Path::new("x.json"),
+            "{\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"name\": \"a\"}} ]",
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("x.json: document 2: "), "{e}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.json");
+        std::fs::write(
+            &file,
+            b"{\"kind\": \"Pod\", \"metadata\": {\"name\": \"\xff\"}}",
+        )
+        .unwrap();
+        let e = load_dir(dir.path()).unwrap_err();
+        assert!(matches!(e, LoadError::Io { .. }), "{e}");
+        assert!(e.to_string().contains("UTF-8"), "{e}");
     }
 
     #[test]
