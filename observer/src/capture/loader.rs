@@ -254,6 +254,25 @@ fn validate(config: &CaptureConfig) -> Result<(), CaptureError> {
     Ok(())
 }
 
+/// All CPUs' flush logs together stay within this: the logs are mapped into the daemon, and
+/// on a node with many CPUs the configured per-CPU size would otherwise dominate its memory.
+/// A smaller log only sends more drops to the flow map when the reader falls behind.
+const DROP_LOG_TOTAL_BYTES: u64 = 16 << 20;
+
+/// Flush-log records per CPU: `wanted`, capped by [`DROP_LOG_TOTAL_BYTES`] over the CPUs (a
+/// power of two, at least 1,024).
+fn drop_log_records(wanted: u32, nr_cpus: u32) -> u32 {
+    let record = std::mem::size_of::<CacheEntry>() as u64;
+    let per_cpu = DROP_LOG_TOTAL_BYTES / record / u64::from(nr_cpus.max(1));
+    // Round down to a power of two.
+    let cap = u32::try_from(per_cpu)
+        .unwrap_or(u32::MAX)
+        .checked_ilog2()
+        .map_or(1, |b| 1u32 << b)
+        .max(1024);
+    wanted.min(cap)
+}
+
 /// Maps the drop cache's arrays and starts their reader.
 fn map_cache(ebpf: &mut Ebpf, cpus: u32, log_records: u32) -> Result<CacheHandle, CaptureError> {
     fn mapped<T: aya::Pod>(
@@ -447,7 +466,7 @@ impl Capture {
         let cache_enabled = cfg!(target_arch = "x86_64") && config.drop_log_records != 0;
         let cpus = u32::try_from(nr_cpus).unwrap_or(u32::MAX);
         let log_records = if cache_enabled {
-            config.drop_log_records
+            drop_log_records(config.drop_log_records, cpus)
         } else {
             1
         };
@@ -665,6 +684,15 @@ mod tests {
             (12, "NETFILTER_DROP"),
             (73, "TC_INGRESS"),
         ])
+    }
+
+    #[test]
+    fn drop_logs_shrink_with_many_cpus() {
+        assert_eq!(drop_log_records(1 << 14, 2), 1 << 14);
+        assert_eq!(drop_log_records(1 << 14, 64), 4096);
+        assert_eq!(drop_log_records(1 << 14, 96), 2048);
+        assert_eq!(drop_log_records(1 << 14, 1024), 1024);
+        assert_eq!(drop_log_records(4, 64), 4);
     }
 
     #[test]

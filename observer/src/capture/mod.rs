@@ -110,8 +110,9 @@ pub struct CaptureConfig {
     pub attach: AttachMode,
     /// Accepted connections to count (see [`connections`]).
     pub connections: ConnectionsConfig,
-    /// Records of each CPU's drop-cache flush log (a power of two, 64 bytes each); 0 disables
-    /// the drop cache and counts every drop in the flow map. The cache is only used on x86-64
+    /// Records of each CPU's drop-cache flush log (a power of two, 64 bytes each; capped so
+    /// that all CPUs' logs together take at most 16 MiB); 0 disables the drop cache and counts
+    /// every drop in the flow map. The cache is only used on x86-64
     /// (see docs/perf-notes.md, "Design C").
     pub drop_log_records: u32,
 }

@@ -75,7 +75,8 @@ pub struct RunArgs {
     /// Size of the sample ring buffer in bytes (a power of two, a multiple of the page size).
     #[arg(long, default_value_t = 256 * 1024)]
     pub ringbuf_bytes: u32,
-    /// Records of each CPU's drop-cache flush log (a power of two, 64 bytes each). The kernel
+    /// Records of each CPU's drop-cache flush log (a power of two, 64 bytes each; capped so
+    /// that all CPUs' logs together take at most 16 MiB). The kernel
     /// counts drops in a small per-CPU cache of flows and hands evicted entries to userspace
     /// through this log; when it is full, drops go to the flow map. 0 counts every drop in the
     /// flow map (always the case on other architectures than x86-64).
