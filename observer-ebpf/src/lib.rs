@@ -40,6 +40,10 @@ pub mod loss {
     /// cache line could not be evicted: the drop was counted in the flow map instead, with its
     /// full key. Counts stay exact; it says the reader is falling behind.
     pub const DROP_LOG_FULL: u32 = 6;
+    /// A key installed into the drop cache sent no sample because its CPU had spent the sample
+    /// budget userspace grants per poll (counts stay exact; the key is sampled at a later
+    /// install if it has one).
+    pub const SAMPLE_BUDGET: u32 = 7;
     /// Number of slots.
     pub const COUNT: u32 = 8;
 }

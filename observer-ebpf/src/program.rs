@@ -824,6 +824,8 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
                 // retrying on every install would contend for the ring's lock.
                 *known = fp;
                 send_sample(src, key, extra, len, dev, None);
+            } else {
+                count_loss(loss::SAMPLE_BUDGET);
             }
         }
     }

@@ -27,9 +27,9 @@ use observer_ebpf::{CACHE_LINES, CacheEntry, Counter, CpuState, FlowKey};
 use crate::flow::FastMap;
 
 /// Samples each CPU's cache installs may send per poll of the reader thread (see
-/// [`CpuState::sample_limit`]): about 1,500 a second per CPU while drops arrive, more than
+/// [`CpuState::sample_limit`]): about 3,000 a second per CPU while drops arrive, as many as
 /// the default sample ring holds between two drains.
-const SAMPLE_BUDGET: u64 = 32;
+const SAMPLE_BUDGET: u64 = 64;
 
 /// Consistent copies of a line attempted per snapshot before leaving it for the next one.
 const SNAPSHOT_TRIES: u32 = 8;

@@ -414,6 +414,7 @@ impl Capture {
             ipv6_ext_headers_exceeded: loss_delta(loss::IPV6_EXT_HEADERS_EXCEEDED),
             header_not_linear: loss_delta(loss::HEADER_NOT_LINEAR),
             drop_log_full: loss_delta(loss::DROP_LOG_FULL),
+            sample_budget: loss_delta(loss::SAMPLE_BUDGET),
             evicted_packets: ep,
             evicted_bytes: eb,
             recursion_miss: self.recursion.as_mut().and_then(|r| r.delta()),

@@ -238,6 +238,9 @@ pub struct Losses {
     /// Evictions from the drop cache refused because the CPU's flush log was full (the reader
     /// fell behind): those drops were counted in the flow map instead (counts stay exact).
     pub drop_log_full: u64,
+    /// Samples of keys installed into the drop cache not sent because the CPU had spent its
+    /// per-poll sample budget (counts stay exact; only the detail of those keys is missing).
+    pub sample_budget: u64,
     /// Packets counted in the per-reason totals but lost from the flow map (evicted before a
     /// drain saw them, or never inserted).
     pub evicted_packets: u64,
