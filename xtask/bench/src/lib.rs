@@ -530,6 +530,7 @@ impl Bench {
                 let sizes = MapSizes {
                     flow_map_entries: Some(map_entries),
                     ringbuf_bytes: None,
+                    drop_log_records: None,
                 };
                 let mut daemon = Daemon::start(
                     &self.bin,
@@ -780,9 +781,12 @@ impl Bench {
     }
 
     fn overflow(&self) -> anyhow::Result<Overflow> {
+        // The drop cache off: with it, the flood's flows would reach the flow map only when a
+        // flush log is full, and the phase would not measure the map's overflow accounting.
         let sizes = MapSizes {
             flow_map_entries: Some(OVERFLOW_MAP_ENTRIES),
             ringbuf_bytes: Some(TINY_RINGBUF),
+            drop_log_records: Some(0),
         };
         let mut daemon = Daemon::start(
             &self.bin,
