@@ -154,7 +154,7 @@ impl Default for LocationTable {
 /// The key deliberately leaves out the source port so that a SYN flood from random ports stays
 /// one key. For ICMP/ICMPv6, `dst_port` holds `type << 8 | code`.
 #[repr(C)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct FlowKey {
     /// Source address; IPv4 is stored IPv4-mapped.
     pub src_addr: [u8; 16],
@@ -170,6 +170,23 @@ pub struct FlowKey {
     pub protocol: u8,
     /// One of [`family`].
     pub family: u8,
+}
+
+/// One write of the key's 44 bytes: userspace hashes a key per drop-cache flush record, and
+/// the derived impl's nine writes (two with length prefixes) cost more than the table probe.
+/// Equal keys have equal bytes (no padding), so this agrees with `Eq`.
+impl core::hash::Hash for FlowKey {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        let mut b = [0u8; 44];
+        b[..16].copy_from_slice(&self.src_addr);
+        b[16..32].copy_from_slice(&self.dst_addr);
+        b[32..36].copy_from_slice(&self.netns.to_ne_bytes());
+        b[36..40].copy_from_slice(&self.reason.to_ne_bytes());
+        b[40..42].copy_from_slice(&self.dst_port.to_ne_bytes());
+        b[42] = self.protocol;
+        b[43] = self.family;
+        state.write(&b);
+    }
 }
 
 /// Packets and bytes: the per-CPU value of the per-reason totals array.

@@ -141,9 +141,17 @@ pub(super) struct CacheReader {
     /// Deltas not yet handed out, per key.
     deltas: FastMap<FlowKey, Counter>,
     stats: ReaderStats,
-    /// Reused copy of the records being consumed.
+    /// Flush records consumed but not yet added to `deltas`, their counts already reduced to
+    /// what was not emitted before (see [`CacheReader::fold`]).
     batch: Vec<CacheEntry>,
 }
+
+/// Consumed flush records held before they are added to the per-key deltas. A poll brings a
+/// few thousand records whose keys are spread over the whole deltas table, which has gone cold
+/// in the poll's sleep: adding them at once costs a cache miss per record. Holding them until
+/// there are more records than keys (as in a many-flows flood) turns most of those misses into
+/// hits. 16,384 records are 1 MiB.
+const FOLD_RECORDS: usize = 16_384;
 
 impl CacheReader {
     pub(super) fn new(regions: Regions) -> Self {
@@ -213,41 +221,52 @@ impl CacheReader {
             let first = n.min(records as usize - start);
             let base = cpu as usize * records as usize;
             let mut batch = std::mem::take(&mut self.batch);
-            batch.clear();
+            let old = batch.len();
             batch.reserve(n);
             // SAFETY: both runs lie inside this CPU's log (`start + first <= records`,
             // `n - first <= start`); the kernel does not write these slots until `tail` passes
-            // them, so nothing changes under the copy; `batch` has room for `n` entries and
-            // CacheEntry is plain data.
+            // them, so nothing changes under the copy; `batch` has room for `n` more entries
+            // and CacheEntry is plain data.
             unsafe {
                 let log = self.regions.log.add(base);
-                let dst = batch.as_mut_ptr();
+                let dst = batch.as_mut_ptr().add(old);
                 std::ptr::copy_nonoverlapping(log.add(start), dst, first);
                 std::ptr::copy_nonoverlapping(log, dst.add(first), n - first);
-                batch.set_len(n);
+                batch.set_len(old + n);
             }
-            for rec in &batch {
+            // Release: the record loads above complete before the kernel may reuse the slots.
+            store(tail_p, head, Ordering::Release);
+            for rec in &mut batch[old..] {
                 self.flushed(cpu, rec);
             }
             self.batch = batch;
-            // Release: the record loads above complete before the kernel may reuse the slots.
-            store(tail_p, head, Ordering::Release);
             total += n as u64;
         }
         self.stats.records += total;
+        if self.batch.len() >= FOLD_RECORDS {
+            self.fold();
+        }
         total
     }
 
-    /// Accounts a flush record: the final counts of its incarnation.
-    fn flushed(&mut self, cpu: u32, rec: &CacheEntry) {
-        let (packets, bytes) = match self.emitted.remove(&(cpu, rec.tag)) {
-            Some(e) => (
-                rec.packets.saturating_sub(e.packets),
-                rec.bytes.saturating_sub(e.bytes),
-            ),
-            None => (rec.packets, rec.bytes),
-        };
-        self.add(&rec.key, packets, bytes);
+    /// Ends a flush record's incarnation: reduces the record to what was not emitted of it.
+    fn flushed(&mut self, cpu: u32, rec: &mut CacheEntry) {
+        if let Some(e) = self.emitted.remove(&(cpu, rec.tag)) {
+            rec.packets = rec.packets.saturating_sub(e.packets);
+            rec.bytes = rec.bytes.saturating_sub(e.bytes);
+        }
+    }
+
+    /// Adds the held flush records to the per-key deltas.
+    fn fold(&mut self) {
+        let mut batch = std::mem::take(&mut self.batch);
+        for rec in &batch {
+            self.add(&rec.key, rec.packets, rec.bytes);
+        }
+        batch.clear();
+        // A burst may have grown the buffer far past the fold size; keep the memory bounded.
+        batch.shrink_to(2 * FOLD_RECORDS);
+        self.batch = batch;
     }
 
     /// Snapshots every CPU's live lines. Call after [`CacheReader::consume_logs`].
@@ -320,6 +339,7 @@ impl CacheReader {
 
     /// Hands out the deltas accumulated since the previous call.
     pub(super) fn take(&mut self, out: &mut Vec<(FlowKey, Counter)>) {
+        self.fold();
         out.extend(self.deltas.drain());
     }
 
