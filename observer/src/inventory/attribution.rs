@@ -2,7 +2,8 @@
 //!
 //! Non-pod addresses get one of four fixed values, never one per IP, so metric series stay
 //! bounded: `node` (this node, including loopback), `host` (another node, known from host-network
-//! pods), `world` (public) and `private` (every other non-public range).
+//! pods), `world` (public) and `private` (every other non-public range). A drop's address that
+//! is a Service's ClusterIP is that Service (one label per Service, never per IP).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
