@@ -136,10 +136,10 @@ fn tool_pod() -> Value {
            "status": {"phase": "Running", "podIP": "10.0.1.9"}})
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listen_with_the_api_server_inventory_marks_open_fields_and_explains() {
-    // prod has a policy (web and api take ingress only from app=api), dev has none.
-    let script = Script::default()
+/// The first lists of both sync tests: prod has a policy (web and api take ingress only from
+/// app=api), dev has none.
+fn cluster() -> Script {
+    Script::default()
         .on(
             NAMESPACES,
             false,
@@ -174,7 +174,11 @@ async fn listen_with_the_api_server_inventory_marks_open_fields_and_explains() {
                 vec![policy("only-api", "api", "3")],
             ),
         )
-        .on(SERVICES, false, no_services());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_with_the_api_server_inventory_marks_open_fields_and_explains() {
+    let script = cluster().on(SERVICES, false, no_services());
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let (addr, stop, done) = start_map(script, EDGES, dir.path()).await;
     until(addr, "/readyz", "ready", |s, _| s == 200).await;
@@ -296,41 +300,7 @@ async fn listen_keeps_the_last_inventory_and_says_so_when_a_watch_fails() {
                "message": reason, "reason": reason, "code": code})
     };
     // Listed once, then the policies' watch expires and every relist fails.
-    let mut script = Script::default()
-        .on(
-            NAMESPACES,
-            false,
-            list(
-                "Namespace",
-                "v1",
-                "1",
-                vec![ns("prod", "a"), ns("dev", "b")],
-            ),
-        )
-        .on(
-            PODS,
-            false,
-            list(
-                "Pod",
-                "v1",
-                "2",
-                vec![
-                    pod("web", "10.0.0.1", "2"),
-                    pod("api", "10.0.0.2", "2"),
-                    tool_pod(),
-                ],
-            ),
-        )
-        .on(
-            POLICIES,
-            false,
-            list(
-                "NetworkPolicy",
-                "networking.k8s.io/v1",
-                "3",
-                vec![policy("only-api", "api", "3")],
-            ),
-        )
+    let mut script = cluster()
         .on(
             POLICIES,
             true,

@@ -125,3 +125,18 @@ pub fn die_with_parent(command: &mut std::process::Command) {
         });
     }
 }
+
+/// Runs `bin` with `args` and returns its exit code (-1 when killed by a signal), stdout and
+/// stderr, whatever the outcome: for tests that assert on a CLI's exit status and output.
+/// Panics when the program cannot be started.
+pub fn run(bin: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use testkit::chromium::{self, Browser};
+use testkit::cmd::run;
 use testkit::daemon::{Daemon, free_loopback_addr};
 use testkit::manifests::{self, Owner, PodMeta};
 use testkit::promstack::{self, PromStack, StackConfig, http_get};
@@ -42,18 +43,6 @@ const OTHER_PORT: u16 = 7000;
 
 /// Both tests build a node and run a daemon; one at a time keeps each daemon's drops its own.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn run(bin: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// The node: `mp-shop` with `web` and `api` (api isolated for ingress, only web may reach
 /// it on UDP 8080), `mp-dev` with `tool` and no policy (an open field). `web` is also dropped

@@ -13,10 +13,10 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use testkit::cmd::run;
 use testkit::daemon::{Daemon, free_loopback_addr};
 use testkit::manifests::{self, Owner, PodMeta};
 use testkit::promstack::{self, PromStack, StackConfig};
@@ -32,18 +32,6 @@ const CLIENT_TCP_PORT: u16 = 9001;
 const API_TCP_PORT: u16 = 8443;
 const UDP_FLOWS_PER_ROUND: u64 = 2;
 const CONNECTIONS: &str = "deny_observer_connections_total";
-
-fn run(bin: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));

@@ -17,10 +17,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use testkit::cmd::run;
 use testkit::daemon::{Daemon, free_loopback_addr};
 use testkit::manifests::{self, Owner, PodMeta};
 use testkit::promstack::{self, PromStack, StackConfig};
@@ -43,16 +43,20 @@ const NFT_TABLE: &str = "svc_clusterip";
 const CONNECTIONS: &str = "deny_observer_connections_total";
 const SERVICE_CONNECTIONS: &str = "deny_observer_service_connections_total";
 
-fn run(bin: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+/// The daemon on `inventory` as node `NODE`, ready.
+fn start_daemon(bin: &Path, inventory: &Path, work: &Path) -> Daemon {
+    let mut daemon = Daemon::start_with_args(
+        bin,
+        inventory,
+        free_loopback_addr().unwrap_or_else(|e| panic!("no free loopback port: {e}")),
+        work.join("daemon.log"),
+        &["--node-name", NODE],
     )
+    .unwrap_or_else(|e| panic!("{e}"));
+    daemon
+        .wait_ready(Duration::from_secs(60), || false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    daemon
 }
 
 #[test]
@@ -123,17 +127,7 @@ fn connections_through_a_cluster_ip_are_one_pod_to_pod_edge() {
     )
     .unwrap();
 
-    let mut daemon = Daemon::start_with_args(
-        &bin,
-        &inventory,
-        free_loopback_addr().unwrap(),
-        work.path().join("daemon.log"),
-        &["--node-name", NODE],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    daemon
-        .wait_ready(Duration::from_secs(60), || false)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut daemon = start_daemon(&bin, &inventory, work.path());
     let metrics = testkit::metrics::scrape(daemon.addr()).unwrap();
     assert_eq!(
         metrics.sum("deny_observer_inventory_objects", &[("kind", "services")]),
@@ -368,17 +362,7 @@ fn a_drop_at_a_cluster_ip_without_endpoints_is_the_service_not_a_policy_deny() {
     )
     .unwrap();
 
-    let mut daemon = Daemon::start_with_args(
-        &bin,
-        &inventory,
-        free_loopback_addr().unwrap(),
-        work.path().join("daemon.log"),
-        &["--node-name", NODE],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    daemon
-        .wait_ready(Duration::from_secs(60), || false)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut daemon = start_daemon(&bin, &inventory, work.path());
 
     const N: u64 = 25;
     for ip in [EMPTY_IP_V4, EMPTY_IP_V6, NOT_A_SERVICE_V4] {
