@@ -15,15 +15,15 @@
 //!
 //! The reader never writes the cache or the log; the only store is `tail`. It relies on the
 //! CPU's store order (x86-64), which is why the loader enables the cache only there.
-use std::collections::hash_map::Entry;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use observer_ebpf::{CACHE_LINES, CacheEntry, Counter, CpuState, FlowKey};
+use observer_ebpf::{CACHE_LINES, CACHE_TAG_LINE_BITS, CacheEntry, Counter, CpuState, FlowKey};
 
+use super::tally::Tally;
 use crate::flow::FastMap;
 
 /// Samples each CPU's cache installs may send per poll of the reader thread (see
@@ -118,6 +118,7 @@ unsafe impl Send for Regions {}
 /// What the reader has emitted of an incarnation that may still change.
 #[derive(Copy, Clone, Debug)]
 struct Emitted {
+    tag: u32,
     packets: u64,
     bytes: u64,
 }
@@ -131,34 +132,36 @@ pub(super) struct ReaderStats {
     pub busy_lines: u64,
     /// Incarnations tracked now (live lines seen, plus ones whose flush is unread).
     pub tracked: usize,
+    /// Records not counted per flow because the tally held its maximum of keys (cumulative).
+    pub refused: u64,
 }
 
 /// Consumes the flush logs and snapshots live lines into per-key deltas.
 #[derive(Debug)]
 pub(super) struct CacheReader {
     regions: Regions,
-    emitted: FastMap<(u32, u32), Emitted>,
+    /// What was emitted of the incarnation last snapshotted in each `(cpu, line)`, indexed by
+    /// `cpu * CACHE_LINES + line`: a flush record finds it without hashing.
+    emitted: Vec<Option<Emitted>>,
+    /// Older incarnations still pending: snapshotted, then replaced in their line by one the
+    /// next snapshot saw before the reader consumed their flush record. Rare.
+    displaced: FastMap<(u32, u32), (u64, u64)>,
     /// Deltas not yet handed out, per key.
-    deltas: FastMap<FlowKey, Counter>,
+    tally: Tally,
     stats: ReaderStats,
-    /// Flush records consumed but not yet added to `deltas`, their counts already reduced to
-    /// what was not emitted before (see [`CacheReader::fold`]).
+    /// Consumed flush records being reduced and added (reused buffer).
     batch: Vec<CacheEntry>,
 }
 
-/// Consumed flush records held before they are added to the per-key deltas. A poll brings a
-/// few thousand records whose keys are spread over the whole deltas table, which has gone cold
-/// in the poll's sleep: adding them at once costs a cache miss per record. Holding them until
-/// there are more records than keys (as in a many-flows flood) turns most of those misses into
-/// hits. 16,384 records are 1 MiB.
-const FOLD_RECORDS: usize = 16_384;
-
 impl CacheReader {
-    pub(super) fn new(regions: Regions) -> Self {
+    /// A reader of `regions`, handing out at most `max_keys` keys per take (see [`Tally::new`]).
+    pub(super) fn new(regions: Regions, max_keys: usize) -> Self {
+        let lines = regions.nr_cpus as usize * CACHE_LINES as usize;
         let reader = Self {
             regions,
-            emitted: FastMap::default(),
-            deltas: FastMap::default(),
+            emitted: vec![None; lines],
+            displaced: FastMap::default(),
+            tally: Tally::new(max_keys),
             stats: ReaderStats::default(),
             batch: Vec::new(),
         };
@@ -221,52 +224,49 @@ impl CacheReader {
             let first = n.min(records as usize - start);
             let base = cpu as usize * records as usize;
             let mut batch = std::mem::take(&mut self.batch);
-            let old = batch.len();
+            batch.clear();
             batch.reserve(n);
             // SAFETY: both runs lie inside this CPU's log (`start + first <= records`,
             // `n - first <= start`); the kernel does not write these slots until `tail` passes
-            // them, so nothing changes under the copy; `batch` has room for `n` more entries
-            // and CacheEntry is plain data.
+            // them, so nothing changes under the copy; `batch` is empty with room for `n`
+            // entries, and CacheEntry is plain data.
             unsafe {
                 let log = self.regions.log.add(base);
-                let dst = batch.as_mut_ptr().add(old);
+                let dst = batch.as_mut_ptr();
                 std::ptr::copy_nonoverlapping(log.add(start), dst, first);
                 std::ptr::copy_nonoverlapping(log, dst.add(first), n - first);
-                batch.set_len(old + n);
+                batch.set_len(n);
             }
             // Release: the record loads above complete before the kernel may reuse the slots.
             store(tail_p, head, Ordering::Release);
-            for rec in &mut batch[old..] {
+            for rec in &mut batch {
                 self.flushed(cpu, rec);
             }
+            self.tally.add_records(&batch);
+            // A burst may have grown the buffer to a whole log; keep the memory bounded.
+            batch.clear();
+            batch.shrink_to(4096);
             self.batch = batch;
             total += n as u64;
         }
         self.stats.records += total;
-        if self.batch.len() >= FOLD_RECORDS {
-            self.fold();
-        }
         total
     }
 
     /// Ends a flush record's incarnation: reduces the record to what was not emitted of it.
     fn flushed(&mut self, cpu: u32, rec: &mut CacheEntry) {
-        if let Some(e) = self.emitted.remove(&(cpu, rec.tag)) {
-            rec.packets = rec.packets.saturating_sub(e.packets);
-            rec.bytes = rec.bytes.saturating_sub(e.bytes);
+        let slot = line_index(cpu, rec.tag).and_then(|i| self.emitted.get_mut(i));
+        let done = match slot {
+            Some(e) if e.is_some_and(|e| e.tag == rec.tag) => {
+                e.take().map(|e| (e.packets, e.bytes))
+            }
+            _ if self.displaced.is_empty() => None,
+            _ => self.displaced.remove(&(cpu, rec.tag)),
+        };
+        if let Some((packets, bytes)) = done {
+            rec.packets = rec.packets.saturating_sub(packets);
+            rec.bytes = rec.bytes.saturating_sub(bytes);
         }
-    }
-
-    /// Adds the held flush records to the per-key deltas.
-    fn fold(&mut self) {
-        let mut batch = std::mem::take(&mut self.batch);
-        for rec in &batch {
-            self.add(&rec.key, rec.packets, rec.bytes);
-        }
-        batch.clear();
-        // A burst may have grown the buffer far past the fold size; keep the memory bounded.
-        batch.shrink_to(2 * FOLD_RECORDS);
-        self.batch = batch;
     }
 
     /// Snapshots every CPU's live lines. Call after [`CacheReader::consume_logs`].
@@ -304,9 +304,14 @@ impl CacheReader {
 
     /// Accounts a snapshot of a live line.
     fn live(&mut self, cpu: u32, e: &CacheEntry) {
-        let (packets, bytes) = match self.emitted.entry((cpu, e.tag)) {
-            Entry::Occupied(mut o) => {
-                let prev = o.get_mut();
+        let Some(slot) = line_index(cpu, e.tag).and_then(|i| self.emitted.get_mut(i)) else {
+            // Not a line of this CPU: the kernel never writes such a tag. Count it whole
+            // rather than lose it.
+            self.tally.add(&e.key, e.packets, e.bytes);
+            return;
+        };
+        let (packets, bytes) = match slot {
+            Some(prev) if prev.tag == e.tag => {
                 // Both only grow within an incarnation; a snapshot that caught a hit half done
                 // (packets stored, bytes not yet) is behind on bytes only, never ahead.
                 let d = (
@@ -317,36 +322,33 @@ impl CacheReader {
                 prev.bytes = prev.bytes.max(e.bytes);
                 d
             }
-            Entry::Vacant(v) => {
-                v.insert(Emitted {
+            _ => {
+                let fresh = Emitted {
+                    tag: e.tag,
                     packets: e.packets,
                     bytes: e.bytes,
-                });
+                };
+                if let Some(old) = slot.replace(fresh) {
+                    // Its flush record is still unread in the log.
+                    self.displaced
+                        .insert((cpu, old.tag), (old.packets, old.bytes));
+                }
                 (e.packets, e.bytes)
             }
         };
-        self.add(&e.key, packets, bytes);
-    }
-
-    fn add(&mut self, key: &FlowKey, packets: u64, bytes: u64) {
-        if packets == 0 && bytes == 0 {
-            return;
-        }
-        let c = self.deltas.entry(*key).or_default();
-        c.packets += packets;
-        c.bytes += bytes;
+        self.tally.add(&e.key, packets, bytes);
     }
 
     /// Hands out the deltas accumulated since the previous call.
     pub(super) fn take(&mut self, out: &mut Vec<(FlowKey, Counter)>) {
-        self.fold();
-        out.extend(self.deltas.drain());
+        self.tally.take(out);
     }
 
     /// Statistics (cumulative counts, current size).
     pub(super) fn stats(&self) -> ReaderStats {
         ReaderStats {
-            tracked: self.emitted.len(),
+            tracked: self.emitted.iter().flatten().count() + self.displaced.len(),
+            refused: self.tally.refused(),
             ..self.stats
         }
     }
@@ -426,6 +428,12 @@ fn lock(m: &Mutex<CacheReader>) -> MutexGuard<'_, CacheReader> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Index of the line named by `tag` among all CPUs' lines; `None` if `tag` names no line.
+fn line_index(cpu: u32, tag: u32) -> Option<usize> {
+    let line = tag & ((1 << CACHE_TAG_LINE_BITS) - 1);
+    (line < CACHE_LINES).then(|| cpu as usize * CACHE_LINES as usize + line as usize)
+}
+
 /// Atomic load of a `u64` of a [`CpuState`] in the regions.
 fn load(p: *mut u64, order: Ordering) -> u64 {
     // SAFETY: callers pass a field of a CpuState inside the regions, 8-byte aligned and alive
@@ -443,7 +451,6 @@ fn store(p: *mut u64, v: u64, order: Ordering) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use observer_ebpf::CACHE_TAG_LINE_BITS;
 
     /// The buffers behind a test reader's regions.
     #[derive(Debug)]
@@ -521,7 +528,7 @@ mod tests {
                 _cpus: cpus,
             }),
         };
-        (CacheReader::new(regions), k)
+        (CacheReader::new(regions, 1 << 20), k)
     }
 
     fn key(port: u16) -> FlowKey {
@@ -567,6 +574,30 @@ mod tests {
         assert_eq!(second[&key(81)].packets, 1);
         // Nothing new: nothing emitted, and only the live incarnation is tracked.
         assert!(collect(&mut r).is_empty());
+        assert_eq!(r.stats().tracked, 1);
+    }
+
+    #[test]
+    fn a_line_replaced_between_the_log_and_the_snapshot_is_still_exact() {
+        let (mut r, mut k) = setup(1, 8);
+        assert!(k.drop(0, 2, key(80), 100));
+        assert!(k.drop(0, 2, key(80), 100));
+        assert_eq!(collect(&mut r)[&key(80)].packets, 2);
+        assert!(k.drop(0, 2, key(80), 100));
+        // The reader has consumed the log when the kernel replaces the line: the snapshot
+        // sees the new incarnation while the old one's flush record is still unread.
+        r.consume_logs();
+        assert!(k.drop(0, 2, key(81), 10));
+        r.snapshot();
+        let mut v = Vec::new();
+        r.take(&mut v);
+        assert_eq!(v.len(), 1);
+        assert_eq!((v[0].0, v[0].1.packets), (key(81), 1));
+        assert_eq!(r.stats().tracked, 2);
+        let m = collect(&mut r);
+        assert_eq!(m[&key(80)].packets, 1);
+        assert_eq!(m[&key(80)].bytes, 100);
+        assert!(!m.contains_key(&key(81)));
         assert_eq!(r.stats().tracked, 1);
     }
 

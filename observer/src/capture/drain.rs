@@ -387,6 +387,7 @@ impl Capture {
         tracing::trace!(
             records = stats.records,
             busy_lines = stats.busy_lines,
+            refused = stats.refused,
             tracked = stats.tracked,
             "drained drop cache"
         );

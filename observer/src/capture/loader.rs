@@ -274,7 +274,12 @@ fn drop_log_records(wanted: u32, nr_cpus: u32) -> u32 {
 }
 
 /// Maps the drop cache's arrays and starts their reader.
-fn map_cache(ebpf: &mut Ebpf, cpus: u32, log_records: u32) -> Result<CacheHandle, CaptureError> {
+fn map_cache(
+    ebpf: &mut Ebpf,
+    cpus: u32,
+    log_records: u32,
+    max_keys: u32,
+) -> Result<CacheHandle, CaptureError> {
     fn mapped<T: aya::Pod>(
         ebpf: &mut Ebpf,
         name: &'static str,
@@ -307,7 +312,7 @@ fn map_cache(ebpf: &mut Ebpf, cpus: u32, log_records: u32) -> Result<CacheHandle
         log_records,
         _owner: Box::new((cache, log, cpu_states)),
     };
-    CacheHandle::start(CacheReader::new(regions))
+    CacheHandle::start(CacheReader::new(regions, max_keys as usize))
         .map_err(|e| CaptureError::Config(format!("starting the drop-log reader thread: {e}")))
 }
 
@@ -558,7 +563,12 @@ impl Capture {
             None
         };
         let cache = if cache_enabled {
-            Some(map_cache(&mut ebpf, cpus, log_records)?)
+            Some(map_cache(
+                &mut ebpf,
+                cpus,
+                log_records,
+                config.flow_map_entries,
+            )?)
         } else {
             None
         };

@@ -32,6 +32,7 @@ mod loader;
 pub mod location;
 pub mod recursion;
 pub mod startup;
+mod tally;
 pub(crate) mod tracefs;
 
 pub use connections::{ConnectionCapture, ConnectionReport, ConnectionsConfig};
