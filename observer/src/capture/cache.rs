@@ -15,21 +15,26 @@
 //!
 //! The reader never writes the cache or the log; the only store is `tail`. It relies on the
 //! CPU's store order (x86-64), which is why the loader enables the cache only there.
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::Instant;
+
+use aya::maps::{MapData, RingBuf};
 
 use observer_ebpf::{CACHE_LINES, CACHE_TAG_LINE_BITS, CacheEntry, Counter, CpuState, FlowKey};
 
 use super::tally::Tally;
 use crate::flow::FastMap;
 
-/// Samples each CPU's cache installs may send per poll of the reader thread (see
-/// [`CpuState::sample_limit`]): about 3,000 a second per CPU while drops arrive, as many as
-/// the default sample ring holds between two drains.
-const SAMPLE_BUDGET: u64 = 64;
+/// Samples each CPU's cache installs may send per second (see [`CpuState::sample_limit`]):
+/// about as many as the default sample ring holds between two drains. The reader grants them
+/// in proportion to the time since its last grant, at most a second's worth at once.
+const SAMPLES_PER_SEC: u64 = 3_200;
+
+/// Flush records copied and added at a time: 64 KiB.
+const BATCH_RECORDS: usize = 1024;
 
 /// Consistent copies of a line attempted per snapshot before leaving it for the next one.
 const SNAPSHOT_TRIES: u32 = 8;
@@ -151,6 +156,8 @@ pub(super) struct CacheReader {
     stats: ReaderStats,
     /// Consumed flush records being reduced and added (reused buffer).
     batch: Vec<CacheEntry>,
+    /// When samples were last granted.
+    granted_at: Instant,
 }
 
 impl CacheReader {
@@ -164,19 +171,20 @@ impl CacheReader {
             tally: Tally::new(max_keys),
             stats: ReaderStats::default(),
             batch: Vec::new(),
+            granted_at: Instant::now(),
         };
         for cpu in 0..reader.regions.nr_cpus {
-            reader.refill_samples(cpu);
+            reader.grant_samples(cpu, SAMPLES_PER_SEC);
         }
         reader
     }
 
-    /// Lets `cpu` send up to [`SAMPLE_BUDGET`] more samples.
-    fn refill_samples(&self, cpu: u32) {
+    /// Lets `cpu` send up to `grant` more samples than it has sent (unused grants lapse).
+    fn grant_samples(&self, cpu: u32, grant: u64) {
         let st = self.cpu_state(cpu);
         // SAFETY: field pointers of a live CpuState.
         let (sent_p, limit_p) = unsafe { (&raw mut (*st).samples, &raw mut (*st).sample_limit) };
-        let want = load(sent_p, Ordering::Relaxed).saturating_add(SAMPLE_BUDGET);
+        let want = load(sent_p, Ordering::Relaxed).saturating_add(grant);
         // Only store on a change: an idle CPU's line stays clean.
         if load(limit_p, Ordering::Relaxed) != want {
             store(limit_p, want, Ordering::Relaxed);
@@ -190,9 +198,23 @@ impl CacheReader {
 
     /// Consumes every CPU's flush log; returns the records read.
     pub(super) fn consume_logs(&mut self) -> u64 {
+        self.consume_logs_at(Instant::now())
+    }
+
+    /// [`CacheReader::consume_logs`] at `now`, which sets the samples granted.
+    fn consume_logs_at(&mut self, now: Instant) -> u64 {
+        let since = now.saturating_duration_since(self.granted_at);
+        let grant = (since.as_secs_f64() * SAMPLES_PER_SEC as f64).min(SAMPLES_PER_SEC as f64);
+        // Whole samples only; the remainder waits for the next call.
+        let grant = grant as u64;
+        if grant > 0 {
+            self.granted_at = now;
+        }
         let mut total = 0;
         for cpu in 0..self.regions.nr_cpus {
-            self.refill_samples(cpu);
+            if grant > 0 {
+                self.grant_samples(cpu, grant);
+            }
             let st = self.cpu_state(cpu);
             // SAFETY: field pointers of a live CpuState.
             let (head_p, tail_p) = unsafe { (&raw mut (*st).head, &raw mut (*st).tail) };
@@ -219,33 +241,36 @@ impl CacheReader {
             // Copy first, aggregate second: the records were just written by another CPU, so
             // each line is a cross-core miss, and a plain bulk copy keeps many of them in
             // flight where per-record work between the loads would wait for each in turn.
-            let start = (tail % records) as usize;
-            let n = n as usize;
-            let first = n.min(records as usize - start);
+            // In chunks of a fixed buffer: one sized to the whole run would be mapped afresh
+            // (and its pages faulted in) at each call.
             let base = cpu as usize * records as usize;
             let mut batch = std::mem::take(&mut self.batch);
-            batch.clear();
-            batch.reserve(n);
-            // SAFETY: both runs lie inside this CPU's log (`start + first <= records`,
-            // `n - first <= start`); the kernel does not write these slots until `tail` passes
-            // them, so nothing changes under the copy; `batch` is empty with room for `n`
-            // entries, and CacheEntry is plain data.
-            unsafe {
-                let log = self.regions.log.add(base);
-                let dst = batch.as_mut_ptr();
-                std::ptr::copy_nonoverlapping(log.add(start), dst, first);
-                std::ptr::copy_nonoverlapping(log, dst.add(first), n - first);
-                batch.set_len(n);
+            let mut pos = tail;
+            while pos != head {
+                let start = (pos % records) as usize;
+                let len = (head.wrapping_sub(pos) as usize)
+                    .min(records as usize - start)
+                    .min(BATCH_RECORDS);
+                batch.clear();
+                batch.reserve_exact(len);
+                // SAFETY: `start + len <= records`: the run lies inside this CPU's log; the
+                // kernel does not write these slots until `tail` passes them, so nothing
+                // changes under the copy; `batch` is empty with room for `len` entries, and
+                // CacheEntry is plain data.
+                unsafe {
+                    let log = self.regions.log.add(base + start);
+                    std::ptr::copy_nonoverlapping(log, batch.as_mut_ptr(), len);
+                    batch.set_len(len);
+                }
+                pos = pos.wrapping_add(len as u64);
+                // Release: the record loads above complete before the kernel may reuse the
+                // slots.
+                store(tail_p, pos, Ordering::Release);
+                for rec in &mut batch {
+                    self.flushed(cpu, rec);
+                }
+                self.tally.add_records(&batch);
             }
-            // Release: the record loads above complete before the kernel may reuse the slots.
-            store(tail_p, head, Ordering::Release);
-            for rec in &mut batch {
-                self.flushed(cpu, rec);
-            }
-            self.tally.add_records(&batch);
-            // A burst may have grown the buffer to a whole log; keep the memory bounded.
-            batch.clear();
-            batch.shrink_to(4096);
             self.batch = batch;
             total += n as u64;
         }
@@ -354,47 +379,54 @@ impl CacheReader {
     }
 }
 
-/// Log polling interval while records are arriving. A CPU's log of 2^14 records then holds
-/// 800,000 evictions a second before the kernel has to fall back to `FLOWS`. Not shorter: a
-/// record read soon after the kernel wrote it is a cross-core cache miss.
-const POLL_BUSY: Duration = Duration::from_millis(20);
-/// Log polling interval while the logs are empty. Each wake-up costs 50 to 80 µs of CPU in a
-/// VM (timer and idle exits), so an idle reader wakes 20 times a second; a flood starting
-/// between two polls fills a 2^14-record log within that at 330,000 evictions a second per
-/// CPU, and the excess is counted in `FLOWS` (`drop_log_full`), not lost.
-const POLL_IDLE: Duration = Duration::from_millis(50);
+/// The reader thread's longest sleep without a wake-up from the kernel. The drains consume the
+/// logs too; this only bounds how long a lost wake-up (the wake ring full) can leave a log
+/// filling.
+const SLEEP_MAX_MS: i32 = 1000;
 
-/// The reader shared between the log-polling thread and [`super::Capture::drain`].
+/// The reader shared between the log-reading thread and [`super::Capture::drain`].
 #[derive(Debug)]
 pub(super) struct CacheHandle {
     reader: Arc<Mutex<CacheReader>>,
     stop: Arc<AtomicBool>,
+    /// Written to stop the thread without waiting for its sleep to end.
+    stop_fd: Arc<OwnedFd>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CacheHandle {
     /// Starts the thread that keeps the flush logs consumed between drains: at a million
-    /// evictions a second a log fills in milliseconds, not in the drain's second.
-    pub(super) fn start(reader: CacheReader) -> std::io::Result<Self> {
+    /// evictions a second a log fills in milliseconds, not in the drain's second. The thread
+    /// sleeps until the kernel says on `wake` that a log is a quarter full.
+    pub(super) fn start(reader: CacheReader, mut wake: RingBuf<MapData>) -> std::io::Result<Self> {
+        // SAFETY: eventfd has no memory preconditions; the result is checked below.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nothing else.
+        let stop_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
         let reader = Arc::new(Mutex::new(reader));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let reader = Arc::clone(&reader);
             let stop = Arc::clone(&stop);
+            let stop_fd = Arc::clone(&stop_fd);
             std::thread::Builder::new()
                 .name("drop-log".to_owned())
                 .spawn(move || {
-                    let mut wait = POLL_IDLE;
                     while !stop.load(Ordering::Relaxed) {
-                        std::thread::park_timeout(wait);
-                        let n = lock(&reader).consume_logs();
-                        wait = if n > 0 { POLL_BUSY } else { POLL_IDLE };
+                        sleep_until_woken(wake.as_raw_fd(), stop_fd.as_raw_fd());
+                        // The items only say "a log needs reading": every log is read.
+                        while wake.next().is_some() {}
+                        lock(&reader).consume_logs();
                     }
                 })?
         };
         Ok(Self {
             reader,
             stop,
+            stop_fd,
             thread: Some(thread),
         })
     }
@@ -413,13 +445,34 @@ impl CacheHandle {
 impl Drop for CacheHandle {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our own eventfd. A failure leaves the
+        // thread to notice `stop` after its longest sleep.
+        unsafe { libc::write(self.stop_fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
         if let Some(t) = self.thread.take() {
-            t.thread().unpark();
             if t.join().is_err() {
                 tracing::warn!("drop-log reader thread panicked");
             }
         }
     }
+}
+
+/// Sleeps until `wake` or `stop` is readable, or [`SLEEP_MAX_MS`] has passed.
+fn sleep_until_woken(wake: RawFd, stop: RawFd) {
+    let mut fds = [
+        libc::pollfd {
+            fd: wake,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a live array of two pollfd; an error (EINTR) just ends the sleep early.
+    unsafe { libc::poll(fds.as_mut_ptr(), 2, SLEEP_MAX_MS) };
 }
 
 /// The reader, even if a holder panicked: its state is consistent between method calls, which
@@ -632,16 +685,24 @@ mod tests {
     }
 
     #[test]
-    fn each_poll_allows_a_bounded_number_of_samples() {
+    fn samples_are_granted_by_the_time_since_the_last_grant() {
         let (mut r, mut k) = setup(2, 4);
-        assert_eq!(k.cpu(1).sample_limit, SAMPLE_BUDGET);
-        // The CPU spent its budget; the next poll grants the same again, not more.
-        k.cpu(1).samples = SAMPLE_BUDGET;
-        r.consume_logs();
-        assert_eq!(k.cpu(1).sample_limit, 2 * SAMPLE_BUDGET);
-        r.consume_logs();
-        assert_eq!(k.cpu(1).sample_limit, 2 * SAMPLE_BUDGET);
-        assert_eq!(k.cpu(0).sample_limit, SAMPLE_BUDGET);
+        let t0 = r.granted_at;
+        assert_eq!(k.cpu(1).sample_limit, SAMPLES_PER_SEC);
+        // CPU 1 spent its grant; 10 ms later it may send 32 more, CPU 0 has 32 in all (its
+        // unused grant lapsed).
+        k.cpu(1).samples = SAMPLES_PER_SEC;
+        r.consume_logs_at(t0 + std::time::Duration::from_millis(10));
+        assert_eq!(k.cpu(1).sample_limit, SAMPLES_PER_SEC + 32);
+        assert_eq!(k.cpu(0).sample_limit, 32);
+        // Too soon for a whole sample: nothing changes, and the time is not lost.
+        r.consume_logs_at(t0 + std::time::Duration::from_micros(10_100));
+        assert_eq!(k.cpu(1).sample_limit, SAMPLES_PER_SEC + 32);
+        r.consume_logs_at(t0 + std::time::Duration::from_micros(10_400));
+        assert_eq!(k.cpu(1).sample_limit, SAMPLES_PER_SEC + 1);
+        // After a long sleep, at most a second's worth.
+        r.consume_logs_at(t0 + std::time::Duration::from_secs(60));
+        assert_eq!(k.cpu(1).sample_limit, 2 * SAMPLES_PER_SEC);
     }
 
     #[test]

@@ -312,7 +312,15 @@ fn map_cache(
         log_records,
         _owner: Box::new((cache, log, cpu_states)),
     };
-    CacheHandle::start(CacheReader::new(regions, max_keys as usize))
+    let wake = RingBuf::try_from(
+        ebpf.take_map("DROP_LOG_WAKE")
+            .ok_or(CaptureError::Missing("map DROP_LOG_WAKE"))?,
+    )
+    .map_err(|source| CaptureError::Map {
+        map: "DROP_LOG_WAKE",
+        source,
+    })?;
+    CacheHandle::start(CacheReader::new(regions, max_keys as usize), wake)
         .map_err(|e| CaptureError::Config(format!("starting the drop-log reader thread: {e}")))
 }
 
