@@ -34,7 +34,8 @@ const MIN_SLOTS: usize = 1024;
 
 /// Sums per flow key, handed out and reset by [`Tally::take`].
 pub(super) struct Tally {
-    hasher: foldhash::fast::RandomState,
+    /// Per-table random seeds of [`Tally::hash`].
+    seeds: [u64; 6],
     slots: Vec<Slot>,
     /// Occupied slots, in the order their keys arrived.
     used: Vec<u32>,
@@ -66,7 +67,10 @@ impl Tally {
     /// eviction check like the flow map's own evictions.
     pub(super) fn new(max_keys: usize) -> Self {
         Self {
-            hasher: foldhash::fast::RandomState::default(),
+            seeds: {
+                let random = foldhash::fast::RandomState::default();
+                std::array::from_fn(|i| random.hash_one(i))
+            },
             slots: vec![Slot::default(); MIN_SLOTS],
             used: Vec::new(),
             max_keys: max_keys.max(1),
@@ -80,6 +84,28 @@ impl Tally {
         self.refused
     }
 
+    /// A seeded hash of the key's 44 bytes in three folded multiplies: a general hasher took
+    /// a sixth of the reader's time here, at one record per drop. Seeded per table, so keys
+    /// chosen to collide (sources are spoofable) cannot be chosen in advance.
+    fn hash(&self, key: &FlowKey) -> u64 {
+        fn fold(a: u64, b: u64) -> u64 {
+            let p = u128::from(a) * u128::from(b);
+            p as u64 ^ (p >> 64) as u64
+        }
+        let word = |b: &[u8; 16], half: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[half * 8..half * 8 + 8]);
+            u64::from_ne_bytes(w)
+        };
+        let s = &self.seeds;
+        let tail = u64::from(key.netns) | u64::from(key.reason) << 32;
+        let last =
+            u64::from(key.dst_port) | u64::from(key.protocol) << 16 | u64::from(key.family) << 24;
+        let a = fold(word(&key.src_addr, 0) ^ s[0], word(&key.src_addr, 1) ^ s[1]);
+        let b = fold(word(&key.dst_addr, 0) ^ s[2], word(&key.dst_addr, 1) ^ s[3]);
+        fold(a ^ tail ^ s[4], b ^ last ^ s[5])
+    }
+
     fn mask(&self) -> usize {
         self.slots.len() - 1
     }
@@ -88,7 +114,7 @@ impl Tally {
     pub(super) fn add_records(&mut self, records: &[CacheEntry]) {
         let mut hashes = std::mem::take(&mut self.hashes);
         hashes.clear();
-        hashes.extend(records.iter().map(|r| self.hasher.hash_one(r.key)));
+        hashes.extend(records.iter().map(|r| self.hash(&r.key)));
         for (i, (rec, &hash)) in records.iter().zip(&hashes).enumerate() {
             if let Some(&ahead) = hashes.get(i + AHEAD) {
                 self.prefetch(ahead);
@@ -100,7 +126,7 @@ impl Tally {
 
     /// Adds one key's counts.
     pub(super) fn add(&mut self, key: &FlowKey, packets: u64, bytes: u64) {
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hash(key);
         self.add_hashed(hash, key, packets, bytes);
     }
 
@@ -157,7 +183,7 @@ impl Tally {
         self.used = Vec::with_capacity(old_used.len() * 2);
         for pos in old_used {
             let s = old_slots[pos as usize];
-            let hash = self.hasher.hash_one(s.key);
+            let hash = self.hash(&s.key);
             self.add_hashed(hash, &s.key, s.packets, s.bytes);
         }
     }
