@@ -561,6 +561,15 @@ impl Bench {
                     session.latencies.push(self.burst_latency(&mut daemon)?);
                 }
                 session.ns_per_drop = self.stats_window(scenarios, &daemon.proc.progs)?;
+                if let Ok((m, _)) = daemon.scrape() {
+                    let full = m.sum(
+                        "deny_observer_events_lost_total",
+                        &[("stage", "drop_log_full")],
+                    ) as u64;
+                    eprintln!(
+                        "bench:   drop-log full (whole session, counted in the flow map): {full}"
+                    );
+                }
                 session.peak_rss = sys::peak_rss(daemon.proc.pid()).ok();
             }
             Config::Bpftrace => {
