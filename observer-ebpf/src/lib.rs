@@ -36,6 +36,14 @@ pub mod loss {
     /// A header the packet holds lies beyond the skb's linear data (in page fragments), which
     /// the program does not read: counted like [`TRUNCATED_HEADER`].
     pub const HEADER_NOT_LINEAR: u32 = 5;
+    /// The CPU's flush log of the drop cache was full (userspace had not consumed it), so a
+    /// cache line could not be evicted: the drop was counted in the flow map instead, with its
+    /// full key. Counts stay exact; it says the reader is falling behind.
+    pub const DROP_LOG_FULL: u32 = 6;
+    /// A key installed into the drop cache sent no sample because its CPU had spent the sample
+    /// budget userspace grants per poll (counts stay exact; the key is sampled at a later
+    /// install if it has one).
+    pub const SAMPLE_BUDGET: u32 = 7;
     /// Number of slots.
     pub const COUNT: u32 = 8;
 }
@@ -146,7 +154,7 @@ impl Default for LocationTable {
 /// The key deliberately leaves out the source port so that a SYN flood from random ports stays
 /// one key. For ICMP/ICMPv6, `dst_port` holds `type << 8 | code`.
 #[repr(C)]
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct FlowKey {
     /// Source address; IPv4 is stored IPv4-mapped.
     pub src_addr: [u8; 16],
@@ -162,6 +170,23 @@ pub struct FlowKey {
     pub protocol: u8,
     /// One of [`family`].
     pub family: u8,
+}
+
+/// One write of the key's 44 bytes: userspace hashes a key per drop-cache flush record, and
+/// the derived impl's nine writes (two with length prefixes) cost more than the table probe.
+/// Equal keys have equal bytes (no padding), so this agrees with `Eq`.
+impl core::hash::Hash for FlowKey {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        let mut b = [0u8; 44];
+        b[..16].copy_from_slice(&self.src_addr);
+        b[16..32].copy_from_slice(&self.dst_addr);
+        b[32..36].copy_from_slice(&self.netns.to_ne_bytes());
+        b[36..40].copy_from_slice(&self.reason.to_ne_bytes());
+        b[40..42].copy_from_slice(&self.dst_port.to_ne_bytes());
+        b[42] = self.protocol;
+        b[43] = self.family;
+        state.write(&b);
+    }
 }
 
 /// Packets and bytes: the per-CPU value of the per-reason totals array.
@@ -210,6 +235,77 @@ pub struct SampleEvent {
     pub tcp_flags: u8,
     /// Padding, always zero.
     pub _pad: u8,
+}
+
+/// Lines of the per-CPU drop cache (see [`CacheEntry`]): a power of two, at most
+/// `1 << CACHE_TAG_LINE_BITS`. Small on purpose: with thousands of flows per CPU no table keeps
+/// its lines in the CPU cache between two drops of one flow, and a small one stays in L1.
+pub const CACHE_LINES: u32 = 64;
+
+/// Low bits of [`CacheEntry::tag`] that hold the line index; the bits above count installs
+/// into that line.
+pub const CACHE_TAG_LINE_BITS: u32 = 8;
+
+/// Fingerprints in the per-CPU sample filter: a key installed into the drop cache sends a
+/// [`SampleEvent`] only when its fingerprint is not already in its filter slot.
+pub const SAMPLE_FILTER_SLOTS: u32 = 4096;
+
+/// One line of the per-CPU drop cache, and one record of the per-CPU flush log (a record is a
+/// verbatim copy of the evicted line).
+///
+/// Counts are cumulative over one *incarnation* of the line, named by `(cpu, tag)`: userspace
+/// emits the difference between what it read last of an incarnation and what it reads now
+/// (a snapshot of the live line, or its flush record, which holds the final counts).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct CacheEntry {
+    /// The flow.
+    pub key: FlowKey,
+    /// `line | installs_into_line << CACHE_TAG_LINE_BITS` (wrapping): tells two incarnations of
+    /// a line apart without a clock read.
+    pub tag: u32,
+    /// Dropped packets of this incarnation; 0 marks an empty line.
+    pub packets: u64,
+    /// Dropped bytes of this incarnation.
+    pub bytes: u64,
+}
+
+/// Per-CPU state of the drop cache and its flush log, in an mmapable array read by userspace.
+///
+/// The first 64 bytes are written by the kernel only, the last 64 by userspace only, so the
+/// reader's store never bounces the line the program writes on every install.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct CpuState {
+    /// Odd while the program installs a key (flush record, `head`, line); even otherwise.
+    pub seq: u64,
+    /// Flush records ever written by this CPU; record `n` is at `n % log_records`.
+    pub head: u64,
+    /// Samples this CPU's cache installs have sent (or tried to: a full ring counts too).
+    pub samples: u64,
+    /// Padding to the end of the kernel's cache line.
+    pub _kernel_pad: [u64; 5],
+    /// Flush records consumed by userspace: the program never writes a record at or beyond
+    /// `tail + log_records`.
+    pub tail: u64,
+    /// The program sends no sample from a cache install once `samples` reaches this; userspace
+    /// raises it a little on every poll, which bounds the samples per second per CPU (a key
+    /// that finds the budget spent is sampled at a later install instead).
+    pub sample_limit: u64,
+    /// Padding to the end of the reader's cache line.
+    pub _reader_pad: [u64; 6],
+}
+
+/// Load-time configuration of the drop cache, set with
+/// `EbpfLoader::override_global("CACHE_CONFIG", ..)`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+pub struct CacheConfig {
+    /// Non-zero: count in the drop cache, with `FLOWS` as the fallback. Zero: `FLOWS` only
+    /// (where the reader cannot rely on the CPU's store order, see docs/perf-notes.md).
+    pub enabled: u32,
+    /// Flush-log records per CPU minus one (the count is a power of two).
+    pub log_mask: u32,
 }
 
 /// Layout facts the kernel program cannot know at compile time (Rust eBPF has no CO-RE).
@@ -408,6 +504,9 @@ mod pod {
     unsafe impl aya::Pod for super::ConnKey {}
     unsafe impl aya::Pod for super::UdpTuple {}
     unsafe impl aya::Pod for super::ConnConfig {}
+    unsafe impl aya::Pod for super::CacheEntry {}
+    unsafe impl aya::Pod for super::CpuState {}
+    unsafe impl aya::Pod for super::CacheConfig {}
 }
 
 #[cfg(test)]
@@ -438,5 +537,12 @@ mod tests {
         assert_eq!(size_of::<ConnKey>(), 16 + 16 + 2 + 1 + 1);
         assert_eq!(size_of::<UdpTuple>(), 16 + 16 + 2 + 2);
         assert_eq!(size_of::<ConnConfig>(), 19 * 4);
+        assert_eq!(size_of::<CacheEntry>(), size_of::<FlowKey>() + 4 + 8 + 8);
+        assert_eq!(size_of::<CacheEntry>(), 64);
+        assert_eq!(core::mem::offset_of!(CacheEntry, packets), 48);
+        assert_eq!(size_of::<CpuState>(), 128);
+        assert_eq!(core::mem::offset_of!(CpuState, tail), 64);
+        assert_eq!(size_of::<CacheConfig>(), 8);
+        assert!(CACHE_LINES.is_power_of_two() && CACHE_LINES <= 1 << CACHE_TAG_LINE_BITS);
     }
 }

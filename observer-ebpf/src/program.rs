@@ -6,8 +6,8 @@
 //! from the perf trace record the kernel fills first and copies the `sk_buff` with helper calls.
 //! Userspace attaches the first where the kernel allows it and the second otherwise.
 //!
-//! Accounting order is part of the contract with userspace (`capture::drain`): the flow entry is
-//! updated first, then the per-reason total. Userspace reads the totals first and the flows
+//! Accounting order is part of the contract with userspace (`capture::drain`): the flow entry
+//! (drop cache line, flush record or `FLOWS` entry) is updated first, then the per-reason total. Userspace reads the totals first and the flows
 //! second, so `totals - flows` never over-estimates the packets lost to eviction.
 //!
 //! All struct offsets come from [`CONFIG`], which userspace fills from BTF and from the
@@ -17,16 +17,19 @@ use core::mem::{MaybeUninit, align_of, size_of};
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::BPF_F_MMAPABLE,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
+    bindings::BPF_RB_FORCE_WAKEUP,
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, generated},
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use observer_ebpf::{
-    BTF_ARGS_MAX, BtfArgs, Counter, FlowKey, FlowValue, KernelLayout, LOCATION_RANGES_MAX,
-    LocationRange, LocationTable, MAX_REASONS, NO_ARG, ProgramConfig, SKB_SPAN_MAX, SampleEvent,
-    family, loss,
+    BTF_ARGS_MAX, BtfArgs, CACHE_LINES, CACHE_TAG_LINE_BITS, CacheConfig, CacheEntry, Counter,
+    CpuState, FlowKey, FlowValue, KernelLayout, LOCATION_RANGES_MAX, LocationRange, LocationTable,
+    MAX_REASONS, NO_ARG, ProgramConfig, SAMPLE_FILTER_SLOTS, SKB_SPAN_MAX, SampleEvent, family,
+    loss,
 };
 
 /// Set by userspace with `EbpfLoader::override_global("CONFIG", ..)`; this value is only the
@@ -62,7 +65,46 @@ static CONFIG: ProgramConfig = ProgramConfig {
 #[unsafe(no_mangle)]
 static LOCATIONS: LocationTable = LocationTable::EMPTY;
 
-/// Per-flow counters. The size is set by userspace at load time.
+/// Drop cache switch and flush-log size; set by userspace with
+/// `EbpfLoader::override_global("CACHE_CONFIG", ..)`. Disabled in the placeholder.
+#[unsafe(no_mangle)]
+static CACHE_CONFIG: CacheConfig = CacheConfig {
+    enabled: 0,
+    log_mask: 0,
+};
+
+/// The per-CPU drop cache: CPU `c` owns lines `c * CACHE_LINES ..`. Userspace mmaps it and
+/// reads live lines (see `capture::cache`); only the owning CPU writes. The size (possible
+/// CPUs times `CACHE_LINES`) is set at load time.
+#[map]
+static DROP_CACHE: Array<CacheEntry> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The per-CPU flush logs of evicted cache lines: CPU `c` owns records
+/// `c * (log_mask + 1) ..`. The size is set at load time.
+#[map]
+static DROP_LOG: Array<CacheEntry> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Per-CPU sequence number and log positions, one entry per possible CPU (set at load time).
+#[map]
+static DROP_CPU: Array<CpuState> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Wakes the flush-log reader: the number of a CPU whose log has just filled to a quarter. The
+/// reader sleeps on this ring instead of polling, so an idle node costs it nothing and a busy
+/// one one wake-up per quarter log.
+#[map]
+static DROP_LOG_WAKE: RingBuf = RingBuf::with_byte_size(4096, 0);
+
+/// Fingerprints of the keys this CPU sent a sample for, by slot (see [`SAMPLE_FILTER_SLOTS`]).
+#[map]
+static SAMPLED: PerCpuArray<SampleFilter> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+struct SampleFilter {
+    fingerprints: [u32; SAMPLE_FILTER_SLOTS as usize],
+}
+
+/// Per-flow counters: the drop cache's fallback, and the only flow store when the cache is
+/// disabled. The size is set by userspace at load time.
 ///
 /// One shared value per key, added to atomically, rather than a per-CPU value: with thousands
 /// of keys the per-drop cost is dominated by cache and TLB misses, and a per-CPU value is one
@@ -102,6 +144,14 @@ macro_rules! config {
     ($($field:tt)+) => {
         // SAFETY: CONFIG is a plain, always-initialised static; the pointer is valid.
         unsafe { core::ptr::read_volatile(&raw const CONFIG.$($field)+) }
+    };
+}
+
+/// Reads one field of [`CACHE_CONFIG`], volatile for the same reason as [`config!`].
+macro_rules! config_cache {
+    ($field:ident) => {
+        // SAFETY: CACHE_CONFIG is a plain, always-initialised static; the pointer is valid.
+        unsafe { core::ptr::read_volatile(&raw const CACHE_CONFIG.$field) }
     };
 }
 
@@ -584,31 +634,8 @@ fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> R
     let key: &FlowKey = key;
     let bytes = u64::from(len);
     // Flow entry first, then the total: see the module comment.
-    match FLOWS.get_ptr_mut(key) {
-        Some(v) => add(v, bytes),
-        None => {
-            // SAFETY: helper without preconditions.
-            let now = unsafe { bpf_ktime_get_ns() };
-            let value = FlowValue {
-                packets: 1,
-                bytes,
-                created_ns: now,
-            };
-            match FLOWS.insert(key, &value, u64::from(BPF_NOEXIST)) {
-                Ok(()) => send_sample(src, key, &extra, len, dev, now),
-                // Another CPU inserted the key between our lookup and insert: add to its entry.
-                Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {
-                    Some(v) => add(v, bytes),
-                    None => count_loss(loss::FLOW_INSERT),
-                },
-                Err(e) => {
-                    count_loss(loss::FLOW_INSERT);
-                    // Rare (an LRU map evicts rather than fails), so a log line per failure is
-                    // affordable and says why, next to the counted loss.
-                    aya_log_ebpf::warn!(ctx, "flow map insert failed: error {}", e);
-                }
-            }
-        }
+    if !(config_cache!(enabled) != 0 && count_cached(src, key, &extra, len, dev)) {
+        count_in_flows(ctx, src, key, &extra, len, dev);
     }
     let slot = if reason < MAX_REASONS {
         reason
@@ -623,6 +650,200 @@ fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> R
         }
     }
     Ok(0)
+}
+
+/// Counts a drop in the shared `FLOWS` map, with a sample when the key is new there.
+#[inline(always)]
+fn count_in_flows<C: EbpfContext, S: DropSource>(
+    ctx: &C,
+    src: &S,
+    key: &FlowKey,
+    extra: &Extra,
+    len: u32,
+    dev: u64,
+) {
+    let bytes = u64::from(len);
+    match FLOWS.get_ptr_mut(key) {
+        Some(v) => add(v, bytes),
+        None => {
+            // SAFETY: helper without preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            let value = FlowValue {
+                packets: 1,
+                bytes,
+                created_ns: now,
+            };
+            match FLOWS.insert(key, &value, u64::from(BPF_NOEXIST)) {
+                Ok(()) => send_sample(src, key, extra, len, dev, Some(now)),
+                // Another CPU inserted the key between our lookup and insert: add to its entry.
+                Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {
+                    Some(v) => add(v, bytes),
+                    None => count_loss(loss::FLOW_INSERT),
+                },
+                Err(e) => {
+                    count_loss(loss::FLOW_INSERT);
+                    // Rare (an LRU map evicts rather than fails), so a log line per failure is
+                    // affordable and says why, next to the counted loss.
+                    aya_log_ebpf::warn!(ctx, "flow map insert failed: error {}", e);
+                }
+            }
+        }
+    }
+}
+
+/// 4-byte words of a [`FlowKey`].
+const KEY_WORDS: usize = size_of::<FlowKey>() / 4;
+
+/// 8-byte words of a [`CacheEntry`].
+const ENTRY_WORDS: usize = size_of::<CacheEntry>() / 8;
+
+/// A 64-bit hash of the key's words (multiply-xor rounds); never 0.
+#[inline(always)]
+fn key_hash(key: &FlowKey) -> u64 {
+    const { assert!(KEY_WORDS == 11 && align_of::<FlowKey>() == 4) };
+    const M: u64 = 0x9E37_79B9_7F4A_7C15;
+    let w = (key as *const FlowKey).cast::<u32>();
+    let mut h: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut i = 0;
+    while i + 1 < KEY_WORDS {
+        // SAFETY: `i + 1 < KEY_WORDS`: both words are inside the key.
+        let x = unsafe { u64::from(*w.add(i)) | u64::from(*w.add(i + 1)) << 32 };
+        h = (h ^ x).wrapping_mul(M);
+        h ^= h >> 32;
+        i += 2;
+    }
+    // SAFETY: the last word of the 11.
+    h = (h ^ u64::from(unsafe { *w.add(KEY_WORDS - 1) })).wrapping_mul(M);
+    h ^= h >> 29;
+    h | 1
+}
+
+/// Whether two keys are equal, word by word without branches (LLVM would call `memcmp`).
+#[inline(always)]
+fn key_eq(a: *const FlowKey, b: &FlowKey) -> bool {
+    let x = a.cast::<u32>();
+    let y = (b as *const FlowKey).cast::<u32>();
+    let mut d = 0u32;
+    let mut i = 0;
+    while i < KEY_WORDS {
+        // SAFETY: `i < KEY_WORDS`; `a` points into a live map value (read while its own CPU,
+        // this one, cannot write it).
+        d |= unsafe { core::ptr::read_volatile(x.add(i)) ^ *y.add(i) };
+        i += 1;
+    }
+    d == 0
+}
+
+/// Counts a drop in this CPU's drop cache: adds to the key's line, or flushes the line's
+/// previous key to the log and installs this one. Returns false, having changed nothing, when
+/// the drop must go to `FLOWS`: the log is full (a counted `DROP_LOG_FULL`) or a map index is out
+/// of range (the maps were sized for fewer CPUs).
+///
+/// Every store is volatile so the BPF code keeps program order, which the reader relies on (on
+/// x86 the JIT and the CPU keep it too; userspace disables the cache elsewhere).
+#[inline(always)]
+fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, dev: u64) -> bool {
+    let h = key_hash(key);
+    // SAFETY: helper without preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    // The top bits of the last multiply are the best mixed.
+    let line = (h >> (64 - CACHE_LINES.trailing_zeros())) as u32 & (CACHE_LINES - 1);
+    let mask = config_cache!(log_mask);
+    let Some(st) = DROP_CPU.get_ptr_mut(cpu) else {
+        return false;
+    };
+    let Some(e) = DROP_CACHE.get_ptr_mut(cpu.wrapping_mul(CACHE_LINES).wrapping_add(line)) else {
+        return false;
+    };
+    // SAFETY (this block and below): `st` and `e` belong to this CPU, which is the only writer,
+    // and tracing programs do not nest on one CPU. Userspace only reads them (`tail` aside).
+    unsafe {
+        let packets = core::ptr::read_volatile(&raw const (*e).packets);
+        if packets != 0 && key_eq(&raw const (*e).key, key) {
+            // A hit changes neither key nor tag, so it needs no sequence bracket: a reader
+            // that sees the new packets but the old bytes reads the bytes next time.
+            core::ptr::write_volatile(&raw mut (*e).packets, packets + 1);
+            let b = core::ptr::read_volatile(&raw const (*e).bytes);
+            core::ptr::write_volatile(&raw mut (*e).bytes, b + u64::from(len));
+            return true;
+        }
+        let seq = core::ptr::read_volatile(&raw const (*st).seq);
+        let mut wake = false;
+        if packets != 0 {
+            let head = core::ptr::read_volatile(&raw const (*st).head);
+            let tail = core::ptr::read_volatile(&raw const (*st).tail);
+            if head.wrapping_sub(tail) > u64::from(mask) {
+                count_loss(loss::DROP_LOG_FULL);
+                return false;
+            }
+            let idx = cpu
+                .wrapping_mul(mask.wrapping_add(1))
+                .wrapping_add(head as u32 & mask);
+            let Some(r) = DROP_LOG.get_ptr_mut(idx) else {
+                return false;
+            };
+            core::ptr::write_volatile(&raw mut (*st).seq, seq + 1);
+            let from = e.cast::<u64>();
+            let to = r.cast::<u64>();
+            let mut i = 0;
+            while i < ENTRY_WORDS {
+                // SAFETY: `i < ENTRY_WORDS`: inside both 64-byte, 8-byte aligned values.
+                core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i)));
+                i += 1;
+            }
+            core::ptr::write_volatile(&raw mut (*st).head, head + 1);
+            // Once per filling: the count of unread records passes the mark one at a time.
+            wake = (head + 1).wrapping_sub(tail) == u64::from((mask >> 2) + 1);
+        } else {
+            core::ptr::write_volatile(&raw mut (*st).seq, seq + 1);
+        }
+        let tag = core::ptr::read_volatile(&raw const (*e).tag);
+        let next = (tag >> CACHE_TAG_LINE_BITS).wrapping_add(1) << CACHE_TAG_LINE_BITS | line;
+        let kw = (&raw mut (*e).key).cast::<u32>();
+        let src_words = (key as *const FlowKey).cast::<u32>();
+        let mut i = 0;
+        while i < KEY_WORDS {
+            // SAFETY: `i < KEY_WORDS`: inside both keys.
+            core::ptr::write_volatile(kw.add(i), *src_words.add(i));
+            i += 1;
+        }
+        core::ptr::write_volatile(&raw mut (*e).tag, next);
+        core::ptr::write_volatile(&raw mut (*e).bytes, u64::from(len));
+        core::ptr::write_volatile(&raw mut (*e).packets, 1);
+        core::ptr::write_volatile(&raw mut (*st).seq, seq + 2);
+        if wake {
+            // A full wake ring means the reader has wake-ups pending already.
+            let _ = DROP_LOG_WAKE.output::<u32>(cpu, u64::from(BPF_RB_FORCE_WAKEUP));
+        }
+    }
+    if let Some(f) = SAMPLED.get_ptr_mut(0) {
+        let slot = ((h >> 32) as u32 & (SAMPLE_FILTER_SLOTS - 1)) as usize;
+        let fp = h as u32 | 1;
+        // SAFETY: this CPU's filter; the mask keeps the index in bounds.
+        let known = unsafe { &mut (*f).fingerprints[slot] };
+        if *known != fp {
+            // SAFETY: this CPU's state; `sample_limit` is userspace's, read only.
+            let (sent, limit) = unsafe {
+                (
+                    core::ptr::read_volatile(&raw const (*st).samples),
+                    core::ptr::read_volatile(&raw const (*st).sample_limit),
+                )
+            };
+            // With more flows than filter slots, keys sharing a slot would otherwise send a
+            // sample at almost every install; the budget bounds that cost per CPU.
+            if sent < limit {
+                // SAFETY: this CPU's state, written only by this CPU's program.
+                unsafe { core::ptr::write_volatile(&raw mut (*st).samples, sent + 1) };
+                // Set whether or not the ring has room: a full ring is a counted loss, and
+                // retrying on every install would contend for the ring's lock.
+                *known = fp;
+                send_sample(src, key, extra, len, dev, None);
+            } else {
+                count_loss(loss::SAMPLE_BUDGET);
+            }
+        }
+    }
+    true
 }
 
 /// A flow key that is all zeroes but `reason`, in `slot`.
@@ -951,13 +1172,24 @@ fn parse_ip(p: &mut Packet, key: &mut FlowKey, extra: &mut Extra) -> Result<(), 
     Ok(())
 }
 
-/// Sends the detail of a newly inserted key; a full ring buffer is a counted loss.
+/// Sends the detail of a newly inserted key; a full ring buffer is a counted loss. `ts` is the
+/// drop's time if the caller has read the clock, else it is read here, only once the ring has
+/// taken the record (a clock read costs about as much as the rest of a cache hit).
 #[inline(always)]
-fn send_sample<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, dev: u64, ts: u64) {
+fn send_sample<S: DropSource>(
+    src: &S,
+    key: &FlowKey,
+    extra: &Extra,
+    len: u32,
+    dev: u64,
+    ts: Option<u64>,
+) {
     let Some(mut entry) = SAMPLES.reserve::<SampleEvent>(0) else {
         count_loss(loss::RINGBUF_FULL);
         return;
     };
+    // SAFETY: helper without preconditions.
+    let ts = ts.unwrap_or_else(|| unsafe { bpf_ktime_get_ns() });
     let location = src.location();
     let ifindex = if dev == 0 { 0 } else { src.ifindex(dev) };
     entry.write(SampleEvent {

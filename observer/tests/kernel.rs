@@ -1084,6 +1084,8 @@ fn tiny_flow_map_reports_evictions() {
         netns: Some(net.dst_inode),
         flow_map_entries: 16,
         reasons: ReasonFilter::Names(vec!["netfilter_drop".into()]),
+        // The flow map alone: its eviction accounting is under test.
+        drop_log_records: 0,
         ..CaptureConfig::default()
     })
     .unwrap();
@@ -1182,6 +1184,69 @@ fn fifty_thousand_flows() {
     );
 }
 
+/// Many flows through the drop cache: each key's packets are counted exactly, whether a
+/// drain reads them from a live line, from a flush record, or both, and with a flush log so
+/// small that most evictions are refused and go to the flow map instead.
+#[test]
+fn drop_cache_counts_many_flows_exactly() {
+    if !testkit::privileged("drop_cache_counts_many_flows_exactly") {
+        return;
+    }
+    for (log_records, expect_log_full) in [(1 << 14, false), (4, true)] {
+        let net = NetPair::new();
+        let mut capture = Capture::load(&CaptureConfig {
+            netns: Some(net.dst_inode),
+            reasons: ReasonFilter::Names(vec!["netfilter_drop".into()]),
+            drop_log_records: log_records,
+            ..CaptureConfig::default()
+        })
+        .unwrap();
+        const FLOWS: u16 = 1000;
+        const ROUNDS: usize = 3;
+        let mut reports = Vec::new();
+        // Round robin over the ports (each packet evicts another key's line), with drains
+        // between rounds so that live lines are read and later flushed.
+        for _ in 0..ROUNDS {
+            net.in_ns(&net.src, || {
+                let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+                for port in 1..=FLOWS {
+                    sock.send_to(&[0x5a; 32], SocketAddr::new(IpAddr::V4(WIDE4), port))
+                        .unwrap();
+                }
+            });
+            reports.push(capture.drain().unwrap());
+        }
+        reports.extend(drain_settled(&mut capture));
+        let (nft_packets, nft_bytes) = net.counter("wide");
+        assert_eq!(nft_packets, u64::from(FLOWS) * ROUNDS as u64);
+        let per_flow = totals(&reports);
+        assert_eq!(per_flow.len(), usize::from(FLOWS), "one key per port");
+        for (id, (packets, bytes)) in &per_flow {
+            assert_eq!(*packets, ROUNDS as u64, "{id:?}");
+            assert_eq!(*bytes, nft_bytes / nft_packets * ROUNDS as u64, "{id:?}");
+        }
+        let evicted: u64 = reports.iter().map(|r| r.losses.evicted_packets).sum();
+        assert_eq!(evicted, 0);
+        let log_full: u64 = reports.iter().map(|r| r.losses.drop_log_full).sum();
+        eprintln!("log of {log_records}: {log_full} evictions refused");
+        assert_eq!(
+            log_full > 0,
+            expect_log_full,
+            "log of {log_records} records"
+        );
+        // With room in the log every drop went through the cache; with refused evictions
+        // some went to the flow map.
+        let in_flow_map = reports.iter().map(|r| r.flow_map_entries).max();
+        assert_eq!(in_flow_map > Some(0), expect_log_full, "{in_flow_map:?}");
+        let kernel_total: u64 = reports
+            .iter()
+            .flat_map(|r| &r.reason_totals)
+            .map(|(_, p, _)| p)
+            .sum();
+        assert_eq!(kernel_total, nft_packets);
+    }
+}
+
 /// Keys idle for `idle_drains` drains are deleted from the map; when the flow comes back it is
 /// counted again from zero, with nothing lost or double counted.
 #[test]
@@ -1194,6 +1259,8 @@ fn idle_keys_are_deleted_and_recounted() {
         netns: Some(net.dst_inode),
         idle_drains: 2,
         reasons: ReasonFilter::Names(vec!["netfilter_drop".into()]),
+        // Idle deletion is a flow-map behaviour; the drop cache keeps lines until replaced.
+        drop_log_records: 0,
         ..CaptureConfig::default()
     })
     .unwrap();

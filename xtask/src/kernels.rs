@@ -33,7 +33,8 @@ pub const TEST_KERNELS: &[&str] = &["bullseye", "bookworm"];
 /// picks, exact counts of nftables drops with it (tp_btf where the kernel has BTF) and with the
 /// classic tracepoint forced, of tc (cls_bpf `TC_ACT_SHOT`) drops, the reason filter, and
 /// what a kernel without drop reasons does when kallsyms is hidden (no CAP_SYSLOG), and the
-/// accepted-connection counters (TCP everywhere, UDP where `sk_data_ready` exists). The flood and 50,000-flow tests stay on the host (TCG runs
+/// accepted-connection counters (TCP everywhere, UDP where `sk_data_ready` exists), and the
+/// drop cache with many flows (its verifier and memory-ordering assumptions are per kernel). The flood and 50,000-flow tests stay on the host (TCG runs
 /// them at a small fraction of the speed and they test userspace, not the kernel).
 pub const GUEST_TESTS: &[&str] = &[
     "auto_attaches_tp_btf_where_available",
@@ -44,6 +45,7 @@ pub const GUEST_TESTS: &[&str] = &[
     "unknown_reason_name_is_rejected",
     "reasons_of_newer_kernels_are_reported_not_refused",
     "counts_accepted_connections_exactly",
+    "drop_cache_counts_many_flows_exactly",
 ];
 
 /// A Debian release whose `linux-image-amd64` the command can boot.

@@ -196,6 +196,15 @@ impl DrainState {
         }
     }
 
+    /// Records deltas of a key read from the drop cache (which keeps its own per-incarnation
+    /// state), for the eviction check.
+    pub(super) fn account_cached(&mut self, key: &FlowKey, packets: u64, bytes: u64) {
+        if let Some(e) = self.emitted.get_mut(slot(key.reason)) {
+            e.packets += packets;
+            e.bytes += bytes;
+        }
+    }
+
     /// After a walk: when the next remembered key becomes idle enough to delete.
     pub(super) fn plan_idle_deletion(&mut self, idle_drains: u32) {
         self.next_idle_due = if idle_drains == 0 {
@@ -302,6 +311,8 @@ impl Capture {
         if walk {
             self.drain_flows(&mut report)?;
         }
+        // 2b. The drop cache (after the totals too): its lines and flush records.
+        self.drain_cache(&mut report);
         // Every remembered key was found in the map by the last walk (the others were
         // forgotten).
         report.flow_map_entries = self.state.remembered() as u64;
@@ -359,6 +370,29 @@ impl Capture {
         Ok(())
     }
 
+    /// Deltas of the drop cache into `report`.
+    fn drain_cache(&mut self, report: &mut DrainReport) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        let mut deltas = std::mem::take(&mut self.cache_scratch);
+        deltas.clear();
+        let stats = cache.collect(&mut deltas);
+        for (key, c) in &deltas {
+            self.state.account_cached(key, c.packets, c.bytes);
+            let label = self.state.label(&self.reasons, key.reason);
+            report.drops.push(decode(key, label, c.packets, c.bytes));
+        }
+        self.cache_scratch = deltas;
+        tracing::trace!(
+            records = stats.records,
+            busy_lines = stats.busy_lines,
+            refused = stats.refused,
+            tracked = stats.tracked,
+            "drained drop cache"
+        );
+    }
+
     fn drain_losses(&mut self, report: &mut DrainReport) -> Result<(), CaptureError> {
         let (ep, eb) = self.state.account_evictions();
         let mut cum = [0u64; loss::COUNT as usize];
@@ -380,6 +414,8 @@ impl Capture {
             truncated_header: loss_delta(loss::TRUNCATED_HEADER),
             ipv6_ext_headers_exceeded: loss_delta(loss::IPV6_EXT_HEADERS_EXCEEDED),
             header_not_linear: loss_delta(loss::HEADER_NOT_LINEAR),
+            drop_log_full: loss_delta(loss::DROP_LOG_FULL),
+            sample_budget: loss_delta(loss::SAMPLE_BUDGET),
             evicted_packets: ep,
             evicted_bytes: eb,
             recursion_miss: self.recursion.as_mut().and_then(|r| r.delta()),

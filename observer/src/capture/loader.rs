@@ -1,15 +1,18 @@
 //! Loading and attaching the kernel program.
 
-use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use std::os::fd::AsFd;
+
+use aya::maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use observer_ebpf::{
-    BtfArgs, Counter, FlowKey, FlowValue, KernelLayout, LocationTable, MAX_REASONS, ProgramConfig,
-    SKB_SPAN_MAX,
+    BtfArgs, CACHE_LINES, CacheConfig, CacheEntry, Counter, CpuState, FlowKey, FlowValue,
+    KernelLayout, LocationTable, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX,
 };
 
 use super::batch::Batch;
 use super::btf::KernelBtf;
+use super::cache::{CacheHandle, CacheReader, Mmap, Regions};
 use super::drain::DrainState;
 use super::location::{self, ReasonSource};
 use super::recursion::RecursionMisses;
@@ -60,6 +63,10 @@ pub struct Capture {
     pub(super) recursion: Option<RecursionMisses>,
     /// Accepted-connection counting; `None` when disabled.
     connections: Option<super::connections::ConnectionCapture>,
+    /// The drop cache's reader; `None` when the cache is disabled.
+    pub(super) cache: Option<CacheHandle>,
+    /// Reused buffer of drop-cache deltas.
+    pub(super) cache_scratch: Vec<(FlowKey, Counter)>,
 }
 
 impl std::fmt::Debug for Capture {
@@ -238,7 +245,83 @@ fn validate(config: &CaptureConfig) -> Result<(), CaptureError> {
             "ringbuf_bytes {rb} must be a power of two and a multiple of the page size {page}"
         )));
     }
+    let lr = config.drop_log_records;
+    if lr != 0 && (!lr.is_power_of_two() || lr > 1 << 20) {
+        return Err(CaptureError::Config(format!(
+            "drop_log_records {lr} must be 0 or a power of two up to 1048576"
+        )));
+    }
     Ok(())
+}
+
+/// All CPUs' flush logs together stay within this: the logs are mapped into the daemon, and
+/// on a node with many CPUs the configured per-CPU size would otherwise dominate its memory.
+/// A smaller log only sends more drops to the flow map when the reader falls behind.
+const DROP_LOG_TOTAL_BYTES: u64 = 16 << 20;
+
+/// Flush-log records per CPU: `wanted`, capped by [`DROP_LOG_TOTAL_BYTES`] over the CPUs (a
+/// power of two, at least 1,024).
+fn drop_log_records(wanted: u32, nr_cpus: u32) -> u32 {
+    let record = std::mem::size_of::<CacheEntry>() as u64;
+    let per_cpu = DROP_LOG_TOTAL_BYTES / record / u64::from(nr_cpus.max(1));
+    // Round down to a power of two.
+    let cap = u32::try_from(per_cpu)
+        .unwrap_or(u32::MAX)
+        .checked_ilog2()
+        .map_or(1, |b| 1u32 << b)
+        .max(1024);
+    wanted.min(cap)
+}
+
+/// Maps the drop cache's arrays and starts their reader.
+fn map_cache(
+    ebpf: &mut Ebpf,
+    cpus: u32,
+    log_records: u32,
+    max_keys: u32,
+) -> Result<CacheHandle, CaptureError> {
+    fn mapped<T: aya::Pod>(
+        ebpf: &mut Ebpf,
+        name: &'static str,
+        entries: u32,
+        writable: bool,
+    ) -> Result<Mmap, CaptureError> {
+        let array: Array<MapData, T> = Array::try_from(
+            ebpf.take_map(name)
+                .ok_or(CaptureError::Missing("drop cache map"))?,
+        )
+        .map_err(|source| CaptureError::Map { map: name, source })?;
+        let len = entries as usize * std::mem::size_of::<T>();
+        Mmap::map(IterableMap::map(&array).fd().as_fd(), len, writable).map_err(|e| {
+            CaptureError::Refused {
+                problem: format!("mmap of the eBPF map {name} ({len} bytes) failed: {e}"),
+                fix: "the kernel must support BPF_F_MMAPABLE arrays (Linux 5.5 or later); \
+                      set drop_log_records to 0 to count in the flow map only"
+                    .to_owned(),
+            }
+        })
+    }
+    let cache = mapped::<CacheEntry>(ebpf, "DROP_CACHE", cpus * CACHE_LINES, false)?;
+    let log = mapped::<CacheEntry>(ebpf, "DROP_LOG", cpus * log_records, false)?;
+    let cpu_states = mapped::<CpuState>(ebpf, "DROP_CPU", cpus, true)?;
+    let regions = Regions {
+        cache: cache.as_ptr().cast(),
+        log: log.as_ptr().cast(),
+        cpus: cpu_states.as_ptr().cast(),
+        nr_cpus: cpus,
+        log_records,
+        _owner: Box::new((cache, log, cpu_states)),
+    };
+    let wake = RingBuf::try_from(
+        ebpf.take_map("DROP_LOG_WAKE")
+            .ok_or(CaptureError::Missing("map DROP_LOG_WAKE"))?,
+    )
+    .map_err(|source| CaptureError::Map {
+        map: "DROP_LOG_WAKE",
+        source,
+    })?;
+    CacheHandle::start(CacheReader::new(regions, max_keys as usize), wake)
+        .map_err(|e| CaptureError::Config(format!("starting the drop-log reader thread: {e}")))
 }
 
 /// Kernel size of the LRU flow map for `wanted` distinct flows.
@@ -392,8 +475,24 @@ impl Capture {
         let conns = &config.connections;
         let (conn_config, tcp_unusable, udp_unusable) =
             super::connections::conn_config(&tracefs_root, &btf, conns);
+        // The reader's protocol relies on the CPU keeping the program's stores in order.
+        let cache_enabled = cfg!(target_arch = "x86_64") && config.drop_log_records != 0;
+        let cpus = u32::try_from(nr_cpus).unwrap_or(u32::MAX);
+        let log_records = if cache_enabled {
+            drop_log_records(config.drop_log_records, cpus)
+        } else {
+            1
+        };
+        let cache_config = CacheConfig {
+            enabled: u32::from(cache_enabled),
+            log_mask: log_records - 1,
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &program_config, true)
+            .override_global("CACHE_CONFIG", &cache_config, true)
+            .map_max_entries("DROP_CACHE", cpus.saturating_mul(CACHE_LINES))
+            .map_max_entries("DROP_LOG", cpus.saturating_mul(log_records))
+            .map_max_entries("DROP_CPU", cpus)
             .override_global("LOCATIONS", &locations, true)
             .override_global("CONN_CONFIG", &conn_config, true)
             .map_max_entries("CONNECTIONS", conns.map_entries.max(1))
@@ -471,6 +570,16 @@ impl Capture {
         } else {
             None
         };
+        let cache = if cache_enabled {
+            Some(map_cache(
+                &mut ebpf,
+                cpus,
+                log_records,
+                config.flow_map_entries,
+            )?)
+        } else {
+            None
+        };
         let state = DrainState::new(&reasons);
         // The log map exists only if the program logs; its absence is not an error.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -502,6 +611,8 @@ impl Capture {
             unavailable_reasons: selection.unavailable,
             recursion,
             connections,
+            cache,
+            cache_scratch: Vec::new(),
         })
     }
 
@@ -591,6 +702,15 @@ mod tests {
             (12, "NETFILTER_DROP"),
             (73, "TC_INGRESS"),
         ])
+    }
+
+    #[test]
+    fn drop_logs_shrink_with_many_cpus() {
+        assert_eq!(drop_log_records(1 << 14, 2), 1 << 14);
+        assert_eq!(drop_log_records(1 << 14, 64), 4096);
+        assert_eq!(drop_log_records(1 << 14, 96), 2048);
+        assert_eq!(drop_log_records(1 << 14, 1024), 1024);
+        assert_eq!(drop_log_records(4, 64), 4);
     }
 
     #[test]

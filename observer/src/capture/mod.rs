@@ -23,6 +23,7 @@ use crate::flow::Protocol;
 
 mod batch;
 pub(crate) mod btf;
+mod cache;
 pub mod connections;
 mod decode;
 mod drain;
@@ -31,6 +32,7 @@ mod loader;
 pub mod location;
 pub mod recursion;
 pub mod startup;
+mod tally;
 pub(crate) mod tracefs;
 
 pub use connections::{ConnectionCapture, ConnectionReport, ConnectionsConfig};
@@ -109,6 +111,11 @@ pub struct CaptureConfig {
     pub attach: AttachMode,
     /// Accepted connections to count (see [`connections`]).
     pub connections: ConnectionsConfig,
+    /// Records of each CPU's drop-cache flush log (a power of two, 64 bytes each; capped so
+    /// that all CPUs' logs together take at most 16 MiB); 0 disables the drop cache and counts
+    /// every drop in the flow map. The cache is only used on x86-64
+    /// (see docs/perf-notes.md, "Design C").
+    pub drop_log_records: u32,
 }
 
 impl Default for CaptureConfig {
@@ -121,6 +128,7 @@ impl Default for CaptureConfig {
             netns: None,
             attach: AttachMode::Auto,
             connections: ConnectionsConfig::default(),
+            drop_log_records: 1 << 14,
         }
     }
 }
@@ -228,6 +236,12 @@ pub struct Losses {
     pub ipv6_ext_headers_exceeded: u64,
     /// Drops whose headers lie past the skb's linear data: counted like `truncated_header`.
     pub header_not_linear: u64,
+    /// Evictions from the drop cache refused because the CPU's flush log was full (the reader
+    /// fell behind): those drops were counted in the flow map instead (counts stay exact).
+    pub drop_log_full: u64,
+    /// Samples of keys installed into the drop cache not sent because the CPU had spent its
+    /// per-poll sample budget (counts stay exact; only the detail of those keys is missing).
+    pub sample_budget: u64,
     /// Packets counted in the per-reason totals but lost from the flow map (evicted before a
     /// drain saw them, or never inserted).
     pub evicted_packets: u64,

@@ -75,6 +75,13 @@ pub struct RunArgs {
     /// Size of the sample ring buffer in bytes (a power of two, a multiple of the page size).
     #[arg(long, default_value_t = 256 * 1024)]
     pub ringbuf_bytes: u32,
+    /// Records of each CPU's drop-cache flush log (a power of two, 64 bytes each; capped so
+    /// that all CPUs' logs together take at most 16 MiB). The kernel
+    /// counts drops in a small per-CPU cache of flows and hands evicted entries to userspace
+    /// through this log; when it is full, drops go to the flow map. 0 counts every drop in the
+    /// flow map (always the case on other architectures than x86-64).
+    #[arg(long, default_value_t = 1 << 14)]
+    pub drop_log_records: u32,
     /// How often the flow map is drained, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub drain_interval_ms: u64,
@@ -393,6 +400,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         reasons: parse_reasons(&args.reasons),
         flow_map_entries: args.flow_map_entries,
         ringbuf_bytes: args.ringbuf_bytes,
+        drop_log_records: args.drop_log_records,
         netns: args.netns_inode,
         attach: args.attach.into(),
         connections: ConnectionsConfig {

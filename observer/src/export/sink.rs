@@ -9,7 +9,7 @@ use crate::attribute::{Outcomes, Sink, endpoint_labels};
 use crate::capture::Losses;
 
 /// `stage` values of `deny_observer_events_lost_total` for the kernel side's losses.
-fn kernel_losses(losses: &Losses) -> [(&'static str, u64); 8] {
+fn kernel_losses(losses: &Losses) -> [(&'static str, u64); 10] {
     [
         ("ringbuf_full", losses.ringbuf_full),
         ("flow_insert", losses.flow_insert),
@@ -20,6 +20,8 @@ fn kernel_losses(losses: &Losses) -> [(&'static str, u64); 8] {
             losses.ipv6_ext_headers_exceeded,
         ),
         ("header_not_linear", losses.header_not_linear),
+        ("drop_log_full", losses.drop_log_full),
+        ("sample_budget", losses.sample_budget),
         ("flow_map_evicted", losses.evicted_packets),
         ("recursion_miss", losses.recursion_miss.unwrap_or(0)),
     ]

@@ -530,6 +530,7 @@ impl Bench {
                 let sizes = MapSizes {
                     flow_map_entries: Some(map_entries),
                     ringbuf_bytes: None,
+                    drop_log_records: None,
                 };
                 let mut daemon = Daemon::start(
                     &self.bin,
@@ -560,6 +561,15 @@ impl Bench {
                     session.latencies.push(self.burst_latency(&mut daemon)?);
                 }
                 session.ns_per_drop = self.stats_window(scenarios, &daemon.proc.progs)?;
+                if let Ok((m, _)) = daemon.scrape() {
+                    let full = m.sum(
+                        "deny_observer_events_lost_total",
+                        &[("stage", "drop_log_full")],
+                    ) as u64;
+                    eprintln!(
+                        "bench:   drop-log full (whole session, counted in the flow map): {full}"
+                    );
+                }
                 session.peak_rss = sys::peak_rss(daemon.proc.pid()).ok();
             }
             Config::Bpftrace => {
@@ -780,9 +790,12 @@ impl Bench {
     }
 
     fn overflow(&self) -> anyhow::Result<Overflow> {
+        // The drop cache off: with it, the flood's flows would reach the flow map only when a
+        // flush log is full, and the phase would not measure the map's overflow accounting.
         let sizes = MapSizes {
             flow_map_entries: Some(OVERFLOW_MAP_ENTRIES),
             ringbuf_bytes: Some(TINY_RINGBUF),
+            drop_log_records: Some(0),
         };
         let mut daemon = Daemon::start(
             &self.bin,

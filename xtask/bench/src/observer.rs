@@ -121,6 +121,8 @@ pub struct MapSizes {
     pub flow_map_entries: Option<u32>,
     /// `--ringbuf-bytes`.
     pub ringbuf_bytes: Option<u32>,
+    /// `--drop-log-records` (0 turns the drop cache off: every drop goes to the flow map).
+    pub drop_log_records: Option<u32>,
 }
 
 impl Daemon {
@@ -148,6 +150,9 @@ impl Daemon {
         }
         if let Some(n) = sizes.ringbuf_bytes {
             c.arg("--ringbuf-bytes").arg(n.to_string());
+        }
+        if let Some(n) = sizes.drop_log_records {
+            c.arg("--drop-log-records").arg(n.to_string());
         }
         let mut proc = Proc::spawn("deny-observer", &mut c, log)?;
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -469,7 +469,7 @@ impl<'a> Report<'a> {
         if let Some(ov) = &r.overflow {
             let _ = writeln!(
                 o,
-                "\noverflow: {} UDP flows into a {}-entry flow map (4 KiB ring buffer): the bench's flows: actual {}, counted {}; \
+                "\noverflow: {} UDP flows into a {}-entry flow map (drop cache off, 4 KiB ring buffer): the bench's flows: actual {}, counted {}; \
                  node-wide: counted {} + lost {} (flow_map_evicted) = {} vs kernel totals {}",
                 ov.flows,
                 ov.map_entries,
