@@ -170,6 +170,8 @@ impl From<AttachArg> for AttachMode {
 
 /// Entry point of `deny-observer run`.
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // Before any other thread exists: a thread that allocates first gets an arena of its own.
+    process::one_malloc_arena();
     init_tracing(args.log_format);
     raise_memlock_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -236,7 +238,6 @@ fn source(arg: Option<&str>) -> anyhow::Result<Source> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    process::one_malloc_arena();
     let source = source(args.inventory.as_deref())?;
     // First: a second daemon on the same state directory stops here, before it attaches a
     // second program or binds anything.

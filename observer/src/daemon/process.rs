@@ -70,6 +70,10 @@ pub(super) fn kernel_release() -> String {
 /// after the first load, 93 MiB after three reloads; one arena: 55 MiB throughout). The hot
 /// path is one thread, so allocator contention is not a cost here.
 ///
+/// It must run before the tokio runtime starts: a worker thread that allocates before it
+/// keeps an arena of its own, and glibc then hands that arena, round robin, to later threads
+/// too (measured: the manifest loads landed in a worker's arena, beside the main one).
+///
 /// It also pins the mmap threshold at 64 KiB. glibc otherwise raises it to the size of every
 /// large block freed, up to 32 MiB: after the first API-server list page, each page's response
 /// body (megabytes) comes from the heap, the models converted meanwhile are placed around it,
