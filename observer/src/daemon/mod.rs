@@ -32,7 +32,6 @@ use crate::inventory::{self, NodeAddrs};
 use self::pipeline::{Pipeline, Stages};
 use self::process::{
     Signal, Signals, init_tracing, kernel_release, raise_memlock_limit, raise_nofile_limit,
-    release_startup_memory,
 };
 
 /// Log output format.
@@ -170,8 +169,6 @@ impl From<AttachArg> for AttachMode {
 
 /// Entry point of `deny-observer run`.
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
-    // Before any other thread exists: a thread that allocates first gets an arena of its own.
-    process::one_malloc_arena();
     init_tracing(args.log_format);
     raise_memlock_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -406,7 +403,6 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("capture loader task")?
         .context("loading the kfree_skb capture program")?;
-    release_startup_memory();
     metrics.set_reasons_unavailable(capture.unavailable_reasons());
     info!(
         reasons = capture.reasons().len(),
