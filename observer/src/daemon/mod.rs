@@ -32,7 +32,6 @@ use crate::inventory::{self, NodeAddrs};
 use self::pipeline::{Pipeline, Stages};
 use self::process::{
     Signal, Signals, init_tracing, kernel_release, raise_memlock_limit, raise_nofile_limit,
-    release_startup_memory,
 };
 
 /// Log output format.
@@ -243,7 +242,6 @@ fn source(arg: Option<&str>) -> anyhow::Result<Source> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    process::one_malloc_arena();
     let source = source(args.inventory.as_deref())?;
     // First: a second daemon on the same state directory stops here, before it attaches a
     // second program or binds anything.
@@ -413,7 +411,6 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("capture loader task")?
         .context("loading the kfree_skb capture program")?;
-    release_startup_memory();
     metrics.set_reasons_unavailable(capture.unavailable_reasons());
     info!(
         reasons = capture.reasons().len(),

@@ -191,8 +191,6 @@ impl Pipeline {
             .set_policies(inv.policies.iter().map(|p| p.as_ref()));
         self.http.set_inventory_empty(inv.is_empty());
         let update = self.views.update(inv);
-        // The replaced snapshot and views were just freed, mostly in blocks glibc keeps.
-        crate::inventory::release_freed_memory();
         debug!(?update, "inventory views updated");
         let engine = self.views.engine();
         export_open_namespaces(

@@ -64,42 +64,6 @@ pub(super) fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
-/// Makes every thread allocate from glibc's main arena. Inventory loads run on whichever
-/// blocking thread tokio picks, and each thread would otherwise get its own arena: a 10,000-pod
-/// reload's freed memory then stays behind in a different arena each time (measured: 55 MiB
-/// after the first load, 93 MiB after three reloads; one arena: 55 MiB throughout). The hot
-/// path is one thread, so allocator contention is not a cost here.
-///
-/// It also pins the mmap threshold at 64 KiB. glibc otherwise raises it to the size of every
-/// large block freed, up to 32 MiB: after the first API-server list page, each page's response
-/// body (megabytes) comes from the heap, the models converted meanwhile are placed around it,
-/// and the freed body can no longer be returned. Pinned, such buffers are mapped and unmapped
-/// on their own (measured with 10,000 pods through the API server: 64 to 62 MiB after start,
-/// 78 to 68 MiB over 10 relists).
-pub(super) fn one_malloc_arena() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets glibc tunables; M_ARENA_MAX takes effect for threads that have
-    // no arena yet, M_MMAP_THRESHOLD for later allocations; neither invalidates existing ones.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
-    }
-}
-
-/// Hands start-up garbage back to the allocator and the kernel.
-///
-/// Parsing the kernel's BTF (megabytes) and loading the program free many small blocks, which
-/// glibc consolidates lazily, inside whichever later allocation needs a large block: that was
-/// 20 to 30 ms of CPU in the first seconds of a drop flood (perf, `cargo xtask bench`). Trimming
-/// now moves the cost to start-up, before the daemon reports ready, and lowers its RSS.
-pub(super) fn release_startup_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim has no preconditions; it only walks glibc's own arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// What a signal asks of the daemon.
 pub(super) enum Signal {
     /// SIGTERM or SIGINT: save the state and exit.

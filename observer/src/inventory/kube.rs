@@ -921,9 +921,6 @@ async fn snapshot_loop(
     let mut first = true;
     loop {
         let build = builder.build(&stores);
-        // A list (initial, or a relist after a 410) decodes every object in full before
-        // conversion: hundreds of MB for a large cluster, freed by now but still resident.
-        super::release_freed_memory();
         // The API server validates what it stores, so this means it let through what this
         // version of the rules refuses (a newer or patched API server, or a bug here).
         for object in &build.newly_invalid {

@@ -22,16 +22,3 @@ pub use manifest::{LoadError, load_dir};
 pub use model::*;
 pub use reload::{DirWatch, ReloadStats, watch_dir};
 pub use workload::OwnerIndex;
-
-/// Hands freed heap back to the kernel (glibc's `malloc_trim`).
-///
-/// Loading an inventory allocates far more than it keeps: a YAML List is parsed as a whole
-/// document, and an API-server list response is decoded into full objects before conversion.
-/// glibc keeps freed blocks resident; after a load (or a relist) this returns them.
-pub fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim has no preconditions; it only walks glibc's own arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
