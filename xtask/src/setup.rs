@@ -32,6 +32,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "python3-pip",
     // Headless, for the traffic map's end-to-end tests and render benchmark.
     "chromium",
+    // The daemon's allocator (tikv-jemalloc-sys) builds jemalloc with make.
+    "make",
 ];
 
 /// Debian packages of `cargo xtask kernels` (Debian's kernels booted under qemu with a busybox
