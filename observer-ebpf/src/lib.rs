@@ -41,8 +41,8 @@ pub mod loss {
     /// full key. Counts stay exact; it says the reader is falling behind.
     pub const DROP_LOG_FULL: u32 = 6;
     /// A key installed into the drop cache sent no sample because its CPU had spent the sample
-    /// budget userspace grants per poll (counts stay exact; the key is sampled at a later
-    /// install if it has one).
+    /// budget userspace grants (about 3,200 a second; counts stay exact; the key is sampled at
+    /// a later install if it has one).
     pub const SAMPLE_BUDGET: u32 = 7;
     /// Number of slots.
     pub const COUNT: u32 = 8;
@@ -289,7 +289,8 @@ pub struct CpuState {
     /// `tail + log_records`.
     pub tail: u64,
     /// The program sends no sample from a cache install once `samples` reaches this; userspace
-    /// raises it a little on every poll, which bounds the samples per second per CPU (a key
+    /// raises it in proportion to the time since it last did, which bounds the samples per
+    /// second per CPU (a key
     /// that finds the budget spent is sampled at a later install instead).
     pub sample_limit: u64,
     /// Padding to the end of the reader's cache line.
