@@ -272,7 +272,7 @@ impl CacheReader {
                 self.tally.add_records(&batch);
             }
             self.batch = batch;
-            total += n as u64;
+            total += n;
         }
         self.stats.records += total;
         total
@@ -449,10 +449,10 @@ impl Drop for CacheHandle {
         // SAFETY: writes 8 bytes from a live buffer to our own eventfd. A failure leaves the
         // thread to notice `stop` after its longest sleep.
         unsafe { libc::write(self.stop_fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                tracing::warn!("drop-log reader thread panicked");
-            }
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::warn!("drop-log reader thread panicked");
         }
     }
 }
