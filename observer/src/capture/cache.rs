@@ -504,6 +504,7 @@ fn store(p: *mut u64, v: u64, order: Ordering) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::capture::drain::tests::key;
 
     /// The buffers behind a test reader's regions.
     #[derive(Debug)]
@@ -582,16 +583,6 @@ mod tests {
             }),
         };
         (CacheReader::new(regions, 1 << 20), k)
-    }
-
-    fn key(port: u16) -> FlowKey {
-        FlowKey {
-            reason: 12,
-            dst_port: port,
-            protocol: 17,
-            family: observer_ebpf::family::INET,
-            ..FlowKey::default()
-        }
     }
 
     fn collect(r: &mut CacheReader) -> FastMap<FlowKey, Counter> {

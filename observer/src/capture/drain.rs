@@ -520,10 +520,11 @@ fn add_counter(acc: Counter, v: Counter) -> Counter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn key(port: u16) -> FlowKey {
+    /// A UDP key of the netfilter reason to `port`, for the capture's unit tests.
+    pub(in crate::capture) fn key(port: u16) -> FlowKey {
         FlowKey {
             reason: 12,
             dst_port: port,
