@@ -224,7 +224,8 @@ impl Bpftrace {
 
     /// Stops bpftrace (SIGINT, as Ctrl-C) and returns its map: reason number → count.
     pub fn finish(mut self) -> anyhow::Result<BTreeMap<u64, u64>> {
-        let ended = self.proc.stop(libc::SIGINT, Duration::from_secs(20));
+        // It prints its maps on the way out; on a loaded 2-core machine that has taken over 20 s.
+        let ended = self.proc.stop(libc::SIGINT, Duration::from_secs(60));
         let out = self.proc.output();
         let counts = parse_bpftrace_counts(&out);
         if counts.is_empty() {
