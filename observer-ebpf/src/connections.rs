@@ -43,6 +43,13 @@ static CONN_CONFIG: ConnConfig = ConnConfig {
     sk_protocol: 0,
     sk_rcvq_prev: 0,
     sk_rcvq: 0,
+    sk_family: 0,
+    sk_num: 0,
+    sk_dport: 0,
+    sk_rcv_saddr: 0,
+    sk_daddr: 0,
+    sk_v6_rcv_saddr: 0,
+    sk_v6_daddr: 0,
     ephemeral_lo: 32768,
     ephemeral_hi: 60999,
     udp_idle_secs: 30,
@@ -157,10 +164,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if newstate != TCP_ESTABLISHED {
         return Ok(());
     }
-    let side = match tp::<i32>(ctx, conn_config!(tp_oldstate))? {
-        TCP_SYN_SENT => conn_side::CONNECT,
-        TCP_SYN_RECV => conn_side::ACCEPT,
-        _ => return Ok(()),
+    let Some(side) = established_side(tp(ctx, conn_config!(tp_oldstate))?, newstate) else {
+        return Ok(());
     };
     if tp::<u16>(ctx, conn_config!(tp_protocol))? != IPPROTO_TCP {
         return Ok(());
@@ -179,24 +184,86 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     let sport: u16 = tp(ctx, conn_config!(tp_sport))?;
     let dport: u16 = tp(ctx, conn_config!(tp_dport))?;
     // The record is the local socket's view: s* is this end, d* the peer.
+    count_established(side, saddr, daddr, sport, dport);
+    Ok(())
+}
+
+/// The client's (`CONNECT`) or server's (`ACCEPT`) end of a connection that just reached
+/// ESTABLISHED, from the local socket's view of it (`local`, `peer`): the edge always runs
+/// from the client to the server's port.
+#[inline(always)]
+fn count_established(side: u8, local: [u8; 16], peer: [u8; 16], local_port: u16, peer_port: u16) {
     let key = if side == conn_side::CONNECT {
         ConnKey {
-            src_addr: saddr,
-            dst_addr: daddr,
-            dst_port: dport,
+            src_addr: local,
+            dst_addr: peer,
+            dst_port: peer_port,
             protocol: IPPROTO_TCP as u8,
             side,
         }
     } else {
         ConnKey {
-            src_addr: daddr,
-            dst_addr: saddr,
-            dst_port: sport,
+            src_addr: peer,
+            dst_addr: local,
+            dst_port: local_port,
             protocol: IPPROTO_TCP as u8,
             side,
         }
     };
     count(&key);
+}
+
+/// The side a state change marks, or `None` when it is not a handshake completing.
+#[inline(always)]
+fn established_side(oldstate: i32, newstate: i32) -> Option<u8> {
+    if newstate != TCP_ESTABLISHED {
+        return None;
+    }
+    match oldstate {
+        TCP_SYN_SENT => Some(conn_side::CONNECT),
+        TCP_SYN_RECV => Some(conn_side::ACCEPT),
+        _ => None,
+    }
+}
+
+/// `tp_btf/inet_sock_set_state`, preferred over the classic tracepoint where BTF allows: the
+/// classic one fills a trace record (addresses, ports, states) on every state change of every
+/// TCP socket, about eight per connection, before the program even looks at the states. Here
+/// the states are plain arguments, and the socket is read only for the one change that
+/// counts.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
+    // Arguments: `const struct sock *sk, const int oldstate, const int newstate`.
+    let oldstate: i32 = ctx.arg(1);
+    let newstate: i32 = ctx.arg(2);
+    let Some(side) = established_side(oldstate, newstate) else {
+        return 0;
+    };
+    let sk: *const u8 = ctx.arg(0);
+    if try_established_sock(sk as u64, side).is_err() {
+        count_loss(conn_loss::READ);
+    }
+    0
+}
+
+fn try_established_sock(sk: u64, side: u8) -> Result<(), i64> {
+    if sk == 0 || read::<u16>(sk, conn_config!(sk_protocol))? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let (local, peer) = match read::<u16>(sk, conn_config!(sk_family))? {
+        AF_INET => (
+            mapped_v4(read(sk, conn_config!(sk_rcv_saddr))?),
+            mapped_v4(read(sk, conn_config!(sk_daddr))?),
+        ),
+        AF_INET6 => (
+            read(sk, conn_config!(sk_v6_rcv_saddr))?,
+            read(sk, conn_config!(sk_v6_daddr))?,
+        ),
+        _ => return Ok(()),
+    };
+    let local_port: u16 = read(sk, conn_config!(sk_num))?;
+    let peer_port = u16::from_be(read(sk, conn_config!(sk_dport))?);
+    count_established(side, local, peer, local_port, peer_port);
     Ok(())
 }
 

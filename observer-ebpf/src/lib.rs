@@ -480,6 +480,22 @@ pub struct ConnConfig {
     pub sk_rcvq_prev: u32,
     /// `offsetof(struct sock, sk_receive_queue)`: an empty queue's `prev` points here.
     pub sk_rcvq: u32,
+    /// `offsetof(struct sock, __sk_common.skc_family)` (u16): the BTF TCP hook reads the
+    /// socket itself rather than a tracepoint record. This and the six below are 0 when the
+    /// classic tracepoint is used.
+    pub sk_family: u32,
+    /// `skc_num`: the local port (u16, host order).
+    pub sk_num: u32,
+    /// `skc_dport`: the peer's port (u16, network order).
+    pub sk_dport: u32,
+    /// `skc_rcv_saddr`: the local IPv4 address.
+    pub sk_rcv_saddr: u32,
+    /// `skc_daddr`: the peer's IPv4 address.
+    pub sk_daddr: u32,
+    /// `skc_v6_rcv_saddr`: the local IPv6 address.
+    pub sk_v6_rcv_saddr: u32,
+    /// `skc_v6_daddr`: the peer's IPv6 address.
+    pub sk_v6_daddr: u32,
     /// First port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`).
     pub ephemeral_lo: u32,
     /// Last port of the ephemeral range.

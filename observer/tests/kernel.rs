@@ -1532,13 +1532,21 @@ fn kernel_has_sk_data_ready() -> bool {
 /// Accepted TCP connections (IPv4 and IPv6) and UDP flows between two namespaces are counted
 /// exactly per edge and side; SYNs that nftables drops are not; the UDP hook is attached
 /// exactly where the kernel has its tracepoint, and reported missing elsewhere.
+///
+/// TCP is checked through both of its hooks: `tp_btf/inet_sock_set_state` (the default where
+/// the kernel's BTF allows) and the classic tracepoint (`AttachMode::Tracepoint`).
 #[test]
 fn counts_accepted_connections_exactly() {
-    use observer::capture::connections::Side;
-    use std::net::{TcpListener, TcpStream};
     if !testkit::privileged("counts_accepted_connections_exactly") {
         return;
     }
+    connections_counted_exactly(AttachMode::Auto, "tp_btf/inet_sock_set_state");
+    connections_counted_exactly(AttachMode::Tracepoint, "sock:inet_sock_set_state");
+}
+
+fn connections_counted_exactly(attach: AttachMode, tcp_hook: &str) {
+    use observer::capture::connections::Side;
+    use std::net::{TcpListener, TcpStream};
     // Ports no other test of this binary uses: the namespaces of parallel tests share the
     // addresses, and the connection programs see every namespace.
     const TCP_PORT: u16 = 7101;
@@ -1549,19 +1557,24 @@ fn counts_accepted_connections_exactly() {
     let net = NetPair::new();
     let mut capture = Capture::load(&CaptureConfig {
         netns: Some(net.dst_inode),
+        attach,
         ..CaptureConfig::default()
     })
     .unwrap();
     let hooks = capture.connection_hooks().to_vec();
-    let attached = |name: &str| {
+    let hook = |name: &str| {
         hooks
             .iter()
             .find(|h| h.name == name)
             .unwrap_or_else(|| panic!("no hook {name} in {hooks:?}"))
-            .error
-            .is_none()
+            .clone()
     };
-    assert!(attached("tcp"), "{hooks:?}");
+    let attached = |name: &str| hook(name).error.is_none();
+    assert_eq!(
+        hook("tcp").attached_at,
+        Some(tcp_hook),
+        "{attach:?}: {hooks:?}"
+    );
     let udp = kernel_has_sk_data_ready();
     assert_eq!(attached("udp_receive"), udp, "{hooks:?}");
 
@@ -1635,4 +1648,5 @@ fn counts_accepted_connections_exactly() {
         "dropped SYNs counted as connections: {report:?}"
     );
     assert_eq!(report.map_full, 0);
+    assert_eq!(report.read_errors, 0, "{attach:?}");
 }

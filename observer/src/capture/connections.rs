@@ -16,9 +16,9 @@ use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf};
 use observer_ebpf::{ConnConfig, ConnKey, conn_loss, conn_side};
 
-use super::CaptureError;
 use super::btf::KernelBtf;
 use super::tracefs::{self, TracepointFormat};
+use super::{AttachMode, CaptureError};
 use crate::flow::{FastMap, Protocol};
 
 /// Format file of the TCP state-change tracepoint, relative to the tracefs root.
@@ -101,6 +101,9 @@ pub struct Hook {
     pub name: &'static str,
     /// `None`: attached. `Some(why)`: not attached on this kernel or configuration.
     pub error: Option<String>,
+    /// The kernel hook it is attached at (`tp_btf/inet_sock_set_state`,
+    /// `sock:inet_sock_set_state`, `tp_btf/sk_data_ready`); `None` when not attached.
+    pub attached_at: Option<&'static str>,
 }
 
 /// Result of one [`ConnectionCapture::drain`].
@@ -116,12 +119,24 @@ pub struct ConnectionReport {
     pub map_entries: u64,
 }
 
-/// (program name in the object, hook label, BTF tracepoint, or `None` for the classic
-/// `sock:inet_sock_set_state`)
-const PROGRAMS: [(&str, &str, Option<&str>); 2] = [
-    ("inet_sock_set_state", "tcp", None),
-    ("udp_recv", "udp_receive", Some("sk_data_ready")),
-];
+/// Program names in the object: TCP through `tp_btf/inet_sock_set_state` (preferred) or the
+/// classic `sock:inet_sock_set_state`, UDP through `tp_btf/sk_data_ready`.
+const TCP_BTF_PROGRAM: &str = "inet_sock_set_state_btf";
+const TCP_CLASSIC_PROGRAM: &str = "inet_sock_set_state";
+const UDP_PROGRAM: &str = "udp_recv";
+
+/// The layout the connection programs need, and why each hook cannot use it where it cannot.
+#[derive(Clone, Debug)]
+pub(crate) struct ConnLayout {
+    /// What the programs read.
+    pub config: ConnConfig,
+    /// Why the classic TCP tracepoint cannot be used (its format file).
+    pub tcp_classic: Option<String>,
+    /// Why the BTF TCP hook cannot be used (`struct sock` in BTF).
+    pub tcp_btf: Option<String>,
+    /// Why the UDP hook cannot be used.
+    pub udp: Option<String>,
+}
 
 /// Where the kernel's ephemeral port range is, and its default.
 const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
@@ -135,20 +150,21 @@ pub fn parse_port_range(text: &str) -> Option<(u32, u32)> {
 }
 
 /// The layout the connection programs need, from the tracepoint's format file and BTF. Parts
-/// that cannot be found are reported per protocol, so that one missing piece disables only the
+/// that cannot be found are reported per hook, so that one missing piece disables only the
 /// hooks that need it.
 pub(crate) fn conn_config(
     tracefs_root: &Path,
     btf: &KernelBtf,
     config: &ConnectionsConfig,
-) -> (ConnConfig, Option<String>, Option<String>) {
+) -> ConnLayout {
     let mut out = ConnConfig {
         udp_idle_secs: config.udp_idle_secs,
         ..ConnConfig::default()
     };
-    let tcp = read_format(tracefs_root)
+    let tcp_classic = read_format(tracefs_root)
         .and_then(|fmt| tcp_offsets(&fmt, &mut out))
         .err();
+    let tcp_btf = tcp_btf_offsets(btf, &mut out).err().map(|e| e.to_string());
     let (lo, hi) = std::fs::read_to_string(PORT_RANGE)
         .ok()
         .and_then(|t| parse_port_range(&t))
@@ -159,7 +175,12 @@ pub(crate) fn conn_config(
         Ok(()) => None,
         Err(e) => Some(e.to_string()),
     };
-    (out, tcp, udp)
+    ConnLayout {
+        config: out,
+        tcp_classic,
+        tcp_btf,
+        udp,
+    }
 }
 
 fn read_format(root: &Path) -> Result<TracepointFormat, String> {
@@ -196,6 +217,23 @@ pub(crate) fn tcp_offsets(fmt: &TracepointFormat, out: &mut ConnConfig) -> Resul
     Ok(())
 }
 
+/// Fills the `struct sock` offsets the BTF TCP hook reads. `sk_protocol` is read as one byte:
+/// a `u16` since Linux 5.6, an 8-bit bitfield starting on a byte boundary before, and either
+/// way its low byte on a little-endian CPU.
+fn tcp_btf_offsets(btf: &KernelBtf, out: &mut ConnConfig) -> Result<(), super::btf::BtfError> {
+    let mut o = *out;
+    o.sk_protocol = btf.member_offset("sock.sk_protocol")?;
+    o.sk_family = btf.member_offset("sock.__sk_common.skc_family")?;
+    o.sk_num = btf.member_offset("sock.__sk_common.skc_num")?;
+    o.sk_dport = btf.member_offset("sock.__sk_common.skc_dport")?;
+    o.sk_rcv_saddr = btf.member_offset("sock.__sk_common.skc_rcv_saddr")?;
+    o.sk_daddr = btf.member_offset("sock.__sk_common.skc_daddr")?;
+    o.sk_v6_rcv_saddr = btf.member_offset("sock.__sk_common.skc_v6_rcv_saddr")?;
+    o.sk_v6_daddr = btf.member_offset("sock.__sk_common.skc_v6_daddr")?;
+    *out = o;
+    Ok(())
+}
+
 fn udp_offsets(btf: &KernelBtf, out: &mut ConnConfig) -> Result<(), super::btf::BtfError> {
     out.skb_head = btf.member_offset("sk_buff.head")?;
     out.skb_network_header = btf.member_offset("sk_buff.network_header")?;
@@ -223,6 +261,40 @@ impl std::fmt::Debug for ConnectionCapture {
             .field("hooks", &self.hooks)
             .field("edges", &self.seen.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// Attaches the TCP hook: the BTF one where allowed, else (or when it fails) the classic
+/// tracepoint. The hook attached at, or why neither could be.
+fn attach_tcp(
+    ebpf: &mut Ebpf,
+    layout: &ConnLayout,
+    attach: AttachMode,
+    btf: Option<&Btf>,
+) -> Result<&'static str, String> {
+    let btf_error = if attach == AttachMode::Tracepoint {
+        "the configuration asks for the classic tracepoint".to_owned()
+    } else if let Some(why) = &layout.tcp_btf {
+        why.clone()
+    } else {
+        match attach_one(ebpf, TCP_BTF_PROGRAM, Some("inet_sock_set_state"), btf) {
+            Ok(()) => return Ok("tp_btf/inet_sock_set_state"),
+            Err(e) => e,
+        }
+    };
+    let classic = match &layout.tcp_classic {
+        Some(why) => Err(why.clone()),
+        None => attach_one(ebpf, TCP_CLASSIC_PROGRAM, None, None),
+    };
+    match classic {
+        Ok(()) => {
+            tracing::info!(
+                why = %btf_error,
+                "TCP connections counted at the classic tracepoint (tp_btf/inet_sock_set_state not used)"
+            );
+            Ok("sock:inet_sock_set_state")
+        }
+        Err(e) => Err(format!("tp_btf: {btf_error}; classic tracepoint: {e}")),
     }
 }
 
@@ -260,41 +332,53 @@ fn attach_one(
 
 impl ConnectionCapture {
     /// Attaches the connection programs of an object loaded with `CONN_CONFIG`, and takes
-    /// their maps. `tcp_unusable` / `udp_unusable` say why a protocol's layout could not be
-    /// found. A hook that fails to load or attach is logged and reported by [`Self::hooks`];
-    /// only a missing map is an error.
-    pub fn attach(
+    /// their maps. `layout` says which hooks the kernel's layout allows; TCP goes through
+    /// `tp_btf/inet_sock_set_state` where it can (unless `attach` asks for classic
+    /// tracepoints), else the classic tracepoint. A hook that fails to load or attach is
+    /// logged and reported by [`Self::hooks`]; only a missing map is an error.
+    pub(crate) fn attach(
         ebpf: &mut Ebpf,
         config: &ConnectionsConfig,
-        tcp_unusable: Option<String>,
-        udp_unusable: Option<String>,
+        layout: &ConnLayout,
+        attach: AttachMode,
         idle_drains: u32,
     ) -> Result<Self, CaptureError> {
-        let btf = if config.udp && udp_unusable.is_none() {
+        let tcp_btf_wanted =
+            config.tcp && layout.tcp_btf.is_none() && attach != AttachMode::Tracepoint;
+        let udp_wanted = config.udp && layout.udp.is_none();
+        let btf = if tcp_btf_wanted || udp_wanted {
             match Btf::from_sys_fs() {
                 Ok(b) => Some(b),
                 Err(e) => {
-                    tracing::warn!(error = %e, "kernel BTF unavailable: UDP flows are not counted");
+                    tracing::warn!(error = %e, "kernel BTF unavailable for the connection hooks");
                     None
                 }
             }
         } else {
             None
         };
+        let disabled = || Err("disabled by --count-connections".to_owned());
+        let tcp = if !config.tcp {
+            disabled()
+        } else {
+            attach_tcp(ebpf, layout, attach, btf.as_ref())
+        };
+        let udp = if !config.udp {
+            disabled()
+        } else if let Some(why) = &layout.udp {
+            Err(why.clone())
+        } else {
+            attach_one(ebpf, UDP_PROGRAM, Some("sk_data_ready"), btf.as_ref())
+                .map(|()| "tp_btf/sk_data_ready")
+        };
         let mut hooks = Vec::new();
-        for (program, name, function) in PROGRAMS {
-            let is_tcp = function.is_none();
-            let error = if is_tcp && !config.tcp || !is_tcp && !config.udp {
-                Some("disabled by --count-connections".to_owned())
-            } else if let (true, Some(why)) = (is_tcp, &tcp_unusable) {
-                Some(why.clone())
-            } else if let (false, Some(why)) = (is_tcp, &udp_unusable) {
-                Some(why.clone())
-            } else {
-                attach_one(ebpf, program, function, btf.as_ref()).err()
+        for (name, attached) in [("tcp", tcp), ("udp_receive", udp)] {
+            let (attached_at, error) = match attached {
+                Ok(at) => (Some(at), None),
+                Err(why) => (None, Some(why)),
             };
             match &error {
-                None => tracing::info!(hook = name, "connection hook attached"),
+                None => tracing::info!(hook = name, at = attached_at, "connection hook attached"),
                 Some(why) if why.starts_with("disabled") => {
                     tracing::info!(hook = name, "connection hook disabled")
                 }
@@ -304,7 +388,11 @@ impl ConnectionCapture {
                     "connection hook not attached: these connections are not counted (deny_observer_connection_hooks{{hook}} is 0)"
                 ),
             }
-            hooks.push(Hook { name, error });
+            hooks.push(Hook {
+                name,
+                error,
+                attached_at,
+            });
         }
         let map_err = |map: &'static str| move |source| CaptureError::Map { map, source };
         let map = PerCpuHashMap::try_from(
@@ -439,6 +527,36 @@ pub fn mapped(ip: IpAddr) -> [u8; 16] {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    /// The BTF TCP hook's offsets on this kernel: `struct sock_common` has kept its first
+    /// members where they are since Linux 3.x (the address pair, the hash, the port pair, the
+    /// family), so the values are known without reading the kernel's headers.
+    #[test]
+    fn tcp_btf_offsets_find_sock_common_on_this_kernel() {
+        let path = Path::new(super::super::btf::VMLINUX_BTF);
+        if !testkit::requires(
+            "capture::connections BTF test",
+            "the kernel's BTF (/sys/kernel/btf/vmlinux)",
+            path.exists(),
+        ) {
+            return;
+        }
+        let btf = KernelBtf::vmlinux().unwrap();
+        let mut c = ConnConfig::default();
+        tcp_btf_offsets(&btf, &mut c).unwrap();
+        assert_eq!(
+            (
+                c.sk_daddr,
+                c.sk_rcv_saddr,
+                c.sk_dport,
+                c.sk_num,
+                c.sk_family
+            ),
+            (0, 4, 12, 14, 16)
+        );
+        assert!(c.sk_v6_daddr > c.sk_family && c.sk_v6_rcv_saddr == c.sk_v6_daddr + 16);
+        assert!(c.sk_protocol > c.sk_v6_rcv_saddr, "{c:?}");
+    }
 
     #[test]
     fn keys_become_connections_with_plain_ipv4() {

@@ -473,8 +473,7 @@ impl Capture {
             CaptureError::Config(format!("reading the CPU count from {path}: {e}"))
         })?;
         let conns = &config.connections;
-        let (conn_config, tcp_unusable, udp_unusable) =
-            super::connections::conn_config(&tracefs_root, &btf, conns);
+        let conn_layout = super::connections::conn_config(&tracefs_root, &btf, conns);
         // The reader's protocol relies on the CPU keeping the program's stores in order.
         let cache_enabled = cfg!(target_arch = "x86_64") && config.drop_log_records != 0;
         let cpus = u32::try_from(nr_cpus).unwrap_or(u32::MAX);
@@ -494,7 +493,7 @@ impl Capture {
             .map_max_entries("DROP_LOG", cpus.saturating_mul(log_records))
             .map_max_entries("DROP_CPU", cpus)
             .override_global("LOCATIONS", &locations, true)
-            .override_global("CONN_CONFIG", &conn_config, true)
+            .override_global("CONN_CONFIG", &conn_layout.config, true)
             .map_max_entries("CONNECTIONS", conns.map_entries.max(1))
             .map_max_entries("UDP_TRACK", conns.udp_track_entries.max(1))
             .map_max_entries("FLOWS", lru_entries(config.flow_map_entries, nr_cpus))
@@ -563,8 +562,8 @@ impl Capture {
             Some(super::connections::ConnectionCapture::attach(
                 &mut ebpf,
                 conns,
-                tcp_unusable,
-                udp_unusable,
+                &conn_layout,
+                config.attach,
                 config.idle_drains,
             )?)
         } else {
