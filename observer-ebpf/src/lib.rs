@@ -38,7 +38,9 @@ pub mod loss {
     pub const HEADER_NOT_LINEAR: u32 = 5;
     /// The CPU's flush log of the drop cache was full (userspace had not consumed it), so a
     /// cache line could not be evicted: the drop was counted in the flow map instead, with its
-    /// full key. Counts stay exact; it says the reader is falling behind.
+    /// full key. Counts stay exact; it says the reader is falling behind. Also counted, before
+    /// the same fallback, if a CPU has no cache slot (never seen: the maps are sized for every
+    /// possible CPU); with the cache on, userspace walks the flow map only when this moves.
     pub const DROP_LOG_FULL: u32 = 6;
     /// A key installed into the drop cache sent no sample because its CPU had spent the sample
     /// budget userspace grants (about 3,200 a second; counts stay exact; the key is sampled at

@@ -735,9 +735,10 @@ fn key_eq(a: *const FlowKey, b: &FlowKey) -> bool {
 }
 
 /// Counts a drop in this CPU's drop cache: adds to the key's line, or flushes the line's
-/// previous key to the log and installs this one. Returns false, having changed nothing, when
-/// the drop must go to `FLOWS`: the log is full (a counted `DROP_LOG_FULL`) or a map index is out
-/// of range (the maps were sized for fewer CPUs).
+/// previous key to the log and installs this one. Returns false, having changed nothing but the
+/// `DROP_LOG_FULL` counter, when the drop must go to `FLOWS`: the log is full, or a map index is
+/// out of range (the maps were sized for fewer CPUs). Userspace walks `FLOWS` only when that
+/// counter moved, so every way into `FLOWS` counts it, before the `FLOWS` write.
 ///
 /// Every store is volatile so the BPF code keeps program order, which the reader relies on (on
 /// x86 the JIT and the CPU keep it too; userspace disables the cache elsewhere).
@@ -750,9 +751,11 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
     let line = (h >> (64 - CACHE_LINES.trailing_zeros())) as u32 & (CACHE_LINES - 1);
     let mask = config_cache!(log_mask);
     let Some(st) = DROP_CPU.get_ptr_mut(cpu) else {
+        count_loss(loss::DROP_LOG_FULL);
         return false;
     };
     let Some(e) = DROP_CACHE.get_ptr_mut(cpu.wrapping_mul(CACHE_LINES).wrapping_add(line)) else {
+        count_loss(loss::DROP_LOG_FULL);
         return false;
     };
     // SAFETY (this block and below): `st` and `e` belong to this CPU, which is the only writer,
@@ -780,6 +783,7 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
                 .wrapping_mul(mask.wrapping_add(1))
                 .wrapping_add(head as u32 & mask);
             let Some(r) = DROP_LOG.get_ptr_mut(idx) else {
+                count_loss(loss::DROP_LOG_FULL);
                 return false;
             };
             core::ptr::write_volatile(&raw mut (*st).seq, seq + 1);

@@ -67,6 +67,8 @@ pub struct Capture {
     pub(super) cache: Option<CacheHandle>,
     /// Reused buffer of drop-cache deltas.
     pub(super) cache_scratch: Vec<(FlowKey, Counter)>,
+    /// `DROP_LOG_FULL` summed over CPUs when the drain last asked whether to walk `FLOWS`.
+    pub(super) log_full_walked: u64,
 }
 
 impl std::fmt::Debug for Capture {
@@ -612,6 +614,7 @@ impl Capture {
             connections,
             cache,
             cache_scratch: Vec::new(),
+            log_full_walked: 0,
         })
     }
 
