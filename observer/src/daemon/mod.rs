@@ -87,6 +87,8 @@ pub struct RunArgs {
     /// Kernel hook: `auto` (the BTF raw tracepoint `tp_btf/kfree_skb` where the kernel has it,
     /// else the classic tracepoint), `tracepoint` (always the classic `skb:kfree_skb`, an escape
     /// hatch should a kernel misbehave with the other), or `tp_btf` (fail rather than fall back).
+    /// The TCP connection hook follows: `tp_btf/inet_sock_set_state` unless `tracepoint`, with
+    /// the classic `sock:inet_sock_set_state` as its fallback either way.
     #[arg(long, value_enum, default_value_t = AttachArg::Auto)]
     pub attach: AttachArg,
     /// Only count drops in the network namespace with this inode (`stat -L -c %i
