@@ -182,6 +182,9 @@ pub fn load_dir_with_summary(path: &Path) -> Result<(Inventory, LoadSummary), Lo
     }
     loader.summary.files = files.len();
     let out = loader.finish()?;
+    // Label sets of the inventory before the last one are garbage by now (a reload's caller
+    // holds at most the current one while this one is built).
+    super::labels::prune();
     tracing::debug!(
         dir = %path.display(),
         files = out.1.files,
