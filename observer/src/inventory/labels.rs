@@ -389,6 +389,12 @@ pub fn prune() -> Pruned {
     interner().prune()
 }
 
+/// True when `s` is an interned key or value (for tests of the inventory sources' pruning).
+#[cfg(test)]
+pub(crate) fn is_interned(s: &str) -> bool {
+    interner().strings.contains(s)
+}
+
 /// How many label sets and strings the interner holds (for tests and diagnostics).
 pub fn interned() -> (usize, usize) {
     let i = interner();
@@ -400,10 +406,6 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
 
     use super::*;
-
-    fn is_interned(s: &str) -> bool {
-        interner().strings.contains(s)
-    }
 
     #[test]
     fn iterates_in_key_order_and_looks_up() {
