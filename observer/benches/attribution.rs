@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 use observer::flow::Protocol;
 use observer::inventory::{
-    Attributor, ContainerPort, Endpoint, Inventory, Namespace, NodeAddrs, Pod, PodPhase, Workload,
+    Attributor, ContainerPort, Endpoint, Inventory, Labels, Namespace, NodeAddrs, Pod, PodPhase,
+    Workload,
 };
 
 const PODS: usize = 10_000;
@@ -34,7 +35,7 @@ fn inventory() -> Inventory {
             name.clone(),
             Namespace {
                 name: name.clone(),
-                labels: BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), name)]),
+                labels: Labels::from([("kubernetes.io/metadata.name", &name)]),
             },
         );
     }
@@ -46,7 +47,7 @@ fn inventory() -> Inventory {
         inv.pods.push(Arc::new(Pod {
             namespace: format!("team-{}", i % 100),
             name: format!("{deployment}-5d8f7-{i:05}"),
-            labels: BTreeMap::from([("app".to_owned(), deployment.clone())]),
+            labels: Labels::from([("app", &deployment)]),
             ips: vec![IpAddr::V4(v4), IpAddr::V6(v6)],
             host_network: false,
             node_name: Some(format!("node-{}", i % 50)),

@@ -99,10 +99,16 @@ pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
     let name = non_empty(&ns.metadata.name)
         .ok_or(ConvertError::MissingName { kind: "Namespace" })?
         .to_owned();
-    let mut labels = ns.metadata.labels.clone().unwrap_or_default();
-    labels
-        .entry(NAMESPACE_NAME_LABEL.to_owned())
-        .or_insert_with(|| name.clone());
+    let listed = ns.metadata.labels.as_ref();
+    let implied = listed
+        .is_none_or(|l| !l.contains_key(NAMESPACE_NAME_LABEL))
+        .then_some((NAMESPACE_NAME_LABEL, name.as_str()));
+    let labels = listed
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(implied)
+        .collect();
     Ok(Namespace { name, labels })
 }
 
@@ -151,8 +157,7 @@ pub fn service(svc: &core::Service) -> Result<Service, ConvertError> {
 
 /// A namespace known only by name (referenced by a pod or policy but not listed).
 pub fn namespace_from_name(name: &str) -> Namespace {
-    let mut labels = Labels::new();
-    labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.to_owned());
+    let labels = Labels::from([(NAMESPACE_NAME_LABEL, name)]);
     Namespace {
         name: name.to_owned(),
         labels,
@@ -177,7 +182,7 @@ pub fn pod(pod: &core::Pod, owners: &OwnerIndex) -> Result<Pod, ConvertError> {
         kind: "Pod",
         name: name.to_owned(),
     })?;
-    let labels = meta.labels.clone().unwrap_or_default();
+    let labels = meta.labels.as_ref().map(Labels::from).unwrap_or_default();
     let spec = pod.spec.as_ref();
     let status = pod.status.as_ref();
 

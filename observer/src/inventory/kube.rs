@@ -692,6 +692,9 @@ impl SnapshotBuilder {
             _ => {
                 let inv = Arc::new(next);
                 self.current = Some(Arc::clone(&inv));
+                // Pods deleted or relabelled since the last snapshot may have left label sets
+                // that no object holds: free them with the snapshot that dropped them.
+                super::labels::prune();
                 inv
             }
         };

@@ -182,6 +182,9 @@ pub fn load_dir_with_summary(path: &Path) -> Result<(Inventory, LoadSummary), Lo
     }
     loader.summary.files = files.len();
     let out = loader.finish()?;
+    // Label sets of the inventory before the last one are garbage by now (a reload's caller
+    // holds at most the current one while this one is built).
+    super::labels::prune();
     tracing::debug!(
         dir = %path.display(),
         files = out.1.files,
@@ -1235,5 +1238,39 @@ metadata: {namespace: n}
             e.to_string(),
             "t.yaml: document 2 (Pod default/a): duplicate of the object at t.yaml document 1 (Pod default/a)"
         );
+    }
+
+    #[test]
+    fn reloads_free_the_label_sets_of_dropped_inventories() {
+        // Unique values: the interner is process-wide and other tests run concurrently.
+        let value = |generation: usize| format!("reload-{generation}-a41c");
+        let dir = tempfile::tempdir().unwrap();
+        let mut current = None;
+        for generation in 0..5 {
+            std::fs::write(
+                dir.path().join("pods.yaml"),
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: prod, \
+                     labels: {{app: web, intern-reload-test: {}}}}}\n",
+                    value(generation)
+                ),
+            )
+            .unwrap();
+            // As the daemon does: the previous inventory is dropped once the new one is in use.
+            current = Some(load_dir(dir.path()).unwrap());
+        }
+        let current = current.unwrap();
+        assert_eq!(
+            current.pods[0].labels.get("intern-reload-test"),
+            Some(value(4).as_str())
+        );
+        assert!(crate::inventory::labels::is_interned(&value(4)));
+        // Generation 3 was still in use while generation 4 loaded; older ones were pruned.
+        for generation in 0..=2 {
+            assert!(
+                !crate::inventory::labels::is_interned(&value(generation)),
+                "generation {generation}'s labels outlived two reloads"
+            );
+        }
     }
 }

@@ -10,8 +10,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use super::validate::InvalidObject;
 use crate::flow::Protocol;
 
-/// Labels of an object.
-pub type Labels = BTreeMap<String, String>;
+pub use super::labels::Labels;
 
 /// A namespace and its labels.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -167,7 +167,7 @@ pub fn deployment_from_hash<'a>(rs_name: &'a str, labels: &Labels) -> Option<&'a
     if hash.is_empty() {
         return None;
     }
-    let prefix = rs_name.strip_suffix(hash.as_str())?.strip_suffix('-')?;
+    let prefix = rs_name.strip_suffix(hash)?.strip_suffix('-')?;
     (!prefix.is_empty()).then_some(prefix)
 }
 

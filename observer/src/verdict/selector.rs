@@ -87,8 +87,12 @@ impl Selector {
             .iter()
             .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
             && self.requirements.iter().all(|r| match r {
-                Requirement::In(k, vs) => labels.get(k).is_some_and(|have| vs.contains(have)),
-                Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|have| !vs.contains(have)),
+                Requirement::In(k, vs) => labels
+                    .get(k)
+                    .is_some_and(|have| vs.iter().any(|v| v == have)),
+                Requirement::NotIn(k, vs) => labels
+                    .get(k)
+                    .is_none_or(|have| vs.iter().all(|v| v != have)),
                 Requirement::Exists(k) => labels.contains_key(k),
                 Requirement::DoesNotExist(k) => !labels.contains_key(k),
             })
@@ -160,7 +164,7 @@ mod tests {
             match_labels: if ml.is_empty() {
                 None
             } else {
-                Some(labels(ml))
+                Some(labels(ml).to_btree_map())
             },
             match_expressions: if exprs.is_empty() { None } else { Some(exprs) },
         };

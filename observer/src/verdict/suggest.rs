@@ -101,8 +101,7 @@ pub fn stable_labels(pods: &[&Pod]) -> Labels {
     let mut common: Labels = first
         .labels
         .iter()
-        .filter(|(k, _)| !UNSTABLE_LABELS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .filter(|(k, _)| !UNSTABLE_LABELS.contains(k))
         .collect();
     for pod in iter {
         common.retain(|k, v| pod.labels.get(k) == Some(v));
@@ -140,7 +139,7 @@ fn pods_of(engine: &Engine, ns: &str, workload: &str) -> Result<Vec<Arc<Pod>>, S
 
 fn selector(labels: Labels) -> LabelSelector {
     LabelSelector {
-        match_labels: (!labels.is_empty()).then_some(labels),
+        match_labels: (!labels.is_empty()).then(|| labels.to_btree_map()),
         match_expressions: None,
     }
 }
@@ -525,17 +524,14 @@ mod tests {
             ("pod-template-hash", "2"),
         ]);
         let labels = stable_labels(&[&a, &b]);
-        assert_eq!(labels, Labels::from([("app".into(), "web".into())]));
+        assert_eq!(labels, Labels::from([("app", "web")]));
         let sts = pod(&[
             ("app", "db"),
             ("controller-revision-hash", "db-5"),
             ("statefulset.kubernetes.io/pod-name", "db-0"),
             ("apps.kubernetes.io/pod-index", "0"),
         ]);
-        assert_eq!(
-            stable_labels(&[&sts]),
-            Labels::from([("app".into(), "db".into())])
-        );
+        assert_eq!(stable_labels(&[&sts]), Labels::from([("app", "db")]));
         assert!(stable_labels(&[]).is_empty());
     }
 

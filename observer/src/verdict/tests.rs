@@ -14,7 +14,7 @@ fn ns(name: &str, labels: &[(&str, &str)]) -> Namespace {
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    l.insert("kubernetes.io/metadata.name".into(), name.into());
+    l.insert("kubernetes.io/metadata.name", name);
     Namespace {
         name: name.into(),
         labels: l,

@@ -47,7 +47,7 @@ fn kubectl_list_fixture_loads() {
         inv.namespaces.keys().collect::<Vec<_>>(),
         ["default", "dev", "kube-system", "prod"]
     );
-    assert_eq!(inv.namespaces["prod"].labels["team"], "payments");
+    assert_eq!(inv.namespaces["prod"].labels.get("team"), Some("payments"));
 
     let coredns = pod(&inv, "kube-system", "coredns-5d78c9869d-7qz4p");
     assert_eq!(coredns.workload, wl("Deployment", "coredns"));
@@ -196,7 +196,7 @@ fn directory_layouts() {
         ["n1", "n2", "n3", "n9"]
     );
     assert_eq!(summary.implied_namespaces, 3);
-    assert_eq!(inv.namespaces["n9"].labels["x"], "y");
+    assert_eq!(inv.namespaces["n9"].labels.get("x"), Some("y"));
 }
 
 #[test]

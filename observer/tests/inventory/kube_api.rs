@@ -268,11 +268,7 @@ async fn initial_list_then_watch_for_each_resource() {
         wait_for(&inv, "watch events applied", |s| {
             s.pods.len() == 1
                 && s.pods[0].name == "db"
-                && s.namespaces
-                    .get("prod")
-                    .and_then(|n| n.labels.get("team"))
-                    .map(String::as_str)
-                    == Some("b")
+                && s.namespaces.get("prod").and_then(|n| n.labels.get("team")) == Some("b")
                 && s.policies.len() == 1
                 && serde_json::to_value(&s.policies[0].spec).expect("json")["ingress"][0]["from"][0]
                     ["podSelector"]["matchLabels"]["app"]

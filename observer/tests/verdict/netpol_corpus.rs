@@ -211,9 +211,9 @@ fn build_inventory(case: &Case, stage: &Stage, family: &str) -> Inventory {
     });
     for (name, labels) in ns_source {
         let mut labels = labels.clone();
-        labels.insert("kubernetes.io/metadata.name".into(), name.clone());
+        labels.insert("kubernetes.io/metadata.name", &name);
         if let Some(extra) = stage.namespace_labels.get(&name) {
-            labels.extend(extra.clone());
+            labels.extend(extra.iter());
         }
         namespaces.insert(name.clone(), Namespace { name, labels });
     }
@@ -259,7 +259,7 @@ fn build_inventory(case: &Case, stage: &Stage, family: &str) -> Inventory {
             ),
         };
         if let Some(extra) = stage.pod_labels.get(&id) {
-            labels.extend(extra.clone());
+            labels.extend(extra.iter());
         }
         let (namespace, name) = id.split_once('/').unwrap();
         pods.push(Arc::new(Pod {

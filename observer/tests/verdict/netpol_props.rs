@@ -31,6 +31,7 @@ fn labels_strategy() -> impl Strategy<Value = Labels> {
         prop::sample::select(VALUES.to_vec()).prop_map(str::to_owned),
         0..=2,
     )
+    .prop_map(Labels::from)
 }
 
 fn selector_strategy() -> impl Strategy<Value = Value> {
@@ -284,8 +285,12 @@ fn brute_matches(sel: &LabelSelector, labels: &Labels) -> bool {
         && sel.match_expressions.iter().flatten().all(|e| {
             let vals = e.values.clone().unwrap_or_default();
             match e.operator.as_str() {
-                "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
-                "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
+                "In" => labels
+                    .get(&e.key)
+                    .is_some_and(|v| vals.iter().any(|x| x == v)),
+                "NotIn" => labels
+                    .get(&e.key)
+                    .is_none_or(|v| vals.iter().all(|x| x != v)),
                 "Exists" => labels.contains_key(&e.key),
                 "DoesNotExist" => !labels.contains_key(&e.key),
                 _ => false,

@@ -278,13 +278,7 @@ fn workloads_are_resolved_from_owners() {
 fn namespace_label_changes_are_reflected() {
     let mut c = Cluster::listed(vec![ns("dev", json!({"team": "a"}))], vec![], vec![]);
     let (first, _) = c.build();
-    assert_eq!(
-        first.namespaces["dev"]
-            .labels
-            .get("team")
-            .map(String::as_str),
-        Some("a")
-    );
+    assert_eq!(first.namespaces["dev"].labels.get("team"), Some("a"));
     // The API server's own label survives trimming.
     let mut relabelled = ns(
         "dev",
@@ -297,18 +291,11 @@ fn namespace_label_changes_are_reflected() {
     let (second, changed) = c.build();
     assert!(changed);
     assert!(!Arc::ptr_eq(&first, &second));
+    assert_eq!(second.namespaces["dev"].labels.get("team"), Some("b"));
     assert_eq!(
         second.namespaces["dev"]
             .labels
-            .get("team")
-            .map(String::as_str),
-        Some("b")
-    );
-    assert_eq!(
-        second.namespaces["dev"]
-            .labels
-            .get("kubernetes.io/metadata.name")
-            .map(String::as_str),
+            .get("kubernetes.io/metadata.name"),
         Some("dev")
     );
 }
@@ -606,4 +593,39 @@ fn service_cluster_ips_take_the_opening_end_off_the_edges() {
     let got = attribute(&report, |a| views.endpoint(a), |a| views.service(a));
     assert!(got.services.is_empty(), "{:?}", got.services);
     assert_eq!(got.edges[&edge("", "private", 80)], 7);
+}
+
+#[test]
+fn relabelled_pods_free_their_old_label_sets() {
+    // Unique values: the interner is process-wide and other tests run concurrently.
+    let value = |generation: usize| format!("watch-{generation}-5e1d");
+    let labelled = |generation: usize| {
+        owned_pod(
+            "prod",
+            "web-abc-1",
+            json!({"app": "web", "intern-watch-test": value(generation)}),
+            ("apps/v1", "ReplicaSet", "web-abc"),
+        )
+    };
+    let mut c = Cluster::listed(vec![ns("prod", json!({}))], vec![labelled(0)], vec![]);
+    let (mut current, _) = c.build();
+    for generation in 1..5 {
+        c.apply_pod(labelled(generation));
+        let (next, changed) = c.build();
+        assert!(changed);
+        // As the daemon does: the previous snapshot is dropped once the new one is in use.
+        current = next;
+    }
+    assert_eq!(
+        current.pods[0].labels.get("intern-watch-test"),
+        Some(value(4).as_str())
+    );
+    assert!(crate::inventory::labels::is_interned(&value(4)));
+    // Generation 3 was still in use while generation 4's snapshot was built.
+    for generation in 0..=2 {
+        assert!(
+            !crate::inventory::labels::is_interned(&value(generation)),
+            "generation {generation}'s labels outlived two snapshots"
+        );
+    }
 }
