@@ -108,11 +108,11 @@ impl Labels {
 
     /// Keeps only the labels for which `keep(key, value)` is true.
     pub fn retain(&mut self, mut keep: impl FnMut(&str, &str) -> bool) {
-        if self.iter().all(|(k, v)| keep(k, v)) {
-            return;
-        }
         // `keep` may be stateful: call it once per label, as `BTreeMap::retain` does.
         let kept: Vec<bool> = self.iter().map(|(k, v)| keep(k, v)).collect();
+        if kept.iter().all(|k| *k) {
+            return;
+        }
         *self = self
             .iter()
             .zip(kept)
