@@ -247,7 +247,9 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
 }
 
 fn try_established_sock(sk: u64, side: u8) -> Result<(), i64> {
-    if sk == 0 || read::<u16>(sk, conn_config!(sk_protocol))? != IPPROTO_TCP {
+    // One byte: `sk_protocol`'s low byte whether it is a u16 (5.6+) or a bitfield (see the
+    // loader's `tcp_btf_offsets`).
+    if sk == 0 || read::<u8>(sk, conn_config!(sk_protocol))? != IPPROTO_TCP as u8 {
         return Ok(());
     }
     let (local, peer) = match read::<u16>(sk, conn_config!(sk_family))? {

@@ -555,7 +555,7 @@ mod tests {
         );
         assert_eq!(size_of::<ConnKey>(), 16 + 16 + 2 + 1 + 1);
         assert_eq!(size_of::<UdpTuple>(), 16 + 16 + 2 + 2);
-        assert_eq!(size_of::<ConnConfig>(), 19 * 4);
+        assert_eq!(size_of::<ConnConfig>(), 26 * 4);
         assert_eq!(size_of::<CacheEntry>(), size_of::<FlowKey>() + 4 + 8 + 8);
         assert_eq!(size_of::<CacheEntry>(), 64);
         assert_eq!(core::mem::offset_of!(CacheEntry, packets), 48);
