@@ -395,12 +395,6 @@ pub(crate) fn is_interned(s: &str) -> bool {
     interner().strings.contains(s)
 }
 
-/// How many label sets and strings the interner holds (for tests and diagnostics).
-pub fn interned() -> (usize, usize) {
-    let i = interner();
-    (i.sets.len(), i.strings.len())
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
