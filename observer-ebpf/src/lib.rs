@@ -42,9 +42,10 @@ pub mod loss {
     /// the same fallback, if a CPU has no cache slot (never seen: the maps are sized for every
     /// possible CPU); with the cache on, userspace walks the flow map only when this moves.
     pub const DROP_LOG_FULL: u32 = 6;
-    /// A key installed into the drop cache sent no sample because its CPU had spent the sample
-    /// budget userspace grants (about 3,200 a second; counts stay exact; the key is sampled at
-    /// a later install if it has one).
+    /// Samples not sent because a CPU had spent the sample budget userspace grants (about
+    /// 3,200 a second; counts stay exact). The drop cache counts these in
+    /// [`CpuState::sample_skips`] instead, on the line it has just written: one per install
+    /// that found the budget spent, whether or not that key had been sampled before.
     pub const SAMPLE_BUDGET: u32 = 7;
     /// Number of slots.
     pub const COUNT: u32 = 8;
@@ -285,8 +286,11 @@ pub struct CpuState {
     pub head: u64,
     /// Samples this CPU's cache installs have sent (or tried to: a full ring counts too).
     pub samples: u64,
+    /// Cache installs that found `samples` at `sample_limit`, so sent no sample and did not
+    /// look whether the key had one already (exported as the `sample_budget` loss).
+    pub sample_skips: u64,
     /// Padding to the end of the kernel's cache line.
-    pub _kernel_pad: [u64; 5],
+    pub _kernel_pad: [u64; 4],
     /// Flush records consumed by userspace: the program never writes a record at or beyond
     /// `tail + log_records`.
     pub tail: u64,

@@ -139,6 +139,9 @@ pub(super) struct ReaderStats {
     pub tracked: usize,
     /// Records not counted per flow because the tally held its maximum of keys (cumulative).
     pub refused: u64,
+    /// Cache installs that sent no sample because their CPU's budget was spent (cumulative,
+    /// [`CpuState::sample_skips`] over all CPUs).
+    pub sample_skips: u64,
 }
 
 /// Consumes the flush logs and snapshots live lines into per-key deltas.
@@ -371,9 +374,19 @@ impl CacheReader {
 
     /// Statistics (cumulative counts, current size).
     pub(super) fn stats(&self) -> ReaderStats {
+        let sample_skips = (0..self.regions.nr_cpus)
+            .map(|cpu| {
+                // SAFETY: field pointer of a live CpuState.
+                load(
+                    unsafe { &raw mut (*self.cpu_state(cpu)).sample_skips },
+                    Ordering::Relaxed,
+                )
+            })
+            .fold(0u64, u64::wrapping_add);
         ReaderStats {
             tracked: self.emitted.iter().flatten().count() + self.displaced.len(),
             refused: self.tally.refused(),
+            sample_skips,
             ..self.stats
         }
     }
@@ -694,6 +707,15 @@ mod tests {
         // After a long sleep, at most a second's worth.
         r.consume_logs_at(t0 + std::time::Duration::from_secs(60));
         assert_eq!(k.cpu(1).sample_limit, 2 * SAMPLES_PER_SEC);
+    }
+
+    #[test]
+    fn sample_skips_are_summed_over_cpus() {
+        let (r, mut k) = setup(3, 4);
+        assert_eq!(r.stats().sample_skips, 0);
+        k.cpu(0).sample_skips = 5;
+        k.cpu(2).sample_skips = 7;
+        assert_eq!(r.stats().sample_skips, 12);
     }
 
     #[test]

@@ -411,6 +411,7 @@ impl Capture {
             report.drops.push(decode(key, label, c.packets, c.bytes));
         }
         self.cache_scratch = deltas;
+        self.cache_sample_skips = stats.sample_skips;
         tracing::trace!(
             records = stats.records,
             busy_lines = stats.busy_lines,
@@ -429,6 +430,10 @@ impl Capture {
                 source,
             })?;
             *c = values.iter().sum();
+        }
+        // The drop cache counts its budget skips on its own per-CPU line, not in LOSSES.
+        if let Some(c) = cum.get_mut(loss::SAMPLE_BUDGET as usize) {
+            *c = c.wrapping_add(self.cache_sample_skips);
         }
         let mut loss_delta = |slot: u32| {
             let now = cum.get(slot as usize).copied().unwrap_or(0);

@@ -67,6 +67,9 @@ pub struct Capture {
     pub(super) cache: Option<CacheHandle>,
     /// Reused buffer of drop-cache deltas.
     pub(super) cache_scratch: Vec<(FlowKey, Counter)>,
+    /// [`super::cache::ReaderStats::sample_skips`] at the last drain, added to the `LOSSES`
+    /// slot of `sample_budget` (the cache counts its skips on its own per-CPU line).
+    pub(super) cache_sample_skips: u64,
     /// `DROP_LOG_FULL` summed over CPUs when the drain last asked whether to walk `FLOWS`.
     pub(super) log_full_walked: u64,
 }
@@ -614,6 +617,7 @@ impl Capture {
             connections,
             cache,
             cache_scratch: Vec::new(),
+            cache_sample_skips: 0,
             log_full_walked: 0,
         })
     }

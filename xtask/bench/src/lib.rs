@@ -184,6 +184,11 @@ pub struct Session {
     /// eBPF run time per program run in each scenario (scenario order; `None` where the
     /// programs did not run), from the stats windows.
     pub ns_per_drop: Vec<Option<f64>>,
+    /// deny-observer's and the bpftrace one-liner's eBPF run time per program run in each
+    /// scenario, measured on the same floods with both attached (daemon sessions, when bpftrace
+    /// is a configuration of the run too): one machine state for both, where the separate
+    /// sessions' figures are minutes apart.
+    pub paired_ns: Vec<Option<(f64, f64)>>,
     /// Drop → counter latency of small bursts: `None` where /metrics never showed the burst.
     pub latencies: Vec<Option<Duration>>,
     /// Observer CPU per second of wall time with no flood (its fixed cost).
@@ -294,6 +299,9 @@ struct Bench {
     threads: usize,
     window: Duration,
     netfilter_drop: u64,
+    /// Measure the daemon's eBPF cost paired with the bpftrace one-liner's (both configurations
+    /// are in the run).
+    paired: bool,
 }
 
 /// Runs the benchmark (needs root) and prints the report.
@@ -352,7 +360,8 @@ pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
             removed.join(", ")
         );
     }
-    let bench = Bench::new(bin, args.threads, window, netfilter_drop)?;
+    let mut bench = Bench::new(bin, args.threads, window, netfilter_drop)?;
+    bench.paired = configs.contains(&Config::Daemon) && configs.contains(&Config::Bpftrace);
     eprintln!(
         "bench: {} rounds of {} ({} s windows, {} sender thread(s)); sender {} -> {} {}",
         rounds,
@@ -483,6 +492,41 @@ impl Bench {
             threads,
             window,
             netfilter_drop,
+            paired: false,
+        })
+    }
+
+    /// The stats window again with the bpftrace one-liner attached next to the daemon's
+    /// programs: each drop runs both, so the two costs are measured on the same packets in the
+    /// same machine state. A one-liner that fails to start or to stop loses only this figure.
+    fn paired_stats(
+        &self,
+        scenarios: &[Scenario],
+        daemon: &Daemon,
+        round: usize,
+    ) -> anyhow::Result<Vec<Option<(f64, f64)>>> {
+        let bpftrace = match Bpftrace::start(self.log(&format!("bpftrace-paired-{round}"))) {
+            Ok(b) => b,
+            Err(err) => {
+                eprintln!("bench:   no paired eBPF figures this round: {err:#}");
+                return Ok(Vec::new());
+            }
+        };
+        let both = self.stats_windows(
+            scenarios,
+            &[&daemon.proc.progs, &bpftrace.proc.progs],
+            "eBPF ns/drop paired, deny-observer / bpftrace",
+        )?;
+        if let Err(err) = bpftrace.finish() {
+            eprintln!("bench:   the paired one-liner did not stop cleanly: {err:#}");
+        }
+        Ok(match both.as_slice() {
+            [ours, theirs] => ours
+                .iter()
+                .zip(theirs)
+                .map(|(a, b)| Some(((*a)?, (*b)?)))
+                .collect(),
+            _ => Vec::new(),
         })
     }
 
@@ -561,6 +605,9 @@ impl Bench {
                     session.latencies.push(self.burst_latency(&mut daemon)?);
                 }
                 session.ns_per_drop = self.stats_window(scenarios, &daemon.proc.progs)?;
+                if self.paired {
+                    session.paired_ns = self.paired_stats(scenarios, &daemon, round)?;
+                }
                 if let Ok((m, _)) = daemon.scrape() {
                     let full = m.sum(
                         "deny_observer_events_lost_total",
@@ -778,23 +825,38 @@ impl Bench {
         scenarios: &[Scenario],
         progs: &BTreeSet<u64>,
     ) -> anyhow::Result<Vec<Option<f64>>> {
+        let mut each = self.stats_windows(scenarios, &[progs], "eBPF ns/drop")?;
+        Ok(each.pop().unwrap_or_default())
+    }
+
+    /// [`Bench::stats_window`] for several sets of programs attached at once, all measured on
+    /// the same floods: one `Vec` per set, in `sets` order.
+    fn stats_windows(
+        &self,
+        scenarios: &[Scenario],
+        sets: &[&BTreeSet<u64>],
+        what: &str,
+    ) -> anyhow::Result<Vec<Vec<Option<f64>>>> {
         let _on = sys::SysctlGuard::bpf_stats()?;
-        let mut out = Vec::new();
+        let mut out = vec![Vec::new(); sets.len()];
         let mut each = Vec::new();
         for s in scenarios {
             let cfg = self.flood_config(s.kind, s.flows, FIRST_PORT)?;
-            let (t0, c0) = sys::run_stats(progs)?;
+            let before = sets
+                .iter()
+                .map(|p| sys::run_stats(p))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             flood::flood(&cfg, Until::Elapsed(STATS_WINDOW))?;
-            let (t1, c1) = sys::run_stats(progs)?;
-            let ns = (c1 > c0).then(|| (t1 - t0) as f64 / (c1 - c0) as f64);
-            each.push(format!(
-                "{} {}",
-                s.name,
-                ns.map_or("-".into(), |ns| format!("{ns:.1}"))
-            ));
-            out.push(ns);
+            let mut shown = Vec::new();
+            for ((set, (t0, c0)), out) in sets.iter().zip(before).zip(&mut out) {
+                let (t1, c1) = sys::run_stats(set)?;
+                let ns = (c1 > c0).then(|| (t1 - t0) as f64 / (c1 - c0) as f64);
+                shown.push(ns.map_or("-".into(), |ns| format!("{ns:.1}")));
+                out.push(ns);
+            }
+            each.push(format!("{} {}", s.name, shown.join(" / ")));
         }
-        eprintln!("bench:   eBPF ns/drop: {}", each.join(", "));
+        eprintln!("bench:   {what}: {}", each.join(", "));
         Ok(out)
     }
 
