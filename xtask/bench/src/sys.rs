@@ -262,15 +262,9 @@ impl Drop for SysctlGuard {
 
 /// A one-line description of this machine for the report.
 pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpu_identity(&cpuinfo);
+    let caches = cpu0_caches();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
@@ -278,12 +272,63 @@ pub fn machine() -> String {
     let virt = cmd::output(&mut cmd("systemd-detect-virt", Vec::<&str>::new()))
         .map(|s| format!(", virtualization: {}", s.trim()))
         .unwrap_or_default();
-    format!("{cores} cores ({cpu}){virt}, Linux {kernel}")
+    format!("{cores} cores ({cpu}{caches}){virt}, Linux {kernel}")
+}
+
+/// The first CPU's model name with its family, model and stepping: a VM often shows only
+/// "AMD EPYC", and hosts of one name differ (cache sizes, generation), which moves every
+/// memory-bound figure of the bench.
+fn cpu_identity(cpuinfo: &str) -> String {
+    let field = |name: &str| {
+        cpuinfo.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.trim() == name).then(|| v.trim().to_owned())
+        })
+    };
+    let name = field("model name").unwrap_or_else(|| "unknown CPU".to_owned());
+    match (field("cpu family"), field("model"), field("stepping")) {
+        (Some(f), Some(m), Some(s)) => format!("{name}, family {f} model {m} stepping {s}"),
+        _ => name,
+    }
+}
+
+/// The first CPU's caches as sysfs lists them, e.g. "; L1d 32K, L1i 32K, L2 512K, L3 32768K"
+/// (per instance: an L2 is usually one core's), or nothing where sysfs has none.
+fn cpu0_caches() -> String {
+    let dir = Path::new("/sys/devices/system/cpu/cpu0/cache");
+    let mut found = Vec::new();
+    for i in 0..8 {
+        let idx = dir.join(format!("index{i}"));
+        let read = |f: &str| std::fs::read_to_string(idx.join(f)).map(|s| s.trim().to_owned());
+        let (Ok(level), Ok(kind), Ok(size)) = (read("level"), read("type"), read("size")) else {
+            continue;
+        };
+        let suffix = match kind.as_str() {
+            "Data" => "d",
+            "Instruction" => "i",
+            _ => "",
+        };
+        found.push(format!("L{level}{suffix} {size}"));
+    }
+    if found.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", found.join(", "))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_identity_names_family_model_and_stepping() {
+        let info = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n\
+                    model name\t: AMD EPYC\nstepping\t: 1\n";
+        assert_eq!(cpu_identity(info), "AMD EPYC, family 25 model 1 stepping 1");
+        assert_eq!(cpu_identity("model name\t: X\n"), "X");
+        assert_eq!(cpu_identity(""), "unknown CPU");
+    }
 
     #[test]
     fn reason_number_from_print_fmt() {
