@@ -292,9 +292,11 @@ impl Capture {
     pub fn drain(&mut self) -> Result<DrainReport, CaptureError> {
         self.state.begin();
         let mut report = DrainReport {
+            drops: std::mem::take(&mut self.drops_scratch),
             flow_map_capacity: u64::from(self.capacity),
             ..DrainReport::default()
         };
+        report.drops.clear();
 
         // 1. Totals first (see the module comment).
         let totals = self.read_totals()?;

@@ -311,6 +311,7 @@ impl Pipeline {
                 for sink in sinks.iter_mut().flatten() {
                     sink.record(out, now);
                 }
+                self.capture.recycle(report, samples);
             }
             Err(err) => {
                 // A failed drain loses nothing: the kernel keeps counting and the next drain
