@@ -18,6 +18,25 @@ pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomS
 /// Hash set counterpart of [`FastMap`].
 pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// Capacity a per-drain buffer keeps without use: a burst's maps and vectors are given back once
+/// drains are small again, and a steady drain keeps what it needs.
+pub const SPARE_CAPACITY: usize = 4096;
+
+/// Gives back most of `map`'s capacity when it is well beyond [`SPARE_CAPACITY`] and four times
+/// what the map holds.
+pub fn trim_map<K: Eq + std::hash::Hash, V>(map: &mut FastMap<K, V>) {
+    if map.capacity() > SPARE_CAPACITY && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
+/// [`trim_map`] for a vector.
+pub fn trim_vec<T>(v: &mut Vec<T>) {
+    if v.capacity() > SPARE_CAPACITY && v.len() * 4 < v.capacity() {
+        v.shrink_to(v.len() * 2);
+    }
+}
+
 /// Transport protocol of a flow, as NetworkPolicy and the metrics name it.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::capture::{DrainReport, FlowDrop, Losses, Sample};
-use crate::flow::{Direction, FastMap, Protocol};
+use crate::flow::{Direction, FastMap, Protocol, trim_map, trim_vec};
 use crate::inventory::{Attributor, Endpoint, Inventory, NodeAddrs, Pod, Service};
 use crate::verdict::{Engine, FlowQuery, Peer, Verdict, VerdictCache};
 
@@ -321,22 +321,6 @@ pub struct Outcomes {
     pub connections: Vec<ConnectionSeries>,
     /// Ring-buffer samples that could not be decoded.
     pub bad_samples: u64,
-}
-
-/// Grouping capacity kept without use: a burst's maps and vectors are given back once drains
-/// are small again, and a steady drain keeps what it needs.
-const SPARE_CAPACITY: usize = 4096;
-
-fn trim_map<K: Eq + std::hash::Hash, V>(map: &mut FastMap<K, V>) {
-    if map.capacity() > SPARE_CAPACITY && map.len() * 4 < map.capacity() {
-        map.shrink_to(map.len() * 2);
-    }
-}
-
-fn trim_vec<T>(v: &mut Vec<T>) {
-    if v.capacity() > SPARE_CAPACITY && v.len() * 4 < v.capacity() {
-        v.shrink_to(v.len() * 2);
-    }
 }
 
 impl Outcomes {

@@ -9,7 +9,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::*;
 use crate::capture::{DrainReport, FlowDrop, Losses, Sample};
-use crate::flow::{Direction, Protocol};
+use crate::flow::{Direction, Protocol, SPARE_CAPACITY};
 use crate::inventory::{
     Endpoint, Inventory, Labels, Namespace, NodeAddrs, Pod, PodPhase, Service, Workload,
 };

@@ -713,19 +713,11 @@ impl Capture {
     /// drains and the next drain page-faulted them back in (a fifth of the pipeline thread's
     /// time in a 4,096-flow flood).
     pub fn recycle(&mut self, report: DrainReport, samples: Vec<Sample>) {
-        self.drops_scratch = recycled(report.drops);
-        self.samples_scratch = recycled(samples);
+        self.drops_scratch = report.drops;
+        self.samples_scratch = samples;
+        crate::flow::trim_vec(&mut self.drops_scratch);
+        crate::flow::trim_vec(&mut self.samples_scratch);
     }
-}
-
-/// `v` emptied, its capacity kept unless it is far beyond what it last held.
-fn recycled<T>(mut v: Vec<T>) -> Vec<T> {
-    const KEEP: usize = 1024;
-    if v.capacity() > KEEP && v.len() * 4 < v.capacity() {
-        v.shrink_to(v.len() * 2);
-    }
-    v.clear();
-    v
 }
 
 #[cfg(test)]

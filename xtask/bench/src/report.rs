@@ -916,6 +916,19 @@ mod tests {
         }
     }
 
+    /// The eBPF ns/drop target of `r`'s report, and the report's JSON.
+    fn ns_target(r: &Results) -> (Target, Value) {
+        let report = Report::new(r);
+        let t = report
+            .targets
+            .iter()
+            .find(|t| t.name.starts_with("eBPF ns/drop"))
+            .unwrap()
+            .clone();
+        let json: Value = serde_json::from_str(&report.json_string().unwrap()).unwrap();
+        (t, json)
+    }
+
     /// The eBPF cost is compared scenario by scenario: a cheap few-flow scenario must not hide
     /// behind the peer's costliest one, nor the reverse.
     #[test]
@@ -936,15 +949,7 @@ mod tests {
                     _ => Vec::new(),
                 };
             }
-            let report = Report::new(&r);
-            let t = report
-                .targets
-                .iter()
-                .find(|t| t.name.starts_with("eBPF ns/drop"))
-                .unwrap()
-                .clone();
-            let json: Value = serde_json::from_str(&report.json_string().unwrap()).unwrap();
-            (t, json)
+            ns_target(&r)
         };
         // Costliest against costliest would pass (200 <= 250); udp-few does not.
         let (t, json) = with_costs([150.0, 200.0], [100.0, 250.0]);
@@ -988,15 +993,7 @@ mod tests {
                 }
                 r.rounds.push(round);
             }
-            let report = Report::new(&r);
-            let t = report
-                .targets
-                .iter()
-                .find(|t| t.name.starts_with("eBPF ns/drop"))
-                .unwrap()
-                .clone();
-            let json: Value = serde_json::from_str(&report.json_string().unwrap()).unwrap();
-            (t, json)
+            ns_target(&r)
         };
         // Separately, 80 vs 60 fails; paired, two rounds of three are cheaper.
         let (t, json) = with_pairs(&[
