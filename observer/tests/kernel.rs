@@ -29,6 +29,8 @@ const DST4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 /// Second destination address, dropped on every UDP port (many-keys test).
 const WIDE4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
 const SRC6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+/// IPv6 twin of [`WIDE4`]: its flows' flush records take two slots of the drop-cache log.
+const WIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 3);
 const DST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
 const UDP_DROP: u16 = 5353;
 const TCP_DROP: u16 = 8443;
@@ -157,17 +159,30 @@ impl NetPair {
         run(&[
             "ip",
             "-n",
-            &s,
-            "neigh",
-            "replace",
-            &WIDE4.to_string(),
-            "lladdr",
-            mac_d,
+            &d,
+            "addr",
+            "add",
+            &format!("{WIDE6}/128"),
             "dev",
-            "vs",
-            "nud",
-            "permanent",
+            "vd",
+            "nodad",
         ]);
+        for wide in [WIDE4.to_string(), WIDE6.to_string()] {
+            run(&[
+                "ip",
+                "-n",
+                &s,
+                "neigh",
+                "replace",
+                &wide,
+                "lladdr",
+                mac_d,
+                "dev",
+                "vs",
+                "nud",
+                "permanent",
+            ]);
+        }
         let meta = std::fs::metadata(format!("/run/netns/{d}")).unwrap();
         pair.dst_inode = u32::try_from(meta.ino()).unwrap();
         let rules = format!(
@@ -180,9 +195,11 @@ impl NetPair {
   counter icmp_drop {{}}
   counter icmp6_drop {{}}
   counter wide {{}}
+  counter wide6 {{}}
   chain input {{
     type filter hook input priority 0; policy accept;
     ip daddr {WIDE4} udp dport 1-65535 counter name wide drop
+    ip6 daddr {WIDE6} udp dport 1-65535 counter name wide6 drop
     udp dport {UDP_DROP} counter name udp_drop drop
     tcp dport {TCP_DROP} counter name tcp_drop drop
     udp dport {UDP_ALLOW} counter name allowed accept
@@ -1204,26 +1221,40 @@ fn drop_cache_counts_many_flows_exactly() {
         const FLOWS: u16 = 1000;
         const ROUNDS: usize = 3;
         let mut reports = Vec::new();
-        // Round robin over the ports (each packet evicts another key's line), with drains
-        // between rounds so that live lines are read and later flushed.
+        // Round robin over the ports (each packet evicts another key's line), IPv4 and IPv6
+        // flows interleaved (flush records of one and two slots), with drains between rounds
+        // so that live lines are read and later flushed.
         for _ in 0..ROUNDS {
             net.in_ns(&net.src, || {
-                let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+                let sock = UdpSocket::bind("[::]:0").unwrap();
                 for port in 1..=FLOWS {
-                    sock.send_to(&[0x5a; 32], SocketAddr::new(IpAddr::V4(WIDE4), port))
-                        .unwrap();
+                    for dst in [IpAddr::V6(WIDE4.to_ipv6_mapped()), IpAddr::V6(WIDE6)] {
+                        sock.send_to(&[0x5a; 32], SocketAddr::new(dst, port))
+                            .unwrap();
+                    }
                 }
             });
             reports.push(capture.drain().unwrap());
         }
         reports.extend(drain_settled(&mut capture));
         let (nft_packets, nft_bytes) = net.counter("wide");
+        let (nft6_packets, nft6_bytes) = net.counter("wide6");
         assert_eq!(nft_packets, u64::from(FLOWS) * ROUNDS as u64);
+        assert_eq!(nft6_packets, u64::from(FLOWS) * ROUNDS as u64);
         let per_flow = totals(&reports);
-        assert_eq!(per_flow.len(), usize::from(FLOWS), "one key per port");
+        assert_eq!(
+            per_flow.len(),
+            2 * usize::from(FLOWS),
+            "one key per port and family"
+        );
         for (id, (packets, bytes)) in &per_flow {
+            let per_packet = if id.1 == Some(IpAddr::V4(WIDE4)) {
+                nft_bytes / nft_packets
+            } else {
+                nft6_bytes / nft6_packets
+            };
             assert_eq!(*packets, ROUNDS as u64, "{id:?}");
-            assert_eq!(*bytes, nft_bytes / nft_packets * ROUNDS as u64, "{id:?}");
+            assert_eq!(*bytes, per_packet * ROUNDS as u64, "{id:?}");
         }
         let evicted: u64 = reports.iter().map(|r| r.losses.evicted_packets).sum();
         assert_eq!(evicted, 0);
@@ -1243,7 +1274,7 @@ fn drop_cache_counts_many_flows_exactly() {
             .flat_map(|r| &r.reason_totals)
             .map(|(_, p, _)| p)
             .sum();
-        assert_eq!(kernel_total, nft_packets);
+        assert_eq!(kernel_total, nft_packets + nft6_packets);
     }
 }
 

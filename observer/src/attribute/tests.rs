@@ -97,6 +97,8 @@ spec: {podSelector: {}, policyTypes: [Egress]}",
             namespace: "prod".into(),
             name: "api".into(),
             cluster_ips: vec![CLUSTER_IP.parse().expect("test address")],
+            selector: None,
+            ports: Vec::new(),
         })],
         ..Inventory::default()
     };

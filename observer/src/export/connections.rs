@@ -601,6 +601,8 @@ mod tests {
             namespace: "shop".into(),
             name: "web".into(),
             cluster_ips: vec!["10.96.0.20".parse().unwrap()],
+            selector: None,
+            ports: Vec::new(),
         });
         let conn = |dst: &str, port, side, count| Connection {
             src: "10.0.0.1".parse().unwrap(),

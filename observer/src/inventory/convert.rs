@@ -9,8 +9,11 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::model::{ContainerPort, Labels, Namespace, Pod, PodPhase, Service};
+use super::model::{
+    ContainerPort, Labels, Namespace, Pod, PodPhase, Service, ServicePort, TargetPort,
+};
 use super::workload::{self, OwnerIndex};
 use crate::flow::Protocol;
 
@@ -76,6 +79,19 @@ pub enum ConvertError {
         port: i32,
         /// The offending protocol text.
         protocol: String,
+    },
+    /// A Service port or numeric target port is outside 1..=65535, or its protocol is not TCP,
+    /// UDP or SCTP.
+    #[error("Service {namespace}/{name}: port {port:?}: {problem}")]
+    BadServicePort {
+        /// Service namespace.
+        namespace: String,
+        /// Service name.
+        name: String,
+        /// The port's name, or its number when it has no name.
+        port: String,
+        /// What is wrong with it.
+        problem: String,
     },
     /// An address in `spec.clusterIP`/`clusterIPs` is neither an IP address nor `None`.
     #[error("Service {namespace}/{name}: cluster IP {ip:?} is not an IP address or \"None\"")]
@@ -148,10 +164,56 @@ pub fn service(svc: &core::Service) -> Result<Service, ConvertError> {
             cluster_ips.push(ip);
         }
     }
+    let selector = spec
+        .and_then(|s| s.selector.as_ref())
+        .filter(|sel| !sel.is_empty())
+        .map(|sel| sel.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect());
+    let mut ports = Vec::new();
+    for p in spec.and_then(|s| s.ports.as_deref()).unwrap_or_default() {
+        let bad = |problem: String| ConvertError::BadServicePort {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            port: non_empty(&p.name).map_or_else(|| p.port.to_string(), str::to_owned),
+            problem,
+        };
+        let number = |n: i32, what: &str| {
+            u16::try_from(n)
+                .ok()
+                .filter(|n| *n != 0)
+                .ok_or_else(|| bad(format!("{what} {n} is not in 1..=65535")))
+        };
+        let port = number(p.port, "port")?;
+        let protocol = match non_empty(&p.protocol) {
+            None => Protocol::Tcp,
+            Some(text) => match text.parse::<Protocol>() {
+                Ok(proto) if proto.has_ports() => proto,
+                _ => return Err(bad(format!("protocol {text:?} is not TCP, UDP or SCTP"))),
+            },
+        };
+        let target = match &p.target_port {
+            None => TargetPort::Number(port),
+            Some(IntOrString::Int(n)) => TargetPort::Number(number(*n, "targetPort")?),
+            Some(IntOrString::String(s)) if s.is_empty() => TargetPort::Number(port),
+            // Digits are no valid port name (the API server refuses them as one): read them
+            // as the number they say rather than as a name no pod can declare.
+            Some(IntOrString::String(s)) => match s.parse::<i32>() {
+                Ok(n) => TargetPort::Number(number(n, "targetPort")?),
+                Err(_) => TargetPort::Name(s.clone()),
+            },
+        };
+        ports.push(ServicePort {
+            name: non_empty(&p.name).map(str::to_owned),
+            protocol,
+            port,
+            target,
+        });
+    }
     Ok(Service {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         cluster_ips,
+        selector,
+        ports,
     })
 }
 
@@ -436,6 +498,67 @@ mod tests {
         let c = pod(&p, &OwnerIndex::default()).unwrap();
         assert!(c.ips.is_empty());
         assert_eq!(c.phase, PodPhase::Unknown);
+    }
+
+    #[test]
+    fn service_ports_and_selector() {
+        let svc = |spec: serde_json::Value| -> core::Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "web", "namespace": "shop"}, "spec": spec}))
+            .unwrap()
+        };
+        let s = service(&svc(serde_json::json!({
+        "clusterIP": "10.96.0.1", "selector": {"app": "web", "tier": "fe"},
+        "ports": [
+            {"name": "http", "port": 80, "targetPort": "http"},
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "alt", "port": 8443, "targetPort": 443},
+            {"name": "digits", "port": 81, "targetPort": "8081"}
+        ]})))
+        .unwrap();
+        let sel = s.selector.as_ref().unwrap();
+        assert_eq!((sel.get("app"), sel.get("tier")), (Some("web"), Some("fe")));
+        let targets: Vec<_> = s
+            .ports
+            .iter()
+            .map(|p| (p.name.as_deref(), p.protocol, p.port, p.target.clone()))
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                (
+                    Some("http"),
+                    Protocol::Tcp,
+                    80,
+                    TargetPort::Name("http".into())
+                ),
+                (Some("dns"), Protocol::Udp, 53, TargetPort::Number(53)),
+                (Some("alt"), Protocol::Tcp, 8443, TargetPort::Number(443)),
+                (Some("digits"), Protocol::Tcp, 81, TargetPort::Number(8081)),
+            ]
+        );
+        // No selector, or an empty one: endpoints managed by hand.
+        let s = service(&svc(
+            serde_json::json!({"clusterIP": "10.96.0.1", "selector": {}}),
+        ))
+        .unwrap();
+        assert!(s.selector.is_none() && s.ports.is_empty());
+        for (port, why) in [
+            (serde_json::json!({"port": 0}), "port 0 is not in 1..=65535"),
+            (
+                serde_json::json!({"port": 80, "targetPort": 70000}),
+                "targetPort 70000",
+            ),
+            (
+                serde_json::json!({"port": 80, "protocol": "ICMP"}),
+                "protocol \"ICMP\"",
+            ),
+        ] {
+            let e = service(&svc(serde_json::json!({"ports": [port]}))).unwrap_err();
+            assert!(matches!(e, ConvertError::BadServicePort { .. }), "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+            assert!(e.to_string().contains("shop/web"), "{e}");
+        }
     }
 
     #[test]

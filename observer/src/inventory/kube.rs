@@ -653,11 +653,12 @@ impl SnapshotBuilder {
             (&a.metadata.namespace, &a.metadata.name)
                 .cmp(&(&b.metadata.namespace, &b.metadata.name))
         });
-        // Headless and ExternalName Services have no address to attribute: not kept.
+        // A Service with neither an address to attribute nor pods to name (ExternalName, or
+        // headless without a selector) is not kept.
         let mut services = Vec::new();
         for obj in stores.services.state() {
             match &obj.model {
-                Ok(model) if !model.cluster_ips.is_empty() => services.push(Arc::clone(model)),
+                Ok(model) if model.is_useful() => services.push(Arc::clone(model)),
                 Ok(_) => {}
                 Err(e) => invalid.push((**e).clone()),
             }

@@ -875,10 +875,11 @@ impl Loader {
                 Err(e) => invalid.push(invalid_object(&path, &at, vec![e.to_string()])),
             }
         }
-        // Headless and ExternalName Services have no address to attribute: not kept.
+        // A Service with neither an address to attribute nor pods to name (ExternalName, or
+        // headless without a selector) is not kept.
         inv.services = services
             .into_iter()
-            .filter(|s| !s.cluster_ips.is_empty())
+            .filter(Service::is_useful)
             .map(Arc::new)
             .collect();
         inv.services

@@ -92,6 +92,51 @@ pub struct Service {
     /// `spec.clusterIPs` (or `spec.clusterIP`): one per IP family on a dual-stack Service,
     /// empty for a headless (`None`), ExternalName or not yet allocated Service.
     pub cluster_ips: Vec<IpAddr>,
+    /// `spec.selector`: the labels of the pods it sends traffic to, in its namespace. `None`
+    /// when it has none (its endpoints are managed by hand, so no pod can be named for it).
+    pub selector: Option<Labels>,
+    /// `spec.ports`.
+    pub ports: Vec<ServicePort>,
+}
+
+/// One port of a Service: what a client dials, and where kube-proxy sends it on the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Port name (required by the API server when a Service has more than one port).
+    pub name: Option<String>,
+    /// Protocol (TCP when unset).
+    pub protocol: Protocol,
+    /// The port clients dial on the ClusterIP.
+    pub port: u16,
+    /// `targetPort`: where the traffic arrives on the pod, which is the port NetworkPolicies
+    /// see (they are evaluated after the translation).
+    pub target: TargetPort,
+}
+
+/// A Service's `targetPort`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    /// A port number (`port` itself when the manifest leaves `targetPort` out).
+    Number(u16),
+    /// A container port name, resolved on each pod.
+    Name(String),
+}
+
+impl Service {
+    /// Whether the inventory keeps it: it has an address to attribute connections to, or
+    /// pods that `explain` can name for it.
+    pub fn is_useful(&self) -> bool {
+        !self.cluster_ips.is_empty() || self.selector.is_some()
+    }
+
+    /// Whether the Service sends traffic to `pod`: same namespace, and every selector label.
+    pub fn selects(&self, pod: &Pod) -> bool {
+        pod.namespace == self.namespace
+            && self
+                .selector
+                .as_ref()
+                .is_some_and(|sel| sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v)))
+    }
 }
 
 /// Complete inventory snapshot. Cheap to share: downstream stages hold an `Arc<Inventory>`.

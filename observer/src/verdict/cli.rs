@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{Engine, FlowQuery, MissKind, NamespaceAudit, Peer, SideReport, Verdict, VerdictError};
 use crate::flow::{Direction, Protocol};
 use crate::inventory::validate::InvalidObject;
-use crate::inventory::{Inventory, Pod, PodPhase};
+use crate::inventory::{Inventory, Pod, PodPhase, Service, ServicePort, TargetPort};
 
 /// Exit status of `explain` when the flow (or one of the explained ports) is denied.
 pub const EXIT_DENY: u8 = 1;
@@ -47,11 +47,15 @@ pub struct ExplainArgs {
     /// `source_workload`) or an IP address.
     #[arg(long, required_unless_present = "flows", conflicts_with = "flows")]
     pub from: Option<String>,
-    /// Destination: `<namespace>/<pod>`, `<namespace>/<workload>` or an IP address.
+    /// Destination: `<namespace>/<pod>`, `<namespace>/<workload>`, `<namespace>/svc/<name>`
+    /// (a Service: the pods it selects), or an IP address (a Service's ClusterIP is that
+    /// Service).
     #[arg(long, required_unless_present = "flows", conflicts_with = "flows")]
     pub to: Option<String>,
-    /// Destination port: a number, or a container port name of the destination. Without it,
-    /// every container port the destination declares is explained.
+    /// Destination port: a number, or a container port name of the destination; for a
+    /// Service, a port of the Service (number or name), judged at its `targetPort`. Without
+    /// it, every container port the destination declares (every port of a Service) is
+    /// explained.
     #[arg(long, conflicts_with = "flows")]
     pub port: Option<String>,
     /// Protocol: TCP, UDP or SCTP, in any case (`tcp` as in the metrics). Default: TCP with
@@ -116,6 +120,10 @@ pub struct Endpoint {
     /// What to judge: the pods of the workload, liveliest and newest first, or the one pod
     /// or address. Never empty.
     pub peers: Vec<Peer>,
+    /// The Service, when one was given by name or ClusterIP: `peers` are the pods it selects,
+    /// and a port is one of the Service's, which NetworkPolicies see as its `targetPort`
+    /// (kube-proxy translates before the policies apply).
+    pub service: Option<Arc<Service>>,
 }
 
 /// Resolves `<ns>/<pod>` or an IP. An IP of a known pod is that pod. IPv4-mapped IPv6
@@ -137,15 +145,20 @@ pub fn resolve_endpoint(engine: &Engine, s: &str) -> Result<Peer, VerdictError> 
     }
 }
 
-/// Resolves `<ns>/<pod>`, `<ns>/<workload>` or an IP. A pod name wins over a workload of the
-/// same name. A workload's terminated pods are only used when it has no other pods.
+/// Resolves `<ns>/<pod>`, `<ns>/<workload>`, `<ns>/svc/<name>` or an IP. A pod name wins
+/// over a workload of the same name; a pod's IP wins over a ClusterIP. A workload's (or
+/// Service's) terminated pods are only used when it has no other pods.
 pub fn resolve_endpoints(engine: &Engine, s: &str) -> Result<Endpoint, VerdictError> {
+    if let Some(svc) = find_service(engine, s)? {
+        return service_endpoint(engine, s, svc);
+    }
     match resolve_endpoint(engine, s) {
         Ok(peer) => {
             return Ok(Endpoint {
                 given: s.to_owned(),
                 workload: None,
                 peers: vec![peer],
+                service: None,
             });
         }
         Err(VerdictError::UnknownPod(_)) => {}
@@ -154,23 +167,17 @@ pub fn resolve_endpoints(engine: &Engine, s: &str) -> Result<Endpoint, VerdictEr
     let Some((ns, name)) = s.split_once('/') else {
         return Err(VerdictError::BadEndpoint(s.to_owned()));
     };
-    let mut pods: Vec<&Arc<Pod>> = engine
-        .inventory()
-        .pods
-        .iter()
-        .filter(|p| p.namespace == ns && p.workload.name == name)
-        .collect();
-    if pods.iter().any(|p| p.phase != PodPhase::Terminated) {
-        pods.retain(|p| p.phase != PodPhase::Terminated);
-    }
+    let pods = live_first(
+        engine
+            .inventory()
+            .pods
+            .iter()
+            .filter(|p| p.namespace == ns && p.workload.name == name)
+            .collect(),
+    );
     if pods.is_empty() {
         return Err(VerdictError::UnknownPod(s.to_owned()));
     }
-    pods.sort_by(|a, b| {
-        (b.phase, b.created_unix)
-            .cmp(&(a.phase, a.created_unix))
-            .then_with(|| a.name.cmp(&b.name))
-    });
     let mut kinds: Vec<&str> = pods.iter().map(|p| p.workload.kind.as_str()).collect();
     kinds.sort_unstable();
     kinds.dedup();
@@ -178,7 +185,170 @@ pub fn resolve_endpoints(engine: &Engine, s: &str) -> Result<Endpoint, VerdictEr
         given: s.to_owned(),
         workload: Some(format!("{} {name}", kinds.join("/"))),
         peers: pods.into_iter().map(|p| Peer::Pod(Arc::clone(p))).collect(),
+        service: None,
     })
+}
+
+/// Only the pods that are not terminated, unless there are no others; liveliest and newest
+/// first.
+fn live_first(mut pods: Vec<&Arc<Pod>>) -> Vec<&Arc<Pod>> {
+    if pods.iter().any(|p| p.phase != PodPhase::Terminated) {
+        pods.retain(|p| p.phase != PodPhase::Terminated);
+    }
+    pods.sort_by(|a, b| {
+        (b.phase, b.created_unix)
+            .cmp(&(a.phase, a.created_unix))
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    pods
+}
+
+/// The Service `s` names: `<ns>/svc/<name>` (or `service`, `services`), or a ClusterIP that
+/// is no pod's address. `None` when `s` names no Service that way.
+fn find_service(engine: &Engine, s: &str) -> Result<Option<Arc<Service>>, VerdictError> {
+    let services = &engine.inventory().services;
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        let ip = ip.to_canonical();
+        if engine.pod_by_ip(ip).is_some() {
+            return Ok(None);
+        }
+        return Ok(services
+            .iter()
+            .find(|svc| svc.cluster_ips.contains(&ip))
+            .cloned());
+    }
+    let mut parts = s.split('/');
+    let (Some(ns), Some(kind), Some(name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Ok(None);
+    };
+    if !matches!(kind, "svc" | "service" | "services") || ns.is_empty() || name.is_empty() {
+        return Ok(None);
+    }
+    services
+        .iter()
+        .find(|svc| svc.namespace == ns && svc.name == name)
+        .cloned()
+        .map(Some)
+        .ok_or_else(|| VerdictError::UnknownService(s.to_owned()))
+}
+
+/// The pods a Service selects, as an endpoint.
+fn service_endpoint(
+    engine: &Engine,
+    given: &str,
+    svc: Arc<Service>,
+) -> Result<Endpoint, VerdictError> {
+    let Some(selector) = &svc.selector else {
+        return Err(VerdictError::Usage(format!(
+            "Service {}/{} has no selector: its endpoints are managed by hand, so name the pod \
+             or address it sends to instead",
+            svc.namespace, svc.name
+        )));
+    };
+    let pods = live_first(
+        engine
+            .inventory()
+            .pods
+            .iter()
+            .filter(|p| svc.selects(p))
+            .collect(),
+    );
+    if pods.is_empty() {
+        let labels: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        return Err(VerdictError::Usage(format!(
+            "Service {}/{} selects no pod (selector {}): its traffic has nowhere to go, \
+             whatever the NetworkPolicies say",
+            svc.namespace,
+            svc.name,
+            labels.join(",")
+        )));
+    }
+    Ok(Endpoint {
+        given: given.to_owned(),
+        workload: Some(format!("Service {}", svc.name)),
+        peers: pods.into_iter().map(|p| Peer::Pod(Arc::clone(p))).collect(),
+        service: Some(svc),
+    })
+}
+
+/// `port` of a Service, as the destination port NetworkPolicies see: its `targetPort`, and
+/// the label `explain` prints (`service port 80 "http"`). `protocol` narrows the match when
+/// given (a Service may serve one port number over TCP and UDP).
+pub fn service_port(
+    svc: &Service,
+    port: &PortRef,
+    protocol: Option<Protocol>,
+) -> Result<(Protocol, PortRef, String), VerdictError> {
+    let found = svc.ports.iter().find(|sp| {
+        protocol.is_none_or(|p| p == sp.protocol)
+            && match port {
+                PortRef::Number(n) => sp.port == *n,
+                PortRef::Name(name) => sp.name.as_deref() == Some(name.as_str()),
+            }
+    });
+    match found {
+        Some(sp) => Ok(service_target(sp)),
+        None => {
+            let given = match port {
+                PortRef::Number(n) => n.to_string(),
+                PortRef::Name(name) => name.clone(),
+            };
+            let has: Vec<String> = svc.ports.iter().map(describe_service_port).collect();
+            Err(VerdictError::BadPort {
+                port: given,
+                reason: format!(
+                    "Service {}/{} has no such {}port; its ports: {} (to judge a pod port \
+                     directly, name the workload or pod instead of the Service)",
+                    svc.namespace,
+                    svc.name,
+                    protocol.map(|p| format!("{p} ")).unwrap_or_default(),
+                    if has.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        has.join(", ")
+                    }
+                ),
+            })
+        }
+    }
+}
+
+/// The destination port, protocol and label of one Service port.
+fn service_target(sp: &ServicePort) -> (Protocol, PortRef, String) {
+    let target = match &sp.target {
+        TargetPort::Number(n) => PortRef::Number(*n),
+        TargetPort::Name(name) => PortRef::Name(name.clone()),
+    };
+    let name = sp
+        .name
+        .as_deref()
+        .map(|n| format!(" {n:?}"))
+        .unwrap_or_default();
+    let to_name = match &sp.target {
+        TargetPort::Name(n) => format!(", pod port {n:?}"),
+        TargetPort::Number(_) => String::new(),
+    };
+    (
+        sp.protocol,
+        target,
+        format!("service port {}{name}{to_name}", sp.port),
+    )
+}
+
+/// `80/TCP "http" -> 8080`.
+fn describe_service_port(sp: &ServicePort) -> String {
+    let name = sp
+        .name
+        .as_deref()
+        .map(|n| format!(" {n:?}"))
+        .unwrap_or_default();
+    let target = match &sp.target {
+        TargetPort::Number(n) => n.to_string(),
+        TargetPort::Name(n) => format!("{n:?}"),
+    };
+    format!("{}/{}{name} -> {target}", sp.port, sp.protocol)
 }
 
 /// A destination port as given: a number, or a container port name.
@@ -362,8 +532,37 @@ pub fn explain(
     let protocol = args.protocol.as_deref().map(parse_protocol).transpose()?;
     let from = resolve_endpoints(&engine, from)?;
     let to = resolve_endpoints(&engine, to)?;
-    let ports: Vec<(Protocol, PortRef, Option<String>)> = match &args.port {
-        Some(port) => {
+    if let Some(svc) = &from.service {
+        return Err(VerdictError::Usage(format!(
+            "--from {} is Service {}/{}: a Service only receives traffic; name the client pod, \
+             workload or address",
+            from.given, svc.namespace, svc.name
+        )));
+    }
+    let ports: Vec<(Protocol, PortRef, Option<String>)> = match (&to.service, &args.port) {
+        (Some(svc), Some(port)) => {
+            let (protocol, target, label) = service_port(svc, &parse_port(port)?, protocol)?;
+            vec![(protocol, target, Some(label))]
+        }
+        (Some(svc), None) => {
+            let ports: Vec<_> = svc
+                .ports
+                .iter()
+                .filter(|sp| protocol.is_none_or(|p| p == sp.protocol))
+                .map(service_target)
+                .map(|(p, target, label)| (p, target, Some(label)))
+                .collect();
+            if ports.is_empty() {
+                return Err(VerdictError::Usage(format!(
+                    "Service {}/{} has no {}port to explain",
+                    svc.namespace,
+                    svc.name,
+                    protocol.map(|p| format!("{p} ")).unwrap_or_default()
+                )));
+            }
+            ports
+        }
+        (None, Some(port)) => {
             let port = parse_port(port)?;
             let name = match &port {
                 PortRef::Name(name) => Some(name.clone()),
@@ -371,7 +570,7 @@ pub fn explain(
             };
             vec![(protocol.unwrap_or(Protocol::Tcp), port, name)]
         }
-        None => {
+        (None, None) => {
             let declared = declared_ports(&to, protocol);
             if declared.is_empty() {
                 return Err(VerdictError::Usage(format!(
@@ -626,6 +825,16 @@ fn answer_line(engine: &Engine, line: &str) -> Result<(FlowLine, Judgement), Str
     let port = flow_port(&parsed.port)?;
     let src = resolve_endpoints(engine, &parsed.from).map_err(|e| format!("from: {e}"))?;
     let dst = resolve_endpoints(engine, &parsed.to).map_err(|e| format!("to: {e}"))?;
+    if src.service.is_some() {
+        return Err("from: a Service only receives traffic; name the client".to_owned());
+    }
+    let (protocol, port) = match &dst.service {
+        // The line's protocol narrows the Service port only when it was given.
+        Some(svc) => service_port(svc, &port, parsed.protocol.as_ref().map(|_| protocol))
+            .map(|(p, target, _)| (p, target))
+            .map_err(|e| format!("to: {e}"))?,
+        None => (protocol, port),
+    };
     let judged = judge(engine, &src, &dst, protocol, &port).map_err(|e| e.to_string())?;
     Ok((parsed, judged))
 }

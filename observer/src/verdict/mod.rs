@@ -43,9 +43,12 @@ pub enum VerdictError {
         "unknown pod or workload {0:?} (expected <namespace>/<pod> or <namespace>/<workload> present in the inventory, or an IP address)"
     )]
     UnknownPod(String),
+    /// `<ns>/svc/<name>` named a Service the inventory does not have.
+    #[error("unknown Service {0:?} (expected <namespace>/svc/<name> present in the inventory)")]
+    UnknownService(String),
     /// `--from`/`--to` was neither `<ns>/<pod>` nor an IP address.
     #[error(
-        "invalid endpoint {0:?} (expected <namespace>/<pod>, <namespace>/<workload> or an IP address)"
+        "invalid endpoint {0:?} (expected <namespace>/<pod>, <namespace>/<workload>, <namespace>/svc/<name> or an IP address)"
     )]
     BadEndpoint(String),
     /// `--port` was neither a number nor a port name of the destination pod.

@@ -222,6 +222,7 @@ pub fn resolve_side(engine: &Engine, ns: &str, workload: &str) -> Result<Endpoin
             given: workload.to_owned(),
             workload: None,
             peers: vec![Peer::External(*ip)],
+            service: None,
         });
     }
     let given = format!("{ns}/{workload}");

@@ -371,3 +371,202 @@ fn binary_exit_statuses_and_errors() {
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+/// A Service as the destination: the SRE pastes what the client dials (a Service name or its
+/// ClusterIP, and the Service's port), and the verdict is judged where NetworkPolicies look:
+/// at the selected pods, on the `targetPort`.
+#[test]
+fn a_service_is_judged_at_its_pods_on_its_target_port() {
+    for to in [
+        "shop/svc/api",
+        "shop/service/api",
+        "10.96.0.20",
+        "::ffff:10.96.0.20",
+    ] {
+        for port in ["80", "http"] {
+            let (r, out) = run(
+                "services",
+                &["--from", "shop/frontend", "--to", to, "--port", port],
+            );
+            assert_eq!(r.unwrap(), EXIT_DENY, "{to} {port}: {out}");
+            // Port 80 of the Service is the pod's named port http, 8080: the canary is denied
+            // there (the stable frontend is allowed), exactly as for the workload.
+            assert!(
+                out.starts_with(
+                    "verdict: DENY  shop/frontend-8f2b1-fghij -> shop/api-6b7c8-klmno TCP/8080 \
+                     (service port 80 \"http\", pod port \"http\")\n"
+                ),
+                "{to} {port}: {out}"
+            );
+            assert!(
+                out.contains(&format!("to {to}: Service api, 1 pod(s)")),
+                "{out}"
+            );
+        }
+    }
+    // The pod's own address is the pod, not a Service.
+    let (r, out) = run(
+        "services",
+        &[
+            "--from",
+            "shop/frontend",
+            "--to",
+            "10.3.0.20",
+            "--port",
+            "80",
+        ],
+    );
+    assert_eq!(r.unwrap(), EXIT_DENY, "{out}");
+    assert!(out.contains("TCP/80\n"), "{out}");
+}
+
+#[test]
+fn a_service_without_a_port_explains_every_port_of_the_service() {
+    let (r, out) = run(
+        "services",
+        &["--from", "shop/frontend", "--to", "shop/svc/api"],
+    );
+    assert_eq!(r.unwrap(), EXIT_DENY, "{out}");
+    assert!(
+        out.contains("TCP/8080 (service port 80 \"http\", pod port \"http\")"),
+        "{out}"
+    );
+    assert!(
+        out.contains("TCP/9090 (service port 9090 \"metrics\")"),
+        "{out}"
+    );
+    assert!(
+        out.contains("summary: 2 of 2 declared ports denied: TCP/8080, TCP/9090"),
+        "{out}"
+    );
+    // A UDP-only Service: its protocol comes from the Service, not the TCP default.
+    let (r, out) = run(
+        "services",
+        &[
+            "--from",
+            "shop/frontend",
+            "--to",
+            "shop/svc/api-udp",
+            "--port",
+            "7946",
+        ],
+    );
+    assert_eq!(r.unwrap(), EXIT_DENY, "{out}");
+    assert!(out.contains("UDP/7946 (service port 7946)"), "{out}");
+    // A headless Service has no ClusterIP, but its name still names its pods.
+    let (r, out) = run(
+        "services",
+        &[
+            "--from",
+            "shop/frontend",
+            "--to",
+            "shop/svc/api-headless",
+            "--port",
+            "8080",
+        ],
+    );
+    assert_eq!(r.unwrap(), EXIT_DENY, "{out}");
+    assert!(
+        out.contains("TCP/8080 (service port 8080 \"http\")"),
+        "{out}"
+    );
+}
+
+#[test]
+fn services_that_cannot_be_judged_say_why() {
+    let err = |argv: &[&str]| {
+        let (r, out) = run("services", argv);
+        match r {
+            Err(e) => e.to_string(),
+            Ok(code) => panic!("{argv:?}: exit {code}, expected an error: {out}"),
+        }
+    };
+    let e = err(&[
+        "--from",
+        "shop/frontend",
+        "--to",
+        "shop/svc/api",
+        "--port",
+        "8080",
+    ]);
+    assert!(
+        e.contains("Service shop/api has no such port; its ports: 80/TCP \"http\" -> \"http\", 9090/TCP \"metrics\" -> 9090"),
+        "{e}"
+    );
+    let e = err(&[
+        "--from",
+        "shop/frontend",
+        "--to",
+        "shop/svc/api",
+        "--port",
+        "80",
+        "--protocol",
+        "udp",
+    ]);
+    assert!(e.contains("has no such UDP port"), "{e}");
+    let e = err(&[
+        "--from",
+        "shop/frontend",
+        "--to",
+        "10.96.0.21",
+        "--port",
+        "80",
+    ]);
+    assert!(e.contains("Service shop/legacy has no selector"), "{e}");
+    let e = err(&[
+        "--from",
+        "shop/frontend",
+        "--to",
+        "shop/svc/ghost",
+        "--port",
+        "80",
+    ]);
+    assert!(
+        e.contains("Service shop/ghost selects no pod (selector app=ghost)"),
+        "{e}"
+    );
+    let e = err(&[
+        "--from",
+        "shop/frontend",
+        "--to",
+        "shop/svc/nope",
+        "--port",
+        "80",
+    ]);
+    assert!(e.contains("unknown Service \"shop/svc/nope\""), "{e}");
+    let e = err(&["--from", "10.96.0.20", "--to", "shop/api", "--port", "8080"]);
+    assert!(e.contains("a Service only receives traffic"), "{e}");
+}
+
+#[test]
+fn batch_lines_take_services_and_their_ports() {
+    let (code, lines) = batch(
+        "services",
+        b"{\"from\":\"shop/frontend\",\"to\":\"shop/svc/api\",\"port\":80}\n\
+          {\"from\":\"shop/frontend\",\"to\":\"10.96.0.20\",\"port\":\"metrics\"}\n\
+          {\"from\":\"shop/frontend\",\"to\":\"shop/svc/api-udp\",\"port\":7946}\n\
+          {\"from\":\"shop/frontend\",\"to\":\"shop/svc/api\",\"port\":8080}\n",
+    );
+    assert_eq!(code, EXIT_BAD_FLOW_LINES);
+    assert_eq!(
+        (lines[0]["port"].as_u64(), lines[0]["verdict"].as_str()),
+        (Some(8080), Some("deny"))
+    );
+    assert_eq!(lines[1]["port"].as_u64(), Some(9090));
+    assert!(
+        lines[2]["protocol"]
+            .as_str()
+            .unwrap()
+            .eq_ignore_ascii_case("udp"),
+        "{:?}",
+        lines[2]
+    );
+    assert!(
+        lines[3]["error"]
+            .as_str()
+            .unwrap()
+            .contains("has no such port"),
+        "{:?}",
+        lines[3]
+    );
+}

@@ -217,6 +217,8 @@ struct SlimServiceSpec {
     cluster_ip: Option<String>,
     #[serde(rename = "clusterIPs")]
     cluster_ips: Option<Vec<String>>,
+    selector: Option<std::collections::BTreeMap<String, String>>,
+    ports: Option<Vec<k8s_openapi::api::core::v1::ServicePort>>,
 }
 
 impl<'de> Deserialize<'de> for Slim<Service> {
@@ -227,6 +229,8 @@ impl<'de> Deserialize<'de> for Slim<Service> {
             spec: svc.spec.map(|s| ServiceSpec {
                 cluster_ip: s.cluster_ip,
                 cluster_ips: s.cluster_ips,
+                selector: s.selector,
+                ports: s.ports,
                 ..ServiceSpec::default()
             }),
             status: None,
@@ -392,7 +396,14 @@ mod tests {
         assert_eq!(convert::service(&slim.0).unwrap().cluster_ips.len(), 2);
         assert_eq!(slim.meta().resource_version.as_deref(), Some("7"));
         let spec = slim.0.spec.as_ref().unwrap();
-        assert!(spec.ports.is_none() && spec.selector.is_none());
+        // Kept for `explain --to <ns>/svc/<name>`: the pods it selects, its target ports.
+        assert!(spec.ports.is_some() && spec.selector.is_some());
+        let model = convert::service(&slim.0).unwrap();
+        assert_eq!(
+            model.ports[0].target,
+            crate::inventory::TargetPort::Number(8080)
+        );
+        assert!(model.selector.is_some_and(|s| s.get("app") == Some("web")));
         assert!(slim.0.metadata.managed_fields.is_none());
 
         let headless: Slim<Service> = serde_json::from_value(json!({
