@@ -9,8 +9,8 @@
 //!    unexplained drops, namespace without policy) has its templates rendered by Prometheus with
 //!    the fired alert's labels; none falls back to "unknown"/"no baseline"/`<no value>`, the
 //!    spike names its top port, and every `dashboard_url`/`runbook_url` points where it should.
-//!    `DenyObserverEventsLost` and `DenyObserverDown` cannot fire on healthy traffic; their
-//!    templates are covered by deploy/prometheus/tests/health_and_audit.yaml (promtool).
+//!    `DenyObserverEventsLost` cannot fire on healthy traffic; its templates are covered by
+//!    deploy/prometheus/tests/health_and_audit.yaml (promtool).
 //! 3. **Dashboard**: every panel query and variable query of deploy/grafana/deny-observer.json
 //!    is evaluated through Prometheus' HTTP API with the variables substituted, once with "All"
 //!    and once narrowed to the flooded workload on this node. A query that returns nothing
@@ -20,6 +20,8 @@
 //!    give DENY (exit 1) by the policy the alert named.
 //! 5. **Logs**: with `--log-format json` (as the DaemonSet runs) and stderr not a terminal,
 //!    every line of the daemon's log is a JSON object without ANSI colour codes.
+//! 6. **Down**: the daemon is killed (as a crash or an OOM kill would); `DenyObserverDown`
+//!    reaches Alertmanager's receiver naming the target, with its rendered annotations.
 //!
 //! Run through `cargo xtask test`, which builds the release daemon and sets the variable.
 
@@ -759,6 +761,46 @@ fn page_to_dashboard_to_explain() {
                 &stack,
             );
         }
+
+        // Phase 6: the daemon dies without a word; the page for it reaches the receiver.
+        let target = daemon.addr().to_string();
+        let down = |a: &testkit::webhook::ReceivedAlert| {
+            a.name() == "DenyObserverDown"
+                && a.status == "firing"
+                && a.labels.get("instance") == Some(&target)
+        };
+        if let Some(early) = stack.webhook().alerts().into_iter().find(|a| down(a)) {
+            fail(
+                format!("DenyObserverDown fired while the daemon ran: {early:?}"),
+                &daemon,
+                &stack,
+            );
+        }
+        daemon.signal(libc::SIGKILL).unwrap();
+        assert!(daemon.wait_exit(Duration::from_secs(10)).is_some());
+        let killed = Instant::now();
+        let Some(page) = stack.webhook().wait_for(Duration::from_secs(60), down) else {
+            fail(
+                "DenyObserverDown did not reach the receiver within 60 s of the kill".into(),
+                &daemon,
+                &stack,
+            );
+        };
+        eprintln!(
+            "DenyObserverDown reached the receiver {:.1} s after the kill: {:?}",
+            killed.elapsed().as_secs_f64(),
+            page.annotations
+        );
+        assert_eq!(
+            page.annotations.get("summary").map(String::as_str),
+            Some(format!("deny-observer target {target} is down").as_str())
+        );
+        assert_eq!(
+            page.annotations.get("runbook_url").map(String::as_str),
+            Some(
+                "https://github.com/deny-observer/deny-observer/blob/main/docs/runbooks/DenyObserverDown.md"
+            )
+        );
         stop.store(true, Ordering::SeqCst);
     });
 }
