@@ -142,11 +142,18 @@ pub(crate) const NAMESPACES: &str = "/api/v1/namespaces";
 pub(crate) const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 pub(crate) const SERVICES: &str = "/api/v1/services";
 
+/// A Service in prod; one with ClusterIPs selects `app: <name>` and maps port 80 to the pods'
+/// port `http`; a headless one has no selector either (nothing to attribute or name).
 fn svc(name: &str, cluster_ips: &[&str], rv: &str) -> Value {
+    let mut spec = json!({"clusterIP": cluster_ips.first().copied().unwrap_or("None"),
+                          "clusterIPs": cluster_ips, "ports": [{"port": 80}]});
+    if !cluster_ips.is_empty() {
+        spec["selector"] = json!({"app": name});
+        spec["ports"] = json!([{"name": "web", "port": 80, "targetPort": "http"}]);
+    }
     json!({"apiVersion": "v1", "kind": "Service",
            "metadata": {"name": name, "namespace": "prod", "resourceVersion": rv},
-           "spec": {"clusterIP": cluster_ips.first().copied().unwrap_or("None"),
-                    "clusterIPs": cluster_ips, "ports": [{"port": 80}]}})
+           "spec": spec})
 }
 
 pub(crate) fn no_services() -> Reply {
@@ -296,6 +303,23 @@ async fn initial_list_then_watch_for_each_resource() {
             ),
             ("web", vec!["10.96.0.10".to_owned()]),
         ]
+    );
+    // Selector and ports come through the API path too (`explain --to prod/svc/api`).
+    let api = &snap.services[0];
+    assert_eq!(
+        api.selector.as_ref().and_then(|s| s.get("app")),
+        Some("api")
+    );
+    assert_eq!(
+        api.ports
+            .iter()
+            .map(|p| (p.name.as_deref(), p.port, p.target.clone()))
+            .collect::<Vec<_>>(),
+        [(
+            Some("web"),
+            80,
+            observer::inventory::TargetPort::Name("http".into())
+        )]
     );
     // Trimmed on the way into the store: only deny-observer's annotation is left.
     let ann = snap.policies[0]
