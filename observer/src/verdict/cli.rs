@@ -599,9 +599,14 @@ pub fn explain(
     if ports.len() > 1 {
         writeln!(
             out,
-            "\nsummary: {} of {} declared ports denied{}",
+            "\nsummary: {} of {} {} ports denied{}",
             denied_ports.len(),
             ports.len(),
+            if to.service.is_some() {
+                "Service"
+            } else {
+                "declared"
+            },
             if denied_ports.is_empty() {
                 String::new()
             } else {

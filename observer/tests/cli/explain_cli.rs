@@ -436,7 +436,7 @@ fn a_service_without_a_port_explains_every_port_of_the_service() {
         "{out}"
     );
     assert!(
-        out.contains("summary: 2 of 2 declared ports denied: TCP/8080, TCP/9090"),
+        out.contains("summary: 2 of 2 Service ports denied: TCP/8080, TCP/9090"),
         "{out}"
     );
     // A UDP-only Service: its protocol comes from the Service, not the TCP default.

@@ -131,8 +131,9 @@ fn connections_through_a_cluster_ip_are_one_pod_to_pod_edge() {
     let metrics = testkit::metrics::scrape(daemon.addr()).unwrap();
     assert_eq!(
         metrics.sum("deny_observer_inventory_objects", &[("kind", "services")]),
-        1.0,
-        "the Service with ClusterIPs is in the inventory, the headless one is not"
+        2.0,
+        "both Services are in the inventory: the headless one for its selector (explain), \
+         with no address to attribute"
     );
     let mut stack = PromStack::start(
         &StackConfig {
