@@ -48,8 +48,8 @@ pub struct ExplainArgs {
     #[arg(long, required_unless_present = "flows", conflicts_with = "flows")]
     pub from: Option<String>,
     /// Destination: `<namespace>/<pod>`, `<namespace>/<workload>`, `<namespace>/svc/<name>`
-    /// (a Service: the pods it selects), or an IP address (a Service's ClusterIP is that
-    /// Service).
+    /// or `<name>.<namespace>.svc[.<cluster domain>]` (a Service: the pods it selects), or an
+    /// IP address (a Service's ClusterIP is that Service).
     #[arg(long, required_unless_present = "flows", conflicts_with = "flows")]
     pub to: Option<String>,
     /// Destination port: a number, or a container port name of the destination; for a
@@ -203,10 +203,25 @@ fn live_first(mut pods: Vec<&Arc<Pod>>) -> Vec<&Arc<Pod>> {
     pods
 }
 
-/// The Service `s` names: `<ns>/svc/<name>` (or `service`, `services`), or a ClusterIP that
-/// is no pod's address. `None` when `s` names no Service that way.
+/// The Service `s` names: `<ns>/svc/<name>` (or `service`, `services`), its DNS name
+/// (`<name>.<ns>.svc`, with or without the cluster domain after it, as a client's error
+/// message has it), or a ClusterIP that is no pod's address. `None` when `s` names no
+/// Service that way.
 fn find_service(engine: &Engine, s: &str) -> Result<Option<Arc<Service>>, VerdictError> {
     let services = &engine.inventory().services;
+    let dns: Vec<&str> = s.trim_end_matches('.').split('.').collect();
+    if let [name, ns, "svc", ..] = dns[..]
+        && !name.is_empty()
+        && !ns.is_empty()
+        && !s.contains('/')
+    {
+        return services
+            .iter()
+            .find(|svc| svc.namespace == ns && svc.name == name)
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| VerdictError::UnknownService(s.to_owned()));
+    }
     if let Ok(ip) = s.parse::<IpAddr>() {
         let ip = ip.to_canonical();
         if engine.pod_by_ip(ip).is_some() {

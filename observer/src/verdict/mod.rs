@@ -44,7 +44,9 @@ pub enum VerdictError {
     )]
     UnknownPod(String),
     /// `<ns>/svc/<name>` named a Service the inventory does not have.
-    #[error("unknown Service {0:?} (expected <namespace>/svc/<name> present in the inventory)")]
+    #[error(
+        "unknown Service {0:?} (expected <namespace>/svc/<name> or <name>.<namespace>.svc of a Service in the inventory)"
+    )]
     UnknownService(String),
     /// `--from`/`--to` was neither `<ns>/<pod>` nor an IP address.
     #[error(

@@ -380,6 +380,9 @@ fn a_service_is_judged_at_its_pods_on_its_target_port() {
     for to in [
         "shop/svc/api",
         "shop/service/api",
+        "api.shop.svc",
+        "api.shop.svc.cluster.local",
+        "api.shop.svc.cluster.local.",
         "10.96.0.20",
         "::ffff:10.96.0.20",
     ] {
@@ -534,6 +537,18 @@ fn services_that_cannot_be_judged_say_why() {
         "80",
     ]);
     assert!(e.contains("unknown Service \"shop/svc/nope\""), "{e}");
+    let e = err(&[
+        "--from",
+        "shop/frontend",
+        "--to",
+        "nope.shop.svc.cluster.local",
+        "--port",
+        "80",
+    ]);
+    assert!(
+        e.contains("unknown Service \"nope.shop.svc.cluster.local\""),
+        "{e}"
+    );
     let e = err(&["--from", "10.96.0.20", "--to", "shop/api", "--port", "8080"]);
     assert!(e.contains("a Service only receives traffic"), "{e}");
 }
