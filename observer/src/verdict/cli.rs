@@ -120,9 +120,10 @@ pub struct Endpoint {
     /// What to judge: the pods of the workload, liveliest and newest first, or the one pod
     /// or address. Never empty.
     pub peers: Vec<Peer>,
-    /// The Service, when one was given by name or ClusterIP: `peers` are the pods it selects,
-    /// and a port is one of the Service's, which NetworkPolicies see as its `targetPort`
-    /// (kube-proxy translates before the policies apply).
+    /// The Service, when one with a ClusterIP was given: `peers` are the pods it selects, and
+    /// a port is one of the Service's, which NetworkPolicies see as its `targetPort`
+    /// (kube-proxy translates before the policies apply). `None` for a headless Service, whose
+    /// pods are dialled directly.
     pub service: Option<Arc<Service>>,
 }
 
@@ -149,6 +150,14 @@ pub fn resolve_endpoint(engine: &Engine, s: &str) -> Result<Peer, VerdictError> 
 /// over a workload of the same name; a pod's IP wins over a ClusterIP. A workload's (or
 /// Service's) terminated pods are only used when it has no other pods.
 pub fn resolve_endpoints(engine: &Engine, s: &str) -> Result<Endpoint, VerdictError> {
+    if let Some(peer) = find_pod_by_dns(engine, s)? {
+        return Ok(Endpoint {
+            given: s.to_owned(),
+            workload: None,
+            peers: vec![peer],
+            service: None,
+        });
+    }
     if let Some(svc) = find_service(engine, s)? {
         return service_endpoint(engine, s, svc);
     }
@@ -280,12 +289,43 @@ fn service_endpoint(
             labels.join(",")
         )));
     }
+    // A headless Service's name resolves to the pods' own addresses: nothing translates the
+    // port, so it is judged as dialled, as for a workload.
+    let headless = svc.cluster_ips.is_empty();
     Ok(Endpoint {
         given: given.to_owned(),
-        workload: Some(format!("Service {}", svc.name)),
+        workload: Some(format!(
+            "{}Service {}",
+            if headless { "headless " } else { "" },
+            svc.name
+        )),
         peers: pods.into_iter().map(|p| Peer::Pod(Arc::clone(p))).collect(),
-        service: Some(svc),
+        service: (!headless).then_some(svc),
     })
+}
+
+/// A pod by its DNS name under a (headless) Service, `<hostname>.<service>.<ns>.svc[...]`, as
+/// StatefulSet clients dial it: the pod of that name the Service selects. `None` when `s`
+/// has another form.
+fn find_pod_by_dns(engine: &Engine, s: &str) -> Result<Option<Peer>, VerdictError> {
+    let dns: Vec<&str> = s.trim_end_matches('.').split('.').collect();
+    let [host, service, ns, "svc", ..] = dns[..] else {
+        return Ok(None);
+    };
+    if s.contains('/') || [host, service, ns].iter().any(|p| p.is_empty()) {
+        return Ok(None);
+    }
+    let svc = engine
+        .inventory()
+        .services
+        .iter()
+        .find(|svc| svc.namespace == ns && svc.name == service)
+        .ok_or_else(|| VerdictError::UnknownService(s.to_owned()))?;
+    engine
+        .find_pod(ns, host)
+        .filter(|pod| svc.selects(pod))
+        .map(|pod| Some(Peer::Pod(Arc::clone(pod))))
+        .ok_or_else(|| VerdictError::UnknownPod(s.to_owned()))
 }
 
 /// `port` of a Service, as the destination port NetworkPolicies see: its `targetPort`, and

@@ -456,23 +456,64 @@ fn a_service_without_a_port_explains_every_port_of_the_service() {
     );
     assert_eq!(r.unwrap(), EXIT_DENY, "{out}");
     assert!(out.contains("UDP/7946 (service port 7946)"), "{out}");
-    // A headless Service has no ClusterIP, but its name still names its pods.
+    // A headless Service has no ClusterIP: its name names its pods, which clients dial
+    // directly, so the port is judged as given (no translation) and, without one, every port
+    // the pods declare.
+    for to in [
+        "shop/svc/api-headless",
+        "api-headless.shop.svc.cluster.local",
+    ] {
+        let (r, out) = run(
+            "services",
+            &["--from", "shop/frontend", "--to", to, "--port", "8080"],
+        );
+        assert_eq!(r.unwrap(), EXIT_DENY, "{out}");
+        assert!(out.contains("shop/api-6b7c8-klmno TCP/8080\n"), "{out}");
+        assert!(
+            out.contains(&format!("to {to}: headless Service api-headless, 1 pod(s)")),
+            "{out}"
+        );
+    }
+    let (_, out) = run(
+        "services",
+        &["--from", "shop/frontend", "--to", "shop/svc/api-headless"],
+    );
+    assert!(
+        out.contains("summary: 3 of 3 declared ports denied"),
+        "{out}"
+    );
+    // One pod by its DNS name under the Service, as StatefulSet clients dial it.
+    let (r, out) = run(
+        "services",
+        &[
+            "--from",
+            "shop/frontend-7d9c5-abcde",
+            "--to",
+            "api-6b7c8-klmno.api-headless.shop.svc.cluster.local",
+            "--port",
+            "8080",
+        ],
+    );
+    assert_eq!(r.unwrap(), 0, "{out}");
+    assert!(
+        out.starts_with(
+            "verdict: ALLOW  shop/frontend-7d9c5-abcde -> shop/api-6b7c8-klmno TCP/8080\n"
+        ),
+        "{out}"
+    );
+    // A pod the Service does not select is no pod of that name.
     let (r, out) = run(
         "services",
         &[
             "--from",
             "shop/frontend",
             "--to",
-            "shop/svc/api-headless",
+            "frontend-7d9c5-abcde.api-headless.shop.svc",
             "--port",
             "8080",
         ],
     );
-    assert_eq!(r.unwrap(), EXIT_DENY, "{out}");
-    assert!(
-        out.contains("TCP/8080 (service port 8080 \"http\")"),
-        "{out}"
-    );
+    assert!(matches!(r, Err(VerdictError::UnknownPod(_))), "{r:?} {out}");
 }
 
 #[test]
