@@ -21,7 +21,9 @@ use std::sync::Arc;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Serialize;
 
-use super::cli::{AuditOutput, Endpoint, PortRef, declared_ports, judge, resolve_endpoints};
+use super::cli::{
+    AuditOutput, Endpoint, PortRef, declared_ports, judge, resolve_endpoints, service_port,
+};
 use super::edges::{Edge, EdgeError, EdgeSourceArgs, Observed};
 use super::{Engine, Peer, Verdict, VerdictError};
 use crate::inventory::{Inventory, LoadError};
@@ -291,14 +293,17 @@ pub fn judge_edge(
     };
     let mut out = Vec::with_capacity(ports.len());
     for port in ports {
-        let judged = judge(
-            engine,
-            from,
-            to,
-            protocol,
-            &PortRef::Number(port.unwrap_or(0)),
-        )
-        .map_err(|e| e.to_string())?;
+        // An edge to a Service's ClusterIP (a drop's `service/<name>`) carries the port the
+        // client dialled; the policies see its targetPort.
+        let (protocol, target) = match (&to.service, port) {
+            (Some(svc), Some(p)) => {
+                let (protocol, target, _) = service_port(svc, &PortRef::Number(p), Some(protocol))
+                    .map_err(|e| e.to_string())?;
+                (protocol, target)
+            }
+            _ => (protocol, PortRef::Number(port.unwrap_or(0))),
+        };
+        let judged = judge(engine, from, to, protocol, &target).map_err(|e| e.to_string())?;
         out.push(Judged {
             port,
             allowed: judged.denied == 0,

@@ -626,3 +626,45 @@ fn batch_lines_take_services_and_their_ports() {
         lines[3]
     );
 }
+
+/// A drop at a ClusterIP is labelled `service/<name>` with the port the client dialled;
+/// preflight judges such an edge at the Service's pods, on the targetPort.
+#[test]
+fn preflight_judges_an_edge_to_a_cluster_ip_on_the_target_port() {
+    use observer::verdict::edges::{Edge, Observed};
+    use observer::verdict::preflight::{judge_edge, resolve_side};
+    let engine = Engine::new(Arc::new(load_dir(&fixture("services")).unwrap()));
+    let edge = |port| Edge {
+        source_namespace: "shop".into(),
+        source_workload: "frontend".into(),
+        destination_namespace: "shop".into(),
+        destination_workload: "service/api".into(),
+        protocol: "tcp".into(),
+        port: Some(port),
+        observed: 10,
+        verdict: Observed::Deny,
+    };
+    let from = resolve_side(&engine, "shop", "frontend").unwrap();
+    let to = resolve_side(&engine, "shop", "service/api").unwrap();
+    // Port 80 is the pods' 8080, which the canary frontend may not reach: denied, by the
+    // policies of the api pod's ingress.
+    let judged = judge_edge(&engine, &edge(80), &from, &to).unwrap();
+    assert_eq!(judged.len(), 1);
+    assert!(!judged[0].allowed, "{judged:?}");
+    assert_eq!(judged[0].port, Some(80));
+    assert!(
+        judged[0]
+            .policies
+            .contains(&"shop/allow-frontend-to-api".to_owned()),
+        "{judged:?}"
+    );
+    // The stable pod may reach 8080: allowed at Service port 80 (judged on port 80 itself,
+    // no policy would allow it).
+    let stable =
+        observer::verdict::cli::resolve_endpoints(&engine, "shop/frontend-7d9c5-abcde").unwrap();
+    let judged = judge_edge(&engine, &edge(80), &stable, &to).unwrap();
+    assert!(judged[0].allowed, "{judged:?}");
+    // A port the Service does not have is an error, not a verdict on the wrong port.
+    let e = judge_edge(&engine, &edge(8080), &from, &to).unwrap_err();
+    assert!(e.contains("has no such TCP port"), "{e}");
+}
