@@ -212,31 +212,53 @@ fn live_first(mut pods: Vec<&Arc<Pod>>) -> Vec<&Arc<Pod>> {
     pods
 }
 
+/// The labels before `svc` of a Service DNS name (`<name>.<ns>.svc`, or a pod under it,
+/// `<host>.<name>.<ns>.svc`, with or without the cluster domain and a trailing dot), when
+/// `s` is one and none of them is empty.
+fn svc_dns_labels(s: &str) -> Option<Vec<&str>> {
+    if s.contains('/') {
+        return None;
+    }
+    let labels: Vec<&str> = s.trim_end_matches('.').split('.').collect();
+    let at = labels.iter().position(|l| *l == "svc")?;
+    let before = &labels[..at];
+    (before.len() >= 2 && before.iter().all(|l| !l.is_empty())).then(|| before.to_vec())
+}
+
+/// The Service `<ns>/<name>`, or [`VerdictError::UnknownService`] naming `given`.
+fn service_named(
+    engine: &Engine,
+    ns: &str,
+    name: &str,
+    given: &str,
+) -> Result<Arc<Service>, VerdictError> {
+    engine
+        .inventory()
+        .services
+        .iter()
+        .find(|svc| svc.namespace == ns && svc.name == name)
+        .cloned()
+        .ok_or_else(|| VerdictError::UnknownService(given.to_owned()))
+}
+
 /// The Service `s` names: `<ns>/svc/<name>` (or `service`, `services`), its DNS name
 /// (`<name>.<ns>.svc`, with or without the cluster domain after it, as a client's error
 /// message has it), or a ClusterIP that is no pod's address. `None` when `s` names no
 /// Service that way.
 fn find_service(engine: &Engine, s: &str) -> Result<Option<Arc<Service>>, VerdictError> {
-    let services = &engine.inventory().services;
-    let dns: Vec<&str> = s.trim_end_matches('.').split('.').collect();
-    if let [name, ns, "svc", ..] = dns[..]
-        && !name.is_empty()
-        && !ns.is_empty()
-        && !s.contains('/')
+    if let Some(labels) = svc_dns_labels(s)
+        && let [name, ns] = labels[..]
     {
-        return services
-            .iter()
-            .find(|svc| svc.namespace == ns && svc.name == name)
-            .cloned()
-            .map(Some)
-            .ok_or_else(|| VerdictError::UnknownService(s.to_owned()));
+        return service_named(engine, ns, name, s).map(Some);
     }
     if let Ok(ip) = s.parse::<IpAddr>() {
         let ip = ip.to_canonical();
         if engine.pod_by_ip(ip).is_some() {
             return Ok(None);
         }
-        return Ok(services
+        return Ok(engine
+            .inventory()
+            .services
             .iter()
             .find(|svc| svc.cluster_ips.contains(&ip))
             .cloned());
@@ -250,12 +272,7 @@ fn find_service(engine: &Engine, s: &str) -> Result<Option<Arc<Service>>, Verdic
     if !matches!(kind, "svc" | "service" | "services") || ns.is_empty() || name.is_empty() {
         return Ok(None);
     }
-    services
-        .iter()
-        .find(|svc| svc.namespace == ns && svc.name == name)
-        .cloned()
-        .map(Some)
-        .ok_or_else(|| VerdictError::UnknownService(s.to_owned()))
+    service_named(engine, ns, name, s).map(Some)
 }
 
 /// The pods a Service selects, as an endpoint.
@@ -308,19 +325,13 @@ fn service_endpoint(
 /// StatefulSet clients dial it: the pod of that name the Service selects. `None` when `s`
 /// has another form.
 fn find_pod_by_dns(engine: &Engine, s: &str) -> Result<Option<Peer>, VerdictError> {
-    let dns: Vec<&str> = s.trim_end_matches('.').split('.').collect();
-    let [host, service, ns, "svc", ..] = dns[..] else {
+    let Some(labels) = svc_dns_labels(s) else {
         return Ok(None);
     };
-    if s.contains('/') || [host, service, ns].iter().any(|p| p.is_empty()) {
+    let [host, service, ns] = labels[..] else {
         return Ok(None);
-    }
-    let svc = engine
-        .inventory()
-        .services
-        .iter()
-        .find(|svc| svc.namespace == ns && svc.name == service)
-        .ok_or_else(|| VerdictError::UnknownService(s.to_owned()))?;
+    };
+    let svc = service_named(engine, ns, service, s)?;
     engine
         .find_pod(ns, host)
         .filter(|pod| svc.selects(pod))
@@ -370,17 +381,21 @@ pub fn service_port(
     }
 }
 
+/// ` "http"` for a named Service port, else nothing.
+fn quoted_name(sp: &ServicePort) -> String {
+    sp.name
+        .as_deref()
+        .map(|n| format!(" {n:?}"))
+        .unwrap_or_default()
+}
+
 /// The destination port, protocol and label of one Service port.
 fn service_target(sp: &ServicePort) -> (Protocol, PortRef, String) {
     let target = match &sp.target {
         TargetPort::Number(n) => PortRef::Number(*n),
         TargetPort::Name(name) => PortRef::Name(name.clone()),
     };
-    let name = sp
-        .name
-        .as_deref()
-        .map(|n| format!(" {n:?}"))
-        .unwrap_or_default();
+    let name = quoted_name(sp);
     let to_name = match &sp.target {
         TargetPort::Name(n) => format!(", pod port {n:?}"),
         TargetPort::Number(_) => String::new(),
@@ -394,11 +409,7 @@ fn service_target(sp: &ServicePort) -> (Protocol, PortRef, String) {
 
 /// `80/TCP "http" -> 8080`.
 fn describe_service_port(sp: &ServicePort) -> String {
-    let name = sp
-        .name
-        .as_deref()
-        .map(|n| format!(" {n:?}"))
-        .unwrap_or_default();
+    let name = quoted_name(sp);
     let target = match &sp.target {
         TargetPort::Number(n) => n.to_string(),
         TargetPort::Name(n) => format!("{n:?}"),
