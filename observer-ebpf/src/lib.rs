@@ -375,6 +375,13 @@ pub struct ProgramConfig {
     pub btf_args: BtfArgs,
     /// Bitmap of reasons to capture when `all_reasons` is zero (bit `r % 64` of word `r / 64`).
     pub reason_mask: [u64; (MAX_REASONS / 64) as usize],
+    /// Slots of `TOTALS` the program writes, at most [`MAX_REASONS`]: reason numbers at or
+    /// above the last slot share it. Userspace sets it just above the kernel's highest reason
+    /// number, so that a drain reads about a hundred slots rather than all of them (the read
+    /// costs per slot and per CPU, once a second even on an idle node).
+    pub total_slots: u32,
+    /// Zero: explicit padding, so that the struct has no hidden bytes.
+    pub reserved: u32,
 }
 
 impl Default for ProgramConfig {
@@ -387,6 +394,8 @@ impl Default for ProgramConfig {
             skb_span_len: 0,
             btf_args: BtfArgs::NONE,
             reason_mask: [0; (MAX_REASONS / 64) as usize],
+            total_slots: MAX_REASONS,
+            reserved: 0,
         }
     }
 }
@@ -550,7 +559,10 @@ mod tests {
         assert_eq!(size_of::<BtfArgs>(), 4 * 4);
         assert_eq!(size_of::<LocationRange>(), 24);
         assert_eq!(size_of::<LocationTable>(), 24 * LOCATION_RANGES_MAX + 8);
-        assert_eq!(size_of::<ProgramConfig>(), 14 * 4 + 8 + 8 + 4 * 4 + 8 * 8);
+        assert_eq!(
+            size_of::<ProgramConfig>(),
+            14 * 4 + 8 + 8 + 4 * 4 + 8 * 8 + 8
+        );
         // The reason mask stays 8-byte aligned right after the u32 fields: no hidden padding.
         assert_eq!(core::mem::offset_of!(ProgramConfig, btf_args), 14 * 4 + 16);
         assert_eq!(

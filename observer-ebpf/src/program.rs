@@ -58,6 +58,8 @@ static CONFIG: ProgramConfig = ProgramConfig {
     skb_span_len: 0,
     btf_args: BtfArgs::NONE,
     reason_mask: [0; (MAX_REASONS / 64) as usize],
+    total_slots: MAX_REASONS,
+    reserved: 0,
 };
 
 /// Kernels without drop reasons: the reason of each caller of `kfree_skb`, by address. Set by
@@ -114,7 +116,8 @@ struct SampleFilter {
 #[map]
 static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(65536, 0);
 
-/// Exact per-reason totals (reasons at or above `MAX_REASONS` share the last slot); never evicted.
+/// Exact per-reason totals (reasons at or above the last slot in use, `ProgramConfig::total_slots`,
+/// share it); never evicted.
 #[map]
 static TOTALS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_REASONS, 0);
 
@@ -637,11 +640,8 @@ fn count_drop<C: EbpfContext, S: DropSource>(ctx: &C, src: &S, reason: u32) -> R
     if !(config_cache!(enabled) != 0 && count_cached(src, key, &extra, len, dev)) {
         count_in_flows(ctx, src, key, &extra, len, dev);
     }
-    let slot = if reason < MAX_REASONS {
-        reason
-    } else {
-        MAX_REASONS - 1
-    };
+    let last = config!(total_slots).clamp(1, MAX_REASONS) - 1;
+    let slot = if reason < last { reason } else { last };
     if let Some(t) = TOTALS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, and tracing programs do not nest on one CPU.
         unsafe {

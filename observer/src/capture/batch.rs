@@ -71,8 +71,22 @@ impl Batch {
     pub(super) fn for_each<K: Pod>(
         &mut self,
         fd: BorrowedFd<'_>,
+        f: impl FnMut(K, PerCpu<'_>),
+    ) -> io::Result<()> {
+        self.for_first(fd, usize::MAX, f)
+    }
+
+    /// [`Batch::for_each`] for the first `limit` keys only (an array's slots `0..limit`).
+    pub(super) fn for_first<K: Pod>(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        limit: usize,
         mut f: impl FnMut(K, PerCpu<'_>),
     ) -> io::Result<()> {
+        let mut left = limit;
+        if left == 0 {
+            return Ok(());
+        }
         let key_size = size_of::<K>();
         let value_size = self.stride * self.nr_cpus;
         // The batch token is opaque (a bucket index for hash maps, a key for arrays); the
@@ -88,7 +102,7 @@ impl Batch {
                 out_batch: token_out.as_mut_ptr() as u64,
                 keys: self.keys.as_mut_ptr() as u64,
                 values: self.values.as_mut_ptr() as u64,
-                count: u32::try_from(self.chunk).unwrap_or(u32::MAX),
+                count: u32::try_from(self.chunk.min(left)).unwrap_or(u32::MAX),
                 map_fd: u32::try_from(fd.as_raw_fd()).unwrap_or(u32::MAX),
                 ..BatchAttr::default()
             };
@@ -107,7 +121,8 @@ impl Batch {
                 match err.raw_os_error() {
                     Some(libc::ENOENT) => true,
                     // A hash bucket holds more keys than one chunk: retry bigger.
-                    Some(libc::ENOSPC) if attr.count == 0 => {
+                    // (Never for an array, whose slots `for_first` limits.)
+                    Some(libc::ENOSPC) if attr.count == 0 && self.chunk < left => {
                         self.chunk *= 2;
                         continue;
                     }
@@ -116,7 +131,8 @@ impl Batch {
             } else {
                 false
             };
-            let n = (attr.count as usize).min(self.chunk);
+            let n = (attr.count as usize).min(self.chunk).min(left);
+            left -= n;
             for i in 0..n {
                 let (Some(k), Some(v)) = (
                     self.keys.get(i * key_size..(i + 1) * key_size),
@@ -134,7 +150,7 @@ impl Batch {
                     },
                 );
             }
-            if done {
+            if done || left == 0 {
                 return Ok(());
             }
             std::mem::swap(&mut token_in, &mut token_out);

@@ -40,6 +40,9 @@ pub(super) struct DrainState {
     generation: u64,
     /// Cumulative per-reason totals at the previous drain.
     totals: Vec<Counter>,
+    /// The `TOTALS` slot shared by every reason number at or above it (as the kernel program
+    /// is configured).
+    last_slot: u32,
     /// Cumulative flow deltas emitted, per reason slot.
     emitted: Vec<Counter>,
     /// Cumulative eviction loss per reason slot (monotonic).
@@ -68,22 +71,33 @@ pub(super) struct FlowDelta {
     pub delete: bool,
 }
 
-fn slot(reason: u32) -> usize {
-    reason.min(MAX_REASONS - 1) as usize
+/// Slots of `TOTALS` the kernel program writes for this reason table
+/// (`ProgramConfig::total_slots`): every reason number the kernel names below the last slot
+/// keeps its own, and one slot more is shared by every higher number (subsystem reasons carry
+/// high bits). Reading 512 slots per CPU was a third of an idle daemon's pipeline time.
+pub(super) fn total_slots(reasons: &ReasonTable) -> u32 {
+    reasons
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|&n| n < MAX_REASONS - 1)
+        .max()
+        .map_or(1, |m| m + 2)
 }
 
 impl DrainState {
     pub(super) fn new(reasons: &ReasonTable) -> Self {
         let labels = (0..MAX_REASONS).map(|r| reasons.label(r)).collect();
+        let slots = total_slots(reasons);
         Self {
+            last_slot: slots - 1,
             labels,
             other: Arc::from("other"),
             other_labels: FastMap::default(),
             seen: FastMap::default(),
             generation: 0,
-            totals: vec![Counter::default(); MAX_REASONS as usize],
-            emitted: vec![Counter::default(); MAX_REASONS as usize],
-            evicted: vec![Counter::default(); MAX_REASONS as usize],
+            totals: vec![Counter::default(); slots as usize],
+            emitted: vec![Counter::default(); slots as usize],
+            evicted: vec![Counter::default(); slots as usize],
             losses: [0; loss::COUNT as usize],
             skipped_walks: 0,
             next_idle_due: u64::MAX,
@@ -102,11 +116,20 @@ impl DrainState {
         }
     }
 
-    /// Label of a per-reason total slot: the last slot also holds every reason beyond
-    /// `MAX_REASONS` (subsystem reasons carry high bits), so unless the kernel names it, it is
-    /// `other`.
+    /// Number of `TOTALS` slots in use.
+    pub(super) fn total_slots(&self) -> u32 {
+        self.last_slot + 1
+    }
+
+    /// The `TOTALS` slot a reason number is counted in.
+    fn slot(&self, reason: u32) -> usize {
+        reason.min(self.last_slot) as usize
+    }
+
+    /// Label of a per-reason total slot: the last slot also holds every higher reason number
+    /// (see [`total_slots`]), so unless the kernel names it, it is `other`.
     pub(super) fn total_label(&mut self, reasons: &ReasonTable, slot: u32) -> Arc<str> {
-        if slot == MAX_REASONS - 1 && reasons.iter().all(|(n, _)| n != slot) {
+        if slot == self.last_slot && reasons.iter().all(|(n, _)| n != slot) {
             return self.other.clone();
         }
         self.label(reasons, slot)
@@ -185,7 +208,8 @@ impl DrainState {
                 (value.packets, value.bytes, false)
             }
         };
-        if let Some(e) = self.emitted.get_mut(slot(key.reason)) {
+        let slot = self.slot(key.reason);
+        if let Some(e) = self.emitted.get_mut(slot) {
             e.packets += packets;
             e.bytes += bytes;
         }
@@ -199,7 +223,8 @@ impl DrainState {
     /// Records deltas of a key read from the drop cache (which keeps its own per-incarnation
     /// state), for the eviction check.
     pub(super) fn account_cached(&mut self, key: &FlowKey, packets: u64, bytes: u64) {
-        if let Some(e) = self.emitted.get_mut(slot(key.reason)) {
+        let slot = self.slot(key.reason);
+        if let Some(e) = self.emitted.get_mut(slot) {
             e.packets += packets;
             e.bytes += bytes;
         }
@@ -300,7 +325,7 @@ impl Capture {
 
         // 1. Totals first (see the module comment).
         let totals = self.read_totals()?;
-        for (r, now) in (0..MAX_REASONS).zip(totals) {
+        for (r, now) in (0..self.state.total_slots()).zip(totals) {
             let d = self.state.account_total(r as usize, now);
             if d.packets != 0 || d.bytes != 0 {
                 let label = self.state.total_label(&self.reasons, r);
@@ -476,22 +501,25 @@ impl Capture {
 
     /// Per-reason totals summed over CPUs, by batch lookup when the kernel has it.
     fn read_totals(&mut self) -> Result<Vec<Counter>, CaptureError> {
-        let mut out = vec![Counter::default(); MAX_REASONS as usize];
+        let slots = self.state.total_slots();
+        let mut out = vec![Counter::default(); slots as usize];
         if self.use_batch {
             let fd = IterableMap::map(&self.totals).fd().as_fd();
-            let res = self.totals_batch.for_each::<u32>(fd, |r, values| {
-                if let Some(slot) = out.get_mut(r as usize) {
-                    *slot = values
-                        .iter::<Counter>()
-                        .fold(Counter::default(), add_counter);
-                }
-            });
+            let res = self
+                .totals_batch
+                .for_first::<u32>(fd, slots as usize, |r, values| {
+                    if let Some(slot) = out.get_mut(r as usize) {
+                        *slot = values
+                            .iter::<Counter>()
+                            .fold(Counter::default(), add_counter);
+                    }
+                });
             match res {
                 Ok(()) => return Ok(out),
                 Err(e) => self.batch_unsupported("TOTALS", &e),
             }
         }
-        for (r, slot) in (0..MAX_REASONS).zip(out.iter_mut()) {
+        for (r, slot) in (0..slots).zip(out.iter_mut()) {
             let values = self.totals.get(&r, 0).map_err(|source| CaptureError::Map {
                 map: "TOTALS",
                 source,
@@ -578,6 +606,30 @@ pub(super) mod tests {
 
     fn state() -> DrainState {
         DrainState::new(&ReasonTable::from_kernel_names([(12, "NETFILTER_DROP")]))
+    }
+
+    #[test]
+    fn totals_use_the_slots_the_kernel_names_plus_one_shared() {
+        let t =
+            |names: &[(u32, &'static str)]| ReasonTable::from_kernel_names(names.iter().copied());
+        let six = t(&[
+            (0, "NOT_SPECIFIED"),
+            (2, "NO_SOCKET"),
+            (5, "NETFILTER_DROP"),
+        ]);
+        assert_eq!(total_slots(&six), 7);
+        let mut s = DrainState::new(&six);
+        assert_eq!(s.total_slots(), 7);
+        // Every reason at or above the last slot shares it, as the kernel program counts them.
+        assert_eq!(s.slot(5), 5);
+        assert_eq!(s.slot(6), 6);
+        assert_eq!(s.slot(70_000), 6);
+        assert_eq!(&*s.total_label(&six, 6), "other");
+        assert_eq!(&*s.total_label(&six, 5), "netfilter_drop");
+        // Nothing named below the cap: one shared slot; a kernel naming the cap keeps all 512.
+        assert_eq!(total_slots(&t(&[(600, "X")])), 1);
+        assert_eq!(total_slots(&t(&[(MAX_REASONS - 2, "X")])), MAX_REASONS);
+        assert_eq!(total_slots(&t(&[(MAX_REASONS - 1, "X")])), 1);
     }
 
     #[test]
@@ -742,7 +794,7 @@ pub(super) mod tests {
         assert_eq!(s.account_loss(loss::RINGBUF_FULL, 7), 4);
         assert_eq!(&*s.label(&ReasonTable::default(), 12), "netfilter_drop");
         let t = ReasonTable::default();
-        assert_eq!(&*s.total_label(&t, MAX_REASONS - 1), "other");
+        assert_eq!(&*s.total_label(&t, s.total_slots() - 1), "other");
         assert_eq!(&*s.total_label(&t, 12), "netfilter_drop");
         assert_eq!(&*s.label(&t, 70000), "reason_70000");
     }

@@ -474,6 +474,8 @@ impl Capture {
             skb_span_len,
             btf_args: btf_args.clone().unwrap_or(BtfArgs::NONE),
             reason_mask: selection.mask,
+            total_slots: super::drain::total_slots(&reasons),
+            reserved: 0,
         };
         tracing::debug!(
             ?program_config,

@@ -41,6 +41,11 @@ pub struct RecursionMisses {
     /// A duplicate of the attached program's descriptor (the program stays owned by the
     /// loader; this only names it in /proc).
     fd: ProgramFd,
+    /// Its fdinfo file, kept open and re-read from the start at each drain: opening it by path
+    /// every drain was a tenth of an idle daemon's pipeline time. `None` until first read, and
+    /// again after a failed read (the next call reopens it).
+    file: Option<std::fs::File>,
+    buf: Vec<u8>,
     deltas: Deltas,
 }
 
@@ -49,22 +54,53 @@ impl RecursionMisses {
     pub fn new(fd: ProgramFd) -> Self {
         Self {
             fd,
+            file: None,
+            buf: Vec::new(),
             deltas: Deltas::default(),
         }
+    }
+
+    fn path(&self) -> String {
+        format!("/proc/self/fdinfo/{}", self.fd.as_fd().as_raw_fd())
+    }
+
+    /// The fdinfo text, read from offset 0 of the open file (a seq_file regenerates its
+    /// text for a read at 0).
+    fn read(&mut self) -> std::io::Result<&str> {
+        use std::os::unix::fs::FileExt as _;
+        let file = match &self.file {
+            Some(f) => f,
+            None => self.file.insert(std::fs::File::open(self.path())?),
+        };
+        self.buf.clear();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = file.read_at(&mut chunk, self.buf.len() as u64)?;
+            if n == 0 {
+                break;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        std::str::from_utf8(&self.buf)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
     /// Misses since the previous call; `None` when this kernel does not report them or the
     /// fdinfo file cannot be read.
     pub fn delta(&mut self) -> Option<u64> {
-        let path = format!("/proc/self/fdinfo/{}", self.fd.as_fd().as_raw_fd());
-        let text = std::fs::read_to_string(path).ok()?;
-        parse_fdinfo(&text).map(|n| self.deltas.update(n))
+        let n = match self.read() {
+            Ok(text) => parse_fdinfo(text),
+            Err(_) => {
+                self.file = None;
+                return None;
+            }
+        };
+        n.map(|n| self.deltas.update(n))
     }
 
     /// Whether this kernel reports recursion misses at all.
     pub fn supported(&self) -> bool {
-        let path = format!("/proc/self/fdinfo/{}", self.fd.as_fd().as_raw_fd());
-        std::fs::read_to_string(path)
+        std::fs::read_to_string(self.path())
             .ok()
             .and_then(|t| parse_fdinfo(&t))
             .is_some()

@@ -466,6 +466,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Scrapes ask the pipeline for fresh counters; a few may queue, more would only wait for
     // the same drain.
     let (refresh_tx, refresh_rx) = std::sync::mpsc::sync_channel(8);
+    // The pipeline sleeps until its next drain or a request; at shutdown a request nobody
+    // waits for wakes it to see `stopping`.
+    let wake_pipeline = refresh_tx.clone();
     http.set_refresher(refresh_tx);
     let pipeline_thread = std::thread::Builder::new()
         .name("pipeline".into())
@@ -485,6 +488,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     info!("shutting down");
     stopping.store(true, Ordering::Relaxed);
+    // A full queue wakes the pipeline anyway.
+    let _ = wake_pipeline.try_send(tokio::sync::oneshot::channel().0);
     let _ = stop_tx.send(true);
     let pipeline_result = tokio::task::spawn_blocking(move || pipeline_thread.join())
         .await
