@@ -427,6 +427,29 @@ pub struct Attribution {
     /// Index of the edge in `out.edges`, and of its notice in `out.notices` if one was made.
     edge_index: FastMap<EdgeKey, (usize, Option<usize>)>,
     samples: FastMap<SampleKey, FirstPacket>,
+    /// The endpoints of the previous flow's addresses, within one drain.
+    last_src: LastEndpoint,
+    last_dst: LastEndpoint,
+}
+
+/// The endpoint of the address looked up last. Flows arrive in the order the kernel first
+/// counted them, so a scan or a flood from one peer is a long run of flows with the same
+/// addresses and other ports; those skip the attributor's lookups. Reset at every drain: the
+/// views may change between drains.
+#[derive(Default)]
+struct LastEndpoint(Option<(IpAddr, Endpoint)>);
+
+impl LastEndpoint {
+    fn get(&mut self, views: &Views, ip: IpAddr) -> Endpoint {
+        match &self.0 {
+            Some((last, ep)) if *last == ip => ep.clone(),
+            _ => {
+                let ep = views.drop_endpoint(ip);
+                self.0 = Some((ip, ep.clone()));
+                ep
+            }
+        }
+    }
 }
 
 impl Attribution {
@@ -442,6 +465,8 @@ impl Attribution {
             deny_index: FastMap::default(),
             edge_index: FastMap::default(),
             samples: FastMap::default(),
+            last_src: LastEndpoint::default(),
+            last_dst: LastEndpoint::default(),
         }
     }
 
@@ -462,6 +487,8 @@ impl Attribution {
         self.deny_index.clear();
         self.edge_index.clear();
         self.samples.clear();
+        self.last_src = LastEndpoint::default();
+        self.last_dst = LastEndpoint::default();
         let window = now.duration_since(self.last_drain).unwrap_or_default();
         self.last_drain = now;
 
@@ -507,8 +534,8 @@ impl Attribution {
     }
 
     fn flow(&mut self, views: &Views, drop: &FlowDrop, window: Duration) {
-        let src = drop.src.map(|ip| views.drop_endpoint(ip));
-        let dst = drop.dst.map(|ip| views.drop_endpoint(ip));
+        let src = drop.src.map(|ip| self.last_src.get(views, ip));
+        let dst = drop.dst.map(|ip| self.last_dst.get(views, ip));
         let verdict = views.verdict(drop, src.as_ref(), dst.as_ref());
         let denied = verdict.as_ref().filter(|v| !v.allowed);
         let direction = denied

@@ -582,3 +582,43 @@ fn grouping_capacity_of_a_burst_is_given_back_when_drains_are_small_again() {
     assert!(core.outcomes().drops.capacity() <= SPARE_CAPACITY);
     assert_eq!(core.outcomes().drops.len(), 1);
 }
+
+#[test]
+fn a_run_of_flows_from_one_address_pair_is_attributed_like_each_alone_and_anew_each_drain() {
+    let r = reasons();
+    let before = views();
+    let mut core = Attribution::new(false, t0());
+    // Web to db on three ports: the same addresses in a row, one allowed, two denied.
+    let run = || {
+        [5432, 80, 81]
+            .into_iter()
+            .map(|port| flow(&r.netfilter, Some(WEB), Some(DB), Protocol::Tcp, port, 1))
+            .collect::<Vec<_>>()
+    };
+    let out = core.attribute(&before, &report(run()), &[], t0() + Duration::from_secs(1));
+    assert_eq!(out.edges.len(), 2, "{:?}", out.edges);
+    assert!(
+        out.drops
+            .iter()
+            .all(|d| labels_of(d.src.as_ref()) == "prod/web"
+                && labels_of(d.dst.as_ref()) == "prod/db")
+    );
+    // The db pod is gone in the next inventory: its address is nobody's now, and the next
+    // drain must not reuse the endpoints looked up in the previous one.
+    let mut inv = (**before.inventory()).clone();
+    inv.pods.retain(|p| p.name != "db-0");
+    let after = Views::new(
+        Arc::new(inv),
+        NodeAddrs::new([NODE.parse::<IpAddr>().expect("node address")]),
+    );
+    let out = core.attribute(&after, &report(run()), &[], t0() + Duration::from_secs(2));
+    assert!(out.edges.is_empty(), "{:?}", out.edges);
+    assert!(
+        out.drops
+            .iter()
+            .all(|d| labels_of(d.dst.as_ref()) != "prod/db"),
+        "{:?}",
+        out.drops
+    );
+    assert_eq!(out.drops.iter().map(|d| d.packets).sum::<u64>(), 3);
+}

@@ -1,6 +1,5 @@
 //! Memoized verdicts per flow key, for one engine generation.
 
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -8,59 +7,36 @@ use super::{Engine, FlowQuery, Peer, Verdict};
 use crate::flow::{FastMap, FastSet, Protocol};
 use crate::inventory::{Pod, PodDelta};
 
-/// Identity of one endpoint in a cache key.
+/// Identity of one endpoint in a cache key: plain data, so that a lookup (one per flow at
+/// every drain) builds its key without touching a reference count.
 ///
-/// A pod is identified by its `Arc`: the cache holds entries of one engine generation only,
-/// in which each pod object stands for one pod, and the key keeps it alive, so its address
-/// cannot be reused meanwhile. Comparing and hashing the pointer instead of copying the pod's
-/// namespace and name into the key takes the allocations and string compares off a lookup
-/// made for every flow at every drain. Two `Arc`s of the same pod are merely two entries.
-#[derive(Clone, Debug)]
+/// A pod is identified by the address of its `Arc`: the cache holds entries of one engine
+/// generation only, in which each pod object stands for one pod, and each entry keeps its
+/// pods alive (see [`Entry`]), so an address cannot be reused by another pod while an entry
+/// names it. Two `Arc`s of the same pod are merely two entries.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum EndpointKey {
-    /// A pod of the inventory.
-    Pod(Arc<Pod>),
+    /// A pod of the inventory, by the address of its `Arc`.
+    Pod(usize),
     /// An external address.
     Ip(IpAddr),
-}
-
-impl PartialEq for EndpointKey {
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Self::Pod(a), Self::Pod(b)) => Arc::ptr_eq(a, b),
-            (Self::Ip(a), Self::Ip(b)) => a == b,
-            _ => false,
-        }
-    }
-}
-
-impl Eq for EndpointKey {}
-
-impl Hash for EndpointKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        match self {
-            Self::Pod(p) => {
-                state.write_u8(0);
-                std::ptr::hash(Arc::as_ptr(p), state);
-            }
-            Self::Ip(ip) => {
-                state.write_u8(1);
-                ip.hash(state);
-            }
-        }
-    }
 }
 
 impl EndpointKey {
     fn of(peer: &Peer) -> Self {
         match peer {
-            Peer::Pod(p) => EndpointKey::Pod(Arc::clone(p)),
+            Peer::Pod(p) => EndpointKey::Pod(pod_id(p)),
             Peer::External(ip) => EndpointKey::Ip(*ip),
         }
     }
 }
 
+fn pod_id(pod: &Arc<Pod>) -> usize {
+    Arc::as_ptr(pod) as usize
+}
+
 /// Cache key: source, destination, protocol, port.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct VerdictKey {
     /// Source endpoint.
     pub src: EndpointKey,
@@ -88,10 +64,25 @@ impl VerdictKey {
     }
 }
 
+/// A cached verdict and the pods its key names by address, held so that those addresses stay
+/// theirs while the entry exists.
+#[derive(Debug)]
+struct Entry {
+    verdict: Arc<Verdict>,
+    _pods: [Option<Arc<Pod>>; 2],
+}
+
+fn pod_of(peer: &Peer) -> Option<Arc<Pod>> {
+    match peer {
+        Peer::Pod(p) => Some(Arc::clone(p)),
+        Peer::External(_) => None,
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     generation: u64,
-    map: FastMap<VerdictKey, Arc<Verdict>>,
+    map: FastMap<VerdictKey, Entry>,
 }
 
 /// A bounded verdict cache. Entries belong to one [`Engine::generation`]: the first lookup
@@ -121,8 +112,8 @@ impl VerdictCache {
             if inner.generation != engine.generation() {
                 inner.map.clear();
                 inner.generation = engine.generation();
-            } else if let Some(v) = inner.map.get(&key) {
-                return Arc::clone(v);
+            } else if let Some(e) = inner.map.get(&key) {
+                return Arc::clone(&e.verdict);
             }
         }
         // Evaluate outside the lock so that concurrent misses do not serialize.
@@ -132,7 +123,13 @@ impl VerdictCache {
             if inner.map.len() >= self.capacity {
                 inner.map.clear();
             }
-            inner.map.insert(key, Arc::clone(&verdict));
+            inner.map.insert(
+                key,
+                Entry {
+                    verdict: Arc::clone(&verdict),
+                    _pods: [pod_of(&flow.src), pod_of(&flow.dst)],
+                },
+            );
         }
         verdict
     }
@@ -158,10 +155,10 @@ impl VerdictCache {
         if delta.is_empty() {
             return 0;
         }
-        let pods: FastSet<*const Pod> = delta.removed.iter().map(Arc::as_ptr).collect();
+        let pods: FastSet<usize> = delta.removed.iter().map(pod_id).collect();
         let ips: FastSet<IpAddr> = delta.addresses().collect();
         let involved = |e: &EndpointKey| match e {
-            EndpointKey::Pod(p) => pods.contains(&Arc::as_ptr(p)),
+            EndpointKey::Pod(p) => pods.contains(p),
             EndpointKey::Ip(ip) => ips.contains(&ip.to_canonical()),
         };
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
