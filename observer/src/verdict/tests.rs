@@ -7,7 +7,7 @@ use std::sync::Arc;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use super::*;
-use crate::inventory::{ContainerPort, Inventory, Namespace, Pod, PodPhase, Workload};
+use crate::inventory::{ContainerPort, Inventory, Namespace, Pod, PodDelta, PodPhase, Workload};
 
 fn ns(name: &str, labels: &[(&str, &str)]) -> Namespace {
     let mut l: Labels = labels
@@ -534,6 +534,53 @@ spec:
     assert!(!w.tcp("b/client", "a/db", 4464).allowed);
     assert_eq!(w.engine.warnings().len(), 3, "{:?}", w.engine.warnings());
     assert!(w.engine.warnings()[0].contains("a/bad"));
+}
+
+#[test]
+fn cache_keeps_one_verdict_per_port_of_a_pair_and_forgets_them_with_the_pod() {
+    let allow_pg = "
+metadata: {name: allow-pg, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+  ingress: [{ports: [{port: 5432, protocol: TCP}]}]";
+    let w = basic(&[DENY_INGRESS_A, allow_pg]);
+    let cache = VerdictCache::new(100);
+    let q = |port| FlowQuery {
+        src: w.peer("b/client"),
+        dst: w.peer("a/db"),
+        protocol: Protocol::Tcp,
+        port,
+    };
+    // Alternating ports of one pair: each keeps its own verdict.
+    for _ in 0..2 {
+        assert!(cache.get_or_evaluate(&w.engine, &q(5432)).allowed);
+        assert!(!cache.get_or_evaluate(&w.engine, &q(80)).allowed);
+        assert!(!cache.get_or_evaluate(&w.engine, &q(81)).allowed);
+    }
+    // UDP is another pair; a port-less protocol has one entry whatever the port.
+    let udp = FlowQuery {
+        protocol: Protocol::Udp,
+        ..q(5432)
+    };
+    assert!(!cache.get_or_evaluate(&w.engine, &udp).allowed);
+    let icmp = |port| FlowQuery {
+        protocol: Protocol::Icmp,
+        ..q(port)
+    };
+    cache.get_or_evaluate(&w.engine, &icmp(1));
+    cache.get_or_evaluate(&w.engine, &icmp(2));
+    assert_eq!(cache.len(), 5);
+    // The db pod goes: every verdict naming it goes, on every port and protocol.
+    let Peer::Pod(db) = w.peer("a/db") else {
+        panic!("a/db is a pod")
+    };
+    let delta = PodDelta {
+        removed: vec![db],
+        added: vec![],
+    };
+    assert_eq!(cache.invalidate(&delta), 5);
+    assert!(cache.is_empty());
 }
 
 #[test]
