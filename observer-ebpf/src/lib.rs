@@ -295,9 +295,9 @@ pub struct CpuState {
     /// `tail + log_records`.
     pub tail: u64,
     /// The program sends no sample from a cache install once `samples` reaches this; userspace
-    /// raises it in proportion to the time since it last did, which bounds the samples per
-    /// second per CPU (a key
-    /// that finds the budget spent is sampled at a later install instead).
+    /// raises it in proportion to the time since it last did, leaving at most a second's worth
+    /// unsent (a token bucket), which bounds the samples per second per CPU (a key that finds
+    /// the budget spent is sampled at a later install instead).
     pub sample_limit: u64,
     /// Padding to the end of the reader's cache line.
     pub _reader_pad: [u64; 6],

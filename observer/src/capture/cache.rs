@@ -31,7 +31,7 @@ use crate::flow::FastMap;
 /// Samples each CPU's cache installs may send per second (see [`CpuState::sample_limit`]):
 /// about as many as the default sample ring holds between two drains. The reader grants them
 /// in proportion to the time since its last grant, at most a second's worth at once.
-const SAMPLES_PER_SEC: u64 = 3_200;
+pub(super) const SAMPLES_PER_SEC: u64 = 3_200;
 
 /// Flush records copied and added at a time: 64 KiB.
 const BATCH_RECORDS: usize = 1024;
@@ -182,12 +182,17 @@ impl CacheReader {
         reader
     }
 
-    /// Lets `cpu` send up to `grant` more samples than it has sent (unused grants lapse).
+    /// Adds `grant` samples to what `cpu` may still send, up to a second's worth: a token
+    /// bucket. Unused samples carry over up to that cap, so a call soon after another (the
+    /// drain right after the reader thread, or a scrape right after start) does not take back
+    /// what was granted before; it only adds what the time since then earned.
     fn grant_samples(&self, cpu: u32, grant: u64) {
         let st = self.cpu_state(cpu);
         // SAFETY: field pointers of a live CpuState.
         let (sent_p, limit_p) = unsafe { (&raw mut (*st).samples, &raw mut (*st).sample_limit) };
-        let want = load(sent_p, Ordering::Relaxed).saturating_add(grant);
+        let sent = load(sent_p, Ordering::Relaxed);
+        let unused = load(limit_p, Ordering::Relaxed).saturating_sub(sent);
+        let want = sent.saturating_add(unused.saturating_add(grant).min(SAMPLES_PER_SEC));
         // Only store on a change: an idle CPU's line stays clean.
         if load(limit_p, Ordering::Relaxed) != want {
             store(limit_p, want, Ordering::Relaxed);
@@ -693,20 +698,23 @@ mod tests {
         let (mut r, mut k) = setup(2, 4);
         let t0 = r.granted_at;
         assert_eq!(k.cpu(1).sample_limit, SAMPLES_PER_SEC);
-        // CPU 1 spent its grant; 10 ms later it may send 32 more, CPU 0 has 32 in all (its
-        // unused grant lapsed).
+        // CPU 1 spent its grant; 10 ms later it may send 32 more. CPU 0 sent nothing: it
+        // keeps its second's worth, no more.
         k.cpu(1).samples = SAMPLES_PER_SEC;
         r.consume_logs_at(t0 + std::time::Duration::from_millis(10));
         assert_eq!(k.cpu(1).sample_limit, SAMPLES_PER_SEC + 32);
-        assert_eq!(k.cpu(0).sample_limit, 32);
+        assert_eq!(k.cpu(0).sample_limit, SAMPLES_PER_SEC);
         // Too soon for a whole sample: nothing changes, and the time is not lost.
         r.consume_logs_at(t0 + std::time::Duration::from_micros(10_100));
         assert_eq!(k.cpu(1).sample_limit, SAMPLES_PER_SEC + 32);
+        // A call soon after adds what the time earned; it does not take back the 32.
         r.consume_logs_at(t0 + std::time::Duration::from_micros(10_400));
-        assert_eq!(k.cpu(1).sample_limit, SAMPLES_PER_SEC + 1);
-        // After a long sleep, at most a second's worth.
+        assert_eq!(k.cpu(1).sample_limit, SAMPLES_PER_SEC + 33);
+        // CPU 1 sends 10 of them; after a long sleep it may send a second's worth, no more.
+        k.cpu(1).samples += 10;
         r.consume_logs_at(t0 + std::time::Duration::from_secs(60));
-        assert_eq!(k.cpu(1).sample_limit, 2 * SAMPLES_PER_SEC);
+        assert_eq!(k.cpu(1).sample_limit, 2 * SAMPLES_PER_SEC + 10);
+        assert_eq!(k.cpu(0).sample_limit, SAMPLES_PER_SEC);
     }
 
     #[test]

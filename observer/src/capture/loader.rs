@@ -336,6 +336,29 @@ fn map_cache(
         .map_err(|e| CaptureError::Config(format!("starting the drop-log reader thread: {e}")))
 }
 
+/// Gives every CPU its first second of cache-install samples before the program is attached:
+/// the reader grants them only once it runs, and a drop in between (any on the node) would
+/// otherwise find the budget at zero and count a `sample_budget` loss.
+fn grant_first_samples(ebpf: &mut Ebpf, cpus: u32) -> Result<(), CaptureError> {
+    let map_err = |source| CaptureError::Map {
+        map: "DROP_CPU",
+        source,
+    };
+    let mut states: Array<&mut MapData, CpuState> = Array::try_from(
+        ebpf.map_mut("DROP_CPU")
+            .ok_or(CaptureError::Missing("map DROP_CPU"))?,
+    )
+    .map_err(map_err)?;
+    let first = CpuState {
+        sample_limit: super::cache::SAMPLES_PER_SEC,
+        ..CpuState::default()
+    };
+    for cpu in 0..cpus {
+        states.set(cpu, first, 0).map_err(map_err)?;
+    }
+    Ok(())
+}
+
 /// Kernel size of the LRU flow map for `wanted` distinct flows.
 ///
 /// The kernel's common LRU hands free nodes to each CPU in batches and evicts in batches
@@ -514,6 +537,9 @@ impl Capture {
             .map_max_entries("SAMPLES", config.ringbuf_bytes)
             .load(EBPF_OBJECT)
             .map_err(|e| startup::explain(e.into(), Refused::Bpf))?;
+        if cache_enabled {
+            grant_first_samples(&mut ebpf, cpus)?;
+        }
         let attach_kind = match btf_args {
             Ok(_) => match attach_btf(&mut ebpf) {
                 Ok(()) => AttachKind::BtfTracepoint,
