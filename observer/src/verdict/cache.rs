@@ -12,7 +12,7 @@ use crate::inventory::{Pod, PodDelta};
 ///
 /// A pod is identified by the address of its `Arc`: the cache holds entries of one engine
 /// generation only, in which each pod object stands for one pod, and each entry keeps its
-/// pods alive (see [`Entry`]), so an address cannot be reused by another pod while an entry
+/// pods alive (see `Entry`), so an address cannot be reused by another pod while an entry
 /// names it. Two `Arc`s of the same pod are merely two entries.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub enum EndpointKey {
