@@ -259,7 +259,7 @@ pub struct ReasonTable {
 
 impl ReasonTable {
     /// Builds a table from `(number, kernel name)` pairs; names are turned into labels with
-    /// [`reason_label`].
+    /// `reason_label`.
     pub fn from_kernel_names<'a>(pairs: impl IntoIterator<Item = (u32, &'a str)>) -> Self {
         Self {
             by_num: pairs

@@ -1,7 +1,7 @@
 //! `deny-observer run`: wires capture → inventory → verdict → attribute → export, alert and
 //! Kubernetes Events.
 //!
-//! The [`pipeline`] (drain, attribute, hand outcomes to the sinks) runs on one OS thread: every
+//! The `pipeline` (drain, attribute, hand outcomes to the sinks) runs on one OS thread: every
 //! step is synchronous (map syscalls, hash lookups, counters) and must never wait on the
 //! network. The tokio runtime serves HTTP, follows the inventory and publishes Kubernetes
 //! Events; the pipeline hands Events over through a bounded queue and counts what does not fit.

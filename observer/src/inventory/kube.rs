@@ -2,7 +2,7 @@
 //! matter, not only this node's pods), Namespaces, NetworkPolicies and Services (their
 //! ClusterIPs only).
 //!
-//! Each object is validated and converted (through [`convert`](super::convert), the same code
+//! Each object is validated and converted (through [`convert`], the same code
 //! as the manifest loader) as it arrives, and the stores keep only the result ([`Stored`]),
 //! never the API object: a 10,000-pod cluster is watched by every node, and a k8s-openapi `Pod`
 //! is several KB even with [`trim_pod`] applied. A snapshot task gathers the stores into an

@@ -16,7 +16,7 @@
 //! `kubernetes.io/metadata.name` label, so namespace selectors still match it by name.
 //!
 //! A YAML file is parsed as it is read, and a List's items are prepared one at a time (see
-//! [`yaml`]): neither the text nor the parse of a whole `kubectl get -A -o yaml` dump is ever
+//! `yaml`): neither the text nor the parse of a whole `kubectl get -A -o yaml` dump is ever
 //! held, only the reduced objects.
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -9,7 +9,7 @@ use super::MapData;
 
 /// Cytoscape.js, vendored unmodified (see `assets/README.md` and `assets/LICENSE-cytoscape`).
 const CYTOSCAPE_JS: &str = include_str!("assets/cytoscape.min.js");
-/// Version of [`CYTOSCAPE_JS`].
+/// Version of `CYTOSCAPE_JS`.
 pub const CYTOSCAPE_VERSION: &str = "3.34.4";
 const MAP_JS: &str = include_str!("assets/map.js");
 const MAP_CSS: &str = include_str!("assets/map.css");
@@ -45,7 +45,7 @@ fn page_value(data: &MapData) -> Result<Value, serde_json::Error> {
 
 /// The data as JSON that is safe inside a `<script>` element: `<`, `>` and `&` are escaped
 /// as JSON `\u` sequences, so no policy or workload name can close the element. Explain
-/// answers are shared lines (see [`page_value`]).
+/// answers are shared lines (see `page_value`).
 pub fn script_json(data: &MapData) -> String {
     let json = page_value(data).and_then(|v| serde_json::to_string(&v)).unwrap_or_else(|e| {
         // Serializing plain strings and numbers cannot fail; should it, the page says so.

@@ -1,7 +1,7 @@
 //! `deny-observer map --listen`: serves the page and `data.json`, read again from the source
 //! every `--refresh`; open pages poll `data.json` and redraw what changed.
 //!
-//! The server is the metrics server's bounded one ([`crate::export::http::serve_router`]):
+//! The server is the metrics server's bounded one ([`crate::export::serve_router`]):
 //! the map names every workload and policy, and whoever can reach it should not be able to
 //! exhaust it either. `/healthz` answers like the daemon's: 200 while the refresh loop runs,
 //! 503 once it has not completed a round for much longer than a refresh and its queries may

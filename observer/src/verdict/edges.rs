@@ -326,7 +326,7 @@ pub(crate) fn parse_vector(body: &[u8]) -> Result<Vec<EdgeSample>, String> {
     Ok(out)
 }
 
-/// Turns a Prometheus `/api/v1/query` answer into edges of `verdict` (see [`parse_vector`]).
+/// Turns a Prometheus `/api/v1/query` answer into edges of `verdict` (see `parse_vector`).
 pub fn parse_answer(body: &[u8], verdict: Observed) -> Result<Vec<Edge>, String> {
     Ok(parse_vector(body)?
         .into_iter()
