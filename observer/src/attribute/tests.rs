@@ -102,6 +102,11 @@ spec: {podSelector: {}, policyTypes: [Egress]}",
         })],
         ..Inventory::default()
     };
+    views_of(inv)
+}
+
+/// Views of `inv` on the test node.
+fn views_of(inv: Inventory) -> Views {
     Views::new(
         Arc::new(inv),
         NodeAddrs::new([NODE.parse::<IpAddr>().expect("node address")]),
@@ -607,10 +612,7 @@ fn a_run_of_flows_from_one_address_pair_is_attributed_like_each_alone_and_anew_e
     // drain must not reuse the endpoints looked up in the previous one.
     let mut inv = (**before.inventory()).clone();
     inv.pods.retain(|p| p.name != "db-0");
-    let after = Views::new(
-        Arc::new(inv),
-        NodeAddrs::new([NODE.parse::<IpAddr>().expect("node address")]),
-    );
+    let after = views_of(inv);
     let out = core.attribute(&after, &report(run()), &[], t0() + Duration::from_secs(2));
     assert!(out.edges.is_empty(), "{:?}", out.edges);
     assert!(
