@@ -240,14 +240,21 @@ pub struct SampleEvent {
     pub _pad: u8,
 }
 
-/// Lines of the per-CPU drop cache (see [`CacheEntry`]): a power of two, at most
-/// `1 << CACHE_TAG_LINE_BITS`. Small on purpose: with thousands of flows per CPU no table keeps
-/// its lines in the CPU cache between two drops of one flow, and a small one stays in L1.
-pub const CACHE_LINES: u32 = 64;
+/// Ways of the per-CPU drop cache: a key may sit in either line of its set, the two lines at
+/// `2 * set` and `2 * set + 1`. A new key takes an empty line of its set, else the one with
+/// fewer packets in its incarnation, so a set holds its two busiest keys while others churn
+/// through the remaining line: with many flows per CPU (a scan) most of them keep a line,
+/// where a direct-mapped table flushed every key whose line it shared.
+pub const CACHE_WAYS: u32 = 2;
 
-/// Low bits of [`CacheEntry::tag`] that hold the line index; the bits above count installs
-/// into that line.
-pub const CACHE_TAG_LINE_BITS: u32 = 8;
+/// Low bits of [`CacheEntry::tag`] that hold the line index; the 20 bits above count installs
+/// into that line, wrapping. The reader tells incarnations of a line apart only among those
+/// installed between its reading of the log and its snapshot of the line, a few milliseconds
+/// at most: far fewer than 2^20 installs.
+pub const CACHE_TAG_LINE_BITS: u32 = 12;
+
+/// Most lines per CPU: a line index must fit in [`CACHE_TAG_LINE_BITS`].
+pub const CACHE_LINES_MAX: u32 = 1 << CACHE_TAG_LINE_BITS;
 
 /// Fingerprints in the per-CPU sample filter: a key installed into the drop cache sends a
 /// [`SampleEvent`] only when its fingerprint is not already in its filter slot.
@@ -289,8 +296,12 @@ pub struct CpuState {
     /// Cache installs that found `samples` at `sample_limit`, so sent no sample and did not
     /// look whether the key had one already (exported as the `sample_budget` loss).
     pub sample_skips: u64,
+    /// Drops this CPU counted in its cache (hits and installs), each stored after the line
+    /// it changed: a reader that finds it unchanged since its last snapshot of this CPU's
+    /// lines need not read them again.
+    pub counted: u64,
     /// Padding to the end of the kernel's cache line.
-    pub _kernel_pad: [u64; 4],
+    pub _kernel_pad: [u64; 3],
     /// Flush records consumed by userspace: the program never writes a record at or beyond
     /// `tail + log_records`.
     pub tail: u64,
@@ -313,6 +324,11 @@ pub struct CacheConfig {
     pub enabled: u32,
     /// Flush-log records per CPU minus one (the count is a power of two).
     pub log_mask: u32,
+    /// Lines per CPU are `1 << line_bits`, from 1 (one set) to [`CACHE_TAG_LINE_BITS`]
+    /// ([`CACHE_LINES_MAX`] lines).
+    pub line_bits: u32,
+    /// Always zero: keeps the size a multiple of 8 with no hidden padding.
+    pub reserved: u32,
 }
 
 /// Layout facts the kernel program cannot know at compile time (Rust eBPF has no CO-RE).
@@ -577,7 +593,8 @@ mod tests {
         assert_eq!(core::mem::offset_of!(CacheEntry, packets), 48);
         assert_eq!(size_of::<CpuState>(), 128);
         assert_eq!(core::mem::offset_of!(CpuState, tail), 64);
-        assert_eq!(size_of::<CacheConfig>(), 8);
-        assert!(CACHE_LINES.is_power_of_two() && CACHE_LINES <= 1 << CACHE_TAG_LINE_BITS);
+        assert_eq!(core::mem::offset_of!(CpuState, counted), 32);
+        assert_eq!(size_of::<CacheConfig>(), 16);
+        assert!(CACHE_WAYS.is_power_of_two() && CACHE_LINES_MAX >= CACHE_WAYS);
     }
 }

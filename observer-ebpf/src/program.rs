@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use observer_ebpf::{
-    BTF_ARGS_MAX, BtfArgs, CACHE_LINES, CACHE_TAG_LINE_BITS, CacheConfig, CacheEntry, Counter,
+    BTF_ARGS_MAX, BtfArgs, CACHE_TAG_LINE_BITS, CACHE_WAYS, CacheConfig, CacheEntry, Counter,
     CpuState, FlowKey, FlowValue, KernelLayout, LOCATION_RANGES_MAX, LocationRange, LocationTable,
     MAX_REASONS, NO_ARG, ProgramConfig, SAMPLE_FILTER_SLOTS, SKB_SPAN_MAX, SampleEvent, family,
     loss,
@@ -73,11 +73,13 @@ static LOCATIONS: LocationTable = LocationTable::EMPTY;
 static CACHE_CONFIG: CacheConfig = CacheConfig {
     enabled: 0,
     log_mask: 0,
+    line_bits: 1,
+    reserved: 0,
 };
 
-/// The per-CPU drop cache: CPU `c` owns lines `c * CACHE_LINES ..`. Userspace mmaps it and
-/// reads live lines (see `capture::cache`); only the owning CPU writes. The size (possible
-/// CPUs times `CACHE_LINES`) is set at load time.
+/// The per-CPU drop cache: CPU `c` owns lines `c << line_bits ..` (see [`CacheConfig`]).
+/// Userspace mmaps it and reads live lines (see `capture::cache`); only the owning CPU writes.
+/// The size (possible CPUs times lines per CPU) is set at load time.
 #[map]
 static DROP_CACHE: Array<CacheEntry> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
@@ -718,11 +720,24 @@ fn key_hash(key: &FlowKey) -> u64 {
     h | 1
 }
 
-/// Whether two keys are equal, word by word without branches (LLVM would call `memcmp`).
+/// Whether two keys are equal: two likely-different words first, then word by word without
+/// branches (LLVM would call `memcmp`).
 #[inline(always)]
 fn key_eq(a: *const FlowKey, b: &FlowKey) -> bool {
     let x = a.cast::<u32>();
     let y = (b as *const FlowKey).cast::<u32>();
+    // First the words where two flows of one set most often differ: the port's (a scan) and
+    // the last of the source address (many clients, an IPv4 source). A miss, which now reads
+    // both lines of a set, mostly stops here.
+    const { assert!(core::mem::offset_of!(FlowKey, dst_port) == 40) };
+    // SAFETY: words 3 and 10 are inside both keys, as in the loop below.
+    let quick = unsafe {
+        (core::ptr::read_volatile(x.add(10)) ^ *y.add(10))
+            | (core::ptr::read_volatile(x.add(3)) ^ *y.add(3))
+    };
+    if quick != 0 {
+        return false;
+    }
     let mut d = 0u32;
     let mut i = 0;
     while i < KEY_WORDS {
@@ -734,8 +749,9 @@ fn key_eq(a: *const FlowKey, b: &FlowKey) -> bool {
     d == 0
 }
 
-/// Counts a drop in this CPU's drop cache: adds to the key's line, or flushes the line's
-/// previous key to the log and installs this one. Returns false, having changed nothing but the
+/// Counts a drop in this CPU's drop cache: adds to the key's line of its set, or installs the
+/// key in the set's victim line (see [`CACHE_WAYS`]), flushing that line's previous key to the
+/// log. Returns false, having changed nothing but the
 /// `DROP_LOG_FULL` counter, when the drop must go to `FLOWS`: the log is full, or a map index is
 /// out of range (the maps were sized for fewer CPUs). Userspace walks `FLOWS` only when that
 /// counter moved, so every way into `FLOWS` counts it, before the `FLOWS` write.
@@ -747,29 +763,70 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
     let h = key_hash(key);
     // SAFETY: helper without preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    // The top bits of the last multiply are the best mixed.
-    let line = (h >> (64 - CACHE_LINES.trailing_zeros())) as u32 & (CACHE_LINES - 1);
+    // Checked here, not only by the loader, so that the shifts below are always defined.
+    let bits = config_cache!(line_bits);
+    let bits = if bits == 0 || bits > CACHE_TAG_LINE_BITS {
+        1
+    } else {
+        bits
+    };
+    // The set from the top bits of the last multiply, the best mixed; its lines are `first`
+    // and `first | 1`.
+    const { assert!(CACHE_WAYS == 2) };
+    let first = (h >> (64 - bits)) as u32 & !(CACHE_WAYS - 1);
+    let base = cpu.wrapping_shl(bits);
     let mask = config_cache!(log_mask);
     let Some(st) = DROP_CPU.get_ptr_mut(cpu) else {
         count_loss(loss::DROP_LOG_FULL);
         return false;
     };
-    let Some(e) = DROP_CACHE.get_ptr_mut(cpu.wrapping_mul(CACHE_LINES).wrapping_add(line)) else {
+    let (Some(a), Some(b)) = (
+        DROP_CACHE.get_ptr_mut(base.wrapping_add(first)),
+        DROP_CACHE.get_ptr_mut(base.wrapping_add(first | 1)),
+    ) else {
         count_loss(loss::DROP_LOG_FULL);
         return false;
     };
-    // SAFETY (this block and below): `st` and `e` belong to this CPU, which is the only writer,
-    // and tracing programs do not nest on one CPU. Userspace only reads them (`tail` aside).
+    // SAFETY (this block and below): `st`, `a` and `b` belong to this CPU, which is the only
+    // writer, and tracing programs do not nest on one CPU. Userspace only reads them (`tail`
+    // aside).
     unsafe {
-        let packets = core::ptr::read_volatile(&raw const (*e).packets);
-        if packets != 0 && key_eq(&raw const (*e).key, key) {
+        // The second line is read only when the first does not hold the key: a set's first
+        // key takes the first line, so at low load most drops touch one line, and with
+        // thousands of flows the lines they touch are half as many (each one a cache miss
+        // once they outgrow the CPU's caches).
+        let pa = core::ptr::read_volatile(&raw const (*a).packets);
+        let mut pb = 0;
+        let hit = if pa != 0 && key_eq(&raw const (*a).key, key) {
+            Some((a, pa))
+        } else {
+            pb = core::ptr::read_volatile(&raw const (*b).packets);
+            if pb != 0 && key_eq(&raw const (*b).key, key) {
+                Some((b, pb))
+            } else {
+                None
+            }
+        };
+        if let Some((e, packets)) = hit {
             // A hit changes neither key nor tag, so it needs no sequence bracket: a reader
             // that sees the new packets but the old bytes reads the bytes next time.
             core::ptr::write_volatile(&raw mut (*e).packets, packets + 1);
-            let b = core::ptr::read_volatile(&raw const (*e).bytes);
-            core::ptr::write_volatile(&raw mut (*e).bytes, b + u64::from(len));
+            let bytes = core::ptr::read_volatile(&raw const (*e).bytes);
+            core::ptr::write_volatile(&raw mut (*e).bytes, bytes + u64::from(len));
+            let c = core::ptr::read_volatile(&raw const (*st).counted);
+            core::ptr::write_volatile(&raw mut (*st).counted, c + 1);
             return true;
         }
+        // An empty line, else the one with fewer packets (the second on a tie): the set keeps
+        // its busiest key while a scan churns through the other line. (A long-idle busy key
+        // keeps its line too: the set then works as one line, as every line did before.)
+        let (e, line, packets) = if pa == 0 {
+            (a, first, 0)
+        } else if pb == 0 || pb <= pa {
+            (b, first | 1, pb)
+        } else {
+            (a, first, pa)
+        };
         let seq = core::ptr::read_volatile(&raw const (*st).seq);
         let mut wake = false;
         if packets != 0 {
@@ -815,6 +872,8 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
         core::ptr::write_volatile(&raw mut (*e).bytes, u64::from(len));
         core::ptr::write_volatile(&raw mut (*e).packets, 1);
         core::ptr::write_volatile(&raw mut (*st).seq, seq + 2);
+        let c = core::ptr::read_volatile(&raw const (*st).counted);
+        core::ptr::write_volatile(&raw mut (*st).counted, c + 1);
         if wake {
             // A full wake ring means the reader has wake-ups pending already.
             let _ = DROP_LOG_WAKE.output::<u32>(cpu, u64::from(BPF_RB_FORCE_WAKEUP));

@@ -1202,32 +1202,47 @@ fn fifty_thousand_flows() {
 }
 
 /// Many flows through the drop cache: each key's packets are counted exactly, whether a
-/// drain reads them from a live line, from a flush record, or both, and with a flush log so
-/// small that most evictions are refused and go to the flow map instead.
+/// drain reads them from a live line, from a flush record, or both; with a cache so small
+/// that nearly every packet evicts another flow, with a flush log so small that most
+/// evictions are refused and go to the flow map instead, and with a cache large enough for
+/// the flows, where they keep their lines and flush records are rare.
 #[test]
 fn drop_cache_counts_many_flows_exactly() {
     if !testkit::privileged("drop_cache_counts_many_flows_exactly") {
         return;
     }
-    for (log_records, expect_log_full) in [(1 << 14, false), (4, true)] {
+    for (lines, log_records, expect_log_full) in
+        [(64, 1 << 14, false), (64, 4, true), (4096, 1 << 14, false)]
+    {
         let net = NetPair::new();
         let mut capture = Capture::load(&CaptureConfig {
             netns: Some(net.dst_inode),
             reasons: ReasonFilter::Names(vec!["netfilter_drop".into()]),
             drop_log_records: log_records,
+            drop_cache_lines: lines,
             ..CaptureConfig::default()
         })
         .unwrap();
-        const FLOWS: u16 = 1000;
+        let stats = capture.drop_cache_stats().expect("the drop cache is on");
+        // With the small cache, far more flows than lines. With the large one, two flows (one
+        // per family) per port and a sixteenth as many flows as lines (the memory cap may have
+        // shrunk the cache on a machine with many CPUs): nearly every flow keeps a line.
+        let flows_count: u16 = if lines == 64 {
+            1000
+        } else {
+            u16::try_from(stats.lines_per_cpu / 32)
+                .unwrap_or(u16::MAX)
+                .clamp(1, 1000)
+        };
         const ROUNDS: usize = 3;
         let mut reports = Vec::new();
-        // Round robin over the ports (each packet evicts another key's line), IPv4 and IPv6
-        // flows interleaved (flush records of one and two slots), with drains between rounds
+        // Round robin over the ports (with the small cache each packet evicts another key's
+        // line), IPv4 and IPv6 flows interleaved (flush records of one and two slots), with drains between rounds
         // so that live lines are read and later flushed.
         for _ in 0..ROUNDS {
             net.in_ns(&net.src, || {
                 let sock = UdpSocket::bind("[::]:0").unwrap();
-                for port in 1..=FLOWS {
+                for port in 1..=flows_count {
                     for dst in [IpAddr::V6(WIDE4.to_ipv6_mapped()), IpAddr::V6(WIDE6)] {
                         sock.send_to(&[0x5a; 32], SocketAddr::new(dst, port))
                             .unwrap();
@@ -1239,12 +1254,12 @@ fn drop_cache_counts_many_flows_exactly() {
         reports.extend(drain_settled(&mut capture));
         let (nft_packets, nft_bytes) = net.counter("wide");
         let (nft6_packets, nft6_bytes) = net.counter("wide6");
-        assert_eq!(nft_packets, u64::from(FLOWS) * ROUNDS as u64);
-        assert_eq!(nft6_packets, u64::from(FLOWS) * ROUNDS as u64);
+        assert_eq!(nft_packets, u64::from(flows_count) * ROUNDS as u64);
+        assert_eq!(nft6_packets, u64::from(flows_count) * ROUNDS as u64);
         let per_flow = totals(&reports);
         assert_eq!(
             per_flow.len(),
-            2 * usize::from(FLOWS),
+            2 * usize::from(flows_count),
             "one key per port and family"
         );
         for (id, (packets, bytes)) in &per_flow {
@@ -1259,7 +1274,29 @@ fn drop_cache_counts_many_flows_exactly() {
         let evicted: u64 = reports.iter().map(|r| r.losses.evicted_packets).sum();
         assert_eq!(evicted, 0);
         let log_full: u64 = reports.iter().map(|r| r.losses.drop_log_full).sum();
-        eprintln!("log of {log_records}: {log_full} evictions refused");
+        let records = capture.drop_cache_stats().map_or(0, |s| s.flush_records);
+        eprintln!(
+            "{} lines per CPU, log of {log_records}: {log_full} evictions refused, \
+             {records} flush records for {} packets",
+            stats.lines_per_cpu,
+            nft_packets + nft6_packets
+        );
+        if lines == 64 {
+            // 2,000 flows round robin through 64 lines: nearly every packet but the first
+            // of a line evicts (or, with the tiny log, is refused).
+            assert!(
+                records + log_full >= (nft_packets + nft6_packets) * 9 / 10,
+                "{records} records, {log_full} refused"
+            );
+        } else {
+            // An eighth of a flow per set of two lines on average: about one set in 2,500
+            // holds a third flow, which evicts. Far below a tenth of the packets.
+            assert!(
+                records * 10 < nft_packets + nft6_packets,
+                "{records} flush records for {} packets",
+                nft_packets + nft6_packets
+            );
+        }
         assert_eq!(
             log_full > 0,
             expect_log_full,

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use aya::maps::{MapData, RingBuf};
 
-use observer_ebpf::{CACHE_LINES, CACHE_TAG_LINE_BITS, CacheEntry, Counter, CpuState, FlowKey};
+use observer_ebpf::{CACHE_TAG_LINE_BITS, CacheEntry, Counter, CpuState, FlowKey};
 
 use super::tally::Tally;
 use crate::flow::FastMap;
@@ -103,13 +103,15 @@ impl Drop for Mmap {
 /// Where the three arrays are: pointers into mappings (or, in tests, into owned buffers).
 #[derive(Debug)]
 pub(super) struct Regions {
-    /// `nr_cpus * CACHE_LINES` cache lines.
+    /// `nr_cpus * lines` cache lines.
     pub cache: *const CacheEntry,
     /// `nr_cpus * log_records` flush records.
     pub log: *const CacheEntry,
     /// `nr_cpus` CPU states.
     pub cpus: *mut CpuState,
     pub nr_cpus: u32,
+    /// Cache lines per CPU: a power of two, at most `CACHE_LINES_MAX`.
+    pub lines: u32,
     /// Records per CPU log: a power of two.
     pub log_records: u32,
     /// Keeps the memory behind the pointers alive.
@@ -149,8 +151,11 @@ pub(super) struct ReaderStats {
 pub(super) struct CacheReader {
     regions: Regions,
     /// What was emitted of the incarnation last snapshotted in each `(cpu, line)`, indexed by
-    /// `cpu * CACHE_LINES + line`: a flush record finds it without hashing.
+    /// `cpu * lines + line`: a flush record finds it without hashing.
     emitted: Vec<Option<Emitted>>,
+    /// Per CPU, its [`CpuState::counted`] before the last snapshot that read every line of
+    /// it, or `None` if none has yet: while it stands still, no line of that CPU changed.
+    snapshot_at: Vec<Option<u64>>,
     /// Older incarnations still pending: snapshotted, then replaced in their line by one the
     /// next snapshot saw before the reader consumed their flush record. Rare.
     displaced: FastMap<(u32, u32), (u64, u64)>,
@@ -166,8 +171,9 @@ pub(super) struct CacheReader {
 impl CacheReader {
     /// A reader of `regions`, handing out at most `max_keys` keys per take (see [`Tally::new`]).
     pub(super) fn new(regions: Regions, max_keys: usize) -> Self {
-        let lines = regions.nr_cpus as usize * CACHE_LINES as usize;
+        let lines = regions.nr_cpus as usize * regions.lines as usize;
         let reader = Self {
+            snapshot_at: vec![None; regions.nr_cpus as usize],
             regions,
             emitted: vec![None; lines],
             displaced: FastMap::default(),
@@ -197,6 +203,13 @@ impl CacheReader {
         if load(limit_p, Ordering::Relaxed) != want {
             store(limit_p, want, Ordering::Relaxed);
         }
+    }
+
+    /// Index of the line named by `tag` among all CPUs' lines; `None` if `tag` names no line.
+    fn line_index(&self, cpu: u32, tag: u32) -> Option<usize> {
+        let line = tag & ((1 << CACHE_TAG_LINE_BITS) - 1);
+        let lines = self.regions.lines;
+        (line < lines).then(|| cpu as usize * lines as usize + line as usize)
     }
 
     fn cpu_state(&self, cpu: u32) -> *mut CpuState {
@@ -288,7 +301,9 @@ impl CacheReader {
 
     /// Ends a flush record's incarnation: reduces the record to what was not emitted of it.
     fn flushed(&mut self, cpu: u32, rec: &mut CacheEntry) {
-        let slot = line_index(cpu, rec.tag).and_then(|i| self.emitted.get_mut(i));
+        let slot = self
+            .line_index(cpu, rec.tag)
+            .and_then(|i| self.emitted.get_mut(i));
         let done = match slot {
             Some(e) if e.is_some_and(|e| e.tag == rec.tag) => {
                 e.take().map(|e| (e.packets, e.bytes))
@@ -303,13 +318,26 @@ impl CacheReader {
     }
 
     /// Snapshots every CPU's live lines. Call after [`CacheReader::consume_logs`].
+    ///
+    /// A CPU whose [`CpuState::counted`] has not moved since the last whole snapshot of its
+    /// lines is skipped: the kernel stores that count after every change to a line, so an
+    /// idle CPU costs one load however large its cache.
     pub(super) fn snapshot(&mut self) {
+        let lines = self.regions.lines as usize;
         for cpu in 0..self.regions.nr_cpus {
             let st = self.cpu_state(cpu);
-            // SAFETY: field pointer of a live CpuState.
-            let seq = unsafe { &raw mut (*st).seq };
-            for line in 0..CACHE_LINES {
-                let idx = cpu as usize * CACHE_LINES as usize + line as usize;
+            // SAFETY: field pointers of a live CpuState.
+            let (seq, counted_p) = unsafe { (&raw mut (*st).seq, &raw mut (*st).counted) };
+            // Acquire, before any line: a line change the count includes is then visible.
+            let counted = load(counted_p, Ordering::Acquire);
+            let at = &mut self.snapshot_at[cpu as usize];
+            if *at == Some(counted) {
+                continue;
+            }
+            *at = Some(counted);
+            let busy = self.stats.busy_lines;
+            for line in 0..lines {
+                let idx = cpu as usize * lines + line;
                 let mut copy = None;
                 for _ in 0..SNAPSHOT_TRIES {
                     let s1 = load(seq, Ordering::Acquire);
@@ -317,8 +345,8 @@ impl CacheReader {
                         std::hint::spin_loop();
                         continue;
                     }
-                    // SAFETY: `idx < nr_cpus * CACHE_LINES`; a racing kernel store is caught by
-                    // the sequence check (key and tag change only under an odd `seq`).
+                    // SAFETY: `idx < nr_cpus * lines`; a racing kernel store is caught by the
+                    // sequence check (key and tag change only under an odd `seq`).
                     let e = unsafe { std::ptr::read_volatile(self.regions.cache.add(idx)) };
                     fence(Ordering::Acquire);
                     if load(seq, Ordering::Relaxed) == s1 {
@@ -332,12 +360,19 @@ impl CacheReader {
                     None => self.stats.busy_lines += 1,
                 }
             }
+            if self.stats.busy_lines != busy {
+                // Lines left for later: the next snapshot reads this CPU again.
+                self.snapshot_at[cpu as usize] = None;
+            }
         }
     }
 
     /// Accounts a snapshot of a live line.
     fn live(&mut self, cpu: u32, e: &CacheEntry) {
-        let Some(slot) = line_index(cpu, e.tag).and_then(|i| self.emitted.get_mut(i)) else {
+        let Some(slot) = self
+            .line_index(cpu, e.tag)
+            .and_then(|i| self.emitted.get_mut(i))
+        else {
             // Not a line of this CPU: the kernel never writes such a tag. Count it whole
             // rather than lose it.
             self.tally.add(&e.key, e.packets, e.bytes);
@@ -353,6 +388,10 @@ impl CacheReader {
                 );
                 prev.packets = prev.packets.max(e.packets);
                 prev.bytes = prev.bytes.max(e.bytes);
+                if d == (0, 0) {
+                    // An idle line: nothing to add, and no hashing of its key.
+                    return;
+                }
                 d
             }
             _ => {
@@ -499,12 +538,6 @@ fn lock(m: &Mutex<CacheReader>) -> MutexGuard<'_, CacheReader> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Index of the line named by `tag` among all CPUs' lines; `None` if `tag` names no line.
-fn line_index(cpu: u32, tag: u32) -> Option<usize> {
-    let line = tag & ((1 << CACHE_TAG_LINE_BITS) - 1);
-    (line < CACHE_LINES).then(|| cpu as usize * CACHE_LINES as usize + line as usize)
-}
-
 /// Atomic load of a `u64` of a [`CpuState`] in the regions.
 fn load(p: *mut u64, order: Ordering) -> u64 {
     // SAFETY: callers pass a field of a CpuState inside the regions, 8-byte aligned and alive
@@ -538,6 +571,7 @@ mod tests {
         cache: *mut CacheEntry,
         log: *mut CacheEntry,
         cpus: *mut CpuState,
+        lines: u32,
         log_records: u32,
     }
 
@@ -551,10 +585,11 @@ mod tests {
         fn drop(&mut self, cpu: u32, line: u32, key: FlowKey, len: u64) -> bool {
             let records = self.log_records;
             // SAFETY: indexes inside the buffers sized by `setup`.
-            let e = unsafe { &mut *self.cache.add((cpu * CACHE_LINES + line) as usize) };
+            let e = unsafe { &mut *self.cache.add((cpu * self.lines + line) as usize) };
             if e.packets != 0 && e.key == key {
                 e.packets += 1;
                 e.bytes += len;
+                self.cpu(cpu).counted += 1;
                 return true;
             }
             let log = self.log;
@@ -574,18 +609,23 @@ mod tests {
                 packets: 1,
                 bytes: len,
             };
+            st.counted += 1;
             true
         }
     }
 
+    /// Cache lines per CPU in the tests.
+    const LINES: u32 = 64;
+
     fn setup(nr_cpus: u32, log_records: u32) -> (CacheReader, Kernel) {
-        let mut cache = vec![CacheEntry::default(); (nr_cpus * CACHE_LINES) as usize];
+        let mut cache = vec![CacheEntry::default(); (nr_cpus * LINES) as usize];
         let mut log = vec![CacheEntry::default(); (nr_cpus * log_records) as usize];
         let mut cpus = vec![CpuState::default(); nr_cpus as usize];
         let k = Kernel {
             cache: cache.as_mut_ptr(),
             log: log.as_mut_ptr(),
             cpus: cpus.as_mut_ptr(),
+            lines: LINES,
             log_records,
         };
         let regions = Regions {
@@ -593,6 +633,7 @@ mod tests {
             log: k.log,
             cpus: k.cpus,
             nr_cpus,
+            lines: LINES,
             log_records,
             _owner: Box::new(Buffers {
                 _cache: cache,
@@ -727,13 +768,33 @@ mod tests {
     }
 
     #[test]
+    fn a_cpu_whose_count_stands_still_is_not_read_again() {
+        let (mut r, mut k) = setup(2, 4);
+        assert!(k.drop(0, 3, key(9), 1));
+        assert!(k.drop(1, 4, key(10), 1));
+        assert_eq!(collect(&mut r).len(), 2);
+        // A change the kernel never makes (a line moving without `counted`) shows that CPU 0's
+        // lines are not read while its count stands still...
+        // SAFETY: inside the cache buffer, which outlives the test body.
+        unsafe { (*k.cache.add(3)).packets += 5 };
+        assert!(k.drop(1, 4, key(10), 1));
+        let m = collect(&mut r);
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!(m[&key(10)].packets, 1);
+        // ...and are, with everything since the last read, once it moves.
+        k.cpu(0).counted += 1;
+        assert_eq!(collect(&mut r)[&key(9)].packets, 5);
+    }
+
+    #[test]
     fn a_line_changing_under_the_reader_is_left_for_later_not_misread() {
         let (mut r, mut k) = setup(1, 4);
         assert!(k.drop(0, 7, key(9), 1));
         // The kernel is inside an install on this CPU: every line is left alone.
         k.cpu(0).seq = 1;
         assert!(collect(&mut r).is_empty());
-        assert_eq!(r.stats().busy_lines, u64::from(CACHE_LINES));
+        assert_eq!(r.stats().busy_lines, u64::from(LINES));
+        // Its `counted` has not moved, but lines were left: the CPU is read again.
         k.cpu(0).seq = 2;
         assert_eq!(collect(&mut r)[&key(9)].packets, 1);
     }

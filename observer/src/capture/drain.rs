@@ -439,6 +439,7 @@ impl Capture {
         }
         self.cache_scratch = deltas;
         self.cache_sample_skips = stats.sample_skips;
+        self.cache_stats.flush_records = stats.records;
         tracing::trace!(
             records = stats.records,
             busy_lines = stats.busy_lines,

@@ -6,8 +6,8 @@ use aya::maps::{Array, HashMap, IterableMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use observer_ebpf::{
-    BtfArgs, CACHE_LINES, CacheConfig, CacheEntry, Counter, CpuState, FlowKey, FlowValue,
-    KernelLayout, LocationTable, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX,
+    BtfArgs, CACHE_LINES_MAX, CACHE_WAYS, CacheConfig, CacheEntry, Counter, CpuState, FlowKey,
+    FlowValue, KernelLayout, LocationTable, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX,
 };
 
 use super::batch::Batch;
@@ -77,8 +77,20 @@ pub struct Capture {
     /// [`super::cache::ReaderStats::sample_skips`] at the last drain, added to the `LOSSES`
     /// slot of `sample_budget` (the cache counts its skips on its own per-CPU line).
     pub(super) cache_sample_skips: u64,
+    /// Drop-cache lines per CPU and flush records read so far (see [`DropCacheStats`]).
+    pub(super) cache_stats: DropCacheStats,
     /// `DROP_LOG_FULL` summed over CPUs when the drain last asked whether to walk `FLOWS`.
     pub(super) log_full_walked: u64,
+}
+
+/// The drop cache's size and traffic, for tests and debugging.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct DropCacheStats {
+    /// Lines of each CPU's cache after the memory cap (see [`super::CaptureConfig`]).
+    pub lines_per_cpu: u32,
+    /// Flush records read from the logs since the program was loaded, one per eviction of a
+    /// flow from its line: with a cache large enough for the flows, far fewer than the drops.
+    pub flush_records: u64,
 }
 
 impl std::fmt::Debug for Capture {
@@ -263,32 +275,50 @@ fn validate(config: &CaptureConfig) -> Result<(), CaptureError> {
             "drop_log_records {lr} must be 0 or a power of two up to 1048576"
         )));
     }
+    let cl = config.drop_cache_lines;
+    if !cl.is_power_of_two() || !(CACHE_WAYS..=CACHE_LINES_MAX).contains(&cl) {
+        return Err(CaptureError::Config(format!(
+            "drop_cache_lines {cl} must be a power of two from {CACHE_WAYS} to {CACHE_LINES_MAX}"
+        )));
+    }
     Ok(())
 }
 
-/// All CPUs' flush logs together stay within this: the logs are mapped into the daemon, and
-/// on a node with many CPUs the configured per-CPU size would otherwise dominate its memory.
-/// A smaller log only sends more drops to the flow map when the reader falls behind.
-const DROP_LOG_TOTAL_BYTES: u64 = 16 << 20;
+/// All CPUs' flush logs together stay within this, and so do all CPUs' caches: both are
+/// mapped into the daemon, and on a node with many CPUs the configured per-CPU sizes would
+/// otherwise dominate its memory. A smaller log only sends more drops to the flow map when
+/// the reader falls behind; a smaller cache sends the reader more flush records.
+const DROP_CACHE_TOTAL_BYTES: u64 = 16 << 20;
 
-/// Flush-log records per CPU: `wanted`, capped by [`DROP_LOG_TOTAL_BYTES`] over the CPUs (a
-/// power of two, at least 1,024).
-fn drop_log_records(wanted: u32, nr_cpus: u32) -> u32 {
-    let record = std::mem::size_of::<CacheEntry>() as u64;
-    let per_cpu = DROP_LOG_TOTAL_BYTES / record / u64::from(nr_cpus.max(1));
+/// Entries of 64 bytes per CPU: `wanted`, capped by [`DROP_CACHE_TOTAL_BYTES`] over the CPUs
+/// (a power of two, at least `floor`).
+fn per_cpu_entries(wanted: u32, nr_cpus: u32, floor: u32) -> u32 {
+    let entry = std::mem::size_of::<CacheEntry>() as u64;
+    let per_cpu = DROP_CACHE_TOTAL_BYTES / entry / u64::from(nr_cpus.max(1));
     // Round down to a power of two.
     let cap = u32::try_from(per_cpu)
         .unwrap_or(u32::MAX)
         .checked_ilog2()
         .map_or(1, |b| 1u32 << b)
-        .max(1024);
+        .max(floor);
     wanted.min(cap)
+}
+
+/// Flush-log records per CPU (at least 1,024, or `wanted` if fewer).
+fn drop_log_records(wanted: u32, nr_cpus: u32) -> u32 {
+    per_cpu_entries(wanted, nr_cpus, 1024)
+}
+
+/// Drop-cache lines per CPU (at least 64, or `wanted` if fewer).
+fn drop_cache_lines(wanted: u32, nr_cpus: u32) -> u32 {
+    per_cpu_entries(wanted, nr_cpus, 64)
 }
 
 /// Maps the drop cache's arrays and starts their reader.
 fn map_cache(
     ebpf: &mut Ebpf,
     cpus: u32,
+    lines: u32,
     log_records: u32,
     max_keys: u32,
 ) -> Result<CacheHandle, CaptureError> {
@@ -313,7 +343,7 @@ fn map_cache(
             }
         })
     }
-    let cache = mapped::<CacheEntry>(ebpf, "DROP_CACHE", cpus * CACHE_LINES, false)?;
+    let cache = mapped::<CacheEntry>(ebpf, "DROP_CACHE", cpus * lines, false)?;
     let log = mapped::<CacheEntry>(ebpf, "DROP_LOG", cpus * log_records, false)?;
     let cpu_states = mapped::<CpuState>(ebpf, "DROP_CPU", cpus, true)?;
     let regions = Regions {
@@ -321,6 +351,7 @@ fn map_cache(
         log: log.as_ptr().cast(),
         cpus: cpu_states.as_ptr().cast(),
         nr_cpus: cpus,
+        lines,
         log_records,
         _owner: Box::new((cache, log, cpu_states)),
     };
@@ -519,14 +550,21 @@ impl Capture {
         } else {
             1
         };
+        let lines = if cache_enabled {
+            drop_cache_lines(config.drop_cache_lines, cpus)
+        } else {
+            CACHE_WAYS
+        };
         let cache_config = CacheConfig {
             enabled: u32::from(cache_enabled),
             log_mask: log_records - 1,
+            line_bits: lines.trailing_zeros(),
+            reserved: 0,
         };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &program_config, true)
             .override_global("CACHE_CONFIG", &cache_config, true)
-            .map_max_entries("DROP_CACHE", cpus.saturating_mul(CACHE_LINES))
+            .map_max_entries("DROP_CACHE", cpus.saturating_mul(lines))
             .map_max_entries("DROP_LOG", cpus.saturating_mul(log_records))
             .map_max_entries("DROP_CPU", cpus)
             .override_global("LOCATIONS", &locations, true)
@@ -613,6 +651,7 @@ impl Capture {
             Some(map_cache(
                 &mut ebpf,
                 cpus,
+                lines,
                 log_records,
                 config.flow_map_entries,
             )?)
@@ -653,6 +692,10 @@ impl Capture {
             cache,
             cache_scratch: Vec::new(),
             cache_sample_skips: 0,
+            cache_stats: DropCacheStats {
+                lines_per_cpu: lines,
+                flush_records: 0,
+            },
             drops_scratch: Vec::new(),
             samples_scratch: Vec::new(),
             log_full_walked: 0,
@@ -692,6 +735,12 @@ impl Capture {
     /// classic tracepoint `skb:kfree_skb`.
     pub fn attach_kind(&self) -> AttachKind {
         self.attach_kind
+    }
+
+    /// The drop cache's size and the flush records read as of the last drain; `None` when
+    /// the cache is off (every drop counted in the flow map).
+    pub fn drop_cache_stats(&self) -> Option<DropCacheStats> {
+        self.cache.as_ref().map(|_| self.cache_stats)
     }
 
     /// Ring-buffer records of the wrong size for a sample, since the last call (the
@@ -767,6 +816,11 @@ mod tests {
         assert_eq!(drop_log_records(1 << 14, 96), 2048);
         assert_eq!(drop_log_records(1 << 14, 1024), 1024);
         assert_eq!(drop_log_records(4, 64), 4);
+        assert_eq!(drop_cache_lines(4096, 64), 4096);
+        assert_eq!(drop_cache_lines(4096, 128), 2048);
+        assert_eq!(drop_cache_lines(4096, 1024), 256);
+        assert_eq!(drop_cache_lines(256, 16384), 64);
+        assert_eq!(drop_cache_lines(8, 2), 8);
     }
 
     #[test]
@@ -871,5 +925,22 @@ mod tests {
         };
         assert!(matches!(validate(&cfg), Err(CaptureError::Config(_))));
         assert!(validate(&CaptureConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn drop_cache_lines_are_a_power_of_two_within_the_tag() {
+        for (lines, ok) in [(0, false), (1, false), (2, true), (96, false), (4096, true)] {
+            let cfg = CaptureConfig {
+                drop_cache_lines: lines,
+                ..CaptureConfig::default()
+            };
+            assert_eq!(validate(&cfg).is_ok(), ok, "{lines}");
+        }
+        let cfg = CaptureConfig {
+            drop_cache_lines: 8192,
+            ..CaptureConfig::default()
+        };
+        let err = validate(&cfg).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("from 2 to 4096"), "{err}");
     }
 }

@@ -37,7 +37,7 @@ pub(crate) mod tracefs;
 
 pub use connections::{ConnectionCapture, ConnectionReport, ConnectionsConfig};
 pub(crate) use decode::decode;
-pub use loader::{Capture, lru_entries};
+pub use loader::{Capture, DropCacheStats, lru_entries};
 pub use location::ReasonSource;
 pub use tracefs::ReasonTable;
 
@@ -116,6 +116,15 @@ pub struct CaptureConfig {
     /// every drop in the flow map. The cache is only used on x86-64
     /// (see docs/perf-notes.md, "Design C").
     pub drop_log_records: u32,
+    /// Lines of each CPU's drop cache (a power of two from 2 to 4,096, 64 bytes each; capped
+    /// so that all CPUs' caches together take at most 16 MiB). Two-way set associative: up
+    /// to about half as many flows per CPU keep their lines, and their drops cost the reader
+    /// nothing; each drop of a flow beyond that sends the reader a flush record. A larger
+    /// cache holds more flows but costs the program a cache miss per drop once the flows'
+    /// lines outgrow the CPU's caches (docs/perf-notes.md, "Seventh round"); 256 lines (16 KiB)
+    /// cost no more per drop than the 64 direct-mapped lines before them at any flow count
+    /// measured.
+    pub drop_cache_lines: u32,
 }
 
 impl Default for CaptureConfig {
@@ -129,6 +138,7 @@ impl Default for CaptureConfig {
             attach: AttachMode::Auto,
             connections: ConnectionsConfig::default(),
             drop_log_records: 1 << 14,
+            drop_cache_lines: 256,
         }
     }
 }

@@ -81,6 +81,13 @@ pub struct RunArgs {
     /// flow map (always the case on other architectures than x86-64).
     #[arg(long, default_value_t = 1 << 14)]
     pub drop_log_records: u32,
+    /// Lines of each CPU's drop cache (a power of two from 2 to 4096, 64 bytes each; capped
+    /// so that all CPUs' caches together take at most 16 MiB). Two-way set associative: up to
+    /// about half as many flows per CPU are counted in place; each drop of a flow beyond that
+    /// sends the reader a flush record. More lines hold more flows (less daemon CPU) but cost
+    /// the kernel program more per drop once they outgrow the CPU's caches.
+    #[arg(long, default_value_t = 256)]
+    pub drop_cache_lines: u32,
     /// How often the flow map is drained, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub drain_interval_ms: u64,
@@ -401,6 +408,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         flow_map_entries: args.flow_map_entries,
         ringbuf_bytes: args.ringbuf_bytes,
         drop_log_records: args.drop_log_records,
+        drop_cache_lines: args.drop_cache_lines,
         netns: args.netns_inode,
         attach: args.attach.into(),
         connections: ConnectionsConfig {
