@@ -9,13 +9,15 @@
 //! Which end of a connection is counted is decided after attribution, by
 //! [`crate::export::connections::counted_here`].
 use std::net::{IpAddr, Ipv6Addr};
+use std::os::fd::AsFd;
 use std::path::Path;
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{IterableMap, MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf};
 use observer_ebpf::{ConnConfig, ConnKey, conn_loss, conn_side};
 
+use super::batch::Batch;
 use super::btf::KernelBtf;
 use super::tracefs::{self, TracepointFormat};
 use super::{AttachMode, CaptureError};
@@ -253,6 +255,10 @@ pub struct ConnectionCapture {
     seen: FastMap<ConnKey, (u64, u32)>,
     loss_seen: [u64; conn_loss::COUNT as usize],
     idle_drains: u32,
+    /// Batch lookups of the map; `None` where the kernel lacks them (or the CPU count could
+    /// not be read), which walks the map key by key: two syscalls per key, and a scan of every
+    /// bucket after the last key at each drain.
+    batch: Option<Batch>,
 }
 
 impl std::fmt::Debug for ConnectionCapture {
@@ -416,7 +422,44 @@ impl ConnectionCapture {
             } else {
                 idle_drains
             },
+            batch: aya::util::nr_cpus()
+                .ok()
+                .map(|cpus| Batch::new::<u64>(cpus, 1024)),
         })
+    }
+
+    /// Every key of the map with its count summed over CPUs, by batch lookup when the
+    /// kernel has it.
+    fn read_map(&mut self) -> Result<Vec<(ConnKey, u64)>, CaptureError> {
+        let mut entries = Vec::new();
+        if let Some(batch) = &mut self.batch {
+            let fd = IterableMap::map(&self.map).fd().as_fd();
+            let res = batch.for_each::<ConnKey>(fd, |key, values| {
+                let sum = values.iter::<u64>().fold(0u64, u64::wrapping_add);
+                entries.push((key, sum));
+            });
+            match res {
+                Ok(()) => return Ok(entries),
+                Err(e) => {
+                    tracing::warn!(
+                        map = "CONNECTIONS",
+                        error = %e,
+                        "BPF_MAP_LOOKUP_BATCH failed; using per-key lookups"
+                    );
+                    self.batch = None;
+                    entries.clear();
+                }
+            }
+        }
+        for item in self.map.iter() {
+            let (key, values) = item.map_err(|source| CaptureError::Map {
+                map: "CONNECTIONS",
+                source,
+            })?;
+            let sum = values.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+            entries.push((key, sum));
+        }
+        Ok(entries)
     }
 
     /// Every hook and whether it is attached.
@@ -429,15 +472,7 @@ impl ConnectionCapture {
     /// leave room for new ones.
     pub fn drain(&mut self) -> Result<ConnectionReport, CaptureError> {
         let mut report = ConnectionReport::default();
-        let mut entries = Vec::new();
-        for item in self.map.iter() {
-            let (key, values) = item.map_err(|source| CaptureError::Map {
-                map: "CONNECTIONS",
-                source,
-            })?;
-            let sum = values.iter().fold(0u64, |a, v| a.wrapping_add(*v));
-            entries.push((key, sum));
-        }
+        let entries = self.read_map()?;
         report.map_entries = entries.len() as u64;
         let mut stale = Vec::new();
         let mut present = FastMap::default();

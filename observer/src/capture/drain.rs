@@ -451,14 +451,7 @@ impl Capture {
 
     fn drain_losses(&mut self, report: &mut DrainReport) -> Result<(), CaptureError> {
         let (ep, eb) = self.state.account_evictions();
-        let mut cum = [0u64; loss::COUNT as usize];
-        for (i, c) in (0u32..).zip(cum.iter_mut()) {
-            let values = self.losses.get(&i, 0).map_err(|source| CaptureError::Map {
-                map: "LOSSES",
-                source,
-            })?;
-            *c = values.iter().sum();
-        }
+        let mut cum = self.read_losses()?;
         // The drop cache counts its budget skips on its own per-CPU line, not in LOSSES.
         if let Some(c) = cum.get_mut(loss::SAMPLE_BUDGET as usize) {
             *c = c.wrapping_add(self.cache_sample_skips);
@@ -528,6 +521,37 @@ impl Capture {
             *slot = values.iter().copied().fold(Counter::default(), add_counter);
         }
         Ok(out)
+    }
+
+    /// The loss counters summed over CPUs, by one batch lookup when the kernel has it rather
+    /// than a syscall per slot at every drain.
+    fn read_losses(&mut self) -> Result<[u64; loss::COUNT as usize], CaptureError> {
+        let mut cum = [0u64; loss::COUNT as usize];
+        if self.use_batch {
+            let fd = IterableMap::map(&self.losses).fd().as_fd();
+            let res = self
+                .losses_batch
+                .for_first::<u32>(fd, cum.len(), |slot, values| {
+                    if let Some(c) = cum.get_mut(slot as usize) {
+                        *c = values.iter::<u64>().fold(0u64, u64::wrapping_add);
+                    }
+                });
+            match res {
+                Ok(()) => return Ok(cum),
+                Err(e) => {
+                    cum = [0; loss::COUNT as usize];
+                    self.batch_unsupported("LOSSES", &e);
+                }
+            }
+        }
+        for (i, c) in (0u32..).zip(cum.iter_mut()) {
+            let values = self.losses.get(&i, 0).map_err(|source| CaptureError::Map {
+                map: "LOSSES",
+                source,
+            })?;
+            *c = values.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+        }
+        Ok(cum)
     }
 
     /// Every flow entry, by batch lookup when the kernel has it.

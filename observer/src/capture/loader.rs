@@ -7,7 +7,7 @@ use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use observer_ebpf::{
     BtfArgs, CACHE_LINES_MAX, CACHE_WAYS, CacheConfig, CacheEntry, Counter, CpuState, FlowKey,
-    FlowValue, KernelLayout, LocationTable, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX,
+    FlowValue, KernelLayout, LocationTable, MAX_REASONS, ProgramConfig, SKB_SPAN_MAX, loss,
 };
 
 use super::batch::Batch;
@@ -48,6 +48,7 @@ pub struct Capture {
     pub(super) use_batch: bool,
     pub(super) flow_batch: Batch,
     pub(super) totals_batch: Batch,
+    pub(super) losses_batch: Batch,
     /// Reused buffer of flow entries.
     pub(super) scratch: Vec<(FlowKey, FlowValue)>,
     /// Forwards the kernel program's aya-log records to `log` (and so to tracing); `None` when
@@ -314,7 +315,11 @@ fn drop_cache_lines(wanted: u32, nr_cpus: u32) -> u32 {
     per_cpu_entries(wanted, nr_cpus, 64)
 }
 
-/// Maps the drop cache's arrays and starts their reader.
+/// Maps the drop cache's arrays and starts their reader, which sums at most `max_keys` keys
+/// per drain plus as many as all CPUs' cache lines hold: flows that stay in their lines reach
+/// the reader only through the snapshot at the end of a drain, after the flush records, so
+/// without that margin a few other keys earlier in the drain (other traffic on the node)
+/// would crowd them out of a bound the flow map alone would have met.
 fn map_cache(
     ebpf: &mut Ebpf,
     cpus: u32,
@@ -363,7 +368,8 @@ fn map_cache(
         map: "DROP_LOG_WAKE",
         source,
     })?;
-    CacheHandle::start(CacheReader::new(regions, max_keys as usize), wake)
+    let max_keys = max_keys as usize + cpus as usize * lines as usize;
+    CacheHandle::start(CacheReader::new(regions, max_keys), wake)
         .map_err(|e| CaptureError::Config(format!("starting the drop-log reader thread: {e}")))
 }
 
@@ -681,6 +687,7 @@ impl Capture {
             // One shared value per key (not per CPU).
             flow_batch: Batch::new::<FlowValue>(1, 4096),
             totals_batch: Batch::new::<Counter>(nr_cpus, MAX_REASONS as usize),
+            losses_batch: Batch::new::<u64>(nr_cpus, loss::COUNT as usize),
             scratch: Vec::new(),
             logger,
             bad_samples: 0,
