@@ -53,6 +53,11 @@ impl PerCpu<'_> {
             // bytes; read_unaligned copes with the buffer's alignment.
             .map(|c| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<V>()) })
     }
+
+    /// The sum of `u64` counters over CPUs (wrapping, as the kernel's counters do).
+    pub(super) fn sum_u64(&self) -> u64 {
+        self.iter::<u64>().fold(0, u64::wrapping_add)
+    }
 }
 
 impl Batch {

@@ -435,8 +435,7 @@ impl ConnectionCapture {
         if let Some(batch) = &mut self.batch {
             let fd = IterableMap::map(&self.map).fd().as_fd();
             let res = batch.for_each::<ConnKey>(fd, |key, values| {
-                let sum = values.iter::<u64>().fold(0u64, u64::wrapping_add);
-                entries.push((key, sum));
+                entries.push((key, values.sum_u64()));
             });
             match res {
                 Ok(()) => return Ok(entries),

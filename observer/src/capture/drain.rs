@@ -533,7 +533,7 @@ impl Capture {
                 .losses_batch
                 .for_first::<u32>(fd, cum.len(), |slot, values| {
                     if let Some(c) = cum.get_mut(slot as usize) {
-                        *c = values.iter::<u64>().fold(0u64, u64::wrapping_add);
+                        *c = values.sum_u64();
                     }
                 });
             match res {
