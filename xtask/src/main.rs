@@ -196,7 +196,8 @@ fn run(task: Task) -> anyhow::Result<()> {
 
 /// The inventory's benches: the daemon's RSS with 10,000 pods / 2,000 policies through the
 /// manifest directory and the API server, over 10 reloads (`observer/benches/inventory_rss.rs`,
-/// target ≤ 64 MiB), and the cost of a pod change against a rebuild (`observer/benches/churn.rs`).
+/// target ≤ 64 MiB), the cost of a pod change against a rebuild (`observer/benches/churn.rs`),
+/// and a drain's cost per flow in a port scan (`observer/benches/pipeline.rs`).
 fn inventory_benches(root: &Path, bin: &Path) -> anyhow::Result<()> {
     let mut c = cargo(root)?;
     c.args([
@@ -207,9 +208,11 @@ fn inventory_benches(root: &Path, bin: &Path) -> anyhow::Result<()> {
         "inventory_rss",
         "--bench",
         "churn",
+        "--bench",
+        "pipeline",
     ])
     .env(BIN_ENV, bin);
-    cmd::interactive(&mut c).context("the inventory memory and churn benches")?;
+    cmd::interactive(&mut c).context("the inventory memory, churn and pipeline benches")?;
     Ok(())
 }
 

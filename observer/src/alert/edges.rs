@@ -368,9 +368,9 @@ struct StoredEdge {
 /// What [`EdgeTracker::observe`] made of a deny.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Observed {
-    /// The edge as recorded: the one given, or its folded form (`port="other"`) when its
-    /// source and destination already have `port_budget` ports.
-    pub edge: DeniedEdge,
+    /// Recorded as the pair's folded edge (`port="other"`): the edge given was folded, or its
+    /// source and destination already had `port_budget` ports (see [`DeniedEdge::folded`]).
+    pub folded: bool,
     /// First deny of the edge within the retention, outside learning: report it.
     pub new: bool,
     /// First deny of the edge during learning: recorded as known, not reported.
@@ -405,6 +405,10 @@ pub struct EdgeTracker {
     /// Edges evicted by the cap since the last `prune`, so their series go too.
     evicted: Vec<(DeniedEdge, bool)>,
     evicted_from_known: u64,
+    /// The folded form of the last edge that needed one, kept so that the next edge of the
+    /// same pair (a scan folds thousands of ports per drain) reuses its names rather than
+    /// cloning four `Arc`s.
+    fold_scratch: Option<DeniedEdge>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -430,6 +434,7 @@ impl EdgeTracker {
             last_save_ms: now_ms,
             evicted: Vec::new(),
             evicted_from_known: 0,
+            fold_scratch: None,
         };
         let Some(path) = tracker.state_path() else {
             return tracker;
@@ -522,63 +527,86 @@ impl EdgeTracker {
     pub fn record(&mut self, now: SystemTime, edge: &DeniedEdge, expected: bool) -> Observed {
         let now_ms = unix_ms(now);
         let retention = ms(self.config.retention);
-        self.dirty = true;
-        let edge = self.budgeted(edge);
         let learning = self.is_learning(now);
-        if let Some(rec) = self.edges.get_mut(&edge) {
-            let fresh = now_ms.saturating_sub(rec.last_ms) < retention;
-            rec.last_ms = rec.last_ms.max(now_ms);
-            if fresh {
-                return Observed {
-                    edge,
-                    new: false,
-                    learned: false,
-                };
+        self.dirty = true;
+        // An edge in the table is recorded as itself: one lookup and no clone, the common case
+        // at every drain.
+        if let Some(rec) = self.edges.get_mut(edge) {
+            let new = Self::denied_again(rec, now_ms, retention, expected);
+            return self.observed(edge.ports_folded, new, learning);
+        }
+        // A new port of a pair that has used its budget is recorded as the pair's folded edge.
+        let fold = !edge.ports_folded && edge.protocol.has_ports() && {
+            let folded = Self::fold_into(&mut self.fold_scratch, edge);
+            self.ports.get(folded).copied().unwrap_or(0) >= self.config.port_budget
+        };
+        let key = match &self.fold_scratch {
+            Some(folded) if fold => {
+                if let Some(rec) = self.edges.get_mut(folded) {
+                    let new = Self::denied_again(rec, now_ms, retention, expected);
+                    return self.observed(true, new, learning);
+                }
+                folded.clone()
             }
+            _ => edge.clone(),
+        };
+        // Back from the compact set: known, so not new; it gets its labels back.
+        let known = self
+            .known
+            .remove(&key.stable_hash())
+            .is_some_and(|last| now_ms.saturating_sub(last) < retention);
+        let folded = key.ports_folded;
+        self.insert(
+            key,
+            EdgeRecord {
+                first_ms: now_ms,
+                last_ms: now_ms,
+                expected,
+            },
+        );
+        self.enforce_cap();
+        self.observed(folded, !known, learning)
+    }
+
+    /// Updates the record of an edge denied again; true when that starts it anew (its last
+    /// deny is older than the retention).
+    fn denied_again(rec: &mut EdgeRecord, now_ms: u64, retention: u64, expected: bool) -> bool {
+        let fresh = now_ms.saturating_sub(rec.last_ms) < retention;
+        rec.last_ms = rec.last_ms.max(now_ms);
+        if !fresh {
             rec.first_ms = now_ms;
             rec.expected = expected;
-        } else {
-            // Back from the compact set: known, so not new; it gets its labels back.
-            let known = self
-                .known
-                .remove(&edge.stable_hash())
-                .is_some_and(|last| now_ms.saturating_sub(last) < retention);
-            self.insert(
-                edge.clone(),
-                EdgeRecord {
-                    first_ms: now_ms,
-                    last_ms: now_ms,
-                    expected,
-                },
-            );
-            self.enforce_cap();
-            if known {
-                return Observed {
-                    edge,
-                    new: false,
-                    learned: false,
-                };
-            }
         }
-        self.new_since_save = true;
+        !fresh
+    }
+
+    /// What a deny came to: an edge `new` to the table is reported, or learned while learning.
+    fn observed(&mut self, folded: bool, new: bool, learning: bool) -> Observed {
+        if new {
+            self.new_since_save = true;
+        }
         Observed {
-            edge,
-            new: !learning,
-            learned: learning,
+            folded,
+            new: new && !learning,
+            learned: new && learning,
         }
     }
 
-    /// `edge`, or its folded form when it is a new port beyond the budget of its pair.
-    fn budgeted(&self, edge: &DeniedEdge) -> DeniedEdge {
-        if edge.ports_folded || !edge.protocol.has_ports() || self.edges.contains_key(edge) {
-            return edge.clone();
+    /// `edge`'s folded form, made in `scratch` (see [`EdgeTracker::fold_scratch`]).
+    fn fold_into<'s>(scratch: &'s mut Option<DeniedEdge>, edge: &DeniedEdge) -> &'s DeniedEdge {
+        let same_pair = scratch.as_ref().is_some_and(|f| {
+            Arc::ptr_eq(&f.source_namespace, &edge.source_namespace)
+                && Arc::ptr_eq(&f.source_workload, &edge.source_workload)
+                && Arc::ptr_eq(&f.destination_namespace, &edge.destination_namespace)
+                && Arc::ptr_eq(&f.destination_workload, &edge.destination_workload)
+        });
+        if !same_pair {
+            *scratch = None;
         }
-        let folded = edge.folded();
-        if self.ports.get(&folded).copied().unwrap_or(0) >= self.config.port_budget {
-            folded
-        } else {
-            edge.clone()
-        }
+        let f = scratch.get_or_insert_with(|| edge.folded());
+        f.direction = edge.direction;
+        f.protocol = edge.protocol;
+        f
     }
 
     fn insert(&mut self, edge: DeniedEdge, record: EdgeRecord) {
@@ -626,6 +654,8 @@ impl EdgeTracker {
                 edges.push((edge, rec.expected));
             }
         }
+        // Its names may be of pairs gone: let them go (`Names::prune`).
+        self.fold_scratch = None;
         let known_before = self.known.len();
         self.known
             .retain(|_, last| now_ms.saturating_sub(*last) < retention);
@@ -860,7 +890,7 @@ mod tests {
             !t.observe(now, &edge(0), false),
             "an evicted edge paged again"
         );
-        assert!(t.record(now, &edge(0), false).edge == edge(0));
+        assert!(!t.record(now, &edge(0), false).folded);
     }
 
     #[test]
@@ -894,26 +924,28 @@ mod tests {
         let mut new = 0;
         for p in 1..=1000u16 {
             let o = t.record(t0, &edge(p), false);
-            if p <= 3 {
-                assert_eq!(o.edge, edge(p));
-            } else {
-                assert_eq!(o.edge.port_label(), "other");
-                assert!(o.edge.ports_folded);
-            }
+            assert_eq!(o.folded, p > 3, "port {p}");
             new += usize::from(o.new);
         }
         assert_eq!(new, 4, "three ports and one `other`");
         assert_eq!(t.len(), 4);
+        assert!(t.is_known(t0, &edge(1).folded()));
+        assert!(!t.is_known(t0, &edge(4)));
         // Known ports keep their own edge.
-        assert_eq!(t.record(t0, &edge(2), false).edge, edge(2));
-        // Another pair has its own budget.
+        assert!(!t.record(t0, &edge(2), false).folded);
+        // Another pair has its own budget, also right after the first pair's folding (the
+        // folded form is reused only for the same pair).
+        assert!(t.record(t0, &edge(500), false).folded);
         let mut other = edge(9);
         other.source_workload = "x".into();
-        assert_eq!(t.record(t0, &other, false).edge, other);
+        let o = t.record(t0, &other, false);
+        assert!(!o.folded && o.new);
+        assert!(t.is_known(t0, &other));
         // Once a port expires, its budget slot is free again.
         let later = t0 + EdgeConfig::default().retention;
         assert!(!t.prune(later).is_empty());
-        assert_eq!(t.record(later, &edge(77), false).edge, edge(77));
+        assert!(!t.record(later, &edge(77), false).folded);
+        assert!(t.is_known(later, &edge(77)));
     }
 
     #[test]

@@ -210,9 +210,10 @@ impl ExpectedDenies {
         isolating_policies: impl IntoIterator<Item = (&'p str, &'p str)>,
     ) -> bool {
         self.edges.iter().any(|e| e.matches(edge))
-            || isolating_policies
-                .into_iter()
-                .any(|(ns, name)| self.is_policy_annotated(ns, name))
+            || !self.annotated.is_empty()
+                && isolating_policies
+                    .into_iter()
+                    .any(|(ns, name)| self.is_policy_annotated(ns, name))
     }
 
     /// The configured edge patterns.

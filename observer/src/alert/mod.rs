@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod sink;
 pub mod spike;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 pub use config::{AlertArgs, AlertConfig};
@@ -93,17 +94,22 @@ pub struct DenyOutcome {
 /// The spike key a deny counts towards: the workload whose policy denied, which is the
 /// destination for ingress and the source for egress (and the destination when unknown).
 pub fn spike_key(edge: &DeniedEdge, expected: bool) -> SpikeKey {
-    let (workload_namespace, workload) = match edge.direction {
-        Direction::Egress => (&edge.source_namespace, &edge.source_workload),
-        Direction::Ingress | Direction::Unknown => {
-            (&edge.destination_namespace, &edge.destination_workload)
-        }
-    };
+    let (workload_namespace, workload) = spike_workload(edge);
     SpikeKey {
         direction: edge.direction,
         workload_namespace: workload_namespace.clone(),
         workload: workload.clone(),
         expected,
+    }
+}
+
+/// Namespace and workload of the side whose policy denied `edge` (see [`spike_key`]).
+fn spike_workload(edge: &DeniedEdge) -> (&Arc<str>, &Arc<str>) {
+    match edge.direction {
+        Direction::Egress => (&edge.source_namespace, &edge.source_workload),
+        Direction::Ingress | Direction::Unknown => {
+            (&edge.destination_namespace, &edge.destination_workload)
+        }
     }
 }
 
@@ -115,6 +121,9 @@ pub struct AlertStage {
     expected: ExpectedDenies,
     metrics: AlertMetrics,
     last_prune_ms: Option<u64>,
+    /// The spike key of the last deny recorded: a scan's edges share it, so reusing it spares
+    /// two `Arc` clones per edge.
+    last_spike_key: Option<SpikeKey>,
 }
 
 /// Forgetting expired edges scans the whole table; once per this often is plenty for a
@@ -141,6 +150,7 @@ impl AlertStage {
             expected: ExpectedDenies::new(config.expected_edges),
             metrics,
             last_prune_ms: None,
+            last_spike_key: None,
         })
     }
 
@@ -159,18 +169,30 @@ impl AlertStage {
         isolating_policies: impl IntoIterator<Item = (&'p str, &'p str)>,
     ) -> DenyOutcome {
         let expected = self.expected.is_expected(edge, isolating_policies);
-        let key = spike_key(edge, expected);
-        self.detector.observe(now, &key, packets);
-        if matches!(
+        let (workload_namespace, workload) = spike_workload(edge);
+        let same_key = self.last_spike_key.as_ref().is_some_and(|k| {
+            k.direction == edge.direction
+                && k.expected == expected
+                && Arc::ptr_eq(&k.workload_namespace, workload_namespace)
+                && Arc::ptr_eq(&k.workload, workload)
+        });
+        let key = match &mut self.last_spike_key {
+            Some(key) if same_key => key,
+            slot => slot.insert(spike_key(edge, expected)),
+        };
+        let port = matches!(
             edge.protocol,
             Protocol::Tcp | Protocol::Udp | Protocol::Sctp
-        ) {
-            self.detector
-                .observe_port(&key, edge.protocol, edge.port, packets);
-        }
+        )
+        .then_some((edge.protocol, edge.port));
+        self.detector.observe_deny(now, key, packets, port);
         let observed = self.edges.record(now, edge, expected);
         if observed.new {
-            self.metrics.record_new_edge(&observed.edge, expected);
+            if observed.folded && !edge.ports_folded {
+                self.metrics.record_new_edge(&edge.folded(), expected);
+            } else {
+                self.metrics.record_new_edge(edge, expected);
+            }
         }
         if observed.learned {
             self.metrics.record_learned_edge();
@@ -179,7 +201,7 @@ impl AlertStage {
             expected,
             new_edge: observed.new,
             learned: observed.learned,
-            port_folded: observed.edge.ports_folded,
+            port_folded: observed.folded,
         }
     }
 

@@ -162,13 +162,36 @@ impl AlertSink {
     }
 }
 
+/// Whether `edge` already names the workloads of `e`'s endpoints.
+fn same_workloads(edge: &DeniedEdge, e: &EdgeDeny) -> bool {
+    let (source_namespace, source_workload) = endpoint_labels(e.src.as_ref());
+    let (destination_namespace, destination_workload) = endpoint_labels(e.dst.as_ref());
+    *edge.source_workload == *source_workload
+        && *edge.destination_workload == *destination_workload
+        && *edge.source_namespace == *source_namespace
+        && *edge.destination_namespace == *destination_namespace
+}
+
 impl Sink for AlertSink {
     fn record(&mut self, outcomes: &Outcomes, now: SystemTime) {
+        // A scan or a wide flood is a run of edges between the same two workloads on many
+        // ports: one edge value serves the run, its names looked up once, rather than four
+        // name lookups and `Arc` clones per edge.
+        let mut current: Option<DeniedEdge> = None;
         for e in &outcomes.edges {
-            let edge = denied_edge(e, &mut self.names);
+            let edge = match &mut current {
+                Some(edge) if same_workloads(edge, e) => {
+                    edge.direction = e.direction;
+                    edge.protocol = e.protocol;
+                    edge.port = e.port;
+                    edge
+                }
+                slot => slot.insert(denied_edge(e, &mut self.names)),
+            };
+            let edge = &*edge;
             let outcome = self
                 .stage
-                .record_deny(now, &edge, e.packets, e.isolating_policies());
+                .record_deny(now, edge, e.packets, e.isolating_policies());
             if outcome.new_edge && self.edge_log.allow(Instant::now()) {
                 info!(
                     direction = %edge.direction,

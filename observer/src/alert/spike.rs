@@ -273,6 +273,19 @@ impl KeyState {
         }
     }
 
+    /// Adds `packets` denies at `now_ms` to the current second, and to `port`'s slot.
+    fn add_deny(&mut self, now_ms: u64, packets: u64, port: Option<(Protocol, u16)>) {
+        self.last_observed_ms = self.last_observed_ms.max(now_ms);
+        let sec = now_ms / 1000;
+        match self.buckets.back_mut() {
+            Some((last, count)) if *last >= sec => *count = count.saturating_add(packets),
+            _ => self.buckets.push_back((sec, packets)),
+        }
+        if let Some((protocol, port)) = port {
+            self.count_port(protocol, port, packets);
+        }
+    }
+
     /// Adds `packets` to a port's slot; when all slots are taken, the smallest is replaced
     /// and the newcomer inherits its count (space-saving: an over-estimate, never an under-).
     fn count_port(&mut self, protocol: Protocol, port: u16, packets: u64) {
@@ -372,26 +385,7 @@ impl SpikeDetector {
     /// Adds `denied_packets` policy-denied packets for `key` at `now` (call as drops are
     /// drained; deltas, not totals). A zero delta still marks the key as seen.
     pub fn observe(&mut self, now: SystemTime, key: &SpikeKey, denied_packets: u64) {
-        let now_ms = unix_ms(now);
-        self.started_ms.get_or_insert(now_ms);
-        if !self.keys.contains_key(key) {
-            if self.keys.len() >= self.config.max_keys {
-                self.overflowed = self.overflowed.saturating_add(1);
-                return;
-            }
-            let started_ms = self.started_ms.unwrap_or(now_ms);
-            let state = KeyState::new(now_ms, started_ms, self.config.half_life);
-            self.keys.insert(key.clone(), state);
-        }
-        let Some(state) = self.keys.get_mut(key) else {
-            return;
-        };
-        state.last_observed_ms = state.last_observed_ms.max(now_ms);
-        let sec = now_ms / 1000;
-        match state.buckets.back_mut() {
-            Some((last, count)) if *last >= sec => *count = count.saturating_add(denied_packets),
-            _ => state.buckets.push_back((sec, denied_packets)),
-        }
+        self.observe_deny(now, key, denied_packets, None);
     }
 
     /// Counts the destination port of `packets` denies of `key` (call next to
@@ -401,6 +395,30 @@ impl SpikeDetector {
         if let Some(state) = self.keys.get_mut(key) {
             state.count_port(protocol, port, packets);
         }
+    }
+
+    /// [`SpikeDetector::observe`] and, with a port, [`SpikeDetector::observe_port`], in one
+    /// lookup of the key: the alert stage calls it for every denied edge of every drain.
+    pub fn observe_deny(
+        &mut self,
+        now: SystemTime,
+        key: &SpikeKey,
+        denied_packets: u64,
+        port: Option<(Protocol, u16)>,
+    ) {
+        let now_ms = unix_ms(now);
+        let started_ms = *self.started_ms.get_or_insert(now_ms);
+        if let Some(state) = self.keys.get_mut(key) {
+            state.add_deny(now_ms, denied_packets, port);
+            return;
+        }
+        if self.keys.len() >= self.config.max_keys {
+            self.overflowed = self.overflowed.saturating_add(1);
+            return;
+        }
+        let mut state = KeyState::new(now_ms, started_ms, self.config.half_life);
+        state.add_deny(now_ms, denied_packets, port);
+        self.keys.insert(key.clone(), state);
     }
 
     /// Recomputes rates, advances baselines and state machines, drops idle keys. Call about

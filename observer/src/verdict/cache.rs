@@ -83,6 +83,11 @@ fn pod_of(peer: &Peer) -> Option<Arc<Pod>> {
 struct Inner {
     generation: u64,
     map: FastMap<VerdictKey, Entry>,
+    /// The verdict evaluated last. A new verdict equal to it shares its allocation: a scan's
+    /// ports, or many peers refused by one policy, then hold one `Arc`, whose count and fields
+    /// stay in the CPU's cache while a drain clones and reads it for each of thousands of
+    /// flows (a separate allocation per flow was a cache miss per flow, twice).
+    last: Option<Arc<Verdict>>,
 }
 
 /// A bounded verdict cache. Entries belong to one [`Engine::generation`]: the first lookup
@@ -117,8 +122,16 @@ impl VerdictCache {
             }
         }
         // Evaluate outside the lock so that concurrent misses do not serialize.
-        let verdict = Arc::new(engine.evaluate(flow));
+        let verdict = engine.evaluate(flow);
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let verdict = match &inner.last {
+            Some(last) if **last == verdict => Arc::clone(last),
+            _ => {
+                let verdict = Arc::new(verdict);
+                inner.last = Some(Arc::clone(&verdict));
+                verdict
+            }
+        };
         if inner.generation == engine.generation() {
             if inner.map.len() >= self.capacity {
                 inner.map.clear();

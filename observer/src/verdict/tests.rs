@@ -584,6 +584,36 @@ spec:
 }
 
 #[test]
+fn cache_shares_equal_verdicts_of_consecutive_flows() {
+    let allow_pg = "
+metadata: {name: allow-pg, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+  ingress: [{ports: [{port: 5432, protocol: TCP}]}]";
+    let w = basic(&[DENY_INGRESS_A, allow_pg]);
+    let cache = VerdictCache::new(100);
+    let q = |port| FlowQuery {
+        src: w.peer("b/client"),
+        dst: w.peer("a/db"),
+        protocol: Protocol::Tcp,
+        port,
+    };
+    // A scan: every denied port has the same verdict, and one allocation.
+    let first = cache.get_or_evaluate(&w.engine, &q(80));
+    for port in 81..90 {
+        let v = cache.get_or_evaluate(&w.engine, &q(port));
+        assert!(Arc::ptr_eq(&first, &v), "port {port}");
+    }
+    // Another verdict is not folded into it, nor the one after it into the older one.
+    let allowed = cache.get_or_evaluate(&w.engine, &q(5432));
+    assert!(allowed.allowed && !Arc::ptr_eq(&first, &allowed));
+    let again = cache.get_or_evaluate(&w.engine, &q(90));
+    assert!(!again.allowed && *again == *first);
+    assert_eq!(cache.len(), 12, "one entry per port all the same");
+}
+
+#[test]
 fn cache_hits_and_is_invalidated_by_a_new_engine() {
     let w = basic(&[DENY_INGRESS_A]);
     let cache = VerdictCache::new(2);

@@ -269,3 +269,55 @@ fn a_steady_drain_allocates_nothing_from_attribution_to_the_sinks() {
         assert_eq!(allocations() - before, 0, "drain {n} allocated");
     }
 }
+
+/// The alert sink serves a run of edges between the same workloads with one edge value (a
+/// scan's ports): the stage must end up exactly as if each edge had been recorded on its own.
+#[test]
+fn the_alert_sink_records_what_each_edge_would_alone() {
+    use observer::alert::sink::{Names, denied_edge};
+
+    let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let views = views();
+    let mut core = Attribution::new(false, t0);
+    let reasons: [Arc<str>; 2] = [Arc::from("netfilter_drop"), Arc::from("no_socket")];
+    let report = drain(&reasons);
+    let stage = |registry: &prometheus::Registry| {
+        AlertStage::new(AlertConfig::default(), registry, t0).expect("alert stage")
+    };
+    let (ra, rb) = (prometheus::Registry::new(), prometheus::Registry::new());
+    let mut sink = AlertSink::new(stage(&ra));
+    let mut alone = stage(&rb);
+    let mut names = Names::default();
+    let mut edges = Vec::new();
+    for n in 0..3u64 {
+        let now = t0 + Duration::from_millis(700 * n);
+        let out = core.attribute(&views, &report, &[], now);
+        sink.record(out, now);
+        for e in &out.edges {
+            let edge = denied_edge(e, &mut names);
+            alone.record_deny(now, &edge, e.packets, e.isolating_policies());
+            edges.push(edge);
+        }
+    }
+    let later = t0 + Duration::from_secs(3);
+    assert_eq!(sink.stage_mut().tick(later), alone.tick(later));
+    let (a, b) = (sink.stage(), &alone);
+    assert!(a.edges().len() > 20, "{} edges", a.edges().len());
+    assert_eq!(a.edges().len(), b.edges().len());
+    for e in &edges {
+        for edge in [e.clone(), e.folded()] {
+            assert_eq!(
+                a.edges().is_known(later, &edge),
+                b.edges().is_known(later, &edge),
+                "{edge:?}"
+            );
+        }
+    }
+    let statuses = |s: &AlertStage| {
+        let mut v: Vec<String> = s.detector().statuses().map(|s| format!("{s:?}")).collect();
+        v.sort();
+        v
+    };
+    assert!(!statuses(a).is_empty());
+    assert_eq!(statuses(a), statuses(b));
+}
