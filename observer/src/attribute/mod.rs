@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 use crate::capture::{DrainReport, FlowDrop, Losses, Sample};
 use crate::flow::{Direction, FastMap, Protocol, trim_map, trim_vec};
 use crate::inventory::{Attributor, Endpoint, Inventory, NodeAddrs, Pod, Service};
-use crate::verdict::{Engine, FlowQuery, Peer, Verdict, VerdictCache};
+use crate::verdict::{EndpointKey, Engine, FlowQuery, Peer, Verdict, VerdictCache, VerdictKey};
 
 /// Kernel drop reasons that mean "a packet filter decided": the ones NetworkPolicy
 /// enforcement produces (iptables/nftables CNIs, tc-based eBPF datapaths, cgroup programs).
@@ -123,20 +123,42 @@ impl Views {
         if matches!(src, Endpoint::Service(_)) || matches!(dst, Endpoint::Service(_)) {
             return None;
         }
-        let peer = |ep: &Endpoint, ip: Option<IpAddr>| match ep {
-            Endpoint::Pod(pod) => Some(Peer::Pod(Arc::clone(pod))),
-            _ => ip.map(Peer::External),
+        let protocol = match drop.protocol {
+            Protocol::Other => return None,
+            p => p,
         };
-        let query = FlowQuery {
-            src: peer(src, drop.src)?,
-            dst: peer(dst, drop.dst)?,
-            protocol: match drop.protocol {
-                Protocol::Other => return None,
-                p => p,
+        // An end is a pod of the inventory or, for NetworkPolicy, its address.
+        fn end(ep: &Endpoint, ip: Option<IpAddr>) -> Option<Result<&Arc<Pod>, IpAddr>> {
+            match ep {
+                Endpoint::Pod(pod) => Some(Ok(pod)),
+                _ => ip.map(Err),
+            }
+        }
+        let (src, dst) = (end(src, drop.src)?, end(dst, drop.dst)?);
+        let key = |e: Result<&Arc<Pod>, IpAddr>| e.map_or_else(EndpointKey::Ip, EndpointKey::pod);
+        let flow_key = VerdictKey {
+            src: key(src),
+            dst: key(dst),
+            protocol,
+            port: if protocol.has_ports() {
+                drop.dst_port
+            } else {
+                0
             },
-            port: drop.dst_port,
         };
-        Some(self.cache.get_or_evaluate(&self.engine, &query))
+        // The pods are cloned only to evaluate a verdict not cached yet.
+        let peer = |e: Result<&Arc<Pod>, IpAddr>| {
+            e.map_or_else(Peer::External, |pod| Peer::Pod(Arc::clone(pod)))
+        };
+        Some(
+            self.cache
+                .get_or_evaluate_key(&self.engine, flow_key, || FlowQuery {
+                    src: peer(src),
+                    dst: peer(dst),
+                    protocol,
+                    port: drop.dst_port,
+                }),
+        )
     }
 }
 

@@ -23,6 +23,11 @@ pub enum EndpointKey {
 }
 
 impl EndpointKey {
+    /// The key of a pod of the inventory.
+    pub fn pod(pod: &Arc<Pod>) -> Self {
+        EndpointKey::Pod(pod_id(pod))
+    }
+
     fn of(peer: &Peer) -> Self {
         match peer {
             Peer::Pod(p) => EndpointKey::Pod(pod_id(p)),
@@ -111,7 +116,20 @@ impl VerdictCache {
 
     /// The cached verdict for `flow`, evaluating it with `engine` on a miss.
     pub fn get_or_evaluate(&self, engine: &Engine, flow: &FlowQuery) -> Arc<Verdict> {
-        let key = VerdictKey::of(flow);
+        self.get_or_evaluate_key(engine, VerdictKey::of(flow), || flow.clone())
+    }
+
+    /// [`VerdictCache::get_or_evaluate`] for the flow `key` names (it must be
+    /// `VerdictKey::of(&query())`), building the query only on a miss. A drain looks up
+    /// thousands of flows; a query holds two pods, and cloning them for a hit was four
+    /// reference-count updates per flow, each a fence that kept the next flows' cache misses
+    /// from overlapping.
+    pub fn get_or_evaluate_key(
+        &self,
+        engine: &Engine,
+        key: VerdictKey,
+        query: impl FnOnce() -> FlowQuery,
+    ) -> Arc<Verdict> {
         {
             let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             if inner.generation != engine.generation() {
@@ -122,6 +140,8 @@ impl VerdictCache {
             }
         }
         // Evaluate outside the lock so that concurrent misses do not serialize.
+        let flow = &query();
+        debug_assert_eq!(key, VerdictKey::of(flow));
         let verdict = engine.evaluate(flow);
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let verdict = match &inner.last {
