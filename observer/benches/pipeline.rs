@@ -176,6 +176,22 @@ fn bench(c: &mut Criterion) {
             took
         });
     });
+    // In the daemon the flood and the reader thread evict the drain's state between two
+    // drains (a second apart): the same drain with every cache line of it cold.
+    let mut thrash = vec![0u8; cold_bytes()];
+    group.bench_function("attribute_and_sinks_cold", |b| {
+        b.iter_custom(|iters| {
+            let mut took = Duration::ZERO;
+            for i in 0..iters {
+                evict(&mut thrash, i);
+                let start = Instant::now();
+                black_box(daemon.drain(&report));
+                took += start.elapsed();
+            }
+            record("attribute_and_sinks_cold", iters * flows, took);
+            took
+        });
+    });
     group.bench_function("attribute_only", |b| {
         let mut core = Attribution::new(false, daemon.now);
         b.iter_custom(|iters| {
@@ -196,6 +212,24 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
+/// Bytes written between two cold drains: more than this host's L3 (32 MiB), unless
+/// `PIPELINE_COLD_MIB` says otherwise.
+fn cold_bytes() -> usize {
+    std::env::var("PIPELINE_COLD_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(64)
+        << 20
+}
+
+/// Writes every cache line of `buf`.
+fn evict(buf: &mut [u8], round: u64) {
+    for line in buf.chunks_mut(64) {
+        line[0] = round as u8;
+    }
+    black_box(&buf);
+}
+
 fn summary() {
     let times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
     let per_flow = |name: &str| {
@@ -206,7 +240,12 @@ fn summary() {
     };
     println!("\ndrain of a {FLOWS}-port scan, ns per flow over all samples:");
     let base = per_flow("baseline_edge_map");
-    for name in ["baseline_edge_map", "attribute_only", "attribute_and_sinks"] {
+    for name in [
+        "baseline_edge_map",
+        "attribute_only",
+        "attribute_and_sinks",
+        "attribute_and_sinks_cold",
+    ] {
         match (per_flow(name), base) {
             (Some(t), Some(b)) => {
                 println!("  {name:<22} {t:>8.1} ns/flow   {:.2}x the baseline", t / b)

@@ -409,6 +409,11 @@ pub struct EdgeTracker {
     /// same pair (a scan folds thousands of ports per drain) reuses its names rather than
     /// cloning four `Arc`s.
     fold_scratch: Option<DeniedEdge>,
+    /// Set when the pair of `fold_scratch` is over its port budget and its folded edge was
+    /// recorded at this time (unix ms) with this `expected`: until the table changes, another
+    /// new port of that pair at the same time changes nothing, and is answered without the
+    /// two lookups of the folded edge (a scan's thousands of ports, at every drain).
+    fold_done: Option<(u64, bool)>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -435,6 +440,7 @@ impl EdgeTracker {
             evicted: Vec::new(),
             evicted_from_known: 0,
             fold_scratch: None,
+            fold_done: None,
         };
         let Some(path) = tracker.state_path() else {
             return tracker;
@@ -536,14 +542,21 @@ impl EdgeTracker {
             return self.observed(edge.ports_folded, new, learning);
         }
         // A new port of a pair that has used its budget is recorded as the pair's folded edge.
-        let fold = !edge.ports_folded && edge.protocol.has_ports() && {
-            let folded = Self::fold_into(&mut self.fold_scratch, edge);
-            self.ports.get(folded).copied().unwrap_or(0) >= self.config.port_budget
-        };
+        let mut fold = false;
+        if !edge.ports_folded && edge.protocol.has_ports() {
+            let (folded, same) = Self::fold_into(&mut self.fold_scratch, edge);
+            if !same {
+                self.fold_done = None;
+            } else if self.fold_done == Some((now_ms, expected)) {
+                return self.observed(true, false, learning);
+            }
+            fold = self.ports.get(folded).copied().unwrap_or(0) >= self.config.port_budget;
+        }
         let key = match &self.fold_scratch {
             Some(folded) if fold => {
                 if let Some(rec) = self.edges.get_mut(folded) {
                     let new = Self::denied_again(rec, now_ms, retention, expected);
+                    self.fold_done = Some((now_ms, expected));
                     return self.observed(true, new, learning);
                 }
                 folded.clone()
@@ -592,8 +605,12 @@ impl EdgeTracker {
         }
     }
 
-    /// `edge`'s folded form, made in `scratch` (see [`EdgeTracker::fold_scratch`]).
-    fn fold_into<'s>(scratch: &'s mut Option<DeniedEdge>, edge: &DeniedEdge) -> &'s DeniedEdge {
+    /// `edge`'s folded form, made in `scratch` (see [`EdgeTracker::fold_scratch`]), and whether
+    /// `scratch` already held it.
+    fn fold_into<'s>(
+        scratch: &'s mut Option<DeniedEdge>,
+        edge: &DeniedEdge,
+    ) -> (&'s DeniedEdge, bool) {
         let same_pair = scratch.as_ref().is_some_and(|f| {
             Arc::ptr_eq(&f.source_namespace, &edge.source_namespace)
                 && Arc::ptr_eq(&f.source_workload, &edge.source_workload)
@@ -604,12 +621,14 @@ impl EdgeTracker {
             *scratch = None;
         }
         let f = scratch.get_or_insert_with(|| edge.folded());
+        let same = same_pair && f.direction == edge.direction && f.protocol == edge.protocol;
         f.direction = edge.direction;
         f.protocol = edge.protocol;
-        f
+        (f, same)
     }
 
     fn insert(&mut self, edge: DeniedEdge, record: EdgeRecord) {
+        self.fold_done = None;
         if !edge.ports_folded && edge.protocol.has_ports() {
             *self.ports.entry(edge.folded()).or_default() += 1;
         }
@@ -617,6 +636,7 @@ impl EdgeTracker {
     }
 
     fn remove(&mut self, edge: &DeniedEdge) -> Option<EdgeRecord> {
+        self.fold_done = None;
         let rec = self.edges.remove(edge)?;
         if !edge.ports_folded && edge.protocol.has_ports() {
             let key = edge.folded();
@@ -656,6 +676,7 @@ impl EdgeTracker {
         }
         // Its names may be of pairs gone: let them go (`Names::prune`).
         self.fold_scratch = None;
+        self.fold_done = None;
         let known_before = self.known.len();
         self.known
             .retain(|_, last| now_ms.saturating_sub(*last) < retention);
@@ -946,6 +967,53 @@ mod tests {
         assert!(!t.prune(later).is_empty());
         assert!(!t.record(later, &edge(77), false).folded);
         assert!(t.is_known(later, &edge(77)));
+    }
+
+    #[test]
+    fn a_folded_pair_keeps_its_edge_fresh_across_drains() {
+        let cfg = EdgeConfig {
+            port_budget: 3,
+            ..EdgeConfig::default()
+        };
+        let retention = cfg.retention;
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut t = EdgeTracker::open(cfg, t0);
+        // One pair's edges share their names, as the alert sink's do.
+        let base = edge(0);
+        let at = |port| DeniedEdge {
+            port,
+            ..base.clone()
+        };
+        // Two drains of a scan, half a retention apart: the second renews the folded edge
+        // although the first already recorded it (and the budgeted ports are not renewed).
+        let mut new = 0;
+        for p in 1..=10u16 {
+            new += usize::from(t.record(t0, &at(p), false).new);
+        }
+        assert_eq!(new, 4);
+        let t1 = t0 + retention / 2;
+        for p in 11..=20u16 {
+            let o = t.record(t1, &at(p), false);
+            assert!(o.folded && !o.new);
+        }
+        let t2 = t0 + retention + Duration::from_millis(1);
+        let gone = t.prune(t2);
+        assert_eq!(gone.len(), 3, "{gone:?}");
+        assert!(t.is_known(t2, &base.folded()));
+        assert!(!t.is_known(t2, &at(1)));
+        // With the budget free again, a new port is its own edge, not the folded one.
+        let o = t.record(t2, &at(30), false);
+        assert!(!o.folded && o.new);
+        assert!(t.record(t2, &at(31), false).new);
+        assert!(t.record(t2, &at(32), false).new);
+        assert!(t.record(t2, &at(33), false).folded);
+        // Another protocol of the same pair has its own budget and folded edge.
+        let udp = DeniedEdge {
+            protocol: Protocol::Udp,
+            ..at(40)
+        };
+        let o = t.record(t2, &udp, false);
+        assert!(!o.folded && o.new);
     }
 
     #[test]

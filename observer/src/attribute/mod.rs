@@ -395,7 +395,7 @@ fn ptr_id<T: ?Sized>(arc: &Arc<T>) -> usize {
     Arc::as_ptr(arc).cast::<u8>() as usize
 }
 
-#[derive(PartialEq, Eq, Hash)]
+#[derive(Copy, Clone, PartialEq, Eq, Hash)]
 struct DropKey {
     /// The reason label's `Arc<str>` (one per reason in the capture stage).
     reason: usize,
@@ -405,7 +405,7 @@ struct DropKey {
     dst: EndpointId,
 }
 
-#[derive(PartialEq, Eq, Hash)]
+#[derive(Copy, Clone, PartialEq, Eq, Hash)]
 struct DenyKey {
     direction: Direction,
     protocol: Protocol,
@@ -452,6 +452,10 @@ pub struct Attribution {
     /// The endpoints of the previous flow's addresses, within one drain.
     last_src: LastEndpoint,
     last_dst: LastEndpoint,
+    /// The drop and deny series of the previous flow and their index, within one drain: the
+    /// flows of a scan add to the same two, and skip two map lookups each.
+    last_drop: Option<(DropKey, usize)>,
+    last_deny: Option<(DenyKey, usize)>,
 }
 
 /// The endpoint of the address looked up last. Flows arrive in the order the kernel first
@@ -489,6 +493,8 @@ impl Attribution {
             samples: FastMap::default(),
             last_src: LastEndpoint::default(),
             last_dst: LastEndpoint::default(),
+            last_drop: None,
+            last_deny: None,
         }
     }
 
@@ -511,6 +517,8 @@ impl Attribution {
         self.samples.clear();
         self.last_src = LastEndpoint::default();
         self.last_dst = LastEndpoint::default();
+        self.last_drop = None;
+        self.last_deny = None;
         let window = now.duration_since(self.last_drain).unwrap_or_default();
         self.last_drain = now;
 
@@ -608,18 +616,22 @@ impl Attribution {
             dst: EndpointId::of(dst),
         };
         let drops = &mut self.out.drops;
-        let i = *self.drop_index.entry(key).or_insert_with(|| {
-            drops.push(DropSeries {
-                reason: Arc::clone(&drop.reason),
-                direction,
-                protocol: drop.protocol,
-                src: src.cloned(),
-                dst: dst.cloned(),
-                packets: 0,
-                bytes: 0,
-            });
-            drops.len() - 1
-        });
+        let i = match self.last_drop {
+            Some((last, i)) if last == key => i,
+            _ => *self.drop_index.entry(key).or_insert_with(|| {
+                drops.push(DropSeries {
+                    reason: Arc::clone(&drop.reason),
+                    direction,
+                    protocol: drop.protocol,
+                    src: src.cloned(),
+                    dst: dst.cloned(),
+                    packets: 0,
+                    bytes: 0,
+                });
+                drops.len() - 1
+            }),
+        };
+        self.last_drop = Some((key, i));
         if let Some(series) = drops.get_mut(i) {
             series.packets += drop.packets;
             series.bytes += drop.bytes;
@@ -644,18 +656,22 @@ impl Attribution {
             policy_match,
         };
         let denies = &mut self.out.denies;
-        let i = *self.deny_index.entry(key).or_insert_with(|| {
-            denies.push(PolicyDeny {
-                direction,
-                protocol: drop.protocol,
-                src: src.cloned(),
-                dst: dst.cloned(),
-                policy: Arc::clone(policy),
-                policy_match,
-                packets: 0,
-            });
-            denies.len() - 1
-        });
+        let i = match self.last_deny {
+            Some((last, i)) if last == key => i,
+            _ => *self.deny_index.entry(key).or_insert_with(|| {
+                denies.push(PolicyDeny {
+                    direction,
+                    protocol: drop.protocol,
+                    src: src.cloned(),
+                    dst: dst.cloned(),
+                    policy: Arc::clone(policy),
+                    policy_match,
+                    packets: 0,
+                });
+                denies.len() - 1
+            }),
+        };
+        self.last_deny = Some((key, i));
         if let Some(deny) = denies.get_mut(i) {
             deny.packets += drop.packets;
         }
