@@ -598,7 +598,7 @@ impl Attribution {
             &verdict.policy,
             PolicyMatch::DefaultDeny,
         );
-        self.add_edge(drop, direction, src, dst, &verdict, window);
+        self.add_edge(drop, direction, src, dst, verdict, window);
     }
 
     fn add_drop(
@@ -683,7 +683,7 @@ impl Attribution {
         direction: Direction,
         src: Option<Endpoint>,
         dst: Option<Endpoint>,
-        verdict: &Arc<Verdict>,
+        verdict: Arc<Verdict>,
         window: Duration,
     ) {
         let port = if drop.protocol.has_ports() {
@@ -734,7 +734,7 @@ impl Attribution {
                 peer: peer.cloned(),
                 packets: drop.packets,
                 window,
-                verdict: Arc::clone(verdict),
+                verdict: Arc::clone(&verdict),
                 first_packet: self.samples.get(&sample).copied(),
             });
         }
@@ -746,7 +746,7 @@ impl Attribution {
             protocol: drop.protocol,
             port,
             packets: drop.packets,
-            verdict: Arc::clone(verdict),
+            verdict,
         });
     }
 }

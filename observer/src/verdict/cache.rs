@@ -1,7 +1,8 @@
 //! Memoized verdicts per flow key, for one engine generation.
 
+use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use super::{Engine, FlowQuery, Peer, Verdict};
 use crate::flow::{FastMap, FastSet, Protocol};
@@ -102,7 +103,14 @@ struct Inner {
 #[derive(Debug)]
 pub struct VerdictCache {
     capacity: usize,
-    inner: Mutex<Inner>,
+    /// A `RefCell`, not a lock: the cache belongs to the pipeline thread, and a lock taken and
+    /// released per lookup was two atomic operations per flow at every drain, each a fence
+    /// that kept the next flows' cache misses from overlapping.
+    inner: RefCell<Inner>,
+    /// Set by an invalidation that found the cache borrowed (impossible while no method holds
+    /// a borrow across a call, as now): the next lookup then forgets every verdict rather
+    /// than serve one the invalidation meant to drop.
+    stale: Cell<bool>,
 }
 
 impl VerdictCache {
@@ -110,7 +118,8 @@ impl VerdictCache {
     pub fn new(capacity: usize) -> Self {
         VerdictCache {
             capacity: capacity.max(1),
-            inner: Mutex::new(Inner::default()),
+            inner: RefCell::new(Inner::default()),
+            stale: Cell::new(false),
         }
     }
 
@@ -130,20 +139,21 @@ impl VerdictCache {
         key: VerdictKey,
         query: impl FnOnce() -> FlowQuery,
     ) -> Arc<Verdict> {
-        {
-            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-            if inner.generation != engine.generation() {
-                inner.map.clear();
-                inner.generation = engine.generation();
-            } else if let Some(e) = inner.map.get(&key) {
-                return Arc::clone(&e.verdict);
-            }
+        let Ok(mut inner) = self.inner.try_borrow_mut() else {
+            // Only a lookup from within a lookup could find the cache borrowed: answer it
+            // without the cache.
+            return Arc::new(engine.evaluate(&query()));
+        };
+        let stale = self.stale.replace(false);
+        if stale || inner.generation != engine.generation() {
+            inner.map.clear();
+            inner.generation = engine.generation();
+        } else if let Some(e) = inner.map.get(&key) {
+            return Arc::clone(&e.verdict);
         }
-        // Evaluate outside the lock so that concurrent misses do not serialize.
         let flow = &query();
         debug_assert_eq!(key, VerdictKey::of(flow));
         let verdict = engine.evaluate(flow);
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let verdict = match &inner.last {
             Some(last) if **last == verdict => Arc::clone(last),
             _ => {
@@ -152,28 +162,22 @@ impl VerdictCache {
                 verdict
             }
         };
-        if inner.generation == engine.generation() {
-            if inner.map.len() >= self.capacity {
-                inner.map.clear();
-            }
-            inner.map.insert(
-                key,
-                Entry {
-                    verdict: Arc::clone(&verdict),
-                    _pods: [pod_of(&flow.src), pod_of(&flow.dst)],
-                },
-            );
+        if inner.map.len() >= self.capacity {
+            inner.map.clear();
         }
+        inner.map.insert(
+            key,
+            Entry {
+                verdict: Arc::clone(&verdict),
+                _pods: [pod_of(&flow.src), pod_of(&flow.dst)],
+            },
+        );
         verdict
     }
 
     /// Number of cached verdicts.
     pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .map
-            .len()
+        self.inner.try_borrow().map_or(0, |inner| inner.map.len())
     }
 
     /// True when nothing is cached.
@@ -194,7 +198,10 @@ impl VerdictCache {
             EndpointKey::Pod(p) => pods.contains(p),
             EndpointKey::Ip(ip) => ips.contains(&ip.to_canonical()),
         };
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let Ok(mut inner) = self.inner.try_borrow_mut() else {
+            self.stale.set(true);
+            return 0;
+        };
         let before = inner.map.len();
         inner
             .map
@@ -204,10 +211,9 @@ impl VerdictCache {
 
     /// Drops every entry.
     pub fn clear(&self) {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .map
-            .clear();
+        match self.inner.try_borrow_mut() {
+            Ok(mut inner) => inner.map.clear(),
+            Err(_) => self.stale.set(true),
+        }
     }
 }
