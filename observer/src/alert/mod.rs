@@ -222,6 +222,8 @@ impl AlertStage {
     /// edge state when due (a failed save is logged and counted, and retried later).
     /// Returns the spike starts/ends to turn into Events and log lines.
     pub fn tick(&mut self, now: SystemTime) -> Vec<SpikeTransition> {
+        // The detector may forget idle keys now; so does the stage, and their names can go.
+        self.last_spike_key = None;
         let transitions = self.detector.tick(now);
         self.metrics.update_spikes(&mut self.detector);
         let now_ms = spike::unix_ms(now);
