@@ -4,7 +4,9 @@
 //!
 //! The baseline, timed in the same run, sums the same flows in a hash map keyed by address
 //! pair and port: the least a drain that keeps per-edge state can do. The printed ratio is the
-//! drain's time per flow in units of that.
+//! drain's time per flow in units of that. The cold variant writes `PIPELINE_COLD_MIB` (64
+//! by default) MiB between two timed drains, as the flood and the reader thread evict the
+//! drain's state between two drains in the daemon.
 //!
 //! `cargo bench -p observer --bench pipeline`
 
