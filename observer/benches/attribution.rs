@@ -8,11 +8,14 @@
 //!
 //! `cargo bench -p observer --bench attribution`
 
-use std::collections::{BTreeMap, HashMap};
+#[path = "common/times.rs"]
+mod times;
+
+use std::collections::HashMap;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use criterion::{Criterion, Throughput};
 use observer::flow::Protocol;
@@ -20,6 +23,7 @@ use observer::inventory::{
     Attributor, ContainerPort, Endpoint, Inventory, Labels, Namespace, NodeAddrs, Pod, PodPhase,
     Workload,
 };
+use times::{rate, record};
 
 const PODS: usize = 10_000;
 /// Addresses looked up per iteration: enough to defeat the branch predictor's memory of one
@@ -79,16 +83,6 @@ fn shuffled<T: Clone>(items: &[T], n: usize) -> Vec<T> {
             items[(state % items.len() as u64) as usize].clone()
         })
         .collect()
-}
-
-/// Total lookups and time per benchmark, accumulated across criterion's samples.
-static TIMES: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
-
-fn record(name: &'static str, lookups: u64, took: Duration) {
-    let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
-    let entry = times.entry(name).or_default();
-    entry.0 += lookups;
-    entry.1 += took;
 }
 
 fn bench(c: &mut Criterion) {
@@ -177,13 +171,6 @@ fn bench(c: &mut Criterion) {
 }
 
 fn summary() {
-    let times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
-    let rate = |name: &str| {
-        times
-            .get(name)
-            .filter(|(n, t)| *n > 0 && !t.is_zero())
-            .map(|(n, t)| *n as f64 / t.as_secs_f64())
-    };
     println!(
         "\nattribution with {PODS} pods ({} addresses), lookups/s over all samples:",
         2 * PODS

@@ -10,10 +10,12 @@
 //!
 //! `cargo bench -p observer --bench pipeline`
 
-use std::collections::BTreeMap;
+#[path = "common/times.rs"]
+mod times;
+
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput};
@@ -23,6 +25,7 @@ use observer::capture::{DrainReport, FlowDrop};
 use observer::export::{Metrics, MetricsConfig, MetricsSink};
 use observer::flow::{FastMap, Protocol};
 use observer::inventory::{Inventory, Labels, Namespace, NodeAddrs, Pod, PodPhase, Workload};
+use times::{rate, record};
 
 const FLOWS: u16 = 4096;
 const SRC: Ipv4Addr = Ipv4Addr::new(10, 251, 0, 1);
@@ -88,16 +91,6 @@ fn report() -> DrainReport {
             .collect(),
         ..DrainReport::default()
     }
-}
-
-/// Total flows and time per benchmark, accumulated across criterion's samples.
-static TIMES: Mutex<BTreeMap<&'static str, (u64, Duration)>> = Mutex::new(BTreeMap::new());
-
-fn record(name: &'static str, flows: u64, took: Duration) {
-    let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
-    let entry = times.entry(name).or_default();
-    entry.0 += flows;
-    entry.1 += took;
 }
 
 struct Daemon {
@@ -233,13 +226,7 @@ fn evict(buf: &mut [u8], round: u64) {
 }
 
 fn summary() {
-    let times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
-    let per_flow = |name: &str| {
-        times
-            .get(name)
-            .filter(|(n, t)| *n > 0 && !t.is_zero())
-            .map(|(n, t)| t.as_nanos() as f64 / *n as f64)
-    };
+    let per_flow = |name: &str| rate(name).map(|r| 1e9 / r);
     println!("\ndrain of a {FLOWS}-port scan, ns per flow over all samples:");
     let base = per_flow("baseline_edge_map");
     for name in [

@@ -388,17 +388,9 @@ impl SpikeDetector {
         self.observe_deny(now, key, denied_packets, None);
     }
 
-    /// Counts the destination port of `packets` denies of `key` (call next to
-    /// [`SpikeDetector::observe`]); feeds [`SpikeStatus::top_port`]. Keys not tracked (the
-    /// detector is full) are ignored.
-    pub fn observe_port(&mut self, key: &SpikeKey, protocol: Protocol, port: u16, packets: u64) {
-        if let Some(state) = self.keys.get_mut(key) {
-            state.count_port(protocol, port, packets);
-        }
-    }
-
-    /// [`SpikeDetector::observe`] and, with a port, [`SpikeDetector::observe_port`], in one
-    /// lookup of the key: the alert stage calls it for every denied edge of every drain.
+    /// [`SpikeDetector::observe`], and with a port, counts the destination port of the denies
+    /// too (it feeds [`SpikeStatus::top_port`]); one lookup of the key, for every denied edge
+    /// of every drain. A key not tracked because the detector is full counts as overflow.
     pub fn observe_deny(
         &mut self,
         now: SystemTime,

@@ -136,16 +136,7 @@ impl Views {
         }
         let (src, dst) = (end(src, drop.src)?, end(dst, drop.dst)?);
         let key = |e: Result<&Arc<Pod>, IpAddr>| e.map_or_else(EndpointKey::Ip, EndpointKey::pod);
-        let flow_key = VerdictKey {
-            src: key(src),
-            dst: key(dst),
-            protocol,
-            port: if protocol.has_ports() {
-                drop.dst_port
-            } else {
-                0
-            },
-        };
+        let flow_key = VerdictKey::new(key(src), key(dst), protocol, drop.dst_port);
         // The pods are cloned only to evaluate a verdict not cached yet.
         let peer = |e: Result<&Arc<Pod>, IpAddr>| {
             e.map_or_else(Peer::External, |pod| Peer::Pod(Arc::clone(pod)))

@@ -55,18 +55,25 @@ pub struct VerdictKey {
 }
 
 impl VerdictKey {
+    /// The key of a flow between `src` and `dst`; the port counts only for protocols that
+    /// have ports (policies ignore it for the others).
+    pub fn new(src: EndpointKey, dst: EndpointKey, protocol: Protocol, port: u16) -> Self {
+        VerdictKey {
+            src,
+            dst,
+            protocol,
+            port: if protocol.has_ports() { port } else { 0 },
+        }
+    }
+
     /// The key of a query.
     pub fn of(flow: &FlowQuery) -> Self {
-        VerdictKey {
-            src: EndpointKey::of(&flow.src),
-            dst: EndpointKey::of(&flow.dst),
-            protocol: flow.protocol,
-            port: if flow.protocol.has_ports() {
-                flow.port
-            } else {
-                0
-            },
-        }
+        Self::new(
+            EndpointKey::of(&flow.src),
+            EndpointKey::of(&flow.dst),
+            flow.protocol,
+            flow.port,
+        )
     }
 }
 

@@ -536,22 +536,29 @@ spec:
     assert!(w.engine.warnings()[0].contains("a/bad"));
 }
 
-#[test]
-fn cache_keeps_one_verdict_per_port_of_a_pair_and_forgets_them_with_the_pod() {
-    let allow_pg = "
+/// a/db behind an ingress default deny that lets anyone reach it on TCP 5432.
+const ALLOW_PG: &str = "
 metadata: {name: allow-pg, namespace: a}
 spec:
   podSelector: {matchLabels: {app: db}}
   policyTypes: [Ingress]
   ingress: [{ports: [{port: 5432, protocol: TCP}]}]";
-    let w = basic(&[DENY_INGRESS_A, allow_pg]);
-    let cache = VerdictCache::new(100);
-    let q = |port| FlowQuery {
+
+/// A TCP flow from b/client to a/db on `port`.
+fn client_to_db(w: &World, port: u16) -> FlowQuery {
+    FlowQuery {
         src: w.peer("b/client"),
         dst: w.peer("a/db"),
         protocol: Protocol::Tcp,
         port,
-    };
+    }
+}
+
+#[test]
+fn cache_keeps_one_verdict_per_port_of_a_pair_and_forgets_them_with_the_pod() {
+    let w = basic(&[DENY_INGRESS_A, ALLOW_PG]);
+    let cache = VerdictCache::new(100);
+    let q = |port| client_to_db(&w, port);
     // Alternating ports of one pair: each keeps its own verdict.
     for _ in 0..2 {
         assert!(cache.get_or_evaluate(&w.engine, &q(5432)).allowed);
@@ -585,20 +592,9 @@ spec:
 
 #[test]
 fn cache_shares_equal_verdicts_of_consecutive_flows() {
-    let allow_pg = "
-metadata: {name: allow-pg, namespace: a}
-spec:
-  podSelector: {matchLabels: {app: db}}
-  policyTypes: [Ingress]
-  ingress: [{ports: [{port: 5432, protocol: TCP}]}]";
-    let w = basic(&[DENY_INGRESS_A, allow_pg]);
+    let w = basic(&[DENY_INGRESS_A, ALLOW_PG]);
     let cache = VerdictCache::new(100);
-    let q = |port| FlowQuery {
-        src: w.peer("b/client"),
-        dst: w.peer("a/db"),
-        protocol: Protocol::Tcp,
-        port,
-    };
+    let q = |port| client_to_db(&w, port);
     // A scan: every denied port has the same verdict, and one allocation.
     let first = cache.get_or_evaluate(&w.engine, &q(80));
     for port in 81..90 {
