@@ -76,19 +76,48 @@ struct ScenarioStats {
 /// together (see [`crate::Session::paired_ns`]), over rounds.
 #[derive(Clone, Copy, Debug)]
 struct Paired {
+    /// Per round, the geometric mean of both attach orders where the round has both.
     ours: Spread,
     theirs: Spread,
-    /// Per-round ratio, deny-observer's over the one-liner's.
+    /// Per-round ratio, deny-observer's over the one-liner's (of the means above).
     ratio: Spread,
+    /// The ratio with the daemon attached first, and with the one-liner first.
+    daemon_first: Option<Spread>,
+    one_liner_first: Option<Spread>,
 }
 
+/// One round's `(deny-observer, one-liner)` ns per run, with the daemon attached first and
+/// with the one-liner first.
+type RoundPairs = (Option<(f64, f64)>, Option<(f64, f64)>);
+
 impl Paired {
-    fn of(pairs: &[(f64, f64)]) -> Option<Self> {
+    /// From each round's pair with the daemon first and pair with the one-liner first.
+    fn of(rounds: &[RoundPairs]) -> Option<Self> {
+        // Each order favours the program that runs second, so a round measured both ways is
+        // judged by their geometric mean; a round missing one order counts as measured.
+        let pairs: Vec<(f64, f64)> = rounds
+            .iter()
+            .filter_map(|r| match *r {
+                (Some(a), Some(b)) => Some(((a.0 * b.0).sqrt(), (a.1 * b.1).sqrt())),
+                (a, b) => a.or(b),
+            })
+            .collect();
         let col = |f: fn(&(f64, f64)) -> f64| pairs.iter().map(f).collect::<Vec<_>>();
+        let ratios = |pick: fn(&RoundPairs) -> Option<(f64, f64)>| {
+            Spread::of(
+                &rounds
+                    .iter()
+                    .filter_map(pick)
+                    .map(|p| p.0 / p.1)
+                    .collect::<Vec<_>>(),
+            )
+        };
         Some(Self {
             ours: Spread::of(&col(|p| p.0))?,
             theirs: Spread::of(&col(|p| p.1))?,
             ratio: Spread::of(&col(|p| p.0 / p.1))?,
+            daemon_first: ratios(|r| r.0),
+            one_liner_first: ratios(|r| r.1),
         })
     }
 }
@@ -286,6 +315,11 @@ impl<'a> Report<'a> {
                 .zip(&b.scenarios)
                 .map(|(x, y)| (x.ns_per_drop, y.ns_per_drop))
                 .collect();
+            let ratio_spread = |x: Option<Spread>| {
+                x.map_or("-".into(), |x| {
+                    format!("{:.3} ({:.3}-{:.3})", x.median, x.min, x.max)
+                })
+            };
             let spread = |x: Option<Spread>| {
                 x.map_or("-".into(), |x| {
                     format!("{:.1} ({:.1}-{:.1})", x.median, x.min, x.max)
@@ -306,18 +340,20 @@ impl<'a> Report<'a> {
                 Some(p) if !p.is_empty() => (
                     Some(p.iter().all(|p| p.ratio.median <= 1.0)),
                     format!(
-                        "same floods, both attached, median (min-max) over rounds, deny-observer vs bpftrace: {}; in separate sessions: {}",
+                        "same floods, both attached, each round in both attach orders (geometric mean), median (min-max) over rounds, deny-observer vs bpftrace: {}; in separate sessions: {}",
                         r.scenarios
                             .iter()
                             .zip(&p)
                             .map(|(s, p)| format!(
-                                "{} {} vs {}, ratio {:.3} ({:.3}-{:.3})",
+                                "{} {} vs {}, ratio {:.3} ({:.3}-{:.3}; daemon first {}, one-liner first {})",
                                 s.name,
                                 spread(Some(p.ours)),
                                 spread(Some(p.theirs)),
                                 p.ratio.median,
                                 p.ratio.min,
-                                p.ratio.max
+                                p.ratio.max,
+                                ratio_spread(p.daemon_first),
+                                ratio_spread(p.one_liner_first),
                             ))
                             .collect::<Vec<_>>()
                             .join(", "),
@@ -590,6 +626,8 @@ impl<'a> Report<'a> {
                                     "deny_observer": p.ours.json(),
                                     "bpftrace": p.theirs.json(),
                                     "ratio": p.ratio.json(),
+                                    "ratio_daemon_first": p.daemon_first.map(Spread::json),
+                                    "ratio_one_liner_first": p.one_liner_first.map(Spread::json),
                                 })),
                             }),
                         )
@@ -684,7 +722,12 @@ fn config_stats(results: &Results, config: Config) -> ConfigStats {
                 paired: Paired::of(
                     &sessions
                         .iter()
-                        .filter_map(|s| s.paired_ns.get(i).copied().flatten())
+                        .map(|s| {
+                            (
+                                s.paired_ns.get(i).copied().flatten(),
+                                s.paired_ns_reversed.get(i).copied().flatten(),
+                            )
+                        })
                         .collect::<Vec<_>>(),
                 ),
             }
@@ -827,6 +870,7 @@ mod tests {
             idle_cpu: Some(0.001),
             conn: None,
             paired_ns: Vec::new(),
+            paired_ns_reversed: Vec::new(),
         };
         let bpftrace = Session {
             windows: vec![window(900_000, 1.0, None)],
@@ -1016,6 +1060,45 @@ mod tests {
         let (t, _) = with_pairs(&[None, None]);
         assert_eq!(t.pass, Some(false), "{}", t.detail);
         assert!(!t.detail.contains("same floods"), "{}", t.detail);
+    }
+
+    /// A round measured in both attach orders is judged by the geometric mean of the two, so
+    /// that neither program gets the second place's warm caches every time.
+    #[test]
+    fn paired_ns_per_drop_averages_both_attach_orders() {
+        let with_orders = |rounds: &[RoundPairs]| {
+            let mut r = results(950_000);
+            let proto = r.rounds[0].clone();
+            r.rounds.clear();
+            for &(first, second) in rounds {
+                let mut round = proto.clone();
+                for (c, s) in &mut round {
+                    if *c == Config::Daemon {
+                        s.paired_ns = vec![first];
+                        s.paired_ns_reversed = vec![second];
+                    }
+                }
+                r.rounds.push(round);
+            }
+            ns_target(&r)
+        };
+        // Daemon first 1.2 alone would fail; with the one-liner first 0.75: sqrt(0.9) < 1.
+        let (t, json) = with_orders(&[(Some((120.0, 100.0)), Some((75.0, 100.0)))]);
+        assert_eq!(t.pass, Some(true), "{}", t.detail);
+        let p = &json["configurations"][1]["scenarios"]["udp-few"]["ebpf_ns_per_drop_paired"];
+        let mean = p["deny_observer"]["median"].as_f64().unwrap();
+        assert!((mean - (120.0f64 * 75.0).sqrt()).abs() < 1e-9, "{p}");
+        assert_eq!(p["ratio_daemon_first"]["median"].as_f64(), Some(1.2));
+        assert_eq!(p["ratio_one_liner_first"]["median"].as_f64(), Some(0.75));
+        assert!(t.detail.contains("daemon first 1.200"), "{}", t.detail);
+        // Both orders over 1: fails however they are averaged.
+        let (t, _) = with_orders(&[(Some((120.0, 100.0)), Some((105.0, 100.0)))]);
+        assert_eq!(t.pass, Some(false), "{}", t.detail);
+        // A round without the reversed window is judged by the order it has.
+        let (t, json) = with_orders(&[(Some((120.0, 100.0)), None)]);
+        assert_eq!(t.pass, Some(false), "{}", t.detail);
+        let p = &json["configurations"][1]["scenarios"]["udp-few"]["ebpf_ns_per_drop_paired"];
+        assert!(p["ratio_one_liner_first"].is_null(), "{p}");
     }
 
     #[test]
