@@ -16,6 +16,7 @@
 #[cfg(test)]
 mod tests;
 
+use std::collections::hash_map::Entry;
 use std::mem::Discriminant;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -695,18 +696,23 @@ impl Attribution {
             protocol: drop.protocol,
             port: drop.dst_port,
         };
-        if let Some(&(i, notice)) = self.edge_index.get(&key) {
-            if let Some(edge) = self.out.edges.get_mut(i) {
-                edge.packets += drop.packets;
-            }
-            if let Some(notice) = notice.and_then(|n| self.out.notices.get_mut(n)) {
-                notice.packets += drop.packets;
-                if notice.first_packet.is_none() {
-                    notice.first_packet = self.samples.get(&sample).copied();
+        // One hash of the key whether the edge is new (every port of a scan) or known.
+        let slot = match self.edge_index.entry(key) {
+            Entry::Occupied(known) => {
+                let &(i, notice) = known.get();
+                if let Some(edge) = self.out.edges.get_mut(i) {
+                    edge.packets += drop.packets;
                 }
+                if let Some(notice) = notice.and_then(|n| self.out.notices.get_mut(n)) {
+                    notice.packets += drop.packets;
+                    if notice.first_packet.is_none() {
+                        notice.first_packet = self.samples.get(&sample).copied();
+                    }
+                }
+                return;
             }
-            return;
-        }
+            Entry::Vacant(slot) => slot,
+        };
         let i = self.out.edges.len();
         let (denied_side, peer) = match direction {
             Direction::Egress => (src.as_ref(), dst.as_ref()),
@@ -729,7 +735,7 @@ impl Attribution {
                 first_packet: self.samples.get(&sample).copied(),
             });
         }
-        self.edge_index.insert(key, (i, notice));
+        slot.insert((i, notice));
         self.out.edges.push(EdgeDeny {
             direction,
             src,
