@@ -527,7 +527,9 @@ impl<'a> Report<'a> {
              kernel.bpf_stats_enabled=1, median over rounds (stats are off while throughput is measured); the summary\n\
              shows the costliest scenario's, and the target compares every scenario with bpftrace's in the same scenario:\n\
              when both ran, each daemon session also floods each scenario for 1 s with the one-liner attached next to\n\
-             the daemon (every drop runs both programs), and the median of those per-round ratios decides.\n\
+             the daemon (every drop runs both programs), once attached after the daemon and once before a daemon of its\n\
+             own (the program that runs first pays the cache misses the second finds warm); the median over rounds of the\n\
+             per-round ratio of the two orders' geometric means decides.\n\
              log-tail (kube-iptables-tailer style, no targets): while it runs, the destination's nft drop rule also does\n\
              `log prefix \"{}\"` (LOG before DROP, no rate limit; nf_log_all_netns=1), and a tailer process\n\
              (`cargo xtask log-tail`) reads /dev/kmsg and counts per (src, dst, proto, dport); its cpu is the tailer's only\n\
