@@ -309,6 +309,19 @@ struct Bench {
     paired: bool,
 }
 
+/// Per scenario, `(deny-observer, one-liner)` from [`Bench::stats_windows`] over those two
+/// program sets; `None` where either did not run.
+fn zip_pairs(both: &[Vec<Option<f64>>]) -> Vec<Option<(f64, f64)>> {
+    match both {
+        [ours, theirs] => ours
+            .iter()
+            .zip(theirs)
+            .map(|(a, b)| Some(((*a)?, (*b)?)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Runs the benchmark (needs root) and prints the report.
 pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     if !crate::cmd::is_root() {
@@ -525,14 +538,7 @@ impl Bench {
         if let Err(err) = bpftrace.finish() {
             eprintln!("bench:   the paired one-liner did not stop cleanly: {err:#}");
         }
-        Ok(match both.as_slice() {
-            [ours, theirs] => ours
-                .iter()
-                .zip(theirs)
-                .map(|(a, b)| Some(((*a)?, (*b)?)))
-                .collect(),
-            _ => Vec::new(),
-        })
+        Ok(zip_pairs(&both))
     }
 
     /// [`Bench::paired_stats`] in the other order: the one-liner attaches first, then a daemon
@@ -571,14 +577,7 @@ impl Bench {
         if let Err(err) = bpftrace.finish() {
             eprintln!("bench:   the paired one-liner did not stop cleanly: {err:#}");
         }
-        Ok(match both.as_slice() {
-            [ours, theirs] => ours
-                .iter()
-                .zip(theirs)
-                .map(|(a, b)| Some(((*a)?, (*b)?)))
-                .collect(),
-            _ => Vec::new(),
-        })
+        Ok(zip_pairs(&both))
     }
 
     fn flood_config(
