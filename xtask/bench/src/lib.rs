@@ -191,7 +191,7 @@ pub struct Session {
     pub paired_ns: Vec<Option<(f64, f64)>>,
     /// The same with the one-liner attached before the daemon, so that its program runs first
     /// on each drop. Whichever runs first pays for the cache misses on the skb, the packet and
-    /// the device that the second then finds warm (the same build attached twice costs 13 to
+    /// the device that the second then finds warm (the same build attached twice costs 12 to
     /// 16 % less in second place), so the figure that decides averages both orders.
     pub paired_ns_reversed: Vec<Option<(f64, f64)>>,
     /// Drop → counter latency of small bursts: `None` where /metrics never showed the burst.
