@@ -94,7 +94,7 @@ impl Paired {
     /// From each round's pair with the daemon first and pair with the one-liner first.
     fn of(rounds: &[RoundPairs]) -> Option<Self> {
         // Each order favours the program that runs second, so a round measured both ways is
-        // judged by their geometric mean; a round missing one order counts as measured.
+        // judged by their geometric mean; a round missing one order is judged by the order it has.
         let pairs: Vec<(f64, f64)> = rounds
             .iter()
             .filter_map(|r| match *r {
