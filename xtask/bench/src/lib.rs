@@ -309,19 +309,6 @@ struct Bench {
     paired: bool,
 }
 
-/// Per scenario, `(deny-observer, one-liner)` from [`Bench::stats_windows`] over those two
-/// program sets; `None` where either did not run.
-fn zip_pairs(both: &[Vec<Option<f64>>]) -> Vec<Option<(f64, f64)>> {
-    match both {
-        [ours, theirs] => ours
-            .iter()
-            .zip(theirs)
-            .map(|(a, b)| Some(((*a)?, (*b)?)))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// Runs the benchmark (needs root) and prints the report.
 pub fn run(args: &BenchArgs, bin: &Path) -> anyhow::Result<()> {
     if !crate::cmd::is_root() {
@@ -530,15 +517,12 @@ impl Bench {
                 return Ok(Vec::new());
             }
         };
-        let both = self.stats_windows(
+        self.paired_window(
             scenarios,
-            &[&daemon.proc.progs, &bpftrace.proc.progs],
+            daemon,
+            bpftrace,
             "eBPF ns/drop paired, daemon attached first, deny-observer / bpftrace",
-        )?;
-        if let Err(err) = bpftrace.finish() {
-            eprintln!("bench:   the paired one-liner did not stop cleanly: {err:#}");
-        }
-        Ok(zip_pairs(&both))
+        )
     }
 
     /// [`Bench::paired_stats`] in the other order: the one-liner attaches first, then a daemon
@@ -568,16 +552,36 @@ impl Bench {
                 return Ok(Vec::new());
             }
         };
-        let both = self.stats_windows(
+        self.paired_window(
             scenarios,
-            &[&daemon.proc.progs, &bpftrace.proc.progs],
+            &daemon,
+            bpftrace,
             "eBPF ns/drop paired, one-liner attached first, deny-observer / bpftrace",
-        )?;
-        drop(daemon);
+        )
+    }
+
+    /// The stats windows with both programs attached, then the one-liner stopped: per
+    /// scenario `(deny-observer, one-liner)` ns per run, `None` where either did not run.
+    fn paired_window(
+        &self,
+        scenarios: &[Scenario],
+        daemon: &Daemon,
+        bpftrace: Bpftrace,
+        what: &str,
+    ) -> anyhow::Result<Vec<Option<(f64, f64)>>> {
+        let both =
+            self.stats_windows(scenarios, &[&daemon.proc.progs, &bpftrace.proc.progs], what)?;
         if let Err(err) = bpftrace.finish() {
             eprintln!("bench:   the paired one-liner did not stop cleanly: {err:#}");
         }
-        Ok(zip_pairs(&both))
+        Ok(match both.as_slice() {
+            [ours, theirs] => ours
+                .iter()
+                .zip(theirs)
+                .map(|(a, b)| Some(((*a)?, (*b)?)))
+                .collect(),
+            _ => Vec::new(),
+        })
     }
 
     fn flood_config(
