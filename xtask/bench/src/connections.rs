@@ -70,6 +70,7 @@ impl Server {
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_micros(200));
                         }
+                        // A connection reset before accept() took it.
                         Err(_) => {}
                     }
                 }
