@@ -318,7 +318,7 @@ fn track_udp(tuple: &UdpTuple, side: u8) {
 pub fn udp_recv(ctx: BtfTracePointContext) -> u32 {
     // Argument 0 of sk_data_ready is the `const struct sock *`.
     let sk: *const u8 = ctx.arg(0);
-    if try_udp_recv(sk as u64).is_err() {
+    if try_udp_recv(sk).is_err() {
         count_loss(conn_loss::READ);
     }
     0
@@ -330,10 +330,24 @@ fn ephemeral(port: u16) -> bool {
     p >= conn_config!(ephemeral_lo) && p <= conn_config!(ephemeral_hi)
 }
 
-fn try_udp_recv(sk: u64) -> Result<(), i64> {
-    if sk == 0 || read::<u16>(sk, conn_config!(sk_protocol))? != u16::from(IPPROTO_UDP) {
+/// `sk->sk_protocol` by a plain load rather than a helper call. This runs for every segment
+/// any socket on the node receives, TCP included, and nearly all of them stop here. The load
+/// is allowed because `sk` is a tp_btf argument (the verifier knows it as `struct sock *`) and
+/// the offset comes from the frozen `.rodata`, which the verifier reads as a constant; it then
+/// checks the load against BTF when the program is loaded and turns it into a fault-handled
+/// read. `sk_data_ready` exists from Linux 6.6, where `sk_protocol` is a plain `u16`.
+#[inline(always)]
+fn sk_protocol(sk: *const u8) -> u16 {
+    // SAFETY: see above; the verifier rejects the program rather than let a bad load through,
+    // and a fault at run time reads as zero.
+    unsafe { core::ptr::read_volatile(sk.add(conn_config!(sk_protocol) as usize).cast::<u16>()) }
+}
+
+fn try_udp_recv(sk_ptr: *const u8) -> Result<(), i64> {
+    if sk_ptr.is_null() || sk_protocol(sk_ptr) != u16::from(IPPROTO_UDP) {
         return Ok(());
     }
+    let sk = sk_ptr as u64;
     // UDP wakes the reader right after queueing the datagram at the tail of the receive
     // queue. A reader that already took it leaves the queue empty (`prev` is the head).
     let skb: u64 = read(sk, conn_config!(sk_rcvq_prev))?;
@@ -344,10 +358,14 @@ fn try_udp_recv(sk: u64) -> Result<(), i64> {
     let nh: u16 = read(skb, conn_config!(skb_network_header))?;
     let ip = head + u64::from(nh);
     // Version and, at the protocol's offset, the protocol. IPv6 with extension headers before
-    // UDP is not counted.
-    let first: [u8; 12] = read(ip, 0)?;
+    // UDP is not counted. Twenty bytes is IPv4's fixed header, addresses included, so IPv4 takes
+    // one read.
+    let first: [u8; 20] = read(ip, 0)?;
     let (local_addr, remote_addr) = match first[0] >> 4 {
-        4 if first[9] == IPPROTO_UDP => (mapped_v4(read(ip, 16)?), mapped_v4(read(ip, 12)?)),
+        4 if first[9] == IPPROTO_UDP => (
+            mapped_v4([first[16], first[17], first[18], first[19]]),
+            mapped_v4([first[12], first[13], first[14], first[15]]),
+        ),
         6 if first[6] == IPPROTO_UDP => (read(ip, 24)?, read(ip, 8)?),
         _ => return Ok(()),
     };
