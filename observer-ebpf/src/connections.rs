@@ -338,9 +338,10 @@ fn ephemeral(port: u16) -> bool {
 /// read. `sk_data_ready` exists from Linux 6.6, where `sk_protocol` is a plain `u16`.
 #[inline(always)]
 fn sk_protocol(sk: *const u8) -> u16 {
+    let off = conn_config!(sk_protocol) as usize;
     // SAFETY: see above; the verifier rejects the program rather than let a bad load through,
     // and a fault at run time reads as zero.
-    unsafe { core::ptr::read_volatile(sk.add(conn_config!(sk_protocol) as usize).cast::<u16>()) }
+    unsafe { core::ptr::read_volatile(sk.add(off).cast::<u16>()) }
 }
 
 fn try_udp_recv(sk_ptr: *const u8) -> Result<(), i64> {
