@@ -42,7 +42,7 @@ static CONN_CONFIG: ConnConfig = ConnConfig {
     skb_transport_header: 0,
     sk_protocol: 0,
     sk_rcvq_prev: 0,
-    sk_rcvq: 0,
+    sk_rcvq_qlen: 0,
     sk_family: 0,
     sk_num: 0,
     sk_dport: 0,
@@ -330,33 +330,40 @@ fn ephemeral(port: u16) -> bool {
     p >= conn_config!(ephemeral_lo) && p <= conn_config!(ephemeral_hi)
 }
 
-/// `sk->sk_protocol` by a plain load rather than a helper call. This runs for every segment
-/// any socket on the node receives, TCP included, and nearly all of them stop here. The load
-/// is allowed because `sk` is a tp_btf argument (the verifier knows it as `struct sock *`) and
-/// the offset comes from the frozen `.rodata`, which the verifier reads as a constant; it then
-/// checks the load against BTF when the program is loaded and turns it into a fault-handled
-/// read. `sk_data_ready` exists from Linux 6.6, where `sk_protocol` is a plain `u16`.
+/// A `T` at `base + off` by a plain load rather than a helper call. `udp_recv` runs for every
+/// segment any socket on the node receives, TCP included, and nearly all of those runs stop at
+/// the socket's protocol; a UDP datagram then needs four more fields of the socket and its
+/// buffer. The load is allowed because `base` is a BTF-typed pointer: the tp_btf argument (the
+/// verifier knows it as `struct sock *`) or a pointer member loaded from one (`struct sk_buff
+/// *`), and `off` comes from the frozen `.rodata`, which the verifier reads as a constant. The
+/// verifier checks each load against BTF when the program is loaded and turns it into a
+/// fault-handled read. `sk_data_ready` exists from Linux 6.6; every field read here has its
+/// present type there (`sk_protocol` a plain `u16`).
 #[inline(always)]
-fn sk_protocol(sk: *const u8) -> u16 {
-    let off = conn_config!(sk_protocol) as usize;
+fn load<T>(base: *const u8, off: u32) -> T {
     // SAFETY: see above; the verifier rejects the program rather than let a bad load through,
     // and a fault at run time reads as zero.
-    unsafe { core::ptr::read_volatile(sk.add(off).cast::<u16>()) }
+    unsafe { core::ptr::read_volatile(base.add(off as usize).cast::<T>()) }
 }
 
-fn try_udp_recv(sk_ptr: *const u8) -> Result<(), i64> {
-    if sk_ptr.is_null() || sk_protocol(sk_ptr) != u16::from(IPPROTO_UDP) {
+fn try_udp_recv(sk: *const u8) -> Result<(), i64> {
+    if sk.is_null() || load::<u16>(sk, conn_config!(sk_protocol)) != u16::from(IPPROTO_UDP) {
         return Ok(());
     }
-    let sk = sk_ptr as u64;
     // UDP wakes the reader right after queueing the datagram at the tail of the receive
-    // queue. A reader that already took it leaves the queue empty (`prev` is the head).
-    let skb: u64 = read(sk, conn_config!(sk_rcvq_prev))?;
-    if skb == 0 || skb == sk + u64::from(conn_config!(sk_rcvq)) {
+    // queue. A reader that already took it may have emptied the queue.
+    if load::<u32>(sk, conn_config!(sk_rcvq_qlen)) == 0 {
         return Ok(());
     }
-    let head: u64 = read(skb, conn_config!(skb_head))?;
-    let nh: u16 = read(skb, conn_config!(skb_network_header))?;
+    let skb: *const u8 = load(sk, conn_config!(sk_rcvq_prev));
+    if skb.is_null() {
+        return Ok(());
+    }
+    // `head` points to bytes, not a struct: the verifier hands it over as a plain number,
+    // and the packet is read through the helper.
+    let head: u64 = load(skb, conn_config!(skb_head));
+    let nh: u16 = load(skb, conn_config!(skb_network_header));
+    let th: u16 = load(skb, conn_config!(skb_transport_header));
     let ip = head + u64::from(nh);
     // Version and, at the protocol's offset, the protocol. IPv6 with extension headers before
     // UDP is not counted. Twenty bytes is IPv4's fixed header, addresses included, so IPv4 takes
@@ -370,7 +377,6 @@ fn try_udp_recv(sk_ptr: *const u8) -> Result<(), i64> {
         6 if first[6] == IPPROTO_UDP => (read(ip, 24)?, read(ip, 8)?),
         _ => return Ok(()),
     };
-    let th: u16 = read(skb, conn_config!(skb_transport_header))?;
     // The UDP header's source and destination ports, network order.
     let ports: [u8; 4] = read(head + u64::from(th), 0)?;
     let remote_port = u16::from_be_bytes([ports[0], ports[1]]);

@@ -509,8 +509,9 @@ pub struct ConnConfig {
     /// `offsetof(struct sock, sk_receive_queue) + offsetof(struct sk_buff_head, prev)`: the
     /// datagram queued last.
     pub sk_rcvq_prev: u32,
-    /// `offsetof(struct sock, sk_receive_queue)`: an empty queue's `prev` points here.
-    pub sk_rcvq: u32,
+    /// `offsetof(struct sock, sk_receive_queue) + offsetof(struct sk_buff_head, qlen)` (u32):
+    /// datagrams in the queue.
+    pub sk_rcvq_qlen: u32,
     /// `offsetof(struct sock, __sk_common.skc_family)` (u16): the BTF TCP hook reads the
     /// socket itself rather than a tracepoint record. This and the six below are 0 when the
     /// classic tracepoint is used.

@@ -1622,6 +1622,7 @@ fn connections_counted_exactly(attach: AttachMode, tcp_hook: &str) {
     const TCP4: u64 = 5;
     const TCP6: u64 = 2;
     const UDP_SOCKETS: u64 = 3;
+    const UDP6_SOCKETS: u64 = 2;
     let net = NetPair::new();
     let mut capture = Capture::load(&CaptureConfig {
         netns: Some(net.dst_inode),
@@ -1670,10 +1671,17 @@ fn connections_counted_exactly(attach: AttachMode, tcp_hook: &str) {
             let ip: IpAddr = if i < TCP4 { DST4.into() } else { DST6.into() };
             TcpStream::connect(SocketAddr::new(ip, TCP_PORT)).unwrap();
         }
+        // Five datagrams per socket: one flow each, over IPv4 and over IPv6.
         for _ in 0..UDP_SOCKETS {
             let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
             for _ in 0..5 {
                 s.send_to(b"flow", (DST4, UDP_PORT)).unwrap();
+            }
+        }
+        for _ in 0..UDP6_SOCKETS {
+            let s = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).unwrap();
+            for _ in 0..5 {
+                s.send_to(b"flow", (DST6, UDP_PORT)).unwrap();
             }
         }
         // Denied: nftables drops these SYNs in the destination.
@@ -1709,6 +1717,11 @@ fn connections_counted_exactly(attach: AttachMode, tcp_hook: &str) {
     assert_eq!(
         count(s4, d4, UDP_PORT, Side::Accept),
         if udp { UDP_SOCKETS } else { 0 },
+        "{report:?}"
+    );
+    assert_eq!(
+        count(s6, d6, UDP_PORT, Side::Accept),
+        if udp { UDP6_SOCKETS } else { 0 },
         "{report:?}"
     );
     assert!(

@@ -241,8 +241,9 @@ fn udp_offsets(btf: &KernelBtf, out: &mut ConnConfig) -> Result<(), super::btf::
     out.skb_network_header = btf.member_offset("sk_buff.network_header")?;
     out.skb_transport_header = btf.member_offset("sk_buff.transport_header")?;
     out.sk_protocol = btf.member_offset("sock.sk_protocol")?;
-    out.sk_rcvq = btf.member_offset("sock.sk_receive_queue")?;
-    out.sk_rcvq_prev = out.sk_rcvq + btf.member_offset("sk_buff_head.prev")?;
+    let rcvq = btf.member_offset("sock.sk_receive_queue")?;
+    out.sk_rcvq_prev = rcvq + btf.member_offset("sk_buff_head.prev")?;
+    out.sk_rcvq_qlen = rcvq + btf.member_offset("sk_buff_head.qlen")?;
     Ok(())
 }
 
