@@ -15,6 +15,7 @@
 //! Each end of a connection that this kernel sees is counted, tagged with its side
 //! ([`conn_side`]); userspace keeps one side per connection (see `capture::connections`).
 //! Loopback traffic is not counted: it never leaves one pod or one host.
+use crate::program::load;
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
@@ -318,7 +319,7 @@ fn track_udp(tuple: &UdpTuple, side: u8) {
 pub fn udp_recv(ctx: BtfTracePointContext) -> u32 {
     // Argument 0 of sk_data_ready is the `const struct sock *`.
     let sk: *const u8 = ctx.arg(0);
-    if try_udp_recv(sk).is_err() {
+    if try_udp_recv(sk as u64).is_err() {
         count_loss(conn_loss::READ);
     }
     0
@@ -330,24 +331,12 @@ fn ephemeral(port: u16) -> bool {
     p >= conn_config!(ephemeral_lo) && p <= conn_config!(ephemeral_hi)
 }
 
-/// A `T` at `base + off` by a plain load rather than a helper call. `udp_recv` runs for every
-/// segment any socket on the node receives, TCP included, and nearly all of those runs stop at
-/// the socket's protocol; a UDP datagram then needs four more fields of the socket and its
-/// buffer. The load is allowed because `base` is a BTF-typed pointer: the tp_btf argument (the
-/// verifier knows it as `struct sock *`) or a pointer member loaded from one (`struct sk_buff
-/// *`), and `off` comes from the frozen `.rodata`, which the verifier reads as a constant. The
-/// verifier checks each load against BTF when the program is loaded and turns it into a
-/// fault-handled read. `sk_data_ready` exists from Linux 6.6; every field read here has its
-/// present type there (`sk_protocol` a plain `u16`).
-#[inline(always)]
-fn load<T>(base: *const u8, off: u32) -> T {
-    // SAFETY: see above; the verifier rejects the program rather than let a bad load through,
-    // and a fault at run time reads as zero.
-    unsafe { core::ptr::read_volatile(base.add(off as usize).cast::<T>()) }
-}
-
-fn try_udp_recv(sk: *const u8) -> Result<(), i64> {
-    if sk.is_null() || load::<u16>(sk, conn_config!(sk_protocol)) != u16::from(IPPROTO_UDP) {
+/// Reads the socket and its last queued buffer with plain loads ([`load`]): this runs for
+/// every segment any socket on the node receives, TCP included, and nearly all of those runs
+/// stop at the socket's protocol. `sk` is the tp_btf argument, `struct sock *` to the
+/// verifier. `sk_data_ready` exists from Linux 6.6, where `sk_protocol` is a plain `u16`.
+fn try_udp_recv(sk: u64) -> Result<(), i64> {
+    if sk == 0 || load::<u16>(sk, conn_config!(sk_protocol)) != u16::from(IPPROTO_UDP) {
         return Ok(());
     }
     // UDP wakes the reader right after queueing the datagram at the tail of the receive
@@ -355,8 +344,9 @@ fn try_udp_recv(sk: *const u8) -> Result<(), i64> {
     if load::<u32>(sk, conn_config!(sk_rcvq_qlen)) == 0 {
         return Ok(());
     }
-    let skb: *const u8 = load(sk, conn_config!(sk_rcvq_prev));
-    if skb.is_null() {
+    // A `struct sk_buff *` loaded from the socket is BTF-typed too.
+    let skb: u64 = load(sk, conn_config!(sk_rcvq_prev));
+    if skb == 0 {
         return Ok(());
     }
     // `head` points to bytes, not a struct: the verifier hands it over as a plain number,

@@ -479,15 +479,15 @@ impl BtfCtxArgs {
     }
 }
 
-/// A field of the `struct sk_buff`, `struct net_device` or `struct net` at `ptr`, loaded
-/// directly.
+/// A field of a kernel struct at `ptr`, loaded directly (here `struct sk_buff`, `struct
+/// net_device`, `struct net`; in `connections`, `struct sock` and `struct sk_buff`).
 ///
-/// `ptr` is a BTF pointer (the skb argument, or a pointer loaded from it), and `off` a
-/// known constant (frozen CONFIG), so the verifier adds it to the pointer's offset, checks that
-/// a field of that size sits there in the kernel's BTF, and turns the load into one that reads
-/// 0 instead of faulting: no helper call.
+/// `ptr` is a BTF pointer (a tp_btf argument, or a pointer loaded from one), and `off` a
+/// known constant (frozen `.rodata`), so the verifier adds it to the pointer's offset, checks
+/// that a field of that size sits there in the kernel's BTF, and turns the load into one that
+/// reads 0 instead of faulting: no helper call.
 #[inline(always)]
-fn load<T>(ptr: u64, off: u32) -> T {
+pub(crate) fn load<T>(ptr: u64, off: u32) -> T {
     // SAFETY: see above; the verifier checks the access against BTF and handles faults.
     unsafe { core::ptr::read_volatile((ptr as *const u8).add(off as usize).cast::<T>()) }
 }
