@@ -256,6 +256,25 @@ pub const CACHE_TAG_LINE_BITS: u32 = 12;
 /// Most lines per CPU: a line index must fit in [`CACHE_TAG_LINE_BITS`].
 pub const CACHE_LINES_MAX: u32 = 1 << CACHE_TAG_LINE_BITS;
 
+/// Tag of a flush-log record that is one drop counted past the cache (a CPU whose cache
+/// thrashes, see [`CpuState::thrash`]): it ends no incarnation. No line ever has this tag: the
+/// install count in a tag skips 0, and a line's first install is count 1.
+pub const CACHE_ONE_SHOT_TAG: u32 = 0;
+
+/// A CPU counts drops past its cache once [`CpuState::thrash`] reaches this.
+pub const THRASH_ENTER: u64 = 64;
+
+/// Most [`CpuState::thrash`] can hold: a thrashing CPU needs a few probes that hit to leave.
+pub const THRASH_MAX: u64 = 2 * THRASH_ENTER;
+
+/// What a probe that hits takes off [`CpuState::thrash`] (a miss adds 1): the CPU thrashes
+/// while more than 16 of 17 probes miss.
+pub const THRASH_HIT_WEIGHT: u64 = 16;
+
+/// A thrashing CPU still probes its cache with one drop in this many (by `head`), so that a
+/// change of traffic (a few flows again) ends the thrashing.
+pub const THRASH_PROBE_EVERY: u64 = 16;
+
 /// Fingerprints in the per-CPU sample filter: a key installed into the drop cache sends a
 /// [`SampleEvent`] only when its fingerprint is not already in its filter slot.
 pub const SAMPLE_FILTER_SLOTS: u32 = 4096;
@@ -271,8 +290,9 @@ pub const SAMPLE_FILTER_SLOTS: u32 = 4096;
 pub struct CacheEntry {
     /// The flow.
     pub key: FlowKey,
-    /// `line | installs_into_line << CACHE_TAG_LINE_BITS` (wrapping): tells two incarnations of
-    /// a line apart without a clock read.
+    /// `line | installs_into_line << CACHE_TAG_LINE_BITS` (wrapping, skipping a count of 0):
+    /// tells two incarnations of a line apart without a clock read. In the log,
+    /// [`CACHE_ONE_SHOT_TAG`] marks a record of one drop that went past the cache.
     pub tag: u32,
     /// Dropped packets of this incarnation; 0 marks an empty line.
     pub packets: u64,
@@ -300,8 +320,14 @@ pub struct CpuState {
     /// it changed: a reader that finds it unchanged since its last snapshot of this CPU's
     /// lines need not read them again.
     pub counted: u64,
+    /// How much the cache thrashes: probes that miss add 1, probes that hit take off
+    /// [`THRASH_HIT_WEIGHT`], between 0 and [`THRASH_MAX`]. From [`THRASH_ENTER`] on, drops go
+    /// to the flush log as one-drop records ([`CACHE_ONE_SHOT_TAG`]) without loading a line:
+    /// with thousands of flows per CPU every probe misses, and each would cost two line loads
+    /// (cache misses once the flows outgrow the CPU's caches) and an eviction record anyway.
+    pub thrash: u64,
     /// Padding to the end of the kernel's cache line.
-    pub _kernel_pad: [u64; 3],
+    pub _kernel_pad: [u64; 2],
     /// Flush records consumed by userspace: the program never writes a record at or beyond
     /// `tail + log_records`.
     pub tail: u64,

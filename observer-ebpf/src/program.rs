@@ -26,10 +26,11 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use observer_ebpf::{
-    BTF_ARGS_MAX, BtfArgs, CACHE_TAG_LINE_BITS, CACHE_WAYS, CacheConfig, CacheEntry, Counter,
-    CpuState, FlowKey, FlowValue, KernelLayout, LOCATION_RANGES_MAX, LocationRange, LocationTable,
-    MAX_REASONS, NO_ARG, ProgramConfig, SAMPLE_FILTER_SLOTS, SKB_SPAN_MAX, SampleEvent, family,
-    loss,
+    BTF_ARGS_MAX, BtfArgs, CACHE_ONE_SHOT_TAG, CACHE_TAG_LINE_BITS, CACHE_WAYS, CacheConfig,
+    CacheEntry, Counter, CpuState, FlowKey, FlowValue, KernelLayout, LOCATION_RANGES_MAX,
+    LocationRange, LocationTable, MAX_REASONS, NO_ARG, ProgramConfig, SAMPLE_FILTER_SLOTS,
+    SKB_SPAN_MAX, SampleEvent, THRASH_ENTER, THRASH_HIT_WEIGHT, THRASH_MAX, THRASH_PROBE_EVERY,
+    family, loss,
 };
 
 /// Set by userspace with `EbpfLoader::override_global("CONFIG", ..)`; this value is only the
@@ -791,6 +792,16 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
     // writer, and tracing programs do not nest on one CPU. Userspace only reads them (`tail`
     // aside).
     unsafe {
+        let thrash = core::ptr::read_volatile(&raw const (*st).thrash);
+        if thrash >= THRASH_ENTER {
+            let head = core::ptr::read_volatile(&raw const (*st).head);
+            if head % THRASH_PROBE_EVERY != 0 {
+                if !log_one_shot(st, cpu, mask, key, len) {
+                    return false;
+                }
+                return sample_install(src, st, key, extra, len, dev, h);
+            }
+        }
         // The second line is read only when the first does not hold the key: a set's first
         // key takes the first line, so at low load most drops touch one line, and with
         // thousands of flows the lines they touch are half as many (each one a cache miss
@@ -808,6 +819,10 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
             }
         };
         if let Some((e, packets)) = hit {
+            if thrash != 0 {
+                let t = thrash.saturating_sub(THRASH_HIT_WEIGHT);
+                core::ptr::write_volatile(&raw mut (*st).thrash, t);
+            }
             // A hit changes neither key nor tag, so it needs no sequence bracket: a reader
             // that sees the new packets but the old bytes reads the bytes next time.
             core::ptr::write_volatile(&raw mut (*e).packets, packets + 1);
@@ -859,7 +874,15 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
             core::ptr::write_volatile(&raw mut (*st).seq, seq + 1);
         }
         let tag = core::ptr::read_volatile(&raw const (*e).tag);
-        let next = (tag >> CACHE_TAG_LINE_BITS).wrapping_add(1) << CACHE_TAG_LINE_BITS | line;
+        // The install count skips 0 when it wraps, so that no line is ever tagged
+        // CACHE_ONE_SHOT_TAG.
+        let installs = (tag >> CACHE_TAG_LINE_BITS).wrapping_add(1) << CACHE_TAG_LINE_BITS;
+        let installs = if installs == 0 {
+            1 << CACHE_TAG_LINE_BITS
+        } else {
+            installs
+        };
+        let next = installs | line;
         let kw = (&raw mut (*e).key).cast::<u32>();
         let src_words = (key as *const FlowKey).cast::<u32>();
         let mut i = 0;
@@ -874,11 +897,30 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
         core::ptr::write_volatile(&raw mut (*st).seq, seq + 2);
         let c = core::ptr::read_volatile(&raw const (*st).counted);
         core::ptr::write_volatile(&raw mut (*st).counted, c + 1);
+        if thrash < THRASH_MAX {
+            core::ptr::write_volatile(&raw mut (*st).thrash, thrash + 1);
+        }
         if wake {
             // A full wake ring means the reader has wake-ups pending already.
             let _ = DROP_LOG_WAKE.output::<u32>(cpu, u64::from(BPF_RB_FORCE_WAKEUP));
         }
     }
+    sample_install(src, st, key, extra, len, dev, h)
+}
+
+/// After a drop counted by installing its key (or past the cache, see [`log_one_shot`]): sends
+/// a sample of it unless the CPU's budget is spent or the key's fingerprint is in its filter
+/// slot. Returns true (the drop is counted either way).
+#[inline(always)]
+fn sample_install<S: DropSource>(
+    src: &S,
+    st: *mut CpuState,
+    key: &FlowKey,
+    extra: &Extra,
+    len: u32,
+    dev: u64,
+    h: u64,
+) -> bool {
     // The budget before the filter: the filter is a load at a random slot of 16 KiB, a cache
     // miss on nearly every install when thousands of flows churn through the cache (the
     // costliest load of that path in a perf profile), and once the budget is spent no sample
@@ -910,6 +952,48 @@ fn count_cached<S: DropSource>(src: &S, key: &FlowKey, extra: &Extra, len: u32, 
             // retrying on every install would contend for the ring's lock.
             *known = fp;
             send_sample(src, key, extra, len, dev, None);
+        }
+    }
+    true
+}
+
+/// Counts one drop past the cache: a flush-log record of `key` with one packet, tagged
+/// [`CACHE_ONE_SHOT_TAG`]. No line changes, so no sequence bracket: the record is complete
+/// before `head` moves past it, which is all the reader relies on. False, with
+/// `DROP_LOG_FULL` counted, if the log is full (the caller then counts in `FLOWS`).
+#[inline(always)]
+fn log_one_shot(st: *mut CpuState, cpu: u32, mask: u32, key: &FlowKey, len: u32) -> bool {
+    // SAFETY: this CPU's state and log slots (see `count_cached`); the slot at `head` is not
+    // the reader's until `head` moves past it.
+    unsafe {
+        let head = core::ptr::read_volatile(&raw const (*st).head);
+        let tail = core::ptr::read_volatile(&raw const (*st).tail);
+        if head.wrapping_sub(tail) > u64::from(mask) {
+            count_loss(loss::DROP_LOG_FULL);
+            return false;
+        }
+        let idx = cpu
+            .wrapping_mul(mask.wrapping_add(1))
+            .wrapping_add(head as u32 & mask);
+        let Some(r) = DROP_LOG.get_ptr_mut(idx) else {
+            count_loss(loss::DROP_LOG_FULL);
+            return false;
+        };
+        let kw = (&raw mut (*r).key).cast::<u32>();
+        let src_words = (key as *const FlowKey).cast::<u32>();
+        let mut i = 0;
+        while i < KEY_WORDS {
+            // SAFETY: `i < KEY_WORDS`: inside both keys.
+            core::ptr::write_volatile(kw.add(i), *src_words.add(i));
+            i += 1;
+        }
+        core::ptr::write_volatile(&raw mut (*r).tag, CACHE_ONE_SHOT_TAG);
+        core::ptr::write_volatile(&raw mut (*r).packets, 1);
+        core::ptr::write_volatile(&raw mut (*r).bytes, u64::from(len));
+        core::ptr::write_volatile(&raw mut (*st).head, head + 1);
+        if (head + 1).wrapping_sub(tail) == u64::from((mask >> 2) + 1) {
+            // A full wake ring means the reader has wake-ups pending already.
+            let _ = DROP_LOG_WAKE.output::<u32>(cpu, u64::from(BPF_RB_FORCE_WAKEUP));
         }
     }
     true

@@ -1288,6 +1288,12 @@ fn drop_cache_counts_many_flows_exactly() {
                 records + log_full >= (nft_packets + nft6_packets) * 9 / 10,
                 "{records} records, {log_full} refused"
             );
+            // Every probe misses, so the CPU soon counts past its cache.
+            let one_shot = capture.drop_cache_stats().map_or(0, |s| s.one_shot_records);
+            assert!(
+                expect_log_full || one_shot > records / 2,
+                "{one_shot} of {records} records were one drop past the cache"
+            );
         } else {
             // An eighth of a flow per set of two lines on average: about one set in 2,500
             // holds a third flow, which evicts. Far below a tenth of the packets.
@@ -1313,6 +1319,70 @@ fn drop_cache_counts_many_flows_exactly() {
             .sum();
         assert_eq!(kernel_total, nft_packets + nft6_packets);
     }
+}
+
+/// A CPU whose drop cache thrashes (a scan: every probe misses) counts drops past it, as
+/// one-drop records; when the traffic turns to a few flows again it counts in its lines again.
+/// Counts stay exact through both changes.
+#[test]
+fn a_thrashing_drop_cache_counts_past_itself_and_recovers() {
+    if !testkit::privileged("a_thrashing_drop_cache_counts_past_itself_and_recovers") {
+        return;
+    }
+    let net = NetPair::new();
+    let mut capture = Capture::load(&CaptureConfig {
+        netns: Some(net.dst_inode),
+        reasons: ReasonFilter::Names(vec!["netfilter_drop".into()]),
+        drop_cache_lines: 64,
+        ..CaptureConfig::default()
+    })
+    .unwrap();
+    let one_shot = |c: &Capture| c.drop_cache_stats().map_or(0, |s| s.one_shot_records);
+    let send = |ports: std::ops::RangeInclusive<u16>, times: usize| {
+        net.in_ns(&net.src, || {
+            let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+            for _ in 0..times {
+                for port in ports.clone() {
+                    sock.send_to(&[0x5a; 32], SocketAddr::from((WIDE4, port)))
+                        .unwrap();
+                }
+            }
+        });
+    };
+    let mut reports = Vec::new();
+    // The scan: 1,000 flows round robin through 64 lines.
+    send(1..=1000, 3);
+    reports.extend(drain_settled(&mut capture));
+    let after_scan = one_shot(&capture);
+    assert!(
+        after_scan > 2000,
+        "{after_scan} one-drop records for 3,000 drops of 1,000 flows in 64 lines"
+    );
+    // Then two flows: the probes a thrashing CPU still makes hit, and it caches again.
+    send(2001..=2002, 2000);
+    reports.extend(drain_settled(&mut capture));
+    let during_two = one_shot(&capture) - after_scan;
+    assert!(
+        during_two < 400,
+        "{during_two} of 4,000 drops of two flows went past the cache"
+    );
+    let (nft_packets, _) = net.counter("wide");
+    assert_eq!(nft_packets, 3000 + 4000);
+    let per_flow = totals(&reports);
+    assert_eq!(per_flow.len(), 1002, "one key per port");
+    for (id, (packets, _)) in &per_flow {
+        let expected = if id.3 > 2000 { 2000 } else { 3 };
+        assert_eq!(*packets, expected, "{id:?}");
+    }
+    let kernel_total: u64 = reports
+        .iter()
+        .flat_map(|r| &r.reason_totals)
+        .map(|(_, p, _)| p)
+        .sum();
+    assert_eq!(kernel_total, nft_packets);
+    let evicted: u64 = reports.iter().map(|r| r.losses.evicted_packets).sum();
+    let log_full: u64 = reports.iter().map(|r| r.losses.drop_log_full).sum();
+    assert_eq!((evicted, log_full), (0, 0));
 }
 
 /// Keys idle for `idle_drains` drains are deleted from the map; when the flow comes back it is

@@ -34,7 +34,8 @@ pub const TEST_KERNELS: &[&str] = &["bullseye", "bookworm"];
 /// classic tracepoint forced, of tc (cls_bpf `TC_ACT_SHOT`) drops, the reason filter, and
 /// what a kernel without drop reasons does when kallsyms is hidden (no CAP_SYSLOG), and the
 /// accepted-connection counters (TCP everywhere, UDP where `sk_data_ready` exists), and the
-/// drop cache with many flows (its verifier and memory-ordering assumptions are per kernel). The flood and 50,000-flow tests stay on the host (TCG runs
+/// drop cache with many flows and its thrashing mode (its verifier and memory-ordering
+/// assumptions are per kernel). The flood and 50,000-flow tests stay on the host (TCG runs
 /// them at a small fraction of the speed and they test userspace, not the kernel).
 pub const GUEST_TESTS: &[&str] = &[
     "auto_attaches_tp_btf_where_available",
@@ -46,6 +47,7 @@ pub const GUEST_TESTS: &[&str] = &[
     "reasons_of_newer_kernels_are_reported_not_refused",
     "counts_accepted_connections_exactly",
     "drop_cache_counts_many_flows_exactly",
+    "a_thrashing_drop_cache_counts_past_itself_and_recovers",
 ];
 
 /// A Debian release whose `linux-image-amd64` the command can boot.

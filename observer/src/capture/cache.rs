@@ -23,7 +23,9 @@ use std::time::Instant;
 
 use aya::maps::{MapData, RingBuf};
 
-use observer_ebpf::{CACHE_TAG_LINE_BITS, CacheEntry, Counter, CpuState, FlowKey};
+use observer_ebpf::{
+    CACHE_ONE_SHOT_TAG, CACHE_TAG_LINE_BITS, CacheEntry, Counter, CpuState, FlowKey,
+};
 
 use super::tally::Tally;
 use crate::flow::FastMap;
@@ -135,6 +137,8 @@ struct Emitted {
 pub(super) struct ReaderStats {
     /// Flush records consumed.
     pub records: u64,
+    /// Of those, records of one drop counted past a thrashing cache ([`CACHE_ONE_SHOT_TAG`]).
+    pub one_shot: u64,
     /// Lines left for a later snapshot because the kernel kept changing them.
     pub busy_lines: u64,
     /// Incarnations tracked now (live lines seen, plus ones whose flush is unread).
@@ -301,6 +305,11 @@ impl CacheReader {
 
     /// Ends a flush record's incarnation: reduces the record to what was not emitted of it.
     fn flushed(&mut self, cpu: u32, rec: &mut CacheEntry) {
+        if rec.tag == CACHE_ONE_SHOT_TAG {
+            // One drop counted past the cache: no incarnation, nothing emitted of it before.
+            self.stats.one_shot += 1;
+            return;
+        }
         let slot = self
             .line_index(cpu, rec.tag)
             .and_then(|i| self.emitted.get_mut(i));
@@ -603,13 +612,42 @@ mod tests {
                 unsafe { *log.add(r) = *e };
                 st.head += 1;
             }
+            // As the program: the install count skips 0, so no line is a one-drop tag.
+            let installs = ((e.tag >> CACHE_TAG_LINE_BITS).wrapping_add(1))
+                .wrapping_shl(CACHE_TAG_LINE_BITS)
+                .max(1 << CACHE_TAG_LINE_BITS);
             *e = CacheEntry {
                 key,
-                tag: ((e.tag >> CACHE_TAG_LINE_BITS) + 1) << CACHE_TAG_LINE_BITS | line,
+                tag: installs | line,
                 packets: 1,
                 bytes: len,
             };
             st.counted += 1;
+            true
+        }
+    }
+
+    impl Kernel {
+        /// Counts one drop of `key` past the cache of `cpu`, as a thrashing CPU does; false
+        /// when the log is full.
+        fn one_shot(&mut self, cpu: u32, key: FlowKey, len: u64) -> bool {
+            let records = self.log_records;
+            let log = self.log;
+            let st = self.cpu(cpu);
+            if st.head - st.tail >= u64::from(records) {
+                return false;
+            }
+            let r = (cpu * records) as usize + (st.head % u64::from(records)) as usize;
+            // SAFETY: inside the log buffer.
+            unsafe {
+                *log.add(r) = CacheEntry {
+                    key,
+                    tag: CACHE_ONE_SHOT_TAG,
+                    packets: 1,
+                    bytes: len,
+                };
+            }
+            st.head += 1;
             true
         }
     }
@@ -702,6 +740,29 @@ mod tests {
         assert_eq!(m[&key(80)].bytes, 100);
         assert!(!m.contains_key(&key(81)));
         assert_eq!(r.stats().tracked, 1);
+    }
+
+    #[test]
+    fn a_one_drop_record_is_counted_whole_and_ends_no_incarnation() {
+        let (mut r, mut k) = setup(1, 16);
+        // Line 0 (whose index is the one-drop tag's line bits) holds key 80, read with 2.
+        assert!(k.drop(0, 0, key(80), 100));
+        assert!(k.drop(0, 0, key(80), 100));
+        assert_eq!(collect(&mut r)[&key(80)].packets, 2);
+        // Drops past the cache, of that key and of another, while the line lives on.
+        assert!(k.one_shot(0, key(80), 100));
+        assert!(k.one_shot(0, key(82), 7));
+        assert!(k.drop(0, 0, key(80), 100));
+        let m = collect(&mut r);
+        assert_eq!((m[&key(80)].packets, m[&key(80)].bytes), (2, 200));
+        assert_eq!((m[&key(82)].packets, m[&key(82)].bytes), (1, 7));
+        // The line's flush record carries 3, all emitted already: nothing more.
+        assert!(k.drop(0, 0, key(81), 1));
+        let m = collect(&mut r);
+        assert!(!m.contains_key(&key(80)), "{m:?}");
+        assert_eq!(m[&key(81)].packets, 1);
+        assert_eq!(r.stats().one_shot, 2);
+        assert_eq!(r.stats().records, 3);
     }
 
     #[test]

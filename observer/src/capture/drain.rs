@@ -440,8 +440,10 @@ impl Capture {
         self.cache_scratch = deltas;
         self.cache_sample_skips = stats.sample_skips;
         self.cache_stats.flush_records = stats.records;
+        self.cache_stats.one_shot_records = stats.one_shot;
         tracing::trace!(
             records = stats.records,
+            one_shot = stats.one_shot,
             busy_lines = stats.busy_lines,
             refused = stats.refused,
             tracked = stats.tracked,

@@ -92,6 +92,9 @@ pub struct DropCacheStats {
     /// Flush records read from the logs since the program was loaded, one per eviction of a
     /// flow from its line: with a cache large enough for the flows, far fewer than the drops.
     pub flush_records: u64,
+    /// Of those, records of one drop each, written past the cache while a CPU's cache thrashed
+    /// (every probe missing: more flows per CPU than it has lines).
+    pub one_shot_records: u64,
 }
 
 impl std::fmt::Debug for Capture {
@@ -702,6 +705,7 @@ impl Capture {
             cache_stats: DropCacheStats {
                 lines_per_cpu: lines,
                 flush_records: 0,
+                one_shot_records: 0,
             },
             drops_scratch: Vec::new(),
             samples_scratch: Vec::new(),

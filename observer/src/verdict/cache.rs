@@ -82,7 +82,7 @@ impl VerdictKey {
 #[derive(Debug)]
 struct Entry {
     verdict: Arc<Verdict>,
-    _pods: [Option<Arc<Pod>>; 2],
+    pods: [Option<Arc<Pod>>; 2],
 }
 
 fn pod_of(peer: &Peer) -> Option<Arc<Pod>> {
@@ -101,6 +101,11 @@ struct Inner {
     /// stay in the CPU's cache while a drain clones and reads it for each of thousands of
     /// flows (a separate allocation per flow was a cache miss per flow, twice).
     last: Option<Arc<Verdict>>,
+    /// The last verdict that holds for every port ([`Verdict::port_independent`]), under its
+    /// key: a flow of the same endpoints and protocol on another port takes it without a
+    /// lookup. A scan's thousands of ports against a pod that no port rule covers (no policy,
+    /// or a default deny) are then one lookup per drain, not one cold lookup per port.
+    any_port: Option<(VerdictKey, Entry)>,
 }
 
 /// A bounded verdict cache. Entries belong to one [`Engine::generation`]: the first lookup
@@ -151,12 +156,29 @@ impl VerdictCache {
             // without the cache.
             return Arc::new(engine.evaluate(&query()));
         };
+        let inner = &mut *inner;
         let stale = self.stale.replace(false);
         if stale || inner.generation != engine.generation() {
             inner.map.clear();
+            inner.any_port = None;
             inner.generation = engine.generation();
-        } else if let Some(e) = inner.map.get(&key) {
-            return Arc::clone(&e.verdict);
+        } else {
+            if let Some((k, e)) = &inner.any_port
+                && (k.src, k.dst, k.protocol) == (key.src, key.dst, key.protocol)
+            {
+                return Arc::clone(&e.verdict);
+            }
+            if let Some(e) = inner.map.get(&key) {
+                let verdict = Arc::clone(&e.verdict);
+                if verdict.port_independent() {
+                    let entry = Entry {
+                        verdict: Arc::clone(&verdict),
+                        pods: e.pods.clone(),
+                    };
+                    inner.any_port = Some((key, entry));
+                }
+                return verdict;
+            }
         }
         let flow = &query();
         debug_assert_eq!(key, VerdictKey::of(flow));
@@ -172,11 +194,19 @@ impl VerdictCache {
         if inner.map.len() >= self.capacity {
             inner.map.clear();
         }
+        let pods = [pod_of(&flow.src), pod_of(&flow.dst)];
+        if verdict.port_independent() {
+            let entry = Entry {
+                verdict: Arc::clone(&verdict),
+                pods: pods.clone(),
+            };
+            inner.any_port = Some((key, entry));
+        }
         inner.map.insert(
             key,
             Entry {
                 verdict: Arc::clone(&verdict),
-                _pods: [pod_of(&flow.src), pod_of(&flow.dst)],
+                pods,
             },
         );
         verdict
@@ -209,6 +239,13 @@ impl VerdictCache {
             self.stale.set(true);
             return 0;
         };
+        if inner
+            .any_port
+            .as_ref()
+            .is_some_and(|(k, _)| involved(&k.src) || involved(&k.dst))
+        {
+            inner.any_port = None;
+        }
         let before = inner.map.len();
         inner
             .map
@@ -219,7 +256,10 @@ impl VerdictCache {
     /// Drops every entry.
     pub fn clear(&self) {
         match self.inner.try_borrow_mut() {
-            Ok(mut inner) => inner.map.clear(),
+            Ok(mut inner) => {
+                inner.map.clear();
+                inner.any_port = None;
+            }
             Err(_) => self.stale.set(true),
         }
     }

@@ -154,6 +154,10 @@ pub struct SideReport {
     /// always allows traffic between a pod and its node (kubelet probes), whatever policies
     /// say.
     pub node_exempt: bool,
+    /// A rule of a selecting policy names ports, so this report may differ for another port
+    /// of the same endpoints and protocol. False: it holds for every port.
+    #[serde(skip)]
+    pub port_sensitive: bool,
 }
 
 impl SideReport {
@@ -186,6 +190,12 @@ pub struct Verdict {
 }
 
 impl Verdict {
+    /// Whether the verdict is the same for every port of its endpoints and protocol: no rule
+    /// of a policy selecting either side names ports.
+    pub fn port_independent(&self) -> bool {
+        !self.egress.port_sensitive && !self.ingress.port_sensitive
+    }
+
     /// The report of the deciding direction, if the flow is denied.
     pub fn deciding_side(&self) -> Option<&SideReport> {
         match self.direction {
@@ -458,6 +468,7 @@ impl Engine {
             for (i, rule) in rules.iter().enumerate() {
                 let peer_ok = rule.peer_matches(&policy.namespace, other);
                 let port_ok = rule.port_matches(proto, flow.port, dst_pod);
+                report.port_sensitive |= rule.ports.is_some();
                 if peer_ok && port_ok {
                     allowed = true;
                     break;

@@ -634,12 +634,65 @@ fn cache_hits_and_is_invalidated_by_a_new_engine() {
     let v3 = cache.get_or_evaluate(&w2.engine, &q2);
     assert!(v3.allowed);
     assert_eq!(cache.len(), 1);
-    // Bounded.
+    // Bounded (with a port rule, so that each port is an entry of its own).
+    let w3 = basic(&[DENY_INGRESS_A, ALLOW_PG]);
     for port in 1..10 {
-        let q = FlowQuery { port, ..q2.clone() };
-        cache.get_or_evaluate(&w2.engine, &q);
+        cache.get_or_evaluate(&w3.engine, &client_to_db(&w3, port));
         assert!(cache.len() <= 2);
     }
+}
+
+#[test]
+fn cache_serves_a_verdict_naming_no_port_to_every_port_and_keeps_port_rules_per_port() {
+    // A default deny alone: the verdict is the same on every port.
+    let w = basic(&[DENY_INGRESS_A]);
+    let cache = VerdictCache::new(100);
+    let q = |port| client_to_db(&w, port);
+    let first = cache.get_or_evaluate(&w.engine, &q(80));
+    assert!(first.port_independent() && !first.allowed);
+    for port in 81..300 {
+        let v = cache.get_or_evaluate(&w.engine, &q(port));
+        assert!(Arc::ptr_eq(&first, &v), "port {port}");
+    }
+    assert_eq!(cache.len(), 1, "one entry for a scan of every port");
+    // Another protocol is another verdict.
+    let udp = FlowQuery {
+        protocol: Protocol::Udp,
+        ..q(80)
+    };
+    let v = cache.get_or_evaluate(&w.engine, &udp);
+    assert!(!Arc::ptr_eq(&first, &v) || v.port_independent());
+    assert_eq!(cache.len(), 2);
+    // The db pod goes: its verdicts go, the one served to every port included.
+    let Peer::Pod(db) = w.peer("a/db") else {
+        panic!("a/db is a pod")
+    };
+    let delta = PodDelta {
+        removed: vec![db],
+        added: vec![],
+    };
+    assert_eq!(cache.invalidate(&delta), 2);
+    assert!(cache.is_empty());
+    // Evaluated again (an entry again), not served from before.
+    let after = cache.get_or_evaluate(&w.engine, &q(81));
+    assert_eq!(*after, *first);
+    assert_eq!(cache.len(), 1);
+    // A rule that names a port: each port keeps a verdict of its own, the allowed one too.
+    let w = basic(&[DENY_INGRESS_A, ALLOW_PG]);
+    let cache = VerdictCache::new(100);
+    let denied = cache.get_or_evaluate(&w.engine, &client_to_db(&w, 80));
+    assert!(!denied.allowed && !denied.port_independent());
+    assert!(
+        cache
+            .get_or_evaluate(&w.engine, &client_to_db(&w, 5432))
+            .allowed
+    );
+    assert!(
+        !cache
+            .get_or_evaluate(&w.engine, &client_to_db(&w, 81))
+            .allowed
+    );
+    assert_eq!(cache.len(), 3);
 }
 
 #[test]
