@@ -5,10 +5,10 @@
 //! general hash map that addition waits on a cache miss per record: the keys of a few thousand
 //! records are spread over the whole table. This table is built so that the misses overlap:
 //! the slot of every record is known from its hash before it is touched, so the slots of the
-//! records a few places ahead are prefetched while the current one is added. Each slot is one
-//! cache line holding the key, a tag from the hash and the sums, so a probe touches one line:
-//! a separate tag array would be a second miss per record (measured: the tag load then took a
-//! sixth of the reader's time, the slot load half).
+//! records a few places ahead are prefetched while the current one is added. A slot holds the
+//! key, a tag from the hash and the sums in one line (half a line for an IPv4 key), so a probe
+//! touches one line: a separate tag array would be a second miss per record (measured: the tag
+//! load then took a sixth of the reader's time, the slot load half).
 
 use std::hash::BuildHasher;
 
