@@ -219,9 +219,9 @@ pub(crate) fn tcp_offsets(fmt: &TracepointFormat, out: &mut ConnConfig) -> Resul
     Ok(())
 }
 
-/// Fills the `struct sock` offsets the BTF TCP hook reads. `sk_protocol` is read as one byte:
-/// a `u16` since Linux 5.6, an 8-bit bitfield starting on a byte boundary before, and either
-/// way its low byte on a little-endian CPU.
+/// Fills the `struct sock` offsets the BTF TCP hook loads directly. `sk_protocol` is a `u16`
+/// from Linux 5.6; before, it was a bitfield, which the verifier does not let a program load
+/// part of: `member_offset` refuses it, and such a kernel counts at the classic tracepoint.
 fn tcp_btf_offsets(btf: &KernelBtf, out: &mut ConnConfig) -> Result<(), super::btf::BtfError> {
     let mut o = *out;
     o.sk_protocol = btf.member_offset("sock.sk_protocol")?;
