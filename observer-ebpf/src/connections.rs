@@ -246,10 +246,11 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
 }
 
 /// Reads the socket with plain loads ([`load`]), as `udp_recv` does: `sk` is the tp_btf
-/// argument, `struct sock *` to the verifier, and each of the seven helper reads this took
-/// before cost about as much as a map lookup, twice per connection. A load that faults reads 0
-/// (the kernel hands over a live socket, so it does not happen in practice): a zero family is
-/// not counted, a zero address or port would be counted as such.
+/// argument, `struct sock *` to the verifier. The seven helper reads this made until
+/// 2026-12-03 cost about 220 ns on each of the two runs per connection that get here (75 ns
+/// averaged over all six; `bpf_stats`, docs/perf-notes.md, thirteenth round). A load that
+/// faults reads 0 (the kernel hands over a live socket, so it does not happen in practice): a
+/// zero family is not counted, a zero address or port would be counted as such.
 ///
 /// `sk_protocol` is a `u16` from Linux 5.6; the loader does not load this program on a kernel
 /// where it is still a bitfield (see its `tcp_btf_offsets`).
