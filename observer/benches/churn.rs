@@ -126,6 +126,8 @@ fn judge(views: &Views, cache: &VerdictCache, flows: &[(IpAddr, IpAddr)]) {
             dst: peer(views, dst),
             protocol: Protocol::Tcp,
             port: 8080,
+            family: None,
+            own_node: false,
         };
         black_box(cache.get_or_evaluate(&views.engine, &q));
     }

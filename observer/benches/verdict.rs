@@ -136,6 +136,8 @@ fn flows(inv: &Inventory) -> Vec<FlowQuery> {
                 dst,
                 protocol: Protocol::Tcp,
                 port,
+                family: None,
+                own_node: false,
             }
         })
         .collect()

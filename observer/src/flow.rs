@@ -37,6 +37,26 @@ pub fn trim_vec<T>(v: &mut Vec<T>) {
     }
 }
 
+/// Address family of a flow. A dual-stack pod sends each packet from one of its addresses, and
+/// an ipBlock judges that address, not the pod's address in the other family.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum IpFamily {
+    /// IPv4 (IPv4-mapped IPv6 addresses included: they are IPv4 on the wire).
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl IpFamily {
+    /// The family of `ip`.
+    pub fn of(ip: std::net::IpAddr) -> Self {
+        match ip.to_canonical() {
+            std::net::IpAddr::V4(_) => IpFamily::V4,
+            std::net::IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
 /// Transport protocol of a flow, as NetworkPolicy and the metrics name it.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]

@@ -85,6 +85,15 @@ fn render_error(err: &anyhow::Error) -> String {
     out
 }
 
+/// Whether `err` comes from writing to a pipe whose reader has closed it.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `explain` exits 1 on DENY, so its own failures (all bad input: a missing inventory, an
@@ -146,6 +155,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader went away (`| head`): what it read is all it wanted, so no message; the
+        // status still says the run did not finish, since a verdict may not have been written.
+        Err(err) if is_broken_pipe(&err) => failure,
         Err(err) => {
             eprintln!("deny-observer: error: {}", render_error(&err));
             failure

@@ -25,7 +25,9 @@ use std::time::{Duration, SystemTime};
 use crate::capture::{DrainReport, FlowDrop, Losses, Sample};
 use crate::flow::{Direction, FastMap, Protocol, trim_map, trim_vec};
 use crate::inventory::{Attributor, Endpoint, Inventory, NodeAddrs, Pod, Service};
-use crate::verdict::{EndpointKey, Engine, FlowQuery, Peer, Verdict, VerdictCache, VerdictKey};
+use crate::verdict::{
+    EndpointKey, Engine, FlowQuery, IpFamily, Peer, Verdict, VerdictCache, VerdictKey,
+};
 
 /// Kernel drop reasons that mean "a packet filter decided": the ones NetworkPolicy
 /// enforcement produces (iptables/nftables CNIs, tc-based eBPF datapaths, cgroup programs).
@@ -135,9 +137,19 @@ impl Views {
                 _ => ip.map(Err),
             }
         }
+        // An end that is this node, with a pod of this node at the other: always allowed.
+        let node = self.attributor.node().node_name();
+        let on_this_node = |ep: &Endpoint| match ep {
+            Endpoint::Pod(pod) => node.is_none_or(|n| pod.node_name.as_deref() == Some(n)),
+            _ => false,
+        };
+        let own_node = (matches!(src, Endpoint::Node) && on_this_node(dst))
+            || (matches!(dst, Endpoint::Node) && on_this_node(src));
         let (src, dst) = (end(src, drop.src)?, end(dst, drop.dst)?);
         let key = |e: Result<&Arc<Pod>, IpAddr>| e.map_or_else(EndpointKey::Ip, EndpointKey::pod);
-        let flow_key = VerdictKey::new(key(src), key(dst), protocol, drop.dst_port);
+        // A dual-stack pod is judged by the address the packet carries (see `IpFamily`).
+        let family = drop.src.or(drop.dst).map(IpFamily::of);
+        let flow_key = VerdictKey::new(key(src), key(dst), protocol, drop.dst_port, family);
         // The pods are cloned only to evaluate a verdict not cached yet.
         let peer = |e: Result<&Arc<Pod>, IpAddr>| {
             e.map_or_else(Peer::External, |pod| Peer::Pod(Arc::clone(pod)))
@@ -149,6 +161,8 @@ impl Views {
                     dst: peer(dst),
                     protocol,
                     port: drop.dst_port,
+                    family,
+                    own_node,
                 }),
         )
     }

@@ -324,6 +324,42 @@ fn allowed_flow_dropped_by_a_filter_is_unexplained_with_no_policy_and_no_edge() 
 }
 
 #[test]
+fn a_drop_between_a_pod_and_its_own_node_is_never_a_policy_deny() {
+    // Kubernetes always allows a pod's traffic with its node (kubelet probes): prod/db's
+    // ingress default deny cannot be what dropped a packet from this node's address.
+    let r = reasons();
+    let out = attribute(
+        true,
+        vec![flow(
+            &r.netfilter,
+            Some(NODE),
+            Some(DB),
+            Protocol::Tcp,
+            8080,
+            3,
+        )],
+    );
+    assert_eq!(labels_of(out.drops[0].src.as_ref()), "/node");
+    assert_eq!(out.denies.len(), 1);
+    assert_eq!(out.denies[0].policy_match, PolicyMatch::Unexplained);
+    assert!(out.edges.is_empty(), "{:?}", out.edges);
+    assert!(out.notices.is_empty());
+    // The same packet from another address is the policy's deny.
+    let out = attribute(
+        true,
+        vec![flow(
+            &r.netfilter,
+            Some(WORLD),
+            Some(DB),
+            Protocol::Tcp,
+            8080,
+            3,
+        )],
+    );
+    assert_eq!(out.denies[0].policy_match, PolicyMatch::DefaultDeny);
+}
+
+#[test]
 fn drops_for_other_reasons_count_as_drops_only() {
     let r = reasons();
     let out = attribute(

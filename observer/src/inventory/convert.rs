@@ -109,21 +109,22 @@ fn non_empty(s: &Option<String>) -> Option<&str> {
     s.as_deref().filter(|s| !s.is_empty())
 }
 
-/// Converts a Namespace, adding the `kubernetes.io/metadata.name` label when it is absent (the
-/// API server always sets it; hand-written manifests usually do not, and policies select on it).
+/// Converts a Namespace, setting the `kubernetes.io/metadata.name` label to its name, as the
+/// API server does on every write (its namespace strategy's `Canonicalize` overwrites whatever
+/// the manifest said): hand-written manifests usually leave it out, and one that names another
+/// namespace must not let its pods match a policy's selector for that namespace.
 pub fn namespace(ns: &core::Namespace) -> Result<Namespace, ConvertError> {
     let name = non_empty(&ns.metadata.name)
         .ok_or(ConvertError::MissingName { kind: "Namespace" })?
         .to_owned();
-    let listed = ns.metadata.labels.as_ref();
-    let implied = listed
-        .is_none_or(|l| !l.contains_key(NAMESPACE_NAME_LABEL))
-        .then_some((NAMESPACE_NAME_LABEL, name.as_str()));
-    let labels = listed
-        .into_iter()
+    let labels = ns
+        .metadata
+        .labels
+        .iter()
         .flatten()
+        .filter(|(k, _)| k.as_str() != NAMESPACE_NAME_LABEL)
         .map(|(k, v)| (k.as_str(), v.as_str()))
-        .chain(implied)
+        .chain([(NAMESPACE_NAME_LABEL, name.as_str())])
         .collect();
     Ok(Namespace { name, labels })
 }
@@ -152,14 +153,11 @@ pub fn service(svc: &core::Service) -> Result<Service, ConvertError> {
         if text.is_empty() || text == "None" {
             continue;
         }
-        let ip = text
-            .parse::<IpAddr>()
-            .map_err(|_| ConvertError::BadClusterIp {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-                ip: text.to_owned(),
-            })?
-            .to_canonical();
+        let ip = super::validate::parse_ip(text).ok_or_else(|| ConvertError::BadClusterIp {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            ip: text.to_owned(),
+        })?;
         if !cluster_ips.contains(&ip) {
             cluster_ips.push(ip);
         }
@@ -262,13 +260,13 @@ pub fn pod(pod: &core::Pod, owners: &OwnerIndex) -> Result<Pod, ConvertError> {
         if text.is_empty() {
             continue;
         }
-        let ip: IpAddr = text.parse().map_err(|_| ConvertError::BadPodIp {
+        // As validation parses it (leading zeros are decimal, as in the API server's
+        // `ParseIPSloppy`); an IPv4-mapped v6 address is the v4 pod on the wire.
+        let ip = super::validate::parse_ip(text).ok_or_else(|| ConvertError::BadPodIp {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             ip: text.to_owned(),
         })?;
-        // An IPv4-mapped v6 address is the v4 pod on the wire.
-        let ip = ip.to_canonical();
         if !ips.contains(&ip) {
             ips.push(ip);
         }
@@ -384,7 +382,7 @@ mod tests {
     }
 
     #[test]
-    fn namespace_gets_name_label_only_when_absent() {
+    fn namespace_name_label_is_always_its_name() {
         let ns: core::Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "prod", "labels": {"team": "a"}}
         }))
@@ -394,7 +392,8 @@ mod tests {
         assert_eq!(n.labels.get(NAMESPACE_NAME_LABEL).unwrap(), "prod");
         assert_eq!(n.labels.get("team").unwrap(), "a");
 
-        // An explicit (odd) value is the cluster's truth; keep it.
+        // The API server overwrites another value with the name (namespace strategy,
+        // `Canonicalize`), so a manifest cannot make its pods match another namespace.
         let ns: core::Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "prod", "labels": {NAMESPACE_NAME_LABEL: "other"}}
         }))
@@ -405,7 +404,7 @@ mod tests {
                 .labels
                 .get(NAMESPACE_NAME_LABEL)
                 .unwrap(),
-            "other"
+            "prod"
         );
         let err = namespace(&core::Namespace::default()).unwrap_err();
         assert_eq!(err, ConvertError::MissingName { kind: "Namespace" });
@@ -449,6 +448,14 @@ mod tests {
         assert_eq!(c.node_name.as_deref(), Some("node-a"));
         assert_eq!(c.phase, PodPhase::Running);
         assert_eq!(c.created_unix, 1_740_823_200);
+
+        // Leading zeros, which validation accepts as the API server's `ParseIPSloppy` does
+        // (decimal), convert the same way instead of failing as "refused by the API server".
+        let mut sloppy = p.clone();
+        sloppy.status.as_mut().unwrap().pod_ips = None;
+        sloppy.status.as_mut().unwrap().pod_ip = Some("10.0.1.005".into());
+        let c2 = pod(&sloppy, &OwnerIndex::default()).unwrap();
+        assert_eq!(c2.ips, vec!["10.0.1.5".parse::<IpAddr>().unwrap()]);
         assert_eq!(
             c.workload,
             Workload {

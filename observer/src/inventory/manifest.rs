@@ -154,8 +154,8 @@ pub struct LoadSummary {
     pub owners: usize,
     /// Objects of other kinds, skipped, by `apiVersion/kind`.
     pub ignored: BTreeMap<String, usize>,
-    /// Namespaces created because something referred to them.
-    pub implied_namespaces: usize,
+    /// Namespaces created because something referred to them (no Namespace object), by name.
+    pub implied_namespaces: Vec<String>,
 }
 
 /// Loads every manifest under `path` into an [`Inventory`].
@@ -190,7 +190,7 @@ pub fn load_dir_with_summary(path: &Path) -> Result<(Inventory, LoadSummary), Lo
         files = out.1.files,
         owners = out.1.owners,
         ignored = ?out.1.ignored,
-        implied_namespaces = out.1.implied_namespaces,
+        implied_namespaces = out.1.implied_namespaces.len(),
         "loaded manifest directory"
     );
     Ok(out)
@@ -198,13 +198,21 @@ pub fn load_dir_with_summary(path: &Path) -> Result<(Inventory, LoadSummary), Lo
 
 /// Parses manifests from text, as if read from a file named `path` (used by tests and tools).
 pub fn load_str(path: &Path, text: &str) -> Result<Inventory, LoadError> {
+    load_str_with_summary(path, text).map(|(inv, _)| inv)
+}
+
+/// Like [`load_str`], also returning what was skipped or implied.
+pub fn load_str_with_summary(
+    path: &Path,
+    text: &str,
+) -> Result<(Inventory, LoadSummary), LoadError> {
     let mut loader = Loader::default();
     if is_json(path) {
         loader.add_json(path, text.as_bytes())?;
     } else {
         loader.add_yaml(path, yaml::from_str(text))?;
     }
-    loader.finish().map(|(inv, _)| inv)
+    loader.finish()
 }
 
 /// The manifest files under `dir`, sorted, following symlinks, skipping hidden entries.
@@ -906,9 +914,9 @@ impl Loader {
             .collect();
         for ns in referenced {
             if !inv.namespaces.contains_key(&ns) {
-                summary.implied_namespaces += 1;
                 inv.namespaces
                     .insert(ns.clone(), convert::namespace_from_name(&ns));
+                summary.implied_namespaces.push(ns);
             }
         }
         Ok((inv, summary))

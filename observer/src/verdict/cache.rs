@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{Engine, FlowQuery, Peer, Verdict};
-use crate::flow::{FastMap, FastSet, Protocol};
+use crate::flow::{FastMap, FastSet, IpFamily, Protocol};
 use crate::inventory::{Pod, PodDelta};
 
 /// Identity of one endpoint in a cache key: plain data, so that a lookup (one per flow at
@@ -41,7 +41,7 @@ fn pod_id(pod: &Arc<Pod>) -> usize {
     Arc::as_ptr(pod) as usize
 }
 
-/// Cache key: source, destination, protocol, port.
+/// Cache key: source, destination, protocol, port, address family.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct VerdictKey {
     /// Source endpoint.
@@ -52,17 +52,27 @@ pub struct VerdictKey {
     pub protocol: Protocol,
     /// Destination port (0 for port-less protocols, whose port policies ignore).
     pub port: u16,
+    /// The flow's address family ([`FlowQuery::family`]): the two families of a dual-stack
+    /// pair may get different verdicts from an ipBlock.
+    pub family: Option<IpFamily>,
 }
 
 impl VerdictKey {
     /// The key of a flow between `src` and `dst`; the port counts only for protocols that
     /// have ports (policies ignore it for the others).
-    pub fn new(src: EndpointKey, dst: EndpointKey, protocol: Protocol, port: u16) -> Self {
+    pub fn new(
+        src: EndpointKey,
+        dst: EndpointKey,
+        protocol: Protocol,
+        port: u16,
+        family: Option<IpFamily>,
+    ) -> Self {
         VerdictKey {
             src,
             dst,
             protocol,
             port: if protocol.has_ports() { port } else { 0 },
+            family,
         }
     }
 
@@ -73,6 +83,7 @@ impl VerdictKey {
             EndpointKey::of(&flow.dst),
             flow.protocol,
             flow.port,
+            flow.family,
         )
     }
 }
@@ -164,7 +175,8 @@ impl VerdictCache {
             inner.generation = engine.generation();
         } else {
             if let Some((k, e)) = &inner.any_port
-                && (k.src, k.dst, k.protocol) == (key.src, key.dst, key.protocol)
+                && (k.src, k.dst, k.protocol, k.family)
+                    == (key.src, key.dst, key.protocol, key.family)
             {
                 return Arc::clone(&e.verdict);
             }

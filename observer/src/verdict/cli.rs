@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::{Engine, FlowQuery, MissKind, NamespaceAudit, Peer, SideReport, Verdict, VerdictError};
-use crate::flow::{Direction, Protocol};
+use crate::flow::{Direction, IpFamily, Protocol};
 use crate::inventory::validate::InvalidObject;
 use crate::inventory::{Inventory, Pod, PodPhase, Service, ServicePort, TargetPort};
 
@@ -59,7 +59,8 @@ pub struct ExplainArgs {
     #[arg(long, conflicts_with = "flows")]
     pub port: Option<String>,
     /// Protocol: TCP, UDP or SCTP, in any case (`tcp` as in the metrics). Default: TCP with
-    /// `--port`; without `--port`, the protocols of the declared ports.
+    /// `--port` (for a Service, the only protocol it serves that port number over, if not
+    /// TCP); without `--port`, the protocols of the declared ports.
     #[arg(long)]
     pub protocol: Option<String>,
     /// Batch mode: JSON lines `{"from":"x/a","to":"y/b","port":80,"protocol":"TCP"}` from a
@@ -127,15 +128,28 @@ pub struct Endpoint {
     pub service: Option<Arc<Service>>,
 }
 
-/// Resolves `<ns>/<pod>` or an IP. An IP of a known pod is that pod. IPv4-mapped IPv6
-/// addresses (`::ffff:10.0.0.1`) are their IPv4 form, as the daemon sees them.
+impl Endpoint {
+    /// The address family of an endpoint given as an address: a dual-stack pod named by one of
+    /// its addresses is judged as the packets from or to that address are.
+    pub fn family(&self) -> Option<IpFamily> {
+        self.given.parse::<IpAddr>().ok().map(IpFamily::of)
+    }
+}
+
+/// Resolves `<ns>/<pod>` or an IP. An IP of a known pod is that pod; the address of a node
+/// that host-network pods use is one of those pods, which stands for the node (selectors never
+/// match it, ipBlocks see its address, and its own node's pods are always allowed to and from
+/// it). IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) are their IPv4 form, as the daemon sees
+/// them.
 pub fn resolve_endpoint(engine: &Engine, s: &str) -> Result<Peer, VerdictError> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         let ip = ip.to_canonical();
-        return Ok(match engine.pod_by_ip(ip) {
-            Some(pod) => Peer::Pod(Arc::clone(pod)),
-            None => Peer::External(ip),
-        });
+        return Ok(
+            match engine.pod_by_ip(ip).or_else(|| engine.node_by_ip(ip)) {
+                Some(pod) => Peer::Pod(Arc::clone(pod)),
+                None => Peer::External(ip),
+            },
+        );
     }
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => engine
@@ -341,19 +355,28 @@ fn find_pod_by_dns(engine: &Engine, s: &str) -> Result<Option<Peer>, VerdictErro
 
 /// `port` of a Service, as the destination port NetworkPolicies see: its `targetPort`, and
 /// the label `explain` prints (`service port 80 "http"`). `protocol` narrows the match when
-/// given (a Service may serve one port number over TCP and UDP).
+/// given (a Service may serve one port number over TCP and UDP, as kube-dns serves 53). Without
+/// it, a number served over TCP is the TCP port, as everywhere else in `explain`; a number the
+/// Service serves over one other protocol only is that port (`--port 53` to a UDP-only DNS
+/// Service needs no `--protocol`). A port name is unique within a Service.
 pub fn service_port(
     svc: &Service,
     port: &PortRef,
     protocol: Option<Protocol>,
 ) -> Result<(Protocol, PortRef, String), VerdictError> {
-    let found = svc.ports.iter().find(|sp| {
+    let matches = |sp: &&ServicePort| {
         protocol.is_none_or(|p| p == sp.protocol)
             && match port {
                 PortRef::Number(n) => sp.port == *n,
                 PortRef::Name(name) => sp.name.as_deref() == Some(name.as_str()),
             }
-    });
+    };
+    let found = svc
+        .ports
+        .iter()
+        .filter(matches)
+        .find(|sp| sp.protocol == Protocol::Tcp)
+        .or_else(|| svc.ports.iter().find(matches));
     match found {
         Some(sp) => Ok(service_target(sp)),
         None => {
@@ -488,6 +511,9 @@ pub struct Judgement {
     pub pairs: usize,
     /// Pairs denied.
     pub denied: usize,
+    /// Each pair's verdict, in the order judged (destination pods, then source pods, as
+    /// resolved): the same endpoints judged against two policy sets line up pair by pair.
+    pub pair_allowed: Vec<bool>,
 }
 
 /// Judges `port` between every pod of `from` and every pod of `to`. A named port is resolved
@@ -499,8 +525,18 @@ pub fn judge(
     protocol: Protocol,
     port: &PortRef,
 ) -> Result<Judgement, VerdictError> {
+    let family = match (from.family(), to.family()) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(VerdictError::Usage(format!(
+                "{} and {} are addresses of different IP families: no packet has both",
+                from.given, to.given
+            )));
+        }
+        (a, b) => a.or(b),
+    };
     let mut shown: Option<(FlowQuery, Verdict)> = None;
     let (mut pairs, mut denied) = (0usize, 0usize);
+    let mut pair_allowed = Vec::new();
     let mut first_err = None;
     for dst in &to.peers {
         let number = match port {
@@ -519,9 +555,12 @@ pub fn judge(
                 dst: dst.clone(),
                 protocol,
                 port: number,
+                family,
+                own_node: false,
             };
             let verdict = engine.evaluate(&flow);
             pairs += 1;
+            pair_allowed.push(verdict.allowed);
             if !verdict.allowed {
                 denied += 1;
             }
@@ -540,6 +579,7 @@ pub fn judge(
             verdict,
             pairs,
             denied,
+            pair_allowed,
         }),
         None => Err(first_err
             .unwrap_or_else(|| VerdictError::Usage(format!("{} has no pod to judge", to.given)))),
@@ -739,6 +779,19 @@ pub fn write_judgement(
     write_human(judged, from, to, port_name, out)
 }
 
+/// How `explain` names a side: a node's address stays the address given, with its node (the
+/// host-network pod it resolved to only stands for the node).
+fn shown_name(given: &Endpoint, peer: &Peer) -> String {
+    match peer {
+        Peer::Pod(p) if p.host_network && given.family().is_some() => format!(
+            "{} (node {})",
+            given.given,
+            p.node_name.as_deref().unwrap_or("unknown")
+        ),
+        _ => peer.display_name(),
+    }
+}
+
 fn write_human(
     judged: &Judgement,
     from: &Endpoint,
@@ -747,8 +800,8 @@ fn write_human(
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
     let (flow, v) = (&judged.flow, &judged.verdict);
-    let src = flow.src.display_name();
-    let dst = flow.dst.display_name();
+    let src = shown_name(from, &flow.src);
+    let dst = shown_name(to, &flow.dst);
     let name = port_name.map(|n| format!(" ({n})")).unwrap_or_default();
     let what = format!("{src} -> {dst} {}/{}{name}", flow.protocol, flow.port);
     match v.direction {
@@ -770,7 +823,7 @@ fn write_human(
         } else {
             writeln!(
                 out,
-                "pods disagree: {} of {} pod pairs are denied (their labels differ); a denied pair is shown",
+                "pods disagree: {} of {} pod pairs are denied (their labels, or the numbers of a named port, differ); a denied pair is shown",
                 judged.denied, judged.pairs
             )?;
         }
@@ -1154,4 +1207,49 @@ pub(crate) fn write_columns<R: AsRef<[String]>>(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(name: &str, protocol: Protocol, port: u16, target: u16) -> ServicePort {
+        ServicePort {
+            name: Some(name.to_owned()),
+            protocol,
+            port,
+            target: TargetPort::Number(target),
+        }
+    }
+
+    fn service(ports: Vec<ServicePort>) -> Service {
+        Service {
+            namespace: "kube-system".to_owned(),
+            name: "dns".to_owned(),
+            cluster_ips: vec![],
+            selector: None,
+            ports,
+        }
+    }
+
+    #[test]
+    fn a_service_port_number_without_a_protocol_is_the_tcp_one_when_there_is_one() {
+        // kube-dns lists 53/UDP before 53/TCP: the documented TCP default must still hold.
+        let svc = service(vec![
+            port("dns", Protocol::Udp, 53, 5353),
+            port("dns-tcp", Protocol::Tcp, 53, 5354),
+        ]);
+        let (p, target, _) = service_port(&svc, &PortRef::Number(53), None).unwrap();
+        assert_eq!((p, target), (Protocol::Tcp, PortRef::Number(5354)));
+        let (p, target, _) = service_port(&svc, &PortRef::Number(53), Some(Protocol::Udp)).unwrap();
+        assert_eq!((p, target), (Protocol::Udp, PortRef::Number(5353)));
+        // A name is unique in a Service: it decides the protocol.
+        let (p, _, _) = service_port(&svc, &PortRef::Name("dns".to_owned()), None).unwrap();
+        assert_eq!(p, Protocol::Udp);
+        // A number served over UDP only needs no --protocol.
+        let udp_only = service(vec![port("dns", Protocol::Udp, 53, 53)]);
+        let (p, _, _) = service_port(&udp_only, &PortRef::Number(53), None).unwrap();
+        assert_eq!(p, Protocol::Udp);
+        assert!(service_port(&udp_only, &PortRef::Number(53), Some(Protocol::Tcp)).is_err());
+    }
 }

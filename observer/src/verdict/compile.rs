@@ -8,7 +8,7 @@ use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, Network
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::selector::Selector;
-use crate::flow::Protocol;
+use crate::flow::{IpFamily, Protocol};
 use crate::inventory::Pod;
 use crate::inventory::validate::parse_cidr;
 
@@ -305,6 +305,9 @@ pub(crate) enum PeerView<'a> {
         pod: &'a Pod,
         /// Labels of the pod's namespace (empty when the namespace is unknown).
         ns_labels: &'a crate::inventory::Labels,
+        /// The flow's address family: an ipBlock sees only the pod's address in it. `None`
+        /// (a flow named by pods, no address) lets any of the pod's addresses match.
+        family: Option<IpFamily>,
     },
     /// An address outside the cluster's pods.
     External(IpAddr),
@@ -321,10 +324,12 @@ impl PeerMatcher {
             (PeerMatcher::IpBlock { cidr, except }, PeerView::External(ip)) => {
                 in_block(ip, cidr, except)
             }
-            (PeerMatcher::IpBlock { cidr, except }, PeerView::Pod { pod, .. }) => {
-                pod.ips.iter().any(|ip| in_block(*ip, cidr, except))
-            }
-            (PeerMatcher::Pods { namespaces, pods }, PeerView::Pod { pod, ns_labels }) => {
+            (PeerMatcher::IpBlock { cidr, except }, PeerView::Pod { pod, family, .. }) => pod
+                .ips
+                .iter()
+                .filter(|ip| family.is_none_or(|f| IpFamily::of(**ip) == f))
+                .any(|ip| in_block(*ip, cidr, except)),
+            (PeerMatcher::Pods { namespaces, pods }, PeerView::Pod { pod, ns_labels, .. }) => {
                 // Host-network pods carry the node's address: selectors cannot pick them out
                 // (upstream leaves this undefined; only ipBlocks see them, as they see nodes).
                 if pod.host_network {

@@ -32,7 +32,7 @@ pub use self::cache::{EndpointKey, VerdictCache, VerdictKey};
 pub use self::cli::{AuditArgs, ExplainArgs, audit, explain};
 use self::compile::{CompiledPolicy, PeerView, Rule, compile_policy};
 pub use self::views::{Update, Views, update_views};
-pub use crate::flow::{Direction, Protocol};
+pub use crate::flow::{Direction, IpFamily, Protocol};
 use crate::inventory::{Inventory, Labels, Pod};
 
 /// Errors of the verdict commands.
@@ -112,6 +112,13 @@ pub struct FlowQuery {
     pub protocol: Protocol,
     /// Destination port.
     pub port: u16,
+    /// The packet's address family, when known (the daemon always knows it; `explain` when an
+    /// address is given). It matters only for a dual-stack pod matched against an ipBlock.
+    pub family: Option<IpFamily>,
+    /// The end that is not a pod is an address of the node the pod end runs on (the daemon
+    /// knows its own addresses). Kubernetes always allows traffic between a pod and its node,
+    /// whatever policies say (see [`SideReport::node_exempt`]).
+    pub own_node: bool,
 }
 
 /// Why a rule of an isolating policy did not allow the flow, although it came close.
@@ -150,9 +157,9 @@ pub struct SideReport {
     pub allowed_by: Vec<String>,
     /// When denied: rules that would have matched but for the port, or but for the peer.
     pub nearest_misses: Vec<NearMiss>,
-    /// The peer is the pod's own node (a host-network pod on the same node). Kubernetes
-    /// always allows traffic between a pod and its node (kubelet probes), whatever policies
-    /// say.
+    /// The peer is the pod's own node (a host-network pod on the same node, or an address of
+    /// that node: [`FlowQuery::own_node`]). Kubernetes always allows traffic between a pod and
+    /// its node (kubelet probes), whatever policies say.
     pub node_exempt: bool,
     /// A rule of a selecting policy names ports, so this report may differ for another port
     /// of the same endpoints and protocol. False: it holds for every port.
@@ -421,11 +428,12 @@ impl Engine {
             .filter(|p| p.pod_selector.matches(&pod.labels))
     }
 
-    fn view<'a>(&'a self, peer: &'a Peer) -> PeerView<'a> {
+    fn view<'a>(&'a self, peer: &'a Peer, family: Option<IpFamily>) -> PeerView<'a> {
         match peer {
             Peer::Pod(pod) => PeerView::Pod {
                 pod,
                 ns_labels: self.namespace_labels(&pod.namespace),
+                family,
             },
             Peer::External(ip) => PeerView::External(*ip),
         }
@@ -448,9 +456,9 @@ impl Engine {
             Peer::Pod(peer) => {
                 peer.host_network && peer.node_name.is_some() && peer.node_name == subject.node_name
             }
-            Peer::External(_) => false,
+            Peer::External(_) => flow.own_node,
         };
-        let other = self.view(other);
+        let other = self.view(other, flow.family);
         let proto = flow.protocol;
         let mut report = SideReport {
             node_exempt,
@@ -553,6 +561,17 @@ impl Engine {
             .iter()
             .filter(|p| !p.host_network && p.ips.contains(&ip))
             .max_by_key(|p| (p.phase, p.created_unix))
+    }
+
+    /// A live host-network pod using `ip`, which is then its node's address: judged as the
+    /// node (a scan of the inventory, for the CLI).
+    pub fn node_by_ip(&self, ip: IpAddr) -> Option<&Arc<Pod>> {
+        self.inventory
+            .pods
+            .iter()
+            .filter(|p| p.host_network && p.node_name.is_some() && p.ips.contains(&ip))
+            .filter(|p| p.phase != crate::inventory::PodPhase::Terminated)
+            .max_by_key(|p| p.created_unix)
     }
 }
 

@@ -1,12 +1,14 @@
 //! `deny-observer preflight`: judges every observed edge with today's policies and with the
 //! candidate change, and reports the edges whose verdict flips.
 //!
-//! - **breaks**: seen allowed, allowed by today's policies, denied after the change. Only
-//!   these fail the run (exit [`EXIT_BREAKS`]): traffic that is dropped today cannot break.
-//! - **newly allowed**: denied by today's policies, allowed after the change.
+//! - **breaks**: seen allowed, and a pod pair of the edge allowed by today's policies is denied
+//!   after the change. Only these fail the run (exit [`EXIT_BREAKS`]): traffic that is dropped
+//!   today cannot break.
+//! - **newly allowed**: a pod pair denied by today's policies is allowed after the change.
 //!
 //! Edges are by workload; a workload edge is judged over every (source pod, destination pod)
-//! pair, as `explain ns/workload` does, and is denied when any pair is. Outside peers (`world`,
+//! pair, as `explain ns/workload` does: `allow` when every pair is allowed, `deny` when none
+//! is, `partial` in between. Outside peers (`world`,
 //! `private`, `node`, `host`) have no address in the metrics, so they are judged with
 //! representative addresses ([`OUTSIDE_REPRESENTATIVES`]) that only `ipBlock` rules match.
 //! Denied edges read from the drop metrics have no port: they are judged on every container
@@ -26,7 +28,7 @@ use super::cli::{
 };
 use super::edges::{Edge, EdgeError, EdgeSourceArgs, Observed};
 use super::{Engine, Peer, Verdict, VerdictError};
-use crate::inventory::{Inventory, LoadError};
+use crate::inventory::{Inventory, LoadError, Namespace};
 
 /// Exit status when at least one observed allowed edge would be denied.
 pub const EXIT_BREAKS: u8 = 4;
@@ -71,7 +73,7 @@ pub struct PreflightArgs {
     #[arg(long)]
     pub inventory: String,
     /// NetworkPolicy manifests (files or directories) to create or replace (same namespace
-    /// and name).
+    /// and name); a Namespace among them replaces that namespace's labels.
     #[arg(long, num_args = 1..)]
     pub apply: Vec<PathBuf>,
     /// A NetworkPolicy to delete, `<namespace>/<name>`; repeatable.
@@ -132,20 +134,41 @@ fn policy_id(np: &NetworkPolicy) -> String {
     )
 }
 
-/// Loads the NetworkPolicies of `--apply` paths; anything else but namespaces is refused, so
-/// that a pod manifest given by mistake is not silently ignored.
+/// Loads the NetworkPolicies of `--apply` paths, refusing Namespaces (see [`load_change`]).
 pub fn load_policies(paths: &[PathBuf]) -> Result<Vec<Arc<NetworkPolicy>>, PreflightError> {
+    let (policies, namespaces) = load_change(paths)?;
+    match namespaces.first() {
+        None => Ok(policies),
+        Some(ns) => Err(PreflightError::Change(format!(
+            "the change relabels Namespace {}: load it with load_change",
+            ns.name
+        ))),
+    }
+}
+
+/// Loads the NetworkPolicies and Namespaces of `--apply` paths. A change often labels a
+/// namespace for the policies that select it, so Namespaces are part of it (see
+/// [`apply_namespaces`]); pods are refused, so that a pod manifest given by mistake is not
+/// taken for a change of the inventory.
+pub fn load_change(
+    paths: &[PathBuf],
+) -> Result<(Vec<Arc<NetworkPolicy>>, Vec<Namespace>), PreflightError> {
     let mut out = Vec::new();
+    let mut namespaces = Vec::new();
     for path in paths {
-        let inv = if path.is_dir() {
-            crate::inventory::load_dir(path)?
+        let (mut inv, summary) = if path.is_dir() {
+            crate::inventory::manifest::load_dir_with_summary(path)?
         } else {
             let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
                 path: path.clone(),
                 source,
             })?;
-            crate::inventory::manifest::load_str(path, &text)?
+            crate::inventory::manifest::load_str_with_summary(path, &text)?
         };
+        // Only Namespace objects of the change relabel; a policy's namespace alone does not.
+        for implied in &summary.implied_namespaces {
+            inv.namespaces.remove(implied);
+        }
         if !inv.invalid.is_empty() {
             let list: Vec<String> = inv.invalid.iter().map(ToString::to_string).collect();
             return Err(PreflightError::Change(format!(
@@ -160,15 +183,25 @@ pub fn load_policies(paths: &[PathBuf]) -> Result<Vec<Arc<NetworkPolicy>>, Prefl
                 path.display()
             )));
         }
-        if inv.policies.is_empty() {
+        if inv.policies.is_empty() && inv.namespaces.is_empty() {
             return Err(PreflightError::Change(format!(
-                "{}: no NetworkPolicy to apply",
+                "{}: no NetworkPolicy or Namespace to apply",
                 path.display()
             )));
         }
         out.extend(inv.policies);
+        namespaces.extend(inv.namespaces.into_values());
     }
-    Ok(out)
+    Ok((out, namespaces))
+}
+
+/// Creates or replaces `namespaces` in `inventory`: a Namespace of the change carries the
+/// labels the namespace will have, so it replaces today's labels whole (a label the change
+/// leaves out is removed, as applying the manifest with `kubectl replace` would).
+pub fn apply_namespaces(inventory: &mut Inventory, namespaces: &[Namespace]) {
+    for ns in namespaces {
+        inventory.namespaces.insert(ns.name.clone(), ns.clone());
+    }
 }
 
 /// Today's inventory with `apply` created or replaced (by namespace and name) and `delete`
@@ -245,8 +278,8 @@ pub fn resolve_side(engine: &Engine, ns: &str, workload: &str) -> Result<Endpoin
 pub struct Judged {
     /// The port judged; `None` when the edge had none and the destination declares none.
     pub port: Option<u16>,
-    /// Whether every pod pair is allowed.
-    pub allowed: bool,
+    /// Each pod pair's verdict ([`super::cli::Judgement::pair_allowed`]).
+    pub pairs: Vec<bool>,
     /// The policies that decide: the isolating policies of the denying side, or the policies
     /// that allow it.
     pub policies: Vec<String>,
@@ -279,10 +312,20 @@ pub fn judge_edge(
     let ports: Vec<Option<u16>> = match edge.port {
         Some(p) => vec![Some(p)],
         None if protocol.has_ports() => {
-            let declared: Vec<Option<u16>> = declared_ports(to, Some(protocol))
-                .into_iter()
-                .map(|(_, n, _)| Some(n))
-                .collect();
+            let declared: Vec<Option<u16>> = match &to.service {
+                // Every port the Service serves over the protocol; each is judged at its
+                // targetPort below. Its pods' container ports are not Service ports.
+                Some(svc) => svc
+                    .ports
+                    .iter()
+                    .filter(|sp| sp.protocol == protocol)
+                    .map(|sp| Some(sp.port))
+                    .collect(),
+                None => declared_ports(to, Some(protocol))
+                    .into_iter()
+                    .map(|(_, n, _)| Some(n))
+                    .collect(),
+            };
             if declared.is_empty() {
                 vec![None]
             } else {
@@ -306,7 +349,7 @@ pub fn judge_edge(
         let judged = judge(engine, from, to, protocol, &target).map_err(|e| e.to_string())?;
         out.push(Judged {
             port,
-            allowed: judged.denied == 0,
+            pairs: judged.pair_allowed,
             policies: deciding_policies(&judged.verdict),
         });
     }
@@ -330,7 +373,7 @@ pub struct Change {
     pub port: Option<u16>,
     /// Connections or dropped packets observed in the window.
     pub observed: u64,
-    /// Verdict with today's policies: `allow` or `deny`.
+    /// Verdict with today's policies: `allow` (every pod pair), `deny` (none) or `partial`.
     pub before: &'static str,
     /// Verdict after the change.
     pub after: &'static str,
@@ -351,7 +394,7 @@ pub struct Unresolved {
 /// The `--output json` document.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Report {
-    /// Seen allowed, allowed today, denied after.
+    /// Seen allowed, and a pod pair allowed today is denied after.
     pub breaks: Vec<Change>,
     /// Denied today, allowed after.
     pub newly_allowed: Vec<Change>,
@@ -361,8 +404,23 @@ pub struct Report {
     pub edges_unresolved: Vec<Unresolved>,
 }
 
-fn word(allowed: bool) -> &'static str {
-    if allowed { "allow" } else { "deny" }
+/// `allow` when every pod pair is allowed, `deny` when none is, `partial` in between (a
+/// rollout whose old pods a policy allows and new ones it does not, say).
+fn word(pairs: &[bool]) -> &'static str {
+    match (pairs.iter().any(|a| *a), pairs.iter().all(|a| *a)) {
+        (_, true) => "allow",
+        (false, _) => "deny",
+        _ => "partial",
+    }
+}
+
+/// Whether some pod pair goes from `from` to `to` between the two judgements of one edge.
+fn some_pair(before: &Judged, after: &Judged, from: bool, to: bool) -> bool {
+    before
+        .pairs
+        .iter()
+        .zip(&after.pairs)
+        .any(|(b, a)| *b == from && *a == to)
 }
 
 fn edge_text(edge: &Edge) -> String {
@@ -420,13 +478,15 @@ pub fn compare(before: &Engine, after: &Engine, edges: &[Edge]) -> Report {
                 protocol: edge.protocol.clone(),
                 port: a.port,
                 observed: edge.observed,
-                before: word(b.allowed),
-                after: word(a.allowed),
+                before: word(&b.pairs),
+                after: word(&a.pairs),
                 policies: a.policies.clone(),
             };
-            if b.allowed && !a.allowed && edge.verdict == Observed::Allow {
+            // Pair by pair: an edge partly allowed today (a rollout, one policy per version)
+            // breaks when a pair that is allowed today is denied after the change.
+            if some_pair(b, a, true, false) && edge.verdict == Observed::Allow {
                 report.breaks.push(change);
-            } else if !b.allowed && a.allowed {
+            } else if some_pair(b, a, false, true) {
                 report.newly_allowed.push(change);
             }
         }
@@ -485,13 +545,13 @@ fn write_changes(title: &str, changes: &[Change], out: &mut dyn Write) -> std::i
 /// Writes the report as a table.
 pub fn write_table(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     write_changes(
-        "BREAKS (seen allowed, allowed today, denied after the change)",
+        "BREAKS (seen allowed; pods allowed today, denied after the change)",
         &report.breaks,
         out,
     )?;
     writeln!(out)?;
     write_changes(
-        "NEWLY ALLOWED (denied today, allowed after the change)",
+        "NEWLY ALLOWED (pods denied today, allowed after the change)",
         &report.newly_allowed,
         out,
     )?;
@@ -522,8 +582,9 @@ pub fn preflight(
         ));
     }
     let base = load_inventory(&args.inventory)?;
-    let apply = load_policies(&args.apply)?;
-    let next = apply_change(&base, &apply, &args.delete)?;
+    let (apply, namespaces) = load_change(&args.apply)?;
+    let mut next = apply_change(&base, &apply, &args.delete)?;
+    apply_namespaces(&mut next, &namespaces);
     let fetched = args.source.load()?;
     let io = |source| VerdictError::Io {
         context: "writing output".to_owned(),

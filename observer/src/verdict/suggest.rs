@@ -396,7 +396,7 @@ pub fn suggest(engine: &Engine, namespace: &str, edges: &[Edge], egress: bool) -
             types.push("Egress".to_owned());
         }
         out.policies.push(NetworkPolicy {
-            metadata: meta(namespace, format!("{NAME_PREFIX}allow-{workload}")),
+            metadata: meta(namespace, allow_policy_name(&workload)),
             spec: Some(NetworkPolicySpec {
                 pod_selector: Some(selector(labels)),
                 policy_types: Some(types),
@@ -406,6 +406,32 @@ pub fn suggest(engine: &Engine, namespace: &str, edges: &[Edge], egress: bool) -
         });
     }
     out
+}
+
+/// Longest object name the API server takes (a DNS subdomain).
+const MAX_NAME: usize = 253;
+
+/// `deny-observer-allow-<workload>`, or, when that is longer than a name may be (a bare pod's
+/// name can take all 253 characters), the workload's name cut short and a hash of it, so two
+/// long names that share their start still get two policies.
+fn allow_policy_name(workload: &str) -> String {
+    let name = format!("{NAME_PREFIX}allow-{workload}");
+    if name.len() <= MAX_NAME {
+        return name;
+    }
+    // FNV-1a: the same workload gets the same name on every run.
+    let hash = workload.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let suffix = format!("-{hash:08x}");
+    let mut keep = MAX_NAME - suffix.len();
+    // Valid names are ASCII; the loop only guards against a panic on anything else.
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    // The cut must not end on a `-` or `.` before the suffix's own `-`.
+    let cut = name[..keep].trim_end_matches(['-', '.']);
+    format!("{cut}{suffix}")
 }
 
 /// The suggestion as a YAML stream.
@@ -489,6 +515,25 @@ pub fn run_suggest(
 mod tests {
     use super::*;
     use crate::inventory::Workload;
+
+    #[test]
+    fn a_policy_name_stays_a_valid_name_for_the_longest_workload_names() {
+        assert_eq!(allow_policy_name("web"), "deny-observer-allow-web");
+        let long_a = format!("{}a", "x".repeat(242));
+        let long_b = format!("{}b", "x".repeat(242));
+        let (a, b) = (allow_policy_name(&long_a), allow_policy_name(&long_b));
+        assert!(a.len() <= MAX_NAME && b.len() <= MAX_NAME, "{a}");
+        assert_ne!(
+            a, b,
+            "two long names that share their start get two policies"
+        );
+        assert_eq!(a, allow_policy_name(&long_a), "stable across calls");
+        assert!(a.starts_with("deny-observer-allow-xxx"));
+        // Cut where the name had a dash: no `--` before the hash.
+        let dashed = format!("{}-{}", "y".repeat(223), "z".repeat(30));
+        let d = allow_policy_name(&dashed);
+        assert!(!d.contains("--") && d.len() <= MAX_NAME, "{d}");
+    }
 
     fn pod(labels: &[(&str, &str)]) -> Pod {
         Pod {

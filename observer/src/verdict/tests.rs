@@ -90,6 +90,8 @@ impl World {
             dst: self.peer(to),
             protocol,
             port,
+            family: None,
+            own_node: false,
         })
     }
 
@@ -310,6 +312,47 @@ spec:
     assert!(!w.tcp("a/web", "a/db", 5432).allowed);
     assert!(w.tcp("a/web", "10.0.0.9", 80).allowed);
     assert!(!w.tcp("a/web", "b/client", 80).allowed);
+}
+
+#[test]
+fn ip_block_judges_a_dual_stack_pod_by_the_packets_address_family() {
+    let w = World::new(
+        vec![ns("a", &[])],
+        vec![
+            pod("a/client", &[("app", "client")], "10.0.0.1,fd00::1"),
+            pod("a/web", &[("app", "web")], "10.0.0.2,fd00::2"),
+        ],
+        &["
+metadata: {name: v6-only, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{ipBlock: {cidr: 'fd00::/64'}}]}]"],
+    );
+    let q = |family| FlowQuery {
+        src: w.peer("a/client"),
+        dst: w.peer("a/web"),
+        protocol: Protocol::Tcp,
+        port: 80,
+        family,
+        own_node: false,
+    };
+    // An IPv4 packet comes from 10.0.0.1, which the IPv6 block does not hold.
+    assert!(!w.engine.evaluate(&q(Some(IpFamily::V4))).allowed);
+    assert!(w.engine.evaluate(&q(Some(IpFamily::V6))).allowed);
+    // Named by pods, with no packet to say which: either address may match.
+    assert!(w.engine.evaluate(&q(None)).allowed);
+    // The cache keeps the two families apart.
+    let cache = VerdictCache::new(100);
+    assert!(
+        cache
+            .get_or_evaluate(&w.engine, &q(Some(IpFamily::V6)))
+            .allowed
+    );
+    assert!(
+        !cache
+            .get_or_evaluate(&w.engine, &q(Some(IpFamily::V4)))
+            .allowed
+    );
 }
 
 #[test]
@@ -551,6 +594,8 @@ fn client_to_db(w: &World, port: u16) -> FlowQuery {
         dst: w.peer("a/db"),
         protocol: Protocol::Tcp,
         port,
+        family: None,
+        own_node: false,
     }
 }
 
@@ -618,6 +663,8 @@ fn cache_hits_and_is_invalidated_by_a_new_engine() {
         dst: w.peer("a/db"),
         protocol: Protocol::Tcp,
         port: 5432,
+        family: None,
+        own_node: false,
     };
     let v1 = cache.get_or_evaluate(&w.engine, &q);
     let v2 = cache.get_or_evaluate(&w.engine, &q);
@@ -630,6 +677,8 @@ fn cache_hits_and_is_invalidated_by_a_new_engine() {
         dst: w2.peer("a/db"),
         protocol: Protocol::Tcp,
         port: 5432,
+        family: None,
+        own_node: false,
     };
     let v3 = cache.get_or_evaluate(&w2.engine, &q2);
     assert!(v3.allowed);
@@ -800,6 +849,8 @@ spec:
             dst: peer(views, dst),
             protocol: Protocol::Tcp,
             port: 5432,
+            family: None,
+            own_node: false,
         };
         cache.get_or_evaluate(&views.engine, &flow).allowed
     }

@@ -650,7 +650,7 @@ fn preflight_judges_an_edge_to_a_cluster_ip_on_the_target_port() {
     // policies of the api pod's ingress.
     let judged = judge_edge(&engine, &edge(80), &from, &to).unwrap();
     assert_eq!(judged.len(), 1);
-    assert!(!judged[0].allowed, "{judged:?}");
+    assert!(judged[0].pairs.iter().any(|a| !a), "{judged:?}");
     assert_eq!(judged[0].port, Some(80));
     assert!(
         judged[0]
@@ -663,7 +663,7 @@ fn preflight_judges_an_edge_to_a_cluster_ip_on_the_target_port() {
     let stable =
         observer::verdict::cli::resolve_endpoints(&engine, "shop/frontend-7d9c5-abcde").unwrap();
     let judged = judge_edge(&engine, &edge(80), &stable, &to).unwrap();
-    assert!(judged[0].allowed, "{judged:?}");
+    assert!(judged[0].pairs.iter().all(|a| *a), "{judged:?}");
     // A port the Service does not have is an error, not a verdict on the wrong port.
     let e = judge_edge(&engine, &edge(8080), &from, &to).unwrap_err();
     assert!(e.contains("has no such TCP port"), "{e}");

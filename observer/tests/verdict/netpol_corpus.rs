@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use observer::flow::Protocol;
+use observer::flow::{IpFamily, Protocol};
 use observer::inventory::{ContainerPort, Inventory, Labels, Namespace, Pod, PodPhase, Workload};
 use observer::verdict::{Engine, FlowQuery, Peer};
 use serde::Deserialize;
@@ -386,6 +386,12 @@ fn run_file(path: &Path) -> (usize, usize, Vec<String>) {
                             dst: endpoint(&engine, &to),
                             protocol: probe.protocol,
                             port: probe.port,
+                            family: Some(if family == "v6" {
+                                IpFamily::V6
+                            } else {
+                                IpFamily::V4
+                            }),
+                            own_node: false,
                         });
                         if v.allowed != want {
                             failures.push(format!(

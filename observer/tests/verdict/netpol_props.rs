@@ -262,6 +262,8 @@ fn all_verdicts(engine: &Engine) -> Vec<(String, Verdict)> {
                         dst: d.clone(),
                         protocol,
                         port,
+                        family: None,
+                        own_node: false,
                     };
                     let key = format!(
                         "{} -> {} {protocol}/{port}",
