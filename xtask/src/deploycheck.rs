@@ -84,6 +84,11 @@ const VARIANTS: &[Variant] = &[
         host_paths: BASE_HOST_PATHS,
     },
     Variant {
+        dir: "deploy/overlays/node-critical",
+        caps: BASE_CAPS,
+        host_paths: BASE_HOST_PATHS,
+    },
+    Variant {
         dir: "deploy/overlays/metrics-networkpolicy",
         caps: BASE_CAPS,
         host_paths: BASE_HOST_PATHS,

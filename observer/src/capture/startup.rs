@@ -147,8 +147,8 @@ pub fn fix_for(call: Refused, privileges: Option<Privileges>) -> String {
     };
     let missing_cap = format!(
         "{cap_name} is missing: add `{cap}` to the container's securityContext.capabilities.add \
-         (deploy/base/daemonset.yaml does); kernels before 5.8 have no {cap_name} and need \
-         deploy/overlays/legacy-kernel"
+         (deploy/base/daemonset.yaml does); kernels before 5.8 have neither {cap_name} nor the \
+         BPF ring buffer the program needs, and are not supported"
     );
     match (held, privileges.map(|p| p.seccomp_filter)) {
         (Some(false), _) => missing_cap,
