@@ -219,23 +219,37 @@ pub fn load_str_with_summary(
 pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let mut out = Vec::new();
     let mut seen_dirs = HashSet::new();
-    walk(dir, &mut out, &mut seen_dirs)?;
+    walk(dir, &mut out, &mut seen_dirs, 0)?;
     out.sort();
     Ok(out)
 }
 
+/// Directory levels [`manifest_files`] descends: far more than any manifest tree has, and few
+/// enough that a hostile tree of thousands of nested directories is refused at once.
+const MAX_DIR_DEPTH: usize = 64;
+
 fn walk(
     dir: &Path,
     out: &mut Vec<PathBuf>,
-    seen_dirs: &mut HashSet<PathBuf>,
+    seen_dirs: &mut HashSet<(u64, u64)>,
+    depth: usize,
 ) -> Result<(), LoadError> {
+    use std::os::unix::fs::MetadataExt;
     let io = |source| LoadError::Io {
         path: dir.to_owned(),
         source,
     };
-    // A symlink cycle would otherwise recurse forever.
-    if !seen_dirs.insert(std::fs::canonicalize(dir).map_err(io)?) {
+    // A symlink cycle would otherwise recurse forever. The directory's identity is its
+    // device and inode: one stat, where resolving the whole path at every level made a deep
+    // tree cost the square of its depth.
+    let meta = std::fs::metadata(dir).map_err(io)?;
+    if !seen_dirs.insert((meta.dev(), meta.ino())) {
         return Ok(());
+    }
+    if depth > MAX_DIR_DEPTH {
+        return Err(io(std::io::Error::other(format!(
+            "directories nested more than {MAX_DIR_DEPTH} levels deep"
+        ))));
     }
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .map_err(io)?
@@ -255,7 +269,7 @@ fn walk(
             Err(source) => return Err(LoadError::Io { path, source }),
         };
         if meta.is_dir() {
-            walk(&path, out, seen_dirs)?;
+            walk(&path, out, seen_dirs, depth + 1)?;
         } else if meta.is_file() && has_manifest_extension(&path) {
             out.push(path);
         }
@@ -290,6 +304,8 @@ struct Loader {
     /// (kind, namespace, name) → first place seen, to reject duplicates.
     seen: HashMap<(String, String, String), (Arc<Path>, ObjectLocation)>,
     summary: LoadSummary,
+    /// Nodes YAML aliases copied so far in this load ([`yaml::MAX_ALIASED_NODES_PER_LOAD`]).
+    yaml_aliased: usize,
 }
 
 /// A JSON file's bytes for serde_json, checked as UTF-8 a line at a time (a file that is not
@@ -428,7 +444,10 @@ fn prepare(path: &Path, at: ObjectLocation, obj: Value) -> Result<Prepared, Load
         _ => None,
     };
     let Some(cluster_scoped) = known else {
-        let what = Kind::Ignored(format!("{api_version}/{kind}"));
+        let what = match misspelt_used_kind(api_version, &kind) {
+            Some(error) => Kind::Invalid(vec![error]),
+            None => Kind::Ignored(format!("{api_version}/{kind}")),
+        };
         return Ok(Prepared { at, what });
     };
     if !cluster_scoped && at.namespace.is_none() {
@@ -499,6 +518,59 @@ fn prepare(path: &Path, at: ObjectLocation, obj: Value) -> Result<Prepared, Load
     }
     .unwrap_or_else(|invalid| invalid);
     Ok(Prepared { at, what })
+}
+
+/// The kinds the inventory reads, with the `apiVersion` each is served under.
+const USED_KINDS: [(&str, &str); 6] = [
+    ("Namespace", "v1"),
+    ("Pod", "v1"),
+    ("Service", "v1"),
+    ("NetworkPolicy", "networking.k8s.io/v1"),
+    ("ReplicaSet", "apps/v1"),
+    ("Job", "batch/v1"),
+];
+
+/// The API server's error for an object meant as a kind the inventory reads but written with
+/// a missing or misspelt `apiVersion` or `kind` (`networking.k8s.io/V1`, `kind:
+/// networkpolicy`): the server refuses it, so it must show as invalid rather than vanish as a
+/// kind the inventory does not use (a default-deny policy that silently does not exist).
+/// `None` for another group's kind of the same name (Calico's `projectcalico.org/v3`
+/// NetworkPolicy is not the Kubernetes one) and for kinds the inventory does not read.
+fn misspelt_used_kind(api_version: &str, kind: &str) -> Option<String> {
+    let &(canonical, expected) = USED_KINDS
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(kind))?;
+    let group = |v: &str| {
+        v.rsplit_once('/')
+            .map_or("", |(g, _)| g)
+            .to_ascii_lowercase()
+    };
+    // Groups the API server itself serves: a kind of ours under one of them that is not its
+    // own cannot be a custom resource.
+    let built_in = |g: &str| {
+        g.is_empty()
+            || g.ends_with(".k8s.io")
+            || ["apps", "batch", "extensions", "policy", "autoscaling"].contains(&g)
+    };
+    if api_version.is_empty() {
+        return Some(format!(
+            "apiVersion: Required value: a {canonical} is `apiVersion: {expected}`"
+        ));
+    }
+    if kind != canonical {
+        // Kinds are CamelCase, custom resources' too: another case is a typo.
+        return Some(format!(
+            "kind: Invalid value: {kind:?}: kinds are case-sensitive ({canonical}, \
+             `apiVersion: {expected}`)"
+        ));
+    }
+    let given = group(api_version);
+    if given == group(expected) || built_in(&given) {
+        return Some(format!(
+            "apiVersion: Invalid value: {api_version:?}: a {canonical} is `apiVersion: {expected}`"
+        ));
+    }
+    None
 }
 
 /// The `items` of a List document, prepared one by one as the parser reaches them.
@@ -694,9 +766,13 @@ impl Loader {
         parser: granit_parser::Parser<'i, T>,
     ) -> Result<(), LoadError> {
         let shared: Arc<Path> = Arc::from(path);
-        yaml::documents(parser, path, |document, doc| {
+        // Taken out for the call: the closure borrows the loader.
+        let mut aliased = std::mem::take(&mut self.yaml_aliased);
+        let result = yaml::documents(parser, path, &mut aliased, |document, doc| {
             self.add_document(&shared, document, doc)
-        })
+        });
+        self.yaml_aliased = aliased;
+        result
     }
 
     /// Reads a stream of JSON values as it is read, one document at a time (a List's items
@@ -708,6 +784,11 @@ impl Loader {
             source,
         };
         let mut input = JsonInput::new(reader);
+        // A byte-order mark (Windows editors write one) is not JSON, but YAML files may start
+        // with one and the API server's clients strip it: so is it here.
+        if input.rest().map_err(io)?.starts_with(b"\xEF\xBB\xBF") {
+            input.pos += 3;
+        }
         let mut document = 0;
         while input.skip_whitespace().map_err(io)? {
             document += 1;
@@ -978,6 +1059,107 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_tree_deeper_than_the_limit_is_refused_and_loops_are_walked_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut deep = dir.path().to_path_buf();
+        for _ in 0..MAX_DIR_DEPTH {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(
+            deep.join("ns.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
+        )
+        .unwrap();
+        // A loop back to the top, at the deepest level: walked once, not followed.
+        std::os::unix::fs::symlink(dir.path(), deep.join("loop")).unwrap();
+        assert_eq!(manifest_files(dir.path()).unwrap().len(), 1);
+        std::fs::create_dir(deep.join("d")).unwrap();
+        std::fs::create_dir(deep.join("d").join("d")).unwrap();
+        let e = manifest_files(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("nested more than 64 levels"), "{e}");
+    }
+
+    #[test]
+    fn a_used_kind_with_a_misspelt_api_version_or_kind_is_invalid_not_ignored() {
+        let inv = load(
+            r#"
+kind: NetworkPolicy
+metadata: {name: no-api-version, namespace: prod}
+spec: {podSelector: {}}
+---
+apiVersion: networking.k8s.io/V1
+kind: NetworkPolicy
+metadata: {name: capital-v, namespace: prod}
+spec: {podSelector: {}}
+---
+apiVersion: networking.k8s.io/v1beta1
+kind: NetworkPolicy
+metadata: {name: beta, namespace: prod}
+spec: {podSelector: {}}
+---
+apiVersion: networking.k8s.io/v1
+kind: networkpolicy
+metadata: {name: lower-kind, namespace: prod}
+spec: {podSelector: {}}
+---
+apiVersion: v1
+kind: NetworkPolicy
+metadata: {name: core-group, namespace: prod}
+spec: {podSelector: {}}
+---
+kind: Namespace
+metadata: {name: prod}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {name: calico, namespace: prod}
+---
+apiVersion: extensions/v1beta1
+kind: ReplicaSet
+metadata: {name: old, namespace: prod}
+---
+apiVersion: cilium.io/v2
+kind: Job
+metadata: {name: custom, namespace: prod}
+"#,
+        )
+        .unwrap();
+        assert!(inv.policies.is_empty());
+        let mut names: Vec<String> = inv.invalid.iter().map(|i| i.to_string()).collect();
+        names.sort();
+        assert_eq!(names.len(), 7, "{names:#?}");
+        for (name, why) in [
+            ("no-api-version", "apiVersion: Required value"),
+            (
+                "capital-v",
+                "apiVersion: Invalid value: \"networking.k8s.io/V1\"",
+            ),
+            (
+                "beta",
+                "apiVersion: Invalid value: \"networking.k8s.io/v1beta1\"",
+            ),
+            ("lower-kind", "kind: Invalid value: \"networkpolicy\""),
+            ("core-group", "apiVersion: Invalid value: \"v1\""),
+            ("prod", "a Namespace is `apiVersion: v1`"),
+        ] {
+            assert!(
+                names.iter().any(|n| n.contains(name) && n.contains(why)),
+                "{name}: {why} not in {names:#?}"
+            );
+        }
+        // A built-in group that does not serve the kind is refused (extensions/v1beta1
+        // ReplicaSet is gone since 1.16); another group's kind of the same name is another
+        // kind: ignored.
+        assert!(names.iter().any(|n| n.contains("old")));
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("calico") || n.contains("custom"))
+        );
+    }
+
+    #[test]
     fn multi_document_yaml() {
         let inv = load(
             r#"
@@ -1056,6 +1238,10 @@ metadata: {name: calico, namespace: prod}
         let names: Vec<_> = inv.pods.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["a", "b", "c"]);
         assert_eq!(inv.namespaces.keys().collect::<Vec<_>>(), ["x", "y"]);
+        // A byte-order mark before the first document is skipped, as in YAML.
+        let bom = format!("\u{feff}{}", text.trim_start());
+        let inv = load_str(Path::new("x.json"), &bom).unwrap();
+        assert_eq!(inv.pods.len(), 3);
     }
 
     #[test]

@@ -109,8 +109,36 @@ impl fmt::Display for FieldError {
     }
 }
 
+/// Longest part of an invalid value or name a message repeats: enough to recognise it, where
+/// a 1 MB label value made a 1 MB line of `audit`.
+const SHOWN_CHARS: usize = 200;
+
+/// `s` cut to [`SHOWN_CHARS`] characters, saying how much was left out.
+fn shortened(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(SHOWN_CHARS) {
+        None => s.into(),
+        Some((at, _)) => format!("{}… ({} more bytes)", &s[..at], s.len() - at).into(),
+    }
+}
+
+/// `s` for a message about an object: control characters escaped (a name from a hostile
+/// manifest must not move the cursor or hide text on a terminal), and cut short.
+pub fn printable(s: &str) -> String {
+    let short = shortened(s);
+    if !short.chars().any(char::is_control) {
+        return short.into_owned();
+    }
+    short
+        .chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
 fn quote(s: &str) -> String {
-    format!("{s:?}")
+    format!("{:?}", shortened(s))
 }
 
 fn required(field: &str, detail: &str) -> FieldError {
@@ -820,10 +848,13 @@ impl InvalidObject {
 
     /// `ns/name` (or `name`, or `<no name>`).
     pub fn id(&self) -> String {
-        let name = self.name.as_deref().unwrap_or("<no name>");
+        let name = self
+            .name
+            .as_deref()
+            .map_or_else(|| "<no name>".to_owned(), printable);
         match &self.namespace {
-            Some(ns) => format!("{ns}/{name}"),
-            None => name.to_owned(),
+            Some(ns) => format!("{}/{name}", printable(ns)),
+            None => name,
         }
     }
 }
@@ -833,7 +864,13 @@ impl fmt::Display for InvalidObject {
         if let Some(src) = &self.source {
             write!(f, "{src}: ")?;
         }
-        write!(f, "{} {}: {}", self.kind, self.id(), self.errors.join("; "))
+        write!(
+            f,
+            "{} {}: {}",
+            printable(&self.kind),
+            self.id(),
+            self.errors.join("; ")
+        )
     }
 }
 

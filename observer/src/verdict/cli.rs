@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Engine, FlowQuery, MissKind, NamespaceAudit, Peer, SideReport, Verdict, VerdictError};
 use crate::flow::{Direction, IpFamily, Protocol};
-use crate::inventory::validate::InvalidObject;
+use crate::inventory::validate::{InvalidObject, printable};
 use crate::inventory::{Inventory, Pod, PodPhase, Service, ServicePort, TargetPort};
 
 /// Exit status of `explain` when the flow (or one of the explained ports) is denied.
@@ -1164,8 +1164,8 @@ fn write_table(report: &AuditReport, out: &mut dyn Write) -> std::io::Result<()>
         )?;
         for o in &report.invalid_objects {
             match &o.source {
-                Some(src) => writeln!(out, "  {} {} ({src}):", o.kind, o.id())?,
-                None => writeln!(out, "  {} {}:", o.kind, o.id())?,
+                Some(src) => writeln!(out, "  {} {} ({src}):", printable(&o.kind), o.id())?,
+                None => writeln!(out, "  {} {}:", printable(&o.kind), o.id())?,
             }
             for e in &o.errors {
                 writeln!(out, "    {e}")?;

@@ -29,6 +29,10 @@ const MAX_DEPTH: usize = 128;
 /// Nodes that aliases may copy into one document: a few anchors are fine, an alias bomb
 /// (aliases of aliases, each doubling the size) is not.
 const MAX_ALIASED_NODES: usize = 100_000;
+/// Nodes aliases may copy in one load, all files and documents together: a per-document
+/// budget alone let thousands of small documents, each just under it, cost minutes of CPU.
+/// Dumps from the API server have no aliases at all; hand-written files use a few.
+pub(super) const MAX_ALIASED_NODES_PER_LOAD: usize = 1_000_000;
 
 /// Why a YAML stream could not be read.
 #[derive(Debug)]
@@ -114,41 +118,57 @@ pub(super) fn from_reader<R: BufRead>(
 pub(super) fn documents<'i, T: BorrowedInput<'i>>(
     parser: Parser<'i, T>,
     path: &Path,
-    mut each: impl FnMut(usize, Document) -> Result<(), LoadError>,
+    aliased_in_load: &mut usize,
+    each: impl FnMut(usize, Document) -> Result<(), LoadError>,
 ) -> Result<(), LoadError> {
     let mut stream = Stream {
         parser,
         anchors: HashMap::new(),
         aliased: 0,
+        aliased_before: *aliased_in_load,
     };
-    let mut document = 0;
-    let error = |document: usize, e: YamlError| match e {
-        YamlError::Syntax(message) => LoadError::Syntax {
-            path: path.to_path_buf(),
-            what: format!("document {document}"),
-            message,
-        },
-        YamlError::Io(source) => LoadError::Io {
-            path: path.to_path_buf(),
-            source,
-        },
-    };
-    loop {
-        // Outside a document, an error is in the one that would have come next.
-        let (event, span) = stream.next().map_err(|e| error(document + 1, e))?;
-        match event {
-            Event::StreamStart => {}
-            Event::StreamEnd => return Ok(()),
-            Event::DocumentStart(..) => {
-                document += 1;
-                stream.anchors.clear();
-                stream.aliased = 0;
-                let doc = stream
-                    .document(path, document)
-                    .map_err(|e| error(document, e))?;
-                each(document, doc)?;
+    let result = stream.documents(path, each);
+    *aliased_in_load = stream.aliased_before.saturating_add(stream.aliased);
+    result
+}
+
+impl<'i, T: BorrowedInput<'i>> Stream<'i, T> {
+    fn documents(
+        &mut self,
+        path: &Path,
+        mut each: impl FnMut(usize, Document) -> Result<(), LoadError>,
+    ) -> Result<(), LoadError> {
+        let stream = self;
+        let mut document = 0;
+        let error = |document: usize, e: YamlError| match e {
+            YamlError::Syntax(message) => LoadError::Syntax {
+                path: path.to_path_buf(),
+                what: format!("document {document}"),
+                message,
+            },
+            YamlError::Io(source) => LoadError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        };
+        loop {
+            // Outside a document, an error is in the one that would have come next.
+            let (event, span) = stream.next().map_err(|e| error(document + 1, e))?;
+            match event {
+                Event::StreamStart => {}
+                Event::StreamEnd => return Ok(()),
+                Event::DocumentStart(..) => {
+                    document += 1;
+                    stream.anchors.clear();
+                    stream.aliased_before = stream.aliased_before.saturating_add(stream.aliased);
+                    stream.aliased = 0;
+                    let doc = stream
+                        .document(path, document)
+                        .map_err(|e| error(document, e))?;
+                    each(document, doc)?;
+                }
+                _ => return Err(error(document + 1, at(&span, "expected a document"))),
             }
-            _ => return Err(error(document + 1, at(&span, "expected a document"))),
         }
     }
 }
@@ -159,6 +179,8 @@ struct Stream<'i, T: BorrowedInput<'i>> {
     anchors: HashMap<usize, Value>,
     /// Nodes copied by aliases so far in the current document.
     aliased: usize,
+    /// Nodes copied by aliases in the load before the current document.
+    aliased_before: usize,
 }
 
 impl<'i, T: BorrowedInput<'i>> Stream<'i, T> {
@@ -178,10 +200,17 @@ impl<'i, T: BorrowedInput<'i>> Stream<'i, T> {
                 collection_tag(tag.as_deref(), &span)?;
                 let mut fields = Map::new();
                 let mut items = Items::None;
-                while let Some(key) = self.key(1)? {
+                let mut had_items = false;
+                while let Some((key, key_span)) = self.key(1)? {
                     if key == "items" {
+                        if std::mem::replace(&mut had_items, true) {
+                            return Err(duplicate(&key, &key_span));
+                        }
                         items = self.items(path, document)?;
                     } else {
+                        if fields.contains_key(&key) {
+                            return Err(duplicate(&key, &key_span));
+                        }
                         let value = self.value(1)?;
                         fields.insert(key, value);
                     }
@@ -226,28 +255,30 @@ impl<'i, T: BorrowedInput<'i>> Stream<'i, T> {
     }
 
     /// The next mapping key, as text, or `None` at the mapping's end.
-    fn key(&mut self, depth: usize) -> Result<Option<String>, YamlError> {
+    /// The next key of a mapping and where it is, or `None` at the mapping's end.
+    fn key(&mut self, depth: usize) -> Result<Option<(String, Span)>, YamlError> {
         let (event, span) = self.next()?;
-        match event {
-            Event::MappingEnd => Ok(None),
+        let key = match event {
+            Event::MappingEnd => return Ok(None),
             // A key is its text whatever it resolves to (`1: x` has the key "1").
             Event::Scalar(text, style, anchor, tag) => {
                 if anchor != 0 {
                     let value = scalar(&text, style, tag.as_deref()).map_err(|m| at(&span, &m))?;
                     self.anchors.insert(anchor, value);
                 }
-                Ok(Some(text.into_owned()))
+                text.into_owned()
             }
             other => match self.node(other, &span, depth)? {
-                Value::String(s) => Ok(Some(s)),
-                Value::Null => Ok(Some("null".into())),
-                Value::Bool(b) => Ok(Some(b.to_string())),
-                Value::Number(n) => Ok(Some(n.to_string())),
+                Value::String(s) => s,
+                Value::Null => "null".into(),
+                Value::Bool(b) => b.to_string(),
+                Value::Number(n) => n.to_string(),
                 Value::Array(_) | Value::Object(_) => {
-                    Err(at(&span, "a mapping key must be a scalar"))
+                    return Err(at(&span, "a mapping key must be a scalar"));
                 }
             },
-        }
+        };
+        Ok(Some((key, span)))
     }
 
     fn value(&mut self, depth: usize) -> Result<Value, YamlError> {
@@ -283,7 +314,10 @@ impl<'i, T: BorrowedInput<'i>> Stream<'i, T> {
             Event::MappingStart(_, anchor, tag) => {
                 collection_tag(tag.as_deref(), span)?;
                 let mut map = Map::new();
-                while let Some(key) = self.key(depth + 1)? {
+                while let Some((key, key_span)) = self.key(depth + 1)? {
+                    if map.contains_key(&key) {
+                        return Err(duplicate(&key, &key_span));
+                    }
                     let value = self.value(depth + 1)?;
                     map.insert(key, value);
                 }
@@ -314,6 +348,15 @@ impl<'i, T: BorrowedInput<'i>> Stream<'i, T> {
                 ),
             ));
         }
+        if self.aliased_before.saturating_add(self.aliased) > MAX_ALIASED_NODES_PER_LOAD {
+            return Err(at(
+                span,
+                &format!(
+                    "repetition limit exceeded: aliases copy more than \
+                     {MAX_ALIASED_NODES_PER_LOAD} nodes into the documents of this load"
+                ),
+            ));
+        }
         Ok(value.clone())
     }
 }
@@ -324,6 +367,16 @@ fn nodes(value: &Value) -> usize {
         Value::Object(map) => 1 + map.values().map(nodes).sum::<usize>(),
         _ => 1,
     }
+}
+
+/// A key given twice in one mapping: kubectl's strict field validation refuses it, and which of
+/// the two a reader takes differs between tools, so a reviewer and this tool could read two
+/// different specs from the same file.
+fn duplicate(key: &str, span: &Span) -> YamlError {
+    at(
+        span,
+        &format!("duplicate key {key:?} (the API server refuses duplicate fields)"),
+    )
 }
 
 fn at(span: &Span, message: &str) -> YamlError {
@@ -496,7 +549,7 @@ mod tests {
     /// The documents of `text` as values, through the streaming reader and through serde_yaml.
     fn both(text: &str) -> (Vec<Value>, Vec<Value>) {
         let mut streamed = Vec::new();
-        documents(from_str(text), Path::new("t.yaml"), |_, doc| {
+        documents(from_str(text), Path::new("t.yaml"), &mut 0, |_, doc| {
             streamed.push(match doc {
                 Document::Value(v) => v,
                 Document::Map(fields, _) => Value::Object(fields),
@@ -549,7 +602,8 @@ true: bool key
     #[test]
     fn local_tags_alias_bombs_and_syntax_errors_are_refused() {
         let refused = |text: &str| {
-            let e = documents(from_str(text), Path::new("t.yaml"), |_, _| Ok(())).unwrap_err();
+            let e =
+                documents(from_str(text), Path::new("t.yaml"), &mut 0, |_, _| Ok(())).unwrap_err();
             assert!(matches!(e, LoadError::Syntax { .. }), "{e}");
             e.to_string()
         };
@@ -565,11 +619,51 @@ true: bool key
             refused(&bomb)
                 .contains("repetition limit exceeded: aliases copy more than 100000 nodes")
         );
+        let e = refused("metadata: {name: a}\nspec: {}\nmetadata: {name: b}\n");
+        assert!(e.contains("duplicate key \"metadata\""), "{e}");
+        assert!(e.contains("at line 3 column 1"), "{e}");
+        let e = refused("metadata:\n  labels: {app: a, app: b}\n");
+        assert!(e.contains("duplicate key \"app\""), "{e}");
+        let e = refused("kind: List\nitems: []\nitems: []\n");
+        assert!(e.contains("duplicate key \"items\""), "{e}");
         let e = refused("ok: 1\n---\na: [unclosed\n");
         assert!(e.starts_with("t.yaml: document 2: "), "{e}");
         assert!(e.contains(" at line 3 column "), "{e}");
         let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
         assert!(refused(&deep).contains("recursion limit exceeded"));
+
+        // Many documents, each under the per-document limit (10^4 nodes), add up to the
+        // load's limit: the budget is not renewed by `---`.
+        let mut small = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..4 {
+            let p = i - 1;
+            small.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        assert!(documents(from_str(&small), Path::new("t.yaml"), &mut 0, |_, _| Ok(())).is_ok());
+        let many = vec![small.as_str(); 120].join("---\n");
+        let mut aliased = 0;
+        let e = documents(
+            from_str(&many),
+            Path::new("t.yaml"),
+            &mut aliased,
+            |_, _| Ok(()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("nodes into the documents of this load"), "{e}");
+        // And it carries over from one file to the next of the same load.
+        let mut aliased = MAX_ALIASED_NODES_PER_LOAD - 100;
+        let e = documents(
+            from_str(&small),
+            Path::new("u.yaml"),
+            &mut aliased,
+            |_, _| Ok(()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("nodes into the documents of this load"), "{e}");
     }
 
     #[test]
@@ -579,6 +673,7 @@ true: bool key
         documents(
             from_reader(std::io::BufReader::with_capacity(4, text.as_bytes())),
             Path::new("t.yaml"),
+            &mut 0,
             |n, doc| {
                 if let Document::Map(fields, _) = doc {
                     seen.push((n, Value::Object(fields)));
@@ -590,7 +685,8 @@ true: bool key
         assert_eq!(seen, [(1, json!({"a": 1})), (2, json!({"b": [2, 3]}))]);
 
         let bad: &[u8] = b"a: 1\nb: \xff\xfe\n";
-        let e = documents(from_reader(bad), Path::new("t.yaml"), |_, _| Ok(())).unwrap_err();
+        let e =
+            documents(from_reader(bad), Path::new("t.yaml"), &mut 0, |_, _| Ok(())).unwrap_err();
         assert!(matches!(e, LoadError::Io { .. }), "{e}");
     }
 }

@@ -810,3 +810,22 @@ fn invalid_object_labels_and_counts() {
     );
     assert_eq!(o("Pod").to_string(), "Pod n/x: e");
 }
+
+#[test]
+fn names_and_values_in_messages_are_escaped_and_cut_short() {
+    assert_eq!(printable("web-0"), "web-0");
+    assert_eq!(printable("a\u{0}b\u{1b}[2J"), "a\\u{0}b\\u{1b}[2J");
+    let long = "x".repeat(1_000_000);
+    let shown = printable(&long);
+    assert!(shown.len() < 300, "{}", shown.len());
+    assert!(shown.ends_with("… (999800 more bytes)"), "{shown}");
+    // A huge invalid label value is quoted short in the field error too.
+    let mut ns = k8s_openapi::api::core::v1::Namespace::default();
+    ns.metadata.name = Some("a".into());
+    ns.metadata.labels = Some([("k".to_owned(), "v!".repeat(500_000))].into());
+    let errors = namespace(&ns);
+    assert!(!errors.is_empty());
+    let text = errors[0].to_string();
+    assert!(text.len() < 1_000, "{}", text.len());
+    assert!(text.contains("more bytes"), "{text}");
+}
