@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::edges::{BoundedLine, MAX_LINE_BYTES, read_line_bounded};
 use super::{Engine, FlowQuery, MissKind, NamespaceAudit, Peer, SideReport, Verdict, VerdictError};
 use crate::flow::{Direction, IpFamily, Protocol};
 use crate::inventory::validate::{InvalidObject, printable};
@@ -976,14 +977,23 @@ pub fn explain_batch(
     let mut buf = Vec::new();
     let mut n = 0usize;
     loop {
-        buf.clear();
-        let read = input
-            .read_until(b'\n', &mut buf)
-            .map_err(io_err("reading flows"))?;
-        if read == 0 {
+        let read =
+            read_line_bounded(input, &mut buf, MAX_LINE_BYTES).map_err(io_err("reading flows"))?;
+        if read == BoundedLine::Eof {
             break;
         }
         n += 1;
+        if read == BoundedLine::TooLong {
+            // Not a flow (a flow line is about 200 bytes): the input is not JSON lines, and
+            // skipping to a newline that may never come would spin on it.
+            let error = format!(
+                "line longer than {MAX_LINE_BYTES} bytes, so not a flow; stopped reading the flows"
+            );
+            let json = serde_json::to_string(&FlowError { line: n, error })?;
+            writeln!(out, "{json}").map_err(io_err("writing output"))?;
+            bad = true;
+            break;
+        }
         let answer = match std::str::from_utf8(&buf) {
             Ok(text) if text.trim().is_empty() => continue,
             Ok(text) => answer_line(engine, text.trim()),
@@ -1251,5 +1261,47 @@ mod tests {
         let (p, _, _) = service_port(&udp_only, &PortRef::Number(53), None).unwrap();
         assert_eq!(p, Protocol::Udp);
         assert!(service_port(&udp_only, &PortRef::Number(53), Some(Protocol::Tcp)).is_err());
+    }
+
+    /// Counts the bytes a reader hands out.
+    struct Counting<R> {
+        inner: R,
+        read: usize,
+    }
+
+    impl<R: std::io::Read> std::io::Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn an_endless_flow_line_is_reported_by_number_and_ends_the_batch() {
+        let engine = Engine::new(Arc::new(Inventory::default()));
+        // `explain --flows /dev/zero` (4 MiB of it), after one ordinary (bad) line: reading
+        // stops at the limit.
+        let input = Counting {
+            inner: std::io::Read::chain(
+                &b"not json\n"[..],
+                std::io::Read::take(std::io::repeat(0), 4 << 20),
+            ),
+            read: 0,
+        };
+        let mut reader = BufReader::new(input);
+        let mut out = Vec::new();
+        let code = explain_batch(&engine, &mut reader, &mut out).unwrap_or(0);
+        assert_eq!(code, EXIT_BAD_FLOW_LINES);
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_default())
+            .collect();
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(lines[1]["line"], 2);
+        let error = lines[1]["error"].as_str().unwrap_or_default();
+        assert!(error.contains("longer than 1048576 bytes"), "{error}");
+        let read = reader.get_ref().read;
+        assert!(read <= MAX_LINE_BYTES + 64 * 1024, "read {read} bytes");
     }
 }

@@ -144,14 +144,78 @@ fn endpoint_name(ns: &str, workload: &str) -> String {
     }
 }
 
+/// Longest line read from an edges or flows file, newline excluded. An edge line is about
+/// 300 bytes and a flow line less, so a longer one is not an edge (a binary file, `/dev/zero`);
+/// reading it whole would take memory without bound.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// What [`read_line_bounded`] read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BoundedLine {
+    /// The end of the input: nothing was read.
+    Eof,
+    /// A line, with its `\n` unless it ended the input.
+    Line,
+    /// A line longer than the limit. The buffer holds its start only, and the input is left
+    /// within the line: the caller stops reading.
+    TooLong,
+}
+
+/// Reads one line into `buf` (cleared first), unless it is longer than `max` bytes without
+/// its newline. Reads the input's buffer a chunk at a time, so a line without end costs at
+/// most `max` bytes of memory, not the whole line.
+pub fn read_line_bounded(
+    input: &mut dyn BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<BoundedLine> {
+    buf.clear();
+    loop {
+        let chunk = match input.fill_buf() {
+            Ok(chunk) => chunk,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            return Ok(if buf.is_empty() {
+                BoundedLine::Eof
+            } else {
+                BoundedLine::Line
+            });
+        }
+        let (take, content, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, i, true),
+            None => (chunk.len(), chunk.len(), false),
+        };
+        if buf.len().saturating_add(content) > max {
+            return Ok(BoundedLine::TooLong);
+        }
+        buf.extend_from_slice(&chunk[..take]);
+        input.consume(take);
+        if done {
+            return Ok(BoundedLine::Line);
+        }
+    }
+}
+
 /// Reads an edges file (JSON lines; blank lines skipped). The first invalid line is an error
 /// naming its number: a half-read edge list would make `preflight` pass on what it skipped.
 pub fn read_edges(path: &std::path::Path) -> Result<Vec<Edge>, EdgeError> {
+    let mut out = Vec::new();
+    visit_edges_file(path, &mut |edge| out.push(edge))?;
+    Ok(out)
+}
+
+/// [`read_edges`], handing each edge to `visit` as it is read instead of keeping them all.
+pub fn visit_edges_file(
+    path: &std::path::Path,
+    visit: &mut dyn FnMut(Edge),
+) -> Result<(), EdgeError> {
     let file = std::fs::File::open(path).map_err(|source| EdgeError::Io {
         path: path.to_owned(),
         source,
     })?;
-    parse_edges(path, &mut std::io::BufReader::new(file))
+    visit_edges(path, &mut std::io::BufReader::new(file), visit)
 }
 
 /// [`read_edges`] over any reader; `path` only names the input in errors.
@@ -160,17 +224,25 @@ pub fn parse_edges(
     input: &mut dyn BufRead,
 ) -> Result<Vec<Edge>, EdgeError> {
     let mut out = Vec::new();
+    visit_edges(path, input, &mut |edge| out.push(edge))?;
+    Ok(out)
+}
+
+/// [`visit_edges_file`] over any reader; `path` only names the input in errors.
+pub fn visit_edges(
+    path: &std::path::Path,
+    input: &mut dyn BufRead,
+    visit: &mut dyn FnMut(Edge),
+) -> Result<(), EdgeError> {
     let mut buf = Vec::new();
     let mut line = 0usize;
     loop {
-        buf.clear();
-        let n = input
-            .read_until(b'\n', &mut buf)
-            .map_err(|source| EdgeError::Io {
+        let read =
+            read_line_bounded(input, &mut buf, MAX_LINE_BYTES).map_err(|source| EdgeError::Io {
                 path: path.to_owned(),
                 source,
             })?;
-        if n == 0 {
+        if read == BoundedLine::Eof {
             break;
         }
         line += 1;
@@ -179,6 +251,11 @@ pub fn parse_edges(
             line,
             reason,
         };
+        if read == BoundedLine::TooLong {
+            return Err(bad(format!(
+                "longer than {MAX_LINE_BYTES} bytes, so not an edge (an edge line is about 300 bytes); stopped reading"
+            )));
+        }
         let text = std::str::from_utf8(&buf).map_err(|e| bad(format!("not UTF-8: {e}")))?;
         if text.trim().is_empty() {
             continue;
@@ -192,9 +269,9 @@ pub fn parse_edges(
                 "empty source_workload or destination_workload".to_owned()
             ));
         }
-        out.push(edge);
+        visit(edge);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Writes edges as JSON lines.
@@ -702,6 +779,79 @@ mod tests {
         }
         let proto = text.replace("\"TCP\"", "\"xyz\"");
         assert!(parse_edges("e".as_ref(), &mut proto.as_bytes()).is_err());
+    }
+
+    /// Counts the bytes a reader hands out.
+    struct Counting<R> {
+        inner: R,
+        read: usize,
+    }
+
+    impl<R: std::io::Read> std::io::Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn lines_are_read_up_to_the_limit_and_no_further() {
+        let mut buf = Vec::new();
+        let mut input: &[u8] = b"abc\nabcd\nab";
+        let mut next = |buf: &mut Vec<u8>| read_line_bounded(&mut input, buf, 3).ok();
+        assert_eq!(next(&mut buf), Some(BoundedLine::Line));
+        assert_eq!(buf, b"abc\n", "exactly the limit, newline excluded");
+        assert_eq!(next(&mut buf), Some(BoundedLine::TooLong));
+        assert!(buf.len() <= 3, "{buf:?}");
+
+        let mut input: &[u8] = b"ab";
+        assert_eq!(
+            read_line_bounded(&mut input, &mut buf, 3).ok(),
+            Some(BoundedLine::Line),
+            "a last line without newline"
+        );
+        assert_eq!(buf, b"ab");
+        assert_eq!(
+            read_line_bounded(&mut input, &mut buf, 3).ok(),
+            Some(BoundedLine::Eof)
+        );
+        assert!(buf.is_empty());
+
+        // Chunks smaller than the line: it is put together across them.
+        let mut small = std::io::BufReader::with_capacity(2, &b"abcdefg\nx"[..]);
+        assert_eq!(
+            read_line_bounded(&mut small, &mut buf, 7).ok(),
+            Some(BoundedLine::Line)
+        );
+        assert_eq!(buf, b"abcdefg\n");
+    }
+
+    #[test]
+    fn an_endless_line_is_an_error_naming_it_not_an_exhausted_memory() {
+        let good = "{\"source_namespace\":\"a\",\"source_workload\":\"web\",\"destination_namespace\":\"b\",\"destination_workload\":\"db\",\"protocol\":\"tcp\",\"port\":5432,\"observed\":3,\"verdict\":\"allow\"}\n";
+        // `/dev/zero` (4 MiB of it) after a good line: the reader must stop at the limit, not
+        // at the end of the line.
+        let input = Counting {
+            inner: std::io::Read::chain(
+                good.as_bytes(),
+                std::io::Read::take(std::io::repeat(0), 4 << 20),
+            ),
+            read: 0,
+        };
+        let mut reader = std::io::BufReader::new(input);
+        match parse_edges("zero".as_ref(), &mut reader) {
+            Err(EdgeError::BadLine { line, reason, .. }) => {
+                assert_eq!(line, 2);
+                assert!(reason.contains("longer than 1048576 bytes"), "{reason}");
+            }
+            other => panic!("expected line 2 too long, got {other:?}"),
+        }
+        let read = reader.get_ref().read;
+        assert!(
+            read <= MAX_LINE_BYTES + good.len() + 64 * 1024,
+            "read {read} bytes"
+        );
     }
 
     #[test]
