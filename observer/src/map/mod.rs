@@ -10,7 +10,8 @@
 pub mod page;
 pub mod serve;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,7 +24,8 @@ use crate::inventory::Inventory;
 use crate::verdict::cli::{Endpoint, PortRef, declared_ports, judge, write_judgement};
 use crate::verdict::edges::{
     ALLOWED_METRIC, DENIED_METRIC, DENIED_PORTS_METRIC, DeniedPorts, EdgeError, EdgeKey, Observed,
-    check_window, denied_ports_query, parse_base, parse_denied_ports, query_prometheus, read_edges,
+    check_window, denied_ports_query, parse_base, parse_denied_ports, query_prometheus,
+    visit_edges_file,
 };
 use crate::verdict::preflight::{PreflightError, resolve_side};
 use crate::verdict::{Engine, bounded_policy_list};
@@ -36,6 +38,15 @@ pub const FULL_DETAIL_MAX_WORKLOADS: usize = 2000;
 pub const FULL_DETAIL_MAX_EDGES: usize = 10_000;
 /// Shorter windows the page offers besides `--window` (those shorter than it).
 pub const FILTER_WINDOWS: [&str; 4] = ["5m", "1h", "6h", "1d"];
+/// Default of `--max-edges`. The page of 300,000 edges was 102 MB and took 1 GB to build;
+/// 50,000 take about 200 MB and a 19 MB page, five times what the page draws in full.
+pub const DEFAULT_MAX_EDGES: usize = 50_000;
+/// Shortest `--refresh`: every refresh reads the whole source again.
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// Longest `--refresh`: a map refreshed less often is no longer live, and the page's poll
+/// timer (a signed 32-bit count of milliseconds in browsers: 24.8 days) stays far from
+/// overflowing.
+pub const MAX_REFRESH: Duration = Duration::from_secs(3600);
 /// Ports explained per edge whose port is unknown (a denied edge none of whose ports the
 /// daemon named: every port the destination declares is judged).
 const MAX_EXPLAINED_PORTS: usize = 4;
@@ -95,9 +106,36 @@ pub struct MapArgs {
     /// Serve the page on this address (`127.0.0.1:9966`), refreshed from the source.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// With `--listen`: how often the edges are read again and the open pages update.
-    #[arg(long, default_value = "5s", value_parser = crate::alert::config::parse_duration)]
+    /// With `--listen`: how often the edges are read again and the open pages update, from 1s
+    /// to 1h.
+    #[arg(long, default_value = "5s", value_parser = parse_refresh)]
     pub refresh: Duration,
+    /// Most edges drawn: beyond it the heaviest are kept (denied ones first, then by count),
+    /// and the page and stderr say how many were left out.
+    #[arg(long, default_value_t = DEFAULT_MAX_EDGES, value_parser = parse_max_edges)]
+    pub max_edges: usize,
+}
+
+/// clap parser of `--refresh`: a duration from [`MIN_REFRESH`] to [`MAX_REFRESH`].
+pub fn parse_refresh(text: &str) -> Result<Duration, String> {
+    let refresh = crate::alert::config::parse_duration(text).map_err(|e| e.to_string())?;
+    if !(MIN_REFRESH..=MAX_REFRESH).contains(&refresh) {
+        return Err(format!(
+            "{text:?} is out of range: --refresh must be from {}s to {}s (1h)",
+            MIN_REFRESH.as_secs(),
+            MAX_REFRESH.as_secs()
+        ));
+    }
+    Ok(refresh)
+}
+
+/// clap parser of `--max-edges`: a count of at least 1.
+fn parse_max_edges(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("at least 1 edge must be drawn".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{text:?} is not a count: {e}")),
+    }
 }
 
 impl MapArgs {
@@ -139,7 +177,7 @@ pub fn run_map(args: &MapArgs, notes: &mut dyn std::io::Write) -> Result<(), Map
     match (&args.output, args.listen) {
         (Some(path), _) => {
             let inventory = crate::verdict::preflight::load_inventory(&spec)?;
-            let observations = source.load_blocking()?;
+            let observations = source.load_blocking(args.max_edges)?;
             let data = build(&Engine::new(inventory), &observations, now_unix());
             for note in &data.notes {
                 let _ = writeln!(notes, "deny-observer: note: {note}");
@@ -150,7 +188,7 @@ pub fn run_map(args: &MapArgs, notes: &mut dyn std::io::Write) -> Result<(), Map
                 source,
             })
         }
-        (None, Some(addr)) => serve::serve(&spec, source, addr, args.refresh),
+        (None, Some(addr)) => serve::serve(&spec, source, addr, args.refresh, args.max_edges),
         (None, None) => Err(MapError::Usage(
             "pass --output <file.html> or --listen <addr:port>".to_owned(),
         )),
@@ -284,11 +322,17 @@ pub fn split_by_port(
 }
 
 /// Denied edges of an edges file as `deny-observer edges` writes them: one line per port, each
-/// with the edge's count over all its ports. Marks them so, with the ports of their edge.
-fn mark_file_ports(observations: &mut [Observation]) {
-    let mut by_edge: BTreeMap<EdgeKey, DeniedPorts> = BTreeMap::new();
-    for obs in observations.iter().filter(|o| o.verdict == Observed::Deny) {
-        let entry = by_edge.entry(obs.key()).or_default();
+/// with the edge's count over all its ports. Gathers the ports of each denied edge while the
+/// file is read, to mark the lines kept with them.
+#[derive(Default)]
+struct FilePorts(BTreeMap<EdgeKey, DeniedPorts>);
+
+impl FilePorts {
+    fn note(&mut self, obs: &Observation) {
+        if obs.verdict != Observed::Deny {
+            return;
+        }
+        let entry = self.0.entry(obs.key()).or_default();
         match obs.port {
             Some(p) => {
                 entry.ports.insert(p);
@@ -296,14 +340,104 @@ fn mark_file_ports(observations: &mut [Observation]) {
             None => entry.other = true,
         }
     }
-    for obs in observations.iter_mut() {
-        if obs.verdict != Observed::Deny {
-            continue;
-        }
-        if let Some(ports) = by_edge.get(&obs.key()).filter(|p| !p.ports.is_empty()) {
-            obs.count_ports = ports.labels();
+
+    /// Marks the denied observations whose edge has named ports with all of them.
+    fn mark(&self, observations: &mut [Observation]) {
+        for obs in observations.iter_mut() {
+            if obs.verdict != Observed::Deny {
+                continue;
+            }
+            if let Some(ports) = self.0.get(&obs.key()).filter(|p| !p.ports.is_empty()) {
+                obs.count_ports = ports.labels();
+            }
         }
     }
+}
+
+/// An observation ranked for [`Heaviest`]: denied before allowed (the denies are what the map
+/// is for, and they are few), then by its count over the longest window; ties go to the
+/// first in the observations' order, so the edges kept do not depend on the input's order.
+struct Ranked(Observation);
+
+impl Ranked {
+    fn weight(&self) -> (bool, u64) {
+        (
+            self.0.verdict == Observed::Deny,
+            self.0.counts.last().copied().unwrap_or(0),
+        )
+    }
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.weight()
+            .cmp(&other.weight())
+            .then_with(|| other.0.cmp(&self.0))
+    }
+}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Ranked {}
+
+/// The `max` heaviest observations of those pushed, holding no more than `max` of them at any
+/// time, and how many were left out. Denied edges rank before allowed ones, then by their
+/// count over the longest window.
+pub struct Heaviest {
+    max: usize,
+    kept: BinaryHeap<Reverse<Ranked>>,
+    left_out: usize,
+}
+
+impl Heaviest {
+    /// Keeps at most `max` observations (at least one).
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            kept: BinaryHeap::new(),
+            left_out: 0,
+        }
+    }
+
+    /// Offers one observation: kept if among the `max` heaviest so far.
+    pub fn push(&mut self, obs: Observation) {
+        let ranked = Ranked(obs);
+        if self.kept.len() < self.max {
+            self.kept.push(Reverse(ranked));
+            return;
+        }
+        self.left_out += 1;
+        if let Some(mut lightest) = self.kept.peek_mut()
+            && ranked > lightest.0
+        {
+            *lightest = Reverse(ranked);
+        }
+    }
+
+    /// The observations kept, in their order, and how many were left out.
+    pub fn finish(self) -> (Vec<Observation>, usize) {
+        let mut kept: Vec<Observation> = self.kept.into_iter().map(|r| r.0.0).collect();
+        kept.sort();
+        (kept, self.left_out)
+    }
+}
+
+/// The note of a map that left edges out.
+fn left_out_note(kept: usize, left_out: usize) -> String {
+    format!(
+        "{left_out} of {} edges left out: the map draws the {kept} heaviest (denied first, then by count); --max-edges raises the limit",
+        kept.saturating_add(left_out)
+    )
 }
 
 /// What a source gave: edges and the windows their counts are for.
@@ -317,49 +451,72 @@ pub struct Observations {
     pub edges: Vec<Observation>,
     /// Remarks for the operator.
     pub notes: Vec<String>,
+    /// Edges the source had beyond `--max-edges`, not in [`Observations::edges`].
+    pub left_out: usize,
 }
 
 impl EdgeSource {
-    /// Reads the source on a private runtime (for `--output`).
-    pub fn load_blocking(&self) -> Result<Observations, MapError> {
+    /// Reads the source on a private runtime (for `--output`), keeping the `max_edges`
+    /// heaviest edges.
+    pub fn load_blocking(&self, max_edges: usize) -> Result<Observations, MapError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| MapError::Usage(format!("starting the HTTP client: {e}")))?;
-        runtime.block_on(self.load())
+        runtime.block_on(self.load(max_edges))
     }
 
-    /// Reads the source.
-    pub async fn load(&self) -> Result<Observations, MapError> {
-        match self {
+    /// Reads the source, keeping the `max_edges` heaviest edges (see [`Heaviest`]).
+    pub async fn load(&self, max_edges: usize) -> Result<Observations, MapError> {
+        let mut heaviest = Heaviest::new(max_edges);
+        let mut observations = match self {
             Self::File(path) => {
-                let edges = read_edges(path)?;
-                let mut observations = Observations {
+                // A line at a time into the bounded selection: a huge file costs the edges
+                // kept and the ports of its denied edges, not all of its lines.
+                let mut ports = FilePorts::default();
+                visit_edges_file(path, &mut |e| {
+                    let obs = Observation {
+                        source_namespace: e.source_namespace,
+                        source_workload: e.source_workload,
+                        destination_namespace: e.destination_namespace,
+                        destination_workload: e.destination_workload,
+                        protocol: e.protocol,
+                        port: e.port,
+                        verdict: e.verdict,
+                        policy: None,
+                        matched: None,
+                        counts: vec![e.observed],
+                        count_ports: Vec::new(),
+                    };
+                    ports.note(&obs);
+                    heaviest.push(obs);
+                })?;
+                let (mut edges, left_out) = heaviest.finish();
+                ports.mark(&mut edges);
+                Observations {
                     source: format!("edges file {}", path.display()),
                     windows: vec![("edges file".to_owned(), 0.0)],
-                    edges: edges
-                        .into_iter()
-                        .map(|e| Observation {
-                            source_namespace: e.source_namespace,
-                            source_workload: e.source_workload,
-                            destination_namespace: e.destination_namespace,
-                            destination_workload: e.destination_workload,
-                            protocol: e.protocol,
-                            port: e.port,
-                            verdict: e.verdict,
-                            policy: None,
-                            matched: None,
-                            counts: vec![e.observed],
-                            count_ports: Vec::new(),
-                        })
-                        .collect(),
+                    edges,
                     notes: Vec::new(),
-                };
-                mark_file_ports(&mut observations.edges);
-                Ok(observations)
+                    left_out,
+                }
             }
-            Self::Prometheus { url, windows } => fetch(url, windows).await,
+            Self::Prometheus { url, windows } => {
+                let mut fetched = fetch(url, windows).await?;
+                for obs in std::mem::take(&mut fetched.edges) {
+                    heaviest.push(obs);
+                }
+                (fetched.edges, fetched.left_out) = heaviest.finish();
+                fetched
+            }
+        };
+        if observations.left_out > 0 {
+            observations.notes.push(left_out_note(
+                observations.edges.len(),
+                observations.left_out,
+            ));
         }
+        Ok(observations)
     }
 }
 
@@ -478,6 +635,7 @@ async fn fetch(url: &str, windows: &[(String, f64)]) -> Result<Observations, Map
         windows: windows.to_vec(),
         edges: merge(all, windows.len()),
         notes,
+        left_out: 0,
     })
 }
 
@@ -500,6 +658,8 @@ pub struct MapData {
     pub nodes: Vec<MapNode>,
     /// Edges, sorted.
     pub edges: Vec<MapEdge>,
+    /// Edges of the source beyond `--max-edges`, not drawn (the heaviest are kept).
+    pub edges_left_out: usize,
     /// Beyond these the page shows namespaces first.
     pub full_detail_max_workloads: usize,
     /// See [`MapData::full_detail_max_workloads`].
@@ -810,6 +970,7 @@ pub fn build(engine: &Engine, observations: &Observations, generated_unix: u64) 
         namespaces,
         nodes: nodes.into_values().collect(),
         edges,
+        edges_left_out: observations.left_out,
         full_detail_max_workloads: FULL_DETAIL_MAX_WORKLOADS,
         full_detail_max_edges: FULL_DETAIL_MAX_EDGES,
         refresh_seconds: None,

@@ -14,6 +14,22 @@ pub const CYTOSCAPE_VERSION: &str = "3.34.4";
 const MAP_JS: &str = include_str!("assets/map.js");
 const MAP_CSS: &str = include_str!("assets/map.css");
 
+// One literal for both policies, so that the served header can never allow what the page's
+// own policy forbids.
+macro_rules! page_csp {
+    () => {
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'"
+    };
+}
+
+/// The page's Content-Security-Policy (its `<meta>`): nothing loads from elsewhere, since the
+/// page is data for an incident, possibly offline; only `--listen`'s `data.json` is fetched.
+pub const PAGE_CSP: &str = page_csp!();
+
+/// The policy `--listen` sends as a header: the page's, plus `frame-ancestors 'none'`, which
+/// only a header can carry (no other site may frame the map).
+pub const HEADER_CSP: &str = concat!(page_csp!(), "; frame-ancestors 'none'");
+
 /// The document as the page reads it: each edge's `explain` answer as indexes into
 /// `explain_lines`, the lines all answers share. Answers repeat most of their lines (the same
 /// workloads, pods and policies), and the embedded data is what the browser parses before it
@@ -87,10 +103,9 @@ pub fn render(data: &MapData) -> String {
     let mut page = String::with_capacity(CYTOSCAPE_JS.len() + json.len() + 16 * 1024);
     page.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
     page.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n");
-    // Nothing may load from elsewhere: the page is data for an incident, possibly offline.
-    page.push_str(
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'\">\n",
-    );
+    page.push_str(&format!(
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"{PAGE_CSP}\">\n"
+    ));
     page.push_str(&format!("<title>{title}</title>\n<style>\n"));
     page.push_str(MAP_CSS);
     page.push_str("</style>\n</head>\n<body>\n");
@@ -169,6 +184,7 @@ mod tests {
                 edge("shop/db", "verdict: DENY b\nfrom shop/web\nshared\n"),
                 edge("shop/x", ""),
             ],
+            edges_left_out: 0,
             full_detail_max_workloads: 1,
             full_detail_max_edges: 1,
             refresh_seconds: None,
@@ -215,6 +231,7 @@ mod tests {
             namespaces: vec![],
             nodes: vec![],
             edges: vec![],
+            edges_left_out: 0,
             full_detail_max_workloads: 1,
             full_detail_max_edges: 1,
             refresh_seconds: None,

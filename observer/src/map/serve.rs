@@ -6,6 +6,14 @@
 //! exhaust it either. `/healthz` answers like the daemon's: 200 while the refresh loop runs,
 //! 503 once it has not completed a round for much longer than a refresh and its queries may
 //! take. A failing source keeps the last good map on screen, with the error in a banner.
+//!
+//! Every answer carries headers that keep browsers from framing, sniffing or leaking the map
+//! ([`security_headers`]). Listening on a loopback address, the server answers only requests
+//! whose `Host` is a loopback name or address: a web page the operator opens elsewhere could
+//! otherwise rebind its own DNS name to 127.0.0.1 and read the map through the browser. On any
+//! other address (a pod behind a Service, a port-forward) every `Host` is accepted: the names
+//! clients use there (Service DNS names, IPs, an ingress host) are not known in advance, and
+//! whoever can reach such an address can reach the map without a browser anyway.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,13 +21,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 
-use super::{EdgeSource, MapData, MapError, build, now_unix, page};
+use super::{EdgeSource, MAX_REFRESH, MapData, MapError, build, left_out_note, now_unix, page};
 use crate::export::{HttpLimits, serve_router};
 use crate::inventory::Inventory;
 use crate::verdict::Engine;
@@ -105,6 +114,7 @@ fn placeholder(error: &str) -> MapData {
         namespaces: Vec::new(),
         nodes: Vec::new(),
         edges: Vec::new(),
+        edges_left_out: 0,
         full_detail_max_workloads: super::FULL_DETAIL_MAX_WORKLOADS,
         full_detail_max_edges: super::FULL_DETAIL_MAX_EDGES,
         refresh_seconds: None,
@@ -113,14 +123,132 @@ fn placeholder(error: &str) -> MapData {
     }
 }
 
-/// The router: `/` (the page), `/data.json`, `/healthz`, `/readyz`.
-pub fn router(state: Arc<MapState>) -> Router {
+/// The router: `/` (the page), `/data.json`, `/healthz`, `/readyz`, every answer (errors and
+/// not-found included) with [`security_headers`]. With `loopback_only` (the server listens on
+/// a loopback address) requests must name a loopback host (see [`loopback_host`]).
+pub fn router(state: Arc<MapState>, loopback_only: bool) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/data.json", get(data))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(loopback_only, guard))
+}
+
+/// The headers of every answer: no MIME sniffing, no framing (the header CSP's
+/// `frame-ancestors`, which a `<meta>` CSP cannot carry, and `X-Frame-Options` for older
+/// browsers), no referrer, and the page's own policy.
+pub fn security_headers(headers: &mut HeaderMap) {
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(page::HEADER_CSP),
+    );
+}
+
+/// Whether a `Host` (or URI authority) names this machine's loopback: `localhost`, an address
+/// of 127.0.0.0/8 or `[::1]`, each with or without a port.
+pub fn loopback_host(host: &str) -> bool {
+    if let Some(rest) = host.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`.
+        let Some((v6, tail)) = rest.split_once(']') else {
+            return false;
+        };
+        if !(tail.is_empty() || tail.strip_prefix(':').is_some_and(is_port)) {
+            return false;
+        }
+        return v6.parse::<std::net::Ipv6Addr>().is_ok_and(|ip| {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        });
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if is_port(port) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn is_port(port: &str) -> bool {
+    !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Rejects what must not be answered (see [`router`]), then adds [`security_headers`].
+async fn guard(State(loopback_only): State<bool>, request: Request, next: Next) -> Response {
+    let mut response = match check_host(&request, loopback_only) {
+        Ok(()) => next.run(request).await,
+        Err(rejected) => rejected.into_response(),
+    };
+    security_headers(response.headers_mut());
+    response
+}
+
+/// Why [`guard`] turned a request away.
+#[derive(Debug, PartialEq, Eq)]
+enum Rejected {
+    /// HTTP/1.1 without a `Host`, or with several: 400 (RFC 9112 3.2).
+    BadHost,
+    /// A host that is not a loopback one, on a loopback listener: 421.
+    NotLoopback,
+}
+
+impl IntoResponse for Rejected {
+    fn into_response(self) -> Response {
+        match self {
+            Self::BadHost => (
+                StatusCode::BAD_REQUEST,
+                "bad request: HTTP/1.1 requires exactly one Host header\n",
+            )
+                .into_response(),
+            Self::NotLoopback => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected request: this map listens on a loopback address and answers only \
+                 requests for localhost, 127.0.0.1 or [::1] (a guard against DNS rebinding); \
+                 listen on another address to serve it under other names\n",
+            )
+                .into_response(),
+        }
+    }
+}
+
+fn check_host(request: &Request, loopback_only: bool) -> Result<(), Rejected> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Rejected::BadHost);
+    }
+    // An absolute request URI names the host too, and takes precedence over `Host`.
+    let authority = request.uri().authority().map(|a| a.as_str());
+    if host.is_none() && authority.is_none() {
+        return if request.version() == Version::HTTP_11 {
+            Err(Rejected::BadHost)
+        } else {
+            // HTTP/1.0 has no Host; browsers, the only way to a rebinding, always send one.
+            Ok(())
+        };
+    }
+    if !loopback_only {
+        return Ok(());
+    }
+    let host_ok = host.is_none_or(|h| h.to_str().is_ok_and(|h| loopback_host(h.trim())));
+    if host_ok && authority.is_none_or(loopback_host) {
+        Ok(())
+    } else {
+        Err(Rejected::NotLoopback)
+    }
 }
 
 async fn index(State(state): State<Arc<MapState>>) -> Response {
@@ -274,6 +402,7 @@ pub fn serve(
     source: EdgeSource,
     addr: SocketAddr,
     refresh: Duration,
+    max_edges: usize,
 ) -> Result<(), MapError> {
     let fail = |reason: String| MapError::Serve { addr, reason };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -293,17 +422,40 @@ pub fn serve(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| fail(format!("binding: {e}")))?;
-        serve_listener(listener, input, source, refresh, wait_for_signal()).await
+        serve_listener(
+            listener,
+            input,
+            source,
+            refresh,
+            max_edges,
+            wait_for_signal(),
+        )
+        .await
     })
 }
 
+/// How long `/healthz` waits for a refresh round before it says the loop stalled: three
+/// refreshes plus the time its queries may take (two per window and one for the denied
+/// ports, each within QUERY_TIMEOUT), plus a margin. Saturates rather than overflows.
+pub fn stall_after(refresh: Duration, windows: usize) -> Duration {
+    let queries = u32::try_from(windows)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(2)
+        .saturating_add(1);
+    refresh
+        .saturating_mul(3)
+        .saturating_add(QUERY_TIMEOUT.saturating_mul(queries))
+        .saturating_add(Duration::from_secs(30))
+}
+
 /// Serves the map on `listener` until `shutdown` completes: the refresh loop and the HTTP
-/// server of [`serve`], on the caller's runtime.
+/// server of [`serve`], on the caller's runtime, with the `max_edges` heaviest edges.
 pub async fn serve_listener(
     listener: tokio::net::TcpListener,
     inventory: InventoryInput,
     source: EdgeSource,
     refresh: Duration,
+    max_edges: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), MapError> {
     let addr = listener
@@ -311,22 +463,21 @@ pub async fn serve_listener(
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let fail = |reason: String| MapError::Serve { addr, reason };
     let feed = Feed::start(inventory).await?;
-    let refresh = refresh.max(Duration::from_millis(500));
+    // `--refresh` is bounded when parsed; callers of this function are held to the same
+    // ceiling (the page's timer) and to a floor short enough for tests.
+    let refresh = refresh.clamp(Duration::from_millis(500), MAX_REFRESH);
     let windows = match &source {
         EdgeSource::Prometheus { windows, .. } => windows.len(),
         EdgeSource::File(_) => 1,
     };
-    // Each round runs two queries per window and one for the denied ports, each within
-    // QUERY_TIMEOUT.
-    let stall_after =
-        refresh * 3 + QUERY_TIMEOUT * (2 * windows as u32 + 1) + Duration::from_secs(30);
-    let state = Arc::new(MapState::new(stall_after));
+    let state = Arc::new(MapState::new(stall_after(refresh, windows)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let refresher = tokio::spawn(refresh_loop(
         Arc::clone(&state),
         feed,
         source,
         refresh,
+        max_edges,
         stop_rx.clone(),
     ));
     eprintln!(
@@ -337,9 +488,10 @@ pub async fn serve_listener(
         let mut stop = stop_rx;
         let _ = stop.wait_for(|s| *s).await;
     };
+    let loopback_only = addr.ip().to_canonical().is_loopback();
     let server = tokio::spawn(serve_router(
         listener,
-        router(Arc::clone(&state)),
+        router(Arc::clone(&state), loopback_only),
         HttpLimits::default(),
         stopped,
     ));
@@ -373,9 +525,13 @@ async fn refresh_loop(
     feed: Feed,
     source: EdgeSource,
     refresh: Duration,
+    max_edges: usize,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut engine: Option<(Arc<Inventory>, Arc<Engine>)> = None;
+    // Whether stderr was told that edges are left out: said when it starts and when it ends,
+    // not at every refresh (the counts move with the traffic).
+    let mut told_left_out = false;
     loop {
         if let Err(waiting) = feed.ready() {
             show_error(&state, refresh, &waiting);
@@ -406,8 +562,19 @@ async fn refresh_loop(
                 }
             }
         };
-        match source.load().await {
+        match source.load(max_edges).await {
             Ok(observations) => {
+                if (observations.left_out > 0) != told_left_out {
+                    told_left_out = observations.left_out > 0;
+                    if told_left_out {
+                        eprintln!(
+                            "deny-observer: note: {}",
+                            left_out_note(observations.edges.len(), observations.left_out)
+                        );
+                    } else {
+                        eprintln!("deny-observer: note: every edge is drawn again");
+                    }
+                }
                 let stale = feed.stale();
                 let built = tokio::task::spawn_blocking(move || {
                     let mut data = build(&current, &observations, now_unix());
@@ -443,4 +610,244 @@ fn show_error(state: &MapState, refresh: Duration, error: &str) {
     data.error = Some(error.to_owned());
     data.refresh_seconds = Some(refresh.as_secs_f64());
     state.publish(&data, false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[test]
+    fn loopback_hosts() {
+        for ok in [
+            "localhost",
+            "LocalHost:9966",
+            "localhost.",
+            "127.0.0.1",
+            "127.0.0.1:9966",
+            "127.1.2.3:80",
+            "[::1]",
+            "[::1]:9966",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:9966",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+            "10.0.0.1:9966",
+            "0.0.0.0",
+            "[::2]:9966",
+            "[::1",
+            "[::1]x",
+            "::1",
+            "localhost:",
+            "localhost:99999999",
+            "localhost:80:80",
+        ] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stalls_are_computed_without_overflow() {
+        assert_eq!(
+            stall_after(Duration::from_secs(5), 1),
+            Duration::from_secs(15 + 3 * QUERY_TIMEOUT.as_secs() + 30)
+        );
+        assert_eq!(stall_after(Duration::MAX, 5), Duration::MAX);
+        assert!(
+            stall_after(Duration::from_secs(1), usize::MAX)
+                >= QUERY_TIMEOUT.saturating_mul(u32::MAX)
+        );
+    }
+
+    /// One raw HTTP request (`head` after the request line, `\r\n`-separated): status, headers
+    /// (lower-case names) and body.
+    async fn request(
+        addr: SocketAddr,
+        version: &str,
+        path: &str,
+        head: &str,
+    ) -> (u16, Vec<(String, String)>, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+        let request = format!("GET {path} {version}\r\n{head}Connection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("writing: {e}"));
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (top, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = top.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {top:?}"));
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        (status, headers, body.to_owned())
+    }
+
+    fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn assert_secured(what: &str, headers: &[(String, String)]) {
+        assert_eq!(
+            header(headers, "x-content-type-options"),
+            Some("nosniff"),
+            "{what}"
+        );
+        assert_eq!(header(headers, "x-frame-options"), Some("DENY"), "{what}");
+        assert_eq!(
+            header(headers, "referrer-policy"),
+            Some("no-referrer"),
+            "{what}"
+        );
+        let csp = header(headers, "content-security-policy").unwrap_or_default();
+        assert!(
+            csp.starts_with(page::PAGE_CSP) && csp.ends_with("; frame-ancestors 'none'"),
+            "{what}: {csp}"
+        );
+    }
+
+    /// Starts `map --listen` on `bind` (port 0) with a manifest directory and an edges file,
+    /// refreshed every `refresh`; returns the address to connect to and the server's stop.
+    async fn start(
+        dir: &std::path::Path,
+        bind: &str,
+        refresh: Duration,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        let inventory = dir.join("inventory");
+        std::fs::create_dir_all(&inventory).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            inventory.join("ns.yaml"),
+            "{apiVersion: v1, kind: Namespace, metadata: {name: shop}}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let edges = dir.join("edges.jsonl");
+        std::fs::write(
+            &edges,
+            "{\"source_namespace\":\"shop\",\"source_workload\":\"web\",\"destination_namespace\":\"shop\",\"destination_workload\":\"api\",\"protocol\":\"tcp\",\"port\":80,\"observed\":3,\"verdict\":\"deny\"}\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .unwrap_or_else(|e| panic!("binding {bind}: {e}"));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .port();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve_listener(
+            listener,
+            InventoryInput::Dir(inventory),
+            EdgeSource::File(edges),
+            refresh,
+            10,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, _, _) = request(addr, "HTTP/1.1", "/readyz", "Host: localhost\r\n").await;
+            if status == 200 {
+                return (addr, stop_tx);
+            }
+            assert!(Instant::now() < deadline, "not ready after 20s: {status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_loopback_server_answers_loopback_hosts_only_and_secures_every_answer() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        // A refresh far beyond the bounds overflowed the stall limit before it was clamped.
+        let (addr, stop) = start(dir.path(), "127.0.0.1:0", Duration::MAX).await;
+        let host = format!("Host: 127.0.0.1:{}\r\n", addr.port());
+
+        let (status, headers, body) = request(addr, "HTTP/1.1", "/", &host).await;
+        assert_eq!(status, 200, "{body}");
+        assert_secured("/", &headers);
+        assert!(
+            body.contains(&format!("content=\"{}\"", page::PAGE_CSP)),
+            "the page carries the same policy"
+        );
+        let (status, headers, body) =
+            request(addr, "HTTP/1.1", "/data.json", "Host: localhost\r\n").await;
+        assert_eq!(status, 200, "{body}");
+        assert_secured("/data.json", &headers);
+        let data: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        assert_eq!(data["refresh_seconds"], 3600.0, "the refresh is clamped");
+        assert_eq!(data["edges"].as_array().map(Vec::len), Some(1), "{data}");
+        for path in ["/healthz", "/nope"] {
+            let (status, headers, _) = request(addr, "HTTP/1.1", path, "Host: [::1]\r\n").await;
+            assert_eq!(status, if path == "/nope" { 404 } else { 200 }, "{path}");
+            assert_secured(path, &headers);
+        }
+
+        // DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1.
+        for evil in ["Host: evil.example\r\n", "Host: evil.example:9966\r\n"] {
+            let (status, headers, body) = request(addr, "HTTP/1.1", "/data.json", evil).await;
+            assert_eq!(status, 421, "{evil}: {body}");
+            assert!(body.contains("DNS rebinding"), "{body}");
+            assert!(!body.contains("shop/web"), "{body}");
+            assert_secured("421", &headers);
+        }
+        let (status, _, _) = request(
+            addr,
+            "HTTP/1.1",
+            "http://evil.example/data.json",
+            "Host: localhost\r\n",
+        )
+        .await;
+        assert_eq!(status, 421, "an absolute URI names the host too");
+        let (status, headers, body) = request(addr, "HTTP/1.1", "/", "").await;
+        assert_eq!(status, 400, "HTTP/1.1 without Host: {body}");
+        assert_secured("400", &headers);
+        let (status, _, _) = request(
+            addr,
+            "HTTP/1.1",
+            "/",
+            "Host: localhost\r\nHost: evil.example\r\n",
+        )
+        .await;
+        assert_eq!(status, 400, "two Hosts");
+        let (status, _, _) = request(addr, "HTTP/1.0", "/healthz", "").await;
+        assert_eq!(status, 200, "HTTP/1.0 needs no Host");
+        let _ = stop.send(());
+    }
+
+    #[tokio::test]
+    async fn a_server_on_another_address_answers_any_host() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (addr, stop) = start(dir.path(), "0.0.0.0:0", Duration::from_millis(500)).await;
+        let (status, headers, body) = request(
+            addr,
+            "HTTP/1.1",
+            "/data.json",
+            "Host: deny-observer-map.monitoring.svc:9966\r\n",
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_secured("/data.json", &headers);
+        let (status, _, _) = request(addr, "HTTP/1.1", "/", "").await;
+        assert_eq!(status, 400, "HTTP/1.1 without Host");
+        let _ = stop.send(());
+    }
 }

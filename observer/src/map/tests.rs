@@ -69,6 +69,7 @@ fn observations(edges: Vec<Observation>) -> Observations {
         windows: vec![("5m".into(), 300.0), ("1h".into(), 3600.0)],
         edges,
         notes: vec![],
+        left_out: 0,
     }
 }
 
@@ -371,9 +372,119 @@ fn an_edges_file_marks_denied_counts_shared_by_the_ports_of_an_edge() {
         obs("dev/tool", "shop/web", None, Observed::Deny, vec![2]),
         obs("shop/web", "shop/api", Some(8080), Observed::Allow, vec![1]),
     ];
-    mark_file_ports(&mut edges);
+    let mut ports = FilePorts::default();
+    for e in &edges {
+        ports.note(e);
+    }
+    ports.mark(&mut edges);
     assert_eq!(edges[0].count_ports, ["8080", "9000"]);
     assert_eq!(edges[1].count_ports, ["8080", "9000"]);
     assert!(edges[2].count_ports.is_empty());
     assert!(edges[3].count_ports.is_empty());
+}
+
+#[test]
+fn refresh_is_bounded_when_parsed() {
+    assert_eq!(parse_refresh("1s"), Ok(Duration::from_secs(1)));
+    assert_eq!(parse_refresh("5s"), Ok(Duration::from_secs(5)));
+    assert_eq!(parse_refresh("1h"), Ok(Duration::from_secs(3600)));
+    for bad in ["0", "500ms", "61m", "30d", "9223372036854775807s"] {
+        let err = parse_refresh(bad).err().unwrap_or_default();
+        assert!(err.contains("out of range"), "{bad}: {err:?}");
+    }
+    assert!(parse_refresh("soon").is_err());
+
+    // The flag uses it, and `--max-edges` takes a positive count.
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        map: MapArgs,
+    }
+    let parse = |extra: &[&str]| {
+        let mut args = vec!["map", "--edges", "e.jsonl", "--listen", "127.0.0.1:1"];
+        args.extend_from_slice(extra);
+        <Cli as clap::Parser>::try_parse_from(args).map(|c| c.map)
+    };
+    let defaults = parse(&[]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(defaults.refresh, Duration::from_secs(5));
+    assert_eq!(defaults.max_edges, DEFAULT_MAX_EDGES);
+    let err = parse(&["--refresh", "30d"]).err().map(|e| e.to_string());
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("out of range")),
+        "{err:?}"
+    );
+    assert!(parse(&["--max-edges", "0"]).is_err());
+    assert_eq!(
+        parse(&["--max-edges", "7"]).map(|a| a.max_edges).ok(),
+        Some(7)
+    );
+}
+
+#[test]
+fn the_heaviest_edges_are_kept_denied_first() {
+    let mut heaviest = Heaviest::new(3);
+    for o in [
+        obs("a/x", "b/y", Some(1), Observed::Allow, vec![0, 100]),
+        obs("a/x", "b/y", Some(2), Observed::Allow, vec![0, 5]),
+        obs("a/x", "b/y", Some(3), Observed::Deny, vec![0, 1]),
+        obs("a/x", "b/y", Some(4), Observed::Allow, vec![0, 50]),
+        obs("a/x", "b/y", Some(5), Observed::Allow, vec![0, 50]),
+        obs("a/x", "b/y", Some(6), Observed::Allow, vec![0, 2]),
+    ] {
+        heaviest.push(o);
+    }
+    let (kept, left_out) = heaviest.finish();
+    let ports: Vec<Option<u16>> = kept.iter().map(|o| o.port).collect();
+    // The deny however light, then the heaviest allowed; of the two of 50, the first in order.
+    assert_eq!(ports, [Some(1), Some(3), Some(4)]);
+    assert_eq!(left_out, 3);
+}
+
+#[test]
+fn an_edges_file_beyond_max_edges_keeps_the_heaviest_and_says_how_many_are_left_out() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.path().join("edges.jsonl");
+    let mut text = String::new();
+    for i in 0..10u64 {
+        let verdict = if i == 0 { "deny" } else { "allow" };
+        text.push_str(&format!(
+            "{{\"source_namespace\":\"a\",\"source_workload\":\"w{i}\",\"destination_namespace\":\"b\",\"destination_workload\":\"db\",\"protocol\":\"tcp\",\"port\":{},\"observed\":{},\"verdict\":\"{verdict}\"}}\n",
+            5432 + i,
+            i * 10
+        ));
+    }
+    // Two ports of one denied edge: the one kept still names both.
+    text.push_str("{\"source_namespace\":\"a\",\"source_workload\":\"w0\",\"destination_namespace\":\"b\",\"destination_workload\":\"db\",\"protocol\":\"tcp\",\"port\":1,\"observed\":0,\"verdict\":\"deny\"}\n");
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    let loaded = EdgeSource::File(path.clone())
+        .load_blocking(4)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let kept: Vec<(&str, u64)> = loaded
+        .edges
+        .iter()
+        .map(|o| (o.source_workload.as_str(), o.counts[0]))
+        .collect();
+    assert_eq!(kept, [("w0", 0), ("w0", 0), ("w8", 80), ("w9", 90)]);
+    assert_eq!(loaded.edges[0].count_ports, ["1", "5432"]);
+    assert_eq!(loaded.left_out, 7);
+    assert!(
+        loaded
+            .notes
+            .iter()
+            .any(|n| n.starts_with("7 of 11 edges left out")),
+        "{:?}",
+        loaded.notes
+    );
+    let data = build(&engine(), &loaded, 0);
+    assert_eq!(data.edges.len(), 4);
+    assert_eq!(data.edges_left_out, 7);
+    let page = page::script_json(&data);
+    assert!(page.contains("\"edges_left_out\":7"), "{page}");
+
+    // Within the limit: everything, no note.
+    let all = EdgeSource::File(path)
+        .load_blocking(DEFAULT_MAX_EDGES)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((all.edges.len(), all.left_out), (11, 0));
+    assert!(all.notes.is_empty(), "{:?}", all.notes);
 }

@@ -23,7 +23,8 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    let request = format!("GET {path} HTTP/1.1\r\nHost: map\r\nConnection: close\r\n\r\n");
+    // A loopback name: the server listens on 127.0.0.1 and answers no other (DNS rebinding).
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream
         .write_all(request.as_bytes())
         .await
@@ -107,6 +108,7 @@ async fn start_map(
         InventoryInput::Kube(kube::Client::new(service, "default")),
         EdgeSource::File(file),
         Duration::from_millis(500),
+        observer::map::DEFAULT_MAX_EDGES,
         async move {
             let _ = stop_rx.await;
         },

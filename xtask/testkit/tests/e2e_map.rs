@@ -10,6 +10,10 @@
 //!    real allowed traffic; its screenshot is the README's.
 //! 2. `map --listen`: a page left open sees a new denied edge appear after its refresh, and
 //!    `/healthz` answers like the daemon's.
+//! 3. Without a cluster (no root): the page's script survives hostile data and links:
+//!    namespaces named like `Object.prototype`'s members, a `#edge=` link that is not valid
+//!    percent-encoding, a refresh beyond what a browser timer holds; and `map --listen`'s page
+//!    works under the server's own Content-Security-Policy header.
 //!
 //! Run through `cargo xtask test`, which builds the release daemon and sets the variable.
 
@@ -675,4 +679,202 @@ fn map_listen_page_shows_a_new_denied_edge() {
         "the page must have refreshed from data.json"
     );
     assert_eq!(http_get(addr, "/healthz"), Ok((200, "ok\n".to_owned())));
+}
+
+/// Names JavaScript objects treat specially: `__proto__` never becomes a key of a plain
+/// object, the others are keys of every one already.
+const HOSTILE_NAMESPACES: [&str; 4] = ["__proto__", "constructor", "toString", "hasOwnProperty"];
+
+/// An inventory with the namespace `shop`, and edges from a workload of each hostile
+/// namespace to `shop/api` plus `shop/web -> shop/api`.
+fn hostile_map(work: &Path) -> (PathBuf, PathBuf) {
+    let inventory = work.join("inventory");
+    std::fs::create_dir_all(&inventory).unwrap();
+    std::fs::write(
+        inventory.join("ns.yaml"),
+        "{apiVersion: v1, kind: Namespace, metadata: {name: shop}}\n",
+    )
+    .unwrap();
+    let edge = |ns: &str, workload: &str, verdict: &str| {
+        json!({
+            "source_namespace": ns, "source_workload": workload,
+            "destination_namespace": "shop", "destination_workload": "api",
+            "protocol": "tcp", "port": 8080, "observed": 3, "verdict": verdict,
+        })
+        .to_string()
+    };
+    let mut lines: Vec<String> = HOSTILE_NAMESPACES
+        .iter()
+        .map(|ns| edge(ns, "x", "deny"))
+        .collect();
+    lines.push(edge("shop", "web", "allow"));
+    let edges = work.join("edges.jsonl");
+    std::fs::write(&edges, lines.join("\n") + "\n").unwrap();
+    (inventory, edges)
+}
+
+/// Records, before the page's own script runs, the delays it gives `setTimeout` and the
+/// fetches it makes.
+const RECORD_TIMERS_JS: &str = r#"
+  window.__delays = [];
+  window.__fetches = 0;
+  const setTimeout0 = window.setTimeout;
+  window.setTimeout = function (f, ms) { window.__delays.push(Number(ms) || 0); return setTimeout0(f, ms); };
+  const fetch0 = window.fetch;
+  window.fetch = function () { window.__fetches++; return fetch0.apply(this, arguments); };
+"#;
+
+#[test]
+fn map_page_survives_hostile_names_links_and_refresh_values() {
+    assert!(
+        chromium::binary().is_some(),
+        "chromium is not installed: `cargo xtask setup` installs Debian's chromium"
+    );
+    let bin = testkit::daemon_bin();
+    let work = tempfile::tempdir().unwrap();
+    let (inventory, edges) = hostile_map(work.path());
+    let page = work.path().join("map.html");
+    let (code, _, err) = run(
+        &bin,
+        &[
+            "map",
+            "--inventory",
+            inventory.to_str().unwrap(),
+            "--edges",
+            edges.to_str().unwrap(),
+            "--output",
+            page.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "map --edges failed: {err}");
+
+    let mut browser = Browser::launch(1400, 900).unwrap_or_else(|e| panic!("{e}"));
+    // A namespace `__proto__` threw before the first frame; a link that is not valid
+    // percent-encoding threw before the list was done: neither page was ever ready.
+    browser
+        .navigate(&format!("file://{}#edge=%E0%A4%A", page.display()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .wait_for(
+            "document.body.dataset.ready === 'true'",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let seen = browser
+        .eval(
+            "({ edges: Array.from(document.querySelectorAll('[data-edge]')).map(e => e.dataset.edge).sort(), \
+                drawn: window.trafficMap.drawn() })",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut want: Vec<String> = HOSTILE_NAMESPACES
+        .iter()
+        .map(|ns| format!("{ns}/x->shop/api"))
+        .collect();
+    want.push("shop/web->shop/api".to_owned());
+    want.sort();
+    assert_eq!(seen["edges"], json!(want), "{seen}");
+    let drawn = &seen["drawn"];
+    assert_eq!(drawn["namespaces"], 5, "a box per namespace: {drawn}");
+    assert_eq!(drawn["workloads"], 6, "{drawn}");
+    assert_eq!(drawn["edges"], 5, "{drawn}");
+    // "Namespaces only": no namespace is expanded, `__proto__` included (in a plain object,
+    // `expanded["__proto__"]` is Object.prototype, so it always was).
+    let aggregated = browser
+        .eval(
+            "(() => { const c = document.getElementById('filter-aggregate'); c.checked = true; \
+             c.dispatchEvent(new Event('change')); return window.trafficMap.drawn(); })()",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(aggregated["aggregated"], true, "{aggregated}");
+    assert_eq!(aggregated["workloads"], 0, "{aggregated}");
+    assert_eq!(aggregated["namespaces"], 5, "{aggregated}");
+
+    // A page whose data asks for a refresh every 30 days: the delay must stay within what a
+    // timer holds (2^31 ms wraps to 0, a poll without pause).
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("\"refresh_seconds\":null"));
+    let slow = work.path().join("slow.html");
+    std::fs::write(
+        &slow,
+        html.replace("\"refresh_seconds\":null", "\"refresh_seconds\":2592000"),
+    )
+    .unwrap();
+    browser
+        .call(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({"source": RECORD_TIMERS_JS}),
+            true,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .navigate(&format!("file://{}", slow.display()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .wait_for(
+            "document.body.dataset.ready === 'true'",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(Duration::from_secs(1));
+    let timers = browser
+        .eval("({ delays: window.__delays, fetches: window.__fetches })")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let max_delay = timers["delays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_f64)
+        .fold(0.0, f64::max);
+    let fetches = &timers["fetches"];
+    assert_eq!(
+        max_delay, 3_600_000.0,
+        "the poll waits an hour ({fetches} fetches)"
+    );
+    assert_eq!(*fetches, 0, "no poll yet");
+    drop(browser);
+
+    // Served: the page works under the server's CSP header, and polls data.json.
+    let addr = free_loopback_addr().unwrap();
+    let log = std::fs::File::create(work.path().join("map.log")).unwrap();
+    let mut server = Server(
+        Command::new(&bin)
+            .args([
+                "map",
+                "--inventory",
+                inventory.to_str().unwrap(),
+                "--edges",
+                edges.to_str().unwrap(),
+                "--listen",
+                &addr.to_string(),
+                "--refresh",
+                "1s",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_get(addr, "/readyz").map(|(code, _)| code) != Ok(200) {
+        assert!(
+            server.0.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "map --listen not ready: {}",
+            promstack::tail(&work.path().join("map.log"), 20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut browser = Browser::launch(1400, 900).unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .navigate(&format!("http://{addr}/"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .wait_for(
+            "document.body.dataset.ready === 'true' && document.body.dataset.refreshed !== undefined",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let edges_shown = browser
+        .eval("document.querySelectorAll('[data-edge]').length")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(edges_shown, 5);
 }

@@ -11,7 +11,10 @@
   var data = JSON.parse($('map-data').textContent);
   mark('parsed');
   var cy = null;
-  var ui = { ns: '*', deniedOnly: false, win: -1, aggregate: null, expanded: {}, selected: null };
+  // Every dictionary keyed by names from the data is a Map: namespaces and workloads are
+  // whatever the edges file or the metrics' labels say, and in a plain object `__proto__` never
+  // becomes a key while `constructor` is one already.
+  var ui = { ns: '*', deniedOnly: false, win: -1, aggregate: null, expanded: new Map(), selected: null };
   // The signature of what is drawn: a refresh that changes nothing drawn keeps the layout.
   var drawnSignature = '';
   // The edge list's rows, by edge index; rows per chunk (see map.css .chunk).
@@ -194,62 +197,63 @@
   // Graph elements for the visible edges: every workload, or namespaces first when the map is
   // beyond the full-detail limits (a namespace expands on click).
   function elements(edges) {
-    var nodeIds = {};
-    edges.forEach(function (e) { nodeIds[e.source] = true; nodeIds[e.target] = true; });
-    var ids = Object.keys(nodeIds).sort();
+    var nodeIds = new Set();
+    edges.forEach(function (e) { nodeIds.add(e.source); nodeIds.add(e.target); });
+    var ids = Array.from(nodeIds).sort();
     var aggregate = ui.aggregate;
     var endpoint = function (id) {
       var ns = nsOf(id);
-      return aggregate && !ui.expanded[ns] ? 'ns:' + ns : id;
+      return aggregate && !ui.expanded.get(ns) ? 'ns:' + ns : id;
     };
     var els = [];
-    var members = {};
+    var members = new Map();
     ids.forEach(function (id) {
       var ns = nsOf(id);
-      members[ns] = (members[ns] || 0) + 1;
+      members.set(ns, (members.get(ns) || 0) + 1);
     });
     // Namespace boxes are plain nodes drawn beneath their workloads, not Cytoscape compound
     // parents: with compound nodes every style property applied to any element re-dirties its
     // parents, descendants and their edges, which took seconds at 10,000 edges.
-    Object.keys(members).sort().forEach(function (ns) {
+    Array.from(members.keys()).sort().forEach(function (ns) {
       var info = nsInfo(ns);
-      var collapsed = aggregate && !ui.expanded[ns];
+      var collapsed = aggregate && !ui.expanded.get(ns);
       els.push({ group: 'nodes', data: {
         id: 'ns:' + ns,
-        label: nsName(ns) + (info.open ? ' (open field: no NetworkPolicy)' : '') + (collapsed ? ' [' + members[ns] + ' workloads]' : ''),
+        label: nsName(ns) + (info.open ? ' (open field: no NetworkPolicy)' : '') + (collapsed ? ' [' + members.get(ns) + ' workloads]' : ''),
         ns: ns
       }, classes: 'namespace' + (info.open ? ' open' : '') + (collapsed ? ' collapsed' : '') + (ns === '' ? ' outside' : '') });
     });
     ids.forEach(function (id) {
       var ns = nsOf(id);
-      if (aggregate && !ui.expanded[ns]) { return; }
+      if (aggregate && !ui.expanded.get(ns)) { return; }
       els.push({ group: 'nodes', data: { id: id, box: 'ns:' + ns, label: id.slice(ns.length + 1) }, classes: 'workload' });
     });
     var maxRate = 0;
     edges.forEach(function (e) { var r = rate(e); if (r !== null && r > maxRate) { maxRate = r; } });
-    var merged = {};
+    var merged = new Map();
     edges.forEach(function (e) {
       var at = e._idx;
       var s = endpoint(e.source), t = endpoint(e.target);
       var key = s + '|' + t + '|' + e.verdict + '|' + (e.verdict === 'denied' ? e.policy + '|' + (e.match || '') : '');
-      var m = merged[key];
+      var m = merged.get(key);
       if (!m) {
-        m = merged[key] = { s: s, t: t, verdict: e.verdict, policy: e.policy, match: e.match, idx: [], count: 0, rate: null };
+        m = { s: s, t: t, verdict: e.verdict, policy: e.policy, match: e.match, idx: [], count: 0, rate: null };
+        merged.set(key, m);
       }
       m.idx.push(at);
       // The ports of one denied edge share its count: add it once.
       if (shared(e)) {
         var edgeKey = e.source + '>' + e.target + '|' + e.protocol;
-        m.sharedSeen = m.sharedSeen || {};
-        if (m.sharedSeen[edgeKey]) { return; }
-        m.sharedSeen[edgeKey] = true;
+        m.sharedSeen = m.sharedSeen || new Set();
+        if (m.sharedSeen.has(edgeKey)) { return; }
+        m.sharedSeen.add(edgeKey);
       }
       m.count += count(e);
       var r = rate(e);
       if (r !== null) { m.rate = (m.rate || 0) + r; }
     });
-    Object.keys(merged).sort().forEach(function (key, i) {
-      var m = merged[key];
+    Array.from(merged.keys()).sort().forEach(function (key, i) {
+      var m = merged.get(key);
       var classes = m.verdict + (m.match === 'unexplained' ? ' unexplained' : '') + (m.s === m.t ? ' loop' : '');
       els.push({ group: 'edges', data: {
         id: 'e' + i, source: m.s, target: m.t, idx: m.idx.join(','),
@@ -302,21 +306,24 @@
   // element's position and size (data w, h) and returns the boxes for placeWorkloads.
   function planBoxes(els) {
     var boxes = [];
-    var byId = {};
+    var byId = new Map();
     els.forEach(function (el) {
       if (el.group === 'nodes' && !el.data.box) {
         var b = { id: el.data.id, el: el, n: 0 };
         boxes.push(b);
-        byId[b.id] = b;
+        byId.set(b.id, b);
       }
     });
-    var links = {};
+    var links = new Map();
     els.forEach(function (el) {
-      if (el.group === 'nodes' && el.data.box) { byId[el.data.box].n++; }
+      if (el.group === 'nodes' && el.data.box) {
+        var box = byId.get(el.data.box);
+        if (box) { box.n++; }
+      }
       if (el.group !== 'edges') { return; }
       var s = el.data.source, t = el.data.target;
-      var sb = byId[s] ? s : 'ns:' + nsOf(s), tb = byId[t] ? t : 'ns:' + nsOf(t);
-      if (sb !== tb) { links[sb + '|' + tb] = [sb, tb]; }
+      var sb = byId.has(s) ? s : 'ns:' + nsOf(s), tb = byId.has(t) ? t : 'ns:' + nsOf(t);
+      if (sb !== tb) { links.set(sb + '|' + tb, [sb, tb]); }
     });
     boxes.forEach(function (b) {
       b.cols = Math.max(1, Math.ceil(Math.sqrt(b.n * 1.6)));
@@ -325,8 +332,8 @@
       b.h = b.n ? rows * 56 : 40;
     });
     var planEls = boxes.map(function (b) { return { data: { id: b.id, w: b.w + 50, h: b.h + 60 } }; });
-    Object.keys(links).forEach(function (k, i) {
-      planEls.push({ data: { id: 'l' + i, source: links[k][0], target: links[k][1] } });
+    Array.from(links.values()).forEach(function (link, i) {
+      planEls.push({ data: { id: 'l' + i, source: link[0], target: link[1] } });
     });
     var plan = cytoscape({ headless: true, styleEnabled: true, elements: planEls,
       style: [{ selector: 'node', style: { width: 'data(w)', height: 'data(h)' } }] });
@@ -348,7 +355,7 @@
       grid();
     }
     plan.nodes().forEach(function (n) {
-      var b = byId[n.id()];
+      var b = byId.get(n.id());
       var p = n.position();
       b.x1 = p.x - b.w / 2;
       b.y1 = p.y - b.h / 2;
@@ -362,20 +369,24 @@
 
   // Places the workloads of each box with Cytoscape's `grid`, most connected first.
   function placeWorkloads(boxes, els) {
-    var degree = {};
+    var degree = new Map();
     els.forEach(function (el) {
       if (el.group !== 'edges') { return; }
-      degree[el.data.source] = (degree[el.data.source] || 0) + 1;
-      degree[el.data.target] = (degree[el.data.target] || 0) + 1;
+      degree.set(el.data.source, (degree.get(el.data.source) || 0) + 1);
+      degree.set(el.data.target, (degree.get(el.data.target) || 0) + 1);
     });
-    var byBox = {};
-    cy.nodes('.workload').forEach(function (w) { (byBox[w.data('box')] = byBox[w.data('box')] || []).push(w); });
+    var byBox = new Map();
+    cy.nodes('.workload').forEach(function (w) {
+      var box = w.data('box');
+      if (!byBox.has(box)) { byBox.set(box, []); }
+      byBox.get(box).push(w);
+    });
     boxes.forEach(function (b) {
-      if (!byBox[b.id]) { return; }
-      cy.collection(byBox[b.id]).layout({ name: 'grid', animate: false, fit: false, avoidOverlap: false,
+      if (!byBox.has(b.id)) { return; }
+      cy.collection(byBox.get(b.id)).layout({ name: 'grid', animate: false, fit: false, avoidOverlap: false,
         condense: false, boundingBox: { x1: b.x1, y1: b.y1, w: b.w, h: b.h }, cols: b.cols,
         sort: function (a, c) {
-          var da = degree[a.id()] || 0, dc = degree[c.id()] || 0;
+          var da = degree.get(a.id()) || 0, dc = degree.get(c.id()) || 0;
           return da === dc ? (a.id() < c.id() ? -1 : 1) : dc - da;
         }
       }).run();
@@ -417,9 +428,9 @@
   function render() {
     var edges = data.edges.filter(visible);
     data.edges.forEach(function (e, i) { e._idx = i; });
-    var nWorkloads = {};
-    edges.forEach(function (e) { nWorkloads[e.source] = 1; nWorkloads[e.target] = 1; });
-    var nodes = Object.keys(nWorkloads).length;
+    var nWorkloads = new Set();
+    edges.forEach(function (e) { nWorkloads.add(e.source); nWorkloads.add(e.target); });
+    var nodes = nWorkloads.size;
     var over = nodes > data.full_detail_max_workloads || edges.length > data.full_detail_max_edges;
     if (ui.aggregate === null || ui.autoAggregate !== over) {
       ui.aggregate = over;
@@ -480,7 +491,7 @@
       cy.on('tap', 'node.namespace', function (evt) {
         if (!ui.aggregate) { return; }
         var ns = evt.target.data('ns');
-        ui.expanded[ns] = !ui.expanded[ns];
+        ui.expanded.set(ns, !ui.expanded.get(ns));
         refilter();
       });
     }
@@ -491,7 +502,8 @@
 
   function counts() {
     $('counts').textContent = ui.drawnWorkloads + ' workloads, ' + ui.shownEdges + ' of ' + data.edges.length +
-      ' edges shown' + (ui.aggregate ? ' (by namespace: select one to expand it)' : '');
+      ' edges shown' + (ui.aggregate ? ' (by namespace: select one to expand it)' : '') +
+      (data.edges_left_out ? '; ' + data.edges_left_out + ' lighter edges left out (--max-edges)' : '');
   }
 
   // After a filter change: redraw, then update the list in place.
@@ -572,7 +584,9 @@
   function selectFromHash() {
     var m = /^#edge=(.+)$/.exec(location.hash);
     if (!m) { return false; }
-    var name = decodeURIComponent(m[1]);
+    var name;
+    // A link cut short or mistyped (`%E0%A4%A`) is ignored: it must not stop the page.
+    try { name = decodeURIComponent(m[1]); } catch (err) { return false; }
     var found = [];
     data.edges.forEach(function (e, i) { if (edgeName(e) === name) { found.push(i); } });
     found.sort(function (a, b) { return (data.edges[a].verdict === 'denied' ? 0 : 1) - (data.edges[b].verdict === 'denied' ? 0 : 1); });
@@ -623,7 +637,7 @@
   $('filter-window').addEventListener('change', function (e) { ui.win = Number(e.target.value); refilter(); });
   $('filter-aggregate').addEventListener('change', function (e) {
     ui.aggregate = e.target.checked;
-    ui.expanded = {};
+    ui.expanded = new Map();
     refilter();
   });
   $('details').addEventListener('click', onClickSelect);
@@ -640,6 +654,15 @@
 
   firstDraw();
 
+  // The delay to the next poll: `refresh_seconds`, within the server's bounds. Browsers keep a
+  // timer's delay in a signed 32-bit count of milliseconds; beyond 2^31 ms (24.8 days) it
+  // wraps to 0, and the page would poll without pause.
+  function pollDelay() {
+    var secs = Number(data.refresh_seconds);
+    if (!(secs > 0)) { secs = 5; }
+    return Math.min(Math.max(secs, 0.5), 3600) * 1000;
+  }
+
   if (data.refresh_seconds) {
     var poll = function () {
       fetch('data.json', { cache: 'no-store' }).then(function (r) {
@@ -653,8 +676,8 @@
         banner.className = '';
         banner.textContent = 'refresh failed: ' + err.message + ' (showing the last map)';
         banner.hidden = false;
-      }).then(function () { setTimeout(poll, data.refresh_seconds * 1000); });
+      }).then(function () { setTimeout(poll, pollDelay()); });
     };
-    setTimeout(poll, data.refresh_seconds * 1000);
+    setTimeout(poll, pollDelay());
   }
 })();
