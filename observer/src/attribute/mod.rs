@@ -149,7 +149,14 @@ impl Views {
         let key = |e: Result<&Arc<Pod>, IpAddr>| e.map_or_else(EndpointKey::Ip, EndpointKey::pod);
         // A dual-stack pod is judged by the address the packet carries (see `IpFamily`).
         let family = drop.src.or(drop.dst).map(IpFamily::of);
-        let flow_key = VerdictKey::new(key(src), key(dst), protocol, drop.dst_port, family);
+        let flow_key = VerdictKey::new(
+            key(src),
+            key(dst),
+            protocol,
+            drop.dst_port,
+            family,
+            own_node,
+        );
         // The pods are cloned only to evaluate a verdict not cached yet.
         let peer = |e: Result<&Arc<Pod>, IpAddr>| {
             e.map_or_else(Peer::External, |pod| Peer::Pod(Arc::clone(pod)))

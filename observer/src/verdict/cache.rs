@@ -55,6 +55,9 @@ pub struct VerdictKey {
     /// The flow's address family ([`FlowQuery::family`]): the two families of a dual-stack
     /// pair may get different verdicts from an ipBlock.
     pub family: Option<IpFamily>,
+    /// [`FlowQuery::own_node`]: whether an address is the node's can change while the pods
+    /// at the two ends do not (a host-network pod starts on it), so it is part of the key.
+    pub own_node: bool,
 }
 
 impl VerdictKey {
@@ -66,6 +69,7 @@ impl VerdictKey {
         protocol: Protocol,
         port: u16,
         family: Option<IpFamily>,
+        own_node: bool,
     ) -> Self {
         VerdictKey {
             src,
@@ -73,6 +77,7 @@ impl VerdictKey {
             protocol,
             port: if protocol.has_ports() { port } else { 0 },
             family,
+            own_node,
         }
     }
 
@@ -84,6 +89,7 @@ impl VerdictKey {
             flow.protocol,
             flow.port,
             flow.family,
+            flow.own_node,
         )
     }
 }
@@ -175,8 +181,8 @@ impl VerdictCache {
             inner.generation = engine.generation();
         } else {
             if let Some((k, e)) = &inner.any_port
-                && (k.src, k.dst, k.protocol, k.family)
-                    == (key.src, key.dst, key.protocol, key.family)
+                && (k.src, k.dst, k.protocol, k.family, k.own_node)
+                    == (key.src, key.dst, key.protocol, key.family, key.own_node)
             {
                 return Arc::clone(&e.verdict);
             }

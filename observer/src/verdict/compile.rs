@@ -284,10 +284,24 @@ impl PortMatcher {
                             pod.namespace, pod.name
                         )
                     }
-                    (Some(pod), None) => format!(
-                        "{proto}/{name} (a port name {}/{} does not declare)",
-                        pod.namespace, pod.name
-                    ),
+                    (Some(pod), None) => {
+                        // The name over another protocol is the usual slip (`dns` is UDP).
+                        let other = pod
+                            .ports
+                            .iter()
+                            .find(|cp| cp.name.as_deref() == Some(name))
+                            .map(|cp| cp.protocol);
+                        match other {
+                            Some(p) => format!(
+                                "{proto}/{name} (on {}/{} the port {name} is {p}, not {proto})",
+                                pod.namespace, pod.name
+                            ),
+                            None => format!(
+                                "{proto}/{name} (a port name {}/{} does not declare)",
+                                pod.namespace, pod.name
+                            ),
+                        }
+                    }
                     (None, None) => format!("{proto}/{name} (a named port: pods only)"),
                 }
             }

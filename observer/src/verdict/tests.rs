@@ -211,6 +211,31 @@ spec:
 }
 
 #[test]
+fn a_named_port_over_another_protocol_is_called_that_in_the_nearest_miss() {
+    let w = World::new(
+        vec![ns("a", &[])],
+        vec![
+            pod("a/client", &[("app", "client")], "10.0.0.1"),
+            with_port(
+                pod("a/dns", &[("app", "dns")], "10.0.0.2"),
+                "dns",
+                53,
+                Protocol::Udp,
+            ),
+        ],
+        &["
+metadata: {name: allow-dns, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: dns}}
+  ingress: [{ports: [{port: dns, protocol: TCP}]}]"],
+    );
+    let v = w.tcp("a/client", "a/dns", 53);
+    assert!(!v.allowed);
+    let d = &v.ingress.nearest_misses[0].description;
+    assert!(d.contains("on a/dns the port dns is UDP, not TCP"), "{d}");
+}
+
+#[test]
 fn namespace_selector_alone_selects_all_pods_of_matching_namespaces() {
     let w = basic(&["
 metadata: {name: p, namespace: a}
