@@ -6,7 +6,9 @@
 //! - ReplicaSet → Deployment. When the ReplicaSet object is known ([`OwnerIndex`]), its own
 //!   controller is used. Without it, the Deployment controller's naming rule is applied: a
 //!   ReplicaSet is named `<deployment>-<pod-template-hash>`, and the pod carries the same
-//!   `pod-template-hash` label.
+//!   `pod-template-hash` label. Argo Rollouts names its ReplicaSets the same way, with the hash
+//!   in the pods' `rollouts-pod-template-hash` label: without the object, such a pod's workload
+//!   is the `Rollout`, not the ReplicaSet of one revision.
 //! - Job → CronJob. When the Job object is known, its own controller is used. Without it, the
 //!   CronJob controller's naming rule is applied: `<cronjob>-<scheduled time in minutes since the
 //!   epoch>` (kubernetes/kubernetes `pkg/controller/cronjob/utils.go`, `getJobName` and
@@ -14,7 +16,8 @@
 //!   since the epoch have had 8 digits since 1973, so at least 8 digits are required.
 //!
 //! StatefulSet, DaemonSet and any other controller kind are taken as the workload directly. A
-//! pod without owners is its own workload (`kind: Pod`).
+//! pod without owners is its own workload (`kind: Pod`), and so is a mirror pod (a static pod,
+//! owned by its Node).
 
 use std::collections::HashMap;
 
@@ -27,6 +30,10 @@ use super::model::{Labels, Workload};
 /// Label the Deployment controller puts on a ReplicaSet's pods; also the suffix of the
 /// ReplicaSet's name.
 pub const POD_TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
+
+/// Label the Argo Rollouts controller puts on its ReplicaSets' pods instead of
+/// [`POD_TEMPLATE_HASH_LABEL`]; its ReplicaSets are named `<rollout>-<hash>` likewise.
+pub const ROLLOUT_POD_TEMPLATE_HASH_LABEL: &str = "rollouts-pod-template-hash";
 
 /// Shortest digit suffix accepted as a CronJob schedule time (minutes since the epoch).
 const CRONJOB_SUFFIX_MIN_DIGITS: usize = 8;
@@ -145,7 +152,19 @@ pub fn resolve(
                     kind: "Deployment".to_owned(),
                     name: name.to_owned(),
                 })
+                .or_else(|| {
+                    rollout_from_hash(&owner.name, labels).map(|name| Workload {
+                        kind: "Rollout".to_owned(),
+                        name: name.to_owned(),
+                    })
+                })
                 .unwrap_or_else(|| owner_workload(owner)),
+        },
+        // A mirror pod (kubelet's copy of a static pod) is owned by its Node. The node is no
+        // workload: taken as one, every static pod of a node would share the node's name.
+        "Node" => Workload {
+            kind: "Pod".to_owned(),
+            name: pod_name.to_owned(),
         },
         "Job" => match owners.job(namespace, &owner.name) {
             Some(Some(parent)) => parent.clone(),
@@ -163,7 +182,17 @@ pub fn resolve(
 
 /// The Deployment name when `rs_name` is `<deployment>-<pod-template-hash label>`.
 pub fn deployment_from_hash<'a>(rs_name: &'a str, labels: &Labels) -> Option<&'a str> {
-    let hash = labels.get(POD_TEMPLATE_HASH_LABEL)?;
+    owner_from_hash(rs_name, labels, POD_TEMPLATE_HASH_LABEL)
+}
+
+/// The Argo Rollout name when `rs_name` is `<rollout>-<rollouts-pod-template-hash label>`.
+pub fn rollout_from_hash<'a>(rs_name: &'a str, labels: &Labels) -> Option<&'a str> {
+    owner_from_hash(rs_name, labels, ROLLOUT_POD_TEMPLATE_HASH_LABEL)
+}
+
+/// The prefix of `rs_name` before `-<value of the hash label>`.
+fn owner_from_hash<'a>(rs_name: &'a str, labels: &Labels, hash_label: &str) -> Option<&'a str> {
+    let hash = labels.get(hash_label)?;
     if hash.is_empty() {
         return None;
     }
@@ -400,6 +429,54 @@ mod tests {
             assert_eq!(w, wl("Job", job), "{job}");
         }
         assert_eq!(cronjob_from_job_name("-29012345"), None);
+    }
+
+    #[test]
+    fn static_pods_are_their_own_workload_not_their_node() {
+        // kubelet's mirror pod of a static pod (`<manifest>-<node>`) is owned by its Node:
+        // the node is no workload, and every static pod of a node would share its name.
+        let node = OwnerReference {
+            api_version: "v1".into(),
+            ..oref("Node", "cp-1", Some(true))
+        };
+        for pod in ["kube-apiserver-cp-1", "etcd-cp-1"] {
+            let w = resolve(
+                "kube-system",
+                pod,
+                &Labels::new(),
+                std::slice::from_ref(&node),
+                &OwnerIndex::default(),
+            );
+            assert_eq!(w, wl("Pod", pod));
+        }
+    }
+
+    #[test]
+    fn argo_rollout_pods_resolve_without_replicaset_objects() {
+        // Argo Rollouts names its ReplicaSets `<rollout>-<hash>` and labels their pods with
+        // `rollouts-pod-template-hash` (not `pod-template-hash`). Without the ReplicaSet
+        // objects (the API-server inventory watches none), the workload must not be the
+        // ReplicaSet, whose name changes at every rollout.
+        let l = labels(&[("rollouts-pod-template-hash", "6f8d9c7b5"), ("app", "web")]);
+        let w = resolve(
+            "prod",
+            "web-6f8d9c7b5-abcde",
+            &l,
+            &[oref("ReplicaSet", "web-6f8d9c7b5", Some(true))],
+            &OwnerIndex::default(),
+        );
+        assert_eq!(w, wl("Rollout", "web"));
+        // The ReplicaSet object, when known, still wins.
+        let mut idx = OwnerIndex::default();
+        idx.insert_replicaset_refs("prod", "web-6f8d9c7b5", &[]);
+        let w = resolve(
+            "prod",
+            "web-6f8d9c7b5-abcde",
+            &l,
+            &[oref("ReplicaSet", "web-6f8d9c7b5", Some(true))],
+            &idx,
+        );
+        assert_eq!(w, wl("ReplicaSet", "web-6f8d9c7b5"));
     }
 
     #[test]
