@@ -110,7 +110,7 @@ impl Views {
 
     /// The verdict on a drained flow between two attributed endpoints; `None` when
     /// NetworkPolicy has nothing to say about it (an end unknown, no pod at either end, a
-    /// protocol policies cannot name).
+    /// protocol policies cannot name, an ICMP error or reply).
     fn verdict(
         &self,
         drop: &FlowDrop,
@@ -130,6 +130,12 @@ impl Views {
             Protocol::Other => return None,
             p => p,
         };
+        // An ICMP error or reply answers a packet of another flow and passes as part of it
+        // (conntrack: RELATED or ESTABLISHED); judged as a flow of its own, it would blame the
+        // policies of the pod it answers, which never decided on it.
+        if drop.icmp.is_some_and(|(t, _)| icmp_answers(protocol, t)) {
+            return None;
+        }
         // An end is a pod of the inventory or, for NetworkPolicy, its address.
         fn end(ep: &Endpoint, ip: Option<IpAddr>) -> Option<Result<&Arc<Pod>, IpAddr>> {
             match ep {
@@ -172,6 +178,19 @@ impl Views {
                     own_node,
                 }),
         )
+    }
+}
+
+/// Whether an ICMP message of `icmp_type` answers another packet rather than opening a flow:
+/// an error, which quotes the packet it is about (ICMPv4 destination unreachable, source
+/// quench, redirect, time exceeded, parameter problem; every ICMPv6 type below 128), or a
+/// reply (echo, timestamp, information, address mask; ICMPv6 echo and node information).
+/// Conntrack opens no connection with any of them.
+fn icmp_answers(protocol: Protocol, icmp_type: u8) -> bool {
+    match protocol {
+        Protocol::Icmp => matches!(icmp_type, 0 | 3 | 4 | 5 | 11 | 12 | 14 | 16 | 18),
+        Protocol::Icmpv6 => icmp_type < 128 || matches!(icmp_type, 129 | 140),
+        _ => false,
     }
 }
 

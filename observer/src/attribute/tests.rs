@@ -429,6 +429,49 @@ fn portless_protocols_have_port_zero_on_the_edge_and_none_on_the_notice() {
 }
 
 #[test]
+fn an_icmp_error_or_reply_is_no_flow_of_its_own_to_judge() {
+    // A destination unreachable, time exceeded, packet too big... answers a packet of another
+    // flow (it quotes its header) and passes as part of that flow (conntrack RELATED), so it
+    // is never a new flow towards the pod it answers. Judged as one, prod/db's ingress default
+    // deny would be blamed, with a denied edge and an Event, for an error about some flow of
+    // prod/db's own. An echo request is a flow of its own and is judged.
+    let r = reasons();
+    let icmp = |protocol, (t, c), src, dst| FlowDrop {
+        icmp: Some((t, c)),
+        ..flow(&r.netfilter, Some(src), Some(dst), protocol, 0, 2)
+    };
+    let v6_db = "fd00::10";
+    let mut inv = (*views().inventory().as_ref()).clone();
+    let mut db = (*inv.pods[0]).clone();
+    db.ips.push(v6_db.parse().expect("test address"));
+    inv.pods[0] = Arc::new(db);
+    let views = views_of(inv);
+    let errors = [
+        icmp(Protocol::Icmp, (3, 3), WORLD, DB),
+        icmp(Protocol::Icmp, (11, 0), WORLD, DB),
+        icmp(Protocol::Icmpv6, (1, 4), "2606:4700::1111", v6_db),
+        icmp(Protocol::Icmpv6, (2, 0), "2606:4700::1111", v6_db),
+        // Replies answer a request of the pod's and are let through with it, like errors.
+        icmp(Protocol::Icmp, (0, 0), WORLD, DB),
+        icmp(Protocol::Icmpv6, (129, 0), "2606:4700::1111", v6_db),
+    ];
+    for error in errors {
+        let mut core = Attribution::new(true, t0());
+        let out = core.attribute(&views, &report(vec![error.clone()]), &[], t0());
+        assert_eq!(out.drops.len(), 1, "{error:?}");
+        assert_eq!(out.drops[0].direction, Direction::Unknown, "{error:?}");
+        assert!(out.denies.is_empty(), "{error:?}: {:?}", out.denies);
+        assert!(out.edges.is_empty() && out.notices.is_empty(), "{error:?}");
+    }
+    let echo = icmp(Protocol::Icmp, (8, 0), WORLD, DB);
+    let mut core = Attribution::new(true, t0());
+    let out = core.attribute(&views, &report(vec![echo]), &[], t0());
+    assert_eq!(out.drops[0].direction, Direction::Ingress);
+    assert_eq!(out.denies[0].policy_match, PolicyMatch::DefaultDeny);
+    assert_eq!(out.edges.len(), 1);
+}
+
+#[test]
 fn flows_of_one_label_set_are_summed_once_per_drain() {
     let r = reasons();
     let out = attribute(
