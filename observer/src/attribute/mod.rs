@@ -136,11 +136,12 @@ impl Views {
         if drop.icmp.is_some_and(|(t, _)| icmp_answers(protocol, t)) {
             return None;
         }
-        // An end is a pod of the inventory or, for NetworkPolicy, its address.
+        // An end is a pod of the inventory or, for NetworkPolicy, its address: canonical, as
+        // attribution read it (`::ffff:a.b.c.d` is IPv4 to an ipBlock too).
         fn end(ep: &Endpoint, ip: Option<IpAddr>) -> Option<Result<&Arc<Pod>, IpAddr>> {
             match ep {
                 Endpoint::Pod(pod) => Some(Ok(pod)),
-                _ => ip.map(Err),
+                _ => ip.map(|ip| Err(ip.to_canonical())),
             }
         }
         // An end that is this node, with a pod of this node at the other: always allowed.

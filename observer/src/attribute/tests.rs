@@ -472,6 +472,34 @@ fn an_icmp_error_or_reply_is_no_flow_of_its_own_to_judge() {
 }
 
 #[test]
+fn an_ipv4_mapped_outside_address_is_judged_as_the_ipv4_address() {
+    // Attribution reads `::ffff:8.8.8.8` as 8.8.8.8 (world); an ipBlock must see it so too.
+    let r = reasons();
+    let mut inv = (*views().inventory().as_ref()).clone();
+    inv.policies.push(policy(
+        "metadata: {name: allow-resolver, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: 8.8.8.0/24}}]",
+    ));
+    let views = views_of(inv);
+    for src in [WORLD, "::ffff:8.8.8.8"] {
+        let drop = flow(&r.netfilter, Some(src), Some(DB), Protocol::Tcp, 5432, 1);
+        let mut core = Attribution::new(false, t0());
+        let out = core.attribute(&views, &report(vec![drop]), &[], t0());
+        assert_eq!(labels_of(out.drops[0].src.as_ref()), "/world", "{src}");
+        assert_eq!(out.drops[0].direction, Direction::Unknown, "{src}");
+        assert_eq!(
+            out.denies[0].policy_match,
+            PolicyMatch::Unexplained,
+            "{src}"
+        );
+    }
+}
+
+#[test]
 fn flows_of_one_label_set_are_summed_once_per_drain() {
     let r = reasons();
     let out = attribute(
