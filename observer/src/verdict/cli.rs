@@ -588,7 +588,8 @@ pub fn judge(
 }
 
 /// Container ports the destination's pods declare, `(protocol, port, name)`, sorted by port,
-/// only those of `protocol` when given.
+/// only those of `protocol` when given. The name is given only when every pod that declares
+/// the port calls it the same (pods of a rollout may name it differently, or not at all).
 pub(crate) fn declared_ports(
     to: &Endpoint,
     protocol: Option<Protocol>,
@@ -600,11 +601,13 @@ pub(crate) fn declared_ports(
             if protocol.is_some_and(|p| p != cp.protocol) {
                 continue;
             }
-            if !out
-                .iter()
-                .any(|(p, n, _)| *p == cp.protocol && *n == cp.port)
+            match out
+                .iter_mut()
+                .find(|(p, n, _)| *p == cp.protocol && *n == cp.port)
             {
-                out.push((cp.protocol, cp.port, cp.name.clone()));
+                Some((_, _, name)) if *name != cp.name => *name = None,
+                Some(_) => {}
+                None => out.push((cp.protocol, cp.port, cp.name.clone())),
             }
         }
     }
@@ -1240,6 +1243,50 @@ mod tests {
             selector: None,
             ports,
         }
+    }
+
+    fn web_pod(name: &str, port_name: Option<&str>, port: u16) -> Peer {
+        Peer::Pod(Arc::new(Pod {
+            namespace: "a".into(),
+            name: name.into(),
+            labels: crate::inventory::Labels::default(),
+            ips: vec![],
+            host_network: false,
+            node_name: None,
+            phase: PodPhase::Running,
+            created_unix: 0,
+            ports: vec![crate::inventory::ContainerPort {
+                name: port_name.map(str::to_owned),
+                port,
+                protocol: Protocol::Tcp,
+            }],
+            workload: crate::inventory::Workload {
+                kind: "Deployment".into(),
+                name: "web".into(),
+            },
+        }))
+    }
+
+    #[test]
+    fn a_declared_port_is_named_only_when_every_pod_names_it_alike() {
+        let to = Endpoint {
+            given: "a/web".into(),
+            workload: None,
+            peers: vec![
+                web_pod("web-1", Some("http"), 8080),
+                web_pod("web-2", None, 8080),
+                web_pod("web-3", Some("metrics"), 9090),
+                web_pod("web-4", Some("metrics"), 9090),
+            ],
+            service: None,
+        };
+        assert_eq!(
+            declared_ports(&to, None),
+            [
+                (Protocol::Tcp, 8080, None),
+                (Protocol::Tcp, 9090, Some("metrics".to_owned()))
+            ]
+        );
     }
 
     #[test]
