@@ -105,11 +105,53 @@ fn io_err(context: &str) -> impl FnOnce(std::io::Error) -> VerdictError + '_ {
     }
 }
 
+/// A protocol as `--protocol` and the metrics name it. ICMP and ICMPv6 have no ports: policies
+/// cannot name them, so only rules that allow every port allow them (the daemon's
+/// `protocol="icmp"` denies are explained that way).
 fn parse_protocol(s: &str) -> Result<Protocol, VerdictError> {
     match s.parse::<Protocol>() {
-        Ok(p @ (Protocol::Tcp | Protocol::Udp | Protocol::Sctp)) => Ok(p),
+        Ok(
+            p
+            @ (Protocol::Tcp | Protocol::Udp | Protocol::Sctp | Protocol::Icmp | Protocol::Icmpv6),
+        ) => Ok(p),
         _ => Err(VerdictError::BadProtocol(s.to_owned())),
     }
+}
+
+/// The addresses an outside peer (the metrics' `world`, `private`, `node`, `host`) is judged
+/// with: `world` a public address, the others an RFC 1918 one. An `ipBlock` that contains it
+/// matches; a narrower one (a single partner's range) cannot be judged from workload-level
+/// labels and does not match. `node` is also the pod's own node (see [`Endpoint::own_node`]).
+pub const OUTSIDE_REPRESENTATIVES: &[(&str, IpAddr)] = &[
+    ("world", IpAddr::V4(std::net::Ipv4Addr::new(8, 8, 8, 8))),
+    (
+        "private",
+        IpAddr::V4(std::net::Ipv4Addr::new(10, 255, 255, 254)),
+    ),
+    (
+        "node",
+        IpAddr::V4(std::net::Ipv4Addr::new(10, 255, 255, 253)),
+    ),
+    (
+        "host",
+        IpAddr::V4(std::net::Ipv4Addr::new(10, 255, 255, 252)),
+    ),
+];
+
+/// The endpoint of an outside class as the metrics label it (`world`, or `/world` as
+/// `<namespace>/<workload>` with an empty namespace); `None` for anything else.
+pub fn outside_endpoint(s: &str) -> Option<Endpoint> {
+    let class = s.strip_prefix('/').unwrap_or(s);
+    let &(name, ip) = OUTSIDE_REPRESENTATIVES.iter().find(|(n, _)| *n == class)?;
+    Some(Endpoint {
+        given: name.to_owned(),
+        workload: None,
+        peers: vec![Peer::External(ip)],
+        service: None,
+        // The daemon labels `node` only this node's own addresses, and counts a flow only
+        // where its pod end runs: `node` is always the pod's own node.
+        own_node: name == "node",
+    })
 }
 
 /// `--from`/`--to` resolved: one pod or address, or every pod of a workload.
@@ -127,6 +169,9 @@ pub struct Endpoint {
     /// (kube-proxy translates before the policies apply). `None` for a headless Service, whose
     /// pods are dialled directly.
     pub service: Option<Arc<Service>>,
+    /// The endpoint is the node the pod at the other end runs on (the metrics' `node`):
+    /// Kubernetes always allows that traffic, as the daemon judges it.
+    pub own_node: bool,
 }
 
 impl Endpoint {
@@ -161,16 +206,22 @@ pub fn resolve_endpoint(engine: &Engine, s: &str) -> Result<Peer, VerdictError> 
     }
 }
 
-/// Resolves `<ns>/<pod>`, `<ns>/<workload>`, `<ns>/svc/<name>` or an IP. A pod name wins
-/// over a workload of the same name; a pod's IP wins over a ClusterIP. A workload's (or
-/// Service's) terminated pods are only used when it has no other pods.
+/// Resolves `<ns>/<pod>`, `<ns>/<workload>`, `<ns>/svc/<name>`, an IP, or an outside class
+/// as the metrics label it (`world`, `private`, `node`, `host`, with or without a leading `/`:
+/// an empty namespace). A pod name wins over a workload of the same name; a pod's IP wins over
+/// a ClusterIP. A workload's (or Service's) terminated pods are only used when it has no other
+/// pods.
 pub fn resolve_endpoints(engine: &Engine, s: &str) -> Result<Endpoint, VerdictError> {
+    if let Some(outside) = outside_endpoint(s) {
+        return Ok(outside);
+    }
     if let Some(peer) = find_pod_by_dns(engine, s)? {
         return Ok(Endpoint {
             given: s.to_owned(),
             workload: None,
             peers: vec![peer],
             service: None,
+            own_node: false,
         });
     }
     if let Some(svc) = find_service(engine, s)? {
@@ -183,6 +234,7 @@ pub fn resolve_endpoints(engine: &Engine, s: &str) -> Result<Endpoint, VerdictEr
                 workload: None,
                 peers: vec![peer],
                 service: None,
+                own_node: false,
             });
         }
         Err(VerdictError::UnknownPod(_)) => {}
@@ -210,6 +262,7 @@ pub fn resolve_endpoints(engine: &Engine, s: &str) -> Result<Endpoint, VerdictEr
         workload: Some(format!("{} {name}", kinds.join("/"))),
         peers: pods.into_iter().map(|p| Peer::Pod(Arc::clone(p))).collect(),
         service: None,
+        own_node: false,
     })
 }
 
@@ -333,6 +386,7 @@ fn service_endpoint(
         )),
         peers: pods.into_iter().map(|p| Peer::Pod(Arc::clone(p))).collect(),
         service: (!headless).then_some(svc),
+        own_node: false,
     })
 }
 
@@ -526,7 +580,7 @@ pub fn judge(
     protocol: Protocol,
     port: &PortRef,
 ) -> Result<Judgement, VerdictError> {
-    let family = match (from.family(), to.family()) {
+    let given_family = match (from.family(), to.family()) {
         (Some(a), Some(b)) if a != b => {
             return Err(VerdictError::Usage(format!(
                 "{} and {} are addresses of different IP families: no packet has both",
@@ -535,6 +589,7 @@ pub fn judge(
         }
         (a, b) => a.or(b),
     };
+    let own_node = from.own_node || to.own_node;
     let mut shown: Option<(FlowQuery, Verdict)> = None;
     let (mut pairs, mut denied) = (0usize, 0usize);
     let mut pair_allowed = Vec::new();
@@ -551,15 +606,33 @@ pub fn judge(
             },
         };
         for src in &from.peers {
-            let flow = FlowQuery {
-                src: src.clone(),
-                dst: dst.clone(),
-                protocol,
-                port: number,
-                family,
-                own_node: false,
+            // Named by pods, a dual-stack pair sends over both families, which an ipBlock
+            // may judge apart: the pair is allowed only if both are, and a denied one is shown.
+            let families = match given_family {
+                Some(f) => vec![Some(f)],
+                None => shared_families(src, dst),
             };
-            let verdict = engine.evaluate(&flow);
+            let mut judged_pair: Option<(FlowQuery, Verdict)> = None;
+            for family in families {
+                let flow = FlowQuery {
+                    src: src.clone(),
+                    dst: dst.clone(),
+                    protocol,
+                    port: number,
+                    family,
+                    own_node,
+                };
+                let verdict = engine.evaluate(&flow);
+                if judged_pair
+                    .as_ref()
+                    .is_none_or(|(_, v)| v.allowed && !verdict.allowed)
+                {
+                    judged_pair = Some((flow, verdict));
+                }
+            }
+            let Some((flow, verdict)) = judged_pair else {
+                continue;
+            };
             pairs += 1;
             pair_allowed.push(verdict.allowed);
             if !verdict.allowed {
@@ -584,6 +657,32 @@ pub fn judge(
         }),
         None => Err(first_err
             .unwrap_or_else(|| VerdictError::Usage(format!("{} has no pod to judge", to.given)))),
+    }
+}
+
+/// The address families both ends of a pair have (a pod's addresses, an outside address's own
+/// family), each to be judged: one for single-stack pairs, both for dual-stack ones, and
+/// `[None]` (any address) when an end has no address to say.
+fn shared_families(src: &Peer, dst: &Peer) -> Vec<Option<IpFamily>> {
+    let families = |peer: &Peer| -> [bool; 2] {
+        let ips: &[IpAddr] = match peer {
+            Peer::Pod(p) => &p.ips,
+            Peer::External(ip) => std::slice::from_ref(ip),
+        };
+        [
+            ips.iter().any(|ip| IpFamily::of(*ip) == IpFamily::V4),
+            ips.iter().any(|ip| IpFamily::of(*ip) == IpFamily::V6),
+        ]
+    };
+    let ([s4, s6], [d4, d6]) = (families(src), families(dst));
+    let shared: Vec<Option<IpFamily>> = [(s4 && d4, IpFamily::V4), (s6 && d6, IpFamily::V6)]
+        .into_iter()
+        .filter_map(|(both, f)| both.then_some(Some(f)))
+        .collect();
+    if shared.is_empty() {
+        vec![None]
+    } else {
+        shared
     }
 }
 
@@ -650,6 +749,16 @@ pub fn explain(
         )));
     }
     let ports: Vec<(Protocol, PortRef, Option<String>)> = match (&to.service, &args.port) {
+        // ICMP has no ports: one verdict, from the rules that allow every port.
+        (_, None) if protocol.is_some_and(|p| !p.has_ports()) => {
+            vec![(protocol.unwrap_or(Protocol::Icmp), PortRef::Number(0), None)]
+        }
+        (_, Some(_)) if protocol.is_some_and(|p| !p.has_ports()) => {
+            return Err(VerdictError::Usage(format!(
+                "{} has no ports: leave out --port",
+                protocol.unwrap_or(Protocol::Icmp)
+            )));
+        }
         (Some(svc), Some(port)) => {
             let (protocol, target, label) = service_port(svc, &parse_port(port)?, protocol)?;
             vec![(protocol, target, Some(label))]
@@ -786,6 +895,16 @@ pub fn write_judgement(
 /// How `explain` names a side: a node's address stays the address given, with its node (the
 /// host-network pod it resolved to only stands for the node).
 fn shown_name(given: &Endpoint, peer: &Peer) -> String {
+    if given.own_node {
+        return "node (the pod's own node)".to_owned();
+    }
+    if let Peer::External(ip) = peer
+        && OUTSIDE_REPRESENTATIVES
+            .iter()
+            .any(|(n, _)| *n == given.given)
+    {
+        return format!("{} ({ip} stands for it)", given.given);
+    }
     match peer {
         Peer::Pod(p) if p.host_network && given.family().is_some() => format!(
             "{} (node {})",
@@ -807,7 +926,19 @@ fn write_human(
     let src = shown_name(from, &flow.src);
     let dst = shown_name(to, &flow.dst);
     let name = port_name.map(|n| format!(" ({n})")).unwrap_or_default();
-    let what = format!("{src} -> {dst} {}/{}{name}", flow.protocol, flow.port);
+    let port = match flow.protocol.has_ports() {
+        true => format!("/{}", flow.port),
+        false => String::new(),
+    };
+    // Which family, when a dual-stack pod's two could be judged apart.
+    let over = match flow.family {
+        Some(f) if shared_families(&flow.src, &flow.dst).len() == 2 => match f {
+            IpFamily::V4 => " over IPv4",
+            IpFamily::V6 => " over IPv6",
+        },
+        _ => "",
+    };
+    let what = format!("{src} -> {dst} {}{port}{name}{over}", flow.protocol);
     match v.direction {
         None => writeln!(out, "verdict: ALLOW  {what}")?,
         Some(_) => writeln!(out, "verdict: DENY  {what}")?,
@@ -898,6 +1029,8 @@ fn write_human(
 struct FlowLine {
     from: String,
     to: String,
+    /// Absent for ICMP (no ports); for other protocols a missing port is the line's error.
+    #[serde(default)]
     port: serde_json::Value,
     #[serde(default)]
     protocol: Option<String>,
@@ -950,7 +1083,11 @@ fn answer_line(engine: &Engine, line: &str) -> Result<(FlowLine, Judgement), Str
     let parsed: FlowLine = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
     let protocol =
         parse_protocol(parsed.protocol.as_deref().unwrap_or("TCP")).map_err(|e| e.to_string())?;
-    let port = flow_port(&parsed.port)?;
+    // ICMP has no ports (the metrics' edges say 0): whatever the line says is not judged.
+    let port = match protocol.has_ports() {
+        true => flow_port(&parsed.port)?,
+        false => PortRef::Number(0),
+    };
     let src = resolve_endpoints(engine, &parsed.from).map_err(|e| format!("from: {e}"))?;
     let dst = resolve_endpoints(engine, &parsed.to).map_err(|e| format!("to: {e}"))?;
     if src.service.is_some() {
@@ -1267,6 +1404,124 @@ mod tests {
         }))
     }
 
+    /// An engine over namespace `a` with `pods` and `policies` (YAML).
+    fn engine(pods: Vec<Pod>, policies: &[&str]) -> Engine {
+        let ns = crate::inventory::Namespace {
+            name: "a".into(),
+            labels: [("kubernetes.io/metadata.name", "a")].into_iter().collect(),
+        };
+        Engine::new(Arc::new(Inventory {
+            namespaces: [("a".to_owned(), ns)].into_iter().collect(),
+            pods: pods.into_iter().map(Arc::new).collect(),
+            policies: policies
+                .iter()
+                .map(|y| Arc::new(serde_yaml::from_str(y).unwrap()))
+                .collect(),
+            ..Inventory::default()
+        }))
+    }
+
+    fn pod_at(name: &str, app: &str, ips: &[&str]) -> Pod {
+        let Peer::Pod(p) = web_pod(name, None, 80) else {
+            unreachable!()
+        };
+        let mut p = Arc::unwrap_or_clone(p);
+        p.labels = [("app", app)].into_iter().collect();
+        p.ips = ips.iter().map(|ip| ip.parse().unwrap()).collect();
+        p.workload.name = name.into();
+        p
+    }
+
+    const V6_ONLY: &str = "
+metadata: {name: v6-only, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{ipBlock: {cidr: 'fd00::/64'}}]}]";
+
+    #[test]
+    fn a_dual_stack_pair_named_by_pods_is_denied_when_one_family_is() {
+        let e = engine(
+            vec![
+                pod_at("client", "client", &["10.0.0.1", "fd00::1"]),
+                pod_at("web", "web", &["10.0.0.2", "fd00::2"]),
+            ],
+            &[V6_ONLY],
+        );
+        let from = resolve_endpoints(&e, "a/client").unwrap();
+        let to = resolve_endpoints(&e, "a/web").unwrap();
+        let j = judge(&e, &from, &to, Protocol::Tcp, &PortRef::Number(80)).unwrap();
+        assert_eq!((j.pairs, j.denied), (1, 1));
+        assert_eq!(
+            j.flow.family,
+            Some(IpFamily::V4),
+            "the denied family is shown"
+        );
+        // Named by its IPv6 address, the client is judged over IPv6 only: allowed.
+        let from = resolve_endpoints(&e, "fd00::1").unwrap();
+        let j = judge(&e, &from, &to, Protocol::Tcp, &PortRef::Number(80)).unwrap();
+        assert_eq!(j.denied, 0);
+        // A single-stack pair is judged over its one family.
+        let e = engine(
+            vec![
+                pod_at("client", "client", &["fd00::1"]),
+                pod_at("web", "web", &["10.0.0.2", "fd00::2"]),
+            ],
+            &[V6_ONLY],
+        );
+        let from = resolve_endpoints(&e, "a/client").unwrap();
+        let to = resolve_endpoints(&e, "a/web").unwrap();
+        let j = judge(&e, &from, &to, Protocol::Tcp, &PortRef::Number(80)).unwrap();
+        assert_eq!((j.denied, j.flow.family), (0, Some(IpFamily::V6)));
+    }
+
+    #[test]
+    fn outside_classes_as_the_metrics_label_them_and_the_pods_own_node() {
+        let e = engine(
+            vec![pod_at("web", "web", &["10.0.0.2"])],
+            &["
+metadata: {name: deny, namespace: a}
+spec: {podSelector: {}, policyTypes: [Ingress]}"],
+        );
+        let to = resolve_endpoints(&e, "a/web").unwrap();
+        let judged = |from: &str| {
+            let from = resolve_endpoints(&e, from).unwrap();
+            judge(&e, &from, &to, Protocol::Tcp, &PortRef::Number(8080))
+                .unwrap()
+                .denied
+        };
+        // Kubelet probes: a pod's own node is always allowed, whatever the policies say.
+        assert_eq!(judged("node"), 0);
+        assert_eq!(judged("/node"), 0);
+        // Another node, the world, private ranges: the default deny holds.
+        for other in ["host", "/host", "world", "/world", "private"] {
+            assert_eq!(judged(other), 1, "{other}");
+        }
+        assert!(resolve_endpoints(&e, "galaxy").is_err());
+    }
+
+    #[test]
+    fn icmp_is_a_protocol_explain_takes_without_a_port() {
+        assert_eq!(parse_protocol("icmp").unwrap(), Protocol::Icmp);
+        assert_eq!(parse_protocol("ICMPv6").unwrap(), Protocol::Icmpv6);
+        assert!(parse_protocol("gre").is_err());
+        let e = engine(
+            vec![
+                pod_at("client", "client", &["10.0.0.1"]),
+                pod_at("web", "web", &["10.0.0.2"]),
+            ],
+            &["
+metadata: {name: tcp-only, namespace: a}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{ports: [{port: 80}]}]"],
+        );
+        // A rule naming ports cannot allow ICMP; --flows lines need no port for it.
+        let (_, j) =
+            answer_line(&e, r#"{"from":"a/client","to":"a/web","protocol":"icmp"}"#).unwrap();
+        assert_eq!(j.denied, 1);
+        assert!(answer_line(&e, r#"{"from":"a/client","to":"a/web"}"#).is_err());
+    }
+
     #[test]
     fn a_declared_port_is_named_only_when_every_pod_names_it_alike() {
         let to = Endpoint {
@@ -1279,6 +1534,7 @@ mod tests {
                 web_pod("web-4", Some("metrics"), 9090),
             ],
             service: None,
+            own_node: false,
         };
         assert_eq!(
             declared_ports(&to, None),

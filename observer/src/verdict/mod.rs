@@ -61,8 +61,8 @@ pub enum VerdictError {
         /// Why it does not resolve.
         reason: String,
     },
-    /// A protocol name was not TCP, UDP or SCTP.
-    #[error("invalid protocol {0:?} (expected TCP, UDP or SCTP)")]
+    /// A protocol name was not TCP, UDP, SCTP, ICMP or ICMPv6.
+    #[error("invalid protocol {0:?} (expected TCP, UDP, SCTP, ICMP or ICMPv6)")]
     BadProtocol(String),
     /// Missing arguments.
     #[error("{0}")]

@@ -16,7 +16,6 @@
 //! port at all (only rules that allow every port match) when it declares none.
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,7 +23,8 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Serialize;
 
 use super::cli::{
-    AuditOutput, Endpoint, PortRef, declared_ports, judge, resolve_endpoints, service_port,
+    AuditOutput, Endpoint, PortRef, declared_ports, judge, outside_endpoint, resolve_endpoints,
+    service_port,
 };
 use super::edges::{Edge, EdgeError, EdgeSourceArgs, Observed};
 use super::{Engine, Peer, Verdict, VerdictError};
@@ -35,15 +35,7 @@ pub const EXIT_BREAKS: u8 = 4;
 /// Exit status on bad input (inventory, change, edges, arguments).
 pub const EXIT_BAD_INPUT: u8 = 2;
 
-/// The addresses an outside peer is judged with: `world` a public address, the others an
-/// RFC 1918 one. An `ipBlock` that contains it matches; a narrower one (a single partner's
-/// range) cannot be judged from workload-level metrics and does not match.
-pub const OUTSIDE_REPRESENTATIVES: &[(&str, IpAddr)] = &[
-    ("world", IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8))),
-    ("private", IpAddr::V4(Ipv4Addr::new(10, 255, 255, 254))),
-    ("node", IpAddr::V4(Ipv4Addr::new(10, 255, 255, 253))),
-    ("host", IpAddr::V4(Ipv4Addr::new(10, 255, 255, 252))),
-];
+pub use super::cli::OUTSIDE_REPRESENTATIVES;
 
 /// Errors of `preflight` and `suggest`; all of them are bad input (exit 2).
 #[derive(Debug, thiserror::Error)]
@@ -247,17 +239,10 @@ pub fn apply_change(
 /// Resolves one side of an edge: the pods of `ns/workload`, or an outside representative.
 pub fn resolve_side(engine: &Engine, ns: &str, workload: &str) -> Result<Endpoint, String> {
     if ns.is_empty() {
-        let (_, ip) = OUTSIDE_REPRESENTATIVES
-            .iter()
-            .find(|(name, _)| *name == workload)
-            .ok_or_else(|| {
-                format!("{workload:?} has no namespace and is not world, private, node or host")
-            })?;
-        return Ok(Endpoint {
-            given: workload.to_owned(),
-            workload: None,
-            peers: vec![Peer::External(*ip)],
-            service: None,
+        // `/node` too: an edge between a pod and its own node (kubelet probes) is always
+        // allowed, before and after any change, as the daemon judges it.
+        return outside_endpoint(workload).ok_or_else(|| {
+            format!("{workload:?} has no namespace and is not world, private, node or host")
         });
     }
     let given = format!("{ns}/{workload}");

@@ -172,7 +172,7 @@ not json
 
 {"from":"prod/web","to":"prod/db","port":"pg"}
 {"from":"prod/web","to":"dev/tool","port":80,"protocol":"udp"}
-{"from":"prod/web","to":"prod/db","port":5432,"protocol":"ICMP"}
+{"from":"prod/web","to":"prod/db","port":5432,"protocol":"GRE"}
 "#;
     let engine = Engine::new(inventory());
     let mut out = Vec::new();
@@ -228,7 +228,7 @@ not json
     assert_eq!(lines[4]["verdict"], "allow");
     assert_eq!(lines[4]["protocol"], "UDP");
     assert!(
-        lines[5]["error"].as_str().unwrap().contains("ICMP"),
+        lines[5]["error"].as_str().unwrap().contains("GRE"),
         "{}",
         lines[5]
     );

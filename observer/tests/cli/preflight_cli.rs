@@ -275,6 +275,39 @@ fn an_edge_partly_allowed_today_breaks_when_its_allowed_pairs_are_denied() {
 }
 
 #[test]
+fn an_edge_from_the_pods_own_node_never_breaks() {
+    // Kubelet probes show up as `node -> a/web` connections; Kubernetes always allows them,
+    // so no policy change can break them (the daemon judges drops of them the same way).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edges.jsonl");
+    std::fs::write(
+        &path,
+        r#"{"source_namespace":"","source_workload":"node","destination_namespace":"a","destination_workload":"web","protocol":"tcp","port":80,"observed":30,"verdict":"allow"}
+{"source_namespace":"","source_workload":"host","destination_namespace":"a","destination_workload":"web","protocol":"tcp","port":80,"observed":3,"verdict":"allow"}
+"#,
+    )
+    .unwrap();
+    let edges = read_edges(&path).unwrap();
+    // Today a/web is not isolated; the change is the namespace's default deny.
+    let isolated = Arc::new(rollout_inventory());
+    let open = apply_change(
+        &isolated,
+        &[],
+        &["a/default-deny".to_owned(), "a/allow-v1".to_owned()],
+    )
+    .unwrap();
+    let r = compare(
+        &Engine::new(Arc::new(open)),
+        &Engine::new(Arc::clone(&isolated)),
+        &edges,
+    );
+    assert_eq!(r.edges_evaluated, 2, "{r:#?}");
+    // Another node is no exception: the default deny breaks it.
+    let breaks: Vec<String> = r.breaks.iter().map(short).collect();
+    assert_eq!(breaks, ["/host -> a/web tcp/80"], "{r:#?}");
+}
+
+#[test]
 fn a_service_edge_without_a_port_is_judged_on_the_service_ports_of_its_protocol() {
     let base = Arc::new(rollout_inventory());
     let dir = tempfile::tempdir().unwrap();
