@@ -834,7 +834,7 @@ impl KubeInventory {
 
     /// Health of the watches, as an inventory source's reload state: not successful while a
     /// watch's last result was an error (or it has not synced yet), successful again with its
-    /// next event. See [`ReloadStats`].
+    /// next complete list or change. See [`ReloadStats`].
     pub fn health(&self) -> Arc<ReloadStats> {
         Arc::clone(&self.health)
     }
@@ -886,16 +886,18 @@ async fn drive<K, S>(
 {
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
-        match &event {
-            Ok(_) => health.mark_ok(part),
-            Err(error) => health.mark_failed(part, format!("{resource} watch: {error}")),
-        }
         match event {
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                health.mark_ok(part);
                 changed.notify_one();
             }
+            // Not a success yet: the watcher yields `Init` before the list request of every
+            // (re)list, so a relist that keeps failing would otherwise read as current again at
+            // each retry and its staleness would never show; `InitApply` is a page of a list
+            // that may still fail (an expired `continue` token).
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Err(error) => {
+                health.mark_failed(part, format!("{resource} watch: {error}"));
                 on_error(resource);
                 tracing::warn!(%error, resource, "inventory watch failed; retrying with backoff");
             }

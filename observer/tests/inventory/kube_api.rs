@@ -618,3 +618,99 @@ async fn cache_lists_ask_for_the_watch_cache() {
         "{seen:?}"
     );
 }
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).expect("seconds"))
+        .expect("clock")
+}
+
+/// A watch that expires (410) and whose every relist then fails: the watcher starts each retry
+/// with an `Init` event before its list request, and that must not count as the resource being
+/// current again, or the success time would keep up with the clock and staleness
+/// (`/readyz`, `DenyObserverInventoryStale`) would never show.
+#[tokio::test]
+async fn a_relist_that_keeps_failing_is_not_a_success() {
+    let status = |code: u16, reason: &str| {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": reason, "reason": reason, "code": code})
+    };
+    let mut script = Script::default()
+        .on(
+            NAMESPACES,
+            false,
+            list("Namespace", "v1", "100", vec![ns("prod", "a")]),
+        )
+        .on(
+            PODS,
+            false,
+            list("Pod", "v1", "200", vec![pod("web", "10.0.0.1", "200")]),
+        )
+        .on(
+            POLICIES,
+            false,
+            list(
+                "NetworkPolicy",
+                "networking.k8s.io/v1",
+                "300",
+                vec![policy("allow-web", "web", "300")],
+            ),
+        )
+        .on(
+            POLICIES,
+            true,
+            Reply::Events(vec![event("ERROR", status(410, "Expired"))]),
+        )
+        .on(SERVICES, false, no_services());
+    for _ in 0..50 {
+        script = script.on(
+            POLICIES,
+            false,
+            Reply::Json(500, status(500, "etcdserver: request timed out")),
+        );
+    }
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let log = serve(handle, script);
+    let (counter, errors) = error_counter();
+    let inv = KubeInventory::start(kube::Client::new(service, "default"), counter, config());
+    tokio::time::timeout(Duration::from_secs(20), inv.wait_until_ready())
+        .await
+        .expect("ready in time")
+        .expect("ready");
+    // Wait for the first failed relist (the 410 is the first error).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while errors
+        .lock()
+        .expect("errors")
+        .get("networkpolicies")
+        .copied()
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no failed relist");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let failed_at = unix_now();
+    // Long enough for more retries (backoff from 0.8 s) over at least two clock seconds.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let relists = requests_for(&log, POLICIES)
+        .iter()
+        .filter(|s| !s.is_watch())
+        .count();
+    assert!(relists >= 3, "the relist was retried: {relists}");
+    let health = inv.health();
+    assert!(health.failing(), "{:?}", health.last_error());
+    assert!(
+        health.last_success_unix() <= failed_at,
+        "success time advanced to {} while every relist failed (since {failed_at})",
+        health.last_success_unix()
+    );
+    assert!(
+        health
+            .last_error()
+            .is_some_and(|e| e.contains("networkpolicies") && e.contains("etcdserver")),
+        "{:?}",
+        health.last_error()
+    );
+}
