@@ -56,6 +56,7 @@ fn inventory() -> Inventory {
             host_network: false,
             node_name: Some(format!("node-{}", i % 50)),
             phase: PodPhase::Running,
+            uid: None,
             created_unix: 1_700_000_000,
             ports: vec![ContainerPort {
                 name: Some("http".to_owned()),

@@ -57,6 +57,7 @@ fn pod(n: usize, p: usize, generation: u64) -> Arc<Pod> {
         node_name: Some(format!("node-{}", p % 50)),
         phase: PodPhase::Running,
         // A change: the pod was replaced (same name, as a StatefulSet does), newer.
+        uid: None,
         created_unix: generation as i64,
         ports: vec![],
         workload: Workload {

@@ -40,6 +40,7 @@ fn pod(namespace: &str, workload: &str, ip: Ipv4Addr) -> Arc<Pod> {
         host_network: false,
         node_name: Some("bench-node".into()),
         phase: PodPhase::Running,
+        uid: None,
         created_unix: 0,
         ports: vec![],
         workload: Workload {

@@ -57,6 +57,7 @@ fn inventory() -> Inventory {
                 host_network: false,
                 node_name: None,
                 phase: PodPhase::Running,
+                uid: None,
                 created_unix: 0,
                 ports: vec![ContainerPort {
                     name: Some("http".into()),

@@ -48,6 +48,7 @@ fn pod(namespace: &str, name: &str, workload: &str, app: &str, ip: &str) -> Pod 
         host_network: false,
         node_name: None,
         phase: PodPhase::Running,
+        uid: None,
         created_unix: 0,
         ports: vec![],
         workload: Workload {

@@ -504,6 +504,7 @@ mod tests {
             host_network: false,
             node_name: None,
             phase: PodPhase::Running,
+            uid: None,
             created_unix: 0,
             ports: vec![],
             workload: Workload {

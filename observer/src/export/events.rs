@@ -108,7 +108,7 @@ impl DeniedTraffic {
             pod: PodRef {
                 namespace: notice.pod.namespace.clone(),
                 name: notice.pod.name.clone(),
-                uid: None,
+                uid: notice.pod.uid.as_deref().map(str::to_owned),
             },
             direction: notice.direction,
             protocol: notice.protocol,

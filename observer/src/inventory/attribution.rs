@@ -498,6 +498,7 @@ mod tests {
             host_network: host,
             node_name: None,
             phase,
+            uid: None,
             created_unix: created,
             ports: vec![],
             workload: Workload {

@@ -233,8 +233,11 @@ fn phase(p: Option<&str>) -> PodPhase {
     }
 }
 
-/// Converts a Pod: addresses, host networking, phase, creation time, container ports and its
-/// workload (resolved through `owners`, see [`workload::resolve`]).
+/// The annotation that holds a mirror pod's static-pod UID.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// Converts a Pod: UID, addresses, host networking, phase, creation time, container ports and
+/// its workload (resolved through `owners`, see [`workload::resolve`]).
 pub fn pod(pod: &core::Pod, owners: &OwnerIndex) -> Result<Pod, ConvertError> {
     let meta = &pod.metadata;
     let name = non_empty(&meta.name).ok_or(ConvertError::MissingName { kind: "Pod" })?;
@@ -319,9 +322,20 @@ pub fn pod(pod: &core::Pod, owners: &OwnerIndex) -> Result<Pod, ConvertError> {
     let owner_refs = meta.owner_references.as_deref().unwrap_or_default();
     let workload = workload::resolve(namespace, name, &labels, owner_refs, owners);
 
+    // kubectl describe finds a mirror pod's Events by the static pod's UID, which the kubelet
+    // writes into this annotation, and every other pod's by its own UID.
+    let uid = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MIRROR_ANNOTATION))
+        .or(meta.uid.as_ref())
+        .filter(|u| !u.is_empty())
+        .map(|u| Box::from(u.as_str()));
+
     Ok(Pod {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
+        uid,
         ips,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         node_name: spec

@@ -140,6 +140,7 @@ mod tests {
             host_network: false,
             node_name: None,
             phase: PodPhase::Running,
+            uid: None,
             created_unix: 1,
             ports: vec![],
             workload: Workload {

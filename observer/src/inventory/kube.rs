@@ -413,12 +413,20 @@ pub fn stores() -> (Stores, Writers) {
     )
 }
 
-/// Drops what attribution and verdicts do not use from a Pod: managedFields, annotations and
-/// every other metadata field but name, namespace, uid, labels, owners and creation time; of
+/// Drops what attribution and verdicts do not use from a Pod: managedFields, annotations (but
+/// a mirror pod's UID) and every other metadata field but name, namespace, uid, labels, owners
+/// and creation time; of
 /// the spec only nodeName, hostNetwork and the containers' names and ports; of the status only
 /// phase and addresses.
 pub fn trim_pod(pod: &mut K8sPod) {
+    // The one annotation conversion reads: a mirror pod's UID for its Events.
+    let mirror = pod
+        .metadata
+        .annotations
+        .as_mut()
+        .and_then(|a| a.remove_entry(convert::MIRROR_ANNOTATION));
     trim_meta(&mut pod.metadata, false);
+    pod.metadata.annotations = mirror.map(|m| [m].into());
     // Only the reference workload resolution reads survives: the controller, or the first one
     // when none is marked (as `workload::resolve` does).
     if let Some(owners) = pod.metadata.owner_references.take() {
@@ -1050,6 +1058,21 @@ mod tests {
             assert_eq!(after, before);
             assert_eq!(after.workload.name, want);
         }
+    }
+
+    #[test]
+    fn pod_trim_keeps_a_mirror_pods_event_uid() {
+        let mut pod: K8sPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "etcd-node-a", "namespace": "kube-system", "uid": "api-uid",
+                "annotations": {"kubernetes.io/config.mirror": "static-uid",
+                                "kubernetes.io/config.hash": "static-uid"}}
+        }))
+        .unwrap();
+        let before = convert::pod(&pod, &OwnerIndex::default()).unwrap();
+        assert_eq!(before.uid.as_deref(), Some("static-uid"));
+        trim_pod(&mut pod);
+        assert_eq!(convert::pod(&pod, &OwnerIndex::default()).unwrap(), before);
+        assert_eq!(pod.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
     }
 
     #[test]

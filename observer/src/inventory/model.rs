@@ -63,6 +63,10 @@ pub struct Pod {
     pub namespace: String,
     /// Pod name.
     pub name: String,
+    /// The UID `kubectl describe pod` looks the pod's Events up by (`involvedObject.uid`):
+    /// `metadata.uid`, or for a mirror pod its `kubernetes.io/config.mirror` annotation.
+    /// `None` when unknown (manifests often omit it).
+    pub uid: Option<Box<str>>,
     /// Labels.
     pub labels: Labels,
     /// `status.podIPs` (or `status.podIP`).

@@ -1386,6 +1386,7 @@ mod tests {
         Peer::Pod(Arc::new(Pod {
             namespace: "a".into(),
             name: name.into(),
+            uid: None,
             labels: crate::inventory::Labels::default(),
             ips: vec![],
             host_network: false,

@@ -547,6 +547,7 @@ mod tests {
             host_network: false,
             node_name: None,
             phase: crate::inventory::PodPhase::Running,
+            uid: None,
             created_unix: 0,
             ports: Vec::new(),
             workload: Workload {

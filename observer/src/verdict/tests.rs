@@ -34,6 +34,7 @@ fn pod(id: &str, labels: &[(&str, &str)], ip: &str) -> Pod {
         host_network: false,
         node_name: None,
         phase: PodPhase::Running,
+        uid: None,
         created_unix: 0,
         ports: vec![],
         workload: Workload {

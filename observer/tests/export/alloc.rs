@@ -120,6 +120,7 @@ fn pod(namespace: &str, name: &str, app: &str, ip: Ipv4Addr) -> Arc<Pod> {
         host_network: false,
         node_name: None,
         phase: PodPhase::Running,
+        uid: None,
         created_unix: 0,
         ports: vec![],
         workload: Workload {

@@ -334,10 +334,9 @@ async fn sink_queues_without_blocking() {
 
 /// A one-pod inventory (prod/db-0 of Deployment db, 10.0.0.10) behind an ingress default deny.
 fn db_views() -> observer::attribute::Views {
-    use observer::inventory::{Inventory, Namespace, NodeAddrs, Pod, PodPhase, Workload};
-    use std::sync::Arc;
+    use observer::inventory::{Pod, PodPhase, Workload};
 
-    let pod = Pod {
+    views_of(Pod {
         namespace: "prod".into(),
         name: "db-0".into(),
         labels: [("app".to_owned(), "db".to_owned())].into(),
@@ -345,13 +344,21 @@ fn db_views() -> observer::attribute::Views {
         host_network: false,
         node_name: None,
         phase: PodPhase::Running,
+        uid: None,
         created_unix: 0,
         ports: vec![],
         workload: Workload {
             kind: "Deployment".into(),
             name: "db".into(),
         },
-    };
+    })
+}
+
+/// `pod` (at 10.0.0.10 in prod) behind an ingress default deny in prod.
+fn views_of(pod: observer::inventory::Pod) -> observer::attribute::Views {
+    use observer::inventory::{Inventory, Namespace, NodeAddrs};
+    use std::sync::Arc;
+
     let policy = serde_yaml::from_str(
         "metadata: {name: default-deny-ingress, namespace: prod}\n\
          spec: {podSelector: {}, policyTypes: [Ingress]}",
@@ -454,4 +461,57 @@ async fn a_full_queue_is_counted_not_waited_for() {
         "5 summaries, room for at most 2: {}",
         queue_full.get()
     );
+}
+
+/// The Event's `regarding` carries the pod's UID: `kubectl describe pod` looks Events up by
+/// `involvedObject.uid` too, so an Event without it is never shown there. For a mirror pod
+/// (a static pod) kubectl looks them up by its `kubernetes.io/config.mirror` annotation.
+#[tokio::test]
+async fn events_carry_the_uid_kubectl_describe_looks_up() {
+    use observer::attribute::{Attribution, Sink as _};
+    use observer::inventory::{OwnerIndex, convert};
+    use std::time::SystemTime;
+
+    for (annotations, want) in [
+        (
+            serde_json::json!({}),
+            "5e0c2a1e-0d4c-4b7e-9a51-2f4f8b1c7d10",
+        ),
+        (
+            serde_json::json!({"kubernetes.io/config.mirror": "8b1c7d10c0ffee"}),
+            "8b1c7d10c0ffee",
+        ),
+    ] {
+        let k8s: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "db-0", "namespace": "prod", "labels": {"app": "db"},
+                         "uid": "5e0c2a1e-0d4c-4b7e-9a51-2f4f8b1c7d10",
+                         "annotations": annotations},
+            "spec": {"containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.10"}
+        }))
+        .expect("pod");
+        let pod = convert::pod(&k8s, &OwnerIndex::default()).expect("convert");
+        let (events, handle) = publisher(EventsConfig::default());
+        let queue_full = prometheus::IntCounter::new("queue_full", "t").expect("counter");
+        let (mut sink, task) = events.spawn(8, Duration::from_secs(60), queue_full);
+        let views = views_of(pod);
+        let start = SystemTime::now();
+        let mut core = Attribution::new(true, start);
+        let now = start + Duration::from_secs(1);
+        sink.record(core.attribute(&views, &denied_drain(1), &[], now), now);
+        let mut handle = pin!(handle);
+        let created = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+        )
+        .await;
+        assert_eq!(created["regarding"]["name"], "db-0");
+        assert_eq!(created["regarding"]["uid"], want, "{created}");
+        drop(sink);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("publisher ends")
+            .expect("publisher task");
+    }
 }

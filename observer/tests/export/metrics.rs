@@ -684,6 +684,7 @@ fn pod(namespace: &str, name: &str, workload: &str) -> std::sync::Arc<observer::
         host_network: false,
         node_name: None,
         phase: Default::default(),
+        uid: None,
         created_unix: 0,
         ports: Vec::new(),
         workload: observer::inventory::Workload {

@@ -270,6 +270,7 @@ fn build_inventory(case: &Case, stage: &Stage, family: &str) -> Inventory {
             host_network,
             node_name: None,
             phase: PodPhase::Running,
+            uid: None,
             created_unix: 0,
             ports,
             workload: Workload {

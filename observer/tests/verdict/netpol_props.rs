@@ -202,6 +202,7 @@ fn build(world: &World, policies: &[Value]) -> Inventory {
                 host_network: *host,
                 node_name: None,
                 phase: PodPhase::Running,
+                uid: None,
                 created_unix: 0,
                 ports: if i % 2 == 0 {
                     vec![ContainerPort {
