@@ -12,7 +12,8 @@
 //!   `(xN over T)`). The recorder keeps the first message of a series, so the message names the
 //!   first window's figures.
 //! - **Rate limit**: a global token bucket; what it holds back stays pending and is retried by
-//!   [`PolicyDeniedEvents::flush`].
+//!   [`PolicyDeniedEvents::flush`]. At most 4,096 keys are held: the summary of a new key
+//!   beyond that (a port scan) is dropped and counted as rate limited.
 //! - Errors from the API server are counted (`deny_observer_k8s_events_total{result="failed"}`)
 //!   and logged, never fatal.
 //!
@@ -50,6 +51,12 @@ pub const REPORTING_CONTROLLER: &str = "deny-observer";
 
 /// The API server rejects notes over 1 kB.
 const MAX_NOTE_BYTES: usize = 1024;
+
+/// Most dedup keys held at once (pending or published within the window). A scan makes a key
+/// per port, and at the default 10 Events a minute only about 70 go out per window: without a
+/// bound the held-back summaries of a scan would grow without end. Far above what the rate
+/// limit lets through, so only a flood meets it.
+const MAX_KEYS: usize = 4096;
 
 /// The pod an Event is attached to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -202,7 +209,8 @@ pub enum Outcome {
     Published,
     /// Accumulated into the key's pending summary; published when its window ends.
     Deduplicated,
-    /// Held back by the rate limit; stays pending and is retried on the next flush.
+    /// Held back by the rate limit; stays pending and is retried on the next flush (dropped
+    /// instead when it is a new key and 4,096 keys are held already).
     RateLimited,
     /// The API server rejected the Event (counted and logged).
     Failed,
@@ -390,6 +398,11 @@ impl PolicyDeniedEvents {
             direction: denied.direction,
         };
         let mut state = self.state.lock().await;
+        if state.slots.len() >= MAX_KEYS && !state.slots.contains_key(&key) {
+            // Nothing could publish it before the held keys anyway; keep memory bounded.
+            self.metrics.count(Outcome::RateLimited.label());
+            return Outcome::RateLimited;
+        }
         let window = self.config.dedup_window;
         let slot = state.slots.entry(key.clone()).or_insert(Slot {
             last_published: None,
@@ -444,6 +457,11 @@ impl PolicyDeniedEvents {
             let outcome = publish_slot(recorder, &mut state, &key, now).await;
             self.metrics.count(outcome.label());
             outcomes.push(outcome);
+            if outcome == Outcome::RateLimited {
+                // The bucket is empty, so no other key could go out either: they stay pending
+                // for the next flush rather than being tried, and counted, one by one.
+                break;
+            }
         }
         outcomes
     }
@@ -886,6 +904,37 @@ mod tests {
         assert!(!bucket.take(start));
         assert!(bucket.take(start + Duration::from_secs(1)));
         assert!(!bucket.take(start + Duration::from_secs(1)));
+    }
+
+    /// A port scan of a pod makes a summary per port; at 10 Events a minute most of them are
+    /// held back. Held-back keys stay pending, so without a bound a scan of a few pods would
+    /// hold hundreds of thousands of summaries (and each flush would retry and count them all).
+    #[tokio::test]
+    async fn a_scan_holds_a_bounded_number_of_summaries() {
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(service, "default");
+        let config = EventsConfig {
+            burst: 1,
+            per_minute: 0,
+            ..EventsConfig::default()
+        };
+        let events = PolicyDeniedEvents::new(client, config, EventMetrics::new().unwrap());
+        // Spend the only token: nothing reaches the (silent) API server.
+        assert!(events.state.lock().await.bucket.take(Instant::now()));
+        let ports = u16::try_from(MAX_KEYS + 1000).unwrap();
+        for port in 1..=ports {
+            let mut d = sample();
+            d.port = Some(port);
+            assert_eq!(events.record(d).await, Outcome::RateLimited);
+        }
+        assert_eq!(events.metrics().get("rate_limited"), u64::from(ports));
+        assert_eq!(events.state.lock().await.slots.len(), MAX_KEYS);
+        // One refusal empties nothing more: the rest are not retried and counted again.
+        assert_eq!(events.flush().await, vec![Outcome::RateLimited]);
+        assert_eq!(events.metrics().get("rate_limited"), u64::from(ports) + 1);
     }
 
     #[test]
