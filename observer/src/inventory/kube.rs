@@ -880,8 +880,16 @@ where
     let stream = watcher(api, lists)
         .default_backoff()
         .inspect_ok(move |event| writer.apply_event(event));
-    drive(stream, resource, on_error, changed, health)
+    drive(stream, resource, on_error, changed, health, QUIET_RECOVERY)
 }
+
+/// After a watch error, how long without another event means the watcher is connected again.
+/// A resumed watch that succeeds yields no event at all (kube's watcher only reports its
+/// failures), so without this a quiet resource (NetworkPolicies, for days) would read as
+/// failing after any API-server restart until its next change: /readyz would turn 503 and
+/// DenyObserverInventoryStale fire on every node. A retry that fails again reports within
+/// kube's backoff (30 s at most, with jitter), well inside this.
+const QUIET_RECOVERY: Duration = Duration::from_secs(90);
 
 async fn drive<K, S>(
     stream: S,
@@ -889,22 +897,43 @@ async fn drive<K, S>(
     on_error: WatchErrorCounter,
     changed: Arc<Notify>,
     (part, health): (u32, Arc<ReloadStats>),
+    quiet_recovery: Duration,
 ) where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
 {
     let mut stream = std::pin::pin!(stream);
-    while let Some(event) = stream.next().await {
+    // Set by an error, cleared by anything that says how the retry went.
+    let mut awaiting_retry = false;
+    loop {
+        let next = if awaiting_retry {
+            match tokio::time::timeout(quiet_recovery, stream.next()).await {
+                Ok(next) => next,
+                Err(_quiet) => {
+                    awaiting_retry = false;
+                    health.mark_ok(part);
+                    tracing::info!(resource, "inventory watch resumed");
+                    continue;
+                }
+            }
+        } else {
+            stream.next().await
+        };
+        let Some(event) = next else { break };
         match event {
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                awaiting_retry = false;
                 health.mark_ok(part);
                 changed.notify_one();
             }
             // Not a success yet: the watcher yields `Init` before the list request of every
             // (re)list, so a relist that keeps failing would otherwise read as current again at
-            // each retry and its staleness would never show; `InitApply` is a page of a list
-            // that may still fail (an expired `continue` token).
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+            // each retry and its staleness would never show. A relist ends with `InitDone` or
+            // an error, so the quiet timer no longer applies.
+            Ok(watcher::Event::Init) => awaiting_retry = false,
+            // A page of a list that may still fail (an expired `continue` token).
+            Ok(watcher::Event::InitApply(_)) => {}
             Err(error) => {
+                awaiting_retry = true;
                 health.mark_failed(part, format!("{resource} watch: {error}"));
                 on_error(resource);
                 tracing::warn!(%error, resource, "inventory watch failed; retrying with backoff");
@@ -975,6 +1004,44 @@ async fn snapshot_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resumed watch that succeeds says nothing: after an error, quiet means connected.
+    /// A relist in progress (`Init`) is not taken for that; it ends with `InitDone` or an error.
+    #[tokio::test]
+    async fn a_quiet_watch_after_an_error_reads_as_current_again() {
+        let quiet = Duration::from_millis(50);
+        let run = |events: Vec<Result<watcher::Event<K8sPod>, watcher::Error>>| {
+            let health = Arc::new(ReloadStats::default());
+            let stream = futures::stream::iter(events).chain(futures::stream::pending());
+            let task = tokio::spawn(drive(
+                stream,
+                "pods",
+                Arc::new(|_: &str| {}),
+                Arc::new(Notify::new()),
+                (0, Arc::clone(&health)),
+                quiet,
+            ));
+            (health, task)
+        };
+        let (health, task) = run(vec![
+            Ok(watcher::Event::InitDone),
+            Err(watcher::Error::NoResourceVersion),
+        ]);
+        tokio::time::sleep(quiet / 5).await;
+        assert!(health.failing(), "right after the error");
+        tokio::time::sleep(quiet * 3).await;
+        assert!(!health.failing(), "quiet after the retry: connected again");
+        task.abort();
+
+        let (health, task) = run(vec![
+            Ok(watcher::Event::InitDone),
+            Err(watcher::Error::NoResourceVersion),
+            Ok(watcher::Event::Init),
+        ]);
+        tokio::time::sleep(quiet * 4).await;
+        assert!(health.failing(), "a relist under way is not a success");
+        task.abort();
+    }
 
     #[test]
     fn pod_trim_keeps_what_convert_reads() {
