@@ -567,9 +567,21 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
     if missing.is_empty() && inventory.is_none() {
         return (StatusCode::OK, "ready\n").into_response();
     }
+    // Before the first load, a watch that keeps failing (a 403 on one resource after an RBAC
+    // edit) is why: say so here, not only in the logs.
+    let load_error = state
+        .inventory
+        .get()
+        .filter(|stats| stats.failing())
+        .and_then(|stats| stats.last_error());
     let names: Vec<String> = missing
         .iter()
-        .map(|c| c.name().to_owned())
+        .map(|c| match (c, &load_error) {
+            (ReadyCondition::InventoryLoaded, Some(e)) => {
+                format!("{} (last error: {e})", c.name())
+            }
+            _ => c.name().to_owned(),
+        })
         .chain(inventory)
         .collect();
     (

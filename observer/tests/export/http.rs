@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use observer::export::{HttpState, Metrics, MetricsConfig, ReadyCondition, serve};
+use observer::inventory::ReloadStats;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -113,6 +114,23 @@ async fn readyz_names_what_is_missing_until_both_conditions_hold() {
     assert_eq!(r.status, 503);
     assert!(!r.body.contains("programs_attached"), "{}", r.body);
     assert!(r.body.contains("inventory_loaded"), "{}", r.body);
+
+    // A watch failing before the first load says why.
+    let stats = Arc::new(ReloadStats::default());
+    state.set_inventory_stats(Arc::clone(&stats));
+    stats.mark_failed(
+        2,
+        "services watch: ApiError: services is forbidden (403)".into(),
+    );
+    let r = get(server.addr, "/readyz").await;
+    assert!(
+        r.body.contains(
+            "inventory_loaded (last error: services watch: ApiError: services is forbidden (403))"
+        ),
+        "{}",
+        r.body
+    );
+    stats.mark_ok(2);
 
     state.set_ready(ReadyCondition::InventoryLoaded, true);
     let r = get(server.addr, "/readyz").await;
