@@ -434,23 +434,16 @@ fn prepare(path: &Path, at: ObjectLocation, obj: Value) -> Result<Prepared, Load
         return Err(object_error(path, at, "no `kind`".into()));
     };
     let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
-    let known = match (api_version, kind.as_str()) {
-        ("v1", "Namespace") => Some(true),
-        ("v1", "Pod")
-        | ("v1", "Service")
-        | ("networking.k8s.io/v1", "NetworkPolicy")
-        | ("apps/v1", "ReplicaSet")
-        | ("batch/v1", "Job") => Some(false),
-        _ => None,
-    };
-    let Some(cluster_scoped) = known else {
+    let known = USED_KINDS.contains(&(kind.as_str(), api_version));
+    if !known {
         let what = match misspelt_used_kind(api_version, &kind) {
             Some(error) => Kind::Invalid(vec![error]),
             None => Kind::Ignored(format!("{api_version}/{kind}")),
         };
         return Ok(Prepared { at, what });
-    };
-    if !cluster_scoped && at.namespace.is_none() {
+    }
+    // Namespaces are the one cluster-scoped kind read.
+    if kind != "Namespace" && at.namespace.is_none() {
         at.namespace = Some(DEFAULT_NAMESPACE.to_owned());
     }
     // An object of a used kind that does not even deserialize as that kind is one the API

@@ -1362,6 +1362,7 @@ pub(crate) fn write_columns<R: AsRef<[String]>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::verdict::edges::Counting;
 
     fn port(name: &str, protocol: Protocol, port: u16, target: u16) -> ServicePort {
         ServicePort {
@@ -1565,20 +1566,6 @@ spec:
         let (p, _, _) = service_port(&udp_only, &PortRef::Number(53), None).unwrap();
         assert_eq!(p, Protocol::Udp);
         assert!(service_port(&udp_only, &PortRef::Number(53), Some(Protocol::Tcp)).is_err());
-    }
-
-    /// Counts the bytes a reader hands out.
-    struct Counting<R> {
-        inner: R,
-        read: usize,
-    }
-
-    impl<R: std::io::Read> std::io::Read for Counting<R> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let n = self.inner.read(buf)?;
-            self.read += n;
-            Ok(n)
-        }
     }
 
     #[test]

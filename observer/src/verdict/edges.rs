@@ -742,6 +742,22 @@ pub fn run_edges(
     write_edges(&fetched.edges, out).map_err(io)
 }
 
+/// Counts the bytes a reader hands out: tests of the bounded readers check how far they read.
+#[cfg(test)]
+pub(super) struct Counting<R> {
+    pub(super) inner: R,
+    pub(super) read: usize,
+}
+
+#[cfg(test)]
+impl<R: std::io::Read> std::io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -779,20 +795,6 @@ mod tests {
         }
         let proto = text.replace("\"TCP\"", "\"xyz\"");
         assert!(parse_edges("e".as_ref(), &mut proto.as_bytes()).is_err());
-    }
-
-    /// Counts the bytes a reader hands out.
-    struct Counting<R> {
-        inner: R,
-        read: usize,
-    }
-
-    impl<R: std::io::Read> std::io::Read for Counting<R> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let n = self.inner.read(buf)?;
-            self.read += n;
-            Ok(n)
-        }
     }
 
     #[test]

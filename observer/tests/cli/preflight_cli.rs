@@ -13,6 +13,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use observer::inventory::Inventory;
 use observer::inventory::manifest::load_dir;
 use observer::verdict::Engine;
 use observer::verdict::edges::{Edge, Observed, read_edges};
@@ -213,11 +215,31 @@ spec:
   ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]
 "#;
 
-fn rollout_edges() -> Vec<Edge> {
+/// Writes `text` to a file `name` and reads it back with `read` (the loaders take paths).
+fn from_file<T>(name: &str, text: &str, read: impl FnOnce(PathBuf) -> T) -> T {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("edges.jsonl");
-    std::fs::write(
-        &path,
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    read(path)
+}
+
+/// The NetworkPolicies of a change written as `text`.
+fn policies(text: &str) -> Vec<Arc<NetworkPolicy>> {
+    from_file("change.yaml", text, |path| load_policies(&[path]).unwrap())
+}
+
+/// `edges` judged with `before`'s and `after`'s policies.
+fn diff(before: &Arc<Inventory>, after: Inventory, edges: &[Edge]) -> Report {
+    compare(
+        &Engine::new(Arc::clone(before)),
+        &Engine::new(Arc::new(after)),
+        edges,
+    )
+}
+
+fn rollout_edges() -> Vec<Edge> {
+    from_file(
+        "edges.jsonl",
         concat!(
             r#"{"source_namespace":"a","source_workload":"client","destination_namespace":"a","destination_workload":"web","protocol":"tcp","port":80,"observed":10,"verdict":"allow"}"#,
             "\n",
@@ -225,15 +247,14 @@ fn rollout_edges() -> Vec<Edge> {
             r#"{"source_namespace":"a","source_workload":"client","destination_namespace":"a","destination_workload":"service/dns","protocol":"udp","port":null,"observed":5,"verdict":"deny"}"#,
             "\n"
         ),
+        |path| read_edges(&path).unwrap(),
     )
-    .unwrap();
-    read_edges(&path).unwrap()
 }
 
-fn rollout_inventory() -> observer::inventory::Inventory {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("a.yaml"), ROLLOUT).unwrap();
-    load_dir(dir.path()).unwrap()
+fn rollout_inventory() -> Inventory {
+    from_file("a.yaml", ROLLOUT, |path| {
+        load_dir(path.parent().unwrap()).unwrap()
+    })
 }
 
 #[test]
@@ -242,29 +263,16 @@ fn an_edge_partly_allowed_today_breaks_when_its_allowed_pairs_are_denied() {
     // pairs that carry today's traffic: a break, though the edge was never wholly allowed.
     let base = Arc::new(rollout_inventory());
     let next = apply_change(&base, &[], &["a/allow-v1".to_owned()]).unwrap();
-    let r = compare(
-        &Engine::new(Arc::clone(&base)),
-        &Engine::new(Arc::new(next)),
-        &rollout_edges(),
-    );
+    let r = diff(&base, next, &rollout_edges());
     let breaks: Vec<String> = r.breaks.iter().map(short).collect();
     assert_eq!(breaks, ["a/client -> a/web tcp/80"], "{r:#?}");
     assert_eq!((r.breaks[0].before, r.breaks[0].after), ("partial", "deny"));
     // Allowing v2 as well opens the denied pairs: newly allowed, nothing breaks.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("allow-web.yaml");
-    std::fs::write(
-        &path,
+    let apply = policies(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-v1, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]\n",
-    )
-    .unwrap();
-    let apply = load_policies(&[path]).unwrap();
-    let next = apply_change(&base, &apply, &[]).unwrap();
-    let r = compare(
-        &Engine::new(Arc::clone(&base)),
-        &Engine::new(Arc::new(next)),
-        &rollout_edges(),
     );
+    let next = apply_change(&base, &apply, &[]).unwrap();
+    let r = diff(&base, next, &rollout_edges());
     assert!(r.breaks.is_empty(), "{r:#?}");
     let opened: Vec<String> = r.newly_allowed.iter().map(short).collect();
     assert_eq!(opened, ["a/client -> a/web tcp/80"], "{r:#?}");
@@ -278,29 +286,22 @@ fn an_edge_partly_allowed_today_breaks_when_its_allowed_pairs_are_denied() {
 fn an_edge_from_the_pods_own_node_never_breaks() {
     // Kubelet probes show up as `node -> a/web` connections; Kubernetes always allows them,
     // so no policy change can break them (the daemon judges drops of them the same way).
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("edges.jsonl");
-    std::fs::write(
-        &path,
+    let edges = from_file(
+        "edges.jsonl",
         r#"{"source_namespace":"","source_workload":"node","destination_namespace":"a","destination_workload":"web","protocol":"tcp","port":80,"observed":30,"verdict":"allow"}
 {"source_namespace":"","source_workload":"host","destination_namespace":"a","destination_workload":"web","protocol":"tcp","port":80,"observed":3,"verdict":"allow"}
 "#,
-    )
-    .unwrap();
-    let edges = read_edges(&path).unwrap();
+        |path| read_edges(&path).unwrap(),
+    );
     // Today a/web is not isolated; the change is the namespace's default deny.
-    let isolated = Arc::new(rollout_inventory());
+    let isolated = rollout_inventory();
     let open = apply_change(
         &isolated,
         &[],
         &["a/default-deny".to_owned(), "a/allow-v1".to_owned()],
     )
     .unwrap();
-    let r = compare(
-        &Engine::new(Arc::new(open)),
-        &Engine::new(Arc::clone(&isolated)),
-        &edges,
-    );
+    let r = diff(&Arc::new(open), isolated, &edges);
     assert_eq!(r.edges_evaluated, 2, "{r:#?}");
     // Another node is no exception: the default deny breaks it.
     let breaks: Vec<String> = r.breaks.iter().map(short).collect();
@@ -310,20 +311,11 @@ fn an_edge_from_the_pods_own_node_never_breaks() {
 #[test]
 fn a_service_edge_without_a_port_is_judged_on_the_service_ports_of_its_protocol() {
     let base = Arc::new(rollout_inventory());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("allow-dns.yaml");
-    std::fs::write(
-        &path,
+    let apply = policies(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-dns, namespace: a}\nspec:\n  podSelector: {matchLabels: {app: dns}}\n  ingress: [{ports: [{port: 5353, protocol: UDP}]}]\n",
-    )
-    .unwrap();
-    let apply = load_policies(&[path]).unwrap();
-    let next = apply_change(&base, &apply, &[]).unwrap();
-    let r = compare(
-        &Engine::new(Arc::clone(&base)),
-        &Engine::new(Arc::new(next)),
-        &rollout_edges(),
     );
+    let next = apply_change(&base, &apply, &[]).unwrap();
+    let r = diff(&base, next, &rollout_edges());
     assert!(r.edges_unresolved.is_empty(), "{r:#?}");
     // Judged at the UDP Service port 53 (targetPort 5353), not at the pod's port numbers.
     let opened: Vec<String> = r.newly_allowed.iter().map(short).collect();

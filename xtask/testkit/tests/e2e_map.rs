@@ -257,6 +257,16 @@ fn screenshot_path() -> PathBuf {
     dir.join("traffic-map.png")
 }
 
+/// The page has drawn its data (map.js sets it last).
+const READY: &str = "document.body.dataset.ready === 'true'";
+
+/// Opens `url` and waits, 30 s at most, until `ready` holds on the page.
+fn open(browser: &mut Browser, url: &str, ready: &str) {
+    browser.navigate(url).unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .wait_for(ready, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+}
 #[test]
 fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
     if !testkit::privileged("map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy") {
@@ -315,15 +325,11 @@ fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
     assert_eq!(code, 0, "map --prometheus failed: {err}");
 
     let mut browser = Browser::launch(1400, 900).unwrap_or_else(|e| panic!("{e}"));
-    browser
-        .navigate(&format!("file://{}", from_prometheus.display()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    browser
-        .wait_for(
-            "document.body.dataset.ready === 'true'",
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    open(
+        &mut browser,
+        &format!("file://{}", from_prometheus.display()),
+        READY,
+    );
     let list = browser.eval(LIST_JS).unwrap_or_else(|e| panic!("{e}"));
 
     let denied = edge(&list, "mp-dev/tool->mp-shop/api", "denied");
@@ -486,15 +492,11 @@ fn map_output_in_chromium_shows_every_edge_with_its_verdict_and_policy() {
         ],
     );
     assert_eq!(code, 0, "map --edges failed: {err}");
-    browser
-        .navigate(&format!("file://{}", from_file.display()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    browser
-        .wait_for(
-            "document.body.dataset.ready === 'true'",
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    open(
+        &mut browser,
+        &format!("file://{}", from_file.display()),
+        READY,
+    );
     let list = browser.eval(LIST_JS).unwrap_or_else(|e| panic!("{e}"));
     let ok = edge(&list, "mp-shop/web->mp-shop/api", "allowed");
     assert_eq!(ok["protocol"], "udp", "{ok}");
@@ -616,15 +618,7 @@ fn map_listen_page_shows_a_new_denied_edge() {
     assert_eq!(http_get(addr, "/healthz"), Ok((200, "ok\n".to_owned())));
 
     let mut browser = Browser::launch(1400, 900).unwrap_or_else(|e| panic!("{e}"));
-    browser
-        .navigate(&format!("http://{addr}/"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    browser
-        .wait_for(
-            "document.body.dataset.ready === 'true'",
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    open(&mut browser, &format!("http://{addr}/"), READY);
     let new_edge = "document.querySelector('[data-edge=\"mp-shop/web->mp-shop/api\"][data-verdict=\"denied\"]')";
     let before = browser.eval(LIST_JS).unwrap_or_else(|e| panic!("{e}"));
     edge(&before, "mp-dev/tool->mp-shop/api", "denied");
@@ -751,15 +745,11 @@ fn map_page_survives_hostile_names_links_and_refresh_values() {
     let mut browser = Browser::launch(1400, 900).unwrap_or_else(|e| panic!("{e}"));
     // A namespace `__proto__` threw before the first frame; a link that is not valid
     // percent-encoding threw before the list was done: neither page was ever ready.
-    browser
-        .navigate(&format!("file://{}#edge=%E0%A4%A", page.display()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    browser
-        .wait_for(
-            "document.body.dataset.ready === 'true'",
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    open(
+        &mut browser,
+        &format!("file://{}#edge=%E0%A4%A", page.display()),
+        READY,
+    );
     let seen = browser
         .eval(
             "({ edges: Array.from(document.querySelectorAll('[data-edge]')).map(e => e.dataset.edge).sort(), \
@@ -806,15 +796,7 @@ fn map_page_survives_hostile_names_links_and_refresh_values() {
             true,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-    browser
-        .navigate(&format!("file://{}", slow.display()))
-        .unwrap_or_else(|e| panic!("{e}"));
-    browser
-        .wait_for(
-            "document.body.dataset.ready === 'true'",
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    open(&mut browser, &format!("file://{}", slow.display()), READY);
     std::thread::sleep(Duration::from_secs(1));
     let timers = browser
         .eval("({ delays: window.__delays, fetches: window.__fetches })")
@@ -864,15 +846,11 @@ fn map_page_survives_hostile_names_links_and_refresh_values() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut browser = Browser::launch(1400, 900).unwrap_or_else(|e| panic!("{e}"));
-    browser
-        .navigate(&format!("http://{addr}/"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    browser
-        .wait_for(
-            "document.body.dataset.ready === 'true' && document.body.dataset.refreshed !== undefined",
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+    open(
+        &mut browser,
+        &format!("http://{addr}/"),
+        &format!("{READY} && document.body.dataset.refreshed !== undefined"),
+    );
     let edges_shown = browser
         .eval("document.querySelectorAll('[data-edge]').length")
         .unwrap_or_else(|e| panic!("{e}"));
