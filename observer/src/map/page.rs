@@ -1,8 +1,16 @@
 //! The map page: one HTML file with its scripts, styles and data inlined, so that it opens
 //! from a file, a CI artifact or an air-gapped laptop without any network access.
+//!
+//! Its Content-Security-Policy allows no inline code but the page's own: each inline script and
+//! style is named by its SHA-256 (computed once, from the exact text the page embeds), so a
+//! name in the data that somehow became markup could not run or style anything, with
+//! `--output` as with `--listen`. The data is a `type="application/json"` block, which browsers
+//! never execute and the policy does not list.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
+use base64::Engine as _;
 use serde_json::{Value, json};
 
 use super::MapData;
@@ -14,21 +22,68 @@ pub const CYTOSCAPE_VERSION: &str = "3.34.4";
 const MAP_JS: &str = include_str!("assets/map.js");
 const MAP_CSS: &str = include_str!("assets/map.css");
 
-// One literal for both policies, so that the served header can never allow what the page's
-// own policy forbids.
-macro_rules! page_csp {
-    () => {
-        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'"
-    };
+/// The one rule Cytoscape adds to the document itself, as a `<style>` element, when it first
+/// draws into a container (`__________cytoscape_stylesheet` in its source). The policy names
+/// its hash; a new Cytoscape that writes another rule fails `cytoscape_writes_the_rule_we_hash`.
+const CYTOSCAPE_CONTAINER_CSS: &str = ".__________cytoscape_container { position: relative; }";
+
+/// The page's inline code, exactly as embedded, and the policies that allow it and nothing else.
+struct Inline {
+    cytoscape: String,
+    map_js: String,
+    map_css: String,
+    page_csp: String,
+    header_csp: String,
 }
 
-/// The page's Content-Security-Policy (its `<meta>`): nothing loads from elsewhere, since the
-/// page is data for an incident, possibly offline; only `--listen`'s `data.json` is fetched.
-pub const PAGE_CSP: &str = page_csp!();
+/// `'sha256-<base64>'` of `text`, a CSP source for the inline element with that exact text.
+fn csp_hash(text: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    format!(
+        "'sha256-{}'",
+        base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+    )
+}
 
-/// The policy `--listen` sends as a header: the page's, plus `frame-ancestors 'none'`, which
-/// only a header can carry (no other site may frame the map).
-pub const HEADER_CSP: &str = concat!(page_csp!(), "; frame-ancestors 'none'");
+static INLINE: LazyLock<Inline> = LazyLock::new(|| {
+    let cytoscape = format!(
+        "\n/* Cytoscape.js {CYTOSCAPE_VERSION}, MIT licence (see the licence header below) */\n{CYTOSCAPE_JS}\n"
+    );
+    let map_js = format!("\n{MAP_JS}\n");
+    let map_css = format!("\n{MAP_CSS}");
+    // Nothing loads from elsewhere, since the page is data for an incident, possibly offline;
+    // only `--listen`'s `data.json` is fetched.
+    let page_csp = format!(
+        "default-src 'none'; script-src {} {}; style-src {} {}; img-src data: blob:; \
+         connect-src 'self'; base-uri 'none'; form-action 'none'",
+        csp_hash(&cytoscape),
+        csp_hash(&map_js),
+        csp_hash(&map_css),
+        csp_hash(CYTOSCAPE_CONTAINER_CSS),
+    );
+    // `frame-ancestors` only works in a header: no other site may frame the map.
+    let header_csp = format!("{page_csp}; frame-ancestors 'none'");
+    Inline {
+        cytoscape,
+        map_js,
+        map_css,
+        page_csp,
+        header_csp,
+    }
+});
+
+/// The page's Content-Security-Policy (its `<meta>`): the hashes of its own scripts and
+/// styles, nothing from elsewhere, and `connect-src 'self'` for `--listen`'s `data.json`.
+pub fn page_csp() -> &'static str {
+    &INLINE.page_csp
+}
+
+/// The policy `--listen` sends as a header: [`page_csp`] plus `frame-ancestors 'none'`, which
+/// only a header can carry. One source for both, so that the header never allows what the
+/// page's own policy forbids.
+pub fn header_csp() -> &'static str {
+    &INLINE.header_csp
+}
 
 /// The document as the page reads it: each edge's `explain` answer as indexes into
 /// `explain_lines`, the lines all answers share. Answers repeat most of their lines (the same
@@ -98,27 +153,28 @@ fn escape_html(s: &str) -> String {
 
 /// The whole page for `data`.
 pub fn render(data: &MapData) -> String {
+    let inline = &*INLINE;
     let json = script_json(data);
     let title = format!("deny-observer traffic map: {}", escape_html(&data.source));
-    let mut page = String::with_capacity(CYTOSCAPE_JS.len() + json.len() + 16 * 1024);
+    let mut page =
+        String::with_capacity(inline.cytoscape.len() + json.len() + MAP_JS.len() + 16 * 1024);
     page.push_str("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n");
     page.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n");
     page.push_str(&format!(
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"{PAGE_CSP}\">\n"
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"{}\">\n",
+        inline.page_csp
     ));
-    page.push_str(&format!("<title>{title}</title>\n<style>\n"));
-    page.push_str(MAP_CSS);
+    page.push_str(&format!("<title>{title}</title>\n<style>"));
+    page.push_str(&inline.map_css);
     page.push_str("</style>\n</head>\n<body>\n");
     page.push_str(BODY);
     page.push_str("<script id=\"map-data\" type=\"application/json\">");
     page.push_str(&json);
-    page.push_str("</script>\n<script>\n/* Cytoscape.js ");
-    page.push_str(CYTOSCAPE_VERSION);
-    page.push_str(", MIT licence (see the licence header below) */\n");
-    page.push_str(CYTOSCAPE_JS);
-    page.push_str("\n</script>\n<script>\n");
-    page.push_str(MAP_JS);
-    page.push_str("\n</script>\n</body>\n</html>\n");
+    page.push_str("</script>\n<script>");
+    page.push_str(&inline.cytoscape);
+    page.push_str("</script>\n<script>");
+    page.push_str(&inline.map_js);
+    page.push_str("</script>\n</body>\n</html>\n");
     page
 }
 
@@ -126,7 +182,7 @@ const BODY: &str = r#"<header>
   <h1>Traffic map</h1>
   <p id="source"></p>
   <div id="banner" role="alert" hidden></div>
-  <form id="filters" aria-label="Filters" onsubmit="return false">
+  <form id="filters" aria-label="Filters">
     <label>Namespace <select id="filter-namespace"><option value="*">all</option></select></label>
     <label><input type="checkbox" id="filter-denied"> denied only</label>
     <label>Window <select id="filter-window"></select></label>
@@ -218,6 +274,117 @@ mod tests {
                 .unwrap_or_default();
             assert_eq!(text.join("\n"), want.explain, "edge {i}");
         }
+    }
+
+    fn empty() -> MapData {
+        MapData {
+            schema_version: 1,
+            generated_unix: 0,
+            source: String::new(),
+            windows: vec![],
+            window_seconds: vec![],
+            namespaces: vec![],
+            nodes: vec![],
+            edges: vec![],
+            edges_left_out: 0,
+            full_detail_max_workloads: 1,
+            full_detail_max_edges: 1,
+            refresh_seconds: None,
+            error: None,
+            notes: vec![],
+        }
+    }
+
+    /// Each `<tag ...>text</tag>` of `page`: (the opening tag, the text).
+    fn elements<'a>(page: &'a str, tag: &str) -> Vec<(&'a str, &'a str)> {
+        let (open, close) = (format!("<{tag}"), format!("</{tag}>"));
+        let mut out = Vec::new();
+        let mut rest = page;
+        while let Some(at) = rest.find(&open) {
+            let from = &rest[at..];
+            let Some(gt) = from.find('>') else { break };
+            let Some(end) = from.find(&close) else { break };
+            out.push((&from[..=gt], &from[gt + 1..end]));
+            rest = &from[end + close.len()..];
+        }
+        out
+    }
+
+    #[test]
+    fn the_policy_allows_the_pages_own_inline_code_and_nothing_else() {
+        let page = render(&empty());
+        let csp = page_csp();
+        for keyword in [
+            "'unsafe-inline'",
+            "'unsafe-eval'",
+            "'unsafe-hashes'",
+            "'self' 'unsafe",
+        ] {
+            assert!(!csp.contains(keyword), "{keyword} in {csp}");
+        }
+        assert!(
+            page.contains(&format!("content=\"{csp}\"")),
+            "the meta carries it"
+        );
+        assert_eq!(header_csp(), format!("{csp}; frame-ancestors 'none'"));
+        let scripts = elements(&page, "script");
+        assert_eq!(scripts.len(), 3, "data, Cytoscape, map.js");
+        for (tag, text) in scripts {
+            let allowed = csp.contains(&csp_hash(text));
+            if tag.contains("type=\"application/json\"") {
+                assert!(!allowed, "the data is never a script the policy runs");
+            } else {
+                assert!(allowed, "{tag}: its hash is in the policy");
+            }
+        }
+        let styles = elements(&page, "style");
+        assert_eq!(styles.len(), 1);
+        assert!(csp.contains(&csp_hash(styles[0].1)), "map.css");
+        assert!(csp.contains(&csp_hash(CYTOSCAPE_CONTAINER_CSS)));
+        // Inline handlers and style attributes need 'unsafe-inline' (or 'unsafe-hashes'):
+        // neither the markup nor the markup map.js writes may carry any.
+        for (what, text) in [("BODY", BODY), ("map.js", MAP_JS)] {
+            assert!(!text.contains("style="), "{what}: a style attribute");
+            let lower = text.to_ascii_lowercase();
+            for handler in [
+                " onclick=",
+                " onsubmit=",
+                " onload=",
+                " onerror=",
+                " onchange=",
+                "javascript:",
+            ] {
+                assert!(!lower.contains(handler), "{what}: {handler}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_assets_embed_as_one_element_each_and_hash_as_the_browser_reads_them() {
+        // The HTML parser ends a script at `</script` and a style at `</style`, whatever the
+        // case, and turns CR LF into LF and NUL into U+FFFD before the browser hashes the text.
+        for (name, text, end) in [
+            ("cytoscape.min.js", CYTOSCAPE_JS, "</script"),
+            ("map.js", MAP_JS, "</script"),
+            ("map.css", MAP_CSS, "</style"),
+        ] {
+            let lower = text.to_ascii_lowercase();
+            assert!(!lower.contains(end), "{name} would end its element");
+            assert!(!lower.contains("<!--"), "{name}: script data escape");
+            assert!(
+                !text.contains(['\r', '\0']),
+                "{name}: the browser would hash other text"
+            );
+        }
+    }
+
+    #[test]
+    fn cytoscape_writes_the_rule_we_hash() {
+        // `u.textContent="."+s+" { position: relative; }"` with s the container class.
+        let (class, rule) = CYTOSCAPE_CONTAINER_CSS.split_once(' ').unwrap_or_default();
+        assert!(CYTOSCAPE_JS.contains(&format!("\"{}\"", &class[1..])));
+        assert!(CYTOSCAPE_JS.contains(&format!("\".\"+s+\" {rule}\"")));
+        assert_eq!(CYTOSCAPE_JS.matches("createElement(\"style\")").count(), 1);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -136,6 +136,13 @@ pub fn router(state: Arc<MapState>, loopback_only: bool) -> Router {
         .layer(axum::middleware::from_fn_with_state(loopback_only, guard))
 }
 
+/// The page's policy as a header value, built once.
+static HEADER_CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
+    // Hashes and keywords are ASCII: this cannot fail. Should it, nothing may run.
+    HeaderValue::from_str(page::header_csp())
+        .unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"))
+});
+
 /// The headers of every answer: no MIME sniffing, no framing (the header CSP's
 /// `frame-ancestors`, which a `<meta>` CSP cannot carry, and `X-Frame-Options` for older
 /// browsers), no referrer, and the page's own policy.
@@ -149,10 +156,7 @@ pub fn security_headers(headers: &mut HeaderMap) {
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(page::HEADER_CSP),
-    );
+    headers.insert(header::CONTENT_SECURITY_POLICY, HEADER_CSP.clone());
 }
 
 /// Whether a `Host` (or URI authority) names this machine's loopback: `localhost`, an address
@@ -717,10 +721,10 @@ mod tests {
             Some("no-referrer"),
             "{what}"
         );
-        let csp = header(headers, "content-security-policy").unwrap_or_default();
-        assert!(
-            csp.starts_with(page::PAGE_CSP) && csp.ends_with("; frame-ancestors 'none'"),
-            "{what}: {csp}"
+        assert_eq!(
+            header(headers, "content-security-policy"),
+            Some(page::header_csp()),
+            "{what}"
         );
     }
 
@@ -785,7 +789,7 @@ mod tests {
         assert_eq!(status, 200, "{body}");
         assert_secured("/", &headers);
         assert!(
-            body.contains(&format!("content=\"{}\"", page::PAGE_CSP)),
+            body.contains(&format!("content=\"{}\"", page::page_csp())),
             "the page carries the same policy"
         );
         let (status, headers, body) =

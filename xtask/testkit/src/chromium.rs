@@ -61,8 +61,22 @@ pub struct Browser {
     answers: Receiver<Value>,
     next_id: u64,
     session: String,
+    /// What the page reported (see [`Browser::reports`]), oldest first, at most
+    /// [`MAX_REPORTS`].
+    reports: Vec<Value>,
     _profile: tempfile::TempDir,
 }
+
+/// The events [`Browser::reports`] keeps: console messages, the browser's own log (where
+/// Chromium says what a Content-Security-Policy refused), and uncaught exceptions.
+const REPORTED: [&str; 3] = [
+    "Runtime.consoleAPICalled",
+    "Log.entryAdded",
+    "Runtime.exceptionThrown",
+];
+
+/// Reports kept; later ones are dropped (a test reads them long before).
+const MAX_REPORTS: usize = 1000;
 
 impl Browser {
     /// Starts Chromium with a `width`×`height` window and attaches to a blank page.
@@ -117,6 +131,7 @@ impl Browser {
             answers,
             next_id: 0,
             session: String::new(),
+            reports: Vec::new(),
             _profile: profile,
         };
         let target = browser.call("Target.createTarget", json!({"url": "about:blank"}), false)?;
@@ -135,6 +150,7 @@ impl Browser {
             .to_owned();
         browser.call("Page.enable", json!({}), true)?;
         browser.call("Runtime.enable", json!({}), true)?;
+        browser.call("Log.enable", json!({}), true)?;
         Ok(browser)
     }
 
@@ -162,7 +178,7 @@ impl Browser {
                     return Ok(answer["result"].clone());
                 }
                 // Events and answers to earlier commands.
-                Ok(_) => {}
+                Ok(event) => self.keep(event),
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(BrowserError::Protocol(format!(
                         "{method}: no answer in 60s"
@@ -176,6 +192,24 @@ impl Browser {
                 }
             }
         }
+    }
+
+    fn keep(&mut self, event: Value) {
+        let reported = event["method"]
+            .as_str()
+            .is_some_and(|m| REPORTED.contains(&m));
+        if reported && self.reports.len() < MAX_REPORTS {
+            self.reports.push(event);
+        }
+    }
+
+    /// Takes what the page reported since the last call: each event's method and params
+    /// (`Runtime.consoleAPICalled`, `Log.entryAdded`, `Runtime.exceptionThrown`).
+    pub fn reports(&mut self) -> Vec<Value> {
+        while let Ok(event) = self.answers.try_recv() {
+            self.keep(event);
+        }
+        std::mem::take(&mut self.reports)
     }
 
     /// Navigates the page to `url` (the load continues in the background).

@@ -13,7 +13,8 @@
 //! 3. Without a cluster (no root): the page's script survives hostile data and links:
 //!    namespaces named like `Object.prototype`'s members, a `#edge=` link that is not valid
 //!    percent-encoding, a refresh beyond what a browser timer holds; and `map --listen`'s page
-//!    works under the server's own Content-Security-Policy header.
+//!    works under the server's own Content-Security-Policy header, and both pages under their
+//!    strict policies (no `'unsafe-inline'`) without a single `securitypolicyviolation`.
 //!
 //! Run through `cargo xtask test`, which builds the release daemon and sets the variable.
 
@@ -718,6 +719,53 @@ const RECORD_TIMERS_JS: &str = r#"
   window.fetch = function () { window.__fetches++; return fetch0.apply(this, arguments); };
 "#;
 
+/// Records, from before the page's first byte, every `securitypolicyviolation` the page's
+/// Content-Security-Policy (header or `<meta>`) raises.
+const RECORD_CSP_JS: &str = r#"
+  window.__csp = [];
+  document.addEventListener('securitypolicyviolation', function (e) {
+    window.__csp.push({ directive: e.violatedDirective, blocked: e.blockedURI, sample: e.sample,
+      line: e.lineNumber });
+  }, true);
+"#;
+
+/// Selects the first edge through its list button and flips the "denied only" filter: the
+/// details and the list are markup map.js writes, which the policy must allow as well.
+const INTERACT_JS: &str = r#"(() => {
+  document.querySelector('#edge-list [data-select]').click();
+  const d = document.getElementById('filter-denied');
+  d.checked = true; d.dispatchEvent(new Event('change'));
+  d.checked = false; d.dispatchEvent(new Event('change'));
+  return document.querySelector('#details pre') !== null;
+})()"#;
+
+/// Fails unless the page raised no `securitypolicyviolation` (see [`RECORD_CSP_JS`]), logged
+/// no policy refusal on the console and threw no uncaught exception.
+fn assert_no_csp_violation(browser: &mut Browser, what: &str) {
+    // Violation events are queued as tasks: let any pending one fire.
+    std::thread::sleep(Duration::from_millis(300));
+    let violations = browser
+        .eval("window.__csp")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        violations,
+        json!([]),
+        "{what}: the policy refused something"
+    );
+    let reports = browser.reports();
+    let bad: Vec<&Value> = reports
+        .iter()
+        .filter(|r| {
+            let text = r.to_string();
+            r["method"] == "Runtime.exceptionThrown"
+                || text.contains("Content Security Policy")
+                || text.contains("Content-Security-Policy")
+                || text.contains("Refused to")
+        })
+        .collect();
+    assert!(bad.is_empty(), "{what}: {bad:#?}");
+}
+
 #[test]
 fn map_page_survives_hostile_names_links_and_refresh_values() {
     assert!(
@@ -743,6 +791,13 @@ fn map_page_survives_hostile_names_links_and_refresh_values() {
     assert_eq!(code, 0, "map --edges failed: {err}");
 
     let mut browser = Browser::launch(1400, 900).unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .call(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({"source": RECORD_CSP_JS}),
+            true,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
     // A namespace `__proto__` threw before the first frame; a link that is not valid
     // percent-encoding threw before the list was done: neither page was ever ready.
     open(
@@ -778,6 +833,9 @@ fn map_page_survives_hostile_names_links_and_refresh_values() {
     assert_eq!(aggregated["aggregated"], true, "{aggregated}");
     assert_eq!(aggregated["workloads"], 0, "{aggregated}");
     assert_eq!(aggregated["namespaces"], 5, "{aggregated}");
+    assert_eq!(browser.eval(INTERACT_JS).ok(), Some(Value::Bool(true)));
+    // The file's `<meta>` policy allows the page's own inline code by hash, nothing inline.
+    assert_no_csp_violation(&mut browser, "map --output");
 
     // A page whose data asks for a refresh every 30 days: the delay must stay within what a
     // timer holds (2^31 ms wraps to 0, a poll without pause).
@@ -815,7 +873,8 @@ fn map_page_survives_hostile_names_links_and_refresh_values() {
     assert_eq!(*fetches, 0, "no poll yet");
     drop(browser);
 
-    // Served: the page works under the server's CSP header, and polls data.json.
+    // Served: the page works under the server's strict CSP header (no 'unsafe-inline':
+    // its scripts and styles are allowed by hash), and polls data.json.
     let addr = free_loopback_addr().unwrap();
     let log = std::fs::File::create(work.path().join("map.log")).unwrap();
     let mut server = Server(
@@ -846,13 +905,36 @@ fn map_page_survives_hostile_names_links_and_refresh_values() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut browser = Browser::launch(1400, 900).unwrap_or_else(|e| panic!("{e}"));
+    browser
+        .call(
+            "Page.addScriptToEvaluateOnNewDocument",
+            json!({"source": RECORD_CSP_JS}),
+            true,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
     open(
         &mut browser,
         &format!("http://{addr}/"),
         &format!("{READY} && document.body.dataset.refreshed !== undefined"),
     );
-    let edges_shown = browser
-        .eval("document.querySelectorAll('[data-edge]').length")
+    let seen = browser
+        .eval(
+            "fetch('/', { method: 'HEAD' }).then(r => ({ \
+               csp: r.headers.get('content-security-policy'), \
+               listed: document.querySelectorAll('[data-edge]').length, \
+               drawn: window.trafficMap.drawn() }))",
+        )
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(edges_shown, 5);
+    assert_eq!(seen["listed"], 5, "{seen}");
+    assert_eq!(
+        seen["drawn"]["edges"], 5,
+        "the graph draws every edge: {seen}"
+    );
+    let csp = seen["csp"].as_str().unwrap_or_default();
+    assert!(
+        csp.contains("script-src 'sha256-") && !csp.contains("unsafe"),
+        "the header policy is the strict one: {csp}"
+    );
+    assert_eq!(browser.eval(INTERACT_JS).ok(), Some(Value::Bool(true)));
+    assert_no_csp_violation(&mut browser, "map --listen");
 }

@@ -125,8 +125,8 @@
       '</td><td><button type="button" class="link" data-select="' + i + '">details</button></td></tr>';
   }
   // Chunks of CHUNK rows, each its own table with the same fixed columns (see .chunk).
-  var LIST_HEAD = '<colgroup><col style="width:20%"><col style="width:20%"><col style="width:11%">' +
-    '<col style="width:9%"><col style="width:8%"><col style="width:26%"><col style="width:6%"></colgroup>' +
+  // Column widths are in map.css: the page's policy refuses inline style attributes.
+  var LIST_HEAD = '<colgroup><col><col><col><col><col><col><col></colgroup>' +
     '<thead class="HEAD"><tr><th scope="col">Source</th><th scope="col">Destination</th><th scope="col">Verdict</th>' +
     '<th scope="col">Protocol/port</th><th scope="col">Observed</th><th scope="col">Policies</th><th scope="col"></th></tr></thead>';
   function chunkHtml(from) {
@@ -640,6 +640,9 @@
     ui.expanded = new Map();
     refilter();
   });
+  // The filters are a form for its semantics only: nothing is submitted (the policy's
+  // `form-action 'none'` would refuse it anyway), and no inline handler may say so.
+  $('filters').addEventListener('submit', function (e) { e.preventDefault(); });
   $('details').addEventListener('click', onClickSelect);
   $('edge-list').addEventListener('click', onClickSelect);
 
