@@ -7,8 +7,10 @@
 //! 503 once it has not completed a round for much longer than a refresh and its queries may
 //! take. A failing source keeps the last good map on screen, with the error in a banner.
 //!
-//! Every answer carries headers that keep browsers from framing, sniffing or leaking the map
-//! ([`security_headers`]). Listening on a loopback address, the server answers only requests
+//! Every answer carries headers that keep browsers from framing, sniffing, caching or leaking
+//! the map ([`security_headers`]). The one exception is what hyper answers itself to a request
+//! it cannot parse (400, 431 or 414, with `connection: close`, `content-length: 0` and `date`
+//! only, then closes): the service never sees those, and there is no body to protect. Listening on a loopback address, the server answers only requests
 //! whose `Host` is a loopback name or address: a web page the operator opens elsewhere could
 //! otherwise rebind its own DNS name to 127.0.0.1 and read the map through the browser. On any
 //! other address (a pod behind a Service, a port-forward) every `Host` is accepted: the names
@@ -145,7 +147,9 @@ static HEADER_CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
 
 /// The headers of every answer: no MIME sniffing, no framing (the header CSP's
 /// `frame-ancestors`, which a `<meta>` CSP cannot carry, and `X-Frame-Options` for older
-/// browsers), no referrer, and the page's own policy.
+/// browsers), no referrer, the page's own policy, no reading by other sites' pages as a
+/// subresource (`Cross-Origin-Resource-Policy`), and, unless the answer says otherwise,
+/// `Cache-Control: no-store`: the map names every workload and policy, and is live.
 pub fn security_headers(headers: &mut HeaderMap) {
     headers.insert(
         header::X_CONTENT_TYPE_OPTIONS,
@@ -157,6 +161,13 @@ pub fn security_headers(headers: &mut HeaderMap) {
         HeaderValue::from_static("no-referrer"),
     );
     headers.insert(header::CONTENT_SECURITY_POLICY, HEADER_CSP.clone());
+    headers.insert(
+        header::HeaderName::from_static("cross-origin-resource-policy"),
+        HeaderValue::from_static("same-origin"),
+    );
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
 }
 
 /// Whether a `Host` (or URI authority) names this machine's loopback: `localhost`, an address
@@ -669,37 +680,56 @@ mod tests {
         );
     }
 
-    /// One raw HTTP request (`head` after the request line, `\r\n`-separated): status, headers
-    /// (lower-case names) and body.
-    async fn request(
-        addr: SocketAddr,
-        version: &str,
-        path: &str,
-        head: &str,
-    ) -> (u16, Vec<(String, String)>, String) {
+    /// Sends `raw` bytes on a new connection and reads until the server closes it (10 s at
+    /// most): the status (0 for none), headers (lower-case names) and body.
+    async fn exchange(addr: SocketAddr, raw: &[u8]) -> (u16, Vec<(String, String)>, String) {
         let mut stream = tokio::net::TcpStream::connect(addr)
             .await
             .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-        let request = format!("GET {path} {version}\r\n{head}Connection: close\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
+        // A server that answers early may close before it read everything: that is fine.
+        let _ = stream.write_all(raw).await;
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut got));
+        let _ = read
             .await
-            .unwrap_or_else(|e| panic!("writing: {e}"));
-        let mut raw = Vec::new();
-        let _ = stream.read_to_end(&mut raw).await;
-        let text = String::from_utf8_lossy(&raw).into_owned();
+            .unwrap_or_else(|_| panic!("the server kept the connection open"));
+        let text = String::from_utf8_lossy(&got).into_owned();
         let (top, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
         let mut lines = top.lines();
         let status = lines
             .next()
             .and_then(|l| l.split(' ').nth(1))
             .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status in {top:?}"));
+            .unwrap_or(0);
         let headers = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
             .collect();
         (status, headers, body.to_owned())
+    }
+
+    /// One `method` request (`head` after the request line, `\r\n`-separated).
+    async fn request_with(
+        addr: SocketAddr,
+        method: &str,
+        version: &str,
+        path: &str,
+        head: &str,
+    ) -> (u16, Vec<(String, String)>, String) {
+        let request = format!("{method} {path} {version}\r\n{head}Connection: close\r\n\r\n");
+        let answer = exchange(addr, request.as_bytes()).await;
+        assert_ne!(answer.0, 0, "no status for {request:?}");
+        answer
+    }
+
+    /// One GET request (`head` after the request line, `\r\n`-separated).
+    async fn request(
+        addr: SocketAddr,
+        version: &str,
+        path: &str,
+        head: &str,
+    ) -> (u16, Vec<(String, String)>, String) {
+        request_with(addr, "GET", version, path, head).await
     }
 
     fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -726,6 +756,12 @@ mod tests {
             Some(page::header_csp()),
             "{what}"
         );
+        assert_eq!(
+            header(headers, "cross-origin-resource-policy"),
+            Some("same-origin"),
+            "{what}"
+        );
+        assert_eq!(header(headers, "cache-control"), Some("no-store"), "{what}");
     }
 
     /// Starts `map --listen` on `bind` (port 0) with a manifest directory and an edges file,
@@ -834,6 +870,126 @@ mod tests {
         assert_eq!(status, 400, "two Hosts");
         let (status, _, _) = request(addr, "HTTP/1.0", "/healthz", "").await;
         assert_eq!(status, 200, "HTTP/1.0 needs no Host");
+        let _ = stop.send(());
+    }
+
+    #[tokio::test]
+    async fn every_route_method_and_error_of_ours_is_secured_and_hypers_own_are_empty() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (addr, stop) = start(dir.path(), "127.0.0.1:0", Duration::from_millis(500)).await;
+        let host = "Host: localhost\r\n";
+        for path in ["/", "/data.json", "/healthz", "/readyz"] {
+            let (status, headers, body) = request(addr, "HTTP/1.1", path, host).await;
+            assert_eq!(status, 200, "GET {path}: {body}");
+            assert_secured(path, &headers);
+            // HEAD: the same headers, no body.
+            let (status, headers, body) = request_with(addr, "HEAD", "HTTP/1.1", path, host).await;
+            assert_eq!((status, body.as_str()), (200, ""), "HEAD {path}");
+            assert_secured(path, &headers);
+            // Nothing but GET and HEAD: no preflight is ever answered with CORS headers.
+            for method in ["POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH"] {
+                let (status, headers, body) =
+                    request_with(addr, method, "HTTP/1.1", path, host).await;
+                assert_eq!(status, 405, "{method} {path}: {body}");
+                assert_eq!(
+                    header(&headers, "allow"),
+                    Some("GET,HEAD"),
+                    "{method} {path}"
+                );
+                assert!(
+                    !headers
+                        .iter()
+                        .any(|(k, _)| k.starts_with("access-control-")),
+                    "{method} {path}"
+                );
+                assert_secured(&format!("{method} {path}"), &headers);
+            }
+        }
+        // No file is served from a path: whatever it names is 404, secured, without the map.
+        for path in [
+            "/../data.json",
+            "/%2e%2e/data.json",
+            "//data.json",
+            "/data.json/",
+            "/index.html",
+            "/map.js",
+            "/./",
+            "/..%2f..%2fetc%2fpasswd",
+        ] {
+            let (status, headers, body) = request(addr, "HTTP/1.1", path, host).await;
+            assert_eq!(status, 404, "{path}: {body}");
+            assert!(!body.contains("shop"), "{path}: {body}");
+            assert_secured(path, &headers);
+        }
+        let (status, headers, _) =
+            request_with(addr, "CONNECT", "HTTP/1.1", "localhost:80", host).await;
+        assert!(status == 404 || status == 405, "CONNECT: {status}");
+        assert_secured("CONNECT", &headers);
+        let (status, headers, _) =
+            request_with(addr, "CONNECT", "HTTP/1.1", "evil.example:80", host).await;
+        assert_eq!(status, 421, "CONNECT names its host in the target");
+        assert_secured("CONNECT evil", &headers);
+
+        // Requests hyper rejects while parsing never reach the service: hyper answers them
+        // itself, with a status, `connection: close`, `content-length: 0` and `date` only,
+        // and closes. There is no
+        // body to sniff, render or frame, so the missing headers expose nothing; this pins
+        // what a client gets (see the README).
+        let big = "x".repeat(20 * 1024);
+        let many: String = (0..70).map(|i| format!("X-{i}: y\r\n")).collect();
+        for (what, raw, want) in [
+            ("a bad request line", "GARBAGE\r\n\r\n".to_owned(), 400),
+            (
+                "a bad method",
+                "G\u{1}T / HTTP/1.1\r\nHost: localhost\r\n\r\n".to_owned(),
+                400,
+            ),
+            (
+                "a bad header",
+                "GET / HTTP/1.1\r\nHost: localhost\r\nBad Header: x\r\n\r\n".to_owned(),
+                400,
+            ),
+            (
+                "a bad version",
+                "GET / HTTP/9.9\r\nHost: localhost\r\n\r\n".to_owned(),
+                400,
+            ),
+            (
+                "oversize headers",
+                format!("GET / HTTP/1.1\r\nHost: localhost\r\nX: {big}\r\n\r\n"),
+                431,
+            ),
+            (
+                "an oversize target",
+                format!("GET /{big} HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+                431,
+            ),
+            (
+                "too many headers",
+                format!("GET / HTTP/1.1\r\nHost: localhost\r\n{many}\r\n"),
+                431,
+            ),
+        ] {
+            let (status, headers, body) = exchange(addr, raw.as_bytes()).await;
+            assert_eq!(status, want, "{what}: {headers:?} {body}");
+            assert_eq!(body, "", "{what}");
+            let mut names: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
+            names.sort_unstable();
+            assert_eq!(names, ["connection", "content-length", "date"], "{what}");
+            assert_eq!(header(&headers, "content-length"), Some("0"), "{what}");
+            assert_eq!(header(&headers, "connection"), Some("close"), "{what}");
+        }
+        // An HTTP/2 preface, and headers that never end: closed without any answer.
+        let (status, headers, body) = exchange(addr, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        assert_eq!(status, 0, "HTTP/2: {headers:?} {body}");
+        let started = Instant::now();
+        let (status, _, _) = exchange(addr, b"GET / HTTP/1.1\r\nHost: localhost\r\n").await;
+        assert_eq!(status, 0, "a request whose headers never end");
+        assert!(
+            started.elapsed() < HttpLimits::default().header_read_timeout + Duration::from_secs(3),
+            "closed after the header timeout: {:?}",
+            started.elapsed()
+        );
         let _ = stop.send(());
     }
 
