@@ -8,13 +8,21 @@
 //!   descriptors for its own work (inventory reloads);
 //! - request headers within [`HttpLimits::header_read_timeout`] and
 //!   [`HttpLimits::max_request_bytes`]; an idle connection is closed after
-//!   [`HttpLimits::idle_timeout`], a client that stops reading after
-//!   [`HttpLimits::write_timeout`] without progress;
+//!   [`HttpLimits::idle_timeout`], a client that takes less than [`MIN_WRITE_PROGRESS`] bytes
+//!   of a response within [`HttpLimits::write_timeout`] (one that stops reading, or reads a
+//!   trickle) is closed;
+//! - each connection's kernel send buffer is fixed at [`SEND_BUFFER_BYTES`] instead of
+//!   growing to `tcp_wmem`'s maximum (4 MiB), and a connection the server closes while the
+//!   kernel still holds response bytes for it is reset, not closed gracefully: otherwise the
+//!   kernel would take a whole `/metrics` into an autotuned buffer and keep it, for a client
+//!   that reads a byte now and then, in an orphaned socket the connection cap no longer counts
+//!   (2 MiB of kernel memory per request of a 1.4 MB `/metrics`, measured);
 //! - `/metrics` is rendered once per counter refresh and the same bytes are shared by every
 //!   client (a non-reading client holds a reference, not a copy).
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::os::fd::AsRawFd as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
@@ -276,6 +284,17 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
+/// A response write must hand the kernel at least this many bytes within
+/// [`HttpLimits::write_timeout`] (or finish), or the connection is closed: a client reading a
+/// trickle would otherwise hold its response (and the `/metrics` render it references) for as
+/// long as it likes. 64 KiB in 10 s is far below what any scraper reads.
+pub const MIN_WRITE_PROGRESS: usize = 64 * 1024;
+
+/// Kernel send buffer of each accepted connection (`SO_SNDBUF`; the kernel doubles it for its
+/// bookkeeping). Fixing it bounds the kernel memory a connection can hold to about twice this,
+/// and lets [`HttpLimits::write_timeout`] see a client that does not read.
+pub const SEND_BUFFER_BYTES: usize = 128 * 1024;
+
 /// Bounds of the HTTP server; see the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HttpLimits {
@@ -286,7 +305,8 @@ pub struct HttpLimits {
     /// An open connection with no request in flight and nothing received for this long is
     /// closed.
     pub idle_timeout: Duration,
-    /// A response write that makes no progress for this long closes the connection.
+    /// A response write that hands the kernel less than [`MIN_WRITE_PROGRESS`] bytes in this
+    /// long (and does not finish) closes the connection.
     pub write_timeout: Duration,
     /// Most bytes of a request's line and headers.
     pub max_request_bytes: usize,
@@ -400,14 +420,13 @@ pub async fn serve_router(
             id
         };
         let _ = stream.set_nodelay(true);
+        set_send_buffer(&stream, SEND_BUFFER_BYTES);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let connections = Arc::clone(&connections);
         tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(DeadlineIo::new(
-                stream,
-                limits.idle_timeout,
-                limits.write_timeout,
-            ));
+            let io = DeadlineIo::new(stream, limits.idle_timeout, limits.write_timeout);
+            let abort = Arc::clone(&io.abort);
+            let io = hyper_util::rt::TokioIo::new(io);
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -419,10 +438,13 @@ pub async fn serve_router(
             tokio::select! {
                 result = conn => {
                     if let Err(err) = result {
+                        // A timeout, a reset or a protocol error: whatever the kernel still
+                        // holds for this client is not worth sending.
+                        abort.store(true, Ordering::Relaxed);
                         tracing::debug!(error = %err, "HTTP connection ended with an error");
                     }
                 }
-                _ = close_rx => {}
+                _ = close_rx => abort.store(true, Ordering::Relaxed),
             }
             Connections::lock(&connections).open.remove(&id);
         });
@@ -432,15 +454,74 @@ pub async fn serve_router(
     Ok(())
 }
 
-/// A TCP stream whose reads fail after `idle` without data and whose writes fail after
-/// `write` without progress, so that neither a silent nor a non-reading client holds a
-/// connection (and the response it references) for long.
+/// Sets `SO_SNDBUF`, which also turns off the kernel's autotuning of it. Best effort: a
+/// failure leaves the kernel's default.
+fn set_send_buffer(stream: &TcpStream, bytes: usize) {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid c_int on a socket this
+    // stream owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot set SO_SNDBUF");
+    }
+}
+
+/// Bytes the kernel holds for `stream` that the peer has not acknowledged (`TIOCOUTQ`); 0 when
+/// it cannot tell.
+fn unsent_bytes(stream: &TcpStream) -> libc::c_int {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one c_int to the valid pointer passed, on a socket this stream
+    // owns.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+    if rc == 0 { queued } else { 0 }
+}
+
+/// Makes the coming close of `stream` a reset (`SO_LINGER` 0): the kernel frees what it still
+/// holds for the peer at once instead of keeping it in an orphaned socket.
+fn reset_on_close(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads a valid `linger` struct of the size passed, on a socket this
+    // stream owns.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot set SO_LINGER");
+    }
+}
+
+/// A TCP stream whose reads fail after `idle` without data and whose writes fail when less
+/// than [`MIN_WRITE_PROGRESS`] bytes went out in `write`, so that neither a silent nor a
+/// non-reading (or trickle-reading) client holds a connection (and the response it references)
+/// for long.
 struct DeadlineIo {
     inner: TcpStream,
     idle: Duration,
     write: Duration,
     read_deadline: Option<Pin<Box<Sleep>>>,
     write_deadline: Option<Pin<Box<Sleep>>>,
+    /// Bytes written since the write deadline was last cleared.
+    written: usize,
+    /// Set when the server gives up on the connection (a deadline passed, an error, shed or
+    /// shut down): the close then resets it if the kernel still holds response bytes.
+    abort: Arc<AtomicBool>,
 }
 
 impl DeadlineIo {
@@ -451,6 +532,37 @@ impl DeadlineIo {
             write,
             read_deadline: None,
             write_deadline: None,
+            written: 0,
+            abort: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Counts `n` bytes written; enough of them clear the write deadline.
+    fn wrote(&mut self, n: usize) {
+        self.written = self.written.saturating_add(n);
+        if self.written >= MIN_WRITE_PROGRESS {
+            self.write_deadline = None;
+            self.written = 0;
+        }
+    }
+
+    /// Polls the write deadline; once it passed, the connection is given up.
+    fn write_expired(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let expired = expired(&mut self.write_deadline, self.write, cx, "write");
+        if expired.is_ready() {
+            self.abort.store(true, Ordering::Relaxed);
+        }
+        expired
+    }
+}
+
+impl Drop for DeadlineIo {
+    fn drop(&mut self) {
+        // Only a connection given up on, and only with bytes still queued: a finished
+        // response (`Connection: close`) must reach its client whole, and an idle keep-alive
+        // closes gracefully.
+        if self.abort.load(Ordering::Relaxed) && unsent_bytes(&self.inner) > 0 {
+            reset_on_close(&self.inner);
         }
     }
 }
@@ -485,7 +597,12 @@ impl AsyncRead for DeadlineIo {
                 Poll::Ready(r)
             }
             Poll::Pending => {
-                expired(&mut this.read_deadline, this.idle, cx, "idle connection").map(Err)
+                let expired = expired(&mut this.read_deadline, this.idle, cx, "idle connection");
+                if expired.is_ready() {
+                    // hyper may end such a connection without an error.
+                    this.abort.store(true, Ordering::Relaxed);
+                }
+                expired.map(Err)
             }
         }
     }
@@ -499,11 +616,12 @@ impl AsyncWrite for DeadlineIo {
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                this.write_deadline = None;
-                Poll::Ready(r)
+            Poll::Ready(Ok(n)) => {
+                this.wrote(n);
+                Poll::Ready(Ok(n))
             }
-            Poll::Pending => expired(&mut this.write_deadline, this.write, cx, "write").map(Err),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.write_expired(cx).map(Err),
         }
     }
 
@@ -514,11 +632,12 @@ impl AsyncWrite for DeadlineIo {
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                this.write_deadline = None;
-                Poll::Ready(r)
+            Poll::Ready(Ok(n)) => {
+                this.wrote(n);
+                Poll::Ready(Ok(n))
             }
-            Poll::Pending => expired(&mut this.write_deadline, this.write, cx, "write").map(Err),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.write_expired(cx).map(Err),
         }
     }
 
@@ -527,7 +646,15 @@ impl AsyncWrite for DeadlineIo {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        let flushed = Pin::new(&mut this.inner).poll_flush(cx);
+        // hyper flushes once everything it buffered is written: the response is out, and the
+        // next one starts with a fresh deadline.
+        if matches!(flushed, Poll::Ready(Ok(()))) {
+            this.write_deadline = None;
+            this.written = 0;
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

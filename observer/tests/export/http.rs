@@ -372,3 +372,90 @@ async fn oversized_request_headers_are_refused() {
     assert_eq!(get(server.addr, "/healthz").await.status, 200);
     server.stop().await;
 }
+
+/// A client that asks for a large response and then reads a trickle is cut off once it has
+/// taken less than `MIN_WRITE_PROGRESS` bytes within the write timeout, and the kernel drops
+/// what it still held for it: the client gets a reset, not the rest of the body from an
+/// orphaned socket (whose kernel buffer would otherwise have grown to `tcp_wmem`'s 4 MiB).
+/// A client that reads at full speed still gets all of a `Connection: close` response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_reader_is_cut_off_and_its_queued_bytes_are_dropped() {
+    use observer::export::{HttpLimits, serve_router};
+
+    const BODY: usize = 16 << 20;
+    let body = bytes::Bytes::from(vec![b'x'; BODY]);
+    let router = axum::Router::new().route(
+        "/big",
+        axum::routing::get(move || {
+            let body = body.clone();
+            async move { body }
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let limits = HttpLimits {
+        write_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(1),
+        ..HttpLimits::default()
+    };
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve_router(listener, router, limits, async move {
+        let _ = stop_rx.await;
+    }));
+
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut s = socket.connect(addr).await.expect("connect");
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send");
+    // 1 KiB every 100 ms, for 4 s: far less than 64 KiB a second.
+    let mut trickled = 0;
+    let mut buf = [0u8; 1024];
+    let mut reset = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await {
+            Ok(Ok(n)) => trickled += n,
+            Ok(Err(e)) => reset |= e.kind() == std::io::ErrorKind::ConnectionReset,
+            Err(_) => {}
+        }
+    }
+    // Now at full speed: whatever the kernel still holds for us comes, then the end.
+    let mut rest = vec![0u8; 1 << 20];
+    let mut tail = 0;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut rest)).await {
+            Ok(Ok(0)) => break "end of stream".to_owned(),
+            Ok(Ok(n)) => tail += n,
+            Ok(Err(e)) => break format!("{:?}", e.kind()),
+            Err(_) => break "timeout".to_owned(),
+        }
+    };
+    // The reset is reported once: during the trickle, or now.
+    assert!(
+        reset || end == "ConnectionReset",
+        "no reset: trickled {trickled} bytes, then {tail} more, then {end}"
+    );
+    assert!(
+        trickled + tail < 1 << 20,
+        "the server kept sending: trickled {trickled} bytes, then {tail} more"
+    );
+
+    // A fast reader gets the whole body, even though the server closes right after it.
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("reply in time")
+        .expect("read");
+    assert!(raw.starts_with(b"HTTP/1.1 200"), "{:?}", &raw[..64]);
+    assert!(raw.ends_with(&[b'x'; 64]), "body cut short");
+    assert!(raw.len() > BODY, "{} bytes", raw.len());
+
+    let _ = stop_tx.send(());
+    task.await.expect("server task").expect("server");
+}
