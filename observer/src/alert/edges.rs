@@ -25,7 +25,7 @@
 
 use std::fs;
 use std::hash::Hasher;
-use std::io::{self, Write as _};
+use std::io::{self, Read as _, Write as _};
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -310,9 +310,12 @@ impl StateLock {
         if rc != 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                let holder = fs::read_to_string(&path)
+                // A pid is a few bytes: read no more, whatever the file is.
+                let mut text = String::new();
+                let holder = fs::File::open(&path)
+                    .and_then(|f| f.take(64).read_to_string(&mut text))
                     .ok()
-                    .and_then(|s| s.trim().parse::<u32>().ok())
+                    .and_then(|_| text.trim().parse::<u32>().ok())
                     .map(|pid| format!(" (pid {pid})"))
                     .unwrap_or_default();
                 return Err(StateLockError::Held {
@@ -322,10 +325,20 @@ impl StateLock {
             }
             return Err(StateLockError::Io { path, source: err });
         }
-        // The pid is for the error message of a second daemon; the lock is what counts.
+        // The pid is for the error message of a second daemon; the lock is what counts. A full
+        // file system must not stop the daemon here: it would crash-loop, while a state file
+        // it cannot save only costs persistence (`deny_observer_alert_state_save_errors_total`).
         let pid = format!("{}\n", std::process::id());
-        file.set_len(0).map_err(io_err(&path))?;
-        file.write_all(pid.as_bytes()).map_err(io_err(&path))?;
+        if let Err(err) = file
+            .set_len(0)
+            .and_then(|()| file.write_all(pid.as_bytes()))
+        {
+            tracing::warn!(
+                path = %path.display(),
+                error = %err,
+                "cannot write the pid into the state lock file; the lock is held all the same"
+            );
+        }
         Ok(Self { _file: file, path })
     }
 
@@ -1079,6 +1092,17 @@ mod tests {
         assert!(!t.is_learning(t0));
         assert!(!t.observe(t0, &edge(5432), false));
         assert!(t.observe(t0, &edge(5433), false));
+    }
+
+    #[test]
+    fn a_lock_file_that_takes_no_pid_still_locks() {
+        // /dev/full refuses every write with ENOSPC (and truncation), as a full file system
+        // refuses the pid of a new lock file.
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.path().join(LOCK_FILE)).unwrap();
+        let _first = StateLock::acquire(dir.path()).unwrap();
+        let err = StateLock::acquire(dir.path()).unwrap_err();
+        assert!(matches!(err, StateLockError::Held { .. }), "{err}");
     }
 
     #[test]
