@@ -59,9 +59,10 @@ pub struct ExplainArgs {
     /// explained.
     #[arg(long, conflicts_with = "flows")]
     pub port: Option<String>,
-    /// Protocol: TCP, UDP or SCTP, in any case (`tcp` as in the metrics). Default: TCP with
-    /// `--port` (for a Service, the only protocol it serves that port number over, if not
-    /// TCP); without `--port`, the protocols of the declared ports.
+    /// Protocol: TCP, UDP, SCTP, ICMP or ICMPv6, in any case (`tcp` as in the metrics; ICMP
+    /// takes no `--port`). Default: TCP with `--port` (for a Service, the only protocol it
+    /// serves that port number over, if not TCP); without `--port`, the protocols of the
+    /// declared ports.
     #[arg(long)]
     pub protocol: Option<String>,
     /// Batch mode: JSON lines `{"from":"x/a","to":"y/b","port":80,"protocol":"TCP"}` from a
