@@ -275,6 +275,30 @@ impl AlertMetrics {
         })
     }
 
+    /// Name and label names of every family this stage registers, from the collectors'
+    /// descriptors: what `/metrics` can show, whether or not a family has samples yet.
+    pub fn descriptors(&self) -> Vec<(String, Vec<String>)> {
+        let collectors: [&dyn prometheus::core::Collector; 12] = [
+            &self.spike_active,
+            &self.rate_baseline,
+            &self.rate,
+            &self.baseline_ready,
+            &self.top_port,
+            &self.new_edges,
+            &self.overflow,
+            &self.save_errors,
+            &self.edges_evicted,
+            &self.edges_known,
+            &self.edges_learned,
+            &self.edge_learning,
+        ];
+        collectors
+            .iter()
+            .flat_map(|c| c.desc())
+            .map(|d| (d.fq_name.clone(), d.variable_labels.clone()))
+            .collect()
+    }
+
     /// Bounds `deny_observer_new_denied_edges_total` to `limit` series (see
     /// [`super::AlertStage::bound_new_edge_series`]).
     pub fn bound_new_edges(&mut self, limit: usize, overflow: IntCounter, series: IntGauge) {

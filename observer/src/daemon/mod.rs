@@ -560,9 +560,30 @@ pub fn exported_metric_names() -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
+/// Label names of every metric family the daemon can export, by metric name, in the order
+/// the values are given (from the collectors' descriptors). The README's metrics table must
+/// list the same names and labels (checked by a test).
+pub fn exported_metric_labels() -> anyhow::Result<std::collections::BTreeMap<String, Vec<String>>> {
+    let built = DaemonMetrics::build(MetricsConfig::default(), alert::AlertConfig::default())?;
+    let mut labels = built.metrics.metric_labels();
+    // The alert stage registers straight into the registry: ask a fresh set of its collectors.
+    let scratch = prometheus::Registry::new();
+    labels.extend(alert::AlertMetrics::register(&scratch)?.descriptors());
+    labels.extend(built.events.descriptors());
+    Ok(labels)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exported_labels_cover_exactly_the_exported_names() {
+        let labels = exported_metric_labels().unwrap_or_default();
+        let names = exported_metric_names().unwrap_or_default();
+        assert!(!names.is_empty());
+        assert_eq!(labels.keys().cloned().collect::<Vec<_>>(), names);
+    }
 
     #[test]
     fn connection_cap_keeps_a_descriptor_reserve() {

@@ -260,6 +260,14 @@ impl EventMetrics {
         registry.register(Box::new(self.total.clone()))
     }
 
+    /// Name and label names of the family, from the collector's descriptor.
+    pub fn descriptors(&self) -> Vec<(String, Vec<String>)> {
+        prometheus::core::Collector::desc(&self.total)
+            .iter()
+            .map(|d| (d.fq_name.clone(), d.variable_labels.clone()))
+            .collect()
+    }
+
     /// Current value for one `result` label value.
     pub fn get(&self, result: &str) -> u64 {
         self.total.with_label_values(&[result]).get()

@@ -1,6 +1,6 @@
 //! The daemon's Prometheus metrics: one [`Registry`] owned by [`Metrics`], no global state.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -133,7 +133,8 @@ pub struct SeriesCounts {
 pub struct Metrics {
     registry: Registry,
     config: MetricsConfig,
-    names: Mutex<BTreeSet<String>>,
+    /// Label names of every family registered through [`Metrics::register`], by metric name.
+    names: Mutex<BTreeMap<String, Vec<String>>>,
     drops: Family<DropLabels<'static>, 7>,
     policy_denies: Family<PolicyDenyLabels<'static>, 8>,
     kernel_drops: Counters<ReasonLabels<'static>, 1>,
@@ -210,7 +211,7 @@ impl Metrics {
 
         let metrics = Self {
             registry: Registry::new(),
-            names: Mutex::new(BTreeSet::new()),
+            names: Mutex::new(BTreeMap::new()),
             drops: Family::new(
                 DROPS_TOTAL,
                 vec![drops.vec().clone(), drop_bytes.vec().clone()],
@@ -348,27 +349,47 @@ impl Metrics {
         &self.config
     }
 
-    /// Registers another stage's collector, and remembers its metric names.
+    /// Registers another stage's collector, and remembers its metric names and label names.
     pub fn register(&self, collector: Box<dyn Collector>) -> Result<(), ExportError> {
-        let names: Vec<String> = collector.desc().iter().map(|d| d.fq_name.clone()).collect();
+        let descs: Vec<(String, Vec<String>)> = collector
+            .desc()
+            .iter()
+            .map(|d| (d.fq_name.clone(), d.variable_labels.clone()))
+            .collect();
         self.registry
             .register(collector)
             .map_err(|source| ExportError::Register {
-                name: names.join(","),
+                name: descs
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 source,
             })?;
         self.names
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend(names);
+            .extend(descs);
         Ok(())
+    }
+
+    /// Label names of every family registered through [`Metrics::register`], by metric name,
+    /// from the collectors' descriptors (the order the values are given in).
+    pub fn metric_labels(&self) -> BTreeMap<String, Vec<String>> {
+        self.names.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Every metric family name the daemon can export, sorted: those registered through
     /// [`Metrics::register`] (from their descriptors, so metrics without samples yet count
     /// too), plus any family with samples registered directly in [`Metrics::registry`].
     pub fn metric_names(&self) -> Vec<String> {
-        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut names: BTreeSet<String> = self
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         names.extend(
             self.registry
                 .gather()
