@@ -198,7 +198,8 @@ impl Metrics {
         let series_overflow = Counters::<MetricLabels<'static>, 1>::new(
             SERIES_OVERFLOW_TOTAL,
             "Units counted on an __overflow__ series because the series limit was reached: \
-             packets for drops and policy denies, edges for new denied edges.",
+             packets for drops and policy denies, edges for new denied edges, connections \
+             for the connection metrics.",
         )?;
         let series = Gauges::<MetricLabels<'static>, 1>::new(
             SERIES,
