@@ -45,12 +45,15 @@ pub struct ExplainArgs {
     #[arg(long)]
     pub inventory: PathBuf,
     /// Source: `<namespace>/<pod>`, `<namespace>/<workload>` (as in the metrics'
-    /// `source_workload`) or an IP address.
+    /// `source_workload`), an IP address, or an outside peer as the metrics label it (`world`,
+    /// `private`, `host`, `node`).
     #[arg(long, required_unless_present = "flows", conflicts_with = "flows")]
     pub from: Option<String>,
-    /// Destination: `<namespace>/<pod>`, `<namespace>/<workload>`, `<namespace>/svc/<name>`
-    /// or `<name>.<namespace>.svc[.<cluster domain>]` (a Service: the pods it selects), or an
-    /// IP address (a Service's ClusterIP is that Service).
+    /// Destination: `<namespace>/<pod>`, `<namespace>/<workload>`, `<namespace>/svc/<name>`,
+    /// `<namespace>/service/<name>` (the metrics' label) or
+    /// `<name>.<namespace>.svc[.<cluster domain>]` (a Service: the pods it selects), an IP
+    /// address (a Service's ClusterIP is that Service), or an outside peer (`world`,
+    /// `private`, `host`, `node`).
     #[arg(long, required_unless_present = "flows", conflicts_with = "flows")]
     pub to: Option<String>,
     /// Destination port: a number, or a container port name of the destination; for a
