@@ -1,6 +1,7 @@
 //! No dangling series names: every `deny_observer_*` metric that the shipped Prometheus rules
 //! (deploy/prometheus/rules.yaml, the PrometheusRule holds the same groups) and the Grafana
-//! dashboard (deploy/grafana/deny-observer.json) read is one the daemon exports.
+//! dashboard (deploy/grafana/deny-observer.json) read is one the daemon exports; and every
+//! alert's runbook (and the runbook index) states the severity the rule gives it.
 //!
 //! The extractor is this file's own (observer cannot depend on xtask); xtask's
 //! `deploycheck::referenced_metric_names` applies the same rules.
@@ -167,4 +168,43 @@ fn extractor_skips_recording_rules_and_labels() {
             "deny_observer_not_a_label_name".to_owned()
         ])
     );
+}
+
+#[test]
+fn every_alert_has_a_runbook_stating_its_severity_and_listed_in_the_index() {
+    let root = repo_root();
+    let text = std::fs::read_to_string(root.join("deploy/prometheus/rules.yaml")).expect("rules");
+    let rules: serde_yaml::Value = serde_yaml::from_str(&text).expect("parse rules");
+    let index =
+        std::fs::read_to_string(root.join("docs/runbooks/README.md")).expect("runbook index");
+    let mut alerts = 0;
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let Some(alert) = rule["alert"].as_str() else {
+                continue;
+            };
+            alerts += 1;
+            let severity = rule["labels"]["severity"].as_str().expect("severity");
+            let page = format!("docs/runbooks/{alert}.md");
+            let runbook = std::fs::read_to_string(root.join(&page))
+                .unwrap_or_else(|e| panic!("{alert}: {page}: {e}"));
+            let stated = runbook
+                .lines()
+                .find_map(|l| l.strip_prefix("**Severity:**"))
+                .unwrap_or_else(|| panic!("{page} has no **Severity:** line"));
+            assert!(
+                stated.contains(severity),
+                "{page} states severity {stated:?}, the rule says {severity}"
+            );
+            let row = index
+                .lines()
+                .find(|l| l.starts_with(&format!("| {alert} |")))
+                .unwrap_or_else(|| panic!("docs/runbooks/README.md does not list {alert}"));
+            assert!(
+                row.contains(severity),
+                "docs/runbooks/README.md lists {alert} as {row:?}, the rule says {severity}"
+            );
+        }
+    }
+    assert!(alerts >= 9, "only {alerts} alerts in the rules");
 }
