@@ -126,7 +126,7 @@ impl fmt::Display for Protocol {
 
 /// Error for an unknown protocol name.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown protocol {0:?} (expected TCP, UDP or SCTP)")]
+#[error("unknown protocol {0:?} (expected TCP, UDP, SCTP, ICMP or ICMPv6)")]
 pub struct UnknownProtocol(pub String);
 
 impl FromStr for Protocol {
