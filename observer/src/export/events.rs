@@ -3,7 +3,8 @@
 //! the on-call SRE what was denied, from whom, how much and why.
 //!
 //! Input is a plain [`DeniedTraffic`] summary, so this module does not depend on the verdict
-//! engine's types. Events go through kube-rs's [`Recorder`]:
+//! engine's types. Events are written as kube-rs's `Recorder` writes them (see `recorder`, which
+//! also keeps the names of Events about long-named pods valid):
 //!
 //! - **Deduplication**: one Event per (pod, peer workload, protocol/port, direction) per window
 //!   (default 5 minutes). The first summary of a key is published at once; summaries that arrive
@@ -31,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
@@ -39,6 +40,9 @@ use tokio::time::Instant;
 
 use crate::attribute::{DenyNotice, FirstPacket, Outcomes, Sink, endpoint_labels};
 use crate::flow::{Direction, Protocol};
+
+mod recorder;
+use recorder::Recorder;
 
 /// Reason of the Event published for denied traffic.
 pub const REASON_POLICY_DENIED: &str = "PolicyDenied";
@@ -337,7 +341,7 @@ struct State {
 /// Publishes `PolicyDenied` and deny-spike Events. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct PolicyDeniedEvents {
-    recorder: Option<Recorder>,
+    recorder: Option<Arc<Recorder>>,
     config: Arc<EventsConfig>,
     metrics: EventMetrics,
     state: Arc<Mutex<State>>,
@@ -347,13 +351,14 @@ impl PolicyDeniedEvents {
     /// A publisher that uses `client` (ignored when `config.enabled` is false).
     pub fn new(client: kube::Client, config: EventsConfig, metrics: EventMetrics) -> Self {
         let recorder = config.enabled.then(|| {
-            Recorder::new(
+            // A repeat published at the end of its window still patches the first Event.
+            let ttl = config.dedup_window.saturating_add(Duration::from_secs(60));
+            Arc::new(Recorder::new(
                 client,
-                Reporter {
-                    controller: REPORTING_CONTROLLER.to_owned(),
-                    instance: config.instance.clone(),
-                },
-            )
+                REPORTING_CONTROLLER,
+                config.instance.as_deref(),
+                ttl,
+            ))
         });
         let state = State {
             slots: HashMap::new(),
@@ -641,7 +646,7 @@ pub fn denied_event(denied: &DeniedTraffic) -> (Event, ObjectReference) {
         uid: denied.pod.uid.clone(),
         ..ObjectReference::default()
     };
-    // kube's recorder deduplicates on (type, reason, action, regarding, related) and ignores the
+    // The recorder deduplicates on (type, reason, action, regarding, related) and ignores the
     // note, so the action and related object must carry the rest of our key: otherwise a second
     // peer would patch the first peer's Event and vanish.
     let mut action = format!(

@@ -515,3 +515,132 @@ async fn events_carry_the_uid_kubectl_describe_looks_up() {
             .expect("publisher task");
     }
 }
+
+/// Answers the next request with an API error `code` and returns the request's method.
+async fn refuse(handle: &mut MockHandle, code: u16, reason: &str) -> Method {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("no request within 5s")
+        .expect("service dropped");
+    let status = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": "refused", "reason": reason, "code": code
+    });
+    send.send_response(
+        Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(&status).expect("encode")))
+            .expect("response"),
+    );
+    request.method().clone()
+}
+
+/// Pod names may have 253 characters; kube-rs named Events `<pod>.<16 hex digits>`, 270
+/// characters, which the API server refuses. The Event's own name is cut (and hashed), its
+/// `regarding` still names the pod in full, with its UID.
+#[tokio::test]
+async fn events_of_pods_with_253_character_names_have_valid_names() {
+    let pod_name = format!("{}-{}", "a".repeat(200), "b".repeat(52));
+    assert_eq!(pod_name.len(), 253);
+    let config = EventsConfig {
+        // Node names may have 253 characters too; `reportingInstance` may have 128.
+        instance: Some(format!("node-{}", "n".repeat(248))),
+        ..EventsConfig::default()
+    };
+    let (events, handle) = publisher(config);
+    let expected_pod = pod_name.clone();
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let created = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+        )
+        .await;
+        let name = created["metadata"]["name"].as_str().expect("name");
+        assert!(name.len() <= 253, "{} characters: {name}", name.len());
+        assert!(
+            observer::inventory::validate::is_dns1123_subdomain(name).is_empty(),
+            "{name}"
+        );
+        assert!(name.starts_with("aaaa"), "{name}");
+        assert_eq!(created["regarding"]["kind"], "Pod");
+        assert_eq!(created["regarding"]["name"], expected_pod.as_str());
+        assert_eq!(created["regarding"]["uid"], "0b1c");
+        let instance = created["reportingInstance"].as_str().expect("instance");
+        assert!(instance.len() <= 128, "{instance}");
+        assert!(instance.starts_with("node-nnn"), "{instance}");
+    });
+    let mut d = denied("client", 3);
+    d.pod.name = pod_name;
+    assert_eq!(events.record(d).await, Outcome::Published);
+    server.await.expect("server assertions");
+    assert_eq!(events.metrics().get("published"), 1);
+}
+
+/// An Event the API server refuses (422: invalid) is counted as failed and not sent again
+/// before its window ends: neither the next summary nor a flush makes a request.
+#[tokio::test]
+async fn a_refused_event_is_counted_and_not_retried_before_its_window_ends() {
+    let config = EventsConfig {
+        dedup_window: Duration::from_millis(300),
+        ..EventsConfig::default()
+    };
+    let (events, handle) = publisher(config);
+    let mut handle = Box::pin(handle);
+    let (outcome, method) = tokio::join!(
+        events.record(denied("client", 1)),
+        refuse(&mut handle, 422, "Invalid")
+    );
+    assert_eq!((outcome, method), (Outcome::Failed, Method::POST));
+    assert_eq!(events.metrics().get("failed"), 1);
+    for _ in 0..20 {
+        assert_eq!(
+            events.record(denied("client", 1)).await,
+            Outcome::Deduplicated
+        );
+        assert!(events.flush().await.is_empty());
+    }
+    let quiet = tokio::time::timeout(Duration::from_millis(100), handle.next_request()).await;
+    assert!(quiet.is_err(), "a request was made within the window");
+    // The window over, the accumulated summary is tried once more.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (outcomes, method) = tokio::join!(events.flush(), refuse(&mut handle, 422, "Invalid"));
+    assert_eq!((outcomes, method), (vec![Outcome::Failed], Method::POST));
+    assert_eq!(events.metrics().get("failed"), 2);
+}
+
+/// The repeat of an Event the API server no longer has (its event TTL passed, or someone
+/// deleted it) is created anew rather than failing on every window.
+#[tokio::test]
+async fn a_repeat_of_an_expired_event_creates_a_new_one() {
+    let config = EventsConfig {
+        dedup_window: Duration::from_millis(200),
+        ..EventsConfig::default()
+    };
+    let (events, handle) = publisher(config);
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let first = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+        )
+        .await;
+        let name = first["metadata"]["name"].as_str().expect("name").to_owned();
+        assert_eq!(refuse(&mut handle, 404, "NotFound").await, Method::PATCH);
+        let second = expect(
+            &mut handle,
+            Method::POST,
+            "/apis/events.k8s.io/v1/namespaces/prod/events",
+        )
+        .await;
+        assert_ne!(second["metadata"]["name"].as_str(), Some(name.as_str()));
+        assert!(second.get("series").is_none_or(Value::is_null), "{second}");
+    });
+    assert_eq!(events.record(denied("client", 1)).await, Outcome::Published);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(events.record(denied("client", 1)).await, Outcome::Published);
+    server.await.expect("server assertions");
+    assert_eq!(events.metrics().get("failed"), 0);
+}
