@@ -33,6 +33,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde::Deserializer;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+use serde_json::map::Entry;
 
 use super::convert::{self, ConvertError};
 use super::kube;
@@ -607,26 +608,32 @@ impl<'de> Visitor<'de> for DocumentSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Document, A::Error> {
         let mut fields = serde_json::Map::new();
         let mut items = Items::None;
+        let mut had_items = false;
         while let Some(key) = map.next_key::<String>()? {
             if key == "items" {
+                if std::mem::replace(&mut had_items, true) {
+                    return Err(serde::de::Error::custom(duplicate_key(&key)));
+                }
                 items = map.next_value_seed(ItemsSeed {
                     path: self.path,
                     document: self.document,
                 })?;
             } else {
-                let value = map.next_value::<Value>()?;
-                fields.insert(key, value);
+                match fields.entry(key) {
+                    Entry::Occupied(e) => {
+                        return Err(serde::de::Error::custom(duplicate_key(e.key())));
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(map.next_value_seed(StrictValue)?);
+                    }
+                }
             }
         }
         Ok(Document::Map(fields, items))
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Document, A::Error> {
-        let mut out = Vec::new();
-        while let Some(v) = seq.next_element::<Value>()? {
-            out.push(v);
-        }
-        Ok(Document::Value(Value::Array(out)))
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Document, A::Error> {
+        StrictValue.visit_seq(seq).map(Document::Value)
     }
 
     fn visit_unit<E>(self) -> Result<Document, E> {
@@ -659,6 +666,95 @@ impl<'de> Visitor<'de> for DocumentSeed<'_> {
 
     fn visit_str<E>(self, v: &str) -> Result<Document, E> {
         Ok(Document::Value(Value::from(v)))
+    }
+}
+
+/// The message for a key given twice in one mapping, in YAML and JSON alike: kubectl's strict
+/// field validation refuses it, and which of the two a reader takes differs between tools
+/// (serde_json and Go's `encoding/json` keep the last), so a reviewer and this tool could read
+/// two different specs from the same file.
+pub(super) fn duplicate_key(key: &str) -> String {
+    format!("duplicate key {key:?} (the API server refuses duplicate fields)")
+}
+
+/// A JSON value built as serde_json builds a [`Value`], except that a key given twice in one
+/// object is an error (serde_json keeps the last one silently). The check is the insertion
+/// itself (one map lookup per key, as before), and the error is raised as the second key is
+/// read, so serde_json places it there: `duplicate key "app" ... at line 7 column 12`.
+struct StrictValue;
+
+impl<'de> DeserializeSeed<'de> for StrictValue {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StrictValue {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            match out.entry(key) {
+                Entry::Occupied(e) => {
+                    return Err(serde::de::Error::custom(duplicate_key(e.key())));
+                }
+                Entry::Vacant(e) => {
+                    e.insert(map.next_value_seed(StrictValue)?);
+                }
+            }
+        }
+        Ok(Value::Object(out))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(StrictValue)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
     }
 }
 
@@ -707,7 +803,7 @@ impl<'de> Visitor<'de> for ItemsSeed<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
         let mut out = Vec::new();
-        while let Some(item) = seq.next_element::<Value>()? {
+        while let Some(item) = seq.next_element_seed(StrictValue)? {
             out.push(prepare_item(self.path, self.document, out.len(), item));
         }
         Ok(Items::Prepared(out))
@@ -1235,6 +1331,55 @@ metadata: {name: calico, namespace: prod}
         let bom = format!("\u{feff}{}", text.trim_start());
         let inv = load_str(Path::new("x.json"), &bom).unwrap();
         assert_eq!(inv.pods.len(), 3);
+    }
+
+    /// serde_json keeps the last of two equal keys; the API server's strict decoding refuses
+    /// them, as the YAML reader does. Wherever the key is: the document, a nested mapping, a
+    /// List's `items` or an item of it.
+    #[test]
+    fn json_duplicate_keys_are_refused_like_yaml_ones() {
+        let refused = |text: &str| {
+            let e = load_str(Path::new("x.json"), text).unwrap_err();
+            assert!(matches!(e, LoadError::Syntax { .. }), "{e}");
+            e.to_string()
+        };
+        let e = refused(
+            "{\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"name\": \"a\"}}\n\
+             {\"apiVersion\": \"v1\", \"kind\": \"Pod\",\n \"metadata\": {\"name\": \"p\",\n  \
+             \"labels\": {\"app\": \"a\", \"app\": \"b\"}}}",
+        );
+        assert_eq!(
+            e,
+            "x.json: document 2: duplicate key \"app\" (the API server refuses duplicate \
+             fields) at line 4 column 31"
+        );
+        let e = refused("{\"kind\": \"Pod\", \"metadata\": {}, \"kind\": \"Namespace\"}");
+        assert!(e.contains("duplicate key \"kind\""), "{e}");
+        assert!(e.starts_with("x.json: document 1: "), "{e}");
+        let e = refused("{\"kind\": \"List\", \"items\": [], \"items\": []}");
+        assert!(e.contains("duplicate key \"items\""), "{e}");
+        let e = refused(
+            "{\"kind\": \"List\", \"items\": [{\"apiVersion\": \"v1\", \"kind\": \"Pod\", \
+             \"metadata\": {\"name\": \"p\"}, \"spec\": {\"hostNetwork\": true, \"hostNetwork\": false}}]}",
+        );
+        assert!(e.contains("duplicate key \"hostNetwork\""), "{e}");
+        // The same document in YAML gives the same message.
+        let e = load("apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {app: a, app: b}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("duplicate key \"app\" (the API server refuses duplicate fields) at line 3"),
+            "{e}"
+        );
+        // Equal keys in different objects are fine.
+        let inv = load_str(
+            Path::new("x.json"),
+            "{\"kind\": \"List\", \"items\": [\
+             {\"apiVersion\": \"v1\", \"kind\": \"Pod\", \"metadata\": {\"name\": \"a\", \"labels\": {\"app\": \"x\"}}},\
+             {\"apiVersion\": \"v1\", \"kind\": \"Pod\", \"metadata\": {\"name\": \"b\", \"labels\": {\"app\": \"x\"}}}]}",
+        )
+        .unwrap();
+        assert_eq!(inv.pods.len(), 2);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use granit_parser::{
 };
 use serde_json::{Map, Number, Value};
 
-use super::{Document, Items, LoadError, prepare_item};
+use super::{Document, Items, LoadError, duplicate_key, prepare_item};
 
 /// Deeper nesting is refused (serde_yaml's limit too): values are built recursively.
 const MAX_DEPTH: usize = 128;
@@ -369,14 +369,9 @@ fn nodes(value: &Value) -> usize {
     }
 }
 
-/// A key given twice in one mapping: kubectl's strict field validation refuses it, and which of
-/// the two a reader takes differs between tools, so a reviewer and this tool could read two
-/// different specs from the same file.
+/// A key given twice in one mapping (see [`duplicate_key`]).
 fn duplicate(key: &str, span: &Span) -> YamlError {
-    at(
-        span,
-        &format!("duplicate key {key:?} (the API server refuses duplicate fields)"),
-    )
+    at(span, &duplicate_key(key))
 }
 
 fn at(span: &Span, message: &str) -> YamlError {
