@@ -157,6 +157,36 @@ pub struct LoadSummary {
     pub ignored: BTreeMap<String, usize>,
     /// Namespaces created because something referred to them (no Namespace object), by name.
     pub implied_namespaces: Vec<String>,
+    /// Pods without `spec.containers` (`ns/name`, sorted). The API server requires at least
+    /// one container, so in a hand-written inventory this is likely an omission: such pods
+    /// are kept (their labels and IPs are what matters most), but they have no container
+    /// ports, so a policy's named port never matches them.
+    pub pods_without_containers: Vec<String>,
+}
+
+impl LoadSummary {
+    /// Warnings worth showing to whoever wrote the manifests (empty when there is none).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.pods_without_containers.is_empty() {
+            let n = self.pods_without_containers.len();
+            let mut shown: Vec<&str> = self
+                .pods_without_containers
+                .iter()
+                .take(5)
+                .map(String::as_str)
+                .collect();
+            if n > shown.len() {
+                shown.push("...");
+            }
+            out.push(format!(
+                "{n} pod(s) without spec.containers, which the API server requires: kept, but \
+                 with no container ports a policy's named port never matches them: {}",
+                shown.join(", ")
+            ));
+        }
+        out
+    }
 }
 
 /// Loads every manifest under `path` into an [`Inventory`].
@@ -392,6 +422,8 @@ fn is_json(path: &Path) -> bool {
 struct PreparedPod {
     model: Pod,
     owner: Option<OwnerReference>,
+    /// No `spec.containers` (or no `spec`): kept, reported in [`LoadSummary`].
+    no_containers: bool,
 }
 
 /// An object read from a file and reduced to what the inventory keeps; [`Loader::commit`]
@@ -485,7 +517,12 @@ fn prepare(path: &Path, at: ObjectLocation, obj: Value) -> Result<Prepared, Load
                 .and_then(workload::controller_of)
                 .filter(|o| matches!(o.kind.as_str(), "ReplicaSet" | "Job"))
                 .cloned();
-            Ok(Kind::Pod(Box::new(PreparedPod { model, owner })))
+            let no_containers = pod.spec.as_ref().is_none_or(|s| s.containers.is_empty());
+            Ok(Kind::Pod(Box::new(PreparedPod {
+                model,
+                owner,
+                no_containers,
+            })))
         }),
         "NetworkPolicy" => typed::<NetworkPolicy>(obj).and_then(|mut np| {
             np.metadata.namespace = namespace;
@@ -1034,7 +1071,16 @@ impl Loader {
             }
         }
         for f in pods {
-            let PreparedPod { mut model, owner } = f.obj;
+            let PreparedPod {
+                mut model,
+                owner,
+                no_containers,
+            } = f.obj;
+            if no_containers {
+                summary
+                    .pods_without_containers
+                    .push(format!("{}/{}", model.namespace, model.name));
+            }
             if let Some(owner) = owner {
                 model.workload = workload::resolve(
                     &model.namespace,
@@ -1067,6 +1113,11 @@ impl Loader {
                 object = %o,
                 "left out of the inventory: the API server would refuse this object"
             );
+        }
+        summary.pods_without_containers.sort();
+        // One line for them all: a hand-written inventory may have many.
+        for warning in summary.warnings() {
+            tracing::warn!("{warning}");
         }
         invalid.sort_by(|a, b| {
             (&a.kind, &a.namespace, &a.name).cmp(&(&b.kind, &b.namespace, &b.name))
@@ -1331,6 +1382,45 @@ metadata: {name: calico, namespace: prod}
         let bom = format!("\u{feff}{}", text.trim_start());
         let inv = load_str(Path::new("x.json"), &bom).unwrap();
         assert_eq!(inv.pods.len(), 3);
+    }
+
+    /// The API server requires a container; a hand-written pod without one is kept (its labels
+    /// and IP are what policies and attribution need) and named in the summary's warning.
+    #[test]
+    fn pods_without_containers_are_kept_and_reported() {
+        let (inv, summary) = load_str_with_summary(
+            Path::new("t.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: bare, namespace: a}\n\
+             status: {podIP: 10.0.0.1}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: empty, namespace: a}\n\
+             spec: {containers: []}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: nospec, namespace: a}\nspec: {}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: full, namespace: a}\n\
+             spec: {containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}\n",
+        )
+        .unwrap();
+        assert_eq!(inv.pods.len(), 4);
+        assert!(inv.invalid.is_empty());
+        assert_eq!(
+            summary.pods_without_containers,
+            ["a/bare", "a/empty", "a/nospec"]
+        );
+        let warnings = summary.warnings();
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].starts_with("3 pod(s) without spec.containers"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[0].ends_with(": a/bare, a/empty, a/nospec"),
+            "{warnings:?}"
+        );
+        assert!(
+            inv.pods
+                .iter()
+                .all(|p| p.name == "full" || p.ports.is_empty())
+        );
+        assert!(LoadSummary::default().warnings().is_empty());
     }
 
     /// serde_json keeps the last of two equal keys; the API server's strict decoding refuses

@@ -1200,8 +1200,15 @@ pub fn audit_dir(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<u8, VerdictError> {
-    let inv = match crate::inventory::load_dir(&args.inventory) {
-        Ok(inv) => inv,
+    let inv = match crate::inventory::manifest::load_dir_with_summary(&args.inventory) {
+        Ok((inv, summary)) => {
+            // Kept objects that are probably mistakes: said on stderr, as `preflight` says its
+            // warnings, so the report and the exit status stay what they were.
+            for w in summary.warnings() {
+                writeln!(err, "deny-observer: warning: {w}").map_err(io_err("writing errors"))?;
+            }
+            inv
+        }
         Err(e) => {
             writeln!(err, "deny-observer: error: cannot load the inventory: {e}")
                 .map_err(io_err("writing errors"))?;
@@ -1385,6 +1392,23 @@ mod tests {
             selector: None,
             ports,
         }
+    }
+
+    /// A pod without containers (kept from a hand-written inventory) has no named port: asking
+    /// for one is an error naming the pod, not a panic or another port.
+    #[test]
+    fn a_port_name_on_a_pod_without_containers_is_an_error() {
+        let Peer::Pod(pod) = web_pod("bare", Some("http"), 80) else {
+            unreachable!()
+        };
+        let mut bare = (*pod).clone();
+        bare.ports.clear();
+        let e = resolve_port(&Peer::Pod(Arc::new(bare)), "http", Protocol::Tcp).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("a/bare declares no TCP container port with that name"),
+            "{e}"
+        );
     }
 
     fn web_pod(name: &str, port_name: Option<&str>, port: u16) -> Peer {

@@ -176,3 +176,33 @@ fn empty_or_missing_inventory_is_an_error() {
     assert_eq!(code, EXIT_NO_INVENTORY);
     assert!(err.contains("typo.yaml: document 1"), "{err}");
 }
+
+/// A pod without containers is kept (the audit counts it) and named in a warning on stderr;
+/// the report and the exit status are those of the same inventory with a container.
+#[test]
+fn pods_without_containers_are_a_warning_not_an_invalid_object() {
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("cluster.yaml"), CLUSTER).unwrap();
+    fs::write(
+        d.path().join("pods.json"),
+        r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "prod"},
+            "status": {"podIP": "10.0.0.1"}}"#,
+    )
+    .unwrap();
+    let (code, out, err) = run(d.path(), &["--output", "json", "--fail-on-invalid"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.starts_with("deny-observer: warning: 1 pod(s) without spec.containers"),
+        "{err}"
+    );
+    assert!(err.trim_end().ends_with(": prod/web"), "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["invalid_objects"], json!([]));
+    let prod = v["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "prod")
+        .unwrap();
+    assert_eq!(prod["pods"], 1, "{prod}");
+}
