@@ -1384,6 +1384,44 @@ metadata: {name: calico, namespace: prod}
         assert_eq!(inv.pods.len(), 3);
     }
 
+    /// `port: .nan` made no port at all (every port allowed) where kubectl refuses the file;
+    /// a port given as a string of digits, 0, a negative port, one past 65535 and an `endPort`
+    /// below `port` are invalid objects, left out, as the API server refuses them.
+    #[test]
+    fn odd_policy_ports_are_refused_not_widened() {
+        let e = load(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {name: nan, namespace: a}\n\
+             spec: {podSelector: {}, ingress: [{ports: [{port: .nan}]}]}\n",
+        )
+        .unwrap_err();
+        assert!(matches!(e, LoadError::Syntax { .. }), "{e}");
+        let policy = |port: &str| {
+            format!(
+                "{{\"apiVersion\": \"networking.k8s.io/v1\", \"kind\": \"NetworkPolicy\", \
+                 \"metadata\": {{\"name\": \"p\", \"namespace\": \"a\"}}, \"spec\": \
+                 {{\"podSelector\": {{}}, \"ingress\": [{{\"ports\": [{port}]}}]}}}}"
+            )
+        };
+        for (port, why) in [
+            (r#"{"port": "80"}"#, "must contain at least one letter"),
+            (r#"{"port": 0}"#, "must be between 1 and 65535"),
+            (r#"{"port": -80}"#, "must be between 1 and 65535"),
+            (r#"{"port": 65536}"#, "must be between 1 and 65535"),
+            (r#"{"port": 1e30}"#, "cannot be read"),
+            (r#"{"port": 80.5}"#, "cannot be read"),
+            (
+                r#"{"port": 90, "endPort": 80}"#,
+                "must be greater than or equal to `port`",
+            ),
+        ] {
+            let inv = load_str(Path::new("p.json"), &policy(port)).unwrap();
+            assert!(inv.policies.is_empty(), "{port}");
+            let errors = inv.invalid[0].errors.join("; ");
+            assert!(errors.contains(why), "{port}: {errors}");
+        }
+    }
+
     /// The API server requires a container; a hand-written pod without one is kept (its labels
     /// and IP are what policies and attribution need) and named in the summary's warning.
     #[test]

@@ -9,8 +9,9 @@
 //!
 //! Scalars resolve as serde_yaml resolves them for an untyped value (the YAML 1.2 core schema:
 //! `~` and `null`, `true` and `false` in three spellings, decimal, `0x`, `0o` and `0b` integers,
-//! floats, `.inf` and `.nan`; digits after a leading zero stay a string), so objects read from
-//! these values deserialize as they did.
+//! floats; digits after a leading zero stay a string), so objects read from these values
+//! deserialize as they did. `.inf` and `.nan` are the exception: serde_yaml made them null,
+//! kubectl refuses them (JSON has neither), and so does this reader.
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -418,7 +419,7 @@ fn collection_tag(tag: Option<&Tag>, span: &Span) -> Result<(), YamlError> {
 fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Result<Value, String> {
     let Some(tag) = tag else {
         return Ok(match style {
-            ScalarStyle::Plain => untagged(text),
+            ScalarStyle::Plain => untagged(text)?,
             _ => Value::String(text.to_owned()),
         });
     };
@@ -428,7 +429,9 @@ fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Result<Value, St
             .map(Value::Bool)
             .ok_or_else(|| invalid("a boolean")),
         Some("int") => parse_int(text).ok_or_else(|| invalid("an integer")),
-        Some("float") => parse_f64(text).map(float).ok_or_else(|| invalid("a float")),
+        Some("float") => parse_f64(text)
+            .ok_or_else(|| invalid("a float"))
+            .and_then(|f| float(text, f)),
         Some("null") => is_null(text)
             .then_some(Value::Null)
             .ok_or_else(|| invalid("null")),
@@ -437,27 +440,34 @@ fn scalar(text: &str, style: ScalarStyle, tag: Option<&Tag>) -> Result<Value, St
     }
 }
 
-fn untagged(text: &str) -> Value {
+fn untagged(text: &str) -> Result<Value, String> {
     if text.is_empty() || is_null(text) {
-        return Value::Null;
+        return Ok(Value::Null);
     }
     if let Some(b) = parse_bool(text) {
-        return Value::Bool(b);
+        return Ok(Value::Bool(b));
     }
     if let Some(n) = parse_int(text) {
-        return n;
+        return Ok(n);
     }
     if !digits_but_not_number(text)
         && let Some(f) = parse_f64(text)
     {
-        return float(f);
+        return float(text, f);
     }
-    Value::String(text.to_owned())
+    Ok(Value::String(text.to_owned()))
 }
 
-fn float(f: f64) -> Value {
-    // JSON has no infinity or NaN: serde_json makes them null too.
-    Number::from_f64(f).map_or(Value::Null, Value::Number)
+/// JSON has no infinity or NaN, so kubectl, which turns YAML into JSON before sending it,
+/// refuses `.nan` and `.inf`. serde_yaml makes them null instead, which read `port: .nan` in a
+/// NetworkPolicy as no port at all: every port allowed, by a policy the cluster cannot have.
+fn float(text: &str, f: f64) -> Result<Value, String> {
+    Number::from_f64(f).map(Value::Number).ok_or_else(|| {
+        format!(
+            "invalid value {text:?}: JSON has no NaN or infinity, so kubectl and the API \
+             server refuse it"
+        )
+    })
 }
 
 fn is_null(text: &str) -> bool {
@@ -563,7 +573,7 @@ mod tests {
         let text = r#"
 plain: [~, null, Null, NULL, "", true, True, TRUE, false, FALSE, yes, no, on, off]
 ints: [0, 7, +7, -7, 0x1F, 0o17, 0b101, -0x10, 0755, -012, +0, 18446744073709551615, -9223372036854775808]
-floats: [1.5, -1.5, 1e3, .5, +.5, 1., .inf, -.Inf, .nan, inf, nan, 1_000]
+floats: [1.5, -1.5, 1e3, .5, +.5, 1., inf, nan, 1_000]
 strings: ["1", '2', "true", x1, 1.2.3, 10.0.0.1, 8080/TCP, "~", '', 0x, 0xZZ, +-1, --1]
 empty:
 tagged: [!!str 1, !!str true, !!int "12", !!float "1", !!bool "true", !!null "~", !!binary aGk=]
@@ -603,6 +613,11 @@ true: bool key
             e.to_string()
         };
         assert!(refused("a: !custom 1\n").contains("tag !custom is not supported"));
+        for nan in ["a: .nan\n", "a: [-.Inf]\n", "a: {b: !!float .inf}\n"] {
+            let e = refused(nan);
+            assert!(e.contains("JSON has no NaN or infinity"), "{e}");
+            assert!(e.contains("at line 1 column "), "{e}");
+        }
         let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..8 {
             let p = i - 1;
