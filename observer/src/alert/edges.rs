@@ -270,13 +270,29 @@ pub enum StateLockError {
         holder: String,
     },
     /// The directory or lock file could not be created or locked.
-    #[error("cannot lock the state directory {path}: {source}")]
+    #[error(
+        "cannot lock the state directory {path}: {source}{}",
+        state_dir_fix(source)
+    )]
     Io {
         /// File or directory involved.
         path: PathBuf,
         /// Cause.
         source: io::Error,
     },
+}
+
+/// What to do when the state directory cannot be written: in the DaemonSet the root file system
+/// is read-only, so a `--state-dir` without a volume fails this way.
+fn state_dir_fix(err: &io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM) => {
+            ". --state-dir must be a writable directory: with a read-only root file system (as \
+             in the DaemonSet) mount a volume there (deploy/base/daemonset.yaml's `state` \
+             emptyDir at /var/lib/deny-observer, or deploy/overlays/host-state)"
+        }
+        _ => "",
+    }
 }
 
 /// An exclusive `flock` on `<state_dir>/lock`, held for the life of the value (the kernel drops
@@ -1119,6 +1135,27 @@ mod tests {
         );
         drop(first);
         StateLock::acquire(dir.path()).unwrap();
+    }
+
+    /// The DaemonSet's root file system is read-only: a state directory without a volume must
+    /// say to mount one, not only "Read-only file system".
+    #[test]
+    fn an_unwritable_state_dir_names_the_volume() {
+        let err = StateLockError::Io {
+            path: PathBuf::from("/var/lib/deny-observer"),
+            source: io::Error::from_raw_os_error(libc::EROFS),
+        }
+        .to_string();
+        assert!(err.contains("Read-only file system"), "{err}");
+        assert!(err.contains("mount a volume there"), "{err}");
+        assert!(err.contains("deploy/overlays/host-state"), "{err}");
+        // Other causes (a full disk) keep their own words only.
+        let full = StateLockError::Io {
+            path: PathBuf::from("/var/lib/deny-observer"),
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        }
+        .to_string();
+        assert!(!full.contains("mount a volume"), "{full}");
     }
 
     #[test]
