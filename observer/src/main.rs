@@ -68,23 +68,6 @@ fn load(dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<observer::invent
     Ok(std::sync::Arc::new(inventory))
 }
 
-/// The error and its causes on one line. A cause whose text its parent already printed (an
-/// error that formats its `source` and also returns it) is not repeated.
-fn render_error(err: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
-}
-
 /// Whether `err` comes from writing to a pipe whose reader has closed it.
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|cause| {
@@ -159,7 +142,10 @@ fn main() -> ExitCode {
         // status still says the run did not finish, since a verdict may not have been written.
         Err(err) if is_broken_pipe(&err) => failure,
         Err(err) => {
-            eprintln!("deny-observer: error: {}", render_error(&err));
+            eprintln!(
+                "deny-observer: error: {}",
+                observer::daemon::error_line(&err)
+            );
             failure
         }
     }

@@ -152,6 +152,10 @@ pub struct RunArgs {
     pub alert: alert::AlertArgs,
 }
 
+/// How long the exit waits for blocking tasks still running (an inventory reload, a start-up
+/// step a stop interrupted).
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
+
 /// Most Kubernetes Event summaries queued between the pipeline and the publisher.
 const EVENT_QUEUE: usize = 1024;
 /// How often the Event publisher looks for summaries whose deduplication window ended.
@@ -184,16 +188,54 @@ impl From<AttachArg> for AttachMode {
 }
 
 /// Entry point of `deny-observer run`.
+///
+/// With `--log-format json` a failure is logged here, as one JSON object at level ERROR, and
+/// the result is a plain failure status: the error is the line an SRE searches the logs for,
+/// and a collector that parses JSON lines would keep a plain-text line only as an unparsed
+/// blob, outside any `level` or `message` query. With `human` the error is returned for the
+/// caller to print.
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
-    init_tracing(args.log_format);
+    let format = args.log_format;
+    init_tracing(format);
     raise_memlock_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("deny-observer")
         .build()
-        .context("starting the tokio runtime")?;
-    runtime.block_on(run(args))
+        .context("starting the tokio runtime")
+        .and_then(|runtime| {
+            let result = runtime.block_on(run(args));
+            // Dropping the runtime would wait for every blocking task, a start-up step that a
+            // stop left behind included (a program load stuck in the kernel): give them a
+            // moment, then exit without them.
+            runtime.shutdown_timeout(SHUTDOWN_WAIT);
+            result
+        });
+    match result {
+        Err(err) if format == LogFormat::Json => {
+            error!(error = %error_line(&err), "deny-observer stopped");
+            Ok(ExitCode::FAILURE)
+        }
+        other => other,
+    }
+}
+
+/// The error and its causes on one line. A cause whose text its parent already printed (an
+/// error that formats its `source` and also returns it) is not repeated.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// The connection cap: the flag, kept [`FD_RESERVE`] descriptors below the limit.
@@ -233,6 +275,27 @@ fn parse_reasons(s: &str) -> ReasonFilter {
             .map(str::to_owned)
             .collect(),
     )
+}
+
+/// Runs one start-up step unless `stop` (SIGTERM or SIGINT) comes first, then `None`. A step
+/// can take long (a large inventory, a kernel lock the program load waits for, an API server
+/// that does not answer); kubelet would otherwise wait out the grace period and kill the
+/// container, and a rollout or node drain would wait with it. Nothing is lost by stopping
+/// there: the denied-edge state has not changed since it was loaded.
+async fn unless_stopped<T>(
+    stop: impl std::future::Future<Output = ()>,
+    step: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        out = step => Some(out),
+        () = stop => None,
+    }
+}
+
+/// Logs a stop during start-up; the exit status of a requested stop.
+fn stopped_during_start_up(step: &str) -> ExitCode {
+    info!(step, "stopping during start-up (SIGTERM or SIGINT)");
+    ExitCode::SUCCESS
 }
 
 /// Where the inventory comes from.
@@ -337,10 +400,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut events = None;
     let inventory_rx = match &source {
         Source::Dir(dir) => {
+            let load =
+                inventory::watch_dir(dir.clone(), Duration::from_millis(args.inventory_poll_ms));
+            let Some(watch) = unless_stopped(signals.stop(), load).await else {
+                return Ok(stopped_during_start_up("loading the inventory"));
+            };
             let watch =
-                inventory::watch_dir(dir.clone(), Duration::from_millis(args.inventory_poll_ms))
-                    .await
-                    .with_context(|| format!("loading the inventory from {}", dir.display()))?;
+                watch.with_context(|| format!("loading the inventory from {}", dir.display()))?;
             http.set_ready(ReadyCondition::InventoryLoaded, true);
             reload_stats = Some(watch.stats());
             inventory_health = Some(watch.stats());
@@ -349,7 +415,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             rx
         }
         Source::Kube => {
-            let client = inventory::kube::default_client().await?;
+            let Some(client) =
+                unless_stopped(signals.stop(), inventory::kube::default_client()).await
+            else {
+                return Ok(stopped_during_start_up("connecting to the API server"));
+            };
+            let client = client?;
             let counter_metrics = Arc::clone(&metrics);
             let kube = KubeInventory::start(
                 client.clone(),
@@ -417,8 +488,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         ..CaptureConfig::default()
     };
-    let capture = tokio::task::spawn_blocking(move || Capture::load(&capture_config))
-        .await
+    let load = tokio::task::spawn_blocking(move || Capture::load(&capture_config));
+    let Some(capture) = unless_stopped(signals.stop(), load).await else {
+        return Ok(stopped_during_start_up("loading the capture program"));
+    };
+    let capture = capture
         .context("capture loader task")?
         .context("loading the kfree_skb capture program")?;
     metrics.set_reasons_unavailable(capture.unavailable_reasons());
@@ -576,6 +650,27 @@ pub fn exported_metric_labels() -> anyhow::Result<std::collections::BTreeMap<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stop that comes while a start-up step still runs ends the wait; a step that finishes
+    /// first is returned.
+    #[tokio::test]
+    async fn a_stop_interrupts_a_start_up_step() {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            let _ = stop_rx.await;
+        };
+        let waiting = tokio::spawn(unless_stopped(stop, std::future::pending::<u32>()));
+        let _ = stop_tx.send(());
+        let out = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the stop ended the wait")
+            .expect("task");
+        assert_eq!(out, None);
+        assert_eq!(
+            unless_stopped(std::future::pending(), async { 7 }).await,
+            Some(7)
+        );
+    }
 
     #[test]
     fn exported_labels_cover_exactly_the_exported_names() {

@@ -90,6 +90,17 @@ impl Signals {
         Self { term, hup }
     }
 
+    /// Waits for SIGTERM or SIGINT. A SIGHUP meanwhile (during start-up) changes nothing: the
+    /// inventory is being loaded for the first time.
+    pub(super) async fn stop(&mut self) {
+        loop {
+            if let Signal::Stop = self.next().await {
+                return;
+            }
+            debug!("SIGHUP during start-up: the inventory is being loaded now; nothing to reload");
+        }
+    }
+
     pub(super) async fn next(&mut self) -> Signal {
         async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
             match s {

@@ -8,3 +8,4 @@ mod explain_cli;
 mod netpol_cli;
 mod preflight_cli;
 mod readme_metrics;
+mod run_cli;
