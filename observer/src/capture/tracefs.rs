@@ -32,11 +32,15 @@ pub enum TracefsError {
         TRACEFS_ROOT,
         DEBUGFS_TRACING_ROOT,
         TRACEFS_ROOT,
-        missing_tracefs_fix(mount_error)
+        missing_tracefs_fix(mount_error, mounted_there.as_deref())
     )]
     NotFound {
         /// Why `mount -t tracefs` failed.
         mount_error: std::io::Error,
+        /// The type of the file system mounted at [`TRACEFS_ROOT`] in this mount namespace, when
+        /// one is: in a container, a volume of the host's directory (`sysfs` where the host has
+        /// not mounted tracefs on it).
+        mounted_there: Option<String>,
     },
     /// A `field:` line of the format file could not be parsed.
     #[error("format file line {line}: cannot parse {text:?}")]
@@ -65,15 +69,41 @@ pub fn ensure_mounted() -> Result<PathBuf, TracefsError> {
     if let Some(found) = find_tracefs(TRACEFS_CANDIDATES.iter().map(Path::new)) {
         return Ok(found);
     }
+    let mounted_there = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|text| mounted_fs_at(&text, TRACEFS_ROOT))
+            .filter(|fs| fs != "tracefs")
+    };
     match mount_tracefs(TRACEFS_ROOT) {
         Ok(()) if Path::new(TRACEFS_ROOT).join("events").is_dir() => {
             Ok(PathBuf::from(TRACEFS_ROOT))
         }
         Ok(()) => Err(TracefsError::NotFound {
             mount_error: std::io::Error::other("mounted, but it has no events/ directory"),
+            mounted_there: mounted_there(),
         }),
-        Err(mount_error) => Err(TracefsError::NotFound { mount_error }),
+        Err(mount_error) => Err(TracefsError::NotFound {
+            mount_error,
+            mounted_there: mounted_there(),
+        }),
     }
+}
+
+/// The file-system type of the topmost mount at `target` in `mountinfo` (the text of
+/// `/proc/self/mountinfo`), if anything is mounted there.
+pub fn mounted_fs_at(mountinfo: &str, target: &str) -> Option<String> {
+    mountinfo
+        .lines()
+        // Later lines are mounted over earlier ones: the last match is on top.
+        .rev()
+        .find_map(|line| {
+            // `id parent major:minor root mount-point options [optional...] - fstype source ...`
+            let (head, tail) = line.split_once(" - ")?;
+            let mount_point = head.split_whitespace().nth(4)?;
+            let fstype = tail.split_whitespace().next()?;
+            (mount_point == target).then(|| fstype.to_owned())
+        })
 }
 
 /// The first of `candidates` that holds tracefs's `events/` directory.
@@ -85,9 +115,23 @@ pub fn find_tracefs<'a>(candidates: impl IntoIterator<Item = &'a Path>) -> Optio
 }
 
 /// What to do when tracefs is missing, for [`TracefsError::NotFound`]; `mount_error` tells a
-/// missing capability from a kernel without tracefs.
-pub fn missing_tracefs_fix(mount_error: &std::io::Error) -> String {
+/// missing capability from a kernel without tracefs, and `mounted_there` (what is mounted at
+/// [`TRACEFS_ROOT`] instead of tracefs) a volume that is there from one that is missing.
+pub fn missing_tracefs_fix(mount_error: &std::io::Error, mounted_there: Option<&str>) -> String {
     match mount_error.raw_os_error() {
+        // The DaemonSet's hostPath volume is in place: it shows the node's own directory, and
+        // the node has not mounted tracefs on it. Adding the volume again would change nothing.
+        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) if mounted_there.is_some() => {
+            format!(
+                ": {TRACEFS_ROOT} is mounted into this container (a {} volume, presumably the \
+                 host's directory) but holds no tracefs: the node has not mounted tracefs there. \
+                 On the node, as root: `mount -t tracefs tracefs {TRACEFS_ROOT}` (to keep it \
+                 across reboots: systemd's sys-kernel-tracing.mount, or an fstab line \
+                 `tracefs {TRACEFS_ROOT} tracefs defaults 0 0`); the container finds it when it \
+                 next starts",
+                mounted_there.unwrap_or_default()
+            )
+        }
         Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => format!(
             ": mounting needs CAP_SYS_ADMIN, which deny-observer does not ask for. In a container, \
              mount the host's {TRACEFS_ROOT} read-only (a hostPath volume of type Directory, as \
@@ -395,6 +439,7 @@ mod tests {
     fn missing_tracefs_names_the_volume_or_the_kernel_feature() {
         let denied = TracefsError::NotFound {
             mount_error: std::io::Error::from_raw_os_error(libc::EPERM),
+            mounted_there: None,
         }
         .to_string();
         assert!(denied.contains("/sys/kernel/tracing"), "{denied}");
@@ -403,9 +448,55 @@ mod tests {
         assert!(denied.contains("mount -t tracefs"), "{denied}");
         let nodev = TracefsError::NotFound {
             mount_error: std::io::Error::from_raw_os_error(libc::ENODEV),
+            mounted_there: None,
         }
         .to_string();
         assert!(nodev.contains("no tracefs"), "{nodev}");
+    }
+
+    /// The volume is there but the node never mounted tracefs on its directory: the fix is on
+    /// the node, not in the manifest.
+    #[test]
+    fn an_empty_tracefs_volume_points_at_the_node() {
+        let empty = TracefsError::NotFound {
+            mount_error: std::io::Error::from_raw_os_error(libc::EPERM),
+            mounted_there: Some("sysfs".to_owned()),
+        }
+        .to_string();
+        assert!(empty.contains("node has not mounted tracefs"), "{empty}");
+        assert!(empty.contains("a sysfs volume"), "{empty}");
+        assert!(
+            empty.contains("mount -t tracefs tracefs /sys/kernel/tracing"),
+            "{empty}"
+        );
+        assert!(
+            !empty.contains("hostPath volume of type Directory"),
+            "{empty}"
+        );
+    }
+
+    /// Lines as podman's runc container showed them: the DaemonSet's volume of a host whose
+    /// tracefs is mounted, and of one whose is not (the bare sysfs directory).
+    #[test]
+    fn the_mount_at_the_tracefs_root_is_read_from_mountinfo() {
+        let mounted = "214 211 0:50 / /sys ro,nosuid,nodev,noexec,relatime - sysfs sysfs ro\n\
+                       247 214 0:22 /kernel/btf /sys/kernel/btf ro,relatime - sysfs sysfs rw\n\
+                       248 214 0:13 / /sys/kernel/tracing ro,relatime - tracefs tracefs rw\n";
+        assert_eq!(
+            mounted_fs_at(mounted, TRACEFS_ROOT).as_deref(),
+            Some("tracefs")
+        );
+        let bare = "214 211 0:50 / /sys ro,nosuid,nodev,noexec,relatime - sysfs sysfs ro\n\
+                    248 214 0:22 /kernel/tracing /sys/kernel/tracing ro,relatime shared:5 - sysfs sysfs rw\n";
+        assert_eq!(mounted_fs_at(bare, TRACEFS_ROOT).as_deref(), Some("sysfs"));
+        // Stacked mounts: the last one is on top.
+        let stacked = format!("{bare}249 248 0:13 / /sys/kernel/tracing rw - tracefs tracefs rw\n");
+        assert_eq!(
+            mounted_fs_at(&stacked, TRACEFS_ROOT).as_deref(),
+            Some("tracefs")
+        );
+        assert_eq!(mounted_fs_at(bare, "/sys/kernel/debug/tracing"), None);
+        assert_eq!(mounted_fs_at("garbage\n", TRACEFS_ROOT), None);
     }
 
     /// Verbatim from Linux 6.18 on this machine (print fmt shortened).

@@ -16,6 +16,12 @@
 //! 3. `deploy/overlays/seccomp-localhost`: its init container installs the Localhost profile
 //!    into (a stand-in for) kubelet's seccomp directory, then the daemon runs under it: ready,
 //!    counts exactly.
+//! 4. base DaemonSet on a node that has not mounted tracefs (the tracefs hostPath is the node's
+//!    bare directory): the daemon stops, and its error, a JSON log line like every other one,
+//!    says to mount tracefs on the node rather than to add the volume it already has.
+//!
+//! Run 2 ends with `podman stop`, as kubelet stops a pod: the daemon exits 0 within the
+//! DaemonSet's grace period.
 #![expect(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -361,6 +367,59 @@ fn shipped_daemonset_runs_in_a_container_and_counts_exactly() {
         });
         let port = r.readiness.clone().map(|(_, p)| p).unwrap_or(9965);
         assert_counts(&node, &netns, port, &c, 13, "containerd default profile");
+        // kubelet's stop: SIGTERM, then SIGKILL after terminationGracePeriodSeconds.
+        let grace = base["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+        let started = Instant::now();
+        cmd::quiet(podman().args(["stop", "--time", &grace.to_string(), &c.name]))
+            .expect("podman stop");
+        let took = started.elapsed();
+        assert_eq!(
+            c.exited(),
+            Some(0),
+            "exit status after SIGTERM; logs:\n{}",
+            c.logs()
+        );
+        assert!(
+            took < Duration::from_secs(grace / 2),
+            "SIGTERM took {took:?} (grace {grace} s); logs:\n{}",
+            c.logs()
+        );
+    }
+
+    // 4. a node without tracefs mounted: the hostPath is its bare directory.
+    {
+        let bare = work.path().join("node-without-tracefs");
+        std::fs::create_dir_all(&bare).unwrap();
+        let netns = PodNetns::new(format!("ct-ns-{tag}-4"));
+        let profile = root.join("xtask/seccomp/containerd-default.json");
+        let mut ctx = run.context(&netns, Some(profile), "run4");
+        ctx.host_path_remap
+            .push((PathBuf::from("/sys/kernel/tracing"), bare.clone()));
+        let (c, r) = run.daemon(&base, &ctx, &format!("ct-{tag}-no-tracefs"));
+        if wait_ready(&c, &netns, &r).is_ok() {
+            panic!("ready without tracefs:\n{}", c.logs());
+        }
+        let logs = c.logs();
+        assert_eq!(c.exited(), Some(1), "{logs}");
+        for must in [
+            "node has not mounted tracefs",
+            "mount -t tracefs tracefs /sys/kernel/tracing",
+        ] {
+            assert!(
+                logs.contains(must),
+                "the start-up error lacks {must:?}:\n{logs}"
+            );
+        }
+        // The DaemonSet logs JSON: the fatal line too, at level ERROR.
+        let mut fatal = 0;
+        for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line:?}\n{logs}"));
+            if v["level"] == "ERROR" {
+                fatal += 1;
+            }
+        }
+        assert_eq!(fatal, 1, "{logs}");
     }
 
     // 3. the seccomp-localhost overlay: init container, then the daemon under the Localhost
