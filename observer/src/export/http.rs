@@ -17,14 +17,22 @@
 //!   kernel would take a whole `/metrics` into an autotuned buffer and keep it, for a client
 //!   that reads a byte now and then, in an orphaned socket the connection cap no longer counts
 //!   (2 MiB of kernel memory per request of a 1.4 MB `/metrics`, measured);
+//! - a response must be sent within [`HttpLimits::response_timeout`] (30 s), or it is cut off
+//!   and its connection reset: the minimum write progress alone lets a client that reads just
+//!   over [`MIN_WRITE_PROGRESS`] per write timeout hold a 1.4 MB `/metrics` for minutes. Bodies
+//!   are handed to hyper in [`RESPONSE_CHUNK_BYTES`] slices (of the same bytes, Content-Length
+//!   kept), so the timeout is checked every 64 KiB;
 //! - `/metrics` is rendered once per counter refresh and the same bytes are shared by every
-//!   client (a non-reading client holds a reference, not a copy).
+//!   client (a non-reading client holds a reference, not a copy). A scrape triggers a refresh
+//!   (at most every 100 ms), so slow clients could still each hold a render of a different
+//!   generation: at most [`MAX_RENDERS_ALIVE`] renders are kept alive, beyond which a scrape
+//!   is served the latest one until an older one is freed.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::os::fd::AsRawFd as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
@@ -71,6 +79,14 @@ impl ReadyCondition {
 /// what it has.
 pub const REFRESH_WAIT: Duration = Duration::from_millis(250);
 
+/// Most `/metrics` renders kept in memory at once (the latest, and older ones still being
+/// sent). Scrapes render anew after each counter refresh, which a scrape itself triggers (at
+/// most every 100 ms), so slow clients could otherwise each hold a render of their own, up to
+/// [`HttpLimits::max_connections`] of them. Once this many are alive, a scrape is served the
+/// latest render, whatever its generation, until an older one is freed (a response that
+/// finished, or was cut off at [`HttpLimits::response_timeout`]).
+pub const MAX_RENDERS_ALIVE: usize = 8;
+
 /// A request to refresh the counters now; the refresher answers on the sender when done.
 pub type RefreshRequest = tokio::sync::oneshot::Sender<()>;
 
@@ -97,6 +113,10 @@ pub struct HttpState {
     /// wait for one render instead of each doing its own.
     rendered: tokio::sync::Mutex<Option<(u64, Bytes)>>,
     renders: AtomicU64,
+    /// Renders whose bytes are still referenced (by `rendered` or by responses being sent).
+    renders_alive: Arc<AtomicUsize>,
+    /// Scrapes served an older generation because [`MAX_RENDERS_ALIVE`] renders were alive.
+    renders_capped: AtomicU64,
     /// Staleness of the inventory source, for `/readyz`.
     inventory: OnceLock<Arc<ReloadStats>>,
     inventory_empty: AtomicBool,
@@ -117,6 +137,8 @@ impl HttpState {
             generation: AtomicU64::new(0),
             rendered: tokio::sync::Mutex::new(None),
             renders: AtomicU64::new(0),
+            renders_alive: Arc::new(AtomicUsize::new(0)),
+            renders_capped: AtomicU64::new(0),
             inventory: OnceLock::new(),
             inventory_empty: AtomicBool::new(false),
             inventory_max_age: DEFAULT_INVENTORY_MAX_AGE,
@@ -152,19 +174,41 @@ impl HttpState {
         self.renders.load(Ordering::Relaxed)
     }
 
-    /// The `/metrics` body: the shared render of the current generation, or a new one. Without
-    /// a refresher nobody bumps the generation, so every call renders.
+    /// How many `/metrics` renders are in memory now: the latest, and older ones still
+    /// referenced by responses being sent (at most [`MAX_RENDERS_ALIVE`]).
+    pub fn renders_alive(&self) -> usize {
+        self.renders_alive.load(Ordering::Acquire)
+    }
+
+    /// The `/metrics` body: the shared render of the current generation, or a new one (the
+    /// latest one, stale or not, while [`MAX_RENDERS_ALIVE`] are alive). Without a refresher
+    /// nobody bumps the generation, so every call renders.
     async fn render(&self) -> Result<Bytes, ExportError> {
         let mut cached = self.rendered.lock().await;
         let generation = self.generation.load(Ordering::Acquire);
-        if self.refresher.get().is_some()
-            && let Some((g, body)) = cached.as_ref()
-            && *g == generation
-        {
-            return Ok(body.clone());
+        if let Some((g, body)) = cached.as_ref() {
+            if self.refresher.get().is_some() && *g == generation {
+                return Ok(body.clone());
+            }
+            if self.renders_alive.load(Ordering::Acquire) >= MAX_RENDERS_ALIVE {
+                let capped = self.renders_capped.fetch_add(1, Ordering::Relaxed) + 1;
+                if capped.is_power_of_two() {
+                    tracing::warn!(
+                        max_renders_alive = MAX_RENDERS_ALIVE,
+                        capped,
+                        "slow /metrics clients hold the most renders kept; serving the latest"
+                    );
+                }
+                return Ok(body.clone());
+            }
         }
-        let body = Bytes::from(self.metrics.encode_text()?);
+        let text = self.metrics.encode_text()?;
         self.renders.fetch_add(1, Ordering::Relaxed);
+        self.renders_alive.fetch_add(1, Ordering::AcqRel);
+        let body = Bytes::from_owner(Render {
+            text,
+            alive: Arc::clone(&self.renders_alive),
+        });
         *cached = Some((generation, body.clone()));
         Ok(body)
     }
@@ -275,6 +319,25 @@ impl HttpState {
     }
 }
 
+/// The text of one `/metrics` render; counted in [`HttpState::renders_alive`] until the last
+/// response (or slice of one) referencing it is dropped.
+struct Render {
+    text: String,
+    alive: Arc<AtomicUsize>,
+}
+
+impl AsRef<[u8]> for Render {
+    fn as_ref(&self) -> &[u8] {
+        self.text.as_bytes()
+    }
+}
+
+impl Drop for Render {
+    fn drop(&mut self) {
+        self.alive.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The router with `/metrics`, `/healthz` and `/readyz`.
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
@@ -295,6 +358,13 @@ pub const MIN_WRITE_PROGRESS: usize = 64 * 1024;
 /// and lets [`HttpLimits::write_timeout`] see a client that does not read.
 pub const SEND_BUFFER_BYTES: usize = 128 * 1024;
 
+/// Most bytes of a response body hyper is handed at once. hyper queues a data frame whole
+/// (without copying it) and asks for the next only once less than its buffer limit (16 KiB,
+/// from [`HttpLimits::max_request_bytes`]) is left to write, so this bounds how much is
+/// written between two checks of [`HttpLimits::response_timeout`]. The pieces are slices of
+/// the same bytes, not copies.
+pub const RESPONSE_CHUNK_BYTES: usize = 64 * 1024;
+
 /// Bounds of the HTTP server; see the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HttpLimits {
@@ -310,6 +380,14 @@ pub struct HttpLimits {
     pub write_timeout: Duration,
     /// Most bytes of a request's line and headers.
     pub max_request_bytes: usize,
+    /// Longest a response may take from the moment it is ready until its last byte is handed
+    /// to the kernel; a response still being sent then is cut off and its connection reset.
+    /// [`HttpLimits::write_timeout`] alone lets a client that reads just over
+    /// [`MIN_WRITE_PROGRESS`] bytes per write timeout hold a 1.4 MB `/metrics` (and the render
+    /// it references) for minutes. Checked each time the server hands out the next
+    /// [`RESPONSE_CHUNK_BYTES`] of a body, so the cut comes at most about one write timeout
+    /// after it (Prometheus's own `scrape_timeout` defaults to 10 s).
+    pub response_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -320,6 +398,7 @@ impl Default for HttpLimits {
             idle_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(10),
             max_request_bytes: 16 * 1024,
+            response_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -421,7 +500,16 @@ pub async fn serve_router(
         };
         let _ = stream.set_nodelay(true);
         set_send_buffer(&stream, SEND_BUFFER_BYTES);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let inner = hyper_util::service::TowerToHyperService::new(router.clone());
+        let response_timeout = limits.response_timeout;
+        let service = hyper::service::service_fn(move |request| {
+            let response = hyper::service::Service::call(&inner, request);
+            async move {
+                response
+                    .await
+                    .map(|r| r.map(|body| DeadlineBody::new(body, response_timeout)))
+            }
+        });
         let connections = Arc::clone(&connections);
         tokio::spawn(async move {
             let io = DeadlineIo::new(stream, limits.idle_timeout, limits.write_timeout);
@@ -434,9 +522,11 @@ pub async fn serve_router(
                 .max_buf_size(limits.max_request_bytes.max(8192))
                 .max_headers(64)
                 .keep_alive(true);
-            let conn = builder.serve_connection(io, service);
+            // Pinned out here, not moved into `select!`, so that the connection (and the
+            // stream, whose drop looks at `abort`) outlives the branch that sets `abort`.
+            let mut conn = std::pin::pin!(builder.serve_connection(io, service));
             tokio::select! {
-                result = conn => {
+                result = &mut conn => {
                     if let Err(err) = result {
                         // A timeout, a reset or a protocol error: whatever the kernel still
                         // holds for this client is not worth sending.
@@ -452,6 +542,90 @@ pub async fn serve_router(
     let mut conns = Connections::lock(&connections);
     while conns.close_oldest() {}
     Ok(())
+}
+
+/// A response body handed to hyper in slices of at most [`RESPONSE_CHUNK_BYTES`] that fails
+/// once its deadline passed: hyper then ends the connection with an error (which resets it)
+/// and drops the body and what it still queued of it.
+struct DeadlineBody {
+    inner: axum::body::Body,
+    /// The part of the inner body's last data frame not handed out yet.
+    pending: Bytes,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl DeadlineBody {
+    fn new(inner: axum::body::Body, timeout: Duration) -> Self {
+        Self {
+            inner,
+            pending: Bytes::new(),
+            deadline: tokio::time::Instant::now() + timeout,
+            timeout,
+        }
+    }
+
+    /// The next slice of `data`, keeping the rest for later.
+    fn slice(&mut self, mut data: Bytes) -> Bytes {
+        if data.len() > RESPONSE_CHUNK_BYTES {
+            self.pending = data.split_off(RESPONSE_CHUNK_BYTES);
+        }
+        data
+    }
+}
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        // Only checked when hyper asks for more: hyper asks as soon as it wrote most of the
+        // previous slice, and a client that stops reading meets the write timeout instead.
+        if tokio::time::Instant::now() >= this.deadline {
+            this.pending = Bytes::new();
+            return Poll::Ready(Some(Err(Box::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("response not sent within {}s", this.timeout.as_secs_f64()),
+            )))));
+        }
+        if !this.pending.is_empty() {
+            let rest = std::mem::take(&mut this.pending);
+            let data = this.slice(rest);
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => {
+                    let data = this.slice(data);
+                    Poll::Ready(Some(Ok(hyper::body::Frame::data(data))))
+                }
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        // Exact when the inner body's is, so that hyper still sends a Content-Length.
+        let inner = self.inner.size_hint();
+        let pending = self.pending.len() as u64;
+        let mut hint = hyper::body::SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(pending));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(pending));
+        }
+        hint
+    }
 }
 
 /// Sets `SO_SNDBUF`, which also turns off the kernel's autotuning of it. Best effort: a

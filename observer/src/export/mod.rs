@@ -19,9 +19,9 @@ mod sink;
 
 pub use crate::attribute::{PolicyMatch, endpoint_labels};
 pub use http::{
-    DEFAULT_INVENTORY_MAX_AGE, DEFAULT_STALL_AFTER, HttpLimits, HttpState, MIN_WRITE_PROGRESS,
-    REFRESH_WAIT, ReadyCondition, RefreshRequest, SEND_BUFFER_BYTES, router, serve, serve_router,
-    serve_with,
+    DEFAULT_INVENTORY_MAX_AGE, DEFAULT_STALL_AFTER, HttpLimits, HttpState, MAX_RENDERS_ALIVE,
+    MIN_WRITE_PROGRESS, REFRESH_WAIT, RESPONSE_CHUNK_BYTES, ReadyCondition, RefreshRequest,
+    SEND_BUFFER_BYTES, router, serve, serve_router, serve_with,
 };
 pub use labels::{DropLabels, LabelSet, LabelValue, PolicyDenyLabels};
 pub use metrics::*;

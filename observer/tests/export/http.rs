@@ -459,3 +459,212 @@ async fn a_trickle_reader_is_cut_off_and_its_queued_bytes_are_dropped() {
     let _ = stop_tx.send(());
     task.await.expect("server task").expect("server");
 }
+
+/// A state whose `/metrics` is about 1.4 MB (20,000 `events_lost_total` series), far more than
+/// the kernel buffers of a connection, with a refresher that, like the daemon's, starts a new
+/// generation at each scrape: every scrape renders anew.
+fn big_state() -> Arc<HttpState> {
+    use observer::export::RefreshRequest;
+
+    let state = state();
+    for i in 0..20_000 {
+        state
+            .metrics()
+            .record_loss(&format!("big_render_test_stage_{i:06}"), 1);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel::<RefreshRequest>(64);
+    state.set_refresher(tx);
+    // Weak: the state owns the channel, which closes (ending the thread) when it is dropped.
+    let refreshed = Arc::downgrade(&state);
+    std::thread::spawn(move || {
+        while let Ok(done) = rx.recv() {
+            if let Some(state) = refreshed.upgrade() {
+                state.counters_refreshed();
+            }
+            let _ = done.send(());
+        }
+    });
+    state
+}
+
+async fn start_with(state: Arc<HttpState>, limits: observer::export::HttpLimits) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(observer::export::serve_with(
+        listener,
+        state,
+        limits,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    Server {
+        addr,
+        stop: Some(tx),
+        task,
+    }
+}
+
+/// A client with a 4 KiB receive buffer that asked for `/metrics` and has its first bytes.
+async fn slow_metrics_client(addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut s = socket.connect(addr).await.expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send");
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+        .await
+        .expect("response starts in time")
+        .expect("read");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    s
+}
+
+/// Waits (at most 5 s) until `state` holds `n` renders.
+async fn renders_alive_become(state: &HttpState, n: usize) -> usize {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while state.renders_alive() != n && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    state.renders_alive()
+}
+
+/// A client that reads `/metrics` steadily, well above the minimum write progress but too
+/// slowly to finish within the response timeout, is cut off (reset) shortly after it, and the
+/// render it held is freed: the write timeout alone lets it hold the render for as long as
+/// the body takes at its pace (9 s here; minutes for a 1.4 MB `/metrics` read at just over
+/// 64 KiB per 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_slow_metrics_reader_is_cut_off_at_the_response_timeout() {
+    use observer::export::{HttpLimits, MIN_WRITE_PROGRESS};
+
+    let state = big_state();
+    let limits = HttpLimits {
+        response_timeout: Duration::from_secs(2),
+        write_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(5),
+        ..HttpLimits::default()
+    };
+    let server = start_with(state.clone(), limits).await;
+    let body_len = get(server.addr, "/metrics").await.body.len();
+    assert!(body_len > 1_000_000, "a small render: {body_len} bytes");
+
+    let t0 = std::time::Instant::now();
+    let mut s = slow_metrics_client(server.addr).await;
+    // 8 KiB every 50 ms: 160 KiB/s, 5 times the minimum progress (64 KiB in the 2 s write
+    // timeout), so about 9 s for the whole body.
+    const { assert!(160 * 1024 >= 5 * MIN_WRITE_PROGRESS / 2) };
+    let mut buf = vec![0u8; 8192];
+    let mut read = 0;
+    // Meanwhile another scrape renders anew; the slow client still holds the older render.
+    let other = tokio::spawn({
+        let (addr, state) = (server.addr, Arc::clone(&state));
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(get(addr, "/metrics").await.status, 200);
+            state.renders_alive()
+        }
+    });
+    let end = 'reading: loop {
+        if t0.elapsed() > Duration::from_secs(15) {
+            break "still reading after 15 s".to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut chunk = 0;
+        while chunk < buf.len() {
+            match tokio::time::timeout(Duration::from_millis(5), s.read(&mut buf[chunk..])).await {
+                Ok(Ok(0)) => break 'reading "end of stream".to_owned(),
+                Ok(Ok(n)) => {
+                    chunk += n;
+                    read += n;
+                }
+                Ok(Err(e)) => break 'reading format!("{:?}", e.kind()),
+                Err(_) => break,
+            }
+        }
+    };
+    let took = t0.elapsed();
+    assert_eq!(other.await.expect("other scrape"), 2);
+    assert_eq!(
+        end, "ConnectionReset",
+        "after {read} of {body_len} bytes in {took:?}"
+    );
+    assert!(read < body_len / 2, "read {read} of {body_len} bytes");
+    // The timeout is checked when hyper asks for the next 64 KiB slice, a fraction of a second
+    // at this pace (at most about one write timeout at the minimum progress).
+    assert!(
+        took < limits.response_timeout + limits.write_timeout + Duration::from_millis(1500),
+        "cut off after {took:?}"
+    );
+    assert_eq!(
+        renders_alive_become(&state, 1).await,
+        1,
+        "the cut-off response's render is freed"
+    );
+    server.stop().await;
+}
+
+/// A client that reads at full speed gets all of a large `/metrics`, sent in slices, with its
+/// Content-Length (not chunked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_metrics_client_gets_the_whole_body_with_its_content_length() {
+    let state = big_state();
+    let server = start(state.clone()).await;
+    let r = get(server.addr, "/metrics").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("transfer-encoding"), None);
+    let length: usize = r
+        .header("content-length")
+        .expect("content-length")
+        .parse()
+        .expect("numeric content-length");
+    assert_eq!(length, r.body.len());
+    assert!(length > 1_000_000, "{length} bytes");
+    assert!(
+        r.body.contains(
+            "deny_observer_events_lost_total{stage=\"big_render_test_stage_019999\"} 1\n"
+        ),
+        "last series missing"
+    );
+    assert!(r.body.ends_with('\n'));
+    server.stop().await;
+}
+
+/// Slow clients that each hold a `/metrics` of a different generation cannot keep more than
+/// `MAX_RENDERS_ALIVE` renders in memory: beyond it, scrapes get the latest render. Once they
+/// are gone, scrapes render anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_cannot_keep_more_than_max_renders_alive() {
+    use observer::export::{HttpLimits, MAX_RENDERS_ALIVE};
+
+    let state = big_state();
+    let limits = HttpLimits {
+        write_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(60),
+        response_timeout: Duration::from_secs(60),
+        ..HttpLimits::default()
+    };
+    let server = start_with(state.clone(), limits).await;
+    let mut slow = Vec::new();
+    for _ in 0..MAX_RENDERS_ALIVE + 4 {
+        slow.push(slow_metrics_client(server.addr).await);
+    }
+    assert_eq!(state.renders_alive(), MAX_RENDERS_ALIVE);
+    assert_eq!(state.renders(), MAX_RENDERS_ALIVE as u64);
+    // A scrape is still answered, whole, from the latest render.
+    let r = get(server.addr, "/metrics").await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.ends_with('\n'));
+    assert_eq!(state.renders(), MAX_RENDERS_ALIVE as u64);
+
+    // The slow clients go away: the server's next writes fail, their renders are freed and
+    // scrapes render anew.
+    drop(slow);
+    assert_eq!(renders_alive_become(&state, 1).await, 1);
+    assert_eq!(get(server.addr, "/metrics").await.status, 200);
+    assert_eq!(state.renders(), MAX_RENDERS_ALIVE as u64 + 1);
+    server.stop().await;
+}
