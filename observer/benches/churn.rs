@@ -129,6 +129,7 @@ fn judge(views: &Views, cache: &VerdictCache, flows: &[(IpAddr, IpAddr)]) {
             port: 8080,
             family: None,
             own_node: false,
+            src_remote: false,
         };
         black_box(cache.get_or_evaluate(&views.engine, &q));
     }

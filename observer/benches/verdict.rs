@@ -139,6 +139,7 @@ fn flows(inv: &Inventory) -> Vec<FlowQuery> {
                 port,
                 family: None,
                 own_node: false,
+                src_remote: false,
             }
         })
         .collect()

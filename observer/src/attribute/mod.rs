@@ -152,6 +152,12 @@ impl Views {
         };
         let own_node = (matches!(src, Endpoint::Node) && on_this_node(dst))
             || (matches!(dst, Endpoint::Node) && on_this_node(src));
+        // A source pod known to run elsewhere: its node enforced its egress, this one only the
+        // destination's ingress. It follows from the source pod, which the cache key names.
+        let src_remote = match (src, node) {
+            (Endpoint::Pod(pod), Some(n)) => pod.node_name.as_deref().is_some_and(|p| p != n),
+            _ => false,
+        };
         let (src, dst) = (end(src, drop.src)?, end(dst, drop.dst)?);
         let key = |e: Result<&Arc<Pod>, IpAddr>| e.map_or_else(EndpointKey::Ip, EndpointKey::pod);
         // A dual-stack pod is judged by the address the packet carries (see `IpFamily`).
@@ -177,6 +183,7 @@ impl Views {
                     port: drop.dst_port,
                     family,
                     own_node,
+                    src_remote,
                 }),
         )
     }

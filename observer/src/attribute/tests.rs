@@ -732,3 +732,5 @@ fn a_run_of_flows_from_one_address_pair_is_attributed_like_each_alone_and_anew_e
     );
     assert_eq!(out.drops.iter().map(|d| d.packets).sum::<u64>(), 3);
 }
+
+mod topology;

@@ -625,6 +625,8 @@ pub fn judge(
                     port: number,
                     family,
                     own_node,
+                    // explain judges the policies, not one node's view of them.
+                    src_remote: false,
                 };
                 let verdict = engine.evaluate(&flow);
                 if judged_pair

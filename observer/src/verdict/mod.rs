@@ -5,7 +5,9 @@
 //! selects it for that direction; an isolated pod then only accepts (ingress) or sends (egress)
 //! what at least one of those policies allows, and policies combine as a union. A flow passes
 //! when the egress side at the source and the ingress side at the destination both allow it.
-//! Egress is checked first, so it is the deciding direction when both would deny.
+//! Egress is checked first, so it is the deciding direction when both would deny, except for
+//! a drop seen on the destination's node of a packet from a pod on another node
+//! ([`FlowQuery::src_remote`]): there only ingress can have dropped it.
 //!
 //! The engine is pure: no I/O. [`Engine::new`] compiles the policies once and indexes them so
 //! that evaluating a flow only looks at policies whose pod selector can select the endpoint.
@@ -119,6 +121,12 @@ pub struct FlowQuery {
     /// knows its own addresses). Kubernetes always allows traffic between a pod and its node,
     /// whatever policies say (see [`SideReport::node_exempt`]).
     pub own_node: bool,
+    /// The source is a pod on another node than the one that saw the packet dropped (the
+    /// daemon knows its node). That node enforced the source's egress before the packet left
+    /// it; here, only the destination's ingress can have dropped it. So ingress decides when
+    /// both sides deny. False when unknown (`explain`): egress, checked first on the path,
+    /// decides.
+    pub src_remote: bool,
 }
 
 /// Why a rule of an isolating policy did not allow the flow, although it came close.
@@ -182,7 +190,8 @@ pub const POLICY_LABEL_MAX: usize = 5;
 pub struct Verdict {
     /// Whether NetworkPolicy lets the flow through.
     pub allowed: bool,
-    /// For a deny, the deciding direction (egress when the source already denies).
+    /// For a deny, the deciding direction (egress when the source already denies, unless
+    /// [`FlowQuery::src_remote`] and the destination denies too).
     pub direction: Option<Direction>,
     /// Egress at the source.
     pub egress: SideReport,
@@ -523,12 +532,11 @@ impl Engine {
     pub fn evaluate(&self, flow: &FlowQuery) -> Verdict {
         let egress = self.side(flow, Direction::Egress);
         let ingress = self.side(flow, Direction::Ingress);
-        let direction = if !egress.allows() {
-            Some(Direction::Egress)
-        } else if !ingress.allows() {
-            Some(Direction::Ingress)
-        } else {
-            None
+        let direction = match (egress.allows(), ingress.allows()) {
+            (true, true) => None,
+            (false, false) if flow.src_remote => Some(Direction::Ingress),
+            (false, _) => Some(Direction::Egress),
+            (true, false) => Some(Direction::Ingress),
         };
         let deciding = match direction {
             Some(Direction::Egress) => egress.isolating_policies.as_slice(),

@@ -93,6 +93,7 @@ impl World {
             port,
             family: None,
             own_node: false,
+            src_remote: false,
         })
     }
 
@@ -361,6 +362,7 @@ spec:
         port: 80,
         family,
         own_node: false,
+        src_remote: false,
     };
     // An IPv4 packet comes from 10.0.0.1, which the IPv6 block does not hold.
     assert!(!w.engine.evaluate(&q(Some(IpFamily::V4))).allowed);
@@ -622,6 +624,7 @@ fn client_to_db(w: &World, port: u16) -> FlowQuery {
         port,
         family: None,
         own_node: false,
+        src_remote: false,
     }
 }
 
@@ -691,6 +694,7 @@ fn cache_hits_and_is_invalidated_by_a_new_engine() {
         port: 5432,
         family: None,
         own_node: false,
+        src_remote: false,
     };
     let v1 = cache.get_or_evaluate(&w.engine, &q);
     let v2 = cache.get_or_evaluate(&w.engine, &q);
@@ -705,6 +709,7 @@ fn cache_hits_and_is_invalidated_by_a_new_engine() {
         port: 5432,
         family: None,
         own_node: false,
+        src_remote: false,
     };
     let v3 = cache.get_or_evaluate(&w2.engine, &q2);
     assert!(v3.allowed);
@@ -877,6 +882,7 @@ spec:
             port: 5432,
             family: None,
             own_node: false,
+            src_remote: false,
         };
         cache.get_or_evaluate(&views.engine, &flow).allowed
     }

@@ -393,6 +393,7 @@ fn run_file(path: &Path) -> (usize, usize, Vec<String>) {
                                 IpFamily::V4
                             }),
                             own_node: false,
+                            src_remote: false,
                         });
                         if v.allowed != want {
                             failures.push(format!(

@@ -265,6 +265,7 @@ fn all_verdicts(engine: &Engine) -> Vec<(String, Verdict)> {
                         port,
                         family: None,
                         own_node: false,
+                        src_remote: false,
                     };
                     let key = format!(
                         "{} -> {} {protocol}/{port}",
