@@ -298,11 +298,14 @@ impl Attributor {
     /// ClusterIP is that Service rather than `private` or `world`. A packet still addressed to a
     /// ClusterIP when it is dropped was never translated to a backend, which is how kube-proxy
     /// rejects traffic to a Service without ready endpoints; NetworkPolicy, enforced after the
-    /// translation, has no say in it. Pod, node and host addresses keep precedence (a ClusterIP
-    /// range overlapping them would be a cluster misconfiguration).
+    /// translation, has no say in it. A ClusterIP on one of this node's interfaces is still
+    /// the Service: kube-proxy in IPVS mode binds every ClusterIP to its `kube-ipvs0` dummy
+    /// interface, and NodeLocal DNSCache binds the DNS Service's. Pod and other nodes'
+    /// addresses keep precedence (a ClusterIP range overlapping them would be a cluster
+    /// misconfiguration).
     pub fn drop_endpoint(&self, ip: IpAddr) -> Endpoint {
         match self.lookup(ip) {
-            ep @ (Endpoint::Private | Endpoint::World) => {
+            ep @ (Endpoint::Private | Endpoint::World | Endpoint::Node) => {
                 if self.services.is_empty() {
                     return ep;
                 }

@@ -159,6 +159,19 @@ fn another_nodes_address_is_host_and_never_one_of_its_host_network_pods() {
 }
 
 #[test]
+fn a_cluster_ip_bound_on_a_node_interface_is_still_the_service() {
+    // kube-proxy in IPVS mode binds every ClusterIP to kube-ipvs0 and NodeLocal DNSCache
+    // binds kube-dns's ClusterIP to its dummy interface: the node's address list has it.
+    let views = topology(vec![], &[KUBE_DNS]);
+    let out = run(&views, vec![tcp(FRONTEND_A, KUBE_DNS, 53)]);
+    assert_eq!(
+        labels_of(out.drops[0].dst.as_ref()),
+        "kube-system/service/kube-dns"
+    );
+    assert!(out.denies.is_empty(), "{:?}", out.denies);
+}
+
+#[test]
 fn link_local_dns_and_metadata_are_private_and_judged_by_ip_block_except() {
     let views = topology(vec![], &[]);
     let out = run(
