@@ -602,6 +602,7 @@ mod tests {
             namespace: "shop".into(),
             name: "web".into(),
             cluster_ips: vec!["10.96.0.20".parse().unwrap()],
+            external_ips: vec![],
             selector: None,
             ports: Vec::new(),
         });

@@ -3,7 +3,8 @@
 //! Non-pod addresses get one of four fixed values, never one per IP, so metric series stay
 //! bounded: `node` (this node, including loopback), `host` (another node, known from host-network
 //! pods), `world` (public) and `private` (every other non-public range). A drop's address that
-//! is a Service's ClusterIP is that Service (one label per Service, never per IP).
+//! is a Service's ClusterIP, external IP or LoadBalancer IP is that Service (one label per
+//! Service, never per IP).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -269,18 +270,34 @@ impl Attributor {
         a
     }
 
-    /// Replaces the ClusterIP index with the addresses of `services`. ClusterIPs are unique
-    /// in a cluster; should two manifests claim one, the first in inventory order (namespace,
-    /// name) keeps it.
+    /// Replaces the ClusterIP index with the addresses of `services`: ClusterIPs, then
+    /// external and load-balancer IPs. ClusterIPs are unique in a cluster; should two
+    /// manifests claim one, the first in inventory order (namespace, name) keeps it. An
+    /// external IP several Services share (one port each) is the first's.
     pub fn set_services(&mut self, services: &[Arc<Service>]) {
-        let n = services.iter().map(|s| s.cluster_ips.len()).sum();
+        let n = services
+            .iter()
+            .map(|s| s.cluster_ips.len() + s.external_ips.len())
+            .sum();
         let mut index = FastMap::with_capacity_and_hasher(n, Default::default());
-        for svc in services {
-            let addr = Arc::new(ServiceAddr::new(svc));
+        let addrs: Vec<_> = services
+            .iter()
+            .map(|svc| (svc, Arc::new(ServiceAddr::new(svc))))
+            .collect();
+        // ClusterIPs first: an external IP two Services share (a load balancer's shared IP
+        // with one port each) must not take a ClusterIP from its Service.
+        for (svc, addr) in &addrs {
             for ip in &svc.cluster_ips {
                 index
                     .entry(ip.to_canonical())
-                    .or_insert_with(|| Arc::clone(&addr));
+                    .or_insert_with(|| Arc::clone(addr));
+            }
+        }
+        for (svc, addr) in &addrs {
+            for ip in &svc.external_ips {
+                index
+                    .entry(ip.to_canonical())
+                    .or_insert_with(|| Arc::clone(addr));
             }
         }
         self.services = index;

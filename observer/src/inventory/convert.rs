@@ -162,6 +162,31 @@ pub fn service(svc: &core::Service) -> Result<Service, ConvertError> {
             cluster_ips.push(ip);
         }
     }
+    // Written by the API server's users and load-balancer controllers, not validated like a
+    // ClusterIP: an entry that is no address (a hostname-only ingress) is left out.
+    let lb = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|i| i.ip.as_deref());
+    let mut external_ips: Vec<IpAddr> = Vec::new();
+    for text in spec
+        .and_then(|s| s.external_ips.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .map(String::as_str)
+        .chain(lb)
+    {
+        if let Some(ip) = super::validate::parse_ip(text)
+            && !cluster_ips.contains(&ip)
+            && !external_ips.contains(&ip)
+        {
+            external_ips.push(ip);
+        }
+    }
     let selector = spec
         .and_then(|s| s.selector.as_ref())
         .filter(|sel| !sel.is_empty())
@@ -210,6 +235,7 @@ pub fn service(svc: &core::Service) -> Result<Service, ConvertError> {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         cluster_ips,
+        external_ips,
         selector,
         ports,
     })

@@ -96,6 +96,10 @@ pub struct Service {
     /// `spec.clusterIPs` (or `spec.clusterIP`): one per IP family on a dual-stack Service,
     /// empty for a headless (`None`), ExternalName or not yet allocated Service.
     pub cluster_ips: Vec<IpAddr>,
+    /// `spec.externalIPs` and the IPs of `status.loadBalancer.ingress`: addresses outside the
+    /// Service range that kube-proxy also translates to the Service's backends (or drops, when
+    /// it has none, or none on the node under `externalTrafficPolicy: Local`).
+    pub external_ips: Vec<IpAddr>,
     /// `spec.selector`: the labels of the pods it sends traffic to, in its namespace. `None`
     /// when it has none (its endpoints are managed by hand, so no pod can be named for it).
     pub selector: Option<Labels>,
@@ -130,7 +134,7 @@ impl Service {
     /// Whether the inventory keeps it: it has an address to attribute connections to, or
     /// pods that `explain` can name for it.
     pub fn is_useful(&self) -> bool {
-        !self.cluster_ips.is_empty() || self.selector.is_some()
+        !self.cluster_ips.is_empty() || !self.external_ips.is_empty() || self.selector.is_some()
     }
 
     /// Whether the Service sends traffic to `pod`: same namespace, and every selector label.

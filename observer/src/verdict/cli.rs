@@ -1391,6 +1391,7 @@ mod tests {
             namespace: "kube-system".to_owned(),
             name: "dns".to_owned(),
             cluster_ips: vec![],
+            external_ips: vec![],
             selector: None,
             ports,
         }

@@ -15,6 +15,9 @@ const REUSED: &str = "10.0.1.20";
 const KUBE_DNS: &str = "10.96.0.10";
 const NODE_LOCAL_DNS: &str = "169.254.20.10";
 const METADATA: &str = "169.254.169.254";
+/// shop/storefront's `status.loadBalancer.ingress` IP and `spec.externalIPs` entry.
+const LB_IP: &str = "34.120.0.5";
+const EXTERNAL_IP: &str = "192.168.50.5";
 
 fn on(mut p: Pod, node: &str) -> Pod {
     p.node_name = Some(node.into());
@@ -68,13 +71,27 @@ spec:
 spec: {podSelector: {}, policyTypes: [Ingress, Egress]}",
             ),
         ],
-        services: vec![Arc::new(Service {
-            namespace: "kube-system".into(),
-            name: "kube-dns".into(),
-            cluster_ips: vec![KUBE_DNS.parse().expect("test address")],
-            selector: None,
-            ports: Vec::new(),
-        })],
+        services: vec![
+            Arc::new(Service {
+                namespace: "kube-system".into(),
+                name: "kube-dns".into(),
+                cluster_ips: vec![KUBE_DNS.parse().expect("test address")],
+                external_ips: vec![],
+                selector: None,
+                ports: Vec::new(),
+            }),
+            Arc::new(Service {
+                namespace: "shop".into(),
+                name: "storefront".into(),
+                cluster_ips: vec!["10.96.0.80".parse().expect("test address")],
+                external_ips: vec![
+                    LB_IP.parse().expect("test address"),
+                    EXTERNAL_IP.parse().expect("test address"),
+                ],
+                selector: None,
+                ports: Vec::new(),
+            }),
+        ],
         ..Inventory::default()
     };
     let mut node = NodeAddrs::new(
@@ -227,4 +244,22 @@ fn a_reused_address_is_the_running_pod_and_same_names_stay_apart() {
         views.drop_endpoint("10.0.1.99".parse().unwrap()),
         Endpoint::Private
     );
+}
+
+#[test]
+fn a_drop_to_a_load_balancer_or_external_ip_is_the_service_not_world() {
+    // kube-proxy drops traffic to a LoadBalancer IP or an external IP when the Service has no
+    // endpoint (on this node, with externalTrafficPolicy: Local) before any translation.
+    let views = topology(vec![], &[]);
+    let out = run(
+        &views,
+        vec![tcp("8.8.8.8", LB_IP, 443), tcp(FRONTEND_A, EXTERNAL_IP, 80)],
+    );
+    let dsts: Vec<String> = out
+        .drops
+        .iter()
+        .map(|d| labels_of(d.dst.as_ref()))
+        .collect();
+    assert_eq!(dsts, ["shop/service/storefront", "shop/service/storefront"]);
+    assert!(out.denies.is_empty(), "{:?}", out.denies);
 }

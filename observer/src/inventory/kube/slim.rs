@@ -208,6 +208,13 @@ impl<'de> Deserialize<'de> for Slim<NetworkPolicy> {
 struct SlimService {
     metadata: Option<Meta>,
     spec: Option<SlimServiceSpec>,
+    status: Option<SlimServiceStatus>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SlimServiceStatus {
+    load_balancer: Option<k8s_openapi::api::core::v1::LoadBalancerStatus>,
 }
 
 #[derive(Deserialize)]
@@ -217,6 +224,8 @@ struct SlimServiceSpec {
     cluster_ip: Option<String>,
     #[serde(rename = "clusterIPs")]
     cluster_ips: Option<Vec<String>>,
+    #[serde(rename = "externalIPs")]
+    external_ips: Option<Vec<String>>,
     selector: Option<std::collections::BTreeMap<String, String>>,
     ports: Option<Vec<k8s_openapi::api::core::v1::ServicePort>>,
 }
@@ -229,11 +238,17 @@ impl<'de> Deserialize<'de> for Slim<Service> {
             spec: svc.spec.map(|s| ServiceSpec {
                 cluster_ip: s.cluster_ip,
                 cluster_ips: s.cluster_ips,
+                external_ips: s.external_ips,
                 selector: s.selector,
                 ports: s.ports,
                 ..ServiceSpec::default()
             }),
-            status: None,
+            status: svc
+                .status
+                .map(|s| k8s_openapi::api::core::v1::ServiceStatus {
+                    load_balancer: s.load_balancer,
+                    ..Default::default()
+                }),
         }))
     }
 }
@@ -388,6 +403,25 @@ mod tests {
                      "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
             "status": {"loadBalancer": {}}});
         let full: Service = serde_json::from_value(svc.clone()).unwrap();
+        // A LoadBalancer's addresses: externalIPs and the ingress IPs its controller wrote
+        // (a hostname-only ingress has none; one equal to the ClusterIP is that already).
+        let lb = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "shop", "namespace": "prod"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.11",
+                     "externalIPs": ["192.168.50.5", "not-an-ip"],
+                     "ports": [{"port": 443}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "34.120.0.5"},
+                {"hostname": "lb.example.com"}, {"ip": "10.96.0.11"}, {"ip": "192.168.50.5"}]}}});
+        let lb_full: Service = serde_json::from_value(lb.clone()).unwrap();
+        let lb_slim: Slim<Service> = serde_json::from_value(lb).unwrap();
+        let lb_model = convert::service(&lb_slim.0).unwrap();
+        assert_eq!(lb_model, convert::service(&lb_full).unwrap());
+        let ext: Vec<String> = lb_model
+            .external_ips
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
+        assert_eq!(ext, ["192.168.50.5", "34.120.0.5"]);
         let slim: Slim<Service> = serde_json::from_value(svc).unwrap();
         assert_eq!(
             convert::service(&slim.0).unwrap(),
