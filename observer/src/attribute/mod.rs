@@ -93,7 +93,8 @@ impl Views {
         self.attributor.drop_endpoint(ip)
     }
 
-    /// The Service whose ClusterIP `ip` is.
+    /// The Service at `ip`: its ClusterIP, or an external or load-balancer IP that is no node's
+    /// address.
     pub fn service(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.attributor.service(ip)
     }

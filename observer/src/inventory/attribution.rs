@@ -218,6 +218,11 @@ pub struct Attributor {
     /// Service ClusterIPs: virtual addresses a connection's opening end may name, translated
     /// to a backend before any pod sees the connection.
     services: FastMap<IpAddr, Arc<ServiceAddr>>,
+    /// Services' external and load-balancer IPs. Kept apart from the ClusterIPs because such
+    /// an address may also be a node's own (`externalIPs` set to node addresses is common on
+    /// bare metal): kube-proxy translates only the Service's ports there, so the node keeps
+    /// its address and only other addresses are taken to be the Service.
+    external: FastMap<IpAddr, Arc<ServiceAddr>>,
     node: NodeAddrs,
 }
 
@@ -261,6 +266,7 @@ impl Attributor {
             hosts: FastMap::default(),
             local: FastMap::default(),
             services: FastMap::default(),
+            external: FastMap::default(),
             node,
         };
         for pod in &inv.pods {
@@ -275,11 +281,9 @@ impl Attributor {
     /// manifests claim one, the first in inventory order (namespace, name) keeps it. An
     /// external IP several Services share (one port each) is the first's.
     pub fn set_services(&mut self, services: &[Arc<Service>]) {
-        let n = services
-            .iter()
-            .map(|s| s.cluster_ips.len() + s.external_ips.len())
-            .sum();
+        let n = services.iter().map(|s| s.cluster_ips.len()).sum();
         let mut index = FastMap::with_capacity_and_hasher(n, Default::default());
+        let mut external = FastMap::default();
         let addrs: Vec<_> = services
             .iter()
             .map(|svc| (svc, Arc::new(ServiceAddr::new(svc))))
@@ -295,20 +299,40 @@ impl Attributor {
         }
         for (svc, addr) in &addrs {
             for ip in &svc.external_ips {
-                index
-                    .entry(ip.to_canonical())
-                    .or_insert_with(|| Arc::clone(addr));
+                let ip = ip.to_canonical();
+                if !index.contains_key(&ip) {
+                    external.entry(ip).or_insert_with(|| Arc::clone(addr));
+                }
             }
         }
         self.services = index;
+        self.external = external;
     }
 
-    /// The Service whose ClusterIP `ip` is.
+    /// The Service whose ClusterIP `ip` is, or whose external or load-balancer IP it is when
+    /// it is no node's address.
     pub fn service(&self, ip: IpAddr) -> Option<&Arc<Service>> {
-        if self.services.is_empty() {
+        self.service_addr(ip, true).map(|s| &s.service)
+    }
+
+    /// The Service at `ip`: its ClusterIP, or (`external`) one of its external or load-balancer
+    /// IPs that is no node's address.
+    fn service_addr(&self, ip: IpAddr, external: bool) -> Option<&Arc<ServiceAddr>> {
+        if self.services.is_empty() && self.external.is_empty() {
             return None;
         }
-        self.services.get(&ip.to_canonical()).map(|s| &s.service)
+        let ip = ip.to_canonical();
+        self.services.get(&ip).or_else(|| {
+            if !external || self.is_node_address(ip) {
+                return None;
+            }
+            self.external.get(&ip)
+        })
+    }
+
+    /// Whether `ip` is this node's or, through its host-network pods, another node's.
+    fn is_node_address(&self, ip: IpAddr) -> bool {
+        self.node.contains(ip) || self.local.contains_key(&ip) || self.hosts.contains_key(&ip)
     }
 
     /// What the end of a *drop* at `ip` is: as [`Attributor::lookup`], except that a Service's
@@ -323,10 +347,10 @@ impl Attributor {
     pub fn drop_endpoint(&self, ip: IpAddr) -> Endpoint {
         match self.lookup(ip) {
             ep @ (Endpoint::Private | Endpoint::World | Endpoint::Node) => {
-                if self.services.is_empty() {
-                    return ep;
-                }
-                match self.services.get(&ip.to_canonical()) {
+                // On a node address only a ClusterIP (bound there by kube-proxy IPVS or
+                // NodeLocal DNSCache) is the Service; an external IP there is the node's.
+                let external = !matches!(ep, Endpoint::Node);
+                match self.service_addr(ip, external) {
                     Some(s) => Endpoint::Service(Arc::clone(s)),
                     None => ep,
                 }

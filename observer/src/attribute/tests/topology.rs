@@ -84,9 +84,13 @@ spec: {podSelector: {}, policyTypes: [Ingress, Egress]}",
                 namespace: "shop".into(),
                 name: "storefront".into(),
                 cluster_ips: vec!["10.96.0.80".parse().expect("test address")],
+                // Bare-metal clusters often list the nodes' own addresses as externalIPs:
+                // there the Service has its ports, the node everything else.
                 external_ips: vec![
                     LB_IP.parse().expect("test address"),
                     EXTERNAL_IP.parse().expect("test address"),
+                    NODE_A_IP.parse().expect("test address"),
+                    NODE_B_IP.parse().expect("test address"),
                 ],
                 selector: None,
                 ports: Vec::new(),
@@ -262,4 +266,33 @@ fn a_drop_to_a_load_balancer_or_external_ip_is_the_service_not_world() {
         .collect();
     assert_eq!(dsts, ["shop/service/storefront", "shop/service/storefront"]);
     assert!(out.denies.is_empty(), "{:?}", out.denies);
+}
+
+#[test]
+fn an_external_ip_that_is_a_node_address_stays_the_node() {
+    let views = topology(vec![], &[]);
+    let out = run(
+        &views,
+        vec![
+            tcp(FRONTEND_A, NODE_A_IP, 10250),
+            tcp(FRONTEND_A, NODE_B_IP, 22),
+            tcp(FRONTEND_A, EXTERNAL_IP, 80),
+        ],
+    );
+    let dsts: Vec<String> = out
+        .drops
+        .iter()
+        .map(|d| labels_of(d.dst.as_ref()))
+        .collect();
+    assert_eq!(dsts, ["/node", "/host", "shop/service/storefront"]);
+    // Connections dialled to a node address are the node's, not the Service's.
+    for ip in [NODE_A_IP, NODE_B_IP] {
+        let ip = ip.parse().expect("test address");
+        assert!(views.service(ip).is_none(), "{ip}");
+    }
+    let lb = LB_IP.parse().expect("test address");
+    assert_eq!(
+        views.service(lb).map(|s| s.name.as_str()),
+        Some("storefront")
+    );
 }
