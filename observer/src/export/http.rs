@@ -631,20 +631,8 @@ impl hyper::body::Body for DeadlineBody {
 /// Sets `SO_SNDBUF`, which also turns off the kernel's autotuning of it. Best effort: a
 /// failure leaves the kernel's default.
 fn set_send_buffer(stream: &TcpStream, bytes: usize) {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid c_int on a socket this
-    // stream owns.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&raw const value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot set SO_SNDBUF");
+    if let Err(error) = socket2::SockRef::from(stream).set_send_buffer_size(bytes) {
+        tracing::debug!(%error, "cannot set SO_SNDBUF");
     }
 }
 
@@ -661,23 +649,8 @@ fn unsent_bytes(stream: &TcpStream) -> libc::c_int {
 /// Makes the coming close of `stream` a reset (`SO_LINGER` 0): the kernel frees what it still
 /// holds for the peer at once instead of keeping it in an orphaned socket.
 fn reset_on_close(stream: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt reads a valid `linger` struct of the size passed, on a socket this
-    // stream owns.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot set SO_LINGER");
+    if let Err(error) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(%error, "cannot set SO_LINGER");
     }
 }
 
